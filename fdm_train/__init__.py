@@ -1,0 +1,1 @@
+"""fdm training: model, diffusion, data, checkpoints and the `fdm-train` CLI."""

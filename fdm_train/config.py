@@ -1,0 +1,75 @@
+"""Model configuration as plain values, and the named presets."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+VARIANTS = ("factorized", "plain", "concat", "mask-mid", "no-share")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 64
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 3
+    attention_resolutions: tuple[int, ...] = (16, 8)  # feature-map sizes that get self-attention
+    head_channels: int = 64
+    dropout: float = 0.0
+    num_regions: int = 3  # K
+    num_classes: int = 0  # 0 = unconditional
+    variant: str = "factorized"
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.num_regions < 1:
+            raise ValueError("num_regions (K) must be at least 1")
+        if self.image_size % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2^{len(self.channel_mult) - 1} "
+                "(one halving per stage)"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Paper §4: 64x64, four stages [C,2C,3C,4C] with 3 ResBlocks each; C=128, K=3.
+    "paper-64": ModelConfig(),
+    # Paper §4: 128x128, five stages [C,C,2C,3C,4C] with 2 ResBlocks each.
+    "paper-128": ModelConfig(image_size=128, channel_mult=(1, 1, 2, 3, 4), num_res_blocks=2),
+    # CPU-sized presets with the same structure.
+    "small-64": ModelConfig(base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
+    "small-32": ModelConfig(image_size=32, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+                            attention_resolutions=(8,)),
+    # For tests: a few hundred thousand parameters.
+    "tiny-32": ModelConfig(image_size=32, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_resolutions=(16,), head_channels=32),
+}
+
+DEFAULT_PRESET = "small-32"
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+

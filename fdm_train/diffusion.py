@@ -1,0 +1,105 @@
+"""DDPM math (paper eq. 1, 8-10): the linear schedule, q_sample, the loss, and the ancestral and DDIM
+samplers. It knows nothing of layers: a denoiser is any callable (x_t, t, y) -> (eps, masks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    masks: torch.Tensor  # [N, K, H, W], soft masks of the last denoising step
+    trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]  # (t, x0_pred, masks) when requested
+
+
+class GaussianDiffusion:
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        self.num_timesteps = num_timesteps
+        self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+
+    # ----- forward process -----
+    def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        out = values.to(t.device)[t].to(like.dtype)
+        return out.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 1)."""
+        abar = self._at(self.alphas_cumprod, t, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def loss(self, model: Denoiser, x0: torch.Tensor, y: torch.Tensor | None = None,
+             generator: torch.Generator | None = None):
+        """Simple denoising loss ||eps - eps_hat||^2 (eq. 8). Returns (loss, masks)."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        eps, masks = model(self.q_sample(x0, t, noise), t, y)
+        return F.mse_loss(eps.float(), noise.float()), masks
+
+    # ----- reverse process -----
+    def timesteps(self, steps: int) -> list[int]:
+        """An evenly spaced subsequence of the T training timesteps, descending, ending at 0."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be between 1 and {self.num_timesteps}, got {steps}")
+        if steps == self.num_timesteps:
+            return list(range(self.num_timesteps - 1, -1, -1))
+        seq = torch.linspace(0, self.num_timesteps - 1, steps).round().long().unique().tolist()
+        return seq[::-1]
+
+    def ddpm_coefficients(self, t: int, t_prev: int) -> tuple[float, float, float]:
+        """(c1, c2, sigma) with x_prev = c1 * (x_t - c2 * eps) + sigma * z (eq. 9-10), for a jump
+        t -> t_prev of a possibly respaced schedule (t_prev = -1 at the last step)."""
+        abar_t = self.alphas_cumprod[t].item()
+        abar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+        beta = 1 - abar_t / abar_prev
+        c1 = 1 / (1 - beta) ** 0.5
+        c2 = beta / (1 - abar_t) ** 0.5
+        sigma = beta ** 0.5 if t_prev >= 0 else 0.0
+        return c1, c2, sigma
+
+    def predict_x0(self, x_t: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].item()
+        return (x_t - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+
+    @torch.no_grad()
+    def sample(self, denoise: Denoiser, shape: tuple[int, ...], *, steps: int | None = None,
+               sampler: str = "ddpm", y: torch.Tensor | None = None, device: str | torch.device = "cpu",
+               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+               start_t: int | None = None, trajectory_every: int = 0,
+               progress: Callable[[int], None] | None = None) -> SampleResult:
+        """Reverse diffusion from x_T ~ N(0, I) (or from a given x_T at `start_t`, for interpolation).
+        Returns the images, the soft masks of the last step and, if asked, every
+        `trajectory_every`-th step's (t, predicted x0, masks)."""
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+        seq = self.timesteps(steps or self.num_timesteps)
+        if start_t is not None:
+            seq = [t for t in seq if t <= start_t]
+        x = x_T if x_T is not None else torch.randn(shape, device=device, generator=generator)
+        trajectory = []
+        masks = None
+        for i, t in enumerate(seq):
+            t_prev = seq[i + 1] if i + 1 < len(seq) else -1
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            eps, masks = denoise(x, tt, y)
+            eps = eps.float()
+            if trajectory_every and (i % trajectory_every == 0 or t_prev < 0):
+                trajectory.append((t, self.predict_x0(x, t, eps).clamp(-1, 1).cpu(), masks.float().cpu()))
+            if sampler == "ddpm":
+                c1, c2, sigma = self.ddpm_coefficients(t, t_prev)
+                x = c1 * (x - c2 * eps)
+                if sigma > 0:
+                    x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
+            else:  # DDIM, eta = 0
+                x0 = self.predict_x0(x, t, eps)
+                abar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+                x = abar_prev ** 0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
+            if progress is not None:
+                progress(1)
+        return SampleResult(images=x.clamp(-1, 1), masks=masks.float(), trajectory=trajectory)

@@ -1,0 +1,289 @@
+"""The factorized-diffusion U-Net (paper §3) and the baselines built from the same blocks.
+
+The model maps (x_t, t[, y]) to (eps, masks); it knows nothing of noise schedules.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fdm_train.config import ModelConfig
+from kernels import masked_skip, masked_sum, pool_mask
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    groups = math.gcd(32, channels)
+    return nn.GroupNorm(groups, channels)
+
+
+def zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.out_layers = nn.Sequential(
+            norm(out_ch), nn.SiLU(), nn.Dropout(dropout), zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        )
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None].to(x.dtype)
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, channels: int, head_channels: int):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # [B, heads, HW, d]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class InputConv(nn.Conv2d):
+    def forward(self, x, emb=None):
+        return super().forward(x)
+
+
+class Stage(nn.Sequential):
+    """Layers applied in order, each given the timestep embedding."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb)
+        return x
+
+
+class Encoder(nn.Module):
+    """First half of the U-Net; returns every skip tensor (the last one is its output)."""
+
+    def __init__(self, cfg: ModelConfig, emb_dim: int):
+        super().__init__()
+        ch = cfg.base_channels
+        self.stages = nn.ModuleList([InputConv(cfg.in_channels, ch, 3, padding=1)])
+        self.skip_channels = [ch]
+        res = cfg.image_size
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, mult * cfg.base_channels, emb_dim, cfg.dropout)]
+                ch = mult * cfg.base_channels
+                if res in cfg.attention_resolutions:
+                    layers.append(AttentionBlock(ch, cfg.head_channels))
+                self.stages.append(Stage(*layers))
+                self.skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.stages.append(Stage(Downsample(ch)))
+                self.skip_channels.append(ch)
+                res //= 2
+        self.out_channels = ch
+
+    def forward(self, x, emb) -> list[torch.Tensor]:
+        skips = []
+        for stage in self.stages:
+            x = stage(x, emb)
+            skips.append(x)
+        return skips
+
+
+class Middle(Stage):
+    def __init__(self, ch: int, cfg: ModelConfig, emb_dim: int):
+        super().__init__(
+            ResBlock(ch, ch, emb_dim, cfg.dropout),
+            AttentionBlock(ch, cfg.head_channels),
+            ResBlock(ch, ch, emb_dim, cfg.dropout),
+        )
+
+
+class UpStack(nn.Module):
+    """A decoder-style second half of the U-Net: consumes h_mid and the encoder skips.
+
+    `extra` channels are concatenated to h_mid and to every skip (the Table-6 'concat' ablation).
+    """
+
+    def __init__(self, cfg: ModelConfig, emb_dim: int, skip_channels: list[int], in_ch: int,
+                 out_channels: int, extra: int = 0):
+        super().__init__()
+        skip_channels = list(skip_channels)
+        ch = in_ch + extra
+        res = cfg.image_size // 2 ** (len(cfg.channel_mult) - 1)
+        self.stages = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop() + extra, mult * cfg.base_channels, emb_dim,
+                                   cfg.dropout)]
+                ch = mult * cfg.base_channels
+                if res in cfg.attention_resolutions:
+                    layers.append(AttentionBlock(ch, cfg.head_channels))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    res *= 2
+                self.stages.append(Stage(*layers))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    def forward(self, h, skips: list[torch.Tensor], emb) -> torch.Tensor:
+        skips = list(skips)
+        for stage in self.stages:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+class FactorizedUNet(nn.Module):
+    """Encoder, middle block, mask generator (softmax over K) and a decoder run per region on
+    mask-gated skips; eps = sum_k eps_k * m_k. `cfg.variant` selects the Table-5/6 baselines."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.base_channels
+        emb_dim = 4 * c
+        self.time_embed = nn.Sequential(nn.Linear(c, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_embed = nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
+        self.encoder = Encoder(cfg, emb_dim)
+        ch = self.encoder.out_channels
+        self.middle = Middle(ch, cfg, emb_dim)
+        skips = self.encoder.skip_channels
+        k = cfg.num_regions
+        out = cfg.in_channels
+        if cfg.variant != "plain":
+            self.mask_generator = UpStack(cfg, emb_dim, skips, ch, k)
+        if cfg.variant == "no-share":
+            self.decoders = nn.ModuleList(UpStack(cfg, emb_dim, skips, ch, out) for _ in range(k))
+        else:
+            self.decoder = UpStack(cfg, emb_dim, skips, ch, out, extra=k if cfg.variant == "concat" else 0)
+
+    @property
+    def num_regions(self) -> int:
+        return 1 if self.cfg.variant == "plain" else self.cfg.num_regions
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels))
+        if self.label_embed is not None:
+            if y is None:
+                raise ValueError("this model is class-conditional: pass class labels y")
+            emb = emb + self.label_embed(y)
+        return emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        """Returns eps [B,C,H,W] and the full-resolution soft masks [B,K,H,W] (ones for 'plain')."""
+        emb = self.embed(t, y)
+        skips = self.encoder(x, emb)
+        h_mid = self.middle(skips[-1], emb)
+        variant = self.cfg.variant
+        if variant == "plain":
+            eps = self.decoder(h_mid, skips, emb)
+            return eps, torch.ones_like(x[:, :1])
+        masks = self.mask_generator(h_mid, skips, emb).float().softmax(dim=1)
+        pyramid = mask_pyramid(masks, [s.shape[-2:] for s in skips])
+        k = masks.shape[1]
+        if variant == "factorized":
+            # All K branches in one decoder call on B*K samples.
+            gated = [masked_skip(s, pyramid[tuple(s.shape[-2:])]) for s in skips]
+            eps_k = self.decoder(h_mid.repeat_interleave(k, 0), gated, emb.repeat_interleave(k, 0))
+            return masked_sum(eps_k, masks), masks
+        if variant == "mask-mid":
+            gated_mid = masked_skip(h_mid, pyramid[tuple(h_mid.shape[-2:])])
+            eps_k = self.decoder(gated_mid, [s.repeat_interleave(k, 0) for s in skips],
+                                 emb.repeat_interleave(k, 0))
+            return masked_sum(eps_k, masks), masks
+        if variant == "concat":
+            mid = torch.cat([h_mid, pyramid[tuple(h_mid.shape[-2:])].to(h_mid.dtype)], 1)
+            cat_skips = [torch.cat([s, pyramid[tuple(s.shape[-2:])].to(s.dtype)], 1) for s in skips]
+            return self.decoder(mid, cat_skips, emb), masks
+        # no-share: one decoder per region
+        eps = sum(
+            dec(h_mid, [s * pyramid[tuple(s.shape[-2:])][:, i:i + 1].to(s.dtype) for s in skips], emb)
+            * masks[:, i:i + 1]
+            for i, dec in enumerate(self.decoders)
+        )
+        return eps, masks
+
+    def forward_unfused(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        """Reference for the 'factorized' variant: K separate decoder calls, masks pooled directly."""
+        assert self.cfg.variant == "factorized"
+        emb = self.embed(t, y)
+        skips = self.encoder(x, emb)
+        h_mid = self.middle(skips[-1], emb)
+        masks = self.mask_generator(h_mid, skips, emb).float().softmax(dim=1)
+        eps = 0
+        for i in range(masks.shape[1]):
+            m = masks[:, i:i + 1]
+            gated = [s * F.adaptive_avg_pool2d(m, s.shape[-2:]).to(s.dtype) for s in skips]
+            eps = eps + self.decoder(h_mid, gated, emb) * m
+        return eps, masks
+
+
+def mask_pyramid(masks: torch.Tensor, sizes) -> dict[tuple[int, int], torch.Tensor]:
+    """The soft masks average-pooled once to every size the skips need, largest first."""
+    pyramid = {}
+    current = masks
+    for size in sorted({tuple(s) for s in sizes}, reverse=True):
+        current = pool_mask(current, size)
+        pyramid[size] = current
+    return pyramid
+
+
+def build_model(cfg: ModelConfig) -> FactorizedUNet:
+    return FactorizedUNet(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(cfg: ModelConfig, batch: int = 1) -> int:
+    """FLOPs of one forward pass (torch.utils.flop_counter; a multiply-add counts 2), on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+        x = torch.empty(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+        t = torch.zeros(batch, dtype=torch.long)
+        y = torch.zeros(batch, dtype=torch.long) if cfg.num_classes else None
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x, t, y)
+    return counter.get_total_flops()
