@@ -57,3 +57,14 @@ class TorchEngine(Engine):
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             eps, masks = self.model(x_t, t.to(self.device), None if y is None else y.to(self.device))
         return eps.float(), masks.float()
+
+
+ENGINES = {"torch": TorchEngine}
+
+
+def open_engine(kind: str, path: str | Path, device: str = "auto") -> Engine:
+    """The engine `kind` ('torch', later 'onnx' and 'trt') over a checkpoint or exported model file."""
+    if kind not in ENGINES:
+        from fdm_train.errors import UserError
+        raise UserError(f"unknown engine {kind!r}; available: {', '.join(ENGINES)}")
+    return ENGINES[kind](path, device=device)
