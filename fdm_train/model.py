@@ -259,10 +259,10 @@ class FactorizedUNet(nn.Module):
 def mask_pyramid(masks: torch.Tensor, sizes) -> dict[tuple[int, int], torch.Tensor]:
     """The soft masks average-pooled once to every size the skips need, largest first."""
     pyramid = {}
-    current = masks
     for size in sorted({tuple(s) for s in sizes}, reverse=True):
-        current = pool_mask(current, size)
-        pyramid[size] = current
+        # Pool from the smallest level that tiles exactly (equal to pooling the full masks).
+        source = next((p for (h, w), p in sorted(pyramid.items()) if h % size[0] == 0 and w % size[1] == 0), masks)
+        pyramid[size] = pool_mask(source, size)
     return pyramid
 
 

@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+
+from fdm_train.diffusion import GaussianDiffusion
+
+
+def test_linear_schedule_values():
+    d = GaussianDiffusion()
+    assert d.betas[0].item() == pytest.approx(1e-4)
+    assert d.betas[-1].item() == pytest.approx(0.02)
+    abar_2 = (1 - 1e-4) * (1 - (1e-4 + (0.02 - 1e-4) / 999)) * (1 - (1e-4 + 2 * (0.02 - 1e-4) / 999))
+    assert d.alphas_cumprod[2].item() == pytest.approx(abar_2, rel=1e-12)
+
+
+def test_q_sample_by_hand():
+    d = GaussianDiffusion()
+    x0 = torch.tensor([[[[0.5]]], [[[-1.0]]]])
+    noise = torch.tensor([[[[2.0]]], [[[0.25]]]])
+    t = torch.tensor([10, 500])
+    out = d.q_sample(x0, t, noise)
+    for i in range(2):
+        abar = d.alphas_cumprod[t[i]].item()
+        expected = math.sqrt(abar) * x0[i].item() + math.sqrt(1 - abar) * noise[i].item()
+        assert out[i].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ddpm_coefficients_full_schedule_match_eq9():
+    d = GaussianDiffusion()
+    for t in (999, 500, 1):
+        beta = d.betas[t].item()
+        abar = d.alphas_cumprod[t].item()
+        c1, c2, sigma = d.ddpm_coefficients(t, t - 1)
+        assert c1 == pytest.approx(1 / math.sqrt(1 - beta), rel=1e-9)
+        assert c2 == pytest.approx(beta / math.sqrt(1 - abar), rel=1e-9)
+        assert sigma == pytest.approx(math.sqrt(beta), rel=1e-9)
+    assert d.ddpm_coefficients(0, -1)[2] == 0.0  # eq. 10: no noise at the last step
+
+
+def test_respaced_timesteps():
+    d = GaussianDiffusion()
+    assert d.timesteps(1000) == list(range(999, -1, -1))
+    seq = d.timesteps(50)
+    assert len(seq) == 50 and seq[0] == 999 and seq[-1] == 0
+    assert all(a > b for a, b in zip(seq, seq[1:]))
+    with pytest.raises(ValueError):
+        d.timesteps(0)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddpm", 25), ("ddim", 10)])
+def test_sampler_with_oracle_denoiser_recovers_the_image(sampler, steps):
+    """With the exact noise (an oracle for one known x0), every step lands on that x0's trajectory,
+    and the last step returns x0 itself."""
+    d = GaussianDiffusion()
+    x0 = torch.rand(2, 3, 4, 4) * 1.6 - 0.8
+
+    def oracle(x_t, t, y):
+        abar = d.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return eps, torch.full((x_t.shape[0], 2, 4, 4), 0.5)
+
+    result = d.sample(oracle, x0.shape, steps=steps, sampler=sampler,
+                      generator=torch.Generator().manual_seed(0), trajectory_every=5)
+    torch.testing.assert_close(result.images, x0, atol=1e-4, rtol=0)
+    assert result.masks.shape == (2, 2, 4, 4)
+    assert result.trajectory[-1][0] == 0
+
+
+def test_sampling_is_seeded():
+    d = GaussianDiffusion()
+
+    def denoise(x_t, t, y):
+        return 0.1 * x_t, torch.ones_like(x_t[:, :1])
+
+    a = d.sample(denoise, (2, 3, 4, 4), steps=20, generator=torch.Generator().manual_seed(3))
+    b = d.sample(denoise, (2, 3, 4, 4), steps=20, generator=torch.Generator().manual_seed(3))
+    c = d.sample(denoise, (2, 3, 4, 4), steps=20, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_loss_is_mse_of_noise_prediction():
+    d = GaussianDiffusion()
+    x0 = torch.zeros(4, 3, 2, 2)
+
+    def zero_model(x_t, t, y):
+        return torch.zeros_like(x_t), torch.ones_like(x_t[:, :1])
+
+    g = torch.Generator().manual_seed(1)
+    loss, _ = d.loss(zero_model, x0, generator=g)
+    g = torch.Generator().manual_seed(1)
+    torch.randint(0, 1000, (4,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    assert loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)

@@ -1,0 +1,147 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import write_images
+from fdm_train import train as train_module
+from fdm_train.checkpoint import CheckpointError, load_model, read_checkpoint
+from fdm_train.cli import main_group
+from fdm_train.config import preset
+from fdm_train.data import DataError, ImageFolder
+from fdm_train.train import TrainingError, TrainOptions, train
+
+TINY = preset("tiny-32", image_size=16)
+
+
+def options(data, out, **kw):
+    base = dict(data=str(data), out=str(out), model=TINY, batch_size=4, iterations=6, save_every=100,
+                sample_every=0, log_every=2, seed=7, progress=False)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def states(path):
+    _, st, meta = read_checkpoint(path)
+    return st, meta
+
+
+def test_thirty_steps_checkpoint_loads_back_to_identical_outputs(image_folder, tmp_path):
+    out = tmp_path / "run"
+    summary = train(options(image_folder, out, iterations=30, sample_every=15, sample_steps=5))
+    assert summary["step"] == 30
+    ckpt = out / "checkpoint.safetensors"
+    _, meta = states(ckpt)
+    assert meta["step"] == "30"
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step0000015.png", "step0000030.png"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(2, 31, 2))
+    assert {"loss", "images_per_s", "mask_entropy", "region_share"} <= set(log[-1])
+    assert 0 < log[-1]["mask_entropy"] <= 1 and len(log[-1]["region_share"]) == 3
+
+    model, cfg, _ = load_model(ckpt)
+    again, _, _ = load_model(ckpt)
+    assert cfg == TINY
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([30, 600])
+    eps_a, masks_a = model(x, t)
+    eps_b, masks_b = again(x, t)
+    assert torch.equal(eps_a, eps_b) and torch.equal(masks_a, masks_b)
+    # The raw weights differ from the EMA ones and load too.
+    raw, _, _ = load_model(ckpt, weights="model")
+    assert not torch.equal(raw(x, t)[0], eps_a)
+
+
+def test_resume_equals_uninterrupted_run(image_folder, tmp_path):
+    train(options(image_folder, tmp_path / "full", iterations=6))
+    train(options(image_folder, tmp_path / "split", iterations=3))
+    train(options(image_folder, tmp_path / "split", iterations=6, resume=True))
+    full, meta_full = states(tmp_path / "full" / "checkpoint.safetensors")
+    split, meta_split = states(tmp_path / "split" / "checkpoint.safetensors")
+    assert meta_full["step"] == meta_split["step"] == "6"
+    for kind in ("ema", "model"):
+        for name, tensor in full[kind].items():
+            assert torch.equal(tensor, split[kind][name]), f"{kind}.{name} differs after resume"
+    # the uninterrupted run's log and the resumed run's log end on the same loss
+    last = lambda p: json.loads((p / "log.jsonl").read_text().splitlines()[-1])  # noqa: E731
+    assert last(tmp_path / "full")["loss"] == last(tmp_path / "split")["loss"]
+
+
+def test_resume_without_a_run_is_a_clear_error(image_folder, tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        train(options(image_folder, tmp_path / "nothing", resume=True))
+
+
+def test_corrupt_images_skipped_with_warning_and_counted(tmp_path):
+    folder = tmp_path / "data"
+    write_images(folder / "nested", 4)
+    (folder / "notes.jpg").write_text("this is not an image")
+    good = (folder / "nested" / "img000.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "readme.txt").write_text("ignored: not an image extension")
+    dataset = ImageFolder(folder, 16)
+    assert len(dataset) == 6  # recursive, by extension
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        summary = train(options(folder, tmp_path / "run", iterations=4))
+    assert sorted(p.split("/")[-1] for p in summary["bad_files"]) == ["notes.jpg", "truncated.jpg"]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["bad_files"] == 2
+
+
+def test_empty_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        ImageFolder(tmp_path / "empty", 16)
+    result = CliRunner().invoke(main_group, ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
+                                standalone_mode=False, catch_exceptions=True)
+    assert isinstance(result.exception, DataError)
+
+
+def test_cli_empty_folder_prints_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-c", "from fdm_train.cli import main; main()", "--data",
+                           str(tmp_path / "empty"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("fdm-train: error: no images")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(options(image_folder, out, iterations=2))
+    before = (out / "checkpoint.safetensors").read_bytes()
+    real_loss = train_module.GaussianDiffusion.loss
+    calls = {"n": 0}
+
+    def poisoned(self, model, x0, y=None, generator=None):
+        calls["n"] += 1
+        loss, masks = real_loss(self, model, x0, y, generator)
+        return (loss * float("nan") if calls["n"] == 2 else loss), masks
+
+    monkeypatch.setattr(train_module.GaussianDiffusion, "loss", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at step 4"):
+        train(options(image_folder, out, iterations=6, save_every=1, resume=True))
+    # step 3 was good and saved; the NaN step wrote nothing
+    _, meta = states(out / "checkpoint.safetensors")
+    assert meta["step"] == "3"
+    assert before != (out / "checkpoint.safetensors").read_bytes()
+
+
+def test_wrong_checkpoint_files_are_one_line_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(missing)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_model(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not an fdm checkpoint"):
+        load_model(foreign)
