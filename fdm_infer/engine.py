@@ -112,7 +112,18 @@ class TorchEngine(Engine):
         return self._run(x_t, t, y)
 
 
-ENGINES = {"torch": TorchEngine}
+def _deferred(module: str, cls: str):
+    """An engine class imported on first use: its module subclasses Engine (imports this one), and
+    onnxruntime / tensorrt load only when that engine is asked for."""
+    def make(path, **options):
+        import importlib
+        return getattr(importlib.import_module(module), cls)(path, **options)
+    make.__name__ = cls
+    return make
+
+
+ENGINES = {"torch": TorchEngine, "onnx": _deferred("fdm_infer.onnx_engine", "OnnxEngine"),
+           "trt": _deferred("fdm_infer.trt_engine", "TrtEngine")}
 
 
 def open_engine(kind: str, path: str | Path, device: str = "auto") -> Engine:

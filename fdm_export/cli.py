@@ -1,0 +1,100 @@
+"""`fdm-export`: checkpoint -> ONNX (with a parity check against PyTorch) -> TensorRT plan."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fdm_train.errors import run_cli
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main_group():
+    """Export fdm models: `onnx` (checkpoint -> .onnx) and `trt` (.onnx -> TensorRT .plan)."""
+
+
+def _batches(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated batch sizes, got {value!r}") from None
+    if not batches or min(batches) < 1:
+        raise click.BadParameter("batch sizes must be positive")
+    return batches
+
+
+@main_group.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="Output .onnx file (default: the checkpoint's name with .onnx).")
+@click.option("--opset", type=click.IntRange(14, 20), default=None,
+              help="ONNX opset (default 17: parsed by TensorRT 10/11 and onnxruntime).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Weight/compute precision inside the graph; inputs and outputs stay float32. "
+                   "bf16 files are for TensorRT (onnxruntime cannot run them on the CPU).")
+@click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
+              help="Which weights of the checkpoint to export.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare onnxruntime with PyTorch on random inputs before writing the file.")
+@click.option("--check-batches", default="1,3", show_default=True, callback=_batches,
+              help="Batch sizes of the parity check (all through the one exported graph).")
+@click.option("--tolerance", type=float, default=None,
+              help="Max abs error allowed by the check (default: 1e-4 fp32, 5e-2 fp16).")
+def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance):
+    """Export CHECKPOINT's denoiser (x_t, t[, y]) -> (eps, masks) to ONNX with a dynamic batch."""
+    from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
+
+    out = out or str(Path(checkpoint).with_suffix(".onnx"))
+    result = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
+                         check_batches=check_batches, weights=weights, tolerance=tolerance)
+    cfg = result.config
+    cond = f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional"
+    if result.parity:
+        parts = [f"batch {b}: eps {e:.2e}, masks {m:.2e}" for b, (e, m) in result.parity.items()]
+        click.echo("parity (onnxruntime CPU vs PyTorch fp32, max abs error): " + "; ".join(parts))
+    elif result.note:
+        click.echo(f"parity: {result.note}")
+    else:
+        click.echo("parity: not checked (--no-check)")
+    click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.dtype}, opset {result.opset}; "
+               f"{cfg.variant}, K={cfg.num_regions}, {cfg.image_size}x{cfg.image_size}, {cond}) "
+               f"in {result.seconds:.1f} s")
+
+
+@main_group.command()
+@click.argument("onnx_file", type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="Output plan (default: the ONNX file's name with .plan).")
+@click.option("--min-batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True,
+              help="Batch size TensorRT tunes its kernels for.")
+@click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,
+              help="Largest batch one call runs (the engine splits larger ones).")
+@click.option("--precision", type=click.Choice(["auto", "fp16", "bf16"]), default="auto", show_default=True,
+              help="auto: strongly typed, the ONNX file's own dtype (TensorRT 10 and 11). fp16/bf16: "
+                   "TensorRT 10's weakly-typed builder flags (gone in 11: export with --dtype instead).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Timing cache file, read if present and written back (speeds up rebuilds).")
+@click.option("--workspace", type=click.IntRange(1), default=None, help="Workspace limit in MiB.")
+@click.option("--tf32/--no-tf32", default=True, show_default=True, help="Allow TF32 for float32 layers.")
+@click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
+def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose):
+    """Build a TensorRT plan from an `fdm-export onnx` file (needs TensorRT and an NVIDIA GPU)."""
+    from fdm_export.trt_build import build_plan
+
+    out = out or str(Path(onnx_file).with_suffix(".plan"))
+    result = build_plan(onnx_file, out, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                        precision=precision, timing_cache=timing_cache, workspace_mib=workspace, tf32=tf32,
+                        verbose=verbose)
+    meta = result.meta
+    click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB; TensorRT {meta['tensorrt_version']}, "
+               f"{meta['gpu']}; batch {min_batch}..{max_batch} opt {opt_batch}; precision {precision}, "
+               f"onnx {meta['onnx_dtype']}) in {result.seconds:.1f} s")
+
+
+def main():
+    run_cli(main_group, "fdm-export")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""ONNX -> TensorRT plan, through the TensorRT Python API (10.x and 11.x).
+
+Precision: by default the network is *strongly typed* (TensorRT 10's STRONGLY_TYPED creation flag;
+unconditional in 11.x), so each tensor keeps the type the ONNX file gives it: export with
+`fdm-export onnx --dtype fp16|bf16` for a reduced-precision plan. The weakly-typed BuilderFlag.FP16 /
+BF16 route (`--precision fp16|bf16`) exists only on TensorRT 10 and is refused on 11 with a one-line
+message. A plan file is a small header (magic, length, JSON: model config, TensorRT version, GPU,
+batch profile) followed by TensorRT's serialized engine, so one file describes its model.
+
+`tensorrt` is imported lazily: without it, every entry point fails with one line naming the package.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fdm_train.checkpoint import atomic_write
+from fdm_train.config import ModelConfig
+from fdm_train.errors import UserError
+
+MAGIC = b"FDMTRT\x00\x01"
+PLAN_FORMAT = "fdm-trt-v1"
+PRECISIONS = ("auto", "fp16", "bf16")
+MISSING_TENSORRT = ("TensorRT is not installed (Python package `tensorrt` missing): install it with "
+                    "`pip install tensorrt` (wheels from NVIDIA's package index; needs an NVIDIA GPU and driver), "
+                    "or use --engine torch / --engine onnx")
+
+
+class TensorRTError(UserError):
+    """TensorRT missing, a build that failed, or a plan that cannot be used here; one line."""
+
+
+def require_tensorrt():
+    """The tensorrt module, or a one-line TensorRTError naming the missing package."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise TensorRTError(MISSING_TENSORRT) from None
+    except Exception as exc:  # e.g. the PyPI placeholder that fails at import, or missing CUDA libraries
+        raise TensorRTError(f"TensorRT could not be imported ({_one_line(exc)}); {MISSING_TENSORRT}") from None
+    return trt
+
+
+# ---------------------------------------------------------------------------------------------- plan files
+
+def pack_plan(meta: dict, engine_bytes: bytes) -> bytes:
+    header = json.dumps(meta, sort_keys=True).encode()
+    return MAGIC + struct.pack("<Q", len(header)) + header + engine_bytes
+
+
+def read_plan(path: str | Path) -> tuple[dict, bytes]:
+    """(metadata with 'config' as a ModelConfig, serialized engine) of an fdm plan; pure Python, so a
+    foreign or corrupt file is reported in one line whether or not TensorRT is installed."""
+    path = Path(path)
+    if not path.is_file():
+        raise TensorRTError(f"TensorRT plan not found: {path}")
+    data = path.read_bytes()
+    if data[:len(MAGIC)] != MAGIC:
+        raise TensorRTError(f"{path} is not an fdm TensorRT plan (no fdm header; a bare engine or another file); "
+                            "build one with `fdm-export trt MODEL.onnx -o FILE`")
+    start = len(MAGIC) + 8
+    if len(data) < start:
+        raise TensorRTError(f"{path} is a truncated fdm TensorRT plan (header cut short)")
+    (length,) = struct.unpack("<Q", data[len(MAGIC):start])
+    if start + length > len(data):
+        raise TensorRTError(f"{path} is a truncated fdm TensorRT plan (header cut short)")
+    try:
+        meta = json.loads(data[start:start + length])
+        if meta.get("format") != PLAN_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        meta["config"] = ModelConfig.from_json(meta["config"])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise TensorRTError(f"{path} has an unreadable fdm plan header ({_one_line(exc)})") from None
+    engine = data[start + length:]
+    if not engine:
+        raise TensorRTError(f"{path} is a truncated fdm TensorRT plan (no engine after the header)")
+    return meta, engine
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+@dataclass
+class BuildResult:
+    path: Path
+    meta: dict
+    size_bytes: int
+    seconds: float
+
+
+def build_plan(onnx_path: str | Path, out: str | Path, *, min_batch: int = 1, opt_batch: int = 8,
+               max_batch: int = 32, precision: str = "auto", timing_cache: str | Path | None = None,
+               workspace_mib: int | None = None, tf32: bool = True, verbose: bool = False) -> BuildResult:
+    from fdm_export.onnx_export import read_onnx_metadata
+
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise TensorRTError(f"need 1 <= --min-batch <= --opt-batch <= --max-batch, got {min_batch}, {opt_batch}, "
+                            f"{max_batch}")
+    if precision not in PRECISIONS:
+        raise TensorRTError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    onnx_meta = read_onnx_metadata(onnx_path)  # an fdm export, before TensorRT is even imported
+    trt = require_tensorrt()
+    start = time.perf_counter()
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+
+    flags = 0
+    strongly_typed = precision == "auto"
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        # Required on 10.x for ONNX types to rule; accepted (and the only mode) on 11.x.
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)).replace("\n", " ") for i in range(parser.num_errors))
+        raise TensorRTError(f"TensorRT could not parse {onnx_path}: {errors[:300] or 'unknown error'}")
+
+    config = builder.create_builder_config()
+    if workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    if precision in ("fp16", "bf16"):
+        flag = getattr(trt.BuilderFlag, precision.upper(), None)
+        if flag is None:
+            raise TensorRTError(f"TensorRT {trt.__version__} has no weakly-typed {precision} mode (removed in 11.x): "
+                                f"export the ONNX file with `fdm-export onnx --dtype {precision}` and build with "
+                                "--precision auto")
+        config.set_flag(flag)
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        rest = tuple(tensor.shape)[1:]
+        profile.set_shape(tensor.name, (min_batch, *rest), (opt_batch, *rest), (max_batch, *rest))
+    config.add_optimization_profile(profile)
+
+    cache_path = Path(timing_cache) if timing_cache else None
+    blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise TensorRTError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    if cache_path is not None:
+        atomic_write(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+
+    meta = {
+        "format": PLAN_FORMAT,
+        "config": onnx_meta["config"].to_json(),
+        "onnx_dtype": onnx_meta.get("dtype", ""),
+        "onnx_opset": onnx_meta.get("opset", ""),
+        "inputs": onnx_meta.get("inputs", ""),
+        "source": str(onnx_path),
+        "tensorrt_version": trt.__version__,
+        "precision": precision,
+        "strongly_typed": strongly_typed,
+        "batch": {"min": min_batch, "opt": opt_batch, "max": max_batch},
+        "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **gpu_info(),
+    }
+    data = pack_plan(meta, bytes(memoryview(serialized)))
+    atomic_write(out, data)
+    return BuildResult(Path(out), meta, len(data), time.perf_counter() - start)
+
+
+def gpu_info() -> dict:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    except Exception:
+        pass
+    return {"gpu": "unknown", "compute_capability": ""}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

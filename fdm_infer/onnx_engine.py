@@ -1,0 +1,111 @@
+"""The `onnx` engine: an `fdm-export onnx` file run by onnxruntime.
+
+CPU: CPUExecutionProvider, tensors converted through numpy (no copy for contiguous float32).
+CUDA (when onnxruntime-gpu is installed): CUDAExecutionProvider with IO binding, so inputs and
+outputs are torch CUDA tensors bound by pointer and never leave the GPU.
+The model config (K, image size, classes) comes from the file's metadata.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fdm_infer.engine import Engine
+from fdm_train.errors import UserError
+
+
+class OnnxEngine(Engine):
+    name = "onnx"
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None):
+        import onnxruntime as ort
+
+        from fdm_export.onnx_export import metadata_from_props
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"ONNX model not found: {path}")
+        available = ort.get_available_providers()
+        has_cuda_ep = "CUDAExecutionProvider" in available
+        if device == "auto":
+            device = "cuda" if has_cuda_ep and torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if not has_cuda_ep:
+                raise UserError("onnxruntime here has no CUDAExecutionProvider: install onnxruntime-gpu "
+                                "(in place of onnxruntime) or use --device cpu")
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda asked for, but torch sees no CUDA device")
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        elif self.device.type == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise UserError(f"the onnx engine runs on cpu or cuda, not {device!r}")
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:
+            raise UserError(f"{path} is not a loadable ONNX model ({_one_line(exc)})") from None
+        meta = metadata_from_props(self.session.get_modelmeta().custom_metadata_map, path)
+        self.config = meta.pop("config")
+        self.metadata = meta
+        self.path = path
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        expected = ["x_t", "t", "y"] if self.config.num_classes else ["x_t", "t"]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if self.input_names != expected or outputs != ["eps", "masks"]:
+            raise UserError(f"{path}: graph inputs {self.input_names} / outputs {outputs} do not match its "
+                            f"metadata (expected {expected} -> ['eps', 'masks'])")
+
+    def _check(self, x_t, y):
+        cfg = self.config
+        want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if x_t.dim() != 4 or tuple(x_t.shape[1:]) != want:
+            raise ValueError(f"x_t must be [B, {want[0]}, {want[1]}, {want[2]}] for this model, got {list(x_t.shape)}")
+        if cfg.num_classes and y is None:
+            raise ValueError("this model is class-conditional: pass class labels y")
+
+    def denoise(self, x_t, t, y=None):
+        self._check(x_t, y)
+        if self.device.type == "cuda":
+            return self._denoise_cuda(x_t, t, y)
+        feeds = {"x_t": x_t.detach().to("cpu", torch.float32).contiguous().numpy(),
+                 "t": t.detach().to("cpu", torch.int64).reshape(-1).contiguous().numpy()}
+        if self.config.num_classes:
+            feeds["y"] = y.detach().to("cpu", torch.int64).reshape(-1).contiguous().numpy()
+        eps, masks = self.session.run(["eps", "masks"], feeds)
+        return torch.from_numpy(eps), torch.from_numpy(masks)
+
+    def _denoise_cuda(self, x_t, t, y):
+        dev, index = self.device, self.device.index
+        inputs = {"x_t": x_t.detach().to(dev, torch.float32).contiguous(),
+                  "t": t.detach().to(dev, torch.int64).reshape(-1).contiguous()}
+        if self.config.num_classes:
+            inputs["y"] = y.detach().to(dev, torch.int64).reshape(-1).contiguous()
+        b, _, h, w = inputs["x_t"].shape
+        eps = torch.empty((b, self.config.in_channels, h, w), device=dev, dtype=torch.float32)
+        masks = torch.empty((b, self.num_regions, h, w), device=dev, dtype=torch.float32)
+        binding = self.session.io_binding()
+        for name, tensor in inputs.items():
+            binding.bind_input(name, "cuda", index, np.float32 if tensor.is_floating_point() else np.int64,
+                               tuple(tensor.shape), tensor.data_ptr())
+        for name, tensor in (("eps", eps), ("masks", masks)):
+            binding.bind_output(name, "cuda", index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        torch.cuda.current_stream(dev).synchronize()  # inputs written on torch's stream; ORT uses its own
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return eps, masks
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
