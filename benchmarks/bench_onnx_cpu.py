@@ -1,0 +1,147 @@
+"""Segmentation throughput on the CPU: the torch engine vs the onnx engine (onnxruntime), same model,
+same batch, same threads, as a ratio.
+
+    python benchmarks/bench_onnx_cpu.py --preset small-32 --batch 16 --md benchmarks/results/onnx_cpu.md
+
+One segmentation step is what `fdm-infer segment` runs per batch: noise the images to t=30 with a
+seeded generator, one denoiser call, argmax of the soft masks. Image decoding and resizing are the
+same for both engines and are left out. The model has random (perturbed) weights: speed does not
+depend on them. Both engines are first checked to agree (max abs error of the masks, label agreement),
+then timed alternately (torch, onnx, torch, ...) so that load from other processes hits both alike;
+the median batch time of each is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from fdm_export.onnx_export import export_onnx  # noqa: E402
+from fdm_infer.engine import open_engine  # noqa: E402
+from fdm_train.checkpoint import save_checkpoint  # noqa: E402
+from fdm_train.config import preset  # noqa: E402
+from fdm_train.diffusion import GaussianDiffusion  # noqa: E402
+from fdm_train.model import build_model, count_parameters  # noqa: E402
+
+SEGMENT_T = 30
+
+
+def segment_step(engine, images: torch.Tensor, diffusion: GaussianDiffusion, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(images.shape, generator=g)
+    t = torch.full((images.shape[0],), SEGMENT_T, dtype=torch.long)
+    x_t = diffusion.q_sample(images, t, noise)
+    _, masks = engine.denoise(x_t, t)
+    return masks.argmax(1)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small-32")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=15, help="timed batches per engine")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for both engines")
+    p.add_argument("--md", help="write the result as markdown here")
+    a = p.parse_args(argv)
+
+    torch.set_num_threads(a.threads)
+    cfg = preset(a.preset)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, onnx_path = Path(tmp) / "m.safetensors", Path(tmp) / "m.onnx"
+        save_checkpoint(ckpt, cfg, model.state_dict(), None, step=0)
+        t0 = time.perf_counter()
+        export_onnx(ckpt, onnx_path, check=False)
+        export_s = time.perf_counter() - t0
+        engines = {"torch": open_engine("torch", ckpt, device="cpu")}
+        from fdm_infer.onnx_engine import OnnxEngine
+        engines["onnx"] = OnnxEngine(onnx_path, device="cpu", threads=a.threads)
+
+        diffusion = GaussianDiffusion()
+        g = torch.Generator().manual_seed(1)
+        images = torch.rand(a.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+        # Agreement first: same noise, same labels.
+        labels = {name: segment_step(e, images, diffusion) for name, e in engines.items()}
+        agree = (labels["torch"] == labels["onnx"]).float().mean().item()
+        x_t = diffusion.q_sample(images, torch.full((a.batch,), SEGMENT_T), torch.randn(images.shape, generator=g))
+        tt = torch.full((a.batch,), SEGMENT_T)
+        mask_err = (engines["torch"].denoise(x_t, tt)[1] - engines["onnx"].denoise(x_t, tt)[1]).abs().max().item()
+
+        for _ in range(a.warmup):
+            for e in engines.values():
+                segment_step(e, images, diffusion)
+        times = {name: [] for name in engines}
+        for i in range(a.repeats):
+            for name, e in engines.items():
+                t0 = time.perf_counter()
+                segment_step(e, images, diffusion, seed=i)
+                times[name].append(time.perf_counter() - t0)
+
+    med = {name: statistics.median(v) for name, v in times.items()}
+    ips = {name: a.batch / m for name, m in med.items()}
+    ratio = ips["onnx"] / ips["torch"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = [f"| {name} | {a.batch} | {med[name] * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | {ips[name]:.1f} |"
+            for name in engines]
+    md = "\n".join([
+        "# Segmentation throughput on the CPU: torch vs onnx (onnxruntime)",
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores visible, no GPU; {a.threads} intra-op threads for both "
+        f"engines; load average {load:.2f} at the end (other processes shared this machine).",
+        f"Software: torch {torch.__version__}, onnxruntime {_ort_version()}, Python {platform.python_version()}.",
+        f"Model: `{a.preset}` preset ({cfg.variant}, K={cfg.num_regions}, {cfg.image_size}x{cfg.image_size}, "
+        f"{count_parameters(model) / 1e6:.1f} M parameters), random weights; ONNX fp32, opset 17 "
+        f"(export took {export_s:.1f} s).",
+        f"Step timed: noise to t={SEGMENT_T} (seeded), one denoiser call, argmax over K; image decoding excluded. "
+        f"{a.warmup} warm-up batches, then {a.repeats} timed batches per engine, alternating.",
+        f"Agreement: {agree * 100:.3f}% of label pixels equal; max abs difference of the soft masks {mask_err:.1e}.",
+        "",
+        "| engine | batch | median ms/batch | best ms/batch | images/s (median) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"**onnx / torch throughput ratio: {ratio:.2f}x** (median times).",
+        "",
+        f"Measured {datetime.now(timezone.utc).strftime('%Y-%m-%d')} with "
+        f"`python benchmarks/bench_onnx_cpu.py --preset {a.preset} --batch {a.batch} --repeats {a.repeats}`.",
+        "",
+    ])
+    print(md)
+    if a.md:
+        Path(a.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.md).write_text(md)
+    return {"images_per_s": ips, "ratio": ratio, "agreement": agree}
+
+
+def _ort_version() -> str:
+    import onnxruntime
+    return onnxruntime.__version__
+
+
+if __name__ == "__main__":
+    main()
