@@ -78,9 +78,11 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
 @click.option("--workspace", type=click.IntRange(1), default=None, help="Workspace limit in MiB.")
 @click.option("--tf32/--no-tf32", default=True, show_default=True, help="Allow TF32 for float32 layers.")
 @click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
-def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose):
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run the plan on random inputs and compare with onnxruntime (CPU) on the same ONNX file.")
+def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose, check):
     """Build a TensorRT plan from an `fdm-export onnx` file (needs TensorRT and an NVIDIA GPU)."""
-    from fdm_export.trt_build import build_plan
+    from fdm_export.trt_build import build_plan, check_plan
 
     out = out or str(Path(onnx_file).with_suffix(".plan"))
     result = build_plan(onnx_file, out, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
@@ -90,6 +92,10 @@ def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache
     click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB; TensorRT {meta['tensorrt_version']}, "
                f"{meta['gpu']}; batch {min_batch}..{max_batch} opt {opt_batch}; precision {precision}, "
                f"onnx {meta['onnx_dtype']}) in {result.seconds:.1f} s")
+    if check:
+        parity = check_plan(out, onnx_file, batches=(min_batch, opt_batch))
+        parts = [f"batch {b}: eps {e:.2e}, masks {m:.2e}" for b, (e, m) in parity.items()]
+        click.echo("parity (TensorRT vs onnxruntime CPU, max abs error): " + "; ".join(parts))
 
 
 def main():

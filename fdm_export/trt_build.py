@@ -141,7 +141,7 @@ def build_plan(onnx_path: str | Path, out: str | Path, *, min_batch: int = 1, op
     cache_path = Path(timing_cache) if timing_cache else None
     blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.set_timing_cache(cache, False)  # ignore_mismatch=False
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -166,6 +166,28 @@ def build_plan(onnx_path: str | Path, out: str | Path, *, min_batch: int = 1, op
     data = pack_plan(meta, bytes(memoryview(serialized)))
     atomic_write(out, data)
     return BuildResult(Path(out), meta, len(data), time.perf_counter() - start)
+
+
+def check_plan(plan_path: str | Path, onnx_path: str | Path, batches: tuple[int, ...] = (1, 3),
+               seed: int = 1234) -> dict[int, tuple[float, float]]:
+    """Max abs error (eps, masks) of the plan on the GPU vs onnxruntime on the CPU over the same
+    ONNX file, per batch size (the batches are clipped to the plan's profile)."""
+    import torch
+
+    from fdm_export.onnx_export import example_inputs
+    from fdm_infer.onnx_engine import OnnxEngine
+    from fdm_infer.trt_engine import TrtEngine
+
+    plan = TrtEngine(plan_path)
+    reference = OnnxEngine(onnx_path, device="cpu")
+    errors = {}
+    for i, batch in enumerate(sorted({min(max(b, plan.min_batch), plan.max_batch) for b in batches})):
+        x, t, y = example_inputs(plan.config, batch, seed=seed + i)
+        ref_eps, ref_masks = reference.denoise(x, t, y)
+        eps, masks = plan.denoise(x.cuda(), t.cuda(), None if y is None else y.cuda())
+        torch.cuda.synchronize()
+        errors[batch] = (float((eps.cpu() - ref_eps).abs().max()), float((masks.cpu() - ref_masks).abs().max()))
+    return errors
 
 
 def gpu_info() -> dict:
