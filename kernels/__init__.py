@@ -1,7 +1,76 @@
 """The masked skip multiply and masked sum of the fused K-branch decoder.
 
-`masked_skip` and `masked_sum` are the names the model calls; today they are the plain-torch
-references in `kernels.reference` (Triton kernels plug in behind the same names)."""
-from kernels.reference import masked_skip, masked_sum, pool_mask
+`masked_skip`, `masked_sum` and `masked_sum_ddpm_step` are the names callers use. Each picks its
+implementation per call:
+  - CUDA tensors with triton installed: the registered op `torch.ops.fdm.*` (Triton kernels; they
+    trace into torch.compile graphs and capture into CUDA graphs);
+  - anything else (CPU, triton missing) and while exporting (ONNX, torch.export): the plain-torch
+    reference of `kernels.reference`, so exporters see ordinary torch ops.
+The references are the specification (kernels/reference.py); the kernels are in
+kernels/triton_kernels.py and their registration, autograd and launch logic in kernels/ops.py.
+Triton is optional: without it everything runs the reference.
+"""
+from __future__ import annotations
 
-__all__ = ["masked_skip", "masked_sum", "pool_mask"]
+import torch
+
+from kernels import reference
+from kernels.reference import pool_mask
+
+__all__ = ["masked_skip", "masked_sum", "masked_sum_ddpm_step", "ddpm_coef", "pool_mask", "HAS_TRITON"]
+
+try:  # registering the ops needs only torch; the kernels need triton
+    from kernels import ops as _ops
+    from kernels.triton_kernels import HAS_TRITON
+except Exception as exc:  # pragma: no cover - a broken triton install must not break the model
+    import warnings
+
+    warnings.warn(f"kernels: registered ops unavailable ({type(exc).__name__}: {exc}); using the plain-torch "
+                  "reference", RuntimeWarning, stacklevel=2)
+    _ops = None
+    HAS_TRITON = False
+
+
+def _exporting() -> bool:
+    onnx = getattr(torch, "onnx", None)
+    if onnx is not None and onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting())
+
+
+def _fast(t: torch.Tensor) -> bool:
+    return _ops is not None and HAS_TRITON and t.is_cuda and not _exporting()
+
+
+def masked_skip(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """out[b*K + k] = h[b] * avgpool(m[b, k]) -> [B*K, C, H, W]. m [B, K, H0, W0] is at the skip's
+    size (a pyramid level) or larger (pooled inside the kernel)."""
+    if _fast(h):
+        return torch.ops.fdm.masked_skip(h, m)
+    return reference.masked_skip(h, m)
+
+
+def masked_sum(eps: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """sum_k eps[b*K + k] * m[b, k] -> [B, C, H, W]; m at eps's size."""
+    if _fast(eps):
+        return torch.ops.fdm.masked_sum(eps, m)
+    return reference.masked_sum(eps, m)
+
+
+def ddpm_coef(c1, c2, sigma, device=None) -> torch.Tensor:
+    """(c1, c2, sigma) of GaussianDiffusion.ddpm_coefficients as a float32 tensor [3] (or [B, 3]
+    from per-sample tensors), for masked_sum_ddpm_step. A tensor (not Python floats) so that one
+    compiled graph or captured CUDA graph serves every timestep."""
+    parts = [torch.as_tensor(v, dtype=torch.float32, device=device) for v in (c1, c2, sigma)]
+    return torch.stack(torch.broadcast_tensors(*parts), dim=-1)
+
+
+def masked_sum_ddpm_step(eps: torch.Tensor, m: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor,
+                         z: torch.Tensor | None = None) -> torch.Tensor:
+    """One ancestral DDPM step on the combined prediction, in one kernel on CUDA:
+    x_prev = c1 * (x_t - c2 * sum_k m_k * eps_k) + sigma * z, in float32, returned in x_t's dtype.
+    coef = ddpm_coef(c1, c2, sigma): [3] or [B, 3]; z = None means no noise (the last step)."""
+    if _fast(eps):
+        return torch.ops.fdm.masked_sum_ddpm_step(eps, m, x_t, coef, z)
+    return reference.masked_sum_ddpm_step(eps, m, x_t, coef, z)

@@ -29,3 +29,24 @@ def masked_sum(eps: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     b, k = m.shape[:2]
     c, hh, ww = eps.shape[1:]
     return (eps.reshape(b, k, c, hh, ww) * m.to(eps.dtype).unsqueeze(2)).sum(1)
+
+
+def masked_sum_ddpm_step(eps: torch.Tensor, m: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor,
+                         z: torch.Tensor | None = None) -> torch.Tensor:
+    """x_prev = c1 * (x_t - c2 * sum_k m_k * eps_k) + sigma * z (the DDPM ancestral step on the
+    combined prediction), all in float32, returned in x_t's dtype. coef = (c1, c2, sigma) as a
+    tensor [3] or [B, 3]; z = None: no noise."""
+    b, k = m.shape[:2]
+    s = (eps.float().reshape(b, k, *eps.shape[1:]) * m.float().unsqueeze(2)).sum(1)
+    c1, c2, sigma = (c.reshape(-1, 1, 1, 1) for c in coef.float().reshape(-1, 3).unbind(1))
+    out = c1 * (x_t.float() - c2 * s)
+    if z is not None:
+        out = out + sigma * z.float()
+    return out.to(x_t.dtype)
+
+
+def masked_dot(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_c a[b*K + k, c] * x[b, c] -> [B, K, H, W] in float32 (the backward passes' dL/dm)."""
+    b = x.shape[0]
+    k = a.shape[0] // b
+    return (a.float().reshape(b, k, *a.shape[1:]) * x.float().unsqueeze(1)).sum(2)
