@@ -121,11 +121,22 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _blocks(k: int, c: int, hw: int) -> tuple[int, int, int]:
+def _blocks(k: int, c: int, hw: int, channels_last: bool) -> tuple[int, int, int]:
+    """(K_BLOCK, BLOCK_C, BLOCK_HW): the tile's contiguous dimension gets the long side, so that
+    a warp reads whole 32-byte sectors: hw for NCHW, C for channels_last."""
     k_block = _next_pow2(k)
-    block_hw = min(_next_pow2(hw), TUNING.max_block_hw)
-    block_c = max(1, min(TUNING.tile_elems // (k_block * block_hw), _next_pow2(c), TUNING.max_block_c))
+    if channels_last:
+        block_c = min(_next_pow2(c), TUNING.max_block_c)
+        block_hw = max(1, min(TUNING.tile_elems // (k_block * block_c), _next_pow2(hw), TUNING.max_block_hw))
+    else:
+        block_hw = min(_next_pow2(hw), TUNING.max_block_hw)
+        block_c = max(1, min(TUNING.tile_elems // (k_block * block_hw), _next_pow2(c), TUNING.max_block_c))
     return k_block, block_c, block_hw
+
+
+def _is_nhwc(strides: tuple[int, int, int], c: int) -> bool:
+    """(batch, channel, hw) strides of a channels_last tensor: C is the contiguous dimension."""
+    return c > 1 and strides[1] == 1 and strides[2] != 1
 
 
 def _channel_split(c: int, block_c: int, programs: int, target: int) -> int:
@@ -226,12 +237,12 @@ def _masked_skip_triton(h, m):
     else:
         s_mb, s_mk, s_mh, s_mw = m.stride()
         win_h, win_w = -(-h0 // hh) + (h0 % hh != 0), -(-w0 // ww) + (w0 % ww != 0)
-    k_block, block_c, block_hw = _blocks(k, c, hh * ww)
+    k_block, block_c, block_hw = _blocks(k, c, hh * ww, _is_nhwc((s_hb, s_hc, s_hhw), c))
     n_hw = triton.cdiv(hh * ww, block_hw)
     c_per = _channel_split(c, block_c, n_hw * b, _target_programs(h))
     grid = (n_hw, triton.cdiv(c, c_per), b)
     kernel = _interpreted(masked_skip_kernel) if _interpret(h) else wrap_triton(masked_skip_kernel)
-    kernel[grid](h, m, out, c, hh, ww, h0, w0, k,
+    kernel[grid](h, m, out, c, hh * ww, hh, ww, h0, w0, k,
                  s_hb, s_hc, s_hhw, s_mb, s_mk, s_mh, s_mw, s_ob, s_oc, s_ohw, c_per,
                  K_BLOCK=k_block, BLOCK_C=block_c, BLOCK_HW=block_hw, SAME_SIZE=same, WIN_H=win_h, WIN_W=win_w,
                  num_warps=TUNING.num_warps)
@@ -255,7 +266,7 @@ def _masked_sum_triton(eps, m, x_t=None, coef=None, z=None):
             z, zs = _flat(z)
         coef = coef.to(device=eps.device, dtype=torch.float32).contiguous()
         s_coef = 3 if coef.dim() == 2 else 0
-    k_block, block_c, block_hw = _blocks(k, c, hh * ww)
+    k_block, block_c, block_hw = _blocks(k, c, hh * ww, _is_nhwc((s_eb, s_ec, s_ehw), c))
     grid = (triton.cdiv(hh * ww, block_hw), triton.cdiv(c, block_c), b)
     kernel = _interpreted(masked_sum_kernel) if _interpret(eps) else wrap_triton(masked_sum_kernel)
     kernel[grid](eps, m, out, x_t if fused else out, z if z is not None else out, coef if fused else out,
@@ -270,7 +281,7 @@ def _masked_dot_triton(a, x):
     k = a.shape[0] // b
     a, (s_ab, s_ac, s_ahw) = _flat(a)
     x, (s_xb, s_xc, s_xhw) = _flat(x)
-    k_block, block_c, block_hw = _blocks(k, c, hh * ww)
+    k_block, block_c, block_hw = _blocks(k, c, hh * ww, _is_nhwc((s_xb, s_xc, s_xhw), c))
     n_hw = triton.cdiv(hh * ww, block_hw)
     c_per = _channel_split(c, block_c, n_hw * b, _target_programs(x))
     split = triton.cdiv(c, c_per)

@@ -33,7 +33,7 @@ if HAS_TRITON:
     @triton.jit
     def masked_skip_kernel(
         h_ptr, m_ptr, out_ptr,
-        C, H, W, H0, W0, K,
+        C, HW, H, W, H0, W0, K,
         s_hb, s_hc, s_hhw,            # h [B, C, H, W]
         s_mb, s_mk, s_mh, s_mw,       # m [B, K, H0, W0]
         s_ob, s_oc, s_ohw,            # out [B*K, C, H, W]
@@ -47,7 +47,6 @@ if HAS_TRITON:
         pid_hw = tl.program_id(0)
         pid_c = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        HW = H * W
         hw = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
         hw_ok = hw < HW
         k = tl.arange(0, K_BLOCK)
