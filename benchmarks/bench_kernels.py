@@ -381,8 +381,8 @@ def save(result: dict, path: str | None, md: str | None = None) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["paper-64", "paper-128"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 128])
+    p.add_argument("--presets", nargs="+", help="default: paper-64 paper-128 (smoke: tiny-32)")
+    p.add_argument("--batches", nargs="+", type=int, help="default: 1 16 128 (smoke: 1 2)")
     p.add_argument("--ops", nargs="*", help="only ops whose name starts with one of these")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
@@ -400,7 +400,9 @@ def main(argv=None):
                    help="CPU/CI: tiny-32 at batch 1 and 2, reference + Triton interpreter, no compile")
     a = p.parse_args(argv)
     if a.smoke:
-        a.presets, a.batches, a.warmup, a.repeats, a.copy_mib, a.no_compile = ["tiny-32"], [1, 2], 1, 2, 16, True
+        a.warmup, a.repeats, a.copy_mib, a.no_compile = 1, 2, 16, True
+    a.presets = a.presets or (["tiny-32"] if a.smoke else ["paper-64", "paper-128"])
+    a.batches = a.batches or ([1, 2] if a.smoke else [1, 16, 128])
     result = run(a)
     save(result, a.out, a.md)
     print()
