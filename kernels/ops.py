@@ -56,7 +56,7 @@ _state = {"cpu_interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1"}
 def cpu_interpreter(enabled: bool = True):
     """Run the Triton kernels on CPU tensors with Triton's interpreter (tests)."""
     if enabled and not HAS_TRITON:
-        raise RuntimeError("the Triton interpreter needs triton: pip install 'triton>=3.2'")
+        raise RuntimeError("the Triton interpreter needs triton: pip install 'triton>=3.3'")
     old = _state["cpu_interpreter"]
     _state["cpu_interpreter"] = enabled
     try:
