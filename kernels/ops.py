@@ -250,7 +250,7 @@ def _masked_skip_triton(h, m):
 
 
 def _masked_sum_triton(eps, m, x_t=None, coef=None, z=None):
-    bk, c, hh, ww = eps.shape
+    _, c, hh, ww = eps.shape
     b, k = m.shape[:2]
     fused = x_t is not None
     eps, (s_eb, s_ec, s_ehw) = _flat(eps)

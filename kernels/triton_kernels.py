@@ -66,9 +66,9 @@ if HAS_TRITON:
             x0 = (x * W0) // W
             x1 = ((x + 1) * W0 + W - 1) // W
             acc = tl.zeros((K_BLOCK, BLOCK_HW), dtype=tl.float32)
-            for dy in range(0, WIN_H):
+            for dy in range(WIN_H):
                 yy = y0 + dy
-                for dx in range(0, WIN_W):
+                for dx in range(WIN_W):
                     xx = x0 + dx
                     ok = hw_ok & (yy < y1) & (xx < x1)
                     ptrs = m_base + (yy * s_mh + xx * s_mw)[None, :]

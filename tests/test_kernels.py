@@ -389,7 +389,7 @@ def test_kernels_compile_for_hopper(case, layout):
     launcher, *args = AOT_CASES[case](layout)
     calls = _launches(launcher, *args)
     assert len(calls) == 1
-    kernel, grid, kargs, kwargs = calls[0]
+    kernel, _grid, kargs, kwargs = calls[0]
     compiled = _compile_sm90(kernel, kargs, kwargs)
     assert compiled.asm["cubin"], "no machine code"
     ptx = compiled.asm["ptx"]
