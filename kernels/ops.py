@@ -162,11 +162,15 @@ def _interpreted_fn(kernel):
 
 
 class _Interpreted:
-    """`kernel[grid](...)` run by Triton's interpreter, in a process where triton was imported
-    without TRITON_INTERPRET=1 (so that CUDA kernels and interpreted ones can coexist, e.g. when
-    the whole test suite runs in one process on a GPU machine). The interpreter itself only patches
-    the builtins of triton.language; the library functions written in Triton (tl.zeros, tl.sum,
-    ...) are JIT functions, swapped for interpreted ones for the duration of the launch."""
+    """`kernel[grid](...)` run by Triton's interpreter in a process where triton was imported
+    without TRITON_INTERPRET=1, so that CUDA kernels and interpreted ones can coexist (e.g. the
+    whole test suite in one process on a GPU machine). Two things make that work:
+      - the library functions written in Triton (tl.zeros, tl.sum, ...) are JIT functions: they
+        are swapped for interpreted ones for the duration of the launch;
+      - the interpreter patches triton.language for each launch and for each call of such a
+        function inside the kernel, and does not undo the latter: every patch made during the
+        launch is undone at its end, newest first, so that the compiler finds triton.language
+        intact afterwards."""
 
     def __init__(self, kernel):
         self.fn = _interpreted_fn(kernel)
@@ -178,11 +182,17 @@ class _Interpreted:
         return launch
 
 
+class _DeferredScope:
+    def restore(self):  # undone by _interpreted_triton_language, newest first
+        pass
+
+
 @contextlib.contextmanager
 def _interpreted_triton_language():
     import sys
     import types
 
+    from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
     try:  # imported lazily by the interpreter's argument handling: import it before the swap
@@ -196,9 +206,20 @@ def _interpreted_triton_language():
                 if isinstance(value, JITFunction):
                     swapped.append((mod, attr, value))
                     setattr(mod, attr, _interpreted_fn(value))
+    scopes = []
+    patch_lang = interpreter._patch_lang
+
+    def recording_patch_lang(fn):
+        scopes.append(patch_lang(fn))
+        return _DeferredScope()
+
+    interpreter._patch_lang = recording_patch_lang
     try:
         yield
     finally:
+        interpreter._patch_lang = patch_lang
+        for scope in reversed(scopes):
+            scope.restore()
         for mod, attr, value in swapped:
             setattr(mod, attr, value)
 

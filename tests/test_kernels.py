@@ -376,7 +376,7 @@ AOT_CASES = {
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", list(AOT_CASES))
-def test_kernels_compile_for_hopper(case, layout):
+def test_kernels_compile_for_hopper(case, layout, monkeypatch, tmp_path):
     """Each launch at a model shape compiles to sm_90 machine code with Triton's own compiler (no
     GPU needed), and the bulk of the traffic uses 16-byte vector loads and stores."""
     if not ops.HAS_TRITON:
@@ -386,6 +386,7 @@ def test_kernels_compile_for_hopper(case, layout):
     from triton.compiler import ASTSource
     if "constexprs" not in inspect.signature(ASTSource).parameters:
         pytest.skip("this Triton's ASTSource predates the constexprs/attrs API (Triton < 3.3)")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real, never from the cache
     launcher, *args = AOT_CASES[case](layout)
     calls = _launches(launcher, *args)
     assert len(calls) == 1
@@ -398,6 +399,19 @@ def test_kernels_compile_for_hopper(case, layout):
         assert "ld.global.v" in ptx, "activation loads are not vectorised"
         if case != "dot":  # dot stores a small float32 [K, hw] tile
             assert "st.global.v" in ptx, "stores are not vectorised"
+
+
+def test_interpreter_leaves_triton_language_intact(monkeypatch, tmp_path):
+    """An interpreted launch (which patches triton.language) followed by a real compilation in
+    the same process: the compiler must find triton.language as it was."""
+    if not ops.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    eps, m = rand((6, 5, 3, 4), "cpu", 37), masks(2, 3, 3, 4, "cpu", 38)
+    with ops.cpu_interpreter():
+        check(torch.ops.fdm.masked_dot(eps, rand((2, 5, 3, 4), "cpu", 39)),
+              ref.masked_dot(eps, rand((2, 5, 3, 4), "cpu", 39)), torch.float32, 10.0)
+        check(torch.ops.fdm.masked_sum(eps, m), ref.masked_sum(eps, m), torch.float32, 10.0)
+    test_kernels_compile_for_hopper("skip_pool", "contiguous", monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize("case", list(AOT_CASES))
