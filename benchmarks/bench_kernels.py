@@ -103,7 +103,8 @@ class Timer:
     def _cuda_median(self, fn) -> float:
         samples = []
         for _ in range(self.repeats):
-            self.flush.zero_()
+            self.flush.zero_()  # evict the inputs from L2
+            torch.cuda.synchronize()  # and start from an idle GPU: launch overhead counts
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
