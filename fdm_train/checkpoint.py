@@ -40,14 +40,46 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise
 
 
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def save_checkpoint(path: str | Path, cfg: ModelConfig, ema: dict[str, torch.Tensor],
-                    raw: dict[str, torch.Tensor] | None, step: int, extra: dict | None = None) -> None:
-    tensors = {f"ema.{k}": v.detach().float().cpu().contiguous() for k, v in ema.items()}
+                    raw: dict[str, torch.Tensor] | None, step: int, extra: dict | None = None,
+                    dtype: str = "fp32") -> None:
+    """`dtype` is the storage type of floating-point tensors (fp16/bf16 halve the file; loading
+    converts back to float32). Training always writes fp32."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+    store = STORAGE_DTYPES[dtype]
+
+    def cast(v: torch.Tensor) -> torch.Tensor:
+        v = v.detach().cpu()
+        return (v.float().to(store) if v.is_floating_point() else v).contiguous()
+
+    tensors = {f"ema.{k}": cast(v) for k, v in ema.items()}
     if raw is not None:
-        tensors.update({f"model.{k}": v.detach().float().cpu().contiguous() for k, v in raw.items()})
-    metadata = {"format": FORMAT, "config": cfg.to_json(), "step": str(step),
+        tensors.update({f"model.{k}": cast(v) for k, v in raw.items()})
+    metadata = {"format": FORMAT, "config": cfg.to_json(), "step": str(step), "dtype": dtype,
                 "extra": json.dumps(extra or {}, sort_keys=True)}
     atomic_write(path, st_save(tensors, metadata=metadata))
+
+
+def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16") -> dict:
+    """Write the EMA weights of `src` alone, stored as `dtype`, to `dst` (an inference-only file:
+    it cannot be resumed from). Returns {'step', 'bytes_in', 'bytes_out', 'max_abs_error'}."""
+    cfg, states, metadata = read_checkpoint(src)
+    extra = json.loads(metadata.get("extra") or "{}")
+    extra["slimmed_from"] = {"file": Path(src).name, "dtype": metadata.get("dtype", "fp32")}
+    step = int(metadata.get("step", 0))
+    save_checkpoint(dst, cfg, states["ema"], None, step, extra=extra, dtype=dtype)
+    _, slim, _ = read_checkpoint(dst)
+    error = max(((slim["ema"][k].float() - v.float()).abs().max().item() if v.numel() else 0.0)
+                for k, v in states["ema"].items())
+    if not error < float("inf"):
+        Path(dst).unlink()
+        raise CheckpointError(f"{src}: a weight does not fit in {dtype} (overflow); try --dtype bf16")
+    return {"step": step, "bytes_in": Path(src).stat().st_size, "bytes_out": Path(dst).stat().st_size,
+            "max_abs_error": error}
 
 
 def read_checkpoint(path: str | Path):
@@ -86,7 +118,7 @@ def load_model(path: str | Path, weights: str = "ema", map_location: str | torch
     if state is None:
         raise CheckpointError(f"{path} holds no {weights!r} weights")
     model = build_model(cfg)
-    load_state(model, state, path)
+    load_state(model, state, path)  # fp16/bf16-stored weights are converted to the float32 parameters
     return model.to(map_location).eval(), cfg, metadata
 
 

@@ -77,5 +77,21 @@ def info(preset, variant, regions, image_size, channels):
     click.echo(f"GFLOP:      {count_flops(cfg) / 1e9:.1f} per image (forward)")
 
 
+@main_group.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the slim checkpoint (.safetensors).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="Storage type of the weights (loading converts them back to float32).")
+def slim(checkpoint, output, dtype):
+    """Keep only the EMA weights of CHECKPOINT, stored as fp16/bf16: an inference-only file about a
+    quarter of the training checkpoint's size (it cannot be resumed from)."""
+    from fdm_train.checkpoint import slim_checkpoint
+
+    r = slim_checkpoint(checkpoint, output, dtype)
+    click.echo(f"{output}: EMA weights of step {r['step']} as {dtype}, {r['bytes_out'] / 1e6:.1f} MB "
+               f"(from {r['bytes_in'] / 1e6:.1f} MB), max abs weight change {r['max_abs_error']:.2e}")
+
+
 def main():
     run_cli(main_group, "fdm-train")

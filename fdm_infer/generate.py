@@ -1,0 +1,210 @@
+"""Sampling (paper Fig. 10) and interpolation (paper Fig. 12) on top of any engine, with the one
+sampler of `fdm_train.diffusion` (DDPM ancestral by default, DDIM as the fast option)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fdm_infer.engine import Engine
+from fdm_infer.segment import ensure_writable, load_for_model
+from fdm_train.diffusion import GaussianDiffusion, SampleResult
+from fdm_train.errors import UserError
+from fdm_train.visualize import colorize, grid, images_to_uint8
+
+
+def check_steps(diffusion: GaussianDiffusion, steps: int) -> None:
+    if not 1 <= steps <= diffusion.num_timesteps:
+        raise UserError(f"--steps must be between 1 and {diffusion.num_timesteps}, got {steps}")
+
+
+def class_labels(engine: Engine, n: int, classes: list[int] | None) -> torch.Tensor | None:
+    """Labels for n samples: the given classes cycled, or (class-conditional model, none given)
+    0, 1, ..., C-1 cycled; None for an unconditional model."""
+    c = engine.config.num_classes
+    if not c:
+        if classes:
+            raise UserError("--class: this model is not class-conditional")
+        return None
+    for v in classes or []:
+        if not 0 <= v < c:
+            raise UserError(f"--class must be between 0 and {c - 1} for this model, got {v}")
+    pool = classes or list(range(c))
+    return torch.tensor([pool[i % len(pool)] for i in range(n)], dtype=torch.long)
+
+
+def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm", seed: int = 0,
+             batch_size: int = 16, classes: list[int] | None = None, trajectory_every: int = 0,
+             progress: Callable[[int], None] | None = None,
+             diffusion: GaussianDiffusion | None = None) -> tuple[SampleResult, torch.Tensor | None]:
+    """n samples in batches of `batch_size`, all drawn from ONE generator seeded with `seed` (on the
+    engine's device): the same (seed, n, batch_size, steps, sampler) gives the same images.
+    Returns (SampleResult with images/masks/trajectory on the CPU, class labels or None).
+    The trajectory is that of the first batch only."""
+    diffusion = diffusion or GaussianDiffusion()
+    check_steps(diffusion, steps)
+    if n < 1:
+        raise UserError(f"-n must be at least 1, got {n}")
+    cfg = engine.config
+    y_all = class_labels(engine, n, classes)
+    g = torch.Generator(device=engine.device).manual_seed(seed)
+    images, masks, trajectory = [], [], []
+    for first in range(0, n, batch_size):
+        b = min(batch_size, n - first)
+        y = None if y_all is None else y_all[first:first + b].to(engine.device)
+        r = diffusion.sample(engine.denoise, (b, cfg.in_channels, cfg.image_size, cfg.image_size), steps=steps,
+                             sampler=sampler, y=y, device=engine.device, generator=g,
+                             trajectory_every=trajectory_every if first == 0 else 0, progress=progress)
+        images.append(r.images.cpu())
+        masks.append(r.masks.cpu())
+        if first == 0:
+            trajectory = r.trajectory
+    return SampleResult(torch.cat(images), torch.cat(masks), trajectory), y_all
+
+
+def tiles(images: np.ndarray, min_size: int = 64) -> np.ndarray:
+    """[N, h, w, 3] uint8, enlarged (nearest) to at least `min_size` pixels for viewing."""
+    f = max(1, -(-min_size // images.shape[1]))
+    return images.repeat(f, axis=1).repeat(f, axis=2) if f > 1 else images
+
+
+def image_mask_grid(images: torch.Tensor, masks: torch.Tensor, columns: int = 8) -> Image.Image:
+    """Rows of up to `columns` images, each row followed by a row of their colored label maps."""
+    pics = tiles(images_to_uint8(images))
+    labels = tiles(colorize(masks.argmax(1).numpy()).astype(np.uint8))
+    rows = []
+    for i in range(0, len(pics), columns):
+        rows += [pics[i:i + columns], labels[i:i + columns]]
+    return grid(rows)
+
+
+def trajectory_picture(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]], count: int = 4) -> Image.Image:
+    """Paper Fig. 10: for each of the first `count` samples, a row of predicted x0 along the reverse
+    process (left: t near T, right: t = 0) above a row of its masks at those steps."""
+    rows = []
+    for i in range(min(count, trajectory[0][1].shape[0])):
+        x0 = torch.stack([x[i] for _, x, _ in trajectory])
+        m = torch.stack([mk[i] for _, _, mk in trajectory])
+        rows += [tiles(images_to_uint8(x0)), tiles(colorize(m.argmax(1).numpy()).astype(np.uint8))]
+    return grid(rows)
+
+
+def write_samples(out: Path, result: SampleResult, y: torch.Tensor | None = None, save_trajectory: bool = False
+                  ) -> list[Path]:
+    """sample_NNNN.png (image at model resolution), sample_NNNN_labels.png (uint8 labels 0..K-1),
+    grid.png (images above colored masks), trajectory.png (if asked). Returns the paths written."""
+    ensure_writable(out)
+    written = []
+    pics = images_to_uint8(result.images)
+    labels = result.masks.argmax(1).numpy().astype(np.uint8)
+    for i, (pic, lab) in enumerate(zip(pics, labels)):
+        name = f"sample_{i:04d}" + (f"_class{int(y[i])}" if y is not None else "")
+        for arr, suffix in ((pic, ".png"), (lab, "_labels.png")):
+            path = out / f"{name}{suffix}"
+            Image.fromarray(arr).save(path)
+            written.append(path)
+    image_mask_grid(result.images, result.masks).save(out / "grid.png")
+    written.append(out / "grid.png")
+    if save_trajectory and result.trajectory:
+        trajectory_picture(result.trajectory).save(out / "trajectory.png")
+        written.append(out / "trajectory.png")
+    return written
+
+
+# ----- interpolation (DDPM §4.3 / paper Fig. 12) -----
+
+def slerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
+    """Spherical interpolation of two flattened tensors (linear where they are parallel)."""
+    fa, fb = a.flatten(), b.flatten()
+    cos = (fa @ fb / (fa.norm() * fb.norm()).clamp_min(1e-12)).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-4:
+        return (1 - lam) * a + lam * b
+    return (torch.sin((1 - lam) * omega) * a + torch.sin(lam * omega) * b) / torch.sin(omega)
+
+
+@dataclass
+class Interpolation:
+    sources: torch.Tensor  # [2, C, S, S] the two inputs at model resolution
+    images: torch.Tensor  # [F, C, S, S]
+    masks: torch.Tensor  # [F, K, S, S]
+    lambdas: list[float]
+    t: int  # the timestep both were noised to
+
+
+def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 250, frames: int = 8,
+                mix: str = "linear", steps: int = 1000, sampler: str = "ddpm", seed: int = 0,
+                y: int | None = None, progress: Callable[[int], None] | None = None,
+                diffusion: GaussianDiffusion | None = None) -> Interpolation:
+    """Noise images a, b ([C, S, S] in [-1, 1]) to t with the SAME noise, mix the latents with
+    lambda = 0..1 (`linear`, as in DDPM, or `slerp`), and denoise each mix from t. Every frame uses
+    the same seeded reverse-process noise, so frames differ only by lambda; the ends reconstruct
+    a and b. `t` is rounded down to the sampler's step grid."""
+    diffusion = diffusion or GaussianDiffusion()
+    check_steps(diffusion, steps)
+    if frames < 2:
+        raise UserError(f"--frames must be at least 2, got {frames}")
+    if mix not in ("linear", "slerp"):
+        raise UserError(f"--mix must be linear or slerp, got {mix!r}")
+    seq = diffusion.timesteps(steps)
+    below = [s for s in seq if s <= t]
+    if not 0 <= t < diffusion.num_timesteps or not below:
+        raise UserError(f"--t must be between {min(seq)} and {diffusion.num_timesteps - 1}, got {t}")
+    t_start = below[0]
+    dev = engine.device
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    noise = torch.randn(a.shape, generator=gen, device=dev)
+    tt = torch.full((1,), t_start, dtype=torch.long, device=dev)
+    xa = diffusion.q_sample(a[None].to(dev), tt, noise[None])[0]
+    xb = diffusion.q_sample(b[None].to(dev), tt, noise[None])[0]
+    lambdas = [i / (frames - 1) for i in range(frames)]
+    yy = None if y is None else torch.tensor([y], dtype=torch.long, device=dev)
+    images, masks = [], []
+    for lam in lambdas:
+        x_t = (1 - lam) * xa + lam * xb if mix == "linear" else slerp(xa, xb, lam)
+        gen.manual_seed(seed + 1)
+        r = diffusion.sample(engine.denoise, (1, *a.shape), steps=steps, sampler=sampler, y=yy, device=dev,
+                             generator=gen, x_T=x_t[None], start_t=t_start, progress=progress)
+        images.append(r.images.cpu())
+        masks.append(r.masks.cpu())
+    return Interpolation(torch.stack([a, b]).cpu(), torch.cat(images), torch.cat(masks), lambdas, t_start)
+
+
+def load_pair(engine: Engine, a: str | Path, b: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    out = []
+    for p in (a, b):
+        try:
+            x, _ = load_for_model(Path(p), engine.config.image_size)
+        except FileNotFoundError:
+            raise UserError(f"no such image: {p}") from None
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            raise UserError(f"{p} is not a readable image ({text[0][:200] if text else type(exc).__name__})") from None
+        out.append(x)
+    return out[0], out[1]
+
+
+def write_interpolation(out: Path, result: Interpolation) -> list[Path]:
+    """interpolation.png: top row A, the frames, B; bottom row their masks (A and B blank);
+    frame_NN.png and frame_NN_labels.png per frame."""
+    ensure_writable(out)
+    written = []
+    pics = images_to_uint8(result.images)
+    labels = result.masks.argmax(1).numpy().astype(np.uint8)
+    for i, (pic, lab) in enumerate(zip(pics, labels)):
+        for arr, suffix in ((pic, ".png"), (lab, "_labels.png")):
+            path = out / f"frame_{i:02d}{suffix}"
+            Image.fromarray(arr).save(path)
+            written.append(path)
+    src = images_to_uint8(result.sources)
+    top = tiles(np.concatenate([src[:1], pics, src[1:]]))
+    blank = np.full_like(src[:1], 255)
+    bottom = tiles(np.concatenate([blank, colorize(labels).astype(np.uint8), blank]))
+    grid([top, bottom]).save(out / "interpolation.png")
+    written.append(out / "interpolation.png")
+    return written
