@@ -1,7 +1,11 @@
 """Image folders for training: recursive scan, robust decoding, deterministic epoch order."""
 from __future__ import annotations
 
+import json
+import os
+import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +47,19 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
 
 
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB image -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float in [-1, 1] (on whatever device x lives: the loader ships uint8)."""
+    return x.float().div(127.5).sub(1.0)
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """uint8 RGB image -> float tensor [3, H, W] in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return to_float(to_uint8(img))
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -61,6 +74,8 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root = Path(root)
         self.image_size = image_size
         self.bad_files: list[str] = []
+        self.bad_reasons: dict[str, str] = {}
+        self.warn = True  # the batch loader turns this off and reports bad files from the main process
         self.files = find_images(self.root)
         if not self.files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
@@ -81,22 +96,33 @@ class ImageFolder(torch.utils.data.Dataset):
         img = fit_square(load_rgb(self.files[i]), self.image_size)
         if flip:
             img = ImageOps.mirror(img)
-        return to_tensor(img)
+        return to_uint8(img)
 
-    def __getitem__(self, key: tuple[int, bool]):
+    def load_uint8(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        """(uint8 [3, S, S], label) for key (index, flip); an unreadable file is replaced by the next good one."""
         i, flip = key
         for attempt in range(len(self.files)):
             j = (i + attempt) % len(self.files)
-            if str(self.files[j]) in self.bad_files:
+            if str(self.files[j]) in self.bad_reasons:
                 continue
             try:
                 x = self._decode(j, flip)
             except Exception as exc:  # PIL raises many types for bad files
-                self.bad_files.append(str(self.files[j]))
-                warnings.warn(f"skipping unreadable image {self.files[j]}: {exc}", stacklevel=2)
+                self._report_bad(str(self.files[j]), exc)
                 continue
             return x, (self.labels[j] if self.labels else -1)
         raise DataError(f"none of the {len(self.files)} files under {self.root} could be decoded as an image")
+
+    def _report_bad(self, path: str, exc: Exception) -> None:
+        self.bad_files.append(path)
+        text = str(exc).strip()
+        self.bad_reasons[path] = text.splitlines()[0] if text else type(exc).__name__
+        if self.warn:
+            warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=3)
+
+    def __getitem__(self, key: tuple[int, bool]):
+        x, y = self.load_uint8(key)
+        return to_float(x), y
 
 
 class EpochOrder:
@@ -132,6 +158,257 @@ class EpochOrder:
         return keys
 
 
-def load_batch(dataset: ImageFolder, keys: list[tuple[int, bool]]) -> tuple[torch.Tensor, torch.Tensor]:
+def load_batch(dataset, keys: list[tuple[int, bool]]) -> tuple[torch.Tensor, torch.Tensor]:
     items = [dataset[k] for k in keys]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+# ----- data-parallel sharding -----
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """`total` items in `parts` contiguous shares whose sizes differ by at most one (larger first)."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def shard_range(total: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows [start, stop) of a global batch of `total` that rank `rank` of `world` takes."""
+    sizes = split_sizes(total, world)
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+class ShardedBatches:
+    """The deterministic epoch order cut into global batches, of which this rank yields its share.
+
+    Plays the part of DistributedSampler (with per-epoch seeding, since EpochOrder seeds epoch e with
+    (seed, e)), but works on the global batch: every rank walks the same order, so the union of the
+    shares of a step is exactly the global batch a single process would draw, whatever the world
+    size. Starts at a stored (epoch, offset), so a resumed run sees no image twice in an epoch."""
+
+    def __init__(self, size: int, seed: int, global_batch: int, rank: int = 0, world: int = 1,
+                 position: tuple[int, int] = (0, 0)):
+        self.size, self.seed, self.global_batch = size, seed, global_batch
+        self.rank, self.world, self.position = rank, world, tuple(position)
+        self.start, self.stop = shard_range(global_batch, rank, world)
+
+    def __iter__(self):
+        order = EpochOrder(self.size, self.seed, *self.position)
+        while True:
+            yield order.next_batch(self.global_batch)[self.start:self.stop]
+
+
+def _identity(batch):
+    return batch
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """Reads one rank's share of a step (a list of keys) into (uint8 [B,3,S,S], labels [B], bad files).
+
+    Runs in DataLoader workers; each worker holds its own copy of the dataset, so the files it found
+    unreadable travel back with the batch ((path, reason) pairs) and the training loop counts and
+    reports them once, in the main process."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, keys: list[tuple[int, bool]]):
+        ds = self.dataset
+        ds.warn = False
+        seen = len(ds.bad_files)
+        items = [ds.load_uint8(k) for k in keys]
+        new_bad = [(p, ds.bad_reasons.get(p, "")) for p in ds.bad_files[seen:]]
+        x = torch.stack([x for x, _ in items])
+        y = torch.tensor([y for _, y in items], dtype=torch.long)
+        return x, y, new_bad
+
+    def __len__(self):  # never asked for by the infinite sampler; here for tools that call len()
+        return len(self.dataset)
+
+
+def make_loader(dataset, sampler: ShardedBatches, workers: int = 0, pin_memory: bool = False,
+                prefetch: int = 4) -> torch.utils.data.DataLoader:
+    """An endless DataLoader of this rank's per-step shares: worker processes decode whole shares
+    ahead of the training step (prefetch per worker), pinned memory for fast host-to-device copies,
+    persistent workers."""
+    kwargs = {}
+    if workers > 0:
+        kwargs = dict(persistent_workers=True, prefetch_factor=prefetch)
+    return torch.utils.data.DataLoader(BatchReader(dataset), sampler=sampler, batch_size=None,
+                                       collate_fn=_identity, num_workers=workers, pin_memory=pin_memory,
+                                       **kwargs)
+
+
+# ----- pre-decoded uint8 cache -----
+
+CACHE_FORMAT = "fdm-image-cache-v1"
+
+
+def manifest_path(cache: str | Path) -> Path:
+    cache = Path(cache)
+    return cache.with_name(cache.name + ".json")
+
+
+def is_cache(path: str | Path) -> bool:
+    return Path(path).suffix == ".npy"
+
+
+class ImageCache(torch.utils.data.Dataset):
+    """A folder pre-decoded by `fdm-train prepare-data`: uint8 [N, 3, S, S] in a .npy file (memory-mapped,
+    so workers share the page cache) and a JSON manifest beside it (source, size, files, skipped files).
+    Same interface and the same pixels as ImageFolder on the source folder."""
+
+    def __init__(self, path: str | Path, image_size: int, class_cond: bool = False):
+        self.path = Path(path)
+        self.root = self.path
+        self.image_size = image_size
+        self.bad_files: list[str] = []
+        self.bad_reasons: dict[str, str] = {}
+        self.warn = True
+        mpath = manifest_path(self.path)
+        if not self.path.is_file():
+            raise DataError(f"no such image cache: {self.path}")
+        if not mpath.is_file():
+            raise DataError(f"{self.path} has no manifest {mpath.name}; write the cache with `fdm-train prepare-data`")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{mpath} is not a readable cache manifest ({exc})") from None
+        if manifest.get("format") != CACHE_FORMAT:
+            raise DataError(f"{mpath} is not an fdm image-cache manifest")
+        self.manifest = manifest
+        try:
+            arr = self._array()
+        except Exception as exc:
+            raise DataError(f"{self.path} is not a readable .npy image cache ({exc})") from None
+        size = int(manifest["image_size"])
+        if arr.dtype != np.uint8 or arr.shape != (int(manifest["count"]), 3, size, size):
+            raise DataError(f"{self.path} holds {arr.dtype} {tuple(arr.shape)}, its manifest says "
+                            f"uint8 ({manifest['count']}, 3, {size}, {size}): rewrite it with prepare-data")
+        if size != image_size:
+            raise DataError(f"{self.path} holds {size}x{size} images, the model wants {image_size}x{image_size}: "
+                            f"run `fdm-train prepare-data {manifest.get('source', 'DIR')} --size {image_size}`")
+        self.files = [Path(f) for f in manifest["files"]]
+        self.rows = list(range(len(self.files)))
+        self.classes: list[str] = []
+        self.labels: list[int] = []
+        if class_cond:
+            rows = [(r, f) for r, f in enumerate(self.files) if len(f.parts) > 1]
+            self.classes = sorted({f.parts[0] for _, f in rows})
+            if not self.classes:
+                raise DataError(f"class conditioning needs one subfolder per class in the source of {self.path}")
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.rows = [r for r, _ in rows]
+            self.files = [f for _, f in rows]
+            self.labels = [index[f.parts[0]] for f in self.files]
+
+    def _array(self) -> np.ndarray:
+        if getattr(self, "_arr", None) is None:
+            self._arr = np.load(self.path, mmap_mode="r")
+        return self._arr
+
+    def __getstate__(self):  # workers re-open the memory map instead of pickling the array
+        state = self.__dict__.copy()
+        state["_arr"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_uint8(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        i, flip = key
+        img = self._array()[self.rows[i]]
+        if flip:
+            img = img[:, :, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(img)), (self.labels[i] if self.labels else -1)
+
+    def __getitem__(self, key: tuple[int, bool]):
+        x, y = self.load_uint8(key)
+        return to_float(x), y
+
+
+def open_images(path: str | Path, image_size: int, class_cond: bool = False):
+    """An ImageFolder for a folder (or single image), an ImageCache for a prepare-data .npy file."""
+    if is_cache(path):
+        return ImageCache(path, image_size, class_cond)
+    return ImageFolder(path, image_size, class_cond)
+
+
+def _decode_for_cache(args) -> tuple[int, np.ndarray | None, str]:
+    i, path, size = args
+    try:
+        return i, np.asarray(fit_square(load_rgb(path), size), dtype=np.uint8).transpose(2, 0, 1), ""
+    except Exception as exc:  # PIL raises many types for bad files
+        return i, None, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def prepare_cache(source: str | Path, output: str | Path, size: int, workers: int | None = None,
+                  progress=None) -> dict:
+    """Decode every image under `source` once (RGB, EXIF rotation, shorter side to `size`, center crop)
+    into uint8 [N, 3, size, size] at `output` (.npy) plus `output`.json. Unreadable files are skipped
+    and listed in the manifest. Both files are written atomically. Returns the manifest."""
+    source, output = Path(source), Path(output)
+    if output.suffix != ".npy":
+        raise DataError(f"the cache must be a .npy file, got {output}")
+    files = find_images(source)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+    workers = workers or min(32, os.cpu_count() or 1)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp.npy")
+    start = time.perf_counter()
+    good: list[int] = []
+    skipped: list[dict] = []
+    try:
+        # Decode into a temporary full-size map, then compact the good rows into the final array.
+        scratch = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
+        jobs = [(i, str(p), size) for i, p in enumerate(files)]
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                results = pool.map(_decode_for_cache, jobs, chunksize=64)
+                good, skipped = _collect(results, scratch, files, source, progress)
+        else:
+            good, skipped = _collect(map(_decode_for_cache, jobs), scratch, files, source, progress)
+        if not good:
+            raise DataError(f"none of the {len(files)} files under {source} could be decoded as an image")
+        if len(good) < len(files):
+            final_tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp2.npy")
+            packed = np.lib.format.open_memmap(final_tmp, mode="w+", dtype=np.uint8,
+                                               shape=(len(good), 3, size, size))
+            for row, i in enumerate(good):
+                packed[row] = scratch[i]
+            packed.flush()
+            del packed, scratch
+            os.replace(final_tmp, tmp)
+        else:
+            scratch.flush()
+            del scratch
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        rel = lambda p: p.relative_to(source).as_posix() if source.is_dir() else p.name  # noqa: E731
+        manifest = {"format": CACHE_FORMAT, "source": str(source.resolve()), "image_size": size,
+                    "count": len(good), "layout": "NCHW uint8 RGB", "files": [rel(files[i]) for i in good],
+                    "skipped": [dict(s, file=rel(Path(s["file"]))) for s in skipped],
+                    "seconds": round(time.perf_counter() - start, 2)}
+        os.replace(tmp, output)
+    except BaseException:
+        for leftover in output.parent.glob(f".{output.name}.{os.getpid()}.tmp*.npy"):
+            leftover.unlink(missing_ok=True)
+        raise
+    from fdm_train.checkpoint import atomic_write
+    atomic_write(manifest_path(output), (json.dumps(manifest, indent=1) + "\n").encode())
+    return manifest
+
+
+def _collect(results, scratch, files, source, progress):
+    good, skipped = [], []
+    for i, arr, error in results:
+        if arr is None:
+            skipped.append({"file": str(files[i]), "error": error})
+            warnings.warn(f"skipping unreadable image {files[i]}: {error}", stacklevel=3)
+        else:
+            scratch[i] = arr
+            good.append(i)
+        if progress is not None:
+            progress(1)
+    return sorted(good), skipped

@@ -34,11 +34,18 @@ class GaussianDiffusion:
         abar = self._at(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timesteps t ~ U{0..T-1} and noise ~ N(0, I) the loss uses for the batch x0. A trainer that
+        fixes them itself (data-parallel training hands each rank its rows of the global batch's draws)
+        overrides this."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return t, noise
+
     def loss(self, model: Denoiser, x0: torch.Tensor, y: torch.Tensor | None = None,
              generator: torch.Generator | None = None):
         """Simple denoising loss ||eps - eps_hat||^2 (eq. 8). Returns (loss, masks)."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        t, noise = self.draw(x0, generator)
         eps, masks = model(self.q_sample(x0, t, noise), t, y)
         return F.mse_loss(eps.float(), noise.float()), masks
 
