@@ -237,7 +237,7 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
     diffusion = GaussianDiffusion()
     border_sum = torch.zeros(k, dtype=torch.float64)
     images_seen = 0
-    kept: list[tuple[InputImage, torch.Tensor, tuple[int, int]]] = []  # for the foreground pass
+    kept: list[InputImage] = []  # written ones, for the foreground pass
     start = time.perf_counter()
     bar = tqdm(total=len(inputs), desc="segment", unit="img", disable=None if progress else True,
                dynamic_ncols=True)
@@ -274,7 +274,7 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
                 else:
                     report.written += 1
                     if foreground:
-                        kept.append((item, m.half(), full.shape[:2]))
+                        kept.append(item)
                 bar.update(1)
     finally:
         bar.close()
@@ -282,9 +282,10 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
     if foreground and kept:
         report.border_share = [round(float(v) / images_seen, 4) for v in border_sum]
         report.foreground = fg_channel if fg_channel is not None else choose_foreground(border_sum)
-        for item, m, size in kept:
+        for item in kept:  # from the label maps just written: no masks kept in memory
             try:
-                labels = resize_masks(m.float(), size).argmax(0).numpy()
+                with Image.open(out / f"{item.key}_labels.png") as img:
+                    labels = np.asarray(img)
                 fg = np.where(labels == report.foreground, 255, 0).astype(np.uint8)
                 _save_png(Image.fromarray(fg), out / f"{item.key}_fg.png")
             except OSError as exc:
