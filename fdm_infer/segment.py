@@ -115,8 +115,10 @@ class SegmentReport:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
-def collect_inputs(paths: list[str | Path], warn: Callable[[str], None]) -> tuple[list[InputImage], list[tuple[str, str]]]:
-    """Image files under `paths` (files taken as given, folders searched recursively), each with a
+def collect_inputs(paths: list[str | Path], warn: Callable[[str], None], exclude: Path | None = None
+                   ) -> tuple[list[InputImage], list[tuple[str, str]]]:
+    """Image files under `paths` (files taken as given, folders searched recursively, skipping the
+    folder `exclude`: the output folder, so a second run does not segment its own outputs), each with a
     unique output key: its path relative to the folder it was found in (a file: its name), without
     suffix; keys that would collide (a.jpg + a.png, or two folders with the same relative path) get
     the suffix, then a counter. Returns (images, problems) with problems as (path, reason)."""
@@ -132,8 +134,10 @@ def collect_inputs(paths: list[str | Path], warn: Callable[[str], None]) -> tupl
         if root.is_file():
             files = [(root, Path(root.name))]
         else:
+            skip = exclude.resolve() if exclude is not None else None
             files = [(p, p.relative_to(root)) for p in sorted(root.rglob("*"))
-                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                     and not (skip is not None and skip in p.resolve().parents)]
             if not files:
                 problems.append((str(root), "folder holds no images"))
                 warn(f"skipping {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
@@ -227,7 +231,7 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
     if class_label is not None and not 0 <= class_label < max(cfg.num_classes, 1):
         raise UserError(f"--class must be between 0 and {cfg.num_classes - 1}" if cfg.num_classes
                         else "--class: this model is not class-conditional")
-    inputs, problems = collect_inputs(paths, warn)
+    inputs, problems = collect_inputs(paths, warn, exclude=out)
     report = SegmentReport(failed=list(problems))
     if not inputs:
         where = ", ".join(str(p) for p in paths)

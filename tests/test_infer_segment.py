@@ -125,6 +125,17 @@ def test_output_names_mirror_folders_and_never_collide(tiny_checkpoint, tmp_path
     assert heights == sorted(20 + len(p.parts) for p in (a / "x.jpg", a / "x.png", a / "deep" / "y.jpg", b / "x.jpg"))
 
 
+def test_output_folder_inside_the_input_folder_is_not_read_back(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "photos"
+    good_images(folder, 2)
+    for _ in range(2):  # the second run must not segment the first run's PNGs
+        r = run_infer(capsys, monkeypatch, "segment", folder, "--checkpoint", tiny_checkpoint,
+                      "--out", folder / "seg")
+        assert r.code == 0 and "segmented 2 image(s)" in r.out, r.out + r.err
+    assert sorted(p.name for p in (folder / "seg").iterdir()) == sorted(
+        f"good{i}_{kind}.png" for i in range(2) for kind in ("labels", "overlay"))
+
+
 def ring_shares(masks: np.ndarray, width: int) -> np.ndarray:
     ring = np.zeros(masks.shape[-2:], bool)
     ring[:width], ring[-width:], ring[:, :width], ring[:, -width:] = True, True, True, True
