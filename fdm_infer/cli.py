@@ -147,7 +147,8 @@ def generate(count, steps, sampler, seed, batch_size, out, classes, save_traject
     same images (bit-identical on the CPU)."""
     from tqdm import tqdm
 
-    from fdm_infer.generate import generate as run, write_samples
+    from fdm_infer.generate import generate as run
+    from fdm_infer.generate import write_samples
     from fdm_infer.segment import ensure_writable
 
     engine, path = load_engine(engine_kind, checkpoint, model_file, device)
@@ -197,7 +198,8 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_la
     frame_NN.png / frame_NN_labels.png."""
     from tqdm import tqdm
 
-    from fdm_infer.generate import class_labels, interpolate as run, load_pair, write_interpolation
+    from fdm_infer.generate import class_labels, load_pair, write_interpolation
+    from fdm_infer.generate import interpolate as run
     from fdm_infer.segment import ensure_writable
     from fdm_train.diffusion import GaussianDiffusion
 

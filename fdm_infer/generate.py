@@ -2,9 +2,9 @@
 sampler of `fdm_train.diffusion` (DDPM ancestral by default, DDIM as the fast option)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -182,7 +182,7 @@ def load_pair(engine: Engine, a: str | Path, b: str | Path) -> tuple[torch.Tenso
             x, _ = load_for_model(Path(p), engine.config.image_size)
         except FileNotFoundError:
             raise UserError(f"no such image: {p}") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
             text = str(exc).strip().splitlines()
             raise UserError(f"{p} is not a readable image ({text[0][:200] if text else type(exc).__name__})") from None
         out.append(x)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -256,7 +256,7 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
             for item in inputs[first:first + batch_size]:
                 try:
                     x, full = load_for_model(item.path, cfg.image_size)
-                except Exception as exc:  # PIL raises many types for bad files
+                except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
                     fail(item, f"not a readable image ({_one_line(exc)})")
                     bar.update(1)
                     continue
@@ -330,5 +330,5 @@ def _one_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-__all__ = ["segment_tensor", "segment_files", "segmentation_noise", "border_shares", "choose_foreground",
-           "resize_masks", "collect_inputs", "channel_view", "colorize", "SegmentReport"]
+__all__ = ["SegmentReport", "border_shares", "channel_view", "choose_foreground", "collect_inputs",
+           "colorize", "resize_masks", "segment_files", "segment_tensor", "segmentation_noise"]

@@ -45,8 +45,11 @@ def run_infer(capsys, monkeypatch, *args) -> Result:
     return Result(code, captured.out, captured.err)
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    make_checkpoint(path)
-    return path
+def tiny_checkpoint_fixture():
+    """A module-scoped fixture: a tiny-32 checkpoint with random (perturbed) weights."""
+    @pytest.fixture(scope="module")
+    def tiny_checkpoint(tmp_path_factory):
+        path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+        make_checkpoint(path)
+        return path
+    return tiny_checkpoint

@@ -1,7 +1,6 @@
 """`fdm-infer generate` and `fdm-infer interpolate`: reproducible to the bit on the CPU, the
 sampler's own maths, trajectories, class conditioning, and the interpolation strip."""
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -11,7 +10,9 @@ from fdm_infer.generate import generate, interpolate
 from fdm_train.checkpoint import save_checkpoint
 from fdm_train.config import preset
 from fdm_train.model import build_model
-from infer_helpers import run_infer, tiny_checkpoint  # noqa: F401  (fixture)
+from infer_helpers import run_infer, tiny_checkpoint_fixture
+
+tiny_checkpoint = tiny_checkpoint_fixture()
 
 
 def read(path):

@@ -16,7 +16,9 @@ from fdm_infer.segment import segment_tensor
 from fdm_train.checkpoint import read_checkpoint, save_checkpoint
 from fdm_train.config import preset
 from fdm_train.model import build_model
-from infer_helpers import make_checkpoint, run_infer, tiny_checkpoint  # noqa: F401  (fixture)
+from infer_helpers import make_checkpoint, run_infer, tiny_checkpoint_fixture
+
+tiny_checkpoint = tiny_checkpoint_fixture()
 
 LFW_IMAGES = sorted((LFW_VAL / "images").glob("*.jpg"))
 needs_lfw = pytest.mark.skipif(not LFW_IMAGES, reason="../shared/data/lfw/val not available")
@@ -70,9 +72,12 @@ def test_segment_lfw_val_images(tiny_checkpoint, tmp_path, capsys, monkeypatch):
         # The labels are the argmax of the masks resized (bilinear) to the image's size.
         x = torch.from_numpy(np.array(src.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)))
         x = x.permute(2, 0, 1).float()[None] / 127.5 - 1
-        m = segment_tensor(engine, x, t=30, seed=0)
-        up = F.interpolate(m, size=lab.shape, mode="bilinear", align_corners=False)[0].argmax(0).numpy()
-        np.testing.assert_array_equal(lab, up)
+        m = segment_tensor(engine, x, t=30, seed=0)  # batch of 1 here, of 5 in the CLI
+        up = F.interpolate(m, size=lab.shape, mode="bilinear", align_corners=False)[0]
+        top2 = up.topk(2, dim=0).values
+        differ = lab != up.argmax(0).numpy()
+        # Equal up to float noise between batch sizes: any difference lies on a near-tie.
+        assert differ.mean() < 0.01 and (top2[0] - top2[1]).numpy()[differ].max(initial=0) < 1e-4
 
 
 def make_mode_images(folder: Path) -> dict[str, tuple[int, int]]:
@@ -82,7 +87,7 @@ def make_mode_images(folder: Path) -> dict[str, tuple[int, int]]:
     rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
     Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(folder / "rgba.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "deep16.png")  # 16-bit
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "deep16.png")  # 16-bit
     Image.fromarray(rgb).convert("P").save(folder / "palette.png")
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
     big = rng.integers(0, 256, (300, 701, 3), dtype=np.uint8)
@@ -286,7 +291,7 @@ DEFAULT = ROOT / "fdm_infer" / "assets" / "default.safetensors"
 @pytest.mark.skipif(not DEFAULT.is_file(), reason="no bundled default checkpoint in this tree")
 def test_default_checkpoint_segments_the_examples(tmp_path, capsys, monkeypatch):
     assert DEFAULT.stat().st_size <= 25 * 2 ** 20
-    cfg, states, meta = read_checkpoint(DEFAULT)
+    cfg, states, _ = read_checkpoint(DEFAULT)
     assert cfg.num_regions == 3 and states["model"] is None  # EMA-only inference file
     examples = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix == ".jpg")
     assert len(examples) >= 4
