@@ -31,13 +31,20 @@ def main_group():
 
 
 @main_group.command()
-@click.option("--data", required=True, type=click.Path(), help="Folder of training images (searched recursively).")
+@click.option("--data", required=True, type=click.Path(),
+              help="Folder of training images (searched recursively), or a .npy cache from `prepare-data`.")
 @click.option("--out", default="runs/fdm", show_default=True, type=click.Path(file_okay=False),
               help="Run folder: checkpoint.safetensors, train_state.pt, log.jsonl, samples/.")
 @model_options
 @click.option("--dropout", type=click.FloatRange(0, 1), default=None, help="ResBlock dropout (preset: 0).")
 @click.option("--class-cond", is_flag=True, help="Condition on classes: one top-level subfolder per class.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Global batch: split over the devices of a torchrun launch (and over micro-batches).")
+@click.option("--micro-batch", type=click.IntRange(1), default=None,
+              help="At most this many images per forward pass and device; gradient accumulation makes up "
+                   "the global batch.")
+@click.option("--grad-accum", type=click.IntRange(1), default=None,
+              help="Or: micro-batches per device and step (gradient accumulation).")
 @click.option("--iterations", type=click.IntRange(1), default=10_000, show_default=True, help="Total training steps.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
 @click.option("--ema-decay", type=float, default=0.9999, show_default=True,
@@ -49,15 +56,45 @@ def main_group():
 @click.option("--sample-steps", type=click.IntRange(1, 1000), default=100, show_default=True,
               help="DDPM steps for the sample grids.")
 @click.option("--log-every", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run in --out (its config wins over model flags).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-def train(data, out, preset, variant, regions, image_size, channels, dropout, class_cond, **kwargs):
-    """Train on every jpg/png/webp under --data with the plain denoising loss."""
+@click.option("--resume", type=click.Choice(["yes", "auto", "no"]), is_flag=False, flag_value="yes", default="no",
+              help="`--resume`: continue the run in --out (its config wins over model flags); `--resume auto`: "
+                   "continue from its last complete checkpoint if there is one, else start fresh.")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="DataLoader worker processes per device [default: CPUs per device - 1, at most 8].")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK).")
+def train(data, out, preset, variant, regions, image_size, channels, dropout, class_cond, resume, compile_,
+          **kwargs):
+    """Train on every jpg/png/webp under --data with the plain denoising loss.
+    Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
     from fdm_train.train import TrainOptions, train as run_training
 
     cfg = config_from(preset, variant, regions, image_size, channels, dropout=dropout)
-    summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, **kwargs))
-    click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
+    resume = {"yes": True, "no": False}.get(resume, resume)
+    summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
+                                        compile=compile_, **kwargs))
+    if summary["rank"] == 0:
+        click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
+
+
+@main_group.command("prepare-data")
+@click.argument("folder", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The cache to write (.npy); its manifest goes beside it (OUTPUT.json).")
+@click.option("--size", required=True, type=click.IntRange(8), help="Image size S of the model (S x S).")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Decoding processes [default: CPU count].")
+def prepare_data(folder, output, size, workers):
+    """Decode every image under FOLDER once into a uint8 [N, 3, S, S] array (shorter side to S, center
+    crop, as training does), usable as `--data OUTPUT`: decoding JPEGs then never limits a GPU."""
+    from tqdm import tqdm
+
+    from fdm_train.data import find_images, prepare_cache
+
+    with tqdm(total=len(find_images(folder)), desc="decode", unit="img", dynamic_ncols=True) as bar:
+        m = prepare_cache(folder, output, size, workers, progress=bar.update)
+    click.echo(f"{output}: {m['count']} images of {size}x{size} ({m['count'] * 3 * size * size / 1e6:.1f} MB), "
+               f"{len(m['skipped'])} unreadable skipped, {m['seconds']:.1f} s")
 
 
 @main_group.command()

@@ -320,7 +320,7 @@ class ImageCache(torch.utils.data.Dataset):
         img = self._array()[self.rows[i]]
         if flip:
             img = img[:, :, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(img)), (self.labels[i] if self.labels else -1)
+        return torch.from_numpy(np.array(img)), (self.labels[i] if self.labels else -1)  # a writable copy
 
     def __getitem__(self, key: tuple[int, bool]):
         x, y = self.load_uint8(key)

@@ -428,8 +428,7 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
     ddp = None
     if ctx.active:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-            gradient_as_bucket_view=True)
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         train_model = ddp
     if opts.compile:
         train_model = torch.compile(train_model)
