@@ -233,7 +233,7 @@ def make_loader(dataset, sampler: ShardedBatches, workers: int = 0, pin_memory: 
     persistent workers."""
     kwargs = {}
     if workers > 0:
-        kwargs = dict(persistent_workers=True, prefetch_factor=prefetch)
+        kwargs = {"persistent_workers": True, "prefetch_factor": prefetch}
     return torch.utils.data.DataLoader(BatchReader(dataset), sampler=sampler, batch_size=None,
                                        collate_fn=_identity, num_workers=workers, pin_memory=pin_memory,
                                        **kwargs)
@@ -385,7 +385,7 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
             del scratch
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        rel = lambda p: p.relative_to(source).as_posix() if source.is_dir() else p.name  # noqa: E731
+        rel = lambda p: p.relative_to(source).as_posix() if source.is_dir() else p.name
         manifest = {"format": CACHE_FORMAT, "source": str(source.resolve()), "image_size": size,
                     "count": len(good), "layout": "NCHW uint8 RGB", "files": [rel(files[i]) for i in good],
                     "skipped": [dict(s, file=rel(Path(s["file"]))) for s in skipped],

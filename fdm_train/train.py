@@ -34,10 +34,25 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fdm_train.checkpoint import (CheckpointError, atomic_write, load_state, load_training_state,
-                                  read_checkpoint, save_checkpoint, save_training_state)
+from fdm_train.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_state,
+    load_training_state,
+    read_checkpoint,
+    save_checkpoint,
+    save_training_state,
+)
 from fdm_train.config import ModelConfig
-from fdm_train.data import EpochOrder, ShardedBatches, make_loader, open_images, shard_range, split_sizes, to_float
+from fdm_train.data import (
+    EpochOrder,
+    ShardedBatches,
+    make_loader,
+    open_images,
+    shard_range,
+    split_sizes,
+    to_float,
+)
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
 from fdm_train.model import build_model, count_parameters
@@ -134,10 +149,28 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     owns = False
     if not initialized:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://",
-                                device_id=device if device.type == "cuda" else None)
+        device_id = device if device.type == "cuda" else None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            rank = int(os.environ["RANK"])
+            dist.init_process_group(backend, store=_attempt_store(world), rank=rank, world_size=world,
+                                    device_id=device_id)
+        else:
+            dist.init_process_group(backend, init_method="env://", device_id=device_id)
         owns = True
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, local_world, owns), device
+
+
+def _attempt_store(world: int):
+    """The store of torchrun's agent, with this restart attempt's keys kept apart. torchrun (torch >= 2.4)
+    shares its rendezvous TCPStore with the workers and keeps it across restarts, so a restarted group
+    would otherwise read the previous attempt's addresses and fail to connect (pytorch/pytorch#135712).
+    TORCHELASTIC_RESTART_COUNT agrees on all workers of one node; for elastic restarts over several nodes
+    set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt; then this is not used)."""
+    from torch.distributed.constants import default_pg_timeout
+
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                         timeout=default_pg_timeout)
+    return dist.PrefixStore(f"fdm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
 
 
 def default_workers(local_world: int) -> int:
@@ -417,8 +450,9 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
             _truncate_log(out / LOG, step)
             if choice != (CHECKPOINT, TRAINING_STATE) or mode == "auto":
                 _echo(f"resuming {out} from step {step} ({choice[0]})")
-        else:
+        else:  # a fresh run: the folder's checkpoints and log describe this run only
             earlier = _remove_checkpoints(out)
+            _truncate_log(out / LOG, 0)
             if earlier is not None:
                 _echo(f"starting a fresh run in {out}: removed the checkpoint of an earlier run (step {earlier})")
     if ctx.active:

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import write_images
+
 from fdm_train.checkpoint import read_checkpoint
 from fdm_train.config import preset
 from fdm_train.data import EpochOrder, ShardedBatches, split_sizes
@@ -144,7 +144,7 @@ def test_shards_partition_the_global_batch():
         for step in range(7):
             shares = [next(s) for s in streams]
             assert [len(s) for s in shares] == split_sizes(global_batch, world)
-            assert sum(shares, []) == reference.next_batch(global_batch)
+            assert [k for share in shares for k in share] == reference.next_batch(global_batch)
         # Within each epoch, every image appears exactly once over all ranks.
         order = EpochOrder(size, seed)
         keys = order.next_batch(global_batch * 7)
@@ -180,7 +180,7 @@ def test_noise_of_a_row_does_not_depend_on_the_split():
 
 
 def test_micro_batch_settings(tmp_path):
-    opts = lambda **kw: options(tmp_path, tmp_path, **kw)  # noqa: E731
+    opts = lambda **kw: options(tmp_path, tmp_path, **kw)
     assert _micro_batches(opts(batch_size=8), 2) == 1
     assert _micro_batches(opts(batch_size=8, micro_batch=3), 2) == 2  # 4 per device, at most 3 per pass
     assert _micro_batches(opts(batch_size=7, grad_accum=3), 2) == 3  # shares 4 and 3

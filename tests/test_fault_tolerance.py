@@ -1,0 +1,280 @@
+"""Runs killed with SIGKILL (at a random step, inside a checkpoint write, one worker of a torchrun job)
+and resumed with `--resume auto` (or by torchrun's elastic restart) end on the same weights as a run
+that was never interrupted."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import write_images
+
+from fdm_train.checkpoint import read_checkpoint
+from fdm_train.cli import main_group
+from fdm_train.config import preset
+from fdm_train.errors import UserError
+from fdm_train.train import (
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    PREVIOUS_STATE,
+    TRAINING_STATE,
+    TrainOptions,
+    _state_id,
+    complete_checkpoints,
+    train,
+)
+
+ITERATIONS, SAVE_EVERY = 12, 3
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+
+# fdm-train, with one optional fault: KILL_IN_WRITE=NAME:N kills the process (SIGKILL) during the N-th
+# atomic write of the file NAME, after half of its bytes have gone to the temporary file.
+LAUNCHER = """
+import os, signal, sys, tempfile
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+target = os.environ.get("KILL_IN_WRITE")
+if target:
+    import fdm_train.checkpoint as ck
+    name, nth = target.rsplit(":", 1)
+    count, real = [0], ck.atomic_write
+    def atomic_write(path, data):
+        path = Path(path)
+        if path.name == name:
+            count[0] += 1
+            if count[0] == int(nth):
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                os.write(fd, data[: len(data) // 2])
+                os.fsync(fd)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, data)
+    ck.atomic_write = atomic_write
+from fdm_train.cli import main
+sys.argv[0] = "fdm-train"
+main()
+"""
+
+
+def train_args(data, out, *extra, batch=4):
+    return ["--data", str(data), "--out", str(out), "--preset", "tiny-32", "--image-size", "16",
+            "--batch-size", str(batch), "--iterations", str(ITERATIONS), "--save-every", str(SAVE_EVERY),
+            "--sample-every", "0", "--log-every", "1", "--seed", "5", "--lr", "1e-3", "--workers", "0",
+            "--device", "cpu", *extra]
+
+
+def fdm_train(args, fault=None, **kw):
+    env = dict(ENV, KILL_IN_WRITE=fault) if fault else ENV
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def logged_steps(out: Path) -> list[int]:
+    steps = []
+    if (out / "log.jsonl").exists():
+        for line in (out / "log.jsonl").read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except ValueError:
+                pass  # a line cut by the kill
+    return steps
+
+
+def wait_for_step(proc, out: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while max(logged_steps(out), default=0) < step:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before step {step}: {proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no step {step} within {timeout} s")
+        time.sleep(0.005)
+
+
+def finish(args) -> None:
+    proc = fdm_train(args)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+
+
+def weights(out: Path):
+    _, states, meta = read_checkpoint(out / CHECKPOINT)
+    return states, int(meta["step"])
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    (wa, step_a), (wb, step_b) = weights(a), weights(b)
+    assert step_a == step_b == ITERATIONS
+    for kind in ("ema", "model"):
+        for name, tensor in wa[kind].items():
+            assert torch.equal(tensor, wb[kind][name]), f"{kind}.{name} differs from the uninterrupted run"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder, 10)  # 10 images, batch 4: resumes land mid-epoch
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run: the same command, in this process, single-threaded like the others."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main_group, train_args(data, out), catch_exceptions=False)
+    finally:
+        torch.set_num_threads(old)
+    assert result.exit_code == 0, result.output
+    assert logged_steps(out) == list(range(1, ITERATIONS + 1))
+    return out
+
+
+def test_sigkill_at_a_random_step_then_resume_auto(data, reference, tmp_path):
+    kill_after = random.Random().randint(2, ITERATIONS - 4)
+    out = tmp_path / "run"
+    proc = fdm_train(train_args(data, out, "--resume", "auto"))
+    wait_for_step(proc, out, kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"killed after step {kill_after}"
+    killed_at = max(logged_steps(out))
+    assert killed_at < ITERATIONS, f"the run finished before the kill (after step {kill_after})"
+    pairs = complete_checkpoints(out)
+    resumable = pairs[0][0] if pairs else 0
+    assert killed_at - SAVE_EVERY <= resumable <= killed_at  # lost at most the steps since the last save
+
+    finish(train_args(data, out, "--resume", "auto"))
+    assert_same_weights(out, reference)
+    # The resumed run redid the lost steps; the log holds every step exactly once.
+    assert logged_steps(out) == list(range(1, ITERATIONS + 1)), f"killed after step {killed_at}"
+
+
+@pytest.mark.parametrize("fault, state_step, resumes_from", [
+    # The 2nd save (step 6) dies writing its checkpoint, after its training state: the latest pair is
+    # torn (state 6, checkpoint 3) and the previous pair (step 3) is the one to resume from.
+    ("checkpoint.safetensors:2", 2 * SAVE_EVERY, SAVE_EVERY),
+    ("train_state.pt:2", SAVE_EVERY, SAVE_EVERY),  # the 2nd save dies in its first file
+    ("checkpoint.safetensors:1", SAVE_EVERY, 0),  # the first save dies: nothing complete, auto starts afresh
+])
+def test_sigkill_during_a_checkpoint_write_then_resume_auto(data, reference, tmp_path, fault, state_step,
+                                                            resumes_from):
+    out = tmp_path / "run"
+    proc = fdm_train(train_args(data, out, "--resume", "auto"), fault=fault)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, output
+    name = fault.split(":")[0]
+    assert list(out.glob(f".{name}.*.tmp")), "the kill should leave a half-written temporary file"
+    assert _state_id(out / TRAINING_STATE)[0] == state_step
+    if resumes_from:
+        assert weights(out)[1] == SAVE_EVERY  # checkpoint.safetensors still holds the old save
+    pairs = complete_checkpoints(out)
+    assert (pairs[0][0] if pairs else 0) == resumes_from
+
+    finish(train_args(data, out, "--resume", "auto"))
+    assert_same_weights(out, reference)
+    assert not list(out.glob(".*.tmp")), "leftover temporary files are cleaned up on resume"
+    assert logged_steps(out) == list(range(1, ITERATIONS + 1))
+
+
+def test_resume_modes_and_broken_files(data, tmp_path):
+    small = dict(model=preset("tiny-32", image_size=16), batch_size=4, iterations=2, save_every=1,
+                 sample_every=0, progress=False, workers=0, device="cpu", seed=5)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # auto on a folder without a run starts one
+        fresh = train(TrainOptions(data=str(data), out=str(tmp_path / "a"), resume="auto", **small))
+        assert fresh["step"] == 2
+        names = sorted(p.name for p in (tmp_path / "a").iterdir())
+        assert {CHECKPOINT, TRAINING_STATE, PREVIOUS_CHECKPOINT, PREVIOUS_STATE} <= set(names)
+        assert [p[0] for p in complete_checkpoints(tmp_path / "a")] == [2, 1]
+
+        # A truncated latest checkpoint (as a non-atomic copy leaves it) is passed over for the previous pair.
+        blob = (tmp_path / "a" / CHECKPOINT).read_bytes()
+        (tmp_path / "a" / CHECKPOINT).write_bytes(blob[: len(blob) // 2])
+        assert [p[0] for p in complete_checkpoints(tmp_path / "a")] == [1]
+        again = train(TrainOptions(data=str(data), out=str(tmp_path / "a"), resume="auto",
+                                   **dict(small, iterations=3)))
+        assert again["step"] == 3 and weights(tmp_path / "a")[1] == 3
+
+        # Files of two different saves never make a pair, even at the same step.
+        train(TrainOptions(data=str(data), out=str(tmp_path / "b"), **small))
+        train(TrainOptions(data=str(data), out=str(tmp_path / "c"), **dict(small, lr=1e-2)))
+        for name in (PREVIOUS_CHECKPOINT, PREVIOUS_STATE):
+            (tmp_path / "b" / name).unlink()
+        (tmp_path / "b" / TRAINING_STATE).write_bytes((tmp_path / "c" / TRAINING_STATE).read_bytes())
+        assert complete_checkpoints(tmp_path / "b") == []
+        with pytest.raises(UserError, match="disagree"):
+            train(TrainOptions(data=str(data), out=str(tmp_path / "b"), resume=True, **small))
+        # ... where --resume auto starts afresh (the broken files are removed).
+        assert train(TrainOptions(data=str(data), out=str(tmp_path / "b"), resume="auto", **small))["step"] == 2
+        assert [p[0] for p in complete_checkpoints(tmp_path / "b")] == [2, 1]
+    finally:
+        torch.set_num_threads(old)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_torchrun_elastic_restart_resumes_by_itself(data, tmp_path):
+    """torchrun, 2 CPU workers (gloo), --max-restarts 1; rank 1 is SIGKILLed mid-run. torchrun restarts
+    the group and the run, launched without --resume, goes on from its last checkpoint by itself. The
+    result equals one uninterrupted process with the same global batch split the same way (2 x 4)."""
+    out = tmp_path / "ddp"
+    args = train_args(data, out, batch=8)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "fdm_train", *args],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        kill_after = random.Random().randint(SAVE_EVERY + 1, ITERATIONS - 4)
+        wait_for_step(proc, out, kill_after)
+        victims = [pid for pid in _children(proc.pid) if _rank_of(pid) == 1]
+        assert len(victims) == 1, _children(proc.pid)
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = max(logged_steps(out))
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert killed_at < ITERATIONS, "the run finished before the kill"
+    assert "resuming" in output, output[-3000:]
+    assert logged_steps(out) == list(range(1, ITERATIONS + 1))
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main_group, train_args(data, tmp_path / "single", batch=8) + ["--micro-batch", "4"],
+                                    catch_exceptions=False)
+    finally:
+        torch.set_num_threads(old)
+    assert result.exit_code == 0, result.output
+    assert_same_weights(out, tmp_path / "single")
