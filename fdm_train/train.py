@@ -523,7 +523,7 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
                 bad_seen[path] = reason
                 if ctx.main:
                     import warnings
-                    warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
+                    warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=4)
 
     log = (out / LOG).open("a") if ctx.main else None
     bar = tqdm(total=opts.iterations, initial=step, desc="train", unit="step",
