@@ -228,9 +228,10 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
         raise UserError(f"--fg-channel must be between 0 and {k - 1} for this model (K={k}), got {fg_channel}")
     if cfg.num_classes and class_label is None:
         raise UserError(f"this model is class-conditional ({cfg.num_classes} classes): give --class")
-    if class_label is not None and not 0 <= class_label < max(cfg.num_classes, 1):
-        raise UserError(f"--class must be between 0 and {cfg.num_classes - 1}" if cfg.num_classes
-                        else "--class: this model is not class-conditional")
+    if class_label is not None and not cfg.num_classes:
+        raise UserError("--class: this model is not class-conditional")
+    if class_label is not None and not 0 <= class_label < cfg.num_classes:
+        raise UserError(f"--class must be between 0 and {cfg.num_classes - 1} for this model, got {class_label}")
     inputs, problems = collect_inputs(paths, warn, exclude=out)
     report = SegmentReport(failed=list(problems))
     if not inputs:
