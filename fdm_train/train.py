@@ -47,6 +47,7 @@ from fdm_train.config import ModelConfig
 from fdm_train.data import (
     EpochOrder,
     ShardedBatches,
+    is_cache,
     make_loader,
     open_images,
     shard_range,
@@ -472,7 +473,10 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
     order = EpochOrder(len(dataset), data_seed, *position)  # mirrors the loader: the position to store
     rank_start, rank_stop = shard_range(global_batch, ctx.rank, ctx.world)
     micro_sizes = split_sizes(rank_stop - rank_start, n_micro)
-    workers = default_workers(ctx.local_world) if opts.workers is None else opts.workers
+    workers = opts.workers
+    if workers is None:  # a cache batch is a memory copy: one worker to overlap it (and disk reads) is plenty
+        workers = default_workers(ctx.local_world)
+        workers = min(1, workers) if is_cache(opts.data) else workers
     sampler = ShardedBatches(len(dataset), data_seed, global_batch, ctx.rank, ctx.world, position)
     loader = make_loader(dataset, sampler, workers=workers, pin_memory=device.type == "cuda")
     batches = iter(loader)
