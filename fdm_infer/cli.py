@@ -102,7 +102,8 @@ def segment(paths, out, engine_kind, checkpoint, model_file, device, t, seed, en
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (uint8
     label map 0..K-1 at the image's own resolution) and <name>_overlay.png. The whole image is
     resized to the model's size (no crop), and the masks back to the image's size.
-    Exit status 1 if any input failed (each is reported as a warning)."""
+    Exit status 1 if any input failed (each is reported as a warning). The images/s of the summary
+    counts decoding, the model and writing, not loading the model."""
     from fdm_infer.segment import label_legend, segment_files
 
     if fg_channel is not None and not foreground:
@@ -193,8 +194,8 @@ def generate(count, steps, sampler, seed, batch_size, out, classes, save_traject
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_label, out, engine_kind, checkpoint,
                 model_file, device, quiet):
-    """Interpolate between two real images (paper Fig. 12, as in DDPM): noise both to --t with the
-    same noise, mix, denoise. Writes interpolation.png (A, the frames, B; masks below) and
+    """Interpolate between two real images: noise both, mix, denoise (as in DDPM; the paper's
+    Figure 12). Both are noised to --t with the same noise, mixed, and denoised from there. Writes interpolation.png (A, the frames, B; masks below) and
     frame_NN.png / frame_NN_labels.png."""
     from tqdm import tqdm
 

@@ -283,6 +283,27 @@ def test_exported_engine_needs_a_model_file(tiny_checkpoint, tmp_path, capsys, m
     assert r.code == 2 and "--model" in r.err and "Traceback" not in r.err
 
 
+def test_segment_with_the_onnx_engine_matches_torch(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from fdm_export.onnx_export import export_onnx
+
+    onnx_file = tmp_path / "tiny.onnx"
+    export_onnx(tiny_checkpoint, onnx_file, check=False)
+    folder = tmp_path / "in"
+    good_images(folder, 3)
+    outs = {}
+    for engine, flag, path in (("torch", "--checkpoint", tiny_checkpoint), ("onnx", "--model", onnx_file)):
+        outs[engine] = tmp_path / engine
+        r = run_infer(capsys, monkeypatch, "segment", folder, "--engine", engine, flag, path, "--out",
+                      outs[engine], "--save-soft")
+        assert r.code == 0 and f"({engine}, K=3, 32x32)" in r.out, r.err
+    for i in range(3):
+        a = np.load(outs["torch"] / f"good{i}_soft.npz")["masks"].astype(np.float32)
+        b = np.load(outs["onnx"] / f"good{i}_soft.npz")["masks"].astype(np.float32)
+        np.testing.assert_allclose(a, b, atol=2e-3)  # float16 storage
+
+
 # ----- the shipped default -----
 
 DEFAULT = ROOT / "fdm_infer" / "assets" / "default.safetensors"
