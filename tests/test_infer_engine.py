@@ -89,3 +89,24 @@ def test_slim_refuses_a_file_without_fdm_config(tmp_path):
     save_file({"w": torch.zeros(3)}, str(other))
     with pytest.raises(CheckpointError, match="not an fdm checkpoint"):
         slim_checkpoint(other, tmp_path / "o.safetensors")
+
+
+def test_fdm_train_slim_command(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from fdm_train.cli import main
+
+    cfg = preset("tiny-32")
+    model = perturb(build_model(cfg), seed=6)
+    full, slim = tmp_path / "full.safetensors", tmp_path / "slim.safetensors"
+    save_checkpoint(full, cfg, model.state_dict(), build_model(cfg).state_dict(), step=3)
+    monkeypatch.setattr(sys, "argv", ["fdm-train", "slim", str(full), "-o", str(slim), "--dtype", "bf16"])
+    main()
+    assert "EMA weights of step 3 as bf16" in capsys.readouterr().out
+    _, states, meta = read_checkpoint(slim)
+    assert meta["dtype"] == "bf16" and states["model"] is None
+    monkeypatch.setattr(sys, "argv", ["fdm-train", "slim", str(tmp_path / "missing.safetensors"), "-o", str(slim)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and len(err) == 1 and "checkpoint not found" in err[0]
