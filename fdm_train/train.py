@@ -432,7 +432,7 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
     step = 0
-    data_seed, position = opts.seed, (0, 0)
+    data_seed, position = opts.seed, (0, 0)  # a resumed run keeps the seed it started with
     if state is not None:
         load_state(model, states["model"], out / choice[0])
         optimizer.load_state_dict(state["optimizer"])
@@ -543,12 +543,12 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
             order.next_batch(global_batch)
             x_all = to_float(x_u8.to(device, non_blocking=True))
             y_all = y_all.to(device, non_blocking=True) if cfg.num_classes else None
-            torch.manual_seed(_seed("dropout", opts.seed, step, ctx.rank))  # stateless: nothing to store
+            torch.manual_seed(_seed("dropout", data_seed, step, ctx.rank))  # stateless: nothing to store
             loss_sum = torch.zeros((), device=device)
             offset = 0
             for j, size in enumerate(micro_sizes):
                 lo = rank_start + offset
-                diffusion.given = step_draws(opts.seed, step, lo, lo + size, sample_shape,
+                diffusion.given = step_draws(data_seed, step, lo, lo + size, sample_shape,
                                              diffusion.num_timesteps, device, noise_gen)
                 x0 = x_all[offset:offset + size]
                 y = y_all[offset:offset + size] if y_all is not None else None
