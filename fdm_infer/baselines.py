@@ -1,0 +1,328 @@
+"""Baselines of the paper's comparisons, scored by the same evaluator (`fdm-infer evaluate --predictions`).
+
+* GrabCut (Rother et al. 2004; paper Tables 1-2): OpenCV's `cv2.grabCut` initialised with a centered
+  rectangle (`margin` of the width / height on every side is definite background), 5 iterations,
+  OpenCV's RNG seeded. Label maps: 0 background, 1 foreground (definite or probable).
+* K-means on a plain DDPM's decoder features (the paper's "DatasetDDPM-unsup", Table 3; features as in
+  Baranchuk et al., "Label-efficient semantic segmentation with diffusion models"): each image is
+  resized whole to the model's S x S, noised to each t of `ts` with the seeded segmentation noise,
+  one forward pass per t; the outputs of the decoder stages are taken with forward hooks (the model
+  class is untouched), upsampled bilinearly to S x S and concatenated over stages and timesteps. Each
+  feature channel is standardised (mean / std over the fitting sample); K-means (K=3, k-means++,
+  Lloyd, best of `n_init` restarts, seeded) is fitted on `pixels_per_image` random pixels of every
+  image of the set, then every pixel is assigned to its nearest centroid. The squared distances are
+  resized bilinearly to the output resolution before the argmin (as a model's soft masks are).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fdm_train.errors import UserError
+
+DEFAULT_KMEANS_TS = (50, 150, 250)
+
+
+# ----- file plumbing shared by both baselines -----
+
+@dataclass
+class BaselineReport:
+    written: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def _inputs(paths: Sequence[str | Path], out: Path, warn, limit: int | None):
+    from fdm_infer.segment import collect_inputs
+
+    inputs, problems = collect_inputs(list(paths), warn, exclude=out)
+    if limit:
+        inputs = inputs[:limit]
+    if not inputs:
+        raise UserError(f"no images found in {', '.join(str(p) for p in paths)}")
+    return inputs, problems
+
+
+def save_labels(labels: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L").save(path, format="PNG")
+
+
+# ----- GrabCut -----
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("GrabCut needs OpenCV: pip install opencv-python-headless") from None
+    return cv2
+
+
+def grabcut_labels(image: np.ndarray, margin: float = 0.1, iterations: int = 5, seed: int = 0) -> np.ndarray:
+    """GrabCut of an RGB uint8 image [H, W, 3] from the centered rectangle that leaves `margin` of the
+    width and height on each side: uint8 [H, W], 1 = foreground (definite or probable), 0 = background."""
+    cv2 = _cv2()
+    if not 0 <= margin < 0.5:
+        raise UserError(f"the GrabCut margin must be in [0, 0.5), got {margin}")
+    h, w = image.shape[:2]
+    x0, y0 = int(round(margin * w)), int(round(margin * h))
+    rect = (x0, y0, max(1, w - 2 * x0), max(1, h - 2 * y0))
+    mask = np.zeros((h, w), np.uint8)
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(seed)
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    try:
+        cv2.grabCut(bgr, mask, rect, bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
+    except cv2.error:  # e.g. a uniform image: no GMM can be fitted; everything in the rectangle is foreground
+        mask[:] = cv2.GC_BGD
+        mask[rect[1]:rect[1] + rect[3], rect[0]:rect[0] + rect[2]] = cv2.GC_PR_FGD
+    return np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
+
+
+def run_grabcut(paths: Sequence[str | Path], out: str | Path, *, margin: float = 0.1, iterations: int = 5,
+                seed: int = 0, limit: int | None = None, warn: Callable[[str], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> BaselineReport:
+    """Writes `<out>/<key>.png` (0/1 label map at the image's resolution) for every image under `paths`."""
+    from fdm_infer.segment import ensure_writable
+    from fdm_train.data import load_rgb
+
+    warn = warn or (lambda msg: None)
+    out = Path(out)
+    inputs, problems = _inputs(paths, out, warn, limit)
+    ensure_writable(out)
+    report = BaselineReport(failed=list(problems))
+    start = time.perf_counter()
+    for item in inputs:
+        try:
+            image = np.asarray(load_rgb(item.path), dtype=np.uint8)
+        except Exception as exc:  # noqa: BLE001
+            report.failed.append((str(item.path), f"not a readable image ({exc})"))
+            warn(f"skipping {item.path}: not a readable image")
+        else:
+            save_labels(grabcut_labels(image, margin, iterations, seed), out / f"{item.key}.png")
+            report.written += 1
+        if progress is not None:
+            progress(1)
+    report.seconds = time.perf_counter() - start
+    report.info = {"method": "grabcut", "margin": margin, "iterations": iterations, "seed": seed,
+                   "labels": "0 background, 1 foreground"}
+    return report
+
+
+# ----- K-means on a plain DDPM's decoder features -----
+
+def decoder_stages(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder stages whose outputs are the features (`model.decoder.stages`)."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not hasattr(decoder, "stages"):
+        raise UserError("the K-means baseline needs a plain U-Net checkpoint (--variant plain): this model has "
+                        "no single decoder")
+    return list(decoder.stages)
+
+
+@torch.no_grad()
+def decoder_features(model: torch.nn.Module, images: torch.Tensor, ts: Sequence[int], seed: int = 0,
+                     stages: Sequence[int] | None = None, size: int | None = None) -> torch.Tensor:
+    """[B, D, S, S]: the outputs of the decoder stages (forward hooks) for the images [B, 3, S, S] in
+    [-1, 1] noised to each t of `ts`, upsampled bilinearly to S x S and concatenated (t-major)."""
+    from fdm_infer.segment import segmentation_noise
+    from fdm_train.diffusion import GaussianDiffusion
+
+    all_stages = decoder_stages(model)
+    chosen = list(range(len(all_stages))) if stages is None else list(stages)
+    for i in chosen:
+        if not -len(all_stages) <= i < len(all_stages):
+            raise UserError(f"decoder stage {i} does not exist: the decoder has {len(all_stages)} stages")
+    size = size or images.shape[-1]
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [all_stages[i].register_forward_hook(lambda _m, _in, out, i=i: captured.__setitem__(i, out))
+             for i in chosen]
+    diffusion = GaussianDiffusion()
+    device = next(model.parameters()).device
+    x0 = images.to(device, torch.float32)
+    noise = segmentation_noise(tuple(x0.shape), seed, device)
+    feats = []
+    try:
+        for t in ts:
+            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                model(diffusion.q_sample(x0, tt, noise), tt)
+            for i in chosen:
+                f = captured.pop(i).float()
+                if f.shape[-1] != size:
+                    f = F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
+                feats.append(f)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(feats, dim=1)
+
+
+def kmeans(x: torch.Tensor, k: int, *, n_init: int = 4, iterations: int = 100, seed: int = 0,
+           tol: float = 1e-6) -> tuple[torch.Tensor, float]:
+    """K-means of x [n, d] (float, any device): k-means++ seeding, Lloyd iterations, the best of
+    `n_init` restarts by inertia. Returns (centroids [k, d], inertia per point)."""
+    n = x.shape[0]
+    if n < k:
+        raise UserError(f"K-means needs at least K={k} points, got {n}")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    best, best_inertia = None, float("inf")
+    for _ in range(n_init):
+        first = int(torch.randint(n, (1,), generator=g))
+        centers = [x[first]]
+        d2 = ((x - x[first]) ** 2).sum(1)
+        for _ in range(1, k):
+            probs = (d2 / d2.sum()).cpu() if d2.sum() > 0 else torch.full((n,), 1.0 / n)
+            nxt = int(torch.multinomial(probs.double(), 1, generator=g))
+            centers.append(x[nxt])
+            d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(1))
+        c = torch.stack(centers)
+        prev = float("inf")
+        for _ in range(iterations):
+            dist = torch.cdist(x, c) ** 2
+            d_min, assign = dist.min(1)
+            inertia = float(d_min.mean())
+            sums = torch.zeros_like(c).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=k).to(x.dtype)
+            empty = counts == 0
+            c = sums / counts.clamp_min(1)[:, None]
+            if empty.any():  # re-seed an empty cluster at the point farthest from its centroid
+                far = torch.topk(d_min, int(empty.sum())).indices
+                c[empty] = x[far]
+            if prev - inertia <= tol * max(prev, 1e-12):
+                break
+            prev = inertia
+        d_min = (torch.cdist(x, c) ** 2).min(1).values
+        inertia = float(d_min.mean())
+        if inertia < best_inertia:
+            best, best_inertia = c, inertia
+    return best, best_inertia
+
+
+@dataclass
+class KMeansDDPM:
+    """A fitted K-means over decoder features: the standardisation and the centroids."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    centroids: torch.Tensor
+    ts: tuple[int, ...]
+    stages: list[int] | None
+    seed: int
+    inertia: float
+
+    def scores(self, model, images: torch.Tensor) -> torch.Tensor:
+        """Squared distances [B, K, S, S] of every pixel's standardised features to the centroids."""
+        f = decoder_features(model, images, self.ts, self.seed, self.stages)
+        b, d, h, w = f.shape
+        z = ((f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std)
+        dist = torch.cdist(z, self.centroids) ** 2
+        return dist.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def fit_kmeans_ddpm(model, images: torch.Tensor, *, k: int = 3, ts: Sequence[int] = DEFAULT_KMEANS_TS,
+                    seed: int = 0, pixels_per_image: int = 64, batch_size: int = 16,
+                    stages: Sequence[int] | None = None, n_init: int = 4,
+                    progress: Callable[[int], None] | None = None) -> KMeansDDPM:
+    """Fits K-means on `pixels_per_image` random pixels (seeded) of each image [N, 3, S, S] in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for first in range(0, images.shape[0], batch_size):
+        f = decoder_features(model, images[first:first + batch_size], ts, seed, stages)
+        b, d, h, w = f.shape
+        idx = torch.stack([torch.randperm(h * w, generator=g)[:pixels_per_image] for _ in range(b)])
+        flat = f.reshape(b, d, h * w)
+        samples.append(torch.gather(flat, 2, idx.to(f.device)[:, None, :].expand(b, d, -1))
+                       .permute(0, 2, 1).reshape(-1, d))
+        if progress is not None:
+            progress(b)
+    x = torch.cat(samples)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    centroids, inertia = kmeans((x - mean) / std, k, n_init=n_init, seed=seed)
+    return KMeansDDPM(mean, std, centroids, tuple(int(t) for t in ts), None if stages is None else list(stages),
+                      seed, inertia)
+
+
+@torch.no_grad()
+def kmeans_ddpm_labels(fitted: KMeansDDPM, model, images: torch.Tensor, out_sizes: Sequence[tuple[int, int]],
+                       batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """uint8 label maps, one per image, at out_sizes[i]: the distances bilinearly resized, then argmin."""
+    labels = []
+    for first in range(0, images.shape[0], batch_size):
+        dist = fitted.scores(model, images[first:first + batch_size])
+        for i, d in enumerate(dist):
+            size = tuple(out_sizes[first + i])
+            if tuple(d.shape[-2:]) != size:
+                d = F.interpolate(d[None], size=size, mode="bilinear", align_corners=False)[0]
+            labels.append(d.argmin(0).to(torch.uint8).cpu().numpy())
+        if progress is not None:
+            progress(dist.shape[0])
+    return labels
+
+
+def load_plain_model(checkpoint: str | Path, device: str = "auto"):
+    from fdm_train.checkpoint import load_model
+    from fdm_train.train import pick_device
+
+    dev = pick_device(device)
+    model, cfg, _ = load_model(checkpoint, weights="ema", map_location=dev)
+    if cfg.variant != "plain":
+        raise UserError(f"{checkpoint} is a {cfg.variant} model: the K-means baseline (DatasetDDPM-unsup) runs "
+                        "on a plain U-Net DDPM (train one with --variant plain)")
+    return model.to(dev).eval(), cfg
+
+
+def run_kmeans_ddpm(checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path, *, k: int = 3,
+                    ts: Sequence[int] = DEFAULT_KMEANS_TS, seed: int = 0, pixels_per_image: int = 64,
+                    batch_size: int = 16, stages: Sequence[int] | None = None, limit: int | None = None,
+                    device: str = "auto", warn: Callable[[str], None] | None = None,
+                    progress: Callable[[int], None] | None = None) -> BaselineReport:
+    """Fits K-means over the decoder features of all images under `paths`, then writes
+    `<out>/<key>.png` (labels 0..K-1 at each image's resolution)."""
+    from fdm_infer.segment import ensure_writable, load_for_model
+
+    warn = warn or (lambda msg: None)
+    out = Path(out)
+    model, cfg = load_plain_model(checkpoint, device)
+    inputs, problems = _inputs(paths, out, warn, limit)
+    ensure_writable(out)
+    report = BaselineReport(failed=list(problems))
+    start = time.perf_counter()
+    kept, tensors, sizes = [], [], []
+    for item in inputs:
+        try:
+            x, full = load_for_model(item.path, cfg.image_size)
+        except Exception as exc:  # noqa: BLE001
+            report.failed.append((str(item.path), f"not a readable image ({exc})"))
+            warn(f"skipping {item.path}: not a readable image")
+            continue
+        kept.append(item)
+        tensors.append(x)
+        sizes.append(full.shape[:2])
+    if len(kept) * pixels_per_image < k:
+        raise UserError("too few readable images to fit K-means")
+    images = torch.stack(tensors)
+    fitted = fit_kmeans_ddpm(model, images, k=k, ts=ts, seed=seed, pixels_per_image=pixels_per_image,
+                             batch_size=batch_size, stages=stages, progress=progress)
+    labels = kmeans_ddpm_labels(fitted, model, images, sizes, batch_size, progress=progress)
+    for item, lab in zip(kept, labels):
+        save_labels(lab, out / f"{item.key}.png")
+        report.written += 1
+    report.seconds = time.perf_counter() - start
+    report.info = {"method": "kmeans-ddpm", "checkpoint": str(checkpoint), "k": k, "ts": list(fitted.ts),
+                   "stages": "all decoder stages" if stages is None else list(stages),
+                   "feature_dim": int(fitted.mean.numel()), "pixels_per_image": pixels_per_image, "seed": seed,
+                   "inertia": round(fitted.inertia, 4), "model_size": cfg.image_size}
+    return report
+
+
+__all__ = ["BaselineReport", "DEFAULT_KMEANS_TS", "KMeansDDPM", "decoder_features", "decoder_stages",
+           "fit_kmeans_ddpm", "grabcut_labels", "kmeans", "kmeans_ddpm_labels", "load_plain_model",
+           "run_grabcut", "run_kmeans_ddpm"]

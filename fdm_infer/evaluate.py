@@ -1,0 +1,424 @@
+"""Evaluation of segmentations against ground-truth masks (paper §4; DESIGN.md "Evaluation").
+
+Two sources of predictions, one scorer:
+* a model (any engine): each image is resized whole to the model's S x S, noised to t (30) with the
+  seeded noise of `fdm_infer.segment.segment_tensor`, one forward pass gives K soft masks;
+* a folder of label maps from any method (`--predictions DIR`): `<key>.png` or `<key>_labels.png`
+  (what `fdm-infer segment` writes), values 0..K-1, or a binary 0/255 mask (read as 0/1).
+
+Resolution (`size_mode`):
+* "upsample" (default): predictions are brought to the ground-truth masks' resolution (LFW: 128x128):
+  a model's soft masks bilinearly, then argmax; a label-map file with nearest neighbour;
+* "downsample": the ground-truth masks are resized to the prediction's resolution (nearest neighbour).
+
+Ground truth: label maps 0..L-1 (LFW: 0 background, 1 skin, 2 hair); a mask holding only 0 and 255
+(DAVIS) is read as 0/1. Foreground = every non-zero label (LFW: skin + hair, as ReDO scores LFW).
+Definitions and edge cases of the metrics: `fdm_infer.metrics`.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fdm_infer.metrics import (
+    ForegroundAccumulator,
+    PartsAccumulator,
+    border_presence,
+    choose_foreground_channel,
+    choose_foreground_channels,
+)
+from fdm_train.data import IMAGE_EXTENSIONS, find_images
+from fdm_train.errors import UserError
+
+PROTOCOLS = ("foreground", "parts")
+SIZE_MODES = ("upsample", "downsample")
+LFW_LABELS = ("background", "skin", "hair")
+
+
+# ----- the evaluation set -----
+
+@dataclass
+class EvalSet:
+    """Images paired with their ground-truth masks by relative path: `<images>/<key>.<ext>` with
+    `<masks>/<key>.png` (any image extension)."""
+    keys: list[str]
+    image_paths: list[Path]
+    masks: list[np.ndarray]  # uint8 [H, W] label maps
+    images_dir: Path | None = None
+    masks_dir: Path | None = None
+    skipped: list[str] = field(default_factory=list)  # images without a mask
+    _inputs: dict = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_labels(self) -> int:
+        return int(max(int(m.max()) for m in self.masks)) + 1
+
+    def model_inputs(self, size: int) -> torch.Tensor:
+        """All images as model inputs [N, 3, S, S] in [-1, 1] (decoded once per size, then cached)."""
+        if size not in self._inputs:
+            from fdm_infer.segment import load_for_model
+
+            self._inputs[size] = torch.stack([load_for_model(p, size)[0] for p in self.image_paths])
+        return self._inputs[size]
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A ground-truth or predicted label map as uint8 [H, W]; a 0/255 binary mask becomes 0/1."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "P", "1", "I", "I;16"):
+                img = img.convert("L")
+            arr = np.asarray(img)
+    except Exception as exc:  # noqa: BLE001  (PIL raises many types)
+        raise UserError(f"cannot read label map {path}: {_one_line(exc)}") from None
+    if arr.ndim != 2:
+        raise UserError(f"{path}: a label map must be one channel, got shape {arr.shape}")
+    if arr.max(initial=0) > 255:
+        raise UserError(f"{path}: labels above 255")
+    arr = arr.astype(np.uint8)
+    values = np.unique(arr)
+    if values.size and values.max() == 255 and set(values.tolist()) <= {0, 255}:
+        arr = (arr == 255).astype(np.uint8)
+    return arr
+
+
+def _find_label_file(folder: Path, key: str, suffixes=("", "_labels")) -> Path | None:
+    for suffix in suffixes:
+        for ext in (".png", *IMAGE_EXTENSIONS):
+            path = folder / f"{key}{suffix}{ext}"
+            if path.is_file():
+                return path
+    return None
+
+
+def load_eval_set(images: str | Path, masks: str | Path, limit: int | None = None,
+                  warn: Callable[[str], None] | None = None) -> EvalSet:
+    """Every image under `images` (recursively, sorted) that has a mask under `masks` with the same
+    relative path (suffix aside); the first `limit` of them if given."""
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+    images, masks = Path(images), Path(masks)
+    if not images.is_dir():
+        raise UserError(f"--images: no such folder: {images}")
+    if not masks.is_dir():
+        raise UserError(f"--masks: no such folder: {masks}")
+    keys, paths, maps, skipped = [], [], [], []
+    for path in find_images(images):
+        key = path.relative_to(images).with_suffix("").as_posix()
+        mask_path = _find_label_file(masks, key, suffixes=("",))
+        if mask_path is None:
+            skipped.append(key)
+            continue
+        keys.append(key)
+        paths.append(path)
+        maps.append(read_mask(mask_path))
+        if limit and len(keys) == limit:
+            break
+    if skipped:
+        warn(f"{len(skipped)} image(s) under {images} have no mask under {masks} and are not scored "
+             f"(first: {skipped[0]})")
+    if not keys:
+        raise UserError(f"no image under {images} has a mask under {masks} (masks are matched by relative "
+                        "path: <masks>/<name>.png)")
+    return EvalSet(keys, paths, maps, images, masks, skipped)
+
+
+# ----- predictions -----
+
+@dataclass
+class Predictions:
+    labels: list[np.ndarray]  # uint8 [h, w] per image
+    num_channels: int
+    border_share: np.ndarray | None = None  # [K] summed over images (soft masks for a model)
+    mask_entropy: float | None = None  # soft masks only
+    region_share: list[float] | None = None  # soft masks only
+    model_size: int | None = None
+    seconds: float = 0.0
+    source: dict = field(default_factory=dict)
+
+
+def _resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if labels.shape == tuple(size):
+        return labels
+    return np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.Resampling.NEAREST))
+
+
+@torch.no_grad()
+def predict_with_engine(engine, evalset: EvalSet, *, t: int = 30, seed: int = 0, ensemble: int = 1,
+                        batch_size: int = 16, size_mode: str = "upsample", class_label: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> Predictions:
+    """Segments every image of `evalset` with `engine` (fdm_infer.segment.segment_tensor: the image
+    resized whole to S x S, noised to t with the seeded noise, one forward pass)."""
+    from fdm_infer.segment import border_shares, segment_tensor
+    from fdm_train.diffusion import GaussianDiffusion
+    from fdm_train.visualize import mask_statistics
+
+    if size_mode not in SIZE_MODES:
+        raise UserError(f"size mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}")
+    cfg = engine.config
+    if cfg.variant == "plain":
+        raise UserError("this checkpoint is a plain U-Net (no masks): evaluate its K-means baseline with "
+                        "`fdm-infer baseline kmeans-ddpm` and --predictions")
+    k = engine.num_regions
+    size = cfg.image_size
+    diffusion = GaussianDiffusion()
+    start = time.perf_counter()
+    inputs = evalset.model_inputs(size)
+    labels: list[np.ndarray] = []
+    border = torch.zeros(k, dtype=torch.float64)
+    entropy_sum, share_sum = 0.0, np.zeros(k)
+    for first in range(0, len(evalset), batch_size):
+        x = inputs[first:first + batch_size]
+        y = None if class_label is None else torch.full((x.shape[0],), class_label, dtype=torch.long)
+        masks = segment_tensor(engine, x, t=t, seed=seed, ensemble=ensemble, y=y, diffusion=diffusion).float()
+        border += border_shares(masks).double()
+        stats = mask_statistics(masks)
+        entropy_sum += stats["mask_entropy"] * x.shape[0]
+        share_sum += np.asarray(stats["region_share"], dtype=np.float64) * x.shape[0]
+        if size_mode == "upsample":
+            for i, m in enumerate(masks):
+                gt_size = evalset.masks[first + i].shape
+                if tuple(m.shape[-2:]) != tuple(gt_size):
+                    m = F.interpolate(m[None], size=gt_size, mode="bilinear", align_corners=False)[0]
+                labels.append(m.argmax(0).to(torch.uint8).cpu().numpy())
+        else:
+            labels.extend(masks.argmax(1).to(torch.uint8).cpu().numpy())
+        if progress is not None:
+            progress(x.shape[0])
+    n = len(evalset)
+    return Predictions(labels, k, border.numpy(), round(entropy_sum / n, 4), [round(float(s), 4) for s in share_sum / n],
+                       size, time.perf_counter() - start)
+
+
+def load_predictions(folder: str | Path, evalset: EvalSet, num_channels: int | None = None) -> Predictions:
+    """The label maps of `folder` for every image of `evalset` (<key>.png or <key>_labels.png)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--predictions: no such folder: {folder}")
+    start = time.perf_counter()
+    labels, missing = [], []
+    for key in evalset.keys:
+        path = _find_label_file(folder, key)
+        if path is None:
+            missing.append(key)
+            continue
+        labels.append(read_mask(path))
+    if missing:
+        raise UserError(f"--predictions: {len(missing)} of {len(evalset)} image(s) have no label map in {folder} "
+                        f"(looked for <name>.png and <name>_labels.png; first missing: {missing[0]})")
+    top = max(int(m.max()) for m in labels) + 1
+    k = num_channels or max(top, 2)
+    if top > k:
+        raise UserError(f"--predictions: labels go up to {top - 1}, more than --num-channels {k} allows")
+    return Predictions(labels, k, seconds=time.perf_counter() - start, source={"predictions": str(folder)})
+
+
+# ----- scoring -----
+
+def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode: str = "upsample",
+          fg_channels: list[int] | None = None, num_labels: int | None = None) -> dict:
+    """The figures of `protocols` for predictions of `evalset` (fractions in [0, 1]); see
+    fdm_infer.metrics for the definitions. `fg_channels`: the foreground channels [default: chosen
+    without labels, `choose_foreground_channels`]."""
+    if size_mode not in SIZE_MODES:
+        raise UserError(f"size mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}")
+    k = pred.num_channels
+    for c in fg_channels or ():
+        if not 0 <= c < k:
+            raise UserError(f"--fg-channel must be between 0 and {k - 1} (K={k}), got {c}")
+    num_labels = num_labels or evalset.num_labels
+    pairs = []
+    for p, g in zip(pred.labels, evalset.masks):
+        if p.shape != g.shape:
+            if size_mode == "upsample":
+                p = _resize_nearest(p, g.shape)
+            else:
+                g = _resize_nearest(g, p.shape)
+        pairs.append((p, g))
+    scored_at = sorted({f"{p.shape[1]}x{p.shape[0]}" for p, _ in pairs})
+    label_share = np.zeros(k)
+    for p, _ in pairs:
+        label_share += np.bincount(p.ravel(), minlength=k)[:k] / p.size
+    result: dict = {
+        "images": len(pairs), "num_channels": k, "num_labels": num_labels, "size_mode": size_mode,
+        "scored_at": scored_at[0] if len(scored_at) == 1 else scored_at,
+        "masks": {"mask_entropy": pred.mask_entropy, "region_share": pred.region_share,
+                  "label_share": [round(float(s), 4) for s in label_share / max(len(pairs), 1)]},
+    }
+    if "foreground" in protocols:
+        if pred.border_share is not None:
+            border, source = np.asarray(pred.border_share, dtype=np.float64), "soft masks"
+        else:
+            border = np.zeros(k)
+            for p, _ in pairs:
+                border += border_presence(p, k)
+            source = "label maps"
+        if fg_channels:
+            channels, rule = sorted(set(fg_channels)), "given (--fg-channel)"
+        else:
+            channels = choose_foreground_channels(border)
+            rule = (f"not background: the background is the channel most present on the image border over "
+                    f"the set ({source})")
+        single = choose_foreground_channel(border)
+        fg_acc, single_acc = ForegroundAccumulator(), ForegroundAccumulator()
+        for p, g in pairs:
+            gt_fg = g > 0
+            fg_acc.update(np.isin(p, channels), gt_fg)
+            single_acc.update(p == single, gt_fg)
+        fg = fg_acc.result()
+        one = single_acc.result()
+        fg.update(channels=channels, channel_rule=rule,
+                  border_share=[round(float(b) / max(len(pairs), 1), 4) for b in border],
+                  single_channel={"channel": single, "rule": "the channel least present on the image border",
+                                  **{key: one[key] for key in ("acc", "iou", "dice", "best_of_inverse")}})
+        result["foreground"] = fg
+    if "parts" in protocols:
+        acc = PartsAccumulator(k, num_labels)
+        for p, g in pairs:
+            if g.max(initial=0) >= num_labels:
+                raise UserError(f"a ground-truth mask holds label {int(g.max())}; --num-labels is {num_labels}")
+            acc.update(p, g)
+        result["parts"] = acc.result()
+    return result
+
+
+# ----- reports -----
+
+def _pct(value) -> str:
+    return "–" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per result (from `evaluate` / `score`); figures in percent as the paper gives them."""
+    fg = any("foreground" in r for r in results)
+    parts = any("parts" in r for r in results)
+    head = ["method", "images"]
+    if fg:
+        head += ["FG Acc", "FG IoU", "FG DICE", "best-of-inverse Acc / IoU / DICE", "fg channels"]
+    if parts:
+        head += ["Parts Acc", "Parts mIoU"]
+    head += ["K", "mask entropy", "region shares"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        row = [r.get("name", "?"), str(r.get("images", ""))]
+        if fg:
+            f = r.get("foreground")
+            if f:
+                b = f["best_of_inverse"]
+                row += [_pct(f["acc"]), _pct(f["iou"]), _pct(f["dice"]),
+                        f"{_pct(b['acc'])} / {_pct(b['iou'])} / {_pct(b['dice'])}",
+                        "+".join(str(c) for c in f["channels"])]
+            else:
+                row += ["–"] * 5
+        if parts:
+            p = r.get("parts")
+            row += [_pct(p["acc"]), _pct(p["miou"])] if p else ["–", "–"]
+        m = r.get("masks", {})
+        shares = m.get("region_share") or m.get("label_share") or []
+        entropy = m.get("mask_entropy")
+        row += [str(r.get("num_channels", "")), "–" if entropy is None else f"{entropy:.2f}",
+                "/".join(f"{s:.2f}" for s in shares)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def describe_result(r: dict) -> str:
+    """A few lines for the terminal."""
+    lines = [f"{r.get('name', 'evaluation')}: {r['images']} image(s), K={r['num_channels']}, "
+             f"scored at {r['scored_at']} ({r['size_mode']})"]
+    if "foreground" in r:
+        f, b = r["foreground"], r["foreground"]["best_of_inverse"]
+        one = f["single_channel"]
+        lines.append(f"  foreground (channels {'+'.join(map(str, f['channels']))}; border shares {f['border_share']}): "
+                     f"Acc {_pct(f['acc'])}  IoU {_pct(f['iou'])}  DICE {_pct(f['dice'])}")
+        lines.append(f"    best of mask/inverse (ReDO/IEM): Acc {_pct(b['acc'])}  IoU {_pct(b['iou'])}  "
+                     f"DICE {_pct(b['dice'])};  single channel {one['channel']} (least on the border): "
+                     f"Acc {_pct(one['acc'])}  IoU {_pct(one['iou'])}  DICE {_pct(one['dice'])}")
+    if "parts" in r:
+        p = r["parts"]
+        ious = ", ".join(_pct(v) for v in p["iou_per_label"])
+        lines.append(f"  parts: Acc {_pct(p['acc'])}  mIoU {_pct(p['miou'])}  (IoU per label: {ious}; "
+                     f"label->channel {p['match']})")
+    m = r["masks"]
+    if m.get("mask_entropy") is not None:
+        lines.append(f"  masks: entropy {m['mask_entropy']:.3f} of log K, soft shares {m['region_share']}, "
+                     f"label shares {m['label_share']}")
+    else:
+        lines.append(f"  label shares {m['label_share']}")
+    return "\n".join(lines)
+
+
+def write_reports(results: dict | list[dict], out: str | Path, markdown: str | Path | None = None) -> tuple[Path, Path]:
+    """JSON (`out`) and a Markdown table (`markdown`, default `out` with .md)."""
+    from fdm_train.checkpoint import atomic_write
+
+    out = Path(out)
+    md = Path(markdown) if markdown else out.with_suffix(".md")
+    rows = results if isinstance(results, list) else [results]
+    try:
+        atomic_write(out, (json.dumps(results, indent=1, default=_json_default) + "\n").encode())
+        atomic_write(md, markdown_table(rows).encode())
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return out, md
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = None, protocols=PROTOCOLS,
+             t: int = 30, seed: int = 0, ensemble: int = 1, batch_size: int = 16, size_mode: str = "upsample",
+             fg_channels: list[int] | None = None, num_labels: int | None = None, num_channels: int | None = None,
+             class_label: int | None = None, name: str | None = None,
+             progress: Callable[[int], None] | None = None) -> dict:
+    """Scores a model (`engine`) or a folder of label maps (`predictions`) on `evalset`."""
+    if (engine is None) == (predictions is None):
+        raise ValueError("give an engine or a predictions folder")
+    if engine is not None:
+        pred = predict_with_engine(engine, evalset, t=t, seed=seed, ensemble=ensemble, batch_size=batch_size,
+                                   size_mode=size_mode, class_label=class_label, progress=progress)
+        source = {"engine": getattr(engine, "name", "?"), "t": t, "seed": seed, "ensemble": ensemble,
+                  "model_size": pred.model_size, "variant": engine.config.variant,
+                  "resize": ("soft masks bilinear to the mask size, then argmax" if size_mode == "upsample"
+                             else "ground truth nearest to the model size")}
+    else:
+        pred = load_predictions(predictions, evalset, num_channels)
+        source = {"predictions": str(predictions),
+                  "resize": ("label maps nearest to the mask size" if size_mode == "upsample"
+                             else "ground truth nearest to the label maps' size")}
+    result = {"name": name or ("predictions" if engine is None else "model"), **source}
+    result.update(score(pred, evalset, protocols, size_mode=size_mode, fg_channels=fg_channels,
+                        num_labels=num_labels))
+    result["seconds"] = round(pred.seconds, 2)
+    result["images_dir"] = str(evalset.images_dir) if evalset.images_dir else None
+    result["masks_dir"] = str(evalset.masks_dir) if evalset.masks_dir else None
+    return result
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+__all__ = ["EvalSet", "LFW_LABELS", "PROTOCOLS", "Predictions", "SIZE_MODES", "describe_result", "evaluate",
+           "load_eval_set", "load_predictions", "markdown_table", "predict_with_engine", "read_mask", "score",
+           "write_reports"]
