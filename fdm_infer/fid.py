@@ -72,7 +72,9 @@ def load_inception(device: str | torch.device = "cpu", verify: bool = True) -> t
                             f"{INCEPTION_SHA1[:12]}...): reinstall with {INCEPTION_INSTALL}")
         _VERIFIED.add(path.resolve())
     try:
-        model = torch.jit.load(str(path), map_location=torch.device(device))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.10 deprecates TorchScript loading
+            model = torch.jit.load(str(path), map_location=torch.device(device))
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot load the Inception network {path}: {str(exc).splitlines()[0]}") from None
     return model.eval()

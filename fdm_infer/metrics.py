@@ -16,10 +16,10 @@ Foreground protocol (Flowers / CUB / ReDO-LFW): a binary prediction P and ground
   most present there and the foreground is every other channel (`choose_foreground_channels`; for
   K = 2 the same as DESIGN.md's "the channel least present on the border", which is reported beside
   it as the single-channel figure, `choose_foreground_channel`).
-  The ReDO / IEM figure is reported beside it: per image, the better (by IoU; a tie keeps the mask)
-  of the binary mask and its inverse, with Acc / IoU / DICE all taken from the chosen one. That
-  figure uses the labels to pick, so it is an upper bound for a binary split, not an unsupervised
-  score.
+  The ReDO / IEM figure is reported beside it: per image, each metric is the larger of its values
+  for the binary mask and for its inverse, taken separately per metric (as ReDO's evaluation code
+  does: `torch.max(acc(mask), acc(1 - mask))`, the same for IoU). That figure uses the labels to
+  pick, so it is an upper bound for a binary split, not an unsupervised score.
 
 Parts protocol (CelebAMask-HQ face parsing): a confusion matrix C[p, l] (pixels predicted as channel
   p with label l) is accumulated over the WHOLE set; the K predicted channels are matched one-to-one
@@ -117,10 +117,11 @@ def foreground_summary(per_image: list[BinaryCounts]) -> dict:
     """The set's foreground figures (fractions in [0, 1]):
       acc / iou / dice            mean over images, fixed foreground channel (the unsupervised score)
       pooled_iou / pooled_dice    counts summed over the set, then the ratio
-      best_of_inverse             {acc, iou, dice, inverted}: per image the better of mask and inverse
-                                  (ReDO / IEM), `inverted` = the fraction of images where the inverse won
+      best_of_inverse             {acc, iou, dice, inverted}: per image and per metric the larger of mask
+                                  and inverse (ReDO / IEM); `inverted` = the fraction of images whose
+                                  inverse has the higher IoU
     """
-    best = [c.inverse() if c.inverse().iou > c.iou else c for c in per_image]
+    inverse = [c.inverse() for c in per_image]
     tp = sum(c.tp for c in per_image)
     fp = sum(c.fp for c in per_image)
     fn = sum(c.fn for c in per_image)
@@ -133,10 +134,10 @@ def foreground_summary(per_image: list[BinaryCounts]) -> dict:
         "pooled_iou": pooled.iou,
         "pooled_dice": pooled.dice,
         "best_of_inverse": {
-            "acc": _mean(c.acc for c in best),
-            "iou": _mean(c.iou for c in best),
-            "dice": _mean(c.dice for c in best),
-            "inverted": _mean(float(b is not c) for b, c in zip(best, per_image)),
+            "acc": _mean(max(c.acc, i.acc) for c, i in zip(per_image, inverse)),
+            "iou": _mean(max(c.iou, i.iou) for c, i in zip(per_image, inverse)),
+            "dice": _mean(max(c.dice, i.dice) for c, i in zip(per_image, inverse)),
+            "inverted": _mean(float(i.iou > c.iou) for c, i in zip(per_image, inverse)),
         },
     }
 
