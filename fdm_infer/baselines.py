@@ -3,6 +3,7 @@
 * GrabCut (Rother et al. 2004; paper Tables 1-2): OpenCV's `cv2.grabCut` initialised with a centered
   rectangle (`margin` of the width / height on every side is definite background), 5 iterations,
   OpenCV's RNG seeded. Label maps: 0 background, 1 foreground (definite or probable).
+  `rectangle`: that initial rectangle alone as the prediction, the floor GrabCut starts from.
 * K-means on a plain DDPM's decoder features (the paper's "DatasetDDPM-unsup", Table 3; features as in
   Baranchuk et al., "Label-efficient semantic segmentation with diffusion models"): each image is
   resized whole to the model's S x S, noised to each t of `ts` with the seeded segmentation noise,
@@ -73,7 +74,7 @@ def grabcut_labels(image: np.ndarray, margin: float = 0.1, iterations: int = 5, 
     if not 0 <= margin < 0.5:
         raise UserError(f"the GrabCut margin must be in [0, 0.5), got {margin}")
     h, w = image.shape[:2]
-    x0, y0 = int(round(margin * w)), int(round(margin * h))
+    x0, y0 = round(margin * w), round(margin * h)
     rect = (x0, y0, max(1, w - 2 * x0), max(1, h - 2 * y0))
     mask = np.zeros((h, w), np.uint8)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
@@ -87,10 +88,19 @@ def grabcut_labels(image: np.ndarray, margin: float = 0.1, iterations: int = 5, 
     return np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
 
 
+def rectangle_labels(height: int, width: int, margin: float = 0.1) -> np.ndarray:
+    """GrabCut's initialisation alone, a sanity floor: 1 inside the centered rectangle, 0 outside."""
+    x0, y0 = round(margin * width), round(margin * height)
+    labels = np.zeros((height, width), np.uint8)
+    labels[y0:height - y0, x0:width - x0] = 1
+    return labels
+
+
 def run_grabcut(paths: Sequence[str | Path], out: str | Path, *, margin: float = 0.1, iterations: int = 5,
                 seed: int = 0, limit: int | None = None, warn: Callable[[str], None] | None = None,
-                progress: Callable[[int], None] | None = None) -> BaselineReport:
-    """Writes `<out>/<key>.png` (0/1 label map at the image's resolution) for every image under `paths`."""
+                progress: Callable[[int], None] | None = None, rectangle_only: bool = False) -> BaselineReport:
+    """Writes `<out>/<key>.png` (0/1 label map at the image's resolution) for every image under `paths`.
+    `rectangle_only`: the initial rectangle itself, without GrabCut."""
     from fdm_infer.segment import ensure_writable
     from fdm_train.data import load_rgb
 
@@ -107,13 +117,16 @@ def run_grabcut(paths: Sequence[str | Path], out: str | Path, *, margin: float =
             report.failed.append((str(item.path), f"not a readable image ({exc})"))
             warn(f"skipping {item.path}: not a readable image")
         else:
-            save_labels(grabcut_labels(image, margin, iterations, seed), out / f"{item.key}.png")
+            labels = (rectangle_labels(*image.shape[:2], margin) if rectangle_only
+                      else grabcut_labels(image, margin, iterations, seed))
+            save_labels(labels, out / f"{item.key}.png")
             report.written += 1
         if progress is not None:
             progress(1)
     report.seconds = time.perf_counter() - start
-    report.info = {"method": "grabcut", "margin": margin, "iterations": iterations, "seed": seed,
-                   "labels": "0 background, 1 foreground"}
+    report.info = ({"method": "rectangle", "margin": margin} if rectangle_only else
+                   {"method": "grabcut", "margin": margin, "iterations": iterations, "seed": seed})
+    report.info["labels"] = "0 background, 1 foreground"
     return report
 
 
@@ -323,6 +336,18 @@ def run_kmeans_ddpm(checkpoint: str | Path, paths: Sequence[str | Path], out: st
     return report
 
 
-__all__ = ["BaselineReport", "DEFAULT_KMEANS_TS", "KMeansDDPM", "decoder_features", "decoder_stages",
-           "fit_kmeans_ddpm", "grabcut_labels", "kmeans", "kmeans_ddpm_labels", "load_plain_model",
-           "run_grabcut", "run_kmeans_ddpm"]
+__all__ = [
+    "DEFAULT_KMEANS_TS",
+    "BaselineReport",
+    "KMeansDDPM",
+    "decoder_features",
+    "decoder_stages",
+    "fit_kmeans_ddpm",
+    "grabcut_labels",
+    "kmeans",
+    "kmeans_ddpm_labels",
+    "load_plain_model",
+    "rectangle_labels",
+    "run_grabcut",
+    "run_kmeans_ddpm",
+]

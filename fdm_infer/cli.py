@@ -220,7 +220,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_la
                f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {out}/interpolation.png")
 
 
-from fdm_infer.eval_cli import add_commands  # noqa: E402  (evaluate, baseline, fid)
+from fdm_infer.eval_cli import add_commands  # evaluate, baseline, fid
 
 add_commands(main_group)
 

@@ -109,7 +109,7 @@ def evaluate(engine_kind, checkpoint, model_file, device, images, masks, protoco
 
 
 @click.command()
-@click.argument("method", type=click.Choice(["grabcut", "kmeans-ddpm"]))
+@click.argument("method", type=click.Choice(["grabcut", "rectangle", "kmeans-ddpm"]))
 @click.option("--images", "images", required=True, multiple=True, type=click.Path(),
               help="Image files or folders (recursive); repeatable.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -134,22 +134,22 @@ def evaluate(engine_kind, checkpoint, model_file, device, images, masks, protoco
 def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages, pixels_per_image, batch_size,
              device, seed, limit, quiet):
     """Run a baseline segmentation and write its label maps: `grabcut` (OpenCV, centered-rectangle
-    initialisation: labels 0 background / 1 foreground) or `kmeans-ddpm` (K-means on a plain DDPM's
-    decoder features, the paper's DatasetDDPM-unsup: labels 0..K-1). Score them with
-    `fdm-infer evaluate --predictions OUT`."""
+    initialisation: labels 0 background / 1 foreground), `rectangle` (that initial rectangle alone: a
+    sanity floor) or `kmeans-ddpm` (K-means on a plain DDPM's decoder features, the paper's
+    DatasetDDPM-unsup: labels 0..K-1). Score them with `fdm-infer evaluate --predictions OUT`."""
     from fdm_infer.baselines import DEFAULT_KMEANS_TS, run_grabcut, run_kmeans_ddpm
     from fdm_infer.segment import collect_inputs
 
-    if method == "grabcut" and (checkpoint or ts or stages):
+    if method != "kmeans-ddpm" and (checkpoint or ts or stages):
         raise click.UsageError("--checkpoint / --t / --stage belong to kmeans-ddpm")
     if method == "kmeans-ddpm" and not checkpoint:
         raise click.UsageError("kmeans-ddpm needs --checkpoint (a plain U-Net DDPM)")
     total = len(collect_inputs(list(images), lambda _m: None, exclude=Path(out))[0])
     total = min(total, limit) if limit else total
-    if method == "grabcut":
-        with _bar(total, "grabcut", quiet) as bar:
+    if method in ("grabcut", "rectangle"):
+        with _bar(total, method, quiet) as bar:
             report = run_grabcut(images, out, margin=margin, iterations=iterations, seed=seed, limit=limit,
-                                 warn=_warn, progress=bar.update)
+                                 warn=_warn, progress=bar.update, rectangle_only=method == "rectangle")
     else:
         with _bar(2 * total, "kmeans-ddpm (fit, assign)", quiet) as bar:
             report = run_kmeans_ddpm(checkpoint, images, out, k=k, ts=ts or DEFAULT_KMEANS_TS, seed=seed,

@@ -18,6 +18,7 @@ Definitions and edge cases of the metrics: `fdm_infer.metrics`.
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -297,7 +298,7 @@ def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode
 # ----- reports -----
 
 def _pct(value) -> str:
-    return "–" if value is None or value != value else f"{100 * value:.1f}"
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -334,10 +335,27 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_figures(result: dict) -> dict:
+    """The headline figures of one result in percent (2 decimals): fg_acc / fg_iou / fg_dice,
+    fg_best_* (ReDO/IEM best of mask and inverse), parts_acc / parts_miou, mask statistics."""
+    out: dict = {}
+    if "foreground" in result:
+        f = result["foreground"]
+        b = f["best_of_inverse"]
+        out.update(fg_acc=100 * f["acc"], fg_iou=100 * f["iou"], fg_dice=100 * f["dice"], fg_best_acc=100 * b["acc"],
+                   fg_best_iou=100 * b["iou"], fg_best_dice=100 * b["dice"], fg_channels=f["channels"])
+    if "parts" in result:
+        out.update(parts_acc=100 * result["parts"]["acc"], parts_miou=100 * result["parts"]["miou"])
+    m = result.get("masks", {})
+    out.update(mask_entropy=m.get("mask_entropy"), region_share=m.get("region_share"),
+               label_share=m.get("label_share"))
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out.items()}
+
+
 def describe_result(r: dict) -> str:
     """A few lines for the terminal."""
-    lines = [f"{r.get('name', 'evaluation')}: {r['images']} image(s), K={r['num_channels']}, "
-             f"scored at {r['scored_at']} ({r['size_mode']})"]
+    lines = [(f"{r.get('name', 'evaluation')}: {r['images']} image(s), K={r['num_channels']}, "
+             f"scored at {r['scored_at']} ({r['size_mode']})")]
     if "foreground" in r:
         f, b = r["foreground"], r["foreground"]["best_of_inverse"]
         one = f["single_channel"]
@@ -419,6 +437,20 @@ def _one_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-__all__ = ["EvalSet", "LFW_LABELS", "PROTOCOLS", "Predictions", "SIZE_MODES", "describe_result", "evaluate",
-           "load_eval_set", "load_predictions", "markdown_table", "predict_with_engine", "read_mask", "score",
-           "write_reports"]
+__all__ = [
+    "LFW_LABELS",
+    "PROTOCOLS",
+    "SIZE_MODES",
+    "EvalSet",
+    "Predictions",
+    "describe_result",
+    "evaluate",
+    "load_eval_set",
+    "load_predictions",
+    "markdown_table",
+    "predict_with_engine",
+    "read_mask",
+    "score",
+    "summary_figures",
+    "write_reports",
+]

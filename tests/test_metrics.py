@@ -10,9 +10,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import LFW_VAL
+from infer_helpers import make_checkpoint, run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
-from conftest import LFW_VAL
 from fdm_infer.metrics import (
     BinaryCounts,
     ForegroundAccumulator,
@@ -26,10 +27,8 @@ from fdm_infer.metrics import (
     hungarian_match,
     parts_scores,
 )
-from infer_helpers import make_checkpoint, run_infer, tiny_checkpoint_fixture
 
 tiny_checkpoint = tiny_checkpoint_fixture()
-needs_lfw = pytest.mark.skipif(not (LFW_VAL / "masks").is_dir(), reason="LFW val set not found (../shared/data)")
 
 
 # ----- foreground: hand-computed cases -----
@@ -211,7 +210,7 @@ def lfw_subset(tmp_path_factory):
 
 
 def test_evaluate_model_json_and_markdown(lfw_subset, tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    root, names = lfw_subset
+    root, _names = lfw_subset
     out = tmp_path / "r.json"
     r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, "--images", root / "images",
                   "--masks", root / "masks", "--out", out, "-q")
@@ -315,6 +314,14 @@ def test_grabcut_smoke_on_two_images(lfw_subset, tmp_path, capsys, monkeypatch):
         assert lab.shape == (128, 128) and set(np.unique(lab)) <= {0, 1} and lab.any()
 
 
+def test_rectangle_baseline_is_the_grabcut_initialisation():
+    from fdm_infer.baselines import rectangle_labels
+
+    lab = rectangle_labels(10, 20, margin=0.1)
+    assert lab.sum() == (10 - 2) * (20 - 4) and lab[0].sum() == 0 and lab[5, 2] == 0 and lab[5, 3] == 0
+    assert lab[1, 2] == 1 and lab[8, 17] == 1
+
+
 def test_grabcut_finds_a_clear_object():
     pytest.importorskip("cv2")
     from fdm_infer.baselines import grabcut_labels
@@ -340,7 +347,7 @@ def test_kmeans_recovers_separated_clusters():
 
 
 def test_kmeans_ddpm_pipeline_on_a_tiny_plain_model(lfw_subset, tmp_path, capsys, monkeypatch):
-    root, names = lfw_subset
+    root, _names = lfw_subset
     plain = tmp_path / "plain.safetensors"
     make_checkpoint(plain, variant="plain")
     out = tmp_path / "km"

@@ -53,19 +53,19 @@ START = time.time()
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
 DATA = ROOT / "data_cache" / "lfw_gpu"
 WORK = ROOT / "runs" / "lfw_gpu"
 SOURCE = ROOT.parent / "shared" / "data" / "lfw"
 
 # The model: <= 8 M parameters so that its EMA weights in bf16 fit in 16 MB (5.8 M -> 11.6 MB).
-MODEL = dict(image_size=64, base_channels=48, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-             attention_resolutions=(16, 8), head_channels=32, num_regions=3)
-TINY = dict(image_size=64, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-            attention_resolutions=(), head_channels=16, num_regions=3)
+MODEL = {"image_size": 64, "base_channels": 48, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 1,
+         "attention_resolutions": (16, 8), "head_channels": 32, "num_regions": 3}
+TINY = {"image_size": 64, "base_channels": 16, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
+        "attention_resolutions": (), "head_channels": 16, "num_regions": 3}
 PAPER = {"celeba_parts": {"acc": 87.9, "miou": 80.3}, "flowers_fg": {"acc": 90.1, "iou": 79.7, "dice": 87.2}}
 
 LOG_FILE = None
@@ -200,18 +200,9 @@ def log_throughput(run_dir: Path) -> dict:
 
 def compact(result: dict) -> dict:
     """The figures of one evaluation, in percent."""
-    out = {}
-    if "foreground" in result:
-        f = result["foreground"]
-        out.update(fg_acc=100 * f["acc"], fg_iou=100 * f["iou"], fg_dice=100 * f["dice"],
-                   fg_best_acc=100 * f["best_of_inverse"]["acc"], fg_best_iou=100 * f["best_of_inverse"]["iou"],
-                   fg_best_dice=100 * f["best_of_inverse"]["dice"], fg_channels=f["channels"])
-    if "parts" in result:
-        out.update(parts_acc=100 * result["parts"]["acc"], parts_miou=100 * result["parts"]["miou"])
-    m = result.get("masks", {})
-    out.update(mask_entropy=m.get("mask_entropy"), region_share=m.get("region_share"),
-               label_share=m.get("label_share"))
-    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out.items()}
+    from fdm_infer.evaluate import summary_figures
+
+    return summary_figures(result)
 
 
 def evaluate_checkpoint(path: Path, evalset, t: int, device: str, batch_size: int = 256) -> dict:
@@ -505,14 +496,14 @@ def summary_table(results: dict) -> str:
     fdm, sweep = results["fdm"], results["fdm"]["t_sweep"]
     c = fdm["final_compact"]
     k = results["kmeans_ddpm"]["compact"]
-    lines = [f"LFW val, {c.get('fg_channels')} as foreground; fdm {fdm['steps']} steps x {fdm['batch_size']} "
+    lines = [(f"LFW val, {c.get('fg_channels')} as foreground; fdm {fdm['steps']} steps x {fdm['batch_size']} "
              f"({fdm['train_seconds']:.0f} s, {fdm.get('images_per_s_median')} img/s), plain {results['plain']['steps']} "
-             f"steps ({results['plain']['train_seconds']:.0f} s, {results['plain'].get('images_per_s_median')} img/s)",
+             f"steps ({results['plain']['train_seconds']:.0f} s, {results['plain'].get('images_per_s_median')} img/s)"),
              "",
              "| method | FG Acc | FG IoU | FG DICE | best-of-inverse IoU | Parts Acc | Parts mIoU | mask entropy |",
              "|---|---|---|---|---|---|---|---|",
-             f"| ours (factorized, t={fdm['t']}) | {_f(c['fg_acc'])} | {_f(c['fg_iou'])} | {_f(c['fg_dice'])} | "
-             f"{_f(c['fg_best_iou'])} | {_f(c['parts_acc'])} | {_f(c['parts_miou'])} | {c['mask_entropy']} |"]
+             (f"| ours (factorized, t={fdm['t']}) | {_f(c['fg_acc'])} | {_f(c['fg_iou'])} | {_f(c['fg_dice'])} | "
+             f"{_f(c['fg_best_iou'])} | {_f(c['parts_acc'])} | {_f(c['parts_miou'])} | {c['mask_entropy']} |")]
     if sweep:
         best = max(sweep, key=lambda r: r["parts_miou"])
         lines.append(f"| ours, best t by parts mIoU (t={best['t']}) | {_f(best['fg_acc'])} | {_f(best['fg_iou'])} | "
@@ -530,7 +521,7 @@ def summary_table(results: dict) -> str:
                  f"{p['flowers_fg']['dice']} | – | {p['celeba_parts']['acc']} | {p['celeba_parts']['miou']} | – |")
     lines += ["", "t sweep (ours): " + "  ".join(f"t={r['t']}: mIoU {_f(r['parts_miou'])}/FG IoU {_f(r['fg_iou'])}"
                                                 for r in sweep),
-              "curve (ours, t=%d): " % fdm["t"] + "  ".join(f"{r['step']}: {_f(r.get('parts_miou'))}"
+              f"curve (ours, t={fdm['t']}): " + "  ".join(f"{r['step']}: {_f(r.get('parts_miou'))}"
                                                            for r in fdm["curve"]),
               "FID: pending (CPU): fdm-infer fid --generated samples_fdm.npy / samples_plain.npy (see README)"]
     return "\n".join(lines) + "\n"

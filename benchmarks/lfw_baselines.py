@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""The baselines of issue 7 on the LFW val set, scored by the evaluator of `fdm-infer evaluate`:
+
+  rectangle     GrabCut's initial centered rectangle (10% margins) alone: the floor GrabCut starts from
+  grabcut       OpenCV GrabCut from that rectangle, 5 iterations (CPU)
+  kmeans-ddpm   K-means (K=3) on a plain DDPM's decoder features (t = 50, 150, 250): needs a trained plain
+                U-Net checkpoint (--plain-checkpoint; from benchmarks/lfw_gpu), else recorded as pending
+
+Writes benchmarks/results/lfw_baselines.json (every figure, the confusion matrices, timings) and
+lfw_baselines.md (the table and how to read it). The label maps go to --work (default runs/lfw_baselines/<method>).
+
+    python benchmarks/lfw_baselines.py [--plain-checkpoint plain_ema_bf16.safetensors] [--only kmeans-ddpm]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fdm_infer.baselines import run_grabcut, run_kmeans_ddpm
+from fdm_infer.evaluate import describe_result, evaluate, load_eval_set, markdown_table, summary_figures
+
+LFW = ROOT.parent / "shared" / "data" / "lfw" / "val"
+METHODS = ("rectangle", "grabcut", "kmeans-ddpm")
+NAMES = {"rectangle": "centered rectangle (10% margins)", "grabcut": "GrabCut (OpenCV, rectangle 10% margins, 5 it.)",
+         "kmeans-ddpm": "K-means-DDPM (K=3, plain DDPM decoder features, t=50/150/250)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", default=str(LFW / "images"))
+    parser.add_argument("--masks", default=str(LFW / "masks"))
+    parser.add_argument("--plain-checkpoint", default=None, help="a plain U-Net DDPM for kmeans-ddpm")
+    parser.add_argument("--only", choices=METHODS, action="append", help="run these methods only (repeatable); "
+                        "the others keep their recorded results")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "lfw_baselines"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lfw_baselines"))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    out_json = Path(args.out).with_suffix(".json")
+    record = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    evalset = load_eval_set(args.images, args.masks)
+    for method in args.only or METHODS:
+        folder = Path(args.work) / method
+        t0 = time.perf_counter()
+        if method == "kmeans-ddpm":
+            if not args.plain_checkpoint:
+                record.setdefault(method.replace("-", "_"), {"status": "pending: needs a trained plain U-Net DDPM "
+                                                             "(benchmarks/lfw_gpu, plain_ema_bf16.safetensors)"})
+                print("kmeans-ddpm: pending (no --plain-checkpoint)")
+                continue
+            report = run_kmeans_ddpm(args.plain_checkpoint, [args.images], folder, device=args.device)
+        else:
+            report = run_grabcut([args.images], folder, rectangle_only=method == "rectangle")
+        seconds = time.perf_counter() - t0
+        result = evaluate(evalset, predictions=folder, name=NAMES[method])
+        result["method"] = {**report.info, "seconds": round(seconds, 1), "images_per_s": round(report.written / seconds, 1),
+                            "machine": f"{platform.machine()} CPU" if args.device in ("auto", "cpu") else args.device}
+        record[method.replace("-", "_")] = {"compact": summary_figures(result), "result": result}
+        print(describe_result(result))
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(record, indent=1) + "\n")
+    rows = [r["result"] for r in record.values() if "result" in r]
+    table = markdown_table(rows)
+    pending = [k for k, r in record.items() if "result" not in r]
+    timing = "; ".join(f"{r['result']['method']['method']} {r['result']['method']['images_per_s']} images/s"
+                       for r in record.values() if "result" in r)
+    Path(args.out).with_suffix(".md").write_text(REPORT.format(
+        n=len(evalset), table=table, timing=timing,
+        pending="".join(f"\n  * `{k}`: {record[k]['status']}" for k in pending) or " none"))
+    print(table)
+
+
+REPORT = """# LFW baselines (issue 7)
+
+LFW val, {n} images (../shared/data/lfw/val; 128x128 images and masks: 0 background, 1 skin, 2 hair), scored by
+`fdm-infer evaluate --predictions` (fdm_infer/evaluate.py, fdm_infer/metrics.py). Written by
+`python benchmarks/lfw_baselines.py`; every figure, confusion matrix and timing is in lfw_baselines.json.
+
+{table}
+* Figures in percent. Foreground = skin + hair (as ReDO scores LFW); FG Acc / IoU / DICE are means over images,
+  the foreground channels chosen without labels (the background is the channel most present on the image
+  border over the set). "best-of-inverse" is the ReDO / IEM figure: per image and per metric, the better of the
+  mask and its inverse (it looks at the labels).
+* Parts: pixel accuracy and mIoU over {{background, skin, hair}} after Hungarian matching of the predicted
+  channels to the labels on the confusion matrix of the whole set. A 2-label method (GrabCut, the rectangle)
+  can match only 2 of the 3 labels: hair gets IoU 0 and its pixels count as wrong, which caps its parts mIoU;
+  that is the protocol, not a bug.
+* The label maps are at 128x128 (the images' resolution), so no resizing takes place.
+* Speed: {timing} (this project's 2-core CPU machine, shared).
+* Pending:{pending}
+"""
+
+
+if __name__ == "__main__":
+    main()
