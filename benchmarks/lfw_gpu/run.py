@@ -27,7 +27,7 @@ resumed exactly from the last chunk's checkpoint).
   finish       train-plain + final in one call (the plain run leaves --final-reserve-s for final).
   all          pack (if missing) + train-fdm + finish in one process: the CPU dry run, e.g.
                python benchmarks/lfw_gpu/run.py all --tiny --batch-size 8 --max-steps 20 --eval-every 10
-                 --first-chunk 10 --eval-limit 16 --final-limit 16 --samples 8 --sample-steps 4
+                 --first-chunk 5 --early-evals 5 --eval-limit 16 --final-limit 16 --samples 8 --sample-steps 4
                  --sample-batch 8 --t-list 0,30 --budget-s 900 --out /tmp/lfw_dry
   plot         redraws curves.png beside a results.json.
 
@@ -238,16 +238,19 @@ def setup(args, phase: str) -> torch.device:
 # ----- training in chunks with the fdm-train loop -----
 
 def train_chunks(args, cfg, cache: Path, run_dir: Path, target: int, deadline: float, reserve: float,
-                 chunk: int, on_chunk=None, start_step: int = 0, train_s: float = 0.0) -> tuple[int, float]:
+                 chunk: int, on_chunk=None, start_step: int = 0, train_s: float = 0.0,
+                 early: tuple[int, ...] = ()) -> tuple[int, float]:
     """Trains `run_dir` from `start_step` towards `target` steps in chunks (each a `fdm_train.train.train`
     call that resumes the last one exactly), never starting a chunk that would end after
-    `deadline - reserve` (the last one is shortened to fit). `on_chunk(step, train_s, ms_per_step)` runs
-    after each chunk; its time counts against the budget too. Returns (steps reached, training seconds)."""
+    `deadline - reserve` (the last one is shortened to fit). Chunks end at the `early` steps and at
+    multiples of `chunk`. `on_chunk(step, train_s, ms_per_step)` runs after each chunk; its time counts
+    against the budget too. Returns (steps reached, training seconds)."""
     from fdm_train.train import train
 
     step, per_step, extra_s = start_step, None, 0.0
     while step < target:
-        n = min(chunk - step % chunk, target - step)
+        stop = min([e for e in early if e > step] + [(step // chunk + 1) * chunk])
+        n = min(stop - step, target - step)
         if per_step is None:
             n = min(n, args.first_chunk)
         else:
@@ -329,7 +332,7 @@ def train_fdm(args) -> dict:
             f" | eval {time.time() - t0:.1f} s")
 
     step, train_s = train_chunks(args, cfg, cache, run_dir, args.max_steps, deadline, args.reserve_s,
-                                 args.eval_every, evaluate_chunk, start_step, train_s)
+                                 args.eval_every, evaluate_chunk, start_step, train_s, tuple(args.early_evals))
     slim = run_dir / "ema_bf16.safetensors"
     s = slim_checkpoint(run_dir / "checkpoint.safetensors", slim, "bf16")
     record = {"config": json.loads(cfg.to_json()), "model": info, "steps": step, "batch_size": args.batch_size,
@@ -593,7 +596,9 @@ def main() -> None:
                         help="finish: kept for evaluation and sampling after the plain run")
     parser.add_argument("--max-steps", type=int, default=200_000)
     parser.add_argument("--first-chunk", type=int, default=200, help="steps of the first (timing) chunk")
-    parser.add_argument("--eval-every", type=int, default=500, help="curve: evaluate every N steps")
+    parser.add_argument("--eval-every", type=int, default=1000, help="curve: evaluate every N steps")
+    parser.add_argument("--early-evals", type=int_list, default=[200, 500],
+                        help="curve: also evaluate at these steps (comma-separated)")
     parser.add_argument("--plain-chunk", type=int, default=2000)
     parser.add_argument("--eval-limit", type=int, default=None, help="curve: the first N val images")
     parser.add_argument("--final-limit", type=int, default=None, help="finish: the first N val images (dry runs)")
