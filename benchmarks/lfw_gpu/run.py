@@ -282,9 +282,9 @@ def save_phase(name: str, record: dict, files: dict[str, Path], out: Path) -> No
 
 
 def find_phase(args, name: str, checkpoint: str) -> tuple[dict, Path]:
-    """(record, EMA bf16 checkpoint) of a finished phase: runs/lfw_gpu/<name> (the same machine), else
-    --from DIR or data_cache/lfw_gpu/from_gpu/ (its $OUT files copied back and carried again)."""
-    places = [WORK / name] + ([Path(args.from_dir)] if args.from_dir else []) + [DATA / "from_gpu"]
+    """(record, EMA bf16 checkpoint) of a finished phase, from --from DIR if given, else runs/lfw_gpu/<name>
+    (the same machine), else data_cache/lfw_gpu/from_gpu/ (its $OUT files copied back and carried again)."""
+    places = ([Path(args.from_dir)] if args.from_dir else []) + [WORK / name, DATA / "from_gpu"]
     for folder in places:
         for ckpt in (folder / "ema_bf16.safetensors", folder / checkpoint):
             if (folder / f"{name}.json").is_file() and ckpt.is_file():
