@@ -251,6 +251,27 @@ def test_evaluate_downsample_mode_and_one_protocol(lfw_subset, tiny_checkpoint, 
     assert result["images"] == 4 and result["parts"]["pixels"] == 4 * 32 * 32
 
 
+def test_evaluate_with_the_onnx_engine_matches_torch(lfw_subset, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from fdm_export.onnx_export import export_onnx
+
+    root, _ = lfw_subset
+    onnx_file = tmp_path / "tiny.onnx"
+    export_onnx(tiny_checkpoint, onnx_file, check=False)
+    results = {}
+    for engine, flag, path in (("torch", "--checkpoint", tiny_checkpoint), ("onnx", "--model", onnx_file)):
+        out = tmp_path / f"{engine}.json"
+        r = run_infer(capsys, monkeypatch, "evaluate", "--engine", engine, flag, path, "--images", root / "images",
+                      "--masks", root / "masks", "--limit", "4", "--out", out, "-q")
+        assert r.code == 0, r.err
+        results[engine] = json.loads(out.read_text())
+    a, b = results["torch"], results["onnx"]
+    assert a["parts"]["confusion"] == b["parts"]["confusion"]
+    assert a["foreground"]["channels"] == b["foreground"]["channels"]
+    assert a["masks"]["mask_entropy"] == pytest.approx(b["masks"]["mask_entropy"], abs=1e-3)
+
+
 def test_evaluate_ground_truth_as_predictions_is_perfect(lfw_subset, tmp_path, capsys, monkeypatch):
     root, names = lfw_subset
     preds = tmp_path / "preds"
