@@ -267,7 +267,8 @@ def test_evaluate_with_the_onnx_engine_matches_torch(lfw_subset, tiny_checkpoint
         assert r.code == 0, r.err
         results[engine] = json.loads(out.read_text())
     a, b = results["torch"], results["onnx"]
-    assert a["parts"]["confusion"] == b["parts"]["confusion"]
+    # the same up to argmax near-ties (float differences ~1e-6): a handful of pixels of 4 x 128 x 128 at most
+    assert np.abs(np.array(a["parts"]["confusion"]) - np.array(b["parts"]["confusion"])).sum() <= 20
     assert a["foreground"]["channels"] == b["foreground"]["channels"]
     assert a["masks"]["mask_entropy"] == pytest.approx(b["masks"]["mask_entropy"], abs=1e-3)
 
