@@ -200,12 +200,35 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_pred: int, num_labels
 
 def hungarian_match(conf: np.ndarray) -> dict[int, int]:
     """{label: predicted channel}, one-to-one, maximising the matched pixels sum_l C[match(l), l].
-    min(K, L) pairs; ties are broken by scipy's linear_sum_assignment (deterministic)."""
-    from scipy.optimize import linear_sum_assignment
-
+    min(K, L) pairs, by scipy.optimize.linear_sum_assignment (deterministic ties). Without scipy, an
+    exhaustive search over the assignments gives the same optimum (for min(K, L) <= 8)."""
     conf = np.asarray(conf)
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        return _exhaustive_match(conf)
     rows, cols = linear_sum_assignment(conf, maximize=True)
     return {int(label): int(channel) for channel, label in zip(rows, cols)}
+
+
+def _exhaustive_match(conf: np.ndarray) -> dict[int, int]:
+    import itertools
+
+    k, n = conf.shape
+    if min(k, n) > 8:
+        raise ImportError("matching more than 8 regions needs scipy (pip install scipy)")
+    best, best_total = {}, -1
+    if k >= n:  # choose a distinct channel for every label
+        for channels in itertools.permutations(range(k), n):
+            total = sum(int(conf[c, lab]) for lab, c in enumerate(channels))
+            if total > best_total:
+                best, best_total = {lab: c for lab, c in enumerate(channels)}, total
+    else:  # choose a distinct label for every channel
+        for labels in itertools.permutations(range(n), k):
+            total = sum(int(conf[c, lab]) for c, lab in enumerate(labels))
+            if total > best_total:
+                best, best_total = {lab: c for c, lab in enumerate(labels)}, total
+    return best
 
 
 def parts_scores(conf: np.ndarray, present_only: bool = True) -> dict:

