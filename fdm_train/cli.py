@@ -15,14 +15,17 @@ def model_options(f):
                      help="Number of regions K (preset: 3).")(f)
     f = click.option("--image-size", type=click.IntRange(8), default=None, help="Override the preset's resolution.")(f)
     f = click.option("--channels", type=click.IntRange(8), default=None, help="Override the base width C.")(f)
+    f = click.option("--region-codes/--no-region-codes", default=None,
+                     help="Give each decoder branch a learned code in its embedding (shared weights, "
+                          "branches that can differ) [preset: off].")(f)
     f = click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
                      help="Model size: paper-64/paper-128 as in the paper, small-*/tiny-* for CPUs.")(f)
     return f
 
 
-def config_from(preset_name, variant, regions, image_size, channels, **extra):
+def config_from(preset_name, variant, regions, image_size, channels, region_codes=None, **extra):
     return preset(preset_name, variant=variant, num_regions=regions, image_size=image_size,
-                  base_channels=channels, **extra)
+                  base_channels=channels, region_codes=region_codes, **extra)
 
 
 @click.group(cls=DefaultGroup, default_command="train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,13 +67,25 @@ def main_group():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK).")
-def train(data, out, preset, variant, regions, image_size, channels, dropout, class_cond, resume, compile_,
-          **kwargs):
+@click.option("--t-power", type=click.FloatRange(0.1, 10), default=1.0, show_default=True,
+              help="Training timesteps t = floor(T u^P), u uniform: 1 is the paper's uniform t, 2 draws half "
+                   "of them below T/4, where segmentation is read.")
+@click.option("--mask-shaping-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="Steps over which the mask shaping below anneals linearly to the plain recipe.")
+@click.option("--mask-entropy", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Weight of a per-pixel mask entropy penalty (sharper masks), annealed to 0.")
+@click.option("--mask-temperature", type=click.FloatRange(0.01, 100), default=1.0, show_default=True,
+              help="Mask softmax temperature at step 0, annealed to 1.")
+@click.option("--hard-masks", is_flag=True, help="Straight-through Gumbel one-hot masks while shaping.")
+@click.option("--mask-init-scale", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Scale of the mask head's initial last-layer weights.")
+def train(data, out, preset, variant, regions, image_size, channels, region_codes, dropout, class_cond, resume,
+          compile_, **kwargs):
     """Train on every jpg/png/webp under --data with the plain denoising loss.
     Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
     from fdm_train.train import TrainOptions, train as run_training
 
-    cfg = config_from(preset, variant, regions, image_size, channels, dropout=dropout)
+    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, dropout=dropout)
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
                                         compile=compile_, **kwargs))
@@ -99,12 +114,12 @@ def prepare_data(folder, output, size, workers):
 
 @main_group.command()
 @model_options
-def info(preset, variant, regions, image_size, channels):
+def info(preset, variant, regions, image_size, channels, region_codes):
     """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter)."""
     from fdm_train.model import build_model, count_flops, count_parameters
     import torch
 
-    cfg = config_from(preset, variant, regions, image_size, channels)
+    cfg = config_from(preset, variant, regions, image_size, channels, region_codes)
     with torch.device("meta"):
         params = count_parameters(build_model(cfg))
     click.echo(f"preset:     {preset} ({cfg.variant}, K={cfg.num_regions if cfg.variant != 'plain' else 1}, "

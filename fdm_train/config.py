@@ -21,6 +21,7 @@ class ModelConfig:
     num_regions: int = 3  # K
     num_classes: int = 0  # 0 = unconditional
     variant: str = "factorized"
+    region_codes: bool = False  # a learned per-branch code in the shared decoder's embedding
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))

@@ -34,19 +34,20 @@ class GaussianDiffusion:
         abar = self._at(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The timesteps t ~ U{0..T-1} and noise ~ N(0, I) the loss uses for the batch x0. A trainer that
-        fixes them itself (data-parallel training hands each rank its rows of the global batch's draws)
-        overrides this."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        return t, noise
+    def sample_timesteps(self, n: int, device=None, generator: torch.Generator | None = None,
+                         power: float = 1.0) -> torch.Tensor:
+        """n training timesteps: uniform on {0..T-1} (the paper), or t = floor(T u^power), u ~ U(0, 1),
+        which for power > 1 draws the low and middle t (where segmentation is read) more often."""
+        if power == 1.0:
+            return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
+        u = torch.rand(n, device=device, generator=generator, dtype=torch.float64)
+        return (u.pow(power) * self.num_timesteps).long().clamp_(max=self.num_timesteps - 1)
 
-    def loss(self, model: Denoiser, x0: torch.Tensor, y: torch.Tensor | None = None,
-             generator: torch.Generator | None = None):
-        """Simple denoising loss ||eps - eps_hat||^2 (eq. 8). Returns (loss, masks)."""
-        t, noise = self.draw(x0, generator)
-        eps, masks = model(self.q_sample(x0, t, noise), t, y)
+    def loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             y: torch.Tensor | None = None):
+        """Simple denoising loss ||eps - eps_hat||^2 (eq. 8) at the given timesteps and noise.
+        Returns (loss, masks)."""
+        eps, masks = model(self.q_sample(x0, t, noise.to(x0.dtype)), t, y)
         return F.mse_loss(eps.float(), noise.float()), masks
 
     # ----- reverse process -----

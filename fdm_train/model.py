@@ -194,6 +194,11 @@ class FactorizedUNet(nn.Module):
             self.decoders = nn.ModuleList(UpStack(cfg, emb_dim, skips, ch, out) for _ in range(k))
         else:
             self.decoder = UpStack(cfg, emb_dim, skips, ch, out, extra=k if cfg.variant == "concat" else 0)
+        # A learned code per branch, added to the shared decoder's embedding: the branches can then
+        # compute different functions (a mixture of experts gated by the masks) with shared weights.
+        self.region_codes = nn.Embedding(k, emb_dim) if cfg.region_codes and cfg.variant == "factorized" else None
+        self.mask_temperature = 1.0  # training-time mask shaping (see masks_from_logits)
+        self.hard_masks = False
 
     @property
     def num_regions(self) -> int:
@@ -207,6 +212,24 @@ class FactorizedUNet(nn.Module):
             emb = emb + self.label_embed(y)
         return emb
 
+    def masks_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over K at `mask_temperature`; with `hard_masks` (training only) a straight-through
+        Gumbel sample: one-hot forward, the soft gradient backward."""
+        soft = (logits.float() / self.mask_temperature).softmax(dim=1)
+        if not (self.hard_masks and self.training):
+            return soft
+        gumbel = -torch.empty_like(soft).exponential_().log()
+        index = (logits.float() / self.mask_temperature + gumbel).argmax(1, keepdim=True)
+        hard = torch.zeros_like(soft).scatter_(1, index, 1.0)
+        return hard + soft - soft.detach()
+
+    def branch_embedding(self, emb: torch.Tensor, k: int) -> torch.Tensor:
+        """The embedding of each of the B*K decoder branches (sample-major, as masked_skip orders them)."""
+        emb = emb.repeat_interleave(k, 0)
+        if self.region_codes is not None:
+            emb = emb + self.region_codes.weight.to(emb.dtype).repeat(emb.shape[0] // k, 1)
+        return emb
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
         """Returns eps [B,C,H,W] and the full-resolution soft masks [B,K,H,W] (ones for 'plain')."""
         emb = self.embed(t, y)
@@ -216,13 +239,13 @@ class FactorizedUNet(nn.Module):
         if variant == "plain":
             eps = self.decoder(h_mid, skips, emb)
             return eps, torch.ones_like(x[:, :1])
-        masks = self.mask_generator(h_mid, skips, emb).float().softmax(dim=1)
+        masks = self.masks_from_logits(self.mask_generator(h_mid, skips, emb))
         pyramid = mask_pyramid(masks, [s.shape[-2:] for s in skips])
         k = masks.shape[1]
         if variant == "factorized":
             # All K branches in one decoder call on B*K samples.
             gated = [masked_skip(s, pyramid[tuple(s.shape[-2:])]) for s in skips]
-            eps_k = self.decoder(h_mid.repeat_interleave(k, 0), gated, emb.repeat_interleave(k, 0))
+            eps_k = self.decoder(h_mid.repeat_interleave(k, 0), gated, self.branch_embedding(emb, k))
             return masked_sum(eps_k, masks), masks
         if variant == "mask-mid":
             gated_mid = masked_skip(h_mid, pyramid[tuple(h_mid.shape[-2:])])
@@ -247,12 +270,13 @@ class FactorizedUNet(nn.Module):
         emb = self.embed(t, y)
         skips = self.encoder(x, emb)
         h_mid = self.middle(skips[-1], emb)
-        masks = self.mask_generator(h_mid, skips, emb).float().softmax(dim=1)
+        masks = self.masks_from_logits(self.mask_generator(h_mid, skips, emb))
         eps = 0
         for i in range(masks.shape[1]):
             m = masks[:, i:i + 1]
             gated = [s * F.adaptive_avg_pool2d(m, s.shape[-2:]).to(s.dtype) for s in skips]
-            eps = eps + self.decoder(h_mid, gated, emb) * m
+            code = self.region_codes.weight[i].to(emb.dtype) if self.region_codes is not None else 0
+            eps = eps + self.decoder(h_mid, gated, emb + code) * m
         return eps, masks
 
 

@@ -94,6 +94,13 @@ class TrainOptions:
     grad_accum: int | None = None  # or: the number of micro-batches per device and step
     workers: int | None = None  # DataLoader worker processes per device (None: from the CPU count)
     compile: bool = False  # torch.compile the model
+    # The recipe for making masks emerge (defaults: the paper's plain denoising recipe).
+    t_power: float = 1.0  # training t = floor(T u^p): 1 = uniform, >1 favours low/middle t
+    mask_shaping_steps: int = 0  # steps over which the shaping below anneals away
+    mask_entropy: float = 0.0  # weight of the per-pixel mask entropy penalty, annealed to 0
+    mask_temperature: float = 1.0  # softmax temperature at step 0, annealed to 1
+    hard_masks: bool = False  # straight-through Gumbel one-hot masks while shaping
+    mask_init_scale: float = 1.0  # scales the initial weights of the mask head's last layer
 
 
 def pick_device(name: str) -> torch.device:
@@ -190,8 +197,9 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
-def step_draws(seed: int, step: int, start: int, stop: int, shape: tuple[int, ...], num_timesteps: int,
-               device: torch.device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def step_draws(seed: int, step: int, start: int, stop: int, shape: tuple[int, ...], diffusion: GaussianDiffusion,
+               device: torch.device, generator: torch.Generator | None = None,
+               t_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(t [stop-start], noise [stop-start, *shape]) for rows [start, stop) of step `step`'s global batch.
 
     Row i depends only on (seed, step, i): the global batch's rows are drawn in chunks of NOISE_CHUNK
@@ -202,22 +210,24 @@ def step_draws(seed: int, step: int, start: int, stop: int, shape: tuple[int, ..
     ts, noises = [], []
     for chunk in range(first, last + 1):
         g.manual_seed(_seed("noise", seed, step, chunk))
-        ts.append(torch.randint(0, num_timesteps, (NOISE_CHUNK,), device=device, generator=g))
+        ts.append(diffusion.sample_timesteps(NOISE_CHUNK, device, g, t_power))
         noises.append(torch.randn((NOISE_CHUNK, *shape), device=device, generator=g))
     lo, hi = start - first * NOISE_CHUNK, stop - first * NOISE_CHUNK
     return torch.cat(ts)[lo:hi], torch.cat(noises)[lo:hi]
 
 
-class _GivenDraws(GaussianDiffusion):
-    """The DDPM loss with the (t, noise) the training loop hands it for the next batch."""
-    given: tuple[torch.Tensor, torch.Tensor] | None = None
+def mask_shaping(opts: TrainOptions, step: int) -> tuple[float, float, bool]:
+    """(entropy weight, softmax temperature, hard masks) at `step`: linear from the options' values to
+    the plain recipe (0, 1, soft) over `mask_shaping_steps`."""
+    if step >= opts.mask_shaping_steps:
+        return 0.0, 1.0, False
+    left = 1 - step / opts.mask_shaping_steps
+    return opts.mask_entropy * left, 1 + (opts.mask_temperature - 1) * left, opts.hard_masks
 
-    def draw(self, x0, generator=None):
-        t, noise = self.given
-        self.given = None
-        if t.shape[0] != x0.shape[0]:
-            raise RuntimeError(f"{t.shape[0]} draws for a batch of {x0.shape[0]}")
-        return t, noise.to(x0.dtype)
+
+def pixel_entropy(masks: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of the entropy of the soft masks [B, K, H, W] (nats)."""
+    return -(masks * masks.clamp_min(1e-12).log()).sum(1).mean()
 
 
 # ----- checkpoint pairs -----
@@ -429,7 +439,12 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
         raise TrainingError(f"the model has {cfg.num_classes} classes, the data {len(dataset.classes)}")
 
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if opts.mask_init_scale != 1.0 and cfg.variant != "plain":
+        with torch.no_grad():
+            for p in model.mask_generator.out[-1].parameters():
+                p.mul_(opts.mask_init_scale)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
     step = 0
     data_seed, position = opts.seed, (0, 0)  # a resumed run keeps the seed it started with
@@ -468,7 +483,7 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
     if opts.compile:
         train_model = torch.compile(train_model)
 
-    diffusion = _GivenDraws()
+    diffusion = GaussianDiffusion()
     noise_gen = torch.Generator(device=device)
     order = EpochOrder(len(dataset), data_seed, *position)  # mirrors the loader: the position to store
     rank_start, rank_stop = shard_range(global_batch, ctx.rank, ctx.world)
@@ -545,19 +560,21 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
             y_all = y_all.to(device, non_blocking=True) if cfg.num_classes else None
             torch.manual_seed(_seed("dropout", data_seed, step, ctx.rank))  # stateless: nothing to store
             loss_sum = torch.zeros((), device=device)
+            entropy_weight, model.mask_temperature, model.hard_masks = mask_shaping(opts, step)
             offset = 0
             for j, size in enumerate(micro_sizes):
                 lo = rank_start + offset
-                diffusion.given = step_draws(data_seed, step, lo, lo + size, sample_shape,
-                                             diffusion.num_timesteps, device, noise_gen)
+                t, noise = step_draws(data_seed, step, lo, lo + size, sample_shape, diffusion, device,
+                                      noise_gen, opts.t_power)
                 x0 = x_all[offset:offset + size]
                 y = y_all[offset:offset + size] if y_all is not None else None
                 sync = ddp.no_sync() if ddp is not None and j < len(micro_sizes) - 1 else nullcontext()
                 with sync:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        loss, masks = diffusion.loss(train_model, x0, y)
+                        loss, masks = diffusion.loss(train_model, x0, t, noise, y)
+                    objective = loss + entropy_weight * pixel_entropy(masks) if entropy_weight else loss
                     # DDP averages over ranks; this weighting makes the step the mean over the global batch.
-                    (loss * (size * ctx.world / global_batch)).backward()
+                    (objective * (size * ctx.world / global_batch)).backward()
                 loss_sum += loss.detach().float() * size
                 offset += size
             if ctx.active:

@@ -88,8 +88,18 @@ def test_loss_is_mse_of_noise_prediction():
         return torch.zeros_like(x_t), torch.ones_like(x_t[:, :1])
 
     g = torch.Generator().manual_seed(1)
-    loss, _ = d.loss(zero_model, x0, generator=g)
-    g = torch.Generator().manual_seed(1)
-    torch.randint(0, 1000, (4,), generator=g)
+    t = d.sample_timesteps(4, generator=g)
     noise = torch.randn(x0.shape, generator=g)
+    loss, _ = d.loss(zero_model, x0, t, noise)
     assert loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
+
+
+def test_timestep_power_favours_low_t():
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    uniform = d.sample_timesteps(20000, generator=g)
+    low = d.sample_timesteps(20000, generator=g, power=2.0)
+    assert uniform.min() >= 0 and uniform.max() <= 999 and low.min() >= 0 and low.max() <= 999
+    # t = floor(1000 u^2): P(t < 250) = P(u < 0.5) = 0.5, against 0.25 for uniform draws.
+    assert (low < 250).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert (uniform < 250).float().mean().item() == pytest.approx(0.25, abs=0.02)

@@ -14,6 +14,7 @@ from fdm_train.checkpoint import read_checkpoint
 from fdm_train.config import preset
 from fdm_train.data import EpochOrder, ShardedBatches, split_sizes
 from fdm_train.model import build_model
+from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.train import NOISE_CHUNK, TrainingError, TrainOptions, _micro_batches, step_draws, train
 
 TINY = preset("tiny-32", image_size=16)
@@ -165,16 +166,16 @@ def test_shards_partition_the_global_batch():
 def test_noise_of_a_row_does_not_depend_on_the_split():
     shape, dev = (3, 4, 4), torch.device("cpu")
     total = 3 * NOISE_CHUNK + 5
-    t_all, n_all = step_draws(1, 7, 0, total, shape, 1000, dev)
+    t_all, n_all = step_draws(1, 7, 0, total, shape, GaussianDiffusion(), dev)
     assert t_all.shape == (total,) and n_all.shape == (total, *shape)
     for cuts in ([0, 13, total], [0, NOISE_CHUNK, NOISE_CHUNK + 1, 40, total], [0, 1, total]):
-        pieces = [step_draws(1, 7, a, b, shape, 1000, dev) for a, b in zip(cuts, cuts[1:])]
+        pieces = [step_draws(1, 7, a, b, shape, GaussianDiffusion(), dev) for a, b in zip(cuts, cuts[1:])]
         assert torch.equal(torch.cat([t for t, _ in pieces]), t_all)
         assert torch.equal(torch.cat([n for _, n in pieces]), n_all)
     # Another step or seed draws other noise; the noise is standard normal.
-    assert not torch.equal(step_draws(1, 8, 0, total, shape, 1000, dev)[1], n_all)
-    assert not torch.equal(step_draws(2, 7, 0, total, shape, 1000, dev)[1], n_all)
-    big = step_draws(0, 0, 0, 256, (3, 16, 16), 1000, dev)
+    assert not torch.equal(step_draws(1, 8, 0, total, shape, GaussianDiffusion(), dev)[1], n_all)
+    assert not torch.equal(step_draws(2, 7, 0, total, shape, GaussianDiffusion(), dev)[1], n_all)
+    big = step_draws(0, 0, 0, 256, (3, 16, 16), GaussianDiffusion(), dev)
     assert abs(big[1].mean().item()) < 0.02 and abs(big[1].std().item() - 1) < 0.02
     assert 0 <= big[0].min() and big[0].max() < 1000
 

@@ -1,0 +1,100 @@
+"""The emergence study: train one recipe on synthetic scenes for a fixed CPU budget, scoring the masks
+against the true regions as it goes.
+
+    python benchmarks/emergence/run.py --recipe codes-t2 --kind a --minutes 20 --out runs/emergence
+
+Each recipe is a set of `fdm-train` options (RECIPES below); the run goes through `fdm_train.train`
+itself, in chunks of --eval-every steps (a resumed run equals an uninterrupted one), and after each
+chunk the EMA weights are scored on held-out scenes (benchmarks/emergence/score.py). The curve is
+appended to OUT/<kind>-<recipe>/curve.jsonl; `report.py` turns the curves into RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score import score  # noqa: E402
+
+from fdm_train.config import preset  # noqa: E402
+from fdm_train.model import build_model  # noqa: E402
+from fdm_train.synth import KINDS, make_scenes, write_scenes  # noqa: E402
+from fdm_train.train import TrainOptions, train  # noqa: E402
+
+# name -> (model config overrides, training options). Learning rate and batch are the study's base.
+RECIPES: dict[str, tuple[dict, dict]] = {
+    "paper": ({}, {}),
+    "t2": ({}, {"t_power": 2.0}),
+    "codes": ({"region_codes": True}, {}),
+    "codes-t2": ({"region_codes": True}, {"t_power": 2.0}),
+    "entropy": ({}, {"mask_entropy": 0.05, "mask_shaping_steps": 1500}),
+    "gumbel": ({}, {"hard_masks": True, "mask_shaping_steps": 1500}),
+    "temperature": ({}, {"mask_temperature": 0.25, "mask_shaping_steps": 1500}),
+    "no-share": ({"variant": "no-share"}, {}),
+    "codes-t2-entropy": ({"region_codes": True}, {"t_power": 2.0, "mask_entropy": 0.05, "mask_shaping_steps": 1500}),
+}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, choices=list(RECIPES))
+    p.add_argument("--kind", default="a", choices=list(KINDS))
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--preset", default="tiny-32")
+    p.add_argument("--minutes", type=float, default=20, help="training wall-clock budget (scoring excluded)")
+    p.add_argument("--max-steps", type=int, default=100_000)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--train-scenes", type=int, default=20_000)
+    p.add_argument("--val-scenes", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/emergence")
+    a = p.parse_args(argv)
+
+    overrides, options = RECIPES[a.recipe]
+    regions = KINDS[a.kind]
+    cfg = preset(a.preset, image_size=a.size, num_regions=regions, **overrides)
+    run = Path(a.out) / f"{a.kind}{a.size}-{a.recipe}"
+    data = Path(a.out) / f"scenes-{a.kind}{a.size}.npy"
+    if not data.exists():
+        write_scenes(data, a.kind, a.train_scenes, a.size, seed=a.seed)
+    val_images, val_labels = make_scenes(a.kind, a.val_scenes, a.size, seed=a.seed + 1000)
+    curve_path = run / "curve.jsonl"
+    trained = 0.0
+    step = 0
+    if curve_path.exists():  # continue a run: the curve knows its time and steps so far
+        last = json.loads(curve_path.read_text().splitlines()[-1])
+        trained, step = last["train_seconds"], last["step"]
+    recipe = {"recipe": a.recipe, "kind": a.kind, "size": a.size, "preset": a.preset, "config": overrides,
+              "options": options, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
+              "threads": torch.get_num_threads()}
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    model = build_model(cfg)
+    while trained < a.minutes * 60 and step < a.max_steps:
+        step += a.eval_every
+        start = time.perf_counter()
+        summary = train(TrainOptions(
+            data=str(data), out=str(run), model=cfg, batch_size=a.batch_size, iterations=step, lr=a.lr,
+            ema_decay=a.ema_decay, seed=a.seed, save_every=a.eval_every, sample_every=0, log_every=50,
+            resume="auto", progress=False, workers=0, **options))
+        trained += time.perf_counter() - start
+        model.load_state_dict(summary["weights"]["ema"])
+        figures = score(model, val_images, val_labels)
+        record = {"step": step, "images": step * a.batch_size, "train_seconds": round(trained, 1),
+                  "loss": round(summary["loss"], 5), **figures}
+        with curve_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps({"run": run.name, **record}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

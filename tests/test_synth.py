@@ -1,0 +1,130 @@
+"""Synthetic scenes with known regions, the emergence scorer, and the mask-shaping recipe options."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fdm_train.config import preset
+from fdm_train.data import open_images
+from fdm_train.model import build_model
+from fdm_train.synth import KINDS, make_scenes, masks_path, write_scenes
+from fdm_train.train import TrainOptions, mask_shaping, pixel_entropy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "emergence"))
+from score import predict_masks, score, to_model_range, uniform_masks  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_scenes_are_seeded_and_labelled(kind):
+    images, labels = make_scenes(kind, 16, 32, seed=3)
+    again, labels_again = make_scenes(kind, 16, 32, seed=3)
+    other, _ = make_scenes(kind, 16, 32, seed=4)
+    assert images.shape == (16, 3, 32, 32) and images.dtype == np.uint8
+    assert labels.shape == (16, 32, 32) and labels.dtype == np.uint8
+    assert np.array_equal(images, again) and np.array_equal(labels, labels_again)
+    assert not np.array_equal(images, other)
+    assert set(np.unique(labels)) == set(range(KINDS[kind]))
+    for region in range(KINDS[kind]):  # every region is present in every scene, none fills it
+        share = (labels == region).mean(axis=(1, 2))
+        assert (share > 0.02).all() and (share < 0.95).all()
+
+
+def test_hard_scenes_share_the_mean_color():
+    images, labels = make_scenes("c", 64, 32, seed=0)
+    x = images.astype(np.float64)
+    for img, lab in zip(x, labels):
+        inside = img[:, lab == 1].mean(1)
+        outside = img[:, lab == 0].mean(1)
+        assert np.abs(inside - outside).max() < 20  # of 255: the same mean color up to sampling
+    easy, easy_labels = make_scenes("a", 64, 32, seed=0)
+    gaps = [np.abs(i[:, lab == 1].mean(1) - i[:, lab == 0].mean(1)).max()
+            for i, lab in zip(easy.astype(np.float64), easy_labels)]
+    assert np.median(gaps) > 30
+
+
+def test_written_scenes_are_a_training_cache(tmp_path):
+    out = tmp_path / "a.npy"
+    write_scenes(out, "a", 10, 32, seed=1)
+    data = open_images(out, 32)
+    images, labels = make_scenes("a", 10, 32, seed=1)
+    assert len(data) == 10
+    assert torch.equal(data.load_uint8((4, False))[0], torch.from_numpy(images[4]))
+    assert np.array_equal(np.load(masks_path(out)), labels)
+
+
+def test_region_codes_fused_equals_unfused_and_differ_per_branch():
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-32", num_regions=3, region_codes=True)).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 700])
+    eps, masks = model(x, t)
+    eps_ref, masks_ref = model.forward_unfused(x, t)
+    torch.testing.assert_close(eps, eps_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masks, masks_ref)
+    emb = model.branch_embedding(torch.zeros(2, 128), 3)
+    assert torch.equal(emb[0], emb[3]) and not torch.equal(emb[0], emb[1])
+
+
+def test_hard_masks_are_one_hot_in_training_only():
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-32", num_regions=3))
+    model.hard_masks = True
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 700])
+    _, masks = model.train()(x, t)
+    # one-hot up to the rounding of hard + soft - soft (the straight-through estimator)
+    torch.testing.assert_close(masks, masks.round(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(masks.sum(1), torch.ones(2, 32, 32))
+    assert masks.requires_grad
+    _, soft = model.eval()(x, t)
+    assert soft.min() > 0 and torch.allclose(soft.sum(1), torch.ones(2, 32, 32))
+
+
+def test_mask_temperature_sharpens():
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-32", num_regions=3)).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 700])
+    soft = pixel_entropy(model(x, t)[1])
+    model.mask_temperature = 0.05
+    assert pixel_entropy(model(x, t)[1]) < soft
+
+
+def test_mask_shaping_anneals_to_the_plain_recipe():
+    opts = TrainOptions(data="-", mask_entropy=0.1, mask_temperature=0.5, hard_masks=True, mask_shaping_steps=100)
+    assert mask_shaping(opts, 0) == (0.1, 0.5, True)
+    w, temp, hard = mask_shaping(opts, 50)
+    assert w == pytest.approx(0.05) and temp == pytest.approx(0.75) and hard
+    assert mask_shaping(opts, 100) == (0.0, 1.0, False)
+    assert mask_shaping(TrainOptions(data="-"), 0) == (0.0, 1.0, False)
+
+
+def test_pixel_entropy_by_hand():
+    masks = torch.tensor([[[[0.5, 1.0]], [[0.5, 0.0]]]])
+    assert pixel_entropy(masks).item() == pytest.approx(np.log(2) / 2)
+
+
+def test_scorer_on_known_answers():
+    images, labels = make_scenes("b", 8, 32, seed=0)
+
+    class Oracle(torch.nn.Module):
+        """Masks = the true labels (channel order permuted), eps = 0."""
+
+        def forward(self, x, t, y=None):
+            onehot = torch.nn.functional.one_hot(torch.from_numpy(labels[:len(x)]).long(), 3)
+            return torch.zeros_like(x), onehot.permute(0, 3, 1, 2).float()[:, [2, 0, 1]]
+
+    result = score(Oracle(), images, labels, with_usefulness=False)
+    assert result["miou"] == 1.0 and result["iou"] == [1.0, 1.0, 1.0] and result["mask_entropy"] == 0.0
+
+
+def test_uniform_masks_and_usefulness():
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-32", num_regions=2)).eval()
+    images, labels = make_scenes("a", 4, 32, seed=0)
+    x = to_model_range(images)
+    with uniform_masks(model):
+        masks = predict_masks(model, x)
+    assert torch.equal(masks, torch.full_like(masks, 0.5))
+    assert not torch.equal(predict_masks(model, x), masks)  # the hook is gone after the block
+    result = score(model, images, labels)
+    assert set(result["usefulness"]) == {"0-100", "100-300", "300-600", "600-1000"}
