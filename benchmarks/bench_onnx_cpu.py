@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fdm_export.onnx_export import export_onnx  # noqa: E402
-from fdm_infer.engine import open_engine  # noqa: E402
+from fdm_infer.engines import open_engine  # noqa: E402
 from fdm_train.checkpoint import save_checkpoint  # noqa: E402
 from fdm_train.config import preset  # noqa: E402
 from fdm_train.diffusion import GaussianDiffusion  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv=None):
         export_onnx(ckpt, onnx_path, check=False)
         export_s = time.perf_counter() - t0
         engines = {"torch": open_engine("torch", ckpt, device="cpu")}
-        from fdm_infer.onnx_engine import OnnxEngine
+        from fdm_infer.engines.onnx_engine import OnnxEngine
         engines["onnx"] = OnnxEngine(onnx_path, device="cpu", threads=a.threads)
 
         diffusion = GaussianDiffusion()

@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fdm_infer.baselines import run_grabcut, run_kmeans_ddpm
-from fdm_infer.evaluate import describe_result, evaluate, load_eval_set, markdown_table, summary_figures
+from fdm_infer.eval.baselines import run_grabcut, run_kmeans_ddpm
+from fdm_infer.eval.evaluate import describe_result, evaluate, load_eval_set, markdown_table, summary_figures
 
 LFW = ROOT.parent / "shared" / "data" / "lfw" / "val"
 METHODS = ("rectangle", "grabcut", "kmeans-ddpm")

@@ -57,6 +57,7 @@ from fdm_train.data import (
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
 from fdm_train.model import build_model, count_parameters
+from fdm_train.util import pick_device
 from fdm_train.visualize import mask_statistics, sample_grid
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -94,12 +95,6 @@ class TrainOptions:
     grad_accum: int | None = None  # or: the number of micro-batches per device and step
     workers: int | None = None  # DataLoader worker processes per device (None: from the CPU count)
     compile: bool = False  # torch.compile the model
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def ema_rate(decay: float, step: int) -> float:

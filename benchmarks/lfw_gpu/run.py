@@ -114,8 +114,8 @@ def pack(args) -> None:
 
 def unpack(size: int) -> tuple[Path, Path, Path]:
     """(training cache .npy, val images folder, val masks folder) under runs/lfw_gpu/data."""
-    from fdm_train.checkpoint import atomic_write
     from fdm_train.data import CACHE_FORMAT, fit_square, manifest_path
+    from fdm_train.util import atomic_write
 
     if not (DATA / "train.npz").is_file():
         raise SystemExit(f"{DATA}/train.npz is missing: run `python benchmarks/lfw_gpu/run.py pack` on the CPU "
@@ -200,15 +200,15 @@ def log_throughput(run_dir: Path) -> dict:
 
 def compact(result: dict) -> dict:
     """The figures of one evaluation, in percent."""
-    from fdm_infer.evaluate import summary_figures
+    from fdm_infer.eval.evaluate import summary_figures
 
     return summary_figures(result)
 
 
 def evaluate_checkpoint(path: Path, evalset, t: int, device: str, batch_size: int = 256) -> dict:
     """fp32 (TF32 off), eager: the figures a CPU run of `fdm-infer evaluate` reproduces."""
-    from fdm_infer.engine import TorchEngine
-    from fdm_infer.evaluate import evaluate
+    from fdm_infer.engines.torch_engine import TorchEngine
+    from fdm_infer.eval.evaluate import evaluate
 
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -221,7 +221,7 @@ def evaluate_checkpoint(path: Path, evalset, t: int, device: str, batch_size: in
 
 def setup(args, phase: str) -> torch.device:
     global LOG_FILE
-    from fdm_train.train import pick_device
+    from fdm_train.util import pick_device
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +297,7 @@ def find_phase(args, name: str, checkpoint: str) -> tuple[dict, Path]:
 # ----- phase 1: the factorized model and its curve -----
 
 def train_fdm(args) -> dict:
-    from fdm_infer.evaluate import load_eval_set
+    from fdm_infer.eval.evaluate import load_eval_set
     from fdm_train.checkpoint import slim_checkpoint
 
     device = setup(args, "train-fdm")
@@ -392,7 +392,7 @@ def train_plain(args) -> dict:
 # ----- phase 3: evaluation, baseline, samples, the table -----
 
 def sample_both(args, fdm_ckpt: Path, plain_ckpt: Path, device: torch.device, out: Path, extra: Path) -> dict:
-    from fdm_infer.engine import TorchEngine
+    from fdm_infer.engines.torch_engine import TorchEngine
     from fdm_infer.generate import generate, image_mask_grid
     from fdm_train.visualize import images_to_uint8, mask_statistics
 
@@ -414,8 +414,8 @@ def sample_both(args, fdm_ckpt: Path, plain_ckpt: Path, device: torch.device, ou
 
 
 def final(args) -> dict:
-    from fdm_infer.baselines import fit_kmeans_ddpm, kmeans_ddpm_labels
-    from fdm_infer.evaluate import Predictions, load_eval_set, score
+    from fdm_infer.eval.baselines import fit_kmeans_ddpm, kmeans_ddpm_labels
+    from fdm_infer.eval.evaluate import Predictions, load_eval_set, score
     from fdm_train.checkpoint import load_model
 
     device = setup(args, "final")
