@@ -35,22 +35,24 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median milliseconds of fn(), after `warmup` calls: CUDA events on a GPU, perf_counter elsewhere."""
+def median_ms(fn, device: torch.device, warmup: int, repeats: int, before=None) -> float:
+    """Median milliseconds of fn(), after `warmup` calls: CUDA events on a GPU (each call started from an
+    idle GPU, so launch overhead counts), perf_counter elsewhere. `before()` runs untimed before each call."""
     for _ in range(warmup):
         fn()
     samples = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
+        else:
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
