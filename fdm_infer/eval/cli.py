@@ -44,7 +44,7 @@ from fdm_infer.segment import DEFAULT_T
 def evaluate(engine_kind, checkpoint, model_file, device, images, masks, protocol, predictions, t, seed, ensemble,
              size_mode, fg_channels, num_labels, num_channels, limit, batch_size, class_label, name, out, quiet):
     """Score a model's segmentation of real images (or any method's label maps) against ground-truth
-    masks: foreground Acc / IoU / DICE with the foreground channel chosen without labels (plus the
+    masks: foreground Acc / IoU / DICE with the foreground channels chosen without labels (plus the
     ReDO/IEM best-of-mask-and-inverse figure), and parts pixel accuracy / mIoU after Hungarian matching
     of the K channels to the labels over the whole set. Writes JSON (--out) and a Markdown table."""
     from fdm_infer.eval.evaluate import describe_result, load_eval_set, write_reports
