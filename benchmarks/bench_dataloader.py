@@ -28,17 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import cpu_name  # noqa: E402
 from fdm_train.data import ShardedBatches, make_loader, open_images, prepare_cache  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def time_loader(path: Path, size: int, batch: int, workers: int, batches: int, seed: int) -> float:

@@ -1,9 +1,9 @@
-"""Benchmark of the masked ops (issue 4): each Triton kernel against its plain-torch reference and
+"""Benchmark of the masked ops: each Triton kernel against its plain-torch reference and
 against torch.compile of that same reference expression, at the skip shapes of the paper presets.
 
-On the GPU (what benchmarks/gpu_kernels.sh runs):
+On a GPU machine (what benchmarks/gpu_kernels.sh runs):
 
-    python benchmarks/bench_kernels.py --out $OUT/kernels.json --md $OUT/kernels.md
+    python benchmarks/bench_kernels.py --out out/kernels.json --md out/kernels.md
 
 Shapes come from the model, not from a table: the encoder of each preset is run on the meta
 device and its skip tensors give (C, H, W); masks are [B, K, S, S] at the image size S. Inputs are
@@ -32,10 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -45,10 +42,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import ops  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+from benchmarks.common import environment, median_ms  # noqa: E402
 from fdm_train.config import preset  # noqa: E402
 from fdm_train.model import build_model, mask_pyramid  # noqa: E402
+from kernels import ops  # noqa: E402
+from kernels import reference as ref  # noqa: E402
 
 IMPLS = ("triton", "torch", "compile")
 
@@ -77,16 +75,8 @@ class Timer:
         """(median ms replayed from a CUDA graph, median ms launched eagerly); CPU: (eager, eager)."""
         for _ in range(self.warmup):
             fn()
-        if self.device.type != "cuda":
-            samples = []
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-            ms = statistics.median(samples)
-            return ms, ms
-        eager = self._cuda_median(fn)
-        if not self.graphs:
+        eager = self._median(fn)
+        if self.device.type != "cuda" or not self.graphs:
             return eager, eager
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -96,22 +86,13 @@ class Timer:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        ms = self._cuda_median(graph.replay)
+        ms = self._median(graph.replay)
         del graph
         return ms, eager
 
-    def _cuda_median(self, fn) -> float:
-        samples = []
-        for _ in range(self.repeats):
-            self.flush.zero_()  # evict the inputs from L2
-            torch.cuda.synchronize()  # and start from an idle GPU: launch overhead counts
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        return statistics.median(samples)
+    def _median(self, fn) -> float:
+        flush = None if self.flush is None else self.flush.zero_  # evicts the inputs from L2 before each call
+        return median_ms(fn, self.device, 0, self.repeats, before=flush)
 
 
 def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int) -> float:
@@ -310,21 +291,6 @@ def sweep(args, device, dtype, timer, copy_gbps) -> list[dict]:
                 print(f"sweep {name} {case['op']} {setting} {ms:.4f} ms {gbps:.0f} GB/s", flush=True)
         ops.TUNING = base
     return rows
-
-
-def environment(device: torch.device) -> dict:
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
-           "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        env["cuda"] = torch.version.cuda
-        env["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
-    return env
 
 
 # ----------------------------------------------------------------------------------- output

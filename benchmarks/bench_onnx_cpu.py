@@ -26,33 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import cpu_name, random_model  # noqa: E402
 from fdm_export.onnx_export import export_onnx  # noqa: E402
-from fdm_infer.engine import open_engine  # noqa: E402
+from fdm_infer.engines import open_engine  # noqa: E402
+from fdm_infer.engines.onnx_engine import OnnxEngine  # noqa: E402
+from fdm_infer.segment import DEFAULT_T, segment_tensor  # noqa: E402
 from fdm_train.checkpoint import save_checkpoint  # noqa: E402
 from fdm_train.config import preset  # noqa: E402
 from fdm_train.diffusion import GaussianDiffusion  # noqa: E402
-from fdm_train.model import build_model, count_parameters  # noqa: E402
-
-SEGMENT_T = 30
+from fdm_train.model import count_parameters  # noqa: E402
 
 
 def segment_step(engine, images: torch.Tensor, diffusion: GaussianDiffusion, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(images.shape, generator=g)
-    t = torch.full((images.shape[0],), SEGMENT_T, dtype=torch.long)
-    x_t = diffusion.q_sample(images, t, noise)
-    _, masks = engine.denoise(x_t, t)
-    return masks.argmax(1)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """What `fdm-infer segment` runs per batch: seeded noise to t, one denoiser call, argmax."""
+    return segment_tensor(engine, images, t=DEFAULT_T, seed=seed, diffusion=diffusion).argmax(1)
 
 
 def main(argv=None):
@@ -67,11 +54,7 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     cfg = preset(a.preset)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
+    model = random_model(cfg, scale=0.05)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, onnx_path = Path(tmp) / "m.safetensors", Path(tmp) / "m.onnx"
         save_checkpoint(ckpt, cfg, model.state_dict(), None, step=0)
@@ -79,7 +62,6 @@ def main(argv=None):
         export_onnx(ckpt, onnx_path, check=False)
         export_s = time.perf_counter() - t0
         engines = {"torch": open_engine("torch", ckpt, device="cpu")}
-        from fdm_infer.onnx_engine import OnnxEngine
         engines["onnx"] = OnnxEngine(onnx_path, device="cpu", threads=a.threads)
 
         diffusion = GaussianDiffusion()
@@ -88,8 +70,8 @@ def main(argv=None):
         # Agreement first: same noise, same labels.
         labels = {name: segment_step(e, images, diffusion) for name, e in engines.items()}
         agree = (labels["torch"] == labels["onnx"]).float().mean().item()
-        x_t = diffusion.q_sample(images, torch.full((a.batch,), SEGMENT_T), torch.randn(images.shape, generator=g))
-        tt = torch.full((a.batch,), SEGMENT_T)
+        x_t = diffusion.q_sample(images, torch.full((a.batch,), DEFAULT_T), torch.randn(images.shape, generator=g))
+        tt = torch.full((a.batch,), DEFAULT_T)
         mask_err = (engines["torch"].denoise(x_t, tt)[1] - engines["onnx"].denoise(x_t, tt)[1]).abs().max().item()
 
         for _ in range(a.warmup):
@@ -117,7 +99,7 @@ def main(argv=None):
         f"Model: `{a.preset}` preset ({cfg.variant}, K={cfg.num_regions}, {cfg.image_size}x{cfg.image_size}, "
         f"{count_parameters(model) / 1e6:.1f} M parameters), random weights; ONNX fp32, opset 17 "
         f"(export took {export_s:.1f} s).",
-        f"Step timed: noise to t={SEGMENT_T} (seeded), one denoiser call, argmax over K; image decoding excluded. "
+        f"Step timed: noise to t={DEFAULT_T} (seeded), one denoiser call, argmax over K; image decoding excluded. "
         f"{a.warmup} warm-up batches, then {a.repeats} timed batches per engine, alternating.",
         f"Agreement: {agree * 100:.3f}% of label pixels equal; max abs difference of the soft masks {mask_err:.1e}.",
         "",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 4 on a GPU machine: the kernel tests on CUDA, then the kernel benchmark, logs under $OUT.
+# On a GPU machine: the kernel tests on CUDA, then the kernel benchmark, logs under --out DIR
+# (default out/gpu-kernels).
 #
 #   bash benchmarks/gpu_kernels.sh                    # tests bench64 bench128 (about 10-12 min on an H100)
-#   bash benchmarks/gpu_kernels.sh tests bench64      # stages, in the order given:
+#   bash benchmarks/gpu_kernels.sh --out DIR tests bench64   # stages, in the order given:
 #       tests     pytest tests/test_kernels.py (CUDA + interpreter variants)   -> tests.log
 #       bench64   bench_kernels.py on paper-64 at batch 1, 16, 128              -> bench64.{log,json,md}
 #       bench128  the same on paper-128                                         -> bench128.{log,json,md}
@@ -14,8 +15,12 @@
 # Exit status: non-zero if any stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out/gpu-kernels}
-mkdir -p "$OUT"
+out=out/gpu-kernels
+if [ "${1:-}" = "--out" ]; then
+    out=$2
+    shift 2
+fi
+mkdir -p "$out"
 PY=${PYTHON:-python3}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-540}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -34,16 +39,16 @@ status=0
 for stage in "${stages[@]}"; do
     case "$stage" in
         tests)
-            { environment; timeout "$STAGE_TIMEOUT" "$PY" -m pytest -q -rs tests/test_kernels.py; } 2>&1 | tee "$OUT/tests.log"
+            { environment; timeout "$STAGE_TIMEOUT" "$PY" -m pytest -q -rs tests/test_kernels.py; } 2>&1 | tee "$out/tests.log"
             ;;
         bench64 | bench128)
             p=paper-${stage#bench}
             { environment; timeout "$STAGE_TIMEOUT" "$PY" benchmarks/bench_kernels.py --presets "$p" \
-                --out "$OUT/$stage.json" --md "$OUT/$stage.md"; } 2>&1 | tee "$OUT/$stage.log"
+                --out "$out/$stage.json" --md "$out/$stage.md"; } 2>&1 | tee "$out/$stage.log"
             ;;
         sweep)
             { environment; timeout "$STAGE_TIMEOUT" "$PY" benchmarks/bench_kernels.py --batches 128 --impls triton \
-                --ops masked_skip/pyramid --sweep --out "$OUT/sweep.json" --md "$OUT/sweep.md"; } 2>&1 | tee "$OUT/sweep.log"
+                --ops masked_skip/pyramid --sweep --out "$out/sweep.json" --md "$out/sweep.md"; } 2>&1 | tee "$out/sweep.log"
             ;;
         *)
             echo "unknown stage $stage (tests, bench64, bench128, sweep)" >&2
@@ -53,5 +58,5 @@ for stage in "${stages[@]}"; do
     rc=$?
     [ $rc -ne 0 ] && { echo "stage $stage failed with exit status $rc" >&2; status=1; }
 done
-ls -l "$OUT"
+ls -l "$out"
 exit $status

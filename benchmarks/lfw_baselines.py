@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The baselines of issue 7 on the LFW val set, scored by the evaluator of `fdm-infer evaluate`:
+"""The baselines of the paper's comparisons on the LFW val set, scored by the evaluator of `fdm-infer evaluate`:
 
   rectangle     GrabCut's initial centered rectangle (10% margins) alone: the floor GrabCut starts from
   grabcut       OpenCV GrabCut from that rectangle, 5 iterations (CPU)
@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fdm_infer.baselines import run_grabcut, run_kmeans_ddpm
-from fdm_infer.evaluate import describe_result, evaluate, load_eval_set, markdown_table, summary_figures
+from fdm_infer.eval.baselines import run_grabcut, run_kmeans_ddpm
+from fdm_infer.eval.evaluate import describe_result, evaluate, load_eval_set, markdown_table, summary_figures
 
 LFW = ROOT.parent / "shared" / "data" / "lfw" / "val"
 METHODS = ("rectangle", "grabcut", "kmeans-ddpm")
@@ -79,10 +79,10 @@ def main() -> None:
     print(table)
 
 
-REPORT = """# LFW baselines (issue 7)
+REPORT = """# LFW baselines
 
 LFW val, {n} images (../shared/data/lfw/val; 128x128 images and masks: 0 background, 1 skin, 2 hair), scored by
-`fdm-infer evaluate --predictions` (fdm_infer/evaluate.py, fdm_infer/metrics.py). Written by
+`fdm-infer evaluate --predictions` (fdm_infer/eval/evaluate.py, fdm_infer/eval/metrics.py). Written by
 `python benchmarks/lfw_baselines.py`; every figure, confusion matrix and timing is in lfw_baselines.json.
 
 {table}

@@ -1,10 +1,9 @@
 """Checkpoint -> ONNX: the fused denoiser (x_t, t[, y]) -> (eps, masks) with a dynamic batch dimension.
 
-The graph is traced from the model's own modules (encoder, middle, mask generator, the shared
-decoder) with the plain-torch definitions of the masked ops (`kernels.reference`), never a Triton
-kernel. Only the batch is dynamic: spatial sizes are fixed by the config, so the mask pyramid is
-built with Python-int sizes (the eager model keys it by traced shapes, which a tracer cannot do).
-The model config travels in the file's metadata_props, so one .onnx fully describes its model.
+The graph is a trace of the model's own forward (fdm_train.model), with the plain-torch definitions
+of the masked ops (`kernels.masked_*` take them while exporting), never a Triton kernel. Only the
+batch is dynamic: spatial sizes are fixed by the config. The model config travels in the file's
+metadata_props (the format fdm_infer.engines.onnx_engine reads), so one .onnx fully describes its model.
 
 Inputs and outputs are float32 whatever `dtype` the weights were exported in (fp16/bf16 files
 cast at the graph boundary), so every engine has one interface.
@@ -21,19 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from fdm_train.checkpoint import atomic_write, load_model
+from fdm_infer.engines.base import OUTPUT_NAMES, input_names
+from fdm_infer.engines.onnx_engine import FORMAT
+from fdm_train.checkpoint import load_model
 from fdm_train.config import ModelConfig
 from fdm_train.errors import UserError
-from fdm_train.model import FactorizedUNet, timestep_embedding
-from kernels import reference
+from fdm_train.model import FactorizedUNet
+from fdm_train.util import DTYPES, atomic_write, one_line
 
-FORMAT = "fdm-onnx-v1"
 # TensorRT 10.x parses ONNX opsets 9..20; 17 is the first with LayerNormalization and is what
 # TensorRT's own samples use. onnxruntime >= 1.14 runs it.
 DEFAULT_OPSET = 17
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Parity tolerance per export dtype, against eager PyTorch in float32 on the same inputs.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}
 
@@ -42,68 +40,17 @@ class ExportError(UserError):
     """An export that cannot be done or whose parity check failed; one line."""
 
 
-def _expand_to_branches(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, ...] -> [B*K, ...] with row b*K + k = x[b] (repeat_interleave, in ops every exporter maps)."""
-    return x.unsqueeze(1).expand(-1, k, *x.shape[1:]).reshape(-1, *x.shape[1:])
-
-
 class ExportableDenoiser(nn.Module):
-    """The model's forward for tracing: same modules and math, static spatial sizes, float32 I/O."""
+    """The model's own forward between casts: inputs to the weights' dtype, outputs to float32."""
 
     def __init__(self, model: FactorizedUNet, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.cfg: ModelConfig = model.cfg
         self.dtype = dtype
         self.model = model.to(dtype).eval()
-        cfg = self.cfg
-        with torch.no_grad():  # one batch-1 probe gives every skip's (static) spatial size
-            x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, dtype=dtype)
-            emb = torch.zeros(1, 4 * cfg.base_channels, dtype=dtype)
-            self.skip_sizes = [(int(s.shape[-2]), int(s.shape[-1])) for s in self.model.encoder(x, emb)]
-
-    def _pyramid(self, masks: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
-        full = (self.cfg.image_size, self.cfg.image_size)
-        pyramid = {}
-        for size in sorted(set(self.skip_sizes) | {full}, reverse=True):
-            if size == full:
-                pyramid[size] = masks
-            else:  # average pooling over exact tiles, as kernels.reference.pool_mask does
-                pyramid[size] = F.avg_pool2d(masks, (full[0] // size[0], full[1] // size[1]))
-        return pyramid
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        m, cfg, dt = self.model, self.cfg, self.dtype
-        emb = m.time_embed(timestep_embedding(t, cfg.base_channels).to(dt))
-        if m.label_embed is not None:
-            emb = emb + m.label_embed(y)
-        skips = m.encoder(x_t.to(dt), emb)
-        h_mid = m.middle(skips[-1], emb)
-        variant = cfg.variant
-        if variant == "plain":
-            eps = m.decoder(h_mid, skips, emb)
-            return eps.float(), torch.ones_like(x_t[:, :1])
-        masks = m.mask_generator(h_mid, skips, emb).float().softmax(dim=1)
-        pyr = self._pyramid(masks)
-        k = cfg.num_regions
-        mid_size = self.skip_sizes[-1]
-        if variant == "factorized":
-            gated = [reference.masked_skip(s, pyr[size]) for s, size in zip(skips, self.skip_sizes)]
-            eps_k = m.decoder(_expand_to_branches(h_mid, k), gated, _expand_to_branches(emb, k))
-            eps = reference.masked_sum(eps_k, masks)
-        elif variant == "mask-mid":
-            gated_mid = reference.masked_skip(h_mid, pyr[mid_size])
-            eps_k = m.decoder(gated_mid, [_expand_to_branches(s, k) for s in skips], _expand_to_branches(emb, k))
-            eps = reference.masked_sum(eps_k, masks)
-        elif variant == "concat":
-            mid = torch.cat([h_mid, pyr[mid_size].to(dt)], 1)
-            cat_skips = [torch.cat([s, pyr[size].to(dt)], 1) for s, size in zip(skips, self.skip_sizes)]
-            eps = m.decoder(mid, cat_skips, emb)
-        else:  # no-share
-            eps = 0
-            for i, dec in enumerate(m.decoders):
-                gated = [s * pyr[size][:, i:i + 1].to(dt) for s, size in zip(skips, self.skip_sizes)]
-                eps = eps + dec(h_mid, gated, emb) * masks[:, i:i + 1].to(dt)
-        return eps.float(), masks
+        eps, masks = self.model(x_t.to(self.dtype), t, y)
+        return eps.float(), masks.float()
 
 
 @dataclass
@@ -116,10 +63,6 @@ class ExportResult:
     seconds: float
     parity: dict | None  # {batch: max abs error of (eps, masks)} or None when skipped
     note: str = ""  # why the parity check was skipped
-
-
-def input_names(cfg: ModelConfig) -> list[str]:
-    return ["x_t", "t", "y"] if cfg.num_classes else ["x_t", "t"]
 
 
 def example_inputs(cfg: ModelConfig, batch: int, seed: int = 0):
@@ -144,16 +87,16 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT
     names = input_names(cfg)
     args = example_inputs(cfg, batch=2)
     args = args if cfg.num_classes else args[:2]
-    dynamic = {name: {0: "batch"} for name in [*names, "eps", "masks"]}
+    dynamic = {name: {0: "batch"} for name in [*names, *OUTPUT_NAMES]}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings on static sizes, the exporter's deprecation note
         try:
-            torch.onnx.export(wrapper, args, buffer, input_names=names, output_names=["eps", "masks"],
+            torch.onnx.export(wrapper, args, buffer, input_names=names, output_names=OUTPUT_NAMES,
                               dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True,
                               dynamo=False)
         except Exception as exc:
-            raise ExportError(f"ONNX export of {checkpoint} at opset {opset} failed: {_one_line(exc)}") from exc
+            raise ExportError(f"ONNX export of {checkpoint} at opset {opset} failed: {one_line(exc)}") from exc
     data = _with_metadata(buffer.getvalue(), {
         "format": FORMAT,
         "config": cfg.to_json(),
@@ -190,7 +133,7 @@ def parity_check(onnx_bytes: bytes, model: FactorizedUNet, cfg: ModelConfig,
     try:
         session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ExportError(f"onnxruntime cannot load the exported graph: {_one_line(exc)}") from exc
+        raise ExportError(f"onnxruntime cannot load the exported graph: {one_line(exc)}") from exc
     errors = {}
     for i, batch in enumerate(batches):
         x, t, y = example_inputs(cfg, batch, seed=seed + i)
@@ -198,9 +141,9 @@ def parity_check(onnx_bytes: bytes, model: FactorizedUNet, cfg: ModelConfig,
         if cfg.num_classes:
             feeds["y"] = y.numpy()
         try:
-            eps, masks = session.run(["eps", "masks"], feeds)
+            eps, masks = session.run(OUTPUT_NAMES, feeds)
         except Exception as exc:
-            raise ExportError(f"onnxruntime could not run the exported graph: {_one_line(exc)}") from exc
+            raise ExportError(f"onnxruntime could not run the exported graph: {one_line(exc)}") from exc
         with torch.no_grad():
             ref_eps, ref_masks = model(x, t, y)
         errors[batch] = (float(np.abs(eps - ref_eps.numpy()).max()), float(np.abs(masks - ref_masks.numpy()).max()))
@@ -218,38 +161,3 @@ def _with_metadata(onnx_bytes: bytes, props: dict[str, str]) -> bytes:
     proto.producer_name = "fdm-export"
     proto.doc_string = "fdm factorized diffusion denoiser: (x_t, t[, y]) -> (eps, masks)"
     return proto.SerializeToString()
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The fdm.* metadata of an exported file (without loading its weights into a session)."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ONNX model not found: {path}")
-    try:
-        proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable ONNX model ({_one_line(exc)})") from None
-    return metadata_from_props({p.key: p.value for p in proto.metadata_props}, path)
-
-
-def metadata_from_props(props: dict[str, str], path: str | Path) -> dict:
-    """Validate fdm.* metadata; returns {'config': ModelConfig, 'dtype': ..., ...}."""
-    if props.get("fdm.format") != FORMAT or "fdm.config" not in props:
-        raise UserError(f"{path} is not an fdm ONNX export (no fdm model config in its metadata); "
-                        "make one with `fdm-export onnx CHECKPOINT -o FILE`")
-    try:
-        cfg = ModelConfig.from_json(props["fdm.config"])
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{path} has an invalid model config in its metadata: {_one_line(exc)}") from None
-    meta = {k[4:]: v for k, v in props.items() if k.startswith("fdm.")}
-    meta["config"] = cfg
-    return meta
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0][:200] if text else type(exc).__name__)
-
-

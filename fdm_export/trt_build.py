@@ -5,80 +5,23 @@ unconditional in 11.x), so each tensor keeps the type the ONNX file gives it: ex
 `fdm-export onnx --dtype fp16|bf16` for a reduced-precision plan. The weakly-typed BuilderFlag.FP16 /
 BF16 route (`--precision fp16|bf16`) exists only on TensorRT 10 and is refused on 11 with a one-line
 message. A plan file is a small header (magic, length, JSON: model config, TensorRT version, GPU,
-batch profile) followed by TensorRT's serialized engine, so one file describes its model.
+batch profile) followed by TensorRT's serialized engine (the format of fdm_infer.engines.trt_engine,
+which reads it), so one file describes its model.
 
 `tensorrt` is imported lazily: without it, every entry point fails with one line naming the package.
 """
 from __future__ import annotations
 
-import json
-import struct
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fdm_train.checkpoint import atomic_write
-from fdm_train.config import ModelConfig
-from fdm_train.errors import UserError
+from fdm_infer.engines.onnx_engine import read_onnx_metadata
+from fdm_infer.engines.trt_engine import PLAN_FORMAT, TensorRTError, pack_plan, require_tensorrt
+from fdm_train.util import atomic_write
 
-MAGIC = b"FDMTRT\x00\x01"
-PLAN_FORMAT = "fdm-trt-v1"
 PRECISIONS = ("auto", "fp16", "bf16")
-MISSING_TENSORRT = ("TensorRT is not installed (Python package `tensorrt` missing): install it with "
-                    "`pip install tensorrt` (wheels from NVIDIA's package index; needs an NVIDIA GPU and driver), "
-                    "or use --engine torch / --engine onnx")
-
-
-class TensorRTError(UserError):
-    """TensorRT missing, a build that failed, or a plan that cannot be used here; one line."""
-
-
-def require_tensorrt():
-    """The tensorrt module, or a one-line TensorRTError naming the missing package."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise TensorRTError(MISSING_TENSORRT) from None
-    except Exception as exc:  # e.g. the PyPI placeholder that fails at import, or missing CUDA libraries
-        raise TensorRTError(f"TensorRT could not be imported ({_one_line(exc)}); {MISSING_TENSORRT}") from None
-    return trt
-
-
-# ---------------------------------------------------------------------------------------------- plan files
-
-def pack_plan(meta: dict, engine_bytes: bytes) -> bytes:
-    header = json.dumps(meta, sort_keys=True).encode()
-    return MAGIC + struct.pack("<Q", len(header)) + header + engine_bytes
-
-
-def read_plan(path: str | Path) -> tuple[dict, bytes]:
-    """(metadata with 'config' as a ModelConfig, serialized engine) of an fdm plan; pure Python, so a
-    foreign or corrupt file is reported in one line whether or not TensorRT is installed."""
-    path = Path(path)
-    if not path.is_file():
-        raise TensorRTError(f"TensorRT plan not found: {path}")
-    data = path.read_bytes()
-    if data[:len(MAGIC)] != MAGIC:
-        raise TensorRTError(f"{path} is not an fdm TensorRT plan (no fdm header; a bare engine or another file); "
-                            "build one with `fdm-export trt MODEL.onnx -o FILE`")
-    start = len(MAGIC) + 8
-    if len(data) < start:
-        raise TensorRTError(f"{path} is a truncated fdm TensorRT plan (header cut short)")
-    (length,) = struct.unpack("<Q", data[len(MAGIC):start])
-    if start + length > len(data):
-        raise TensorRTError(f"{path} is a truncated fdm TensorRT plan (header cut short)")
-    try:
-        meta = json.loads(data[start:start + length])
-        if meta.get("format") != PLAN_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-        meta["config"] = ModelConfig.from_json(meta["config"])
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise TensorRTError(f"{path} has an unreadable fdm plan header ({_one_line(exc)})") from None
-    engine = data[start + length:]
-    if not engine:
-        raise TensorRTError(f"{path} is a truncated fdm TensorRT plan (no engine after the header)")
-    return meta, engine
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -94,8 +37,6 @@ class BuildResult:
 def build_plan(onnx_path: str | Path, out: str | Path, *, min_batch: int = 1, opt_batch: int = 8,
                max_batch: int = 32, precision: str = "auto", timing_cache: str | Path | None = None,
                workspace_mib: int | None = None, tf32: bool = True, verbose: bool = False) -> BuildResult:
-    from fdm_export.onnx_export import read_onnx_metadata
-
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise TensorRTError(f"need 1 <= --min-batch <= --opt-batch <= --max-batch, got {min_batch}, {opt_batch}, "
                             f"{max_batch}")
@@ -175,8 +116,8 @@ def check_plan(plan_path: str | Path, onnx_path: str | Path, batches: tuple[int,
     import torch
 
     from fdm_export.onnx_export import example_inputs
-    from fdm_infer.onnx_engine import OnnxEngine
-    from fdm_infer.trt_engine import TrtEngine
+    from fdm_infer.engines.onnx_engine import OnnxEngine
+    from fdm_infer.engines.trt_engine import TrtEngine
 
     plan = TrtEngine(plan_path)
     reference = OnnxEngine(onnx_path, device="cpu")
@@ -200,7 +141,3 @@ def gpu_info() -> dict:
         pass
     return {"gpu": "unknown", "compute_capability": ""}
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -1,73 +1,22 @@
 """`fdm-infer`: segment real images, generate samples, interpolate, with any registered engine."""
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from fdm_train.errors import UserError, run_cli
-
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "default.safetensors"
-
-
-def engine_options(f):
-    """--engine / --checkpoint / --model / --device, shared by every command that runs a model."""
-    from fdm_infer.engine import ENGINES
-
-    f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")(f)
-    f = click.option("--model", "model_file", type=click.Path(dir_okay=False), default=None,
-                     help="Exported model file for --engine onnx/trt (from fdm-export); with --engine torch "
-                          "the same as --checkpoint.")(f)
-    f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="fdm checkpoint (.safetensors) for --engine torch [default: the bundled LFW 32x32 "
-                          "model].")(f)
-    f = click.option("--engine", "engine_kind", type=click.Choice(sorted(ENGINES)), default="torch",
-                     show_default=True, help="Inference engine.")(f)
-    return f
-
-
-def model_path(engine_kind: str, checkpoint: str | None, model_file: str | None) -> Path:
-    """The file the chosen engine loads: --checkpoint / --model / the bundled default (torch only)."""
-    if engine_kind == "torch":
-        if checkpoint and model_file and Path(checkpoint) != Path(model_file):
-            raise click.UsageError("give either --checkpoint or --model, not both")
-        path = checkpoint or model_file
-        if path is None:
-            if not DEFAULT_CHECKPOINT.is_file():
-                raise UserError(f"the bundled default checkpoint is missing ({DEFAULT_CHECKPOINT}); "
-                                "pass --checkpoint FILE")
-            return DEFAULT_CHECKPOINT
-        return Path(path)
-    if checkpoint and not model_file:
-        raise click.UsageError(f"--engine {engine_kind} runs an exported file: pass --model FILE "
-                               f"(make one with `fdm-export {engine_kind} {checkpoint}`)")
-    if not model_file:
-        raise click.UsageError(f"--engine {engine_kind} needs --model FILE (made by fdm-export)")
-    return Path(model_file)
-
-
-def load_engine(engine_kind: str, checkpoint: str | None, model_file: str | None, device: str):
-    from fdm_infer.engine import open_engine
-
-    path = model_path(engine_kind, checkpoint, model_file)
-    try:
-        return open_engine(engine_kind, path, device=device), path
-    except (RuntimeError, AssertionError) as exc:  # e.g. an unavailable device
-        text = str(exc).strip().splitlines()
-        raise UserError(f"cannot load {path} with --engine {engine_kind}: {text[0] if text else exc}") from None
-
-
-def describe(engine, path: Path) -> str:
-    cfg = engine.config
-    return f"{path.name} ({engine.name}, K={engine.num_regions}, {cfg.image_size}x{cfg.image_size})"
-
-
-def warn_line(message: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(f"fdm-infer: warning: {message}", file=sys.stderr)
+from fdm_infer.eval.cli import EVAL_COMMANDS
+from fdm_infer.options import (
+    describe,
+    engine_options,
+    exit_if_failed,
+    load_engine,
+    progress_bar,
+    segmentation_options,
+    warn_line,
+)
+from fdm_train.errors import run_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,49 +29,38 @@ def main_group():
 @click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder; relative paths of images found in folders are mirrored under it.")
 @engine_options
-@click.option("--t", "t", type=click.IntRange(0, 999), default=30, show_default=True,
-              help="Noise level the images are taken to before the one forward pass.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise (the same for every image).")
-@click.option("--ensemble", type=click.IntRange(1), default=1, show_default=True,
-              help="Average the soft masks over N seeds (seed..seed+N-1).")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@segmentation_options
 @click.option("--save-soft", is_flag=True, help="Also write <name>_soft.npz: soft masks [K,S,S] (float16).")
 @click.option("--foreground", is_flag=True,
-              help="Also write <name>_fg.png (0/255): the channel least present on the image borders over "
-                   "all inputs is taken as foreground (no labels needed).")
-@click.option("--fg-channel", type=click.IntRange(0), default=None,
-              help="With --foreground: use this channel instead of the automatic choice.")
+              help="Also write <name>_fg.png (0/255): the foreground channels, chosen without labels (every "
+                   "channel but the one most present on the image borders over all inputs) or by --fg-channel.")
 @click.option("--channels", is_flag=True,
               help="Also write <name>_channels.png: every mask channel on its own (paper Fig. 9).")
-@click.option("--class", "class_label", type=click.IntRange(0), default=None,
-              help="Class of the images, for class-conditional models.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def segment(paths, out, engine_kind, checkpoint, model_file, device, t, seed, ensemble, batch_size, save_soft,
-            foreground, fg_channel, channels, class_label, quiet):
+def segment(paths, out, engine_kind, checkpoint, model_file, device, t, seed, ensemble, batch_size, fg_channels,
+            class_label, quiet, save_soft, foreground, channels):
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (uint8
     label map 0..K-1 at the image's own resolution) and <name>_overlay.png. The whole image is
     resized to the model's size (no crop), and the masks back to the image's size.
     Exit status 1 if any input failed (each is reported as a warning). The images/s of the summary
     counts decoding, the model and writing, not loading the model."""
-    from fdm_infer.segment import label_legend, segment_files
+    from fdm_infer.images import label_legend
+    from fdm_infer.segment import segment_files
 
-    if fg_channel is not None and not foreground:
+    if fg_channels and not foreground:
         raise click.UsageError("--fg-channel goes with --foreground")
     engine, path = load_engine(engine_kind, checkpoint, model_file, device)
     report = segment_files(engine, list(paths), out, t=t, seed=seed, ensemble=ensemble, batch_size=batch_size,
-                           save_soft=save_soft, foreground=foreground, fg_channel=fg_channel, channels=channels,
-                           class_label=class_label, warn=warn_line, progress=not quiet)
+                           save_soft=save_soft, foreground=foreground, fg_channels=list(fg_channels),
+                           channels=channels, class_label=class_label, warn=warn_line, progress=not quiet)
     click.echo(f"segmented {report.written} image(s) in {report.seconds:.1f} s "
                f"({report.images_per_s:.1f} images/s) with {describe(engine, path)}, t={t}, seed {seed}"
                + (f", ensemble {ensemble}" if ensemble > 1 else "") + f" -> {out}")
     click.echo(f"labels: {label_legend(engine.num_regions)}")
     if report.foreground is not None:
         shares = ", ".join(f"{s:.2f}" for s in report.border_share)
-        how = "given" if fg_channel is not None else "least on the borders"
-        click.echo(f"foreground: channel {report.foreground} ({how}; border shares {shares})")
-    if report.failed:
-        click.echo(f"fdm-infer: {len(report.failed)} input(s) failed (see the warnings above)", err=True)
-        sys.exit(1)
+        how = "given" if fg_channels else "not the channel most on the borders"
+        click.echo(f"foreground: channels {'+'.join(map(str, report.foreground))} ({how}; border shares {shares})")
+    exit_if_failed(report)
 
 
 @main_group.command()
@@ -146,29 +84,24 @@ def generate(count, steps, sampler, seed, batch_size, out, classes, save_traject
     """Generate images together with their masks. Writes sample_NNNN.png, sample_NNNN_labels.png
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
     same images (bit-identical on the CPU)."""
-    from tqdm import tqdm
-
     from fdm_infer.generate import generate as run
     from fdm_infer.generate import write_samples
-    from fdm_infer.segment import ensure_writable
+    from fdm_infer.images import ensure_writable
+    from fdm_train.diffusion import GaussianDiffusion
+    from fdm_train.visualize import mask_statistics
 
     engine, path = load_engine(engine_kind, checkpoint, model_file, device)
     ensure_writable(Path(out))
-    from fdm_train.diffusion import GaussianDiffusion
-
     diffusion = GaussianDiffusion()
     n_steps = len(diffusion.timesteps(steps))
     batches = -(-count // batch_size)
     start = time.perf_counter()
-    with tqdm(total=n_steps * batches, desc=f"generate ({sampler})", unit="step", disable=True if quiet else None,
-              dynamic_ncols=True) as bar:
+    with progress_bar(n_steps * batches, f"generate ({sampler})", quiet, unit="step") as bar:
         result, y = run(engine, count, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size,
                         classes=list(classes) or None, trajectory_every=max(1, n_steps // 10) if save_trajectory else 0,
                         progress=bar.update, diffusion=diffusion)
     seconds = time.perf_counter() - start
     write_samples(Path(out), result, y, save_trajectory)
-    from fdm_train.visualize import mask_statistics
-
     stats = mask_statistics(result.masks)
     click.echo(f"generated {count} image(s) in {seconds:.1f} s ({count / seconds:.2f} images/s; {sampler}, "
                f"{n_steps} steps, seed {seed}) with {describe(engine, path)} -> {out} "
@@ -197,11 +130,9 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_la
     """Interpolate between two real images: noise both, mix, denoise (as in DDPM; the paper's
     Figure 12). Both are noised to --t with the same noise, mixed, and denoised from there. Writes interpolation.png (A, the frames, B; masks below) and
     frame_NN.png / frame_NN_labels.png."""
-    from tqdm import tqdm
-
     from fdm_infer.generate import class_labels, load_pair, write_interpolation
     from fdm_infer.generate import interpolate as run
-    from fdm_infer.segment import ensure_writable
+    from fdm_infer.images import ensure_writable
     from fdm_train.diffusion import GaussianDiffusion
 
     engine, path = load_engine(engine_kind, checkpoint, model_file, device)
@@ -211,8 +142,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_la
     diffusion = GaussianDiffusion()
     per_frame = len([s for s in diffusion.timesteps(steps) if s <= t])
     start = time.perf_counter()
-    with tqdm(total=per_frame * frames, desc="interpolate", unit="step", disable=True if quiet else None,
-              dynamic_ncols=True) as bar:
+    with progress_bar(per_frame * frames, "interpolate", quiet, unit="step") as bar:
         result = run(engine, a, b, t=t, frames=frames, mix=mix, steps=steps, sampler=sampler, seed=seed,
                      y=None if y is None else int(y[0]), progress=bar.update, diffusion=diffusion)
     write_interpolation(Path(out), result)
@@ -220,9 +150,8 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_la
                f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {out}/interpolation.png")
 
 
-from fdm_infer.eval_cli import add_commands  # evaluate, baseline, fid
-
-add_commands(main_group)
+for command in EVAL_COMMANDS:
+    main_group.add_command(command)
 
 
 def main():

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdm_infer.engine import Engine
-from fdm_infer.segment import ensure_writable, load_for_model
+from fdm_infer.engines.base import Engine
+from fdm_infer.images import ensure_writable, load_for_model
 from fdm_train.diffusion import GaussianDiffusion, SampleResult
 from fdm_train.errors import UserError
 from fdm_train.visualize import colorize, grid, images_to_uint8
@@ -58,7 +58,8 @@ def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm"
         y = None if y_all is None else y_all[first:first + b].to(engine.device)
         r = diffusion.sample(engine.denoise, (b, cfg.in_channels, cfg.image_size, cfg.image_size), steps=steps,
                              sampler=sampler, y=y, device=engine.device, generator=g,
-                             trajectory_every=trajectory_every if first == 0 else 0, progress=progress)
+                             trajectory_every=trajectory_every if first == 0 else 0, progress=progress,
+                             step=engine.ddpm_step)
         images.append(r.images.cpu())
         masks.append(r.masks.cpu())
         if first == 0:
@@ -169,24 +170,16 @@ def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 25
         x_t = (1 - lam) * xa + lam * xb if mix == "linear" else slerp(xa, xb, lam)
         gen.manual_seed(seed + 1)
         r = diffusion.sample(engine.denoise, (1, *a.shape), steps=steps, sampler=sampler, y=yy, device=dev,
-                             generator=gen, x_T=x_t[None], start_t=t_start, progress=progress)
+                             generator=gen, x_T=x_t[None], start_t=t_start, progress=progress,
+                             step=engine.ddpm_step)
         images.append(r.images.cpu())
         masks.append(r.masks.cpu())
     return Interpolation(torch.stack([a, b]).cpu(), torch.cat(images), torch.cat(masks), lambdas, t_start)
 
 
 def load_pair(engine: Engine, a: str | Path, b: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    out = []
-    for p in (a, b):
-        try:
-            x, _ = load_for_model(Path(p), engine.config.image_size)
-        except FileNotFoundError:
-            raise UserError(f"no such image: {p}") from None
-        except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
-            text = str(exc).strip().splitlines()
-            raise UserError(f"{p} is not a readable image ({text[0][:200] if text else type(exc).__name__})") from None
-        out.append(x)
-    return out[0], out[1]
+    (x_a, _), (x_b, _) = (load_for_model(Path(p), engine.config.image_size) for p in (a, b))
+    return x_a, x_b
 
 
 def write_interpolation(out: Path, result: Interpolation) -> list[Path]:

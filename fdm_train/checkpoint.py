@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from safetensors.torch import save as st_save
 from fdm_train.config import ModelConfig
 from fdm_train.errors import UserError
 from fdm_train.model import FactorizedUNet, build_model
+from fdm_train.util import DTYPES, atomic_write, one_line
 
 FORMAT = "fdm-checkpoint-v1"
 
@@ -24,33 +23,14 @@ class CheckpointError(UserError):
     """A missing, corrupt or mismatched checkpoint; the message is one line naming the file."""
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def save_checkpoint(path: str | Path, cfg: ModelConfig, ema: dict[str, torch.Tensor],
                     raw: dict[str, torch.Tensor] | None, step: int, extra: dict | None = None,
                     dtype: str = "fp32") -> None:
     """`dtype` is the storage type of floating-point tensors (fp16/bf16 halve the file; loading
     converts back to float32). Training always writes fp32."""
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
-    store = STORAGE_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    store = DTYPES[dtype]
 
     def cast(v: torch.Tensor) -> torch.Tensor:
         v = v.detach().cpu()
@@ -92,13 +72,13 @@ def read_checkpoint(path: str | Path):
         tensors = st_load(data)
         metadata = _safetensors_metadata(data)
     except Exception as exc:  # safetensors/json raise several types for a bad file
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({_one_line(exc)})") from None
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({one_line(exc)})") from None
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path} is not an fdm checkpoint (no fdm model config in its metadata)")
     try:
         cfg = ModelConfig.from_json(metadata["config"])
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path} has an invalid model config: {_one_line(exc)}") from None
+        raise CheckpointError(f"{path} has an invalid model config: {one_line(exc)}") from None
     states = {"ema": {}, "model": {}}
     for name, tensor in tensors.items():
         prefix, _, key = name.partition(".")
@@ -147,7 +127,7 @@ def load_training_state(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable training state ({_one_line(exc)})") from None
+        raise CheckpointError(f"{path} is not a readable training state ({one_line(exc)})") from None
 
 
 def _safetensors_metadata(data: bytes) -> dict:
@@ -155,7 +135,3 @@ def _safetensors_metadata(data: bytes) -> dict:
     header = json.loads(data[8:8 + header_len])
     return header.get("__metadata__", {}) or {}
 
-
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -122,7 +122,7 @@ def info(preset, variant, regions, image_size, channels, region_codes):
     cfg = config_from(preset, variant, regions, image_size, channels, region_codes)
     with torch.device("meta"):
         params = count_parameters(build_model(cfg))
-    click.echo(f"preset:     {preset} ({cfg.variant}, K={cfg.num_regions if cfg.variant != 'plain' else 1}, "
+    click.echo(f"preset:     {preset} ({cfg.variant}, K={cfg.mask_channels}, "
                f"{cfg.image_size}x{cfg.image_size}, C={cfg.base_channels}, mult={list(cfg.channel_mult)}, "
                f"blocks={cfg.num_res_blocks})")
     click.echo(f"parameters: {params:,} ({params / 1e6:.1f} M)")

@@ -36,6 +36,11 @@ class ModelConfig:
                 "(one halving per stage)"
             )
 
+    @property
+    def mask_channels(self) -> int:
+        """Channels of the masks the model returns: K, or 1 for the plain U-Net (one all-ones mask)."""
+        return 1 if self.variant == "plain" else self.num_regions
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 

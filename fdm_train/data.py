@@ -158,11 +158,6 @@ class EpochOrder:
         return keys
 
 
-def load_batch(dataset, keys: list[tuple[int, bool]]) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[k] for k in keys]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
-
-
 # ----- data-parallel sharding -----
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -395,7 +390,7 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
         for leftover in output.parent.glob(f".{output.name}.{os.getpid()}.tmp*.npy"):
             leftover.unlink(missing_ok=True)
         raise
-    from fdm_train.checkpoint import atomic_write
+    from fdm_train.util import atomic_write
     atomic_write(manifest_path(output), (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 

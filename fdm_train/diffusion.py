@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+# (x_t, t, y, (c1, c2, sigma), z) -> (x_prev, masks): one DDPM step done by the denoiser's owner.
+DDPMStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", tuple[float, float, float],
+                     "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -80,10 +83,13 @@ class GaussianDiffusion:
                sampler: str = "ddpm", y: torch.Tensor | None = None, device: str | torch.device = "cpu",
                generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
                start_t: int | None = None, trajectory_every: int = 0,
-               progress: Callable[[int], None] | None = None) -> SampleResult:
+               progress: Callable[[int], None] | None = None, step: DDPMStep | None = None) -> SampleResult:
         """Reverse diffusion from x_T ~ N(0, I) (or from a given x_T at `start_t`, for interpolation).
         Returns the images, the soft masks of the last step and, if asked, every
-        `trajectory_every`-th step's (t, predicted x0, masks)."""
+        `trajectory_every`-th step's (t, predicted x0, masks). `step`, when given, does a DDPM step in
+        one call: step(x_t, t, y, (c1, c2, sigma), z) -> (x_prev, masks), the same update as
+        `ddpm_update` (an engine fuses it with the combination of its branches); steps whose
+        predicted x0 goes into the trajectory use `denoise`, which returns eps."""
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
         seq = self.timesteps(steps or self.num_timesteps)
@@ -95,19 +101,35 @@ class GaussianDiffusion:
         for i, t in enumerate(seq):
             t_prev = seq[i + 1] if i + 1 < len(seq) else -1
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps, masks = denoise(x, tt, y)
-            eps = eps.float()
-            if trajectory_every and (i % trajectory_every == 0 or t_prev < 0):
-                trajectory.append((t, self.predict_x0(x, t, eps).clamp(-1, 1).cpu(), masks.float().cpu()))
-            if sampler == "ddpm":
-                c1, c2, sigma = self.ddpm_coefficients(t, t_prev)
-                x = c1 * (x - c2 * eps)
-                if sigma > 0:
-                    x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
-            else:  # DDIM, eta = 0
-                x0 = self.predict_x0(x, t, eps)
-                abar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
-                x = abar_prev ** 0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
+            record = trajectory_every and (i % trajectory_every == 0 or t_prev < 0)
+            if sampler == "ddpm" and step is not None and not record:
+                coef = self.ddpm_coefficients(t, t_prev)
+                x, masks = step(x, tt, y, coef, self._ddpm_noise(x, coef, generator))
+            else:
+                eps, masks = denoise(x, tt, y)
+                eps = eps.float()
+                if record:
+                    trajectory.append((t, self.predict_x0(x, t, eps).clamp(-1, 1).cpu(), masks.float().cpu()))
+                if sampler == "ddpm":
+                    coef = self.ddpm_coefficients(t, t_prev)
+                    x = ddpm_update(x, eps, coef, self._ddpm_noise(x, coef, generator))
+                else:  # DDIM, eta = 0
+                    x0 = self.predict_x0(x, t, eps)
+                    abar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+                    x = abar_prev ** 0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
             if progress is not None:
                 progress(1)
         return SampleResult(images=x.clamp(-1, 1), masks=masks.float(), trajectory=trajectory)
+
+    @staticmethod
+    def _ddpm_noise(x: torch.Tensor, coef: tuple[float, float, float], generator) -> torch.Tensor | None:
+        """z ~ N(0, I) of a DDPM step, None at the last one (sigma = 0)."""
+        return torch.randn(x.shape, device=x.device, generator=generator) if coef[2] > 0 else None
+
+
+def ddpm_update(x_t: torch.Tensor, eps: torch.Tensor, coef: tuple[float, float, float],
+                z: torch.Tensor | None) -> torch.Tensor:
+    """x_prev = c1 * (x_t - c2 * eps) + sigma * z (eq. 9-10), coef = (c1, c2, sigma); z None: no noise."""
+    c1, c2, sigma = coef
+    x = c1 * (x_t - c2 * eps)
+    return x if z is None else x + sigma * z

@@ -202,10 +202,10 @@ class FactorizedUNet(nn.Module):
 
     @property
     def num_regions(self) -> int:
-        return 1 if self.cfg.variant == "plain" else self.cfg.num_regions
+        return self.cfg.mask_channels
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels))
+        emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(self.time_embed[0].weight.dtype))
         if self.label_embed is not None:
             if y is None:
                 raise ValueError("this model is class-conditional: pass class labels y")
@@ -215,11 +215,12 @@ class FactorizedUNet(nn.Module):
     def masks_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax over K at `mask_temperature`; with `hard_masks` (training only) a straight-through
         Gumbel sample: one-hot forward, the soft gradient backward."""
-        soft = (logits.float() / self.mask_temperature).softmax(dim=1)
+        logits = logits.float() if self.mask_temperature == 1.0 else logits.float() / self.mask_temperature
+        soft = logits.softmax(dim=1)
         if not (self.hard_masks and self.training):
             return soft
         gumbel = -torch.empty_like(soft).exponential_().log()
-        index = (logits.float() / self.mask_temperature + gumbel).argmax(1, keepdim=True)
+        index = (logits + gumbel).argmax(1, keepdim=True)
         hard = torch.zeros_like(soft).scatter_(1, index, 1.0)
         return hard + soft - soft.detach()
 
@@ -230,35 +231,41 @@ class FactorizedUNet(nn.Module):
             emb = emb + self.region_codes.weight.to(emb.dtype).repeat(emb.shape[0] // k, 1)
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        """Returns eps [B,C,H,W] and the full-resolution soft masks [B,K,H,W] (ones for 'plain')."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, branches: bool = False):
+        """Returns eps [B,C,H,W] and the full-resolution soft masks [B,K,H,W] (ones for 'plain').
+        With `branches` ('factorized' and 'mask-mid' only) eps is left per branch, [B*K,C,H,W], for a
+        sampler that fuses the masked sum into its update."""
         emb = self.embed(t, y)
         skips = self.encoder(x, emb)
         h_mid = self.middle(skips[-1], emb)
         variant = self.cfg.variant
+        if branches and variant not in ("factorized", "mask-mid"):
+            raise ValueError(f"the {variant!r} variant has no per-branch eps")
         if variant == "plain":
             eps = self.decoder(h_mid, skips, emb)
             return eps, torch.ones_like(x[:, :1])
         masks = self.masks_from_logits(self.mask_generator(h_mid, skips, emb))
-        pyramid = mask_pyramid(masks, [s.shape[-2:] for s in skips])
-        k = masks.shape[1]
+        # Python ints, not traced shapes: the sizes are static and key the pyramid when exporting too.
+        sizes = [(int(s.shape[-2]), int(s.shape[-1])) for s in skips]
+        pyramid = mask_pyramid(masks, sizes)
+        k = self.cfg.num_regions
         if variant == "factorized":
             # All K branches in one decoder call on B*K samples.
-            gated = [masked_skip(s, pyramid[tuple(s.shape[-2:])]) for s in skips]
+            gated = [masked_skip(s, pyramid[size]) for s, size in zip(skips, sizes)]
             eps_k = self.decoder(h_mid.repeat_interleave(k, 0), gated, self.branch_embedding(emb, k))
-            return masked_sum(eps_k, masks), masks
+            return (eps_k if branches else masked_sum(eps_k, masks)), masks
         if variant == "mask-mid":
-            gated_mid = masked_skip(h_mid, pyramid[tuple(h_mid.shape[-2:])])
+            gated_mid = masked_skip(h_mid, pyramid[sizes[-1]])
             eps_k = self.decoder(gated_mid, [s.repeat_interleave(k, 0) for s in skips],
                                  emb.repeat_interleave(k, 0))
-            return masked_sum(eps_k, masks), masks
+            return (eps_k if branches else masked_sum(eps_k, masks)), masks
         if variant == "concat":
-            mid = torch.cat([h_mid, pyramid[tuple(h_mid.shape[-2:])].to(h_mid.dtype)], 1)
-            cat_skips = [torch.cat([s, pyramid[tuple(s.shape[-2:])].to(s.dtype)], 1) for s in skips]
+            mid = torch.cat([h_mid, pyramid[sizes[-1]].to(h_mid.dtype)], 1)
+            cat_skips = [torch.cat([s, pyramid[size].to(s.dtype)], 1) for s, size in zip(skips, sizes)]
             return self.decoder(mid, cat_skips, emb), masks
         # no-share: one decoder per region
         eps = sum(
-            dec(h_mid, [s * pyramid[tuple(s.shape[-2:])][:, i:i + 1].to(s.dtype) for s in skips], emb)
+            dec(h_mid, [s * pyramid[size][:, i:i + 1].to(s.dtype) for s, size in zip(skips, sizes)], emb)
             * masks[:, i:i + 1]
             for i, dec in enumerate(self.decoders)
         )
@@ -283,7 +290,7 @@ class FactorizedUNet(nn.Module):
 def mask_pyramid(masks: torch.Tensor, sizes) -> dict[tuple[int, int], torch.Tensor]:
     """The soft masks average-pooled once to every size the skips need, largest first."""
     pyramid = {}
-    for size in sorted({tuple(s) for s in sizes}, reverse=True):
+    for size in sorted({(int(h), int(w)) for h, w in sizes}, reverse=True):
         # Pool from the smallest level that tiles exactly (equal to pooling the full masks).
         source = next((p for (h, w), p in sorted(pyramid.items()) if h % size[0] == 0 and w % size[1] == 0), masks)
         pyramid[size] = pool_mask(source, size)

@@ -57,6 +57,7 @@ from fdm_train.data import (
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
 from fdm_train.model import build_model, count_parameters
+from fdm_train.util import pick_device
 from fdm_train.visualize import mask_statistics, sample_grid
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -101,12 +102,6 @@ class TrainOptions:
     mask_temperature: float = 1.0  # softmax temperature at step 0, annealed to 1
     hard_masks: bool = False  # straight-through Gumbel one-hot masks while shaping
     mask_init_scale: float = 1.0  # scales the initial weights of the mask head's last layer
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def ema_rate(decay: float, step: int) -> float:

@@ -17,7 +17,7 @@ import torch
 from kernels import reference
 from kernels.reference import pool_mask
 
-__all__ = ["masked_skip", "masked_sum", "masked_sum_ddpm_step", "ddpm_coef", "pool_mask", "HAS_TRITON"]
+__all__ = ["masked_skip", "masked_sum", "masked_sum_ddpm_step", "ddpm_coef", "pool_mask", "runs_triton", "HAS_TRITON"]
 
 try:  # registering the ops needs only torch; the kernels need triton
     from kernels import ops as _ops
@@ -39,8 +39,13 @@ def _exporting() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting())
 
 
+def runs_triton(device: torch.device | str) -> bool:
+    """Whether the masked ops run as Triton kernels for tensors on `device` (CUDA with triton installed)."""
+    return _ops is not None and HAS_TRITON and torch.device(device).type == "cuda"
+
+
 def _fast(t: torch.Tensor) -> bool:
-    return _ops is not None and HAS_TRITON and t.is_cuda and not _exporting()
+    return runs_triton(t.device) and not _exporting()
 
 
 def masked_skip(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

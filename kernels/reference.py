@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 def pool_mask(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Average-pool soft masks [B,K,H0,W0] to `size`; average pooling keeps sum_k m_k = 1."""
-    if tuple(m.shape[-2:]) == tuple(size):
+    h0, w0 = int(m.shape[-2]), int(m.shape[-1])  # static sizes, also when traced for export
+    if (h0, w0) == tuple(size):
         return m
-    h0, w0 = m.shape[-2:]
     if h0 % size[0] == 0 and w0 % size[1] == 0:
         return F.avg_pool2d(m, (h0 // size[0], w0 // size[1]))
     return F.adaptive_avg_pool2d(m, size)

@@ -15,9 +15,11 @@ from PIL import Image
 
 from conftest import LFW_VAL, perturb
 from fdm_export import cli as export_cli
-from fdm_export.onnx_export import export_onnx, read_onnx_metadata
-from fdm_export.trt_build import MAGIC, MISSING_TENSORRT, TensorRTError, build_plan, pack_plan, read_plan
-from fdm_infer.engine import ENGINES, open_engine
+from fdm_export.onnx_export import export_onnx
+from fdm_export.trt_build import build_plan
+from fdm_infer.engines import ENGINES, open_engine
+from fdm_infer.engines.onnx_engine import read_onnx_metadata
+from fdm_infer.engines.trt_engine import MAGIC, MISSING_TENSORRT, TensorRTError, pack_plan, read_plan
 from fdm_train.checkpoint import save_checkpoint
 from fdm_train.config import preset
 from fdm_train.errors import UserError

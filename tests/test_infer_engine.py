@@ -4,10 +4,14 @@ import pytest
 import torch
 
 from conftest import perturb
-from fdm_infer.engine import TorchEngine, open_engine
+from fdm_infer.engines import open_engine
+from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint, slim_checkpoint
 from fdm_train.config import preset
+from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.model import build_model
+
+HAS_CUDA = torch.cuda.is_available()
 
 
 def random_inputs(cfg, batch, seed):
@@ -36,6 +40,67 @@ def test_fused_engine_equals_unfused_model(k, batch):
     eps_1, masks_1 = fused.denoise(x[-1:], t[-1:])
     torch.testing.assert_close(eps_1, eps[-1:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(masks_1, masks[-1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["factorized", "mask-mid"])
+@pytest.mark.parametrize("t, t_prev", [(500, 499), (40, 20), (3, -1)])
+def test_fused_ddpm_step_equals_the_unfused_update(variant, t, t_prev):
+    """x_prev = c1 * (x - c2 * sum_k m_k eps_k) + sigma * z, with eps and masks of the model's own forward
+    (for 'factorized', its K separate decoder calls)."""
+    model = perturb(build_model(preset("tiny-32", variant=variant)), seed=4).eval()
+    engine = TorchEngine.from_model(model, device="cpu")
+    g = torch.Generator().manual_seed(t)
+    x, z = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    tt = torch.full((2,), t)
+    c1, c2, sigma = GaussianDiffusion().ddpm_coefficients(t, t_prev)
+    with torch.no_grad():
+        eps, masks = model.forward_unfused(x, tt) if variant == "factorized" else model(x, tt)
+    z = z if sigma > 0 else None
+    x_prev, step_masks = engine.fused_ddpm_step(x, tt, None, (c1, c2, sigma), z)
+    expected = c1 * (x - c2 * eps) + (sigma * z if z is not None else 0)
+    torch.testing.assert_close(x_prev, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_masks, masks, atol=1e-6, rtol=1e-6)
+
+
+def test_sampler_with_the_engine_step_equals_the_plain_update():
+    model = perturb(build_model(preset("tiny-32")), seed=5).eval()
+    engine = TorchEngine.from_model(model, device="cpu")
+    diffusion = GaussianDiffusion()
+    assert engine.ddpm_step is None  # no Triton on the CPU: the sampler keeps its own update
+
+    def sample(step, trajectory_every=0):
+        g = torch.Generator().manual_seed(0)
+        return diffusion.sample(engine.denoise, (2, 3, 32, 32), steps=6, generator=g, step=step,
+                                trajectory_every=trajectory_every)
+
+    plain, fused = sample(None), sample(engine.fused_ddpm_step)
+    torch.testing.assert_close(fused.images, plain.images, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.masks, plain.masks, atol=1e-5, rtol=1e-5)
+    # Steps that record the trajectory need eps: they run denoise, the others the fused step.
+    traced = sample(engine.fused_ddpm_step, trajectory_every=2)
+    assert [t for t, _, _ in traced.trajectory] == [t for t, _, _ in sample(None, trajectory_every=2).trajectory]
+    torch.testing.assert_close(traced.images, plain.images, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_engine_samples_with_the_fused_triton_step():
+    import kernels
+
+    if not kernels.runs_triton("cuda"):
+        pytest.skip("needs triton")
+    model = perturb(build_model(preset("tiny-32")), seed=6).eval()
+    engine = TorchEngine.from_model(model, device="cuda", dtype="fp32", compile=False)  # CUDA graphs on
+    assert engine.ddpm_step is not None
+    diffusion = GaussianDiffusion()
+
+    def sample(step):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        return diffusion.sample(engine.denoise, (3, 3, 32, 32), steps=5, device="cuda", generator=g, step=step)
+
+    fused, plain = sample(engine.ddpm_step), sample(None)
+    torch.testing.assert_close(fused.images, plain.images, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused.masks, plain.masks, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_loads_ema_weights_not_raw(tmp_path):

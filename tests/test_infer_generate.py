@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from conftest import perturb
-from fdm_infer.engine import TorchEngine, open_engine
+from fdm_infer.engines import open_engine
+from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.generate import generate, interpolate
 from fdm_train.checkpoint import save_checkpoint
 from fdm_train.config import preset

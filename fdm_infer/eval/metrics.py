@@ -11,11 +11,8 @@ Foreground protocol (Flowers / CUB / ReDO-LFW): a binary prediction P and ground
   `ignore_empty=False` and of the pooled formula's limit); when only one of them is empty, IoU =
   DICE = 0. The pooled figures (intersections and unions summed over the set before dividing) are
   reported beside the per-image means; with an empty set they are 1 by the same convention.
-  The foreground of a K-channel prediction is chosen ONCE per model and set, without labels, from
-  each channel's presence on the image border (`border_presence`): the background is the channel
-  most present there and the foreground is every other channel (`choose_foreground_channels`; for
-  K = 2 the same as DESIGN.md's "the channel least present on the border", which is reported beside
-  it as the single-channel figure, `choose_foreground_channel`).
+  The foreground of a K-channel prediction is chosen ONCE per model and set, without labels, by the
+  rule of `fdm_infer.foreground`.
   The ReDO / IEM figure is reported beside it: per image, each metric is the larger of its values
   for the binary mask and for its inverse, taken separately per metric (as ReDO's evaluation code
   does: `torch.max(acc(mask), acc(1 - mask))`, the same for IoU). That figure uses the labels to
@@ -39,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 # ----- foreground -----
 
@@ -142,44 +140,6 @@ def foreground_summary(per_image: list[BinaryCounts]) -> dict:
     }
 
 
-def border_ring(height: int, width: int, ring: int | None = None) -> np.ndarray:
-    """Boolean [H, W]: the pixels within `ring` of the image border (default max(1, min(H, W) // 16),
-    as `fdm_infer.segment.border_shares` uses)."""
-    w = ring or max(1, min(height, width) // 16)
-    mask = np.zeros((height, width), dtype=bool)
-    mask[:w, :] = mask[-w:, :] = True
-    mask[:, :w] = mask[:, -w:] = True
-    return mask
-
-
-def border_presence(labels: np.ndarray, num_channels: int, ring: int | None = None) -> np.ndarray:
-    """Per channel, the summed over images share of the border ring it covers: float64 [K]. `labels`
-    [N, H, W] (or [H, W]) hard label maps 0..K-1. Divided by N the shares sum to 1."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        labels = labels[None]
-    ring_mask = border_ring(*labels.shape[-2:], ring=ring)
-    on_ring = labels[:, ring_mask]  # [N, R]
-    counts = np.stack([np.bincount(row, minlength=num_channels)[:num_channels] for row in on_ring.astype(np.int64)])
-    return (counts / ring_mask.sum()).sum(axis=0)
-
-
-def choose_foreground_channel(presence: np.ndarray) -> int:
-    """DESIGN.md: the foreground is the channel least present on the image border over the set (ties:
-    the lowest index)."""
-    return int(np.argmin(np.asarray(presence)))
-
-
-def choose_foreground_channels(presence: np.ndarray) -> list[int]:
-    """The foreground channels of a K-channel segmentation, without labels: every channel but the
-    background, which is the channel MOST present on the image border over the set (ties: the lowest
-    index). For K = 2 this is `choose_foreground_channel` (up to exact ties); for K = 3 on faces it gives
-    skin + hair, the ReDO LFW foreground, where a single channel could never cover it."""
-    presence = np.asarray(presence)
-    background = int(np.argmax(presence))
-    return [c for c in range(presence.shape[0]) if c != background]
-
-
 # ----- parts -----
 
 
@@ -200,35 +160,9 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_pred: int, num_labels
 
 def hungarian_match(conf: np.ndarray) -> dict[int, int]:
     """{label: predicted channel}, one-to-one, maximising the matched pixels sum_l C[match(l), l].
-    min(K, L) pairs, by scipy.optimize.linear_sum_assignment (deterministic ties). Without scipy, an
-    exhaustive search over the assignments gives the same optimum (for min(K, L) <= 8)."""
-    conf = np.asarray(conf)
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError:
-        return _exhaustive_match(conf)
-    rows, cols = linear_sum_assignment(conf, maximize=True)
+    min(K, L) pairs, by scipy.optimize.linear_sum_assignment (deterministic ties)."""
+    rows, cols = linear_sum_assignment(np.asarray(conf), maximize=True)
     return {int(label): int(channel) for channel, label in zip(rows, cols)}
-
-
-def _exhaustive_match(conf: np.ndarray) -> dict[int, int]:
-    import itertools
-
-    k, n = conf.shape
-    if min(k, n) > 8:
-        raise ImportError("matching more than 8 regions needs scipy (pip install scipy)")
-    best, best_total = {}, -1
-    if k >= n:  # choose a distinct channel for every label
-        for channels in itertools.permutations(range(k), n):
-            total = sum(int(conf[c, lab]) for lab, c in enumerate(channels))
-            if total > best_total:
-                best, best_total = {lab: c for lab, c in enumerate(channels)}, total
-    else:  # choose a distinct label for every channel
-        for labels in itertools.permutations(range(n), k):
-            total = sum(int(conf[c, lab]) for c, lab in enumerate(labels))
-            if total > best_total:
-                best, best_total = {lab: c for c, lab in enumerate(labels)}, total
-    return best
 
 
 def parts_scores(conf: np.ndarray, present_only: bool = True) -> dict:
@@ -282,6 +216,4 @@ class PartsAccumulator:
 
 
 __all__ = ["BinaryCounts", "ForegroundAccumulator", "PartsAccumulator", "binary_counts", "binary_scores",
-           "border_presence", "border_ring", "choose_foreground_channel", "choose_foreground_channels",
-           "confusion_matrix",
-           "foreground_summary", "hungarian_match", "parts_scores"]
+           "confusion_matrix", "foreground_summary", "hungarian_match", "parts_scores"]

@@ -13,7 +13,8 @@ Resolution (`size_mode`):
 
 Ground truth: label maps 0..L-1 (LFW: 0 background, 1 skin, 2 hair); a mask holding only 0 and 255
 (DAVIS) is read as 0/1. Foreground = every non-zero label (LFW: skin + hair, as ReDO scores LFW).
-Definitions and edge cases of the metrics: `fdm_infer.metrics`.
+Definitions and edge cases of the metrics: `fdm_infer.eval.metrics`; the foreground channels of a
+prediction: `fdm_infer.foreground`.
 """
 from __future__ import annotations
 
@@ -30,15 +31,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_infer.metrics import (
-    ForegroundAccumulator,
-    PartsAccumulator,
-    border_presence,
-    choose_foreground_channel,
-    choose_foreground_channels,
-)
+from fdm_infer.eval.metrics import ForegroundAccumulator, PartsAccumulator
+from fdm_infer.foreground import border_presence, border_shares, foreground_channels
+from fdm_infer.images import load_for_model
+from fdm_infer.segment import DEFAULT_T, check_channels, segment_tensor
 from fdm_train.data import IMAGE_EXTENSIONS, find_images
+from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
+from fdm_train.util import atomic_write, one_line
+from fdm_train.visualize import mask_statistics
 
 PROTOCOLS = ("foreground", "parts")
 SIZE_MODES = ("upsample", "downsample")
@@ -69,8 +70,6 @@ class EvalSet:
     def model_inputs(self, size: int) -> torch.Tensor:
         """All images as model inputs [N, 3, S, S] in [-1, 1] (decoded once per size, then cached)."""
         if size not in self._inputs:
-            from fdm_infer.segment import load_for_model
-
             self._inputs[size] = torch.stack([load_for_model(p, size)[0] for p in self.image_paths])
         return self._inputs[size]
 
@@ -84,7 +83,7 @@ def read_mask(path: str | Path) -> np.ndarray:
                 img = img.convert("L")
             arr = np.asarray(img)
     except Exception as exc:  # noqa: BLE001  (PIL raises many types)
-        raise UserError(f"cannot read label map {path}: {_one_line(exc)}") from None
+        raise UserError(f"cannot read label map {path}: {one_line(exc)}") from None
     if arr.ndim != 2:
         raise UserError(f"{path}: a label map must be one channel, got shape {arr.shape}")
     if arr.max(initial=0) > 255:
@@ -157,15 +156,11 @@ def _resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_with_engine(engine, evalset: EvalSet, *, t: int = 30, seed: int = 0, ensemble: int = 1,
+def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1,
                         batch_size: int = 16, size_mode: str = "upsample", class_label: int | None = None,
                         progress: Callable[[int], None] | None = None) -> Predictions:
     """Segments every image of `evalset` with `engine` (fdm_infer.segment.segment_tensor: the image
     resized whole to S x S, noised to t with the seeded noise, one forward pass)."""
-    from fdm_infer.segment import border_shares, segment_tensor
-    from fdm_train.diffusion import GaussianDiffusion
-    from fdm_train.visualize import mask_statistics
-
     if size_mode not in SIZE_MODES:
         raise UserError(f"size mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}")
     cfg = engine.config
@@ -184,7 +179,7 @@ def predict_with_engine(engine, evalset: EvalSet, *, t: int = 30, seed: int = 0,
         x = inputs[first:first + batch_size]
         y = None if class_label is None else torch.full((x.shape[0],), class_label, dtype=torch.long)
         masks = segment_tensor(engine, x, t=t, seed=seed, ensemble=ensemble, y=y, diffusion=diffusion).float()
-        border += border_shares(masks).double()
+        border += border_shares(masks)
         stats = mask_statistics(masks)
         entropy_sum += stats["mask_entropy"] * x.shape[0]
         share_sum += np.asarray(stats["region_share"], dtype=np.float64) * x.shape[0]
@@ -231,14 +226,12 @@ def load_predictions(folder: str | Path, evalset: EvalSet, num_channels: int | N
 def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode: str = "upsample",
           fg_channels: list[int] | None = None, num_labels: int | None = None) -> dict:
     """The figures of `protocols` for predictions of `evalset` (fractions in [0, 1]); see
-    fdm_infer.metrics for the definitions. `fg_channels`: the foreground channels [default: chosen
-    without labels, `choose_foreground_channels`]."""
+    fdm_infer.eval.metrics for the definitions. `fg_channels`: the foreground channels [default: chosen
+    without labels, fdm_infer.foreground]."""
     if size_mode not in SIZE_MODES:
         raise UserError(f"size mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}")
     k = pred.num_channels
-    for c in fg_channels or ():
-        if not 0 <= c < k:
-            raise UserError(f"--fg-channel must be between 0 and {k - 1} (K={k}), got {c}")
+    check_channels(fg_channels, k)
     num_labels = num_labels or evalset.num_labels
     pairs = []
     for p, g in zip(pred.labels, evalset.masks):
@@ -269,21 +262,15 @@ def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode
         if fg_channels:
             channels, rule = sorted(set(fg_channels)), "given (--fg-channel)"
         else:
-            channels = choose_foreground_channels(border)
+            channels = foreground_channels(border)
             rule = (f"not background: the background is the channel most present on the image border over "
                     f"the set ({source})")
-        single = choose_foreground_channel(border)
-        fg_acc, single_acc = ForegroundAccumulator(), ForegroundAccumulator()
+        fg_acc = ForegroundAccumulator()
         for p, g in pairs:
-            gt_fg = g > 0
-            fg_acc.update(np.isin(p, channels), gt_fg)
-            single_acc.update(p == single, gt_fg)
+            fg_acc.update(np.isin(p, channels), g > 0)
         fg = fg_acc.result()
-        one = single_acc.result()
         fg.update(channels=channels, channel_rule=rule,
-                  border_share=[round(float(b) / max(len(pairs), 1), 4) for b in border],
-                  single_channel={"channel": single, "rule": "the channel least present on the image border",
-                                  **{key: one[key] for key in ("acc", "iou", "dice", "best_of_inverse")}})
+                  border_share=[round(float(b) / max(len(pairs), 1), 4) for b in border])
         result["foreground"] = fg
     if "parts" in protocols:
         acc = PartsAccumulator(k, num_labels)
@@ -358,12 +345,10 @@ def describe_result(r: dict) -> str:
              f"scored at {r['scored_at']} ({r['size_mode']})")]
     if "foreground" in r:
         f, b = r["foreground"], r["foreground"]["best_of_inverse"]
-        one = f["single_channel"]
         lines.append(f"  foreground (channels {'+'.join(map(str, f['channels']))}; border shares {f['border_share']}): "
                      f"Acc {_pct(f['acc'])}  IoU {_pct(f['iou'])}  DICE {_pct(f['dice'])}")
         lines.append(f"    best of mask/inverse (ReDO/IEM): Acc {_pct(b['acc'])}  IoU {_pct(b['iou'])}  "
-                     f"DICE {_pct(b['dice'])};  single channel {one['channel']} (least on the border): "
-                     f"Acc {_pct(one['acc'])}  IoU {_pct(one['iou'])}  DICE {_pct(one['dice'])}")
+                     f"DICE {_pct(b['dice'])}")
     if "parts" in r:
         p = r["parts"]
         ious = ", ".join(_pct(v) for v in p["iou_per_label"])
@@ -380,8 +365,6 @@ def describe_result(r: dict) -> str:
 
 def write_reports(results: dict | list[dict], out: str | Path, markdown: str | Path | None = None) -> tuple[Path, Path]:
     """JSON (`out`) and a Markdown table (`markdown`, default `out` with .md)."""
-    from fdm_train.checkpoint import atomic_write
-
     out = Path(out)
     md = Path(markdown) if markdown else out.with_suffix(".md")
     rows = results if isinstance(results, list) else [results]
@@ -404,7 +387,7 @@ def _json_default(value):
 
 
 def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = None, protocols=PROTOCOLS,
-             t: int = 30, seed: int = 0, ensemble: int = 1, batch_size: int = 16, size_mode: str = "upsample",
+             t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1, batch_size: int = 16, size_mode: str = "upsample",
              fg_channels: list[int] | None = None, num_labels: int | None = None, num_channels: int | None = None,
              class_label: int | None = None, name: str | None = None,
              progress: Callable[[int], None] | None = None) -> dict:
@@ -431,10 +414,6 @@ def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = 
     result["masks_dir"] = str(evalset.masks_dir) if evalset.masks_dir else None
     return result
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 __all__ = [

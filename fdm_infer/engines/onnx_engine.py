@@ -3,7 +3,8 @@
 CPU: CPUExecutionProvider, tensors converted through numpy (no copy for contiguous float32).
 CUDA (when onnxruntime-gpu is installed): CUDAExecutionProvider with IO binding, so inputs and
 outputs are torch CUDA tensors bound by pointer and never leave the GPU.
-The model config (K, image size, classes) comes from the file's metadata.
+The model config (K, image size, classes) comes from the file's metadata (the `fdm.*` entries of its
+metadata_props, read here and written by fdm_export.onnx_export).
 """
 from __future__ import annotations
 
@@ -12,8 +13,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdm_infer.engine import Engine
+from fdm_infer.engines.base import OUTPUT_NAMES, Engine, input_names
+from fdm_train.config import ModelConfig
 from fdm_train.errors import UserError
+from fdm_train.util import one_line
+
+FORMAT = "fdm-onnx-v1"
+
+
+def read_onnx_metadata(path: str | Path) -> dict:
+    """The fdm metadata of an exported file (without loading its weights into a session)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX model not found: {path}")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable ONNX model ({one_line(exc)})") from None
+    return metadata_from_props({p.key: p.value for p in proto.metadata_props}, path)
+
+
+def metadata_from_props(props: dict[str, str], path: str | Path) -> dict:
+    """Validate fdm.* metadata; returns {'config': ModelConfig, 'dtype': ..., ...}."""
+    if props.get("fdm.format") != FORMAT or "fdm.config" not in props:
+        raise UserError(f"{path} is not an fdm ONNX export (no fdm model config in its metadata); "
+                        "make one with `fdm-export onnx CHECKPOINT -o FILE`")
+    try:
+        cfg = ModelConfig.from_json(props["fdm.config"])
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path} has an invalid model config in its metadata: {one_line(exc)}") from None
+    meta = {k[4:]: v for k, v in props.items() if k.startswith("fdm.")}
+    meta["config"] = cfg
+    return meta
 
 
 class OnnxEngine(Engine):
@@ -21,8 +54,6 @@ class OnnxEngine(Engine):
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None):
         import onnxruntime as ort
-
-        from fdm_export.onnx_export import metadata_from_props
 
         path = Path(path)
         if not path.is_file():
@@ -54,17 +85,17 @@ class OnnxEngine(Engine):
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:
-            raise UserError(f"{path} is not a loadable ONNX model ({_one_line(exc)})") from None
+            raise UserError(f"{path} is not a loadable ONNX model ({one_line(exc)})") from None
         meta = metadata_from_props(self.session.get_modelmeta().custom_metadata_map, path)
         self.config = meta.pop("config")
         self.metadata = meta
         self.path = path
         self.input_names = [i.name for i in self.session.get_inputs()]
-        expected = ["x_t", "t", "y"] if self.config.num_classes else ["x_t", "t"]
+        expected = input_names(self.config)
         outputs = [o.name for o in self.session.get_outputs()]
-        if self.input_names != expected or outputs != ["eps", "masks"]:
+        if self.input_names != expected or outputs != OUTPUT_NAMES:
             raise UserError(f"{path}: graph inputs {self.input_names} / outputs {outputs} do not match its "
-                            f"metadata (expected {expected} -> ['eps', 'masks'])")
+                            f"metadata (expected {expected} -> {OUTPUT_NAMES})")
 
     def _check(self, x_t, y):
         cfg = self.config
@@ -82,7 +113,7 @@ class OnnxEngine(Engine):
                  "t": t.detach().to("cpu", torch.int64).reshape(-1).contiguous().numpy()}
         if self.config.num_classes:
             feeds["y"] = y.detach().to("cpu", torch.int64).reshape(-1).contiguous().numpy()
-        eps, masks = self.session.run(["eps", "masks"], feeds)
+        eps, masks = self.session.run(OUTPUT_NAMES, feeds)
         return torch.from_numpy(eps), torch.from_numpy(masks)
 
     def _denoise_cuda(self, x_t, t, y):
@@ -105,7 +136,3 @@ class OnnxEngine(Engine):
         binding.synchronize_outputs()
         return eps, masks
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

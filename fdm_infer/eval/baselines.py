@@ -24,37 +24,38 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from fdm_infer.images import (
+    FileReport,
+    InputImage,
+    UnreadableImage,
+    collect_inputs,
+    ensure_writable,
+    load_for_model,
+    read_image,
+    save_labels,
+)
+from fdm_infer.segment import segmentation_noise
+from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
+from fdm_train.util import pick_device
 
 DEFAULT_KMEANS_TS = (50, 150, 250)
 
 
-# ----- file plumbing shared by both baselines -----
-
 @dataclass
-class BaselineReport:
-    written: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
+class BaselineReport(FileReport):
     info: dict = field(default_factory=dict)
 
 
-def _inputs(paths: Sequence[str | Path], out: Path, warn, limit: int | None):
-    from fdm_infer.segment import collect_inputs
-
-    inputs, problems = collect_inputs(list(paths), warn, exclude=out)
-    if limit:
-        inputs = inputs[:limit]
+def find_inputs(paths: Sequence[str | Path], out: Path, limit: int | None = None,
+                report: FileReport | None = None, warn=None) -> list[InputImage]:
+    """The images under `paths` (the output folder left out), the first `limit` if given."""
+    inputs = collect_inputs(list(paths), report or FileReport(), warn or (lambda _message: None), exclude=out)
+    inputs = inputs[:limit] if limit else inputs
     if not inputs:
         raise UserError(f"no images found in {', '.join(str(p) for p in paths)}")
-    return inputs, problems
-
-
-def save_labels(labels: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L").save(path, format="PNG")
+    return inputs
 
 
 # ----- GrabCut -----
@@ -101,21 +102,17 @@ def run_grabcut(paths: Sequence[str | Path], out: str | Path, *, margin: float =
                 progress: Callable[[int], None] | None = None, rectangle_only: bool = False) -> BaselineReport:
     """Writes `<out>/<key>.png` (0/1 label map at the image's resolution) for every image under `paths`.
     `rectangle_only`: the initial rectangle itself, without GrabCut."""
-    from fdm_infer.segment import ensure_writable
-    from fdm_train.data import load_rgb
-
     warn = warn or (lambda msg: None)
     out = Path(out)
-    inputs, problems = _inputs(paths, out, warn, limit)
+    report = BaselineReport()
+    inputs = find_inputs(paths, out, limit, report, warn)
     ensure_writable(out)
-    report = BaselineReport(failed=list(problems))
     start = time.perf_counter()
     for item in inputs:
         try:
-            image = np.asarray(load_rgb(item.path), dtype=np.uint8)
-        except Exception as exc:  # noqa: BLE001
-            report.failed.append((str(item.path), f"not a readable image ({exc})"))
-            warn(f"skipping {item.path}: not a readable image")
+            image = np.asarray(read_image(item.path), dtype=np.uint8)
+        except UnreadableImage as exc:
+            report.fail(item.path, exc.reason, warn)
         else:
             labels = (rectangle_labels(*image.shape[:2], margin) if rectangle_only
                       else grabcut_labels(image, margin, iterations, seed))
@@ -146,9 +143,6 @@ def decoder_features(model: torch.nn.Module, images: torch.Tensor, ts: Sequence[
                      stages: Sequence[int] | None = None, size: int | None = None) -> torch.Tensor:
     """[B, D, S, S]: the outputs of the decoder stages (forward hooks) for the images [B, 3, S, S] in
     [-1, 1] noised to each t of `ts`, upsampled bilinearly to S x S and concatenated (t-major)."""
-    from fdm_infer.segment import segmentation_noise
-    from fdm_train.diffusion import GaussianDiffusion
-
     all_stages = decoder_stages(model)
     chosen = list(range(len(all_stages))) if stages is None else list(stages)
     for i in chosen:
@@ -282,7 +276,6 @@ def kmeans_ddpm_labels(fitted: KMeansDDPM, model, images: torch.Tensor, out_size
 
 def load_plain_model(checkpoint: str | Path, device: str = "auto"):
     from fdm_train.checkpoint import load_model
-    from fdm_train.train import pick_device
 
     dev = pick_device(device)
     model, cfg, _ = load_model(checkpoint, weights="ema", map_location=dev)
@@ -299,22 +292,19 @@ def run_kmeans_ddpm(checkpoint: str | Path, paths: Sequence[str | Path], out: st
                     progress: Callable[[int], None] | None = None) -> BaselineReport:
     """Fits K-means over the decoder features of all images under `paths`, then writes
     `<out>/<key>.png` (labels 0..K-1 at each image's resolution)."""
-    from fdm_infer.segment import ensure_writable, load_for_model
-
     warn = warn or (lambda msg: None)
     out = Path(out)
     model, cfg = load_plain_model(checkpoint, device)
-    inputs, problems = _inputs(paths, out, warn, limit)
+    report = BaselineReport()
+    inputs = find_inputs(paths, out, limit, report, warn)
     ensure_writable(out)
-    report = BaselineReport(failed=list(problems))
     start = time.perf_counter()
     kept, tensors, sizes = [], [], []
     for item in inputs:
         try:
             x, full = load_for_model(item.path, cfg.image_size)
-        except Exception as exc:  # noqa: BLE001
-            report.failed.append((str(item.path), f"not a readable image ({exc})"))
-            warn(f"skipping {item.path}: not a readable image")
+        except UnreadableImage as exc:
+            report.fail(item.path, exc.reason, warn)
             continue
         kept.append(item)
         tensors.append(x)

@@ -1,45 +1,25 @@
-"""`fdm-infer evaluate`, `fdm-infer baseline`, `fdm-infer fid`: the paper's evaluation (§4).
-
-Registered on the `fdm-infer` group by `fdm_infer.cli` (`add_commands(main_group)`). This module does
-not import `fdm_infer.cli` at import time (the CLI imports it), only inside the commands.
-"""
+"""`fdm-infer evaluate`, `fdm-infer baseline`, `fdm-infer fid`: the paper's evaluation (§4)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-
-def _engine_options(f):
-    """The model flags of the other fdm-infer commands (--engine / --checkpoint / --model / --device)."""
-    from fdm_infer.engine import ENGINES
-
-    f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")(f)
-    f = click.option("--model", "model_file", type=click.Path(dir_okay=False), default=None,
-                     help="Exported model file for --engine onnx/trt (from fdm-export).")(f)
-    f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="fdm checkpoint (.safetensors) [default: the bundled model].")(f)
-    f = click.option("--engine", "engine_kind", type=click.Choice(sorted(ENGINES)), default="torch",
-                     show_default=True, help="Inference engine.")(f)
-    return f
-
-
-def _warn(message: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(f"fdm-infer: warning: {message}", file=sys.stderr)
-
-
-def _bar(total: int, desc: str, quiet: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=True if quiet else None, dynamic_ncols=True,
-                file=sys.stderr)
+from fdm_infer.options import (
+    describe,
+    engine_options,
+    exit_if_failed,
+    load_engine,
+    progress_bar,
+    segmentation_options,
+    warn_line,
+)
+from fdm_infer.segment import DEFAULT_T
 
 
 @click.command()
-@_engine_options
+@engine_options
+@segmentation_options
 @click.option("--images", required=True, type=click.Path(file_okay=False), help="Folder of images (recursive).")
 @click.option("--masks", required=True, type=click.Path(file_okay=False),
               help="Folder of ground-truth label maps, <relative path of the image>.png: 0 = background, "
@@ -50,56 +30,44 @@ def _bar(total: int, desc: str, quiet: bool):
 @click.option("--predictions", type=click.Path(file_okay=False), default=None,
               help="Score label maps from any method instead of a model: <name>.png or <name>_labels.png "
                    "(values 0..K-1, or 0/255) per image.")
-@click.option("--t", "t", type=click.IntRange(0, 999), default=30, show_default=True,
-              help="Noise level of the segmentation pass.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the segmentation noise.")
-@click.option("--ensemble", type=click.IntRange(1), default=1, show_default=True,
-              help="Average the soft masks over N seeds.")
 @click.option("--size-mode", type=click.Choice(["upsample", "downsample"]), default="upsample", show_default=True,
               help="upsample: predictions to the masks' resolution (soft masks bilinear, label maps nearest); "
                    "downsample: masks to the predictions' resolution (nearest).")
-@click.option("--fg-channel", "fg_channels", type=click.IntRange(0), multiple=True,
-              help="Foreground channel(s), repeatable [default, without labels: every channel but the one most "
-                   "present on the image border over the set].")
 @click.option("--num-labels", type=click.IntRange(2), default=None,
               help="Labels of the ground truth [default: the largest label in the masks + 1].")
 @click.option("--num-channels", type=click.IntRange(2), default=None,
               help="With --predictions: the K of the method [default: its largest label + 1].")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score the first N images only.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--class", "class_label", type=click.IntRange(0), default=None, help="Class, for class-conditional models.")
 @click.option("--name", default=None, help="Row name in the table [default: the checkpoint's / folder's name].")
 @click.option("--out", "out", default="results.json", show_default=True, type=click.Path(dir_okay=False),
               help="JSON results; the Markdown table goes beside it (.md).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def evaluate(engine_kind, checkpoint, model_file, device, images, masks, protocol, predictions, t, seed, ensemble,
              size_mode, fg_channels, num_labels, num_channels, limit, batch_size, class_label, name, out, quiet):
     """Score a model's segmentation of real images (or any method's label maps) against ground-truth
-    masks: foreground Acc / IoU / DICE with the foreground channel chosen without labels (plus the
+    masks: foreground Acc / IoU / DICE with the foreground channels chosen without labels (plus the
     ReDO/IEM best-of-mask-and-inverse figure), and parts pixel accuracy / mIoU after Hungarian matching
     of the K channels to the labels over the whole set. Writes JSON (--out) and a Markdown table."""
-    from fdm_infer.evaluate import describe_result, load_eval_set, write_reports
-    from fdm_infer.evaluate import evaluate as run
+    from fdm_infer.eval.evaluate import describe_result, load_eval_set, write_reports
+    from fdm_infer.eval.evaluate import evaluate as run
 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
     if predictions and (checkpoint or model_file):
         raise click.UsageError("give --predictions or a model (--checkpoint / --model), not both")
-    if predictions and (t != 30 or ensemble != 1 or class_label is not None):
+    if predictions and (t != DEFAULT_T or ensemble != 1 or class_label is not None):
         raise click.UsageError("--t / --ensemble / --class set how a model segments; --predictions are scored as given")
     if num_channels is not None and not predictions:
         raise click.UsageError("--num-channels goes with --predictions (a model knows its K)")
-    evalset = load_eval_set(images, masks, limit=limit, warn=_warn)
+    evalset = load_eval_set(images, masks, limit=limit, warn=warn_line)
     if predictions:
         result = run(evalset, predictions=predictions, protocols=protocols, size_mode=size_mode,
                      fg_channels=list(fg_channels) or None, num_labels=num_labels, num_channels=num_channels,
                      name=name or Path(predictions).name)
     else:
-        from fdm_infer.cli import describe, load_engine
-
         engine, path = load_engine(engine_kind, checkpoint, model_file, device)
-        with _bar(len(evalset), f"evaluate (t={t})", quiet) as bar:
+        with progress_bar(len(evalset), f"evaluate (t={t})", quiet) as bar:
             result = run(evalset, engine=engine, protocols=protocols, t=t, seed=seed, ensemble=ensemble,
-                         batch_size=batch_size, size_mode=size_mode, fg_channels=list(fg_channels) or None, num_labels=num_labels,
+                         batch_size=batch_size, size_mode=size_mode, fg_channels=list(fg_channels) or None,
+                         num_labels=num_labels,
                          class_label=class_label, name=name or path.stem, progress=bar.update)
         result["model"] = describe(engine, path)
         result["checkpoint"] = str(path)
@@ -137,32 +105,28 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
     initialisation: labels 0 background / 1 foreground), `rectangle` (that initial rectangle alone: a
     sanity floor) or `kmeans-ddpm` (K-means on a plain DDPM's decoder features, the paper's
     DatasetDDPM-unsup: labels 0..K-1). Score them with `fdm-infer evaluate --predictions OUT`."""
-    from fdm_infer.baselines import DEFAULT_KMEANS_TS, run_grabcut, run_kmeans_ddpm
-    from fdm_infer.segment import collect_inputs
+    from fdm_infer.eval.baselines import DEFAULT_KMEANS_TS, find_inputs, run_grabcut, run_kmeans_ddpm
 
     if method != "kmeans-ddpm" and (checkpoint or ts or stages):
         raise click.UsageError("--checkpoint / --t / --stage belong to kmeans-ddpm")
     if method == "kmeans-ddpm" and not checkpoint:
         raise click.UsageError("kmeans-ddpm needs --checkpoint (a plain U-Net DDPM)")
-    total = len(collect_inputs(list(images), lambda _m: None, exclude=Path(out))[0])
-    total = min(total, limit) if limit else total
+    total = len(find_inputs(images, Path(out), limit))
     if method in ("grabcut", "rectangle"):
-        with _bar(total, method, quiet) as bar:
+        with progress_bar(total, method, quiet) as bar:
             report = run_grabcut(images, out, margin=margin, iterations=iterations, seed=seed, limit=limit,
-                                 warn=_warn, progress=bar.update, rectangle_only=method == "rectangle")
+                                 warn=warn_line, progress=bar.update, rectangle_only=method == "rectangle")
     else:
-        with _bar(2 * total, "kmeans-ddpm (fit, assign)", quiet) as bar:
+        with progress_bar(2 * total, "kmeans-ddpm (fit, assign)", quiet) as bar:
             report = run_kmeans_ddpm(checkpoint, images, out, k=k, ts=ts or DEFAULT_KMEANS_TS, seed=seed,
                                      pixels_per_image=pixels_per_image, batch_size=batch_size,
-                                     stages=stages or None, limit=limit, device=device, warn=_warn,
+                                     stages=stages or None, limit=limit, device=device, warn=warn_line,
                                      progress=bar.update)
     rate = report.written / report.seconds if report.seconds else 0.0
     details = ", ".join(f"{key} {value}" for key, value in report.info.items() if key != "method")
     click.echo(f"{method}: {report.written} label map(s) in {report.seconds:.1f} s ({rate:.1f} images/s; "
                f"{details}) -> {out}")
-    if report.failed:
-        click.echo(f"fdm-infer: {len(report.failed)} input(s) failed (see the warnings above)", err=True)
-        sys.exit(1)
+    exit_if_failed(report)
 
 
 @click.command()
@@ -193,9 +157,9 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     are resized to exactly 299x299 (torch bilinear). FID is biased at small N: compare at equal N."""
     import json
 
-    from fdm_infer.fid import ImageSource, compute_fid
-    from fdm_train.checkpoint import atomic_write
+    from fdm_infer.eval.fid import ImageSource, compute_fid
     from fdm_train.errors import UserError
+    from fdm_train.util import atomic_write
 
     size = reference_size.lower()
     if size not in ("auto", "none"):
@@ -211,7 +175,7 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     ref = ImageSource.open(reference)
     n_ref = 0 if ref.kind == "stats" else min(ref.count, (reference_n or ref.count) if reference_n is not None
                                                   else n_gen)
-    with _bar(n_gen + n_ref, "inception", quiet) as bar:
+    with progress_bar(n_gen + n_ref, "inception", quiet) as bar:
         result = compute_fid(generated, reference, n=n_gen, reference_n=reference_n, reference_size=size,
                              seed=seed, batch_size=batch_size, device=device,
                              save_reference_stats=save_reference_stats, progress=bar.update)
@@ -232,9 +196,4 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
         atomic_write(out, (json.dumps(result, indent=1) + "\n").encode())
 
 
-COMMANDS = (evaluate, baseline, fid)
-
-
-def add_commands(group: click.Group) -> None:
-    for command in COMMANDS:
-        group.add_command(command)
+EVAL_COMMANDS = (evaluate, baseline, fid)

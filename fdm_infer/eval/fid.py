@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fdm_train.data import find_images, fit_square, load_rgb
 from fdm_train.errors import UserError
+from fdm_train.util import one_line, pick_device
 
 INCEPTION_ENV = "FDM_INCEPTION"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -76,7 +78,7 @@ def load_inception(device: str | torch.device = "cpu", verify: bool = True) -> t
             warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.10 deprecates TorchScript loading
             model = torch.jit.load(str(path), map_location=torch.device(device))
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"cannot load the Inception network {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load the Inception network {path}: {one_line(exc)}") from None
     return model.eval()
 
 
@@ -151,8 +153,6 @@ def _is_sample_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    from fdm_train.data import find_images
-
     return [p for p in find_images(folder) if _is_sample_file(p)]
 
 
@@ -194,8 +194,6 @@ class ImageSource:
     def load(self, indices: list[int], size: int | None = None):
         """uint8 images: a tensor [n, 3, H, W] (array) or a list of [3, H, W] (folder). With `size`,
         each image is first brought to size x size as training does (shorter side, center crop, bicubic)."""
-        from fdm_train.data import fit_square, load_rgb
-
         if self.kind == "array":
             arr = torch.from_numpy(np.ascontiguousarray(np.load(self.path, mmap_mode="r")[indices]))
             if size is not None and arr.shape[-1] != size:
@@ -208,7 +206,7 @@ class ImageSource:
             try:
                 img = load_rgb(files[i])
             except Exception as exc:  # noqa: BLE001
-                raise UserError(f"cannot read {files[i]}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+                raise UserError(f"cannot read {files[i]}: {one_line(exc)}") from None
             if size is not None:
                 img = fit_square(img, size)
             out.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
@@ -254,8 +252,6 @@ def compute_fid(generated: str | Path, reference: str | Path, *, n: int | None =
     random `reference_n`, default: as many as generated). `reference_size` "auto": reference images
     are brought to the generated images' square size as training does (shorter side, center crop) before
     the 299 resize; an int: that size; None: as they are."""
-    from fdm_train.train import pick_device
-
     dev = pick_device(device)
     gen = ImageSource.open(generated)
     ref = ImageSource.open(reference)

@@ -1,19 +1,84 @@
 """The `trt` engine: an `fdm-export trt` plan run by TensorRT on torch CUDA tensors.
 
-The plan's header carries the model config, the TensorRT version and the GPU it was built on; the
-engine refuses (one line) a plan from another TensorRT version. Tensors are bound by address
+A plan file (written by fdm_export.trt_build, read here) is a small header (magic, length, JSON: model
+config, TensorRT version, GPU, batch profile) followed by TensorRT's serialized engine, so one file
+describes its model; the engine refuses (one line) a plan from another TensorRT version. Tensors are bound by address
 (`set_tensor_address`) and the engine is enqueued on torch's current stream (`execute_async_v3`),
 so results are ordinary torch tensors with no host round trip. Batches larger than the plan's
 profile are split; smaller ones than its minimum are padded.
 """
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
 
-from fdm_export.trt_build import TensorRTError, read_plan, require_tensorrt
-from fdm_infer.engine import Engine
+from fdm_infer.engines.base import OUTPUT_NAMES, Engine, input_names
+from fdm_train.config import ModelConfig
+from fdm_train.errors import UserError
+from fdm_train.util import one_line
+
+MAGIC = b"FDMTRT\x00\x01"
+PLAN_FORMAT = "fdm-trt-v1"
+MISSING_TENSORRT = ("TensorRT is not installed (Python package `tensorrt` missing): install it with "
+                    "`pip install tensorrt` (wheels from NVIDIA's package index; needs an NVIDIA GPU and driver), "
+                    "or use --engine torch / --engine onnx")
+
+
+class TensorRTError(UserError):
+    """TensorRT missing, a build that failed, or a plan that cannot be used here; one line."""
+
+
+def require_tensorrt():
+    """The tensorrt module, or a one-line TensorRTError naming the missing package."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise TensorRTError(MISSING_TENSORRT) from None
+    except Exception as exc:  # e.g. the PyPI placeholder that fails at import, or missing CUDA libraries
+        raise TensorRTError(f"TensorRT could not be imported ({one_line(exc)}); {MISSING_TENSORRT}") from None
+    return trt
+
+
+# ---------------------------------------------------------------------------------------------- plan files
+
+def pack_plan(meta: dict, engine_bytes: bytes) -> bytes:
+    header = json.dumps(meta, sort_keys=True).encode()
+    return MAGIC + struct.pack("<Q", len(header)) + header + engine_bytes
+
+
+def read_plan(path: str | Path) -> tuple[dict, bytes]:
+    """(metadata with 'config' as a ModelConfig, serialized engine) of an fdm plan; pure Python, so a
+    foreign or corrupt file is reported in one line whether or not TensorRT is installed."""
+    path = Path(path)
+    if not path.is_file():
+        raise TensorRTError(f"TensorRT plan not found: {path}")
+    data = path.read_bytes()
+    if data[:len(MAGIC)] != MAGIC:
+        raise TensorRTError(f"{path} is not an fdm TensorRT plan (no fdm header; a bare engine or another file); "
+                            "build one with `fdm-export trt MODEL.onnx -o FILE`")
+    start = len(MAGIC) + 8
+    if len(data) < start:
+        raise TensorRTError(f"{path} is a truncated fdm TensorRT plan (header cut short)")
+    (length,) = struct.unpack("<Q", data[len(MAGIC):start])
+    if start + length > len(data):
+        raise TensorRTError(f"{path} is a truncated fdm TensorRT plan (header cut short)")
+    try:
+        meta = json.loads(data[start:start + length])
+        if meta.get("format") != PLAN_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        meta["config"] = ModelConfig.from_json(meta["config"])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise TensorRTError(f"{path} has an unreadable fdm plan header ({one_line(exc)})") from None
+    engine = data[start + length:]
+    if not engine:
+        raise TensorRTError(f"{path} is a truncated fdm TensorRT plan (no engine after the header)")
+    return meta, engine
+
+
+# ---------------------------------------------------------------------------------------------- engine
 
 
 def _torch_dtype(trt, dtype):
@@ -58,8 +123,7 @@ class TrtEngine(Engine):
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
-        expected = ["x_t", "t", "y"] if self.config.num_classes else ["x_t", "t"]
-        if sorted(self._inputs) != sorted(expected) or sorted(self._outputs) != ["eps", "masks"]:
+        if sorted(self._inputs) != sorted(input_names(self.config)) or sorted(self._outputs) != sorted(OUTPUT_NAMES):
             raise TensorRTError(f"{path}: engine tensors {names} do not match its metadata")
         self._dtypes = {n: _torch_dtype(trt, self._engine.get_tensor_dtype(n)) for n in names}
         low, _, high = self._engine.get_tensor_profile_shape("x_t", 0)

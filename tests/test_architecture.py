@@ -1,0 +1,100 @@
+"""The import structure: imports point one way, kernels < fdm_train < fdm_infer < fdm_export <
+benchmarks, and no two modules import each other, directly or around a loop. Imports inside functions
+count: a lazy import is still a dependency. Read from the source with `ast`, nothing is imported."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+LAYERS = ["kernels", "fdm_train", "fdm_infer", "fdm_export", "benchmarks"]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for layer in LAYERS for p in sorted((ROOT / layer).rglob("*.py"))}
+
+
+def imported(tree: ast.AST, name: str, is_package: bool, modules) -> set[str]:
+    """The project modules a module's source imports (`from pkg import sub` names the module pkg.sub)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against this module's package
+                package = name.split(".") if is_package else name.split(".")[:-1]
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
+    return {m for m in found if m.split(".")[0] in LAYERS}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imported(ast.parse(path.read_text()), name, path.name == "__init__.py", modules) - {name}
+            for name, path in modules.items()}
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    layer = {name: LAYERS.index(name.split(".")[0]) for name in graph}
+    return sorted(f"{src} imports {dst}" for src, targets in graph.items() for dst in targets
+                  if LAYERS.index(dst.split(".")[0]) > layer[src])
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_checks_catch_what_they_are_for():
+    graph = {"kernels.ops": {"fdm_train.model"}, "fdm_train.model": {"kernels.ops"},
+             "fdm_infer.a": {"fdm_infer.b"}, "fdm_infer.b": {"fdm_infer.c"}, "fdm_infer.c": {"fdm_infer.a"}}
+    assert upward_imports(graph) == ["kernels.ops imports fdm_train.model"]
+    assert sorted(cycles(graph)) == [["fdm_infer.a", "fdm_infer.b", "fdm_infer.c"], ["fdm_train.model", "kernels.ops"]]
+
+
+def test_the_graph_is_read_from_the_tree():
+    graph = import_graph()
+    assert {"kernels", "fdm_train.model", "fdm_infer.engines.base", "fdm_export.onnx_export"} <= set(graph)
+    assert "fdm_train.model" in graph["fdm_export.onnx_export"]
+    assert "kernels.reference" in graph["kernels.ops"]  # `from kernels import reference as ref`
+
+
+def test_imports_point_one_way():
+    assert upward_imports(import_graph()) == []
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
