@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from fdm_train.config import DEFAULT_PRESET, PRESETS, VARIANTS, preset
+from fdm_train.config import DEFAULT_PRESET, DEFAULT_REGION_CODES, DEFAULT_T_POWER, PRESETS, VARIANTS, preset
 from fdm_train.errors import DefaultGroup, run_cli
 
 
@@ -15,9 +15,9 @@ def model_options(f):
                      help="Number of regions K (preset: 3).")(f)
     f = click.option("--image-size", type=click.IntRange(8), default=None, help="Override the preset's resolution.")(f)
     f = click.option("--channels", type=click.IntRange(8), default=None, help="Override the base width C.")(f)
-    f = click.option("--region-codes/--no-region-codes", default=None,
-                     help="Give each decoder branch a learned code in its embedding (shared weights, "
-                          "branches that can differ) [preset: off].")(f)
+    f = click.option("--region-codes/--no-region-codes", default=DEFAULT_REGION_CODES, show_default=True,
+                     help="Give each decoder branch a learned code in its embedding (shared weights, branches "
+                          "that can differ); --no-region-codes is the paper's decoder.")(f)
     f = click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
                      help="Model size: paper-64/paper-128 as in the paper, small-*/tiny-* for CPUs.")(f)
     return f
@@ -67,7 +67,7 @@ def main_group():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK).")
-@click.option("--t-power", type=click.FloatRange(0.1, 10), default=1.0, show_default=True,
+@click.option("--t-power", type=click.FloatRange(0.1, 10), default=DEFAULT_T_POWER, show_default=True,
               help="Training timesteps t = floor(T u^P), u uniform: 1 is the paper's uniform t, 2 draws half "
                    "of them below T/4, where segmentation is read.")
 @click.option("--mask-shaping-steps", type=click.IntRange(0), default=0, show_default=True,

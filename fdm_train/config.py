@@ -73,6 +73,13 @@ PRESETS: dict[str, ModelConfig] = {
 
 DEFAULT_PRESET = "small-32"
 
+# The training recipe `fdm-train` uses unless told otherwise: the one the emergence study found to make
+# masks follow regions (benchmarks/emergence/RESULTS.md). The paper's recipe is region_codes=False
+# (`--no-region-codes`) and t_power=1 (`--t-power 1`). ModelConfig.region_codes stays False by default
+# so that a file written without the field describes the paper's architecture.
+DEFAULT_REGION_CODES = True
+DEFAULT_T_POWER = 2.0
+
 
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:

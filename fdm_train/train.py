@@ -43,7 +43,7 @@ from fdm_train.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_train.config import ModelConfig
+from fdm_train.config import DEFAULT_T_POWER, ModelConfig
 from fdm_train.data import (
     EpochOrder,
     ShardedBatches,
@@ -95,8 +95,8 @@ class TrainOptions:
     grad_accum: int | None = None  # or: the number of micro-batches per device and step
     workers: int | None = None  # DataLoader worker processes per device (None: from the CPU count)
     compile: bool = False  # torch.compile the model
-    # The recipe for making masks emerge (defaults: the paper's plain denoising recipe).
-    t_power: float = 1.0  # training t = floor(T u^p): 1 = uniform, >1 favours low/middle t
+    # The recipe for making masks emerge (the mask shaping is off by default).
+    t_power: float = DEFAULT_T_POWER  # training t = floor(T u^p): 1 = uniform (the paper), >1 favours low t
     mask_shaping_steps: int = 0  # steps over which the shaping below anneals away
     mask_entropy: float = 0.0  # weight of the per-pixel mask entropy penalty, annealed to 0
     mask_temperature: float = 1.0  # softmax temperature at step 0, annealed to 1

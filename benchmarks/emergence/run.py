@@ -27,16 +27,18 @@ from fdm_train.model import build_model  # noqa: E402
 from fdm_train.synth import KINDS, make_scenes, write_scenes  # noqa: E402
 from fdm_train.train import TrainOptions, train  # noqa: E402
 
-# name -> (model config overrides, training options). Learning rate and batch are the study's base.
+# name -> (model config overrides, training options), each explicit about region codes and t-power so that
+# a change of fdm-train's defaults does not change a recipe. Learning rate and batch are the study's base.
+PAPER = ({"region_codes": False}, {"t_power": 1.0})
 RECIPES: dict[str, tuple[dict, dict]] = {
-    "paper": ({}, {}),
-    "t2": ({}, {"t_power": 2.0}),
-    "codes": ({"region_codes": True}, {}),
+    "paper": PAPER,
+    "t2": ({"region_codes": False}, {"t_power": 2.0}),
+    "codes": ({"region_codes": True}, {"t_power": 1.0}),
     "codes-t2": ({"region_codes": True}, {"t_power": 2.0}),
-    "entropy": ({}, {"mask_entropy": 0.05, "mask_shaping_steps": 1500}),
-    "gumbel": ({}, {"hard_masks": True, "mask_shaping_steps": 1500}),
-    "temperature": ({}, {"mask_temperature": 0.25, "mask_shaping_steps": 1500}),
-    "no-share": ({"variant": "no-share"}, {}),
+    "entropy": (PAPER[0], {**PAPER[1], "mask_entropy": 0.05, "mask_shaping_steps": 1500}),
+    "gumbel": (PAPER[0], {**PAPER[1], "hard_masks": True, "mask_shaping_steps": 1500}),
+    "temperature": (PAPER[0], {**PAPER[1], "mask_temperature": 0.25, "mask_shaping_steps": 1500}),
+    "no-share": ({"variant": "no-share"}, {"t_power": 1.0}),
     "codes-t2-entropy": ({"region_codes": True}, {"t_power": 2.0, "mask_entropy": 0.05, "mask_shaping_steps": 1500}),
 }
 
