@@ -117,9 +117,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_path, m
     real_loss = train_module.GaussianDiffusion.loss
     calls = {"n": 0}
 
-    def poisoned(self, model, x0, y=None, generator=None):
+    def poisoned(self, model, x0, t, noise, y=None):
         calls["n"] += 1
-        loss, masks = real_loss(self, model, x0, y, generator)
+        loss, masks = real_loss(self, model, x0, t, noise, y)
         return (loss * float("nan") if calls["n"] == 2 else loss), masks
 
     monkeypatch.setattr(train_module.GaussianDiffusion, "loss", poisoned)
