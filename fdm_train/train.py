@@ -10,10 +10,12 @@ run equals a single-device run with the same global batch:
 * weights: DDP averages gradients scaled so the step is the mean over the global batch, Adam and the
   EMA then run identically on every rank.
 
-Fault tolerance: the run folder keeps the latest checkpoint pair (checkpoint.safetensors +
-train_state.pt, tied by step and a per-save id) and the previous one (*.previous.*); a save first
-hard-links the last complete pair into the previous slot, then writes the new pair (each file
-atomically), so a kill at any moment leaves a complete pair that `--resume auto` finds.
+Fault tolerance: a save keeps the previous checkpoint pair until the new one is complete, so a kill at
+any moment leaves a complete pair that `--resume auto` finds (run_folder.py).
+
+`train` sets up a run in named steps (`_resolve_start`: fresh or resumed, `_open_data`, `_build`,
+`_prepare_folder`, `_wrap`, `_loader`) into one explicit `_Run`, which `_run_loop` then advances step
+by step (`_train_step`), writing the log line, checkpoint pair and sample grid when due.
 """
 from __future__ import annotations
 
@@ -22,12 +24,11 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
-import uuid
+import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +37,6 @@ from tqdm import tqdm
 
 from fdm_train.checkpoint import (
     CheckpointError,
-    atomic_write,
     load_state,
     load_training_state,
     read_checkpoint,
@@ -57,14 +57,23 @@ from fdm_train.data import (
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
 from fdm_train.model import build_model, count_parameters
+from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complete_checkpoints: imported from here)
+    CHECKPOINT,
+    LOG,
+    PREVIOUS_CHECKPOINT,
+    PREVIOUS_STATE,
+    TRAINING_STATE,
+    RunFolder,
+    _state_id,
+    choose_resume,
+    complete_checkpoints,
+    remove_checkpoints,
+    remove_temp_files,
+    truncate_log,
+)
 from fdm_train.util import pick_device
 from fdm_train.visualize import mask_statistics, sample_grid
 
-CHECKPOINT = "checkpoint.safetensors"
-TRAINING_STATE = "train_state.pt"
-PREVIOUS_CHECKPOINT = "checkpoint.previous.safetensors"
-PREVIOUS_STATE = "train_state.previous.pt"
-LOG = "log.jsonl"
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
 
 
@@ -225,132 +234,7 @@ def pixel_entropy(masks: torch.Tensor) -> torch.Tensor:
     return -(masks * masks.clamp_min(1e-12).log()).sum(1).mean()
 
 
-# ----- checkpoint pairs -----
-
-def _checkpoint_id(path: Path) -> tuple[int, str] | None:
-    """(step, save id) from a safetensors checkpoint's header, if the file is complete; else None."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 1 << 28:
-                return None
-            header = json.loads(f.read(n))
-            size = os.fstat(f.fileno()).st_size
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        meta = header["__metadata__"]
-        if size != 8 + n + end:
-            return None
-        return int(meta["step"]), str(json.loads(meta.get("extra", "{}")).get("save_id", ""))
-    except Exception:
-        return None
-
-
-def _state_id(path: Path) -> tuple[int, str] | None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return int(state["step"]), str(state.get("save_id", ""))
-    except Exception:
-        return None
-
-
-def complete_checkpoints(out: str | Path) -> list[tuple[int, str, str]]:
-    """(step, checkpoint name, training-state name) of every complete pair in a run folder, newest first:
-    both files readable and written by the same save."""
-    out = Path(out)
-    ckpts = {n: _checkpoint_id(out / n) for n in (CHECKPOINT, PREVIOUS_CHECKPOINT) if (out / n).is_file()}
-    states = {n: _state_id(out / n) for n in (TRAINING_STATE, PREVIOUS_STATE) if (out / n).is_file()}
-    pairs = [(c_id[0], c, s) for c, c_id in ckpts.items() for s, s_id in states.items() if c_id and c_id == s_id]
-    return sorted(pairs, key=lambda p: (-p[0], p[1] != CHECKPOINT, p[2] != TRAINING_STATE))
-
-
-def _describe_incomplete(out: Path) -> str:
-    parts = []
-    for name in (CHECKPOINT, TRAINING_STATE, PREVIOUS_CHECKPOINT, PREVIOUS_STATE):
-        if (out / name).is_file():
-            ident = (_checkpoint_id if name.endswith(".safetensors") else _state_id)(out / name)
-            parts.append(f"{name} (step {ident[0]})" if ident else f"{name} (unreadable)")
-    return ", ".join(parts)
-
-
-def _choose_resume(out: Path, mode: bool | str):
-    """The newest complete pair that loads: (checkpoint name, state name, cfg, states, meta, train state),
-    or None where `mode` is "auto" and there is none."""
-    pairs = complete_checkpoints(out)
-    errors = []
-    for _, c, s in pairs:
-        try:
-            cfg, states, meta = read_checkpoint(out / c)
-            state = load_training_state(out / s)
-            if states["model"] is None:
-                raise CheckpointError(f"{out / c} holds no raw weights to resume from")
-            return c, s, cfg, states, meta, state
-        except CheckpointError as exc:
-            errors.append(str(exc))
-    if mode == "auto":
-        return None
-    if errors:
-        raise CheckpointError(errors[0])
-    if not (out / CHECKPOINT).exists() and not (out / PREVIOUS_CHECKPOINT).exists():
-        raise CheckpointError(f"checkpoint not found: {out / CHECKPOINT}")
-    raise CheckpointError(f"{out}: no complete checkpoint to resume from; checkpoint and training state "
-                          f"disagree: {_describe_incomplete(out)}")
-
-
-def _remove_checkpoints(out: Path) -> int | None:
-    """Deletes the checkpoint pairs and temp files of an earlier run; returns the step it had reached."""
-    pairs = complete_checkpoints(out) if out.is_dir() else []
-    for name in (CHECKPOINT, TRAINING_STATE, PREVIOUS_CHECKPOINT, PREVIOUS_STATE):
-        (out / name).unlink(missing_ok=True)
-    _remove_temp_files(out)
-    return pairs[0][0] if pairs else None
-
-
-def _remove_temp_files(out: Path) -> None:
-    if out.is_dir():
-        for name in (CHECKPOINT, TRAINING_STATE, PREVIOUS_CHECKPOINT, PREVIOUS_STATE):
-            for leftover in out.glob(f".{name}.*"):
-                leftover.unlink(missing_ok=True)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """dst becomes the same content as src, atomically (a hard link where the file system has them)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drops the log lines of steps after `step` (written before a kill, redone after the resume)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic_write(path, "".join(line + "\n" for line in keep).encode())
-
+# ----- options -----
 
 def _resume_mode(resume: bool | str) -> bool | str:
     if isinstance(resume, str):
@@ -382,7 +266,7 @@ def _echo(text: str) -> None:
     tqdm.write(text, file=sys.stderr)
 
 
-# ----- training -----
+# ----- setting up a run -----
 
 def train(opts: TrainOptions) -> dict:
     """Runs training to `opts.iterations` steps; returns a summary dict (on every rank)."""
@@ -397,42 +281,82 @@ def train(opts: TrainOptions) -> dict:
 def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device) -> dict:
     mode = _resume_mode(opts.resume)
     n_micro = _micro_batches(opts, ctx.world)
-    global_batch = opts.batch_size
+    start = _resolve_start(opts, out, ctx, mode)
+    dataset, cfg = _open_data(opts, start)
+    model, ema, optimizer = _build(cfg, opts, device, start, out)
+    folder = _prepare_folder(out, ctx, start, mode)
+    train_model, ddp = _wrap(model, opts, ctx, device)
+    rank_start, rank_stop = shard_range(opts.batch_size, ctx.rank, ctx.world)
+    run = _Run(opts=opts, cfg=cfg, ctx=ctx, device=device, folder=folder, model=model, ema=ema,
+               optimizer=optimizer, train_model=train_model, ddp=ddp, step=start.step, data_seed=start.data_seed,
+               order=EpochOrder(len(dataset), start.data_seed, *start.position), rank_start=rank_start,
+               micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
+    last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
+    if bad.seen and ctx.main:
+        _echo(f"skipped {len(bad.seen)} unreadable image(s) of {len(dataset)}")
+    return {"step": run.step, "loss": last_loss, "parameters": count_parameters(model),
+            "bad_files": sorted(bad.seen), "checkpoint": str(out / CHECKPOINT),
+            "rank": ctx.rank, "world_size": ctx.world,
+            "weights": {"model": model.state_dict(), "ema": ema.state_dict()}}
 
-    # Rank 0 picks the checkpoint pair (or a fresh start); every rank then loads the same files.
-    choice, error = None, None
+
+@dataclass
+class _Start:
+    """Where a run begins: a fresh model, or the checkpoint pair (checkpoint name, state name) resumed
+    from, with that checkpoint's weights, the training state and the position they are at."""
+    cfg: ModelConfig
+    pair: tuple[str, str] | None = None
+    states: dict | None = None  # the checkpoint's weights, {"model", "ema"}; dropped once loaded
+    state: dict | None = None  # the training state (optimizer, data position...)
+    step: int = 0
+    data_seed: int = 0  # a resumed run keeps the seed it started with
+    position: tuple[int, int] = (0, 0)  # (epoch, offset) in the data order
+
+
+def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool | str) -> _Start:
+    """Rank 0 picks the checkpoint pair to resume from (or a fresh start); every rank learns the choice
+    (or the error, so that none waits for the others) and loads the same files."""
+    choice, found, error = None, None, None
     if mode and ctx.main:
         try:
-            found = _choose_resume(out, mode)
+            found = choose_resume(out, mode)
             choice = found[:2] if found else None
         except CheckpointError as exc:
             error = exc
-    if ctx.active:  # every rank learns the choice (or the error, so that none waits for the others)
+    if ctx.active:
         box = [(choice, str(error) if error else None)]
         dist.broadcast_object_list(box, src=0)
         choice, message = box[0]
         error = error or (CheckpointError(message) if message else None)
     if error is not None:
         raise error
-    if choice is not None:
-        if ctx.main:
-            _, _, cfg, states, meta, state = found
-        else:
-            cfg, states, meta = read_checkpoint(out / choice[0])
-            state = load_training_state(out / choice[1])
-        if int(meta["step"]) != state["step"]:  # a pair is matched on step and save id; belt and braces
-            raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
-                                  f"(step {state['step']}) disagree")
+    if choice is None:
+        return _Start(opts.model or ModelConfig(), data_seed=opts.seed)
+    if ctx.main:
+        _, _, cfg, states, meta, state = found
     else:
-        cfg = opts.model or ModelConfig()
-        state = None
+        cfg, states, meta = read_checkpoint(out / choice[0])
+        state = load_training_state(out / choice[1])
+    if int(meta["step"]) != state["step"]:  # a pair is matched on step and save id; belt and braces
+        raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
+                              f"(step {state['step']}) disagree")
+    return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]))
 
+
+def _open_data(opts: TrainOptions, start: _Start):
+    """The images, and the model config that fits them (a fresh run takes its classes from the data)."""
+    cfg = start.cfg
     dataset = open_images(opts.data, cfg.image_size, class_cond=opts.class_cond or cfg.num_classes > 0)
-    if dataset.classes and state is None:
+    if dataset.classes and start.state is None:
         cfg = cfg.replace(num_classes=len(dataset.classes))
     if cfg.num_classes != len(dataset.classes):
         raise TrainingError(f"the model has {cfg.num_classes} classes, the data {len(dataset.classes)}")
+    return dataset, cfg
 
+
+def _build(cfg: ModelConfig, opts: TrainOptions, device: torch.device, start: _Start, out: Path):
+    """(model, EMA, Adam): the same initial weights on every rank, the mask head's last layer scaled by
+    `mask_init_scale`; a resumed run's weights and optimizer state loaded."""
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
     model = build_model(cfg)
     if opts.mask_init_scale != 1.0 and cfg.variant != "plain":
@@ -441,34 +365,39 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
                 p.mul_(opts.mask_init_scale)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
-    step = 0
-    data_seed, position = opts.seed, (0, 0)  # a resumed run keeps the seed it started with
-    if state is not None:
-        load_state(model, states["model"], out / choice[0])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        data_seed, position = state["seed"], tuple(state["data_position"])
+    if start.state is not None:
+        load_state(model, start.states["model"], out / start.pair[0])
+        optimizer.load_state_dict(start.state["optimizer"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    if state is not None:
-        load_state(ema, states["ema"], out / choice[0])
-        del states
+    if start.state is not None:
+        load_state(ema, start.states["ema"], out / start.pair[0])
+        start.states = None  # loaded: free the checkpoint's copy of the weights
+    return model, ema, optimizer
 
+
+def _prepare_folder(out: Path, ctx: Distributed, start: _Start, mode: bool | str) -> RunFolder:
+    """Rank 0 makes the run folder ready: a resumed run drops what came after its checkpoint (temp files,
+    log lines); a fresh run removes an earlier run's checkpoints and log. Every rank waits for it."""
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
-        if state is not None:
-            _remove_temp_files(out)
-            _truncate_log(out / LOG, step)
-            if choice != (CHECKPOINT, TRAINING_STATE) or mode == "auto":
-                _echo(f"resuming {out} from step {step} ({choice[0]})")
+        if start.state is not None:
+            remove_temp_files(out)
+            truncate_log(out / LOG, start.step)
+            if start.pair != (CHECKPOINT, TRAINING_STATE) or mode == "auto":
+                _echo(f"resuming {out} from step {start.step} ({start.pair[0]})")
         else:  # a fresh run: the folder's checkpoints and log describe this run only
-            earlier = _remove_checkpoints(out)
-            _truncate_log(out / LOG, 0)
+            earlier = remove_checkpoints(out)
+            truncate_log(out / LOG, 0)
             if earlier is not None:
                 _echo(f"starting a fresh run in {out}: removed the checkpoint of an earlier run (step {earlier})")
     if ctx.active:
         dist.barrier()
+    return RunFolder(out, start.pair)
 
+
+def _wrap(model: torch.nn.Module, opts: TrainOptions, ctx: Distributed, device: torch.device):
+    """(the model as trained: under DDP and/or torch.compile, the DDP wrapper or None)."""
     train_model: torch.nn.Module = model
     ddp = None
     if ctx.active:
@@ -477,135 +406,123 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
         train_model = ddp
     if opts.compile:
         train_model = torch.compile(train_model)
+    return train_model, ddp
 
-    diffusion = GaussianDiffusion()
-    noise_gen = torch.Generator(device=device)
-    order = EpochOrder(len(dataset), data_seed, *position)  # mirrors the loader: the position to store
-    rank_start, rank_stop = shard_range(global_batch, ctx.rank, ctx.world)
-    micro_sizes = split_sizes(rank_stop - rank_start, n_micro)
+
+def _loader(opts: TrainOptions, dataset, ctx: Distributed, device: torch.device,
+            start: _Start) -> torch.utils.data.DataLoader:
+    """This rank's shares of the global batches, from the start's data position on."""
     workers = opts.workers
     if workers is None:  # a cache batch is a memory copy: one worker to overlap it (and disk reads) is plenty
         workers = default_workers(ctx.local_world)
         workers = min(1, workers) if is_cache(opts.data) else workers
-    sampler = ShardedBatches(len(dataset), data_seed, global_batch, ctx.rank, ctx.world, position)
-    loader = make_loader(dataset, sampler, workers=workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
-    good_pair = choice  # the newest complete pair on disk, promoted to the previous slot at a save
-    sample_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    sampler = ShardedBatches(len(dataset), start.data_seed, opts.batch_size, ctx.rank, ctx.world, start.position)
+    return make_loader(dataset, sampler, workers=workers, pin_memory=device.type == "cuda")
 
-    def save(at_step: int) -> None:
-        nonlocal good_pair
-        save_id = uuid.uuid4().hex
-        if good_pair is not None:
-            c, s = good_pair
-            if c != PREVIOUS_CHECKPOINT:
-                _link_or_copy(out / c, out / PREVIOUS_CHECKPOINT)
-            if s != PREVIOUS_STATE:
-                _link_or_copy(out / s, out / PREVIOUS_STATE)
-            good_pair = (PREVIOUS_CHECKPOINT, PREVIOUS_STATE)
-        save_training_state(out / TRAINING_STATE, {
-            "step": at_step, "save_id": save_id, "seed": order.seed, "data_position": order.position,
-            "optimizer": optimizer.state_dict(), "world_size": ctx.world,
-            "options": {k: v for k, v in asdict(opts).items() if k != "model"},
-        })
-        save_checkpoint(out / CHECKPOINT, cfg, ema.state_dict(), model.state_dict(), at_step,
-                        extra={"data": str(opts.data), "images_seen": at_step * global_batch, "save_id": save_id})
-        _fsync_dir(out)
-        good_pair = (CHECKPOINT, TRAINING_STATE)
 
-    def write_samples(at_step: int) -> None:
-        g = torch.Generator(device=device).manual_seed(opts.seed)
-        y = (torch.arange(opts.sample_count, device=device) % cfg.num_classes) if cfg.num_classes else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            result = diffusion.sample(ema, (opts.sample_count, *sample_shape), steps=opts.sample_steps, y=y,
-                                      device=device, generator=g)
-        sample_grid(result.images, result.masks).save(out / "samples" / f"step{at_step:07d}.png")
+# ----- the run -----
 
-    bad_seen: dict[str, str] = {}
-    bad_pending: list[tuple[str, str]] = []
+@dataclass
+class _Run:
+    """Everything the loop works on; `step`, `order` and the weights advance, the rest is fixed."""
+    opts: TrainOptions
+    cfg: ModelConfig
+    ctx: Distributed
+    device: torch.device
+    folder: RunFolder
+    model: torch.nn.Module  # the raw model: Adam, the EMA and checkpoints use its parameters
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_model: torch.nn.Module  # the model as trained (DDP, torch.compile)
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    step: int
+    data_seed: int
+    order: EpochOrder  # mirrors the loader: the data position a checkpoint stores
+    rank_start: int  # the first row of this rank's share of the global batch
+    micro_sizes: list[int]  # this rank's micro-batches
+    diffusion: GaussianDiffusion = field(default_factory=GaussianDiffusion)
+    noise_gen: torch.Generator = field(init=False)
 
-    def collect_bad() -> None:
+    def __post_init__(self):
+        self.noise_gen = torch.Generator(device=self.device)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+
+
+@dataclass
+class _Window:
+    """Throughput since the last log line: images trained, seconds spent waiting for data."""
+    start: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    wait: float = 0.0
+
+
+class _BadFiles:
+    """Unreadable images the loader skipped: gathered from every rank at each log step; rank 0 warns
+    once for each."""
+
+    def __init__(self, ctx: Distributed):
+        self.ctx = ctx
+        self.seen: dict[str, str] = {}
+        self.pending: list[tuple[str, str]] = []
+
+    def add(self, found: list[tuple[str, str]]) -> None:
+        self.pending.extend(found)
+
+    def collect(self) -> None:
         """Bad files found by any worker of any rank since the last call; rank 0 reports the new ones."""
-        found = list(bad_pending)
-        bad_pending.clear()
-        if ctx.active:
-            gathered = [None] * ctx.world
+        found = list(self.pending)
+        self.pending.clear()
+        if self.ctx.active:
+            gathered = [None] * self.ctx.world
             dist.all_gather_object(gathered, found)
             found = [item for part in gathered for item in part]
         for path, reason in found:
-            if path not in bad_seen:
-                bad_seen[path] = reason
-                if ctx.main:
-                    import warnings
-                    warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=4)
+            if path not in self.seen:
+                self.seen[path] = reason
+                if self.ctx.main:  # stacklevel: the caller of train()
+                    warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=5)
 
-    log = (out / LOG).open("a") if ctx.main else None
-    bar = tqdm(total=opts.iterations, initial=step, desc="train", unit="step",
+
+def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _BadFiles]:
+    """Trains from run.step to the last iteration; returns the last step's loss and the bad files."""
+    opts, ctx = run.opts, run.ctx
+    bad = _BadFiles(ctx)
+    batches = iter(loader)
+    log = (run.folder.path / LOG).open("a") if ctx.main else None
+    bar = tqdm(total=opts.iterations, initial=run.step, desc="train", unit="step",
                disable=not opts.progress or not ctx.main, dynamic_ncols=True)
-    window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+    window = _Window()
     last_loss = float("nan")
     try:
-        while step < opts.iterations:
+        while run.step < opts.iterations:
             wait_start = time.perf_counter()
             x_u8, y_all, new_bad = next(batches)
-            window_wait += time.perf_counter() - wait_start
-            bad_pending.extend(new_bad)
-            order.next_batch(global_batch)
-            x_all = to_float(x_u8.to(device, non_blocking=True))
-            y_all = y_all.to(device, non_blocking=True) if cfg.num_classes else None
-            torch.manual_seed(_seed("dropout", data_seed, step, ctx.rank))  # stateless: nothing to store
-            loss_sum = torch.zeros((), device=device)
-            entropy_weight, model.mask_temperature, model.hard_masks = mask_shaping(opts, step)
-            offset = 0
-            for j, size in enumerate(micro_sizes):
-                lo = rank_start + offset
-                t, noise = step_draws(data_seed, step, lo, lo + size, sample_shape, diffusion, device,
-                                      noise_gen, opts.t_power)
-                x0 = x_all[offset:offset + size]
-                y = y_all[offset:offset + size] if y_all is not None else None
-                sync = ddp.no_sync() if ddp is not None and j < len(micro_sizes) - 1 else nullcontext()
-                with sync:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        loss, masks = diffusion.loss(train_model, x0, t, noise, y)
-                    objective = loss + entropy_weight * pixel_entropy(masks) if entropy_weight else loss
-                    # DDP averages over ranks; this weighting makes the step the mean over the global batch.
-                    (objective * (size * ctx.world / global_batch)).backward()
-                loss_sum += loss.detach().float() * size
-                offset += size
-            if ctx.active:
-                dist.all_reduce(loss_sum)
-            global_loss = (loss_sum / global_batch).item()
-            if not math.isfinite(global_loss):
-                last = f"step {step}" if (out / CHECKPOINT).exists() else "none written"
-                raise TrainingError(f"loss became {global_loss} at step {step + 1}; stopped without saving. "
-                                    f"Last good checkpoint: {out / CHECKPOINT} ({last}). Try a lower --lr.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            update_ema(ema, model, ema_rate(opts.ema_decay, step))
-            last_loss = global_loss
-            window_images += global_batch
+            window.wait += time.perf_counter() - wait_start
+            bad.add(new_bad)
+            run.order.next_batch(opts.batch_size)
+            x_all = to_float(x_u8.to(run.device, non_blocking=True))
+            y_all = y_all.to(run.device, non_blocking=True) if run.cfg.num_classes else None
+            last_loss, masks = _train_step(run, x_all, y_all)
+            window.images += opts.batch_size
             bar.update(1)
-            if step % opts.log_every == 0 or step == opts.iterations:
-                collect_bad()
+            final = run.step == opts.iterations
+            if run.step % opts.log_every == 0 or final:
+                bad.collect()
                 if ctx.main:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    record = {"step": step, "loss": round(last_loss, 6),
-                              "images_per_s": round(window_images / elapsed, 2),
-                              "images_per_s_per_device": round(window_images / ctx.world / elapsed, 2),
-                              "data_wait": round(min(window_wait / elapsed, 1.0), 3),
-                              "world_size": ctx.world, "epoch": order.epoch, "bad_files": len(bad_seen),
-                              "time": time.time(), **mask_statistics(masks)}
+                    record = _log_record(run, last_loss, window, bad, masks)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{record['images_per_s']:.1f}",
                                     H=record["mask_entropy"])
-                window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
-            if ctx.main and (step % opts.save_every == 0 or step == opts.iterations):
-                save(step)
-            if ctx.main and opts.sample_every and (step % opts.sample_every == 0 or step == opts.iterations):
-                write_samples(step)
-                window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+                window = _Window()
+            if ctx.main and (run.step % opts.save_every == 0 or final):
+                _save(run)
+            if ctx.main and opts.sample_every and (run.step % opts.sample_every == 0 or final):
+                _write_samples(run)
+                window = _Window()
         if ctx.active:
             dist.barrier()  # the final checkpoint is on disk when train() returns on any rank
     finally:
@@ -613,9 +530,86 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
         if log is not None:
             log.close()
         del batches  # stops the loader's workers
-    if bad_seen and ctx.main:
-        _echo(f"skipped {len(bad_seen)} unreadable image(s) of {len(dataset)}")
-    return {"step": step, "loss": last_loss, "parameters": count_parameters(model),
-            "bad_files": sorted(bad_seen), "checkpoint": str(out / CHECKPOINT),
-            "rank": ctx.rank, "world_size": ctx.world,
-            "weights": {"model": model.state_dict(), "ema": ema.state_dict()}}
+    return last_loss, bad
+
+
+def _train_step(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+    """One optimizer step on this rank's share of the global batch; returns the global batch's mean loss
+    and the last micro-batch's masks. Stops the run, saving nothing, where the loss is not finite."""
+    loss_sum, masks = _forward_backward(run, x_all, y_all)
+    if run.ctx.active:
+        dist.all_reduce(loss_sum)
+    loss = (loss_sum / run.opts.batch_size).item()
+    if not math.isfinite(loss):
+        out = run.folder.path
+        last = f"step {run.step}" if (out / CHECKPOINT).exists() else "none written"
+        raise TrainingError(f"loss became {loss} at step {run.step + 1}; stopped without saving. "
+                            f"Last good checkpoint: {out / CHECKPOINT} ({last}). Try a lower --lr.")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    update_ema(run.ema, run.model, ema_rate(run.opts.ema_decay, run.step))
+    return loss, masks
+
+
+def _forward_backward(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor | None):
+    """Gradients of this rank's share, micro-batch by micro-batch, with the step's explicit draws
+    (`step_draws`) and the mask-shaping terms of the step; returns (the summed loss of the share's rows,
+    the last micro-batch's masks)."""
+    opts, device = run.opts, run.device
+    torch.manual_seed(_seed("dropout", run.data_seed, run.step, run.ctx.rank))  # stateless: nothing to store
+    loss_sum = torch.zeros((), device=device)
+    entropy_weight, run.model.mask_temperature, run.model.hard_masks = mask_shaping(opts, run.step)
+    offset = 0
+    for j, size in enumerate(run.micro_sizes):
+        lo = run.rank_start + offset
+        t, noise = step_draws(run.data_seed, run.step, lo, lo + size, run.sample_shape, run.diffusion, device,
+                              run.noise_gen, opts.t_power)
+        x0 = x_all[offset:offset + size]
+        y = y_all[offset:offset + size] if y_all is not None else None
+        sync = run.ddp.no_sync() if run.ddp is not None and j < len(run.micro_sizes) - 1 else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, masks = run.diffusion.loss(run.train_model, x0, t, noise, y)
+            objective = loss + entropy_weight * pixel_entropy(masks) if entropy_weight else loss
+            # DDP averages over ranks; this weighting makes the step the mean over the global batch.
+            (objective * (size * run.ctx.world / opts.batch_size)).backward()
+        loss_sum += loss.detach().float() * size
+        offset += size
+    return loss_sum, masks
+
+
+def _log_record(run: _Run, loss: float, window: _Window, bad: _BadFiles, masks: torch.Tensor) -> dict:
+    """The log.jsonl line of run.step."""
+    elapsed = max(time.perf_counter() - window.start, 1e-9)
+    return {"step": run.step, "loss": round(loss, 6),
+            "images_per_s": round(window.images / elapsed, 2),
+            "images_per_s_per_device": round(window.images / run.ctx.world / elapsed, 2),
+            "data_wait": round(min(window.wait / elapsed, 1.0), 3),
+            "world_size": run.ctx.world, "epoch": run.order.epoch, "bad_files": len(bad.seen),
+            "time": time.time(), **mask_statistics(masks)}
+
+
+def _save(run: _Run) -> None:
+    """Writes the checkpoint pair of run.step; the folder keeps the previous pair until it is complete."""
+    opts, out = run.opts, run.folder.path
+    with run.folder.new_pair() as save_id:
+        save_training_state(out / TRAINING_STATE, {
+            "step": run.step, "save_id": save_id, "seed": run.order.seed, "data_position": run.order.position,
+            "optimizer": run.optimizer.state_dict(), "world_size": run.ctx.world,
+            "options": {k: v for k, v in asdict(opts).items() if k != "model"},
+        })
+        save_checkpoint(out / CHECKPOINT, run.cfg, run.ema.state_dict(), run.model.state_dict(), run.step,
+                        extra={"data": str(opts.data), "images_seen": run.step * opts.batch_size,
+                               "save_id": save_id})
+
+
+def _write_samples(run: _Run) -> None:
+    """A grid of EMA samples (and their masks) of run.step, from the same seeded noise at every step."""
+    opts, cfg, device = run.opts, run.cfg, run.device
+    g = torch.Generator(device=device).manual_seed(opts.seed)
+    y = (torch.arange(opts.sample_count, device=device) % cfg.num_classes) if cfg.num_classes else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        result = run.diffusion.sample(run.ema, (opts.sample_count, *run.sample_shape), steps=opts.sample_steps,
+                                      y=y, device=device, generator=g)
+    sample_grid(result.images, result.masks).save(run.folder.path / "samples" / f"step{run.step:07d}.png")
