@@ -113,6 +113,28 @@ def prepare_data(folder, output, size, workers):
 
 
 @main_group.command()
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The scenes as a training cache (.npy, usable as --data); their label maps go beside it "
+                   "(<name>.masks.npy).")
+@click.option("--kind", type=click.Choice(["a", "b", "c"]), default="a", show_default=True,
+              help="a: a striped ellipse on a smooth gradient (2 regions); b: a striped ellipse and a "
+                   "checkered rectangle (3 regions); c: a striped ellipse on speckle of the same mean color "
+                   "(2 regions, texture only).")
+@click.option("--count", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True)
+@click.option("--size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Image size S (S x S).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The scenes are a function of the seed.")
+def synth(output, kind, count, size, seed):
+    """Write seeded synthetic scenes with known region masks: data on which segmentation must emerge and
+    can be scored (benchmarks/emergence)."""
+    from fdm_train.synth import masks_path, write_scenes
+
+    if count * 4 * size * size > 4 << 30:  # images and labels are built in memory, float32 while drawn
+        raise click.UsageError(f"{count} scenes of {size}x{size} need over 4 GiB while drawn; write fewer")
+    write_scenes(output, kind, count, size, seed)
+    click.echo(f"{output}: {count} scenes of kind {kind}, {size}x{size}; labels in {masks_path(output)}")
+
+
+@main_group.command()
 @model_options
 def info(preset, variant, regions, image_size, channels, region_codes):
     """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter)."""

@@ -128,3 +128,17 @@ def test_uniform_masks_and_usefulness():
     assert not torch.equal(predict_masks(model, x), masks)  # the hook is gone after the block
     result = score(model, images, labels)
     assert set(result["usefulness"]) == {"0-100", "100-300", "300-600", "600-1000"}
+
+
+def test_synth_command_writes_scenes_and_labels(tmp_path):
+    from click.testing import CliRunner
+
+    from fdm_train.cli import main_group
+
+    out = tmp_path / "b.npy"
+    result = CliRunner().invoke(main_group, ["synth", "-o", str(out), "--kind", "b", "--count", "6", "--size", "16"])
+    assert result.exit_code == 0, result.output
+    images, labels = make_scenes("b", 6, 16, seed=0)
+    assert np.array_equal(np.load(out), images) and np.array_equal(np.load(masks_path(out)), labels)
+    huge = CliRunner().invoke(main_group, ["synth", "-o", str(out), "--count", "10000000", "--size", "1024"])
+    assert huge.exit_code == 2 and "GiB" in huge.output
