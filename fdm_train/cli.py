@@ -65,6 +65,8 @@ def main_group():
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="DataLoader worker processes per device [default: CPUs per device - 1, at most 8].")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--channels-last", is_flag=True,
+              help="Train in the NHWC memory format (about 1.2x on a 2-core CPU, benchmarks/results/train_cpu.md).")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK).")
 @click.option("--t-power", type=click.FloatRange(0.1, 10), default=DEFAULT_T_POWER, show_default=True,

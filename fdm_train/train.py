@@ -104,6 +104,7 @@ class TrainOptions:
     grad_accum: int | None = None  # or: the number of micro-batches per device and step
     workers: int | None = None  # DataLoader worker processes per device (None: from the CPU count)
     compile: bool = False  # torch.compile the model
+    channels_last: bool = False  # train in the NHWC memory format (faster convolutions on CPUs and GPUs)
     # The recipe for making masks emerge (the mask shaping is off by default).
     t_power: float = DEFAULT_T_POWER  # training t = floor(T u^p): 1 = uniform (the paper), >1 favours low t
     mask_shaping_steps: int = 0  # steps over which the shaping below anneals away
@@ -400,6 +401,8 @@ def _wrap(model: torch.nn.Module, opts: TrainOptions, ctx: Distributed, device: 
     """(the model as trained: under DDP and/or torch.compile, the DDP wrapper or None)."""
     train_model: torch.nn.Module = model
     ddp = None
+    if opts.channels_last:  # in place: the optimizer keeps the same parameters
+        model.to(memory_format=torch.channels_last)
     if ctx.active:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)

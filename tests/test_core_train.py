@@ -145,3 +145,21 @@ def test_wrong_checkpoint_files_are_one_line_errors(tmp_path):
     save_file({"weight": torch.zeros(2)}, foreign)
     with pytest.raises(CheckpointError, match="not an fdm checkpoint"):
         load_model(foreign)
+
+
+def test_channels_last_trains_the_same_model(image_folder, tmp_path):
+    """NHWC changes only the memory layout: the loss of every step agrees with NCHW training to float
+    rounding, the weights stay within what Adam can move them apart (each run moves a weight by at most
+    about lr per step, and rounding may flip the sign of a near-zero gradient), and the checkpoint is
+    written in the usual layout and resumes."""
+    steps, lr = 4, 1e-4
+    nchw = train(options(image_folder, tmp_path / "nchw", iterations=steps, log_every=1, lr=lr))
+    nhwc = train(options(image_folder, tmp_path / "nhwc", iterations=steps, log_every=1, lr=lr, channels_last=True))
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("nchw", "nhwc")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for name, value in nchw["weights"]["model"].items():
+        assert (nhwc["weights"]["model"][name] - value).abs().max() <= 2 * steps * lr * 1.01, name
+    resumed = train(options(image_folder, tmp_path / "nhwc", iterations=6, channels_last=True, resume=True))
+    assert resumed["step"] == 6
+    load_model(tmp_path / "nhwc" / "checkpoint.safetensors")
