@@ -20,16 +20,17 @@ class TorchEngine(Engine):
     the fast path is the default: bf16, channels_last, torch.compile and one CUDA graph per input shape;
     each can be turned off. On CPU: float32 eager. `unfused=True` runs the K decoder calls one by one
     (the naive reference). Where the masked ops run as Triton kernels, `ddpm_step` offers the sampler
-    the DDPM update fused with the masked sum of the branches."""
+    the DDPM update fused with the masked sum of the branches; `triton_kernels=False` keeps the
+    plain-torch masked ops even there (the benchmark's steps towards the fast path)."""
 
     name = "torch"
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
                  channels_last: bool | None = None, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, unfused: bool = False):
+                 cuda_graphs: bool | None = None, unfused: bool = False, triton_kernels: bool = True):
         self.device = pick_device(device)
         model, self.config, self.metadata = load_model(checkpoint, weights="ema", map_location=self.device)
-        self._setup(model, dtype, channels_last, compile, cuda_graphs, unfused)
+        self._setup(model, dtype, channels_last, compile, cuda_graphs, unfused, triton_kernels)
 
     @classmethod
     def from_model(cls, model, device: str = "auto", **options) -> "TorchEngine":
@@ -40,7 +41,8 @@ class TorchEngine(Engine):
         engine._setup(model.to(engine.device).eval(), **options)
         return engine
 
-    def _setup(self, model, dtype="auto", channels_last=None, compile=None, cuda_graphs=None, unfused=False):
+    def _setup(self, model, dtype="auto", channels_last=None, compile=None, cuda_graphs=None, unfused=False,
+               triton_kernels=True):
         cuda = self.device.type == "cuda"
         if dtype == "auto":
             dtype = "bf16" if cuda else "fp32"
@@ -55,7 +57,8 @@ class TorchEngine(Engine):
         forward = model.forward_unfused if unfused else model.forward
         self._forward = torch.compile(forward) if (cuda if compile is None else compile) else forward
         self._graphs: dict = {}
-        if not unfused and self.config.variant in BRANCH_VARIANTS and kernels.runs_triton(self.device):
+        self.triton_kernels = triton_kernels and kernels.runs_triton(self.device)
+        if not unfused and self.config.variant in BRANCH_VARIANTS and self.triton_kernels:
             self.ddpm_step = self.fused_ddpm_step
 
     def _inputs(self, x_t, t, y):
@@ -68,7 +71,7 @@ class TorchEngine(Engine):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _denoise(self, x_t, t, y):
-        with self._autocast():
+        with self._autocast(), kernels.triton_disabled(not self.triton_kernels):
             eps, masks = self._forward(x_t, t, y)
         return eps.float(), masks.float()
 
