@@ -80,11 +80,11 @@ def fastest(chosen: list[Variant], device: torch.device) -> Variant | None:
 
 
 def variants_for(cfg, chosen: list[Variant], device: torch.device) -> list[Variant]:
-    """Every chosen variant for the factorized model; for the others (the plain U-Net) the fused fp32,
-    the fastest path and onnx (the naive variant is the factorized model's K decoder calls)."""
+    """Every chosen variant for the factorized model; for the others (the plain U-Net) the fused fp32
+    and the fastest path."""
     if cfg.variant == "factorized":
         return chosen
-    keep = {"fused", "onnx", getattr(fastest(chosen, device), "key", None)}
+    keep = {"fused", getattr(fastest(chosen, device), "key", None)}
     return [v for v in chosen if v.key in keep and not v.options.get("unfused")]
 
 
@@ -200,8 +200,10 @@ def sampler_step(engine, diffusion: GaussianDiffusion, images: int, cfg, device)
     return step
 
 
-def sampling_entries(name, model, chosen: list[Variant], device, repeats, budget_s, images, steps, log) -> list[dict]:
-    """One sampling step of the fused fp32 and of the fastest variant; a whole run on the fastest."""
+def sampling_entries(name, model, chosen: list[Variant], device, repeats, budget_s, images, steps, log,
+                     engines: dict) -> list[dict]:
+    """One sampling step of the fused fp32 and of the fastest variant; a whole run on the fastest.
+    `engines`: those of the measurements, by variant key, used again (compiled and captured already)."""
     cfg = model.cfg
     diffusion = GaussianDiffusion()
     shape = (images, cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -211,7 +213,7 @@ def sampling_entries(name, model, chosen: list[Variant], device, repeats, budget
     for variant in picks:
         entry = {"preset": name, "variant": variant.label, "images": images, "steps": steps}
         try:
-            engine = open_variant(variant, model, device)
+            engine = engines.get(variant.key) or open_variant(variant, model, device)
             entry["step_ms"] = median_ms(sampler_step(engine, diffusion, images, cfg, device), device, warmup=2,
                                          repeats=max(3, repeats // 4), budget_s=budget_s)
             if variant is picks[-1]:
@@ -261,6 +263,8 @@ def run(preset_names: list[str], batches: list[int], variant_keys: list[str] | N
         models = {"factorized": random_model(cfg)}
         if plain:
             models["plain U-Net"] = random_model(cfg.replace(variant="plain"))
+        kept = {}  # the factorized model's engines that the sampling runs again
+        keep = {"fused", getattr(fastest(chosen, device), "key", None)}
         for model_name, model in models.items():
             model = model.to(device).eval()
             flops = count_flops(model.cfg)
@@ -278,18 +282,21 @@ def run(preset_names: list[str], batches: list[int], variant_keys: list[str] | N
                         rows = measure(engine, variant, model, batches, device, repeats, budget_s,
                                        result["matmul_bf16_tflops"], flops, base,
                                        onnx_max_batch if variant.engine == "onnx" else None)
-                        if hasattr(engine, "close"):
+                        if model_name == "factorized" and variant.key in keep:
+                            kept[variant.key] = engine
+                        elif hasattr(engine, "close"):
                             engine.close()
                         del engine
                 for row in rows:
                     log(describe_row(row))
                 result["rows"] += rows
                 update(result)
-        if sampling:
-            result["sampling"] += sampling_entries(name, models["factorized"], chosen, device, repeats, budget_s,
-                                                   sample_images, sample_steps, log)
-            update(result)
-        del models
+            if sampling and model_name == "factorized":  # before the plain U-Net: a run cut short keeps it
+                result["sampling"] += sampling_entries(name, model, chosen, device, repeats, budget_s,
+                                                       sample_images, sample_steps, log, kept)
+                update(result)
+            kept.clear()
+        del models, kept
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
