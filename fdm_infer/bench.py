@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -166,13 +167,13 @@ def measure(engine, variant: Variant, model, batches, device, repeats, budget_s,
             row["err_eps"], row["err_masks"] = max_abs_error(eps, eps_ref), max_abs_error(masks, masks_ref)
             del eps_ref, masks_ref, eps, masks
             worst = max(row["err_eps"], row["err_masks"])
-            if not worst == worst or worst == float("inf"):  # NaN or inf: the output is broken, not slow
+            if not math.isfinite(worst):  # the output is broken, not slow
                 rows.append(dict(row, status="failed: non-finite output"))
                 continue
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            ms = median_ms(lambda: engine.denoise(x, t), device, warmup=3 if variant.engine == "torch" else 1,
+            ms = median_ms(lambda x=x, t=t: engine.denoise(x, t), device, warmup=3 if variant.engine == "torch" else 1,
                            repeats=repeats, budget_s=budget_s)
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
             row["ms"], row["images_per_s"] = ms, batch / (ms * 1e-3)
