@@ -1,6 +1,7 @@
 """Checkpoint -> ONNX: the fused denoiser (x_t, t[, y]) -> (eps, masks) with a dynamic batch dimension.
 
-The graph is a trace of the model's own forward (fdm_train.model), with the plain-torch definitions
+The graph is a trace of the model's own forward (fdm_train.model; the trace and the file's metadata are
+fdm_infer.engines.onnx_engine.onnx_model_bytes, beside the reader of the format), with the plain-torch definitions
 of the masked ops (`kernels.masked_*` take them while exporting), never a Triton kernel. Only the
 batch is dynamic: spatial sizes are fixed by the config. The model config travels in the file's
 metadata_props (the format fdm_infer.engines.onnx_engine reads), so one .onnx fully describes its model.
@@ -11,46 +12,27 @@ cast at the graph boundary), so every engine has one interface.
 from __future__ import annotations
 
 import copy
-import io
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from fdm_infer.engines.base import OUTPUT_NAMES, input_names
-from fdm_infer.engines.onnx_engine import FORMAT
+from fdm_infer.engines.base import OUTPUT_NAMES
+from fdm_infer.engines.onnx_engine import DEFAULT_OPSET, onnx_model_bytes
 from fdm_train.checkpoint import load_model
 from fdm_train.config import ModelConfig
 from fdm_train.errors import UserError
 from fdm_train.model import FactorizedUNet
 from fdm_train.util import DTYPES, atomic_write, one_line
 
-# TensorRT 10.x parses ONNX opsets 9..20; 17 is the first with LayerNormalization and is what
-# TensorRT's own samples use. onnxruntime >= 1.14 runs it.
-DEFAULT_OPSET = 17
 # Parity tolerance per export dtype, against eager PyTorch in float32 on the same inputs.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}
 
 
 class ExportError(UserError):
     """An export that cannot be done or whose parity check failed; one line."""
-
-
-class ExportableDenoiser(nn.Module):
-    """The model's own forward between casts: inputs to the weights' dtype, outputs to float32."""
-
-    def __init__(self, model: FactorizedUNet, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.dtype = dtype
-        self.model = model.to(dtype).eval()
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        eps, masks = self.model(x_t.to(self.dtype), t, y)
-        return eps.float(), masks.float()
 
 
 @dataclass
@@ -83,30 +65,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT
     start = time.perf_counter()
     model, cfg, ckpt_meta = load_model(checkpoint, weights=weights, map_location="cpu")
     # A copy: casting it to fp16/bf16 leaves the float32 reference intact.
-    wrapper = ExportableDenoiser(copy.deepcopy(model), DTYPES[dtype])
-    names = input_names(cfg)
-    args = example_inputs(cfg, batch=2)
-    args = args if cfg.num_classes else args[:2]
-    dynamic = {name: {0: "batch"} for name in [*names, *OUTPUT_NAMES]}
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TracerWarnings on static sizes, the exporter's deprecation note
-        try:
-            torch.onnx.export(wrapper, args, buffer, input_names=names, output_names=OUTPUT_NAMES,
-                              dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True,
-                              dynamo=False)
-        except Exception as exc:
-            raise ExportError(f"ONNX export of {checkpoint} at opset {opset} failed: {one_line(exc)}") from exc
-    data = _with_metadata(buffer.getvalue(), {
-        "format": FORMAT,
-        "config": cfg.to_json(),
-        "dtype": dtype,
-        "opset": str(opset),
-        "inputs": ",".join(names),
-        "source": str(checkpoint),
-        "step": ckpt_meta.get("step", ""),
-        "torch_version": torch.__version__,
-    })
+    try:
+        data = onnx_model_bytes(copy.deepcopy(model), dtype, opset, {"source": str(checkpoint),
+                                                                     "step": ckpt_meta.get("step", "")})
+    except Exception as exc:
+        raise ExportError(f"ONNX export of {checkpoint} at opset {opset} failed: {one_line(exc)}") from exc
     parity, note = None, ""
     if check and dtype == "bf16":
         # ONNX Conv takes bfloat16 only from opset 22 and onnxruntime has no bf16 CPU kernels: such a
@@ -148,16 +111,3 @@ def parity_check(onnx_bytes: bytes, model: FactorizedUNet, cfg: ModelConfig,
             ref_eps, ref_masks = model(x, t, y)
         errors[batch] = (float(np.abs(eps - ref_eps.numpy()).max()), float(np.abs(masks - ref_masks.numpy()).max()))
     return errors
-
-
-def _with_metadata(onnx_bytes: bytes, props: dict[str, str]) -> bytes:
-    import onnx
-
-    proto = onnx.load_model_from_string(onnx_bytes)
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = f"fdm.{key}", str(value)
-    proto.producer_name = "fdm-export"
-    proto.doc_string = "fdm factorized diffusion denoiser: (x_t, t[, y]) -> (eps, masks)"
-    return proto.SerializeToString()

@@ -1,6 +1,7 @@
 """`fdm-infer`: segment real images, generate samples, interpolate, with any registered engine."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -148,6 +149,61 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_la
     write_interpolation(Path(out), result)
     click.echo(f"interpolated {frames} frame(s) from t={result.t} ({mix}, {sampler}) in "
                f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {out}/interpolation.png")
+
+
+BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "onnx"]
+
+
+@main_group.command()
+@click.option("--preset", "presets", multiple=True, default=["paper-64"], show_default=True,
+              help="Model preset (repeatable); random weights.")
+@click.option("--batch", "batches", type=click.IntRange(1), multiple=True, default=[1, 16, 128, 256],
+              show_default=True, help="Batch size (repeatable).")
+@click.option("--variant", "variant_keys", type=click.Choice(BENCH_VARIANT_KEYS), multiple=True,
+              help="Variant (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
+                   "(+ channels_last), compile, graphs (CUDA graphs), triton (Triton kernels: the fast path), "
+                   "onnx (onnxruntime).")
+@click.option("--repeats", type=click.IntRange(3), default=30, show_default=True, help="Timed calls at most.")
+@click.option("--budget", "budget_s", type=float, default=10.0, show_default=True,
+              help="Seconds of timed calls per measurement at most (at least 3 calls).")
+@click.option("--sample-images", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--sample-steps", type=click.IntRange(1, 1000), default=1000, show_default=True,
+              help="Steps of the whole DDPM run.")
+@click.option("--no-sampling", is_flag=True, help="No sampling step and no whole run.")
+@click.option("--no-plain", is_flag=True, help="Without the plain U-Net beside.")
+@click.option("--onnx-max-batch", type=click.IntRange(1), default=None,
+              help="Largest batch for onnx [default: all on the CPU; 1 beside a GPU, where onnxruntime runs "
+                   "on the CPU].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
+@click.option("--md", "md_path", type=click.Path(dir_okay=False), default=None, help="Write the tables as Markdown.")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Write bench.json and bench.md into this folder.")
+@click.option("--smoke", is_flag=True, help="tiny-32, batches 1 and 2, 3 repeats, 2 images x 5 sampling steps.")
+def bench(presets, batches, variant_keys, repeats, budget_s, sample_images, sample_steps, no_sampling, no_plain,
+          onnx_max_batch, device, json_path, md_path, out_dir, smoke):
+    """Latency and throughput of the inference variants, from naive eager fp32 (K decoder calls) to
+    bf16 + torch.compile + CUDA graphs + Triton kernels, and onnxruntime; each checked against the fp32
+    reference first (max abs error). Variants that cannot run here are listed as skipped. The
+    results (JSON) are rewritten after every measurement; the table is printed last."""
+    from fdm_infer import bench as benchmark
+
+    if smoke:
+        presets, batches, repeats, sample_images, sample_steps = ["tiny-32"], [1, 2], 3, 2, 5
+    if out_dir:
+        json_path = json_path or str(Path(out_dir) / "bench.json")
+        md_path = md_path or str(Path(out_dir) / "bench.md")
+    result = benchmark.run(list(presets), list(batches), list(variant_keys) or None, device=device, repeats=repeats,
+                           budget_s=budget_s, sample_images=sample_images, sample_steps=sample_steps,
+                           sampling=not no_sampling, plain=not no_plain, onnx_max_batch=onnx_max_batch,
+                           log=lambda line: click.echo(line, err=True),
+                           on_update=lambda r: benchmark.write(r, json_path, None))
+    benchmark.write(result, json_path, md_path)
+    click.echo(benchmark.markdown(result), nl=False)
+    failed = [r for r in result["rows"] + result["sampling"] if r["status"].startswith("failed")]
+    if failed:
+        click.echo(f"fdm-infer: {len(failed)} measurement(s) failed (see the status column)", err=True)
+        sys.exit(1)
 
 
 for command in EVAL_COMMANDS:

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
-# (x_t, t, y, (c1, c2, sigma), z) -> (x_prev, masks): one DDPM step done by the denoiser's owner.
-DDPMStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", tuple[float, float, float],
+# (x_t, t, y, coef, z) -> (x_prev, masks): one DDPM step done by the denoiser's owner; coef = (c1, c2, sigma)
+# as a float32 tensor [3] on the device.
+DDPMStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor,
                      "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -26,6 +27,7 @@ class GaussianDiffusion:
         self.num_timesteps = num_timesteps
         self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self._abar = self.alphas_cumprod.tolist()  # the same float64 values, for host-side arithmetic
 
     # ----- forward process -----
     def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -66,8 +68,8 @@ class GaussianDiffusion:
     def ddpm_coefficients(self, t: int, t_prev: int) -> tuple[float, float, float]:
         """(c1, c2, sigma) with x_prev = c1 * (x_t - c2 * eps) + sigma * z (eq. 9-10), for a jump
         t -> t_prev of a possibly respaced schedule (t_prev = -1 at the last step)."""
-        abar_t = self.alphas_cumprod[t].item()
-        abar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+        abar_t = self._abar[t]
+        abar_prev = self._abar[t_prev] if t_prev >= 0 else 1.0
         beta = 1 - abar_t / abar_prev
         c1 = 1 / (1 - beta) ** 0.5
         c2 = beta / (1 - abar_t) ** 0.5
@@ -75,8 +77,25 @@ class GaussianDiffusion:
         return c1, c2, sigma
 
     def predict_x0(self, x_t: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod[t].item()
+        abar = self._abar[t]
         return (x_t - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+
+    def step_table(self, seq: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything a reverse run over the descending timesteps `seq` needs per step, made on the host
+        once and moved to `device` in one copy each, so that the loop never waits for the device:
+        the timesteps [n] (int64), the DDPM coefficients (c1, c2, sigma) [n, 3] and the DDIM factors
+        (sqrt(abar_t), sqrt(1 - abar_t), sqrt(abar_prev), sqrt(1 - abar_prev)) [n, 4], both float32.
+        The float32 values are the Python floats of `ddpm_coefficients` / `predict_x0` rounded once, as
+        the tensor ops round a Python scalar, so the results equal those of per-step scalars."""
+        ddpm, ddim = [], []
+        for i, t in enumerate(seq):
+            t_prev = seq[i + 1] if i + 1 < len(seq) else -1
+            ddpm.append(self.ddpm_coefficients(t, t_prev))
+            abar = self._abar[t]
+            abar_prev = self._abar[t_prev] if t_prev >= 0 else 1.0
+            ddim.append((abar ** 0.5, (1 - abar) ** 0.5, abar_prev ** 0.5, (1 - abar_prev) ** 0.5))
+        return (torch.tensor(seq, dtype=torch.long).to(device), torch.tensor(ddpm, dtype=torch.float32).to(device),
+                torch.tensor(ddim, dtype=torch.float32).to(device))
 
     @torch.no_grad()
     def sample(self, denoise: Denoiser, shape: tuple[int, ...], *, steps: int | None = None,
@@ -87,49 +106,51 @@ class GaussianDiffusion:
         """Reverse diffusion from x_T ~ N(0, I) (or from a given x_T at `start_t`, for interpolation).
         Returns the images, the soft masks of the last step and, if asked, every
         `trajectory_every`-th step's (t, predicted x0, masks). `step`, when given, does a DDPM step in
-        one call: step(x_t, t, y, (c1, c2, sigma), z) -> (x_prev, masks), the same update as
-        `ddpm_update` (an engine fuses it with the combination of its branches); steps whose
-        predicted x0 goes into the trajectory use `denoise`, which returns eps."""
+        one call: step(x_t, t, y, coef, z) -> (x_prev, masks) with coef = (c1, c2, sigma) a float32
+        tensor [3] on the device, the same update as `ddpm_update` (an engine fuses it with the
+        combination of its branches); steps whose predicted x0 goes into the trajectory use `denoise`,
+        which returns eps. Without a trajectory the loop has no host synchronisation: every per-step
+        value is on the device before it starts."""
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
         seq = self.timesteps(steps or self.num_timesteps)
         if start_t is not None:
             seq = [t for t in seq if t <= start_t]
         x = x_T if x_T is not None else torch.randn(shape, device=device, generator=generator)
+        t_table, ddpm_table, ddim_table = self.step_table(seq, x.device)
         trajectory = []
         masks = None
         for i, t in enumerate(seq):
-            t_prev = seq[i + 1] if i + 1 < len(seq) else -1
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            record = trajectory_every and (i % trajectory_every == 0 or t_prev < 0)
+            last = i + 1 == len(seq)  # sigma = 0: no noise at the last step (eq. 10)
+            tt = t_table[i].expand(x.shape[0])
+            record = trajectory_every and (i % trajectory_every == 0 or last)
             if sampler == "ddpm" and step is not None and not record:
-                coef = self.ddpm_coefficients(t, t_prev)
-                x, masks = step(x, tt, y, coef, self._ddpm_noise(x, coef, generator))
+                x, masks = step(x, tt, y, ddpm_table[i], self._ddpm_noise(x, last, generator))
             else:
                 eps, masks = denoise(x, tt, y)
                 eps = eps.float()
+                sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, sqrt_one_minus_abar_prev = ddim_table[i]
                 if record:
-                    trajectory.append((t, self.predict_x0(x, t, eps).clamp(-1, 1).cpu(), masks.float().cpu()))
+                    x0 = (x - sqrt_one_minus_abar * eps) / sqrt_abar  # predict_x0
+                    trajectory.append((t, x0.clamp(-1, 1).cpu(), masks.float().cpu()))
                 if sampler == "ddpm":
-                    coef = self.ddpm_coefficients(t, t_prev)
-                    x = ddpm_update(x, eps, coef, self._ddpm_noise(x, coef, generator))
+                    x = ddpm_update(x, eps, ddpm_table[i], self._ddpm_noise(x, last, generator))
                 else:  # DDIM, eta = 0
-                    x0 = self.predict_x0(x, t, eps)
-                    abar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
-                    x = abar_prev ** 0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
+                    x0 = (x - sqrt_one_minus_abar * eps) / sqrt_abar  # predict_x0
+                    x = sqrt_abar_prev * x0 + sqrt_one_minus_abar_prev * eps
             if progress is not None:
                 progress(1)
         return SampleResult(images=x.clamp(-1, 1), masks=masks.float(), trajectory=trajectory)
 
     @staticmethod
-    def _ddpm_noise(x: torch.Tensor, coef: tuple[float, float, float], generator) -> torch.Tensor | None:
+    def _ddpm_noise(x: torch.Tensor, last: bool, generator) -> torch.Tensor | None:
         """z ~ N(0, I) of a DDPM step, None at the last one (sigma = 0)."""
-        return torch.randn(x.shape, device=x.device, generator=generator) if coef[2] > 0 else None
+        return None if last else torch.randn(x.shape, device=x.device, generator=generator)
 
 
-def ddpm_update(x_t: torch.Tensor, eps: torch.Tensor, coef: tuple[float, float, float],
-                z: torch.Tensor | None) -> torch.Tensor:
-    """x_prev = c1 * (x_t - c2 * eps) + sigma * z (eq. 9-10), coef = (c1, c2, sigma); z None: no noise."""
+def ddpm_update(x_t: torch.Tensor, eps: torch.Tensor, coef, z: torch.Tensor | None) -> torch.Tensor:
+    """x_prev = c1 * (x_t - c2 * eps) + sigma * z (eq. 9-10), coef = (c1, c2, sigma) as floats or a tensor [3];
+    z None: no noise."""
     c1, c2, sigma = coef
     x = c1 * (x_t - c2 * eps)
     return x if z is None else x + sigma * z

@@ -12,12 +12,15 @@ Triton is optional: without it everything runs the reference.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from kernels import reference
 from kernels.reference import pool_mask
 
-__all__ = ["masked_skip", "masked_sum", "masked_sum_ddpm_step", "ddpm_coef", "pool_mask", "runs_triton", "HAS_TRITON"]
+__all__ = ["masked_skip", "masked_sum", "masked_sum_ddpm_step", "ddpm_coef", "pool_mask", "runs_triton", "triton_disabled",
+           "HAS_TRITON"]
 
 try:  # registering the ops needs only torch; the kernels need triton
     from kernels import ops as _ops
@@ -39,9 +42,25 @@ def _exporting() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting())
 
 
+_settings = {"triton": True}
+
+
+@contextlib.contextmanager
+def triton_disabled(disabled: bool = True):
+    """Inside, the masked ops run the plain-torch references on every device (the benchmark's variants
+    without the kernels). Read when a call is traced, so a compiled graph or captured CUDA graph keeps
+    the choice it was made under."""
+    old = _settings["triton"]
+    _settings["triton"] = old and not disabled
+    try:
+        yield
+    finally:
+        _settings["triton"] = old
+
+
 def runs_triton(device: torch.device | str) -> bool:
     """Whether the masked ops run as Triton kernels for tensors on `device` (CUDA with triton installed)."""
-    return _ops is not None and HAS_TRITON and torch.device(device).type == "cuda"
+    return _ops is not None and HAS_TRITON and _settings["triton"] and torch.device(device).type == "cuda"
 
 
 def _fast(t: torch.Tensor) -> bool:

@@ -103,3 +103,78 @@ def test_timestep_power_favours_low_t():
     # t = floor(1000 u^2): P(t < 250) = P(u < 0.5) = 0.5, against 0.25 for uniform draws.
     assert (low < 250).float().mean().item() == pytest.approx(0.5, abs=0.02)
     assert (uniform < 250).float().mean().item() == pytest.approx(0.25, abs=0.02)
+
+
+# Every way a tensor's value reaches Python; on a device each one waits for the queued kernels.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+class HostReadCounter:
+    """Counts the host reads of tensor values (HOST_READS) while active."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        self.active = False
+        for name in HOST_READS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def wrapper(tensor, *args, **kwargs):
+            if self.active:
+                self.count += 1
+            return original(tensor, *args, **kwargs)
+        return wrapper
+
+    def run(self, fn):
+        self.count, self.active = 0, True
+        try:
+            return fn()
+        finally:
+            self.active = False
+
+
+def toy_denoiser(x, t, y=None):
+    """eps and K=2 masks that depend on x and t, computed on the device only."""
+    scale = (t.float() / 1000).reshape(-1, 1, 1, 1)
+    logits = torch.cat([x.mean(1, keepdim=True), -x.mean(1, keepdim=True)], 1)
+    return 0.5 * x * (1 + scale), logits.softmax(1)
+
+
+def toy_step(x, t, y, coef, z):
+    """An engine's fused DDPM step: the sampler's update over the toy denoiser's eps."""
+    from fdm_train.diffusion import ddpm_update
+
+    eps, masks = toy_denoiser(x, t, y)
+    return ddpm_update(x, eps, coef, z), masks
+
+
+def test_the_host_read_counter_sees_reads(monkeypatch):
+    counter = HostReadCounter(monkeypatch)
+    x = torch.ones(3)
+    counter.run(lambda: (x.sum().item(), float(x[0]), bool(x[1] > 0), x.tolist(), x.cpu()))
+    assert counter.count == 5
+
+
+@pytest.mark.parametrize("sampler, step", [("ddpm", None), ("ddpm", toy_step), ("ddim", None)])
+def test_the_sampling_loop_never_reads_values_back(monkeypatch, sampler, step):
+    """Host reads of a 20-step run are those of a 2-step run (set-up only, none per step)."""
+    counter = HostReadCounter(monkeypatch)
+    d = GaussianDiffusion()
+
+    def reads(steps):
+        g = torch.Generator().manual_seed(0)
+        counter.run(lambda: d.sample(toy_denoiser, (2, 3, 4, 4), steps=steps, sampler=sampler, generator=g,
+                                     step=step))
+        return counter.count
+
+    assert reads(20) == reads(2)
+    assert reads(20) <= len(HOST_READS)
+
+
+def test_the_engine_step_is_an_alternative_to_the_plain_update():
+    """The same run with the update done by `step` (as an engine's fused step) or by the sampler."""
+    d = GaussianDiffusion()
+    runs = [d.sample(toy_denoiser, (2, 3, 4, 4), steps=7, generator=torch.Generator().manual_seed(1), step=step)
+            for step in (None, toy_step)]
+    torch.testing.assert_close(runs[0].images, runs[1].images, rtol=0, atol=0)

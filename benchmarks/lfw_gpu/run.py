@@ -27,7 +27,8 @@ that a phase fits in a 10-minute slot on a GPU machine) and train with the fdm-t
   all          pack (if missing) + train-fdm + finish in one process: the CPU dry run, e.g.
                python benchmarks/lfw_gpu/run.py all --tiny --batch-size 8 --max-steps 20 --eval-every 10
                  --first-chunk 5 --early-evals 5 --eval-limit 16 --final-limit 16 --samples 8 --sample-steps 4
-                 --sample-batch 8 --t-list 0,30 --budget-s 900 --out /tmp/lfw_dry
+                 --sample-batch 8 --t-list 0,30 --budget-s 900 --data-cache /tmp/lfw_dry_data
+                 --work /tmp/lfw_dry_work --out /tmp/lfw_dry
   plot         redraws curves.png beside a results.json.
 
 Later phases find earlier ones in runs/lfw_gpu/<phase> (the same machine); on a fresh machine, copy the
@@ -107,7 +108,7 @@ def pack(args) -> None:
     (DATA / "pack.json").write_text(json.dumps({"train": len(blobs), "val": len(val_images), "size": args.size,
                                                 "quality": args.quality, "bytes": sizes}, indent=1) + "\n")
     log(f"pack: {len(blobs)} training images at {args.size}x{args.size} (JPEG q{args.quality}), {len(val_images)} "
-        f"val images + masks -> {DATA} ({sum(sizes.values()) / 2**20:.1f} MiB; copy data_cache/lfw_gpu to the GPU machine)")
+        f"val images + masks -> {DATA} ({sum(sizes.values()) / 2**20:.1f} MiB; copy it to the GPU machine)")
 
 
 def unpack(size: int) -> tuple[Path, Path, Path]:
@@ -156,9 +157,19 @@ def unpack(size: int) -> tuple[Path, Path, Path]:
 # ----- helpers -----
 
 def model_config(args, variant: str):
-    from fdm_train.config import ModelConfig
+    """fdm-train's default recipe: region codes in the factorized model's decoder (--region-codes)."""
+    from fdm_train.config import DEFAULT_REGION_CODES, ModelConfig
 
-    return ModelConfig(**(TINY if args.tiny else MODEL), variant=variant)
+    return ModelConfig(**(TINY if args.tiny else MODEL), variant=variant,
+                       region_codes=DEFAULT_REGION_CODES and variant == "factorized")
+
+
+def recipe(cfg) -> dict:
+    """The training recipe of this run: fdm-train's defaults (train_options sets none of them)."""
+    from fdm_train.train import TrainOptions
+
+    return {"recipe": "fdm-train default", "region_codes": cfg.region_codes, "t_power": TrainOptions.t_power,
+            "mask_shaping_steps": TrainOptions.mask_shaping_steps}
 
 
 def describe_model(cfg) -> dict:
@@ -302,7 +313,8 @@ def train_fdm(args) -> dict:
     out = Path(args.out)
     cfg = model_config(args, "factorized")
     info = describe_model(cfg)
-    log(f"factorized model: {json.dumps(info)}; batch {args.batch_size}, lr {args.lr}, EMA {args.ema_decay}")
+    log(f"factorized model: {json.dumps(info)}; batch {args.batch_size}, lr {args.lr}, EMA {args.ema_decay}; "
+        f"recipe {json.dumps(recipe(cfg))}")
     cache, images, masks = unpack(cfg.image_size)
     evalset = load_eval_set(images, masks, limit=args.eval_limit)
     evalset.model_inputs(cfg.image_size)
@@ -332,8 +344,8 @@ def train_fdm(args) -> dict:
                                  args.eval_every, evaluate_chunk, start_step, train_s, tuple(args.early_evals))
     slim = run_dir / "ema_bf16.safetensors"
     s = slim_checkpoint(run_dir / "checkpoint.safetensors", slim, "bf16")
-    record = {"config": json.loads(cfg.to_json()), "model": info, "steps": step, "batch_size": args.batch_size,
-              "lr": args.lr, "ema_decay": args.ema_decay, "seed": args.seed, "train_seconds": round(train_s, 1),
+    record = {"config": json.loads(cfg.to_json()), "model": info, **recipe(cfg), "steps": step,
+              "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay, "seed": args.seed, "train_seconds": round(train_s, 1),
               "eval_images": len(evalset), "t": args.t, "curve": curve, "slim_bytes": s["bytes_out"],
               **log_throughput(run_dir), **device_info(device)}
     log(f"train-fdm done: {step} steps, {train_s:.0f} s of training; EMA bf16 {s['bytes_out'] / 1e6:.2f} MB -> {out}")
@@ -378,7 +390,7 @@ def train_plain(args) -> dict:
             "`train-plain --more` to continue it")
     slim = run_dir / "ema_bf16.safetensors"
     slim_checkpoint(run_dir / "checkpoint.safetensors", slim, "bf16")
-    record = {"config": json.loads(cfg.to_json()), "model": info, "steps": step, "steps_target": target,
+    record = {"config": json.loads(cfg.to_json()), "model": info, **recipe(cfg), "steps": step, "steps_target": target,
               "batch_size": args.batch_size, "train_seconds": round(train_s, 1), **log_throughput(run_dir),
               **device_info(device)}
     save_phase("plain", record, {"plain_ema_bf16.safetensors": slim, "plain_log.jsonl": run_dir / "log.jsonl",
@@ -572,10 +584,14 @@ def int_list(text: str) -> list[int]:
 
 
 def main() -> None:
+    global START, DATA, WORK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=["pack", "train-fdm", "train-plain", "final", "finish", "all", "plot"])
     parser.add_argument("results", nargs="?", help="plot: the results.json to draw")
     parser.add_argument("--out", default="out/lfw_gpu", help="output folder")
+    parser.add_argument("--data-cache", default=str(DATA), help="where pack writes and the GPU phases read the "
+                        "packed data [default: data_cache/lfw_gpu, ignored by git]")
+    parser.add_argument("--work", default=str(WORK), help="the runs and the unpacked data [default: runs/lfw_gpu]")
     parser.add_argument("--source", default=str(SOURCE), help="pack: the LFW folder (train/, val/)")
     parser.add_argument("--size", type=int, default=64, help="pack: training image size")
     parser.add_argument("--quality", type=int, default=95, help="pack: JPEG quality")
@@ -614,7 +630,7 @@ def main() -> None:
     parser.add_argument("--plain-steps", type=int, default=None,
                         help="train-plain: steps [default: those of the factorized run]")
     args = parser.parse_args()
-    global START
+    DATA, WORK = Path(args.data_cache).resolve(), Path(args.work).resolve()
     if args.phase == "pack":
         pack(args)
     elif args.phase == "train-fdm":

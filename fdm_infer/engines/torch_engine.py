@@ -20,16 +20,17 @@ class TorchEngine(Engine):
     the fast path is the default: bf16, channels_last, torch.compile and one CUDA graph per input shape;
     each can be turned off. On CPU: float32 eager. `unfused=True` runs the K decoder calls one by one
     (the naive reference). Where the masked ops run as Triton kernels, `ddpm_step` offers the sampler
-    the DDPM update fused with the masked sum of the branches."""
+    the DDPM update fused with the masked sum of the branches; `triton_kernels=False` keeps the
+    plain-torch masked ops even there (the benchmark's steps towards the fast path)."""
 
     name = "torch"
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
                  channels_last: bool | None = None, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, unfused: bool = False):
+                 cuda_graphs: bool | None = None, unfused: bool = False, triton_kernels: bool = True):
         self.device = pick_device(device)
         model, self.config, self.metadata = load_model(checkpoint, weights="ema", map_location=self.device)
-        self._setup(model, dtype, channels_last, compile, cuda_graphs, unfused)
+        self._setup(model, dtype, channels_last, compile, cuda_graphs, unfused, triton_kernels)
 
     @classmethod
     def from_model(cls, model, device: str = "auto", **options) -> "TorchEngine":
@@ -40,7 +41,8 @@ class TorchEngine(Engine):
         engine._setup(model.to(engine.device).eval(), **options)
         return engine
 
-    def _setup(self, model, dtype="auto", channels_last=None, compile=None, cuda_graphs=None, unfused=False):
+    def _setup(self, model, dtype="auto", channels_last=None, compile=None, cuda_graphs=None, unfused=False,
+               triton_kernels=True):
         cuda = self.device.type == "cuda"
         if dtype == "auto":
             dtype = "bf16" if cuda else "fp32"
@@ -55,7 +57,8 @@ class TorchEngine(Engine):
         forward = model.forward_unfused if unfused else model.forward
         self._forward = torch.compile(forward) if (cuda if compile is None else compile) else forward
         self._graphs: dict = {}
-        if not unfused and self.config.variant in BRANCH_VARIANTS and kernels.runs_triton(self.device):
+        self.triton_kernels = triton_kernels and kernels.runs_triton(self.device)
+        if not unfused and self.config.variant in BRANCH_VARIANTS and self.triton_kernels:
             self.ddpm_step = self.fused_ddpm_step
 
     def _inputs(self, x_t, t, y):
@@ -68,7 +71,7 @@ class TorchEngine(Engine):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _denoise(self, x_t, t, y):
-        with self._autocast():
+        with self._autocast(), kernels.triton_disabled(not self.triton_kernels):
             eps, masks = self._forward(x_t, t, y)
         return eps.float(), masks.float()
 
@@ -106,10 +109,12 @@ class TorchEngine(Engine):
         return self._call(self._denoise, *self._inputs(x_t, t, y))
 
     @torch.inference_mode()
-    def fused_ddpm_step(self, x_t, t, y, coef: tuple[float, float, float], z: torch.Tensor | None):
+    def fused_ddpm_step(self, x_t, t, y, coef, z: torch.Tensor | None):
         """One DDPM step x_prev = c1 * (x_t - c2 * sum_k m_k eps_k) + sigma * z on the model's per-branch
-        eps, by kernels.masked_sum_ddpm_step (one Triton kernel on CUDA). coef = (c1, c2, sigma); z None:
-        no noise. Returns (x_prev float32, masks)."""
+        eps, by kernels.masked_sum_ddpm_step (one Triton kernel on CUDA). coef = (c1, c2, sigma): a float32
+        tensor [3] (the sampler's, already on the device: no copy from the host per step) or three floats;
+        z None: no noise. Returns (x_prev float32, masks)."""
         x_t, t, y = self._inputs(x_t, t, y)
         z = None if z is None else z.to(self.device, torch.float32)
-        return self._call(self._step, x_t, t, y, kernels.ddpm_coef(*coef, device=self.device), z)
+        coef = coef.to(self.device, torch.float32) if torch.is_tensor(coef) else kernels.ddpm_coef(*coef, device=self.device)
+        return self._call(self._step, x_t, t, y, coef, z)

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Everything the GPU machine measures, in one call of at most 9 minutes:
+#
+#   bash benchmarks/gpu/run.sh OUT_DIR            # on the GPU
+#   SMOKE=1 bash benchmarks/gpu/run.sh OUT_DIR    # rehearsal on the CPU: every stage, tiny sizes
+#
+# Stages, in order, each under `timeout` (so one that overruns leaves the others' files), each
+# writing into OUT_DIR:
+#   env       GPU, driver, torch / Triton / CUDA versions                       -> env.txt
+#   tests     the CUDA kernel tests: pytest tests/test_kernels.py -m gpu         -> tests.log
+#   kernels   benchmarks/bench_kernels.py on paper-64 at batch 1, 16, 128        -> kernels64.{log,json,md}
+#   bench64   fdm-infer bench on paper-64: batch 1/16/128/256, every variant, and a 1000-step
+#             DDPM run of 64 images                                             -> bench64.{log,json,md}
+#   bench128  paper-128 at batch 1/16/128: naive, fused, bf16, fast path; no sampling; with the time left
+#                                                                               -> bench128.{log,json,md}
+# stages.tsv records each stage's exit status and seconds; the summary table is printed last.
+# Nothing is installed: the repo is used in place (PYTHONPATH). Exit status non-zero if a stage failed.
+set -uo pipefail
+if [ $# -ne 1 ]; then
+    echo "usage: [SMOKE=1] bash benchmarks/gpu/run.sh OUT_DIR" >&2
+    exit 2
+fi
+out=$(mkdir -p "$1" && cd "$1" && pwd) || exit 2
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
+SMOKE=${SMOKE:-0}
+TOTAL_S=${TOTAL_S:-530}   # the whole call; the last stages get what is left
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+if [ "$SMOKE" = 1 ]; then
+    export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
+    unset TRITON_INTERPRET
+fi
+start=$SECONDS
+printf 'stage\tstatus\tseconds\n' > "$out/stages.tsv"
+status=0
+
+# stage NAME CAP_S COMMAND...: runs COMMAND under timeout min(CAP_S, time left - 10 s), logs to NAME.log
+stage() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((TOTAL_S - (SECONDS - start) - 10))
+    local limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 30 ]; then
+        echo "stage $name: not run, ${left}s left" | tee "$out/$name.log"
+        printf '%s\tnot run\t0\n' "$name" >> "$out/stages.tsv"
+        return
+    fi
+    local t0=$SECONDS
+    echo "== $name (at most ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 3 "$out/$name.log"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$out/stages.tsv"
+    [ $rc -ne 0 ] && status=1
+}
+
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || true
+    "$PY" - <<'PYEOF' 2>&1
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| triton", triton_version,
+      "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+PYEOF
+} > "$out/env.txt"
+cat "$out/env.txt"
+
+# One set of command lines for both modes; the rehearsal only shrinks the sizes.
+if [ "$SMOKE" = 1 ]; then
+    p64=tiny-32 p128=tiny-32 kernel_batches="1 2" kernel_smoke=--smoke
+    batches64=(--batch 1 --batch 2) batches128=(--batch 1 --batch 2) sampling=(--sample-images 2 --sample-steps 5)
+    timing=(--repeats 3 --budget 1)
+else
+    p64=paper-64 p128=paper-128 kernel_batches="1 16 128" kernel_smoke=
+    batches64=(--batch 1 --batch 16 --batch 128 --batch 256) batches128=(--batch 1 --batch 16 --batch 128)
+    sampling=(--sample-images 64 --sample-steps 1000) timing=(--repeats 20 --budget 2)
+fi
+# on the CPU the CUDA tests are collected and skipped
+stage tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py -m gpu
+# shellcheck disable=SC2086
+stage kernels64 90 "$PY" benchmarks/bench_kernels.py $kernel_smoke --presets $p64 --batches $kernel_batches \
+    --out "$out/kernels64.json" --md "$out/kernels64.md"
+stage bench64 270 "$PY" -m fdm_infer.cli bench --preset $p64 "${batches64[@]}" "${timing[@]}" "${sampling[@]}" \
+    --json "$out/bench64.json" --md "$out/bench64.md"
+stage bench128 240 "$PY" -m fdm_infer.cli bench --preset $p128 "${batches128[@]}" "${timing[@]}" --no-sampling \
+    --variant naive --variant fused --variant bf16 --variant triton --json "$out/bench128.json" --md "$out/bench128.md"
+"$PY" benchmarks/gpu/summary.py "$out" | tee "$out/summary.md"
+exit $status

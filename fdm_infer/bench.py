@@ -1,0 +1,355 @@
+"""`fdm-infer bench`: latency and throughput of the inference paths, side by side in one run.
+
+Variants, from naive to the full fast path (VARIANTS): eager fp32 with K decoder calls (the model's
+`forward_unfused`), the fused decoder in fp32, then on CUDA bf16 + channels_last, + torch.compile,
++ CUDA graphs, + the Triton kernels for the masked ops (the variants before it run the plain-torch
+masked ops); and onnxruntime on an in-memory export (its CPU provider where onnxruntime has no CUDA
+one). A variant that cannot run here is listed as skipped, with the reason. Every variant is first
+checked against the fp32 eager reference on the same inputs (max abs error of eps and of the masks),
+then timed: warm-up, CUDA events on the GPU (perf_counter on the CPU), the median of the repeats.
+The plain U-Net of the same size runs beside, checked against its own fp32 reference. TFLOP/s comes
+from the model's FLOP count (fdm_train.model.count_flops), and on CUDA as a fraction of a measured
+bf16 matmul rate. Also one sampling step, and a whole N-step DDPM run of M images on the fastest path.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import kernels
+from fdm_infer.engines.torch_engine import TorchEngine
+from fdm_infer.measure import environment, median_ms, random_model
+from fdm_infer.segment import DEFAULT_T
+from fdm_train.config import preset
+from fdm_train.diffusion import GaussianDiffusion, ddpm_update
+from fdm_train.model import count_flops
+from fdm_train.util import one_line, pick_device
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str  # the name --variant takes
+    label: str
+    engine: str  # "torch" or "onnx"
+    options: dict = field(default_factory=dict)  # TorchEngine options
+    needs_cuda: bool = False
+
+
+_PLAIN_TORCH = dict(channels_last=False, compile=False, cuda_graphs=False, triton_kernels=False)
+_BF16 = dict(_PLAIN_TORCH, dtype="bf16", channels_last=True)
+VARIANTS = [
+    Variant("naive", "naive fp32 (K decoder calls)", "torch", dict(_PLAIN_TORCH, dtype="fp32", unfused=True)),
+    Variant("fused", "fused fp32", "torch", dict(_PLAIN_TORCH, dtype="fp32")),
+    Variant("bf16", "fused bf16 + channels_last", "torch", _BF16, needs_cuda=True),
+    Variant("compile", "+ torch.compile", "torch", dict(_BF16, compile=True), needs_cuda=True),
+    Variant("graphs", "+ CUDA graphs", "torch", dict(_BF16, compile=True, cuda_graphs=True), needs_cuda=True),
+    Variant("triton", "+ Triton kernels (fast path)", "torch",
+            dict(_BF16, compile=True, cuda_graphs=True, triton_kernels=True), needs_cuda=True),
+    Variant("onnx", "onnxruntime fp32", "onnx"),
+]
+VARIANT_KEYS = [v.key for v in VARIANTS]
+# Largest max abs error of eps or masks against the fp32 reference that still counts as agreeing.
+# fp32 on CUDA: cuDNN convolutions run in TF32 by default (10-bit mantissa).
+TOLERANCE = {("fp32", "cpu"): 1e-3, ("fp32", "cuda"): 2e-2, ("bf16", "cuda"): 1e-1}
+
+
+def skip_reason(variant: Variant, device: torch.device) -> str | None:
+    """Why `variant` cannot run on `device`, or None."""
+    if variant.needs_cuda and device.type != "cuda":
+        return "needs CUDA"
+    if variant.options.get("triton_kernels") and not kernels.runs_triton(device):
+        return "needs triton"
+    if variant.engine == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "needs onnxruntime"
+    return None
+
+
+def fastest(chosen: list[Variant], device: torch.device) -> Variant | None:
+    """The last of the chosen torch variants that runs here."""
+    runnable = [v for v in chosen if v.engine == "torch" and skip_reason(v, device) is None]
+    return runnable[-1] if runnable else None
+
+
+def variants_for(cfg, chosen: list[Variant], device: torch.device) -> list[Variant]:
+    """Every chosen variant for the factorized model; for the others (the plain U-Net) the fused fp32
+    and the fastest path."""
+    if cfg.variant == "factorized":
+        return chosen
+    keep = {"fused", getattr(fastest(chosen, device), "key", None)}
+    return [v for v in chosen if v.key in keep and not v.options.get("unfused")]
+
+
+def matmul_tflops(device: torch.device) -> float | None:
+    """Measured bf16 matmul rate (TFLOP/s) of this GPU: the denominator of `frac_matmul`."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = median_ms(lambda: a @ b, device, warmup=5, repeats=20)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float().cpu() - b.float().cpu()).abs().max().item()
+
+
+class OnnxVariantEngine:
+    """The onnx engine over the model exported to a temporary file (removed when closed)."""
+
+    def __init__(self, model, device: torch.device):
+        from fdm_infer.engines.onnx_engine import OnnxEngine, onnx_model_bytes
+
+        self._dir = tempfile.TemporaryDirectory(prefix="fdm-bench-")
+        path = Path(self._dir.name) / "model.onnx"
+        path.write_bytes(onnx_model_bytes(copy.deepcopy(model).cpu()))
+        # Where onnxruntime has no CUDA provider the session runs on the CPU whatever the torch device.
+        self.engine = OnnxEngine(path, device="auto")
+        self.device = self.engine.device
+        self.ddpm_step = None
+
+    def denoise(self, x_t, t, y=None):
+        return self.engine.denoise(x_t, t, y)
+
+    def close(self):
+        self._dir.cleanup()
+
+
+def open_variant(variant: Variant, model, device: torch.device):
+    if variant.engine == "onnx":
+        return OnnxVariantEngine(model, device)
+    if variant.options.get("compile"):
+        torch._dynamo.reset()  # each compiled variant traced afresh, under its own kernel choice
+    return TorchEngine.from_model(model, device=str(device), **variant.options)
+
+
+def inputs(cfg, batch: int, device: torch.device):
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
+    return x, torch.full((batch,), DEFAULT_T, device=device, dtype=torch.long)
+
+
+@torch.inference_mode()
+def reference(model, x, t):
+    """eps and masks of the model in fp32 eager with the plain-torch masked ops; for the factorized
+    model its K separate decoder calls."""
+    with kernels.triton_disabled():
+        if model.cfg.variant == "factorized":
+            return model.forward_unfused(x.float(), t)
+        return model(x.float(), t)
+
+
+def measure(engine, variant: Variant, model, batches, device, repeats, budget_s, matmul, flops, base: dict,
+            max_batch: int | None) -> list[dict]:
+    """One row per batch: checked against the reference, then timed."""
+    rows = []
+    dtype = variant.options.get("dtype", "fp32")
+    tol = TOLERANCE.get((dtype, device.type), 1e-3)
+    for batch in batches:
+        row = dict(base, batch=batch)
+        if max_batch is not None and batch > max_batch:
+            rows.append(dict(row, status=f"skipped: batch above {max_batch} (--onnx-max-batch)"))
+            continue
+        try:
+            x, t = inputs(model.cfg, batch, device)
+            eps_ref, masks_ref = reference(model, x, t)
+            eps, masks = engine.denoise(x, t)
+            row["err_eps"], row["err_masks"] = max_abs_error(eps, eps_ref), max_abs_error(masks, masks_ref)
+            del eps_ref, masks_ref, eps, masks
+            worst = max(row["err_eps"], row["err_masks"])
+            if not math.isfinite(worst):  # the output is broken, not slow
+                rows.append(dict(row, status="failed: non-finite output"))
+                continue
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            ms = median_ms(lambda x=x, t=t: engine.denoise(x, t), device, warmup=3 if variant.engine == "torch" else 1,
+                           repeats=repeats, budget_s=budget_s)
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+            row["ms"], row["images_per_s"] = ms, batch / (ms * 1e-3)
+            row["tflops"] = flops * batch / (ms * 1e-3) / 1e12
+            row["frac_matmul"] = row["tflops"] / matmul if matmul else None
+            row["status"] = "ok" if worst <= tol else f"error above {tol:g}"
+        except Exception as exc:  # one variant failing must not lose the others' figures
+            row["status"] = f"failed: {one_line(exc)}"
+        rows.append(row)
+    return rows
+
+
+def sampler_step(engine, diffusion: GaussianDiffusion, images: int, cfg, device):
+    """One step of the DDPM sampler as `sample` runs it (the engine's fused step where it has one)."""
+    x = torch.randn(images, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    t = torch.full((images,), 500, device=device, dtype=torch.long)
+    _, coefs, _ = diffusion.step_table([500, 499], device)
+    z = torch.randn_like(x)
+
+    def step():
+        if engine.ddpm_step is not None:
+            return engine.ddpm_step(x, t, None, coefs[0], z)
+        eps, masks = engine.denoise(x, t)
+        return ddpm_update(x.to(eps.device), eps, coefs[0].to(eps.device), z.to(eps.device)), masks
+    return step
+
+
+def sampling_entries(name, model, chosen: list[Variant], device, repeats, budget_s, images, steps, log,
+                     engines: dict) -> list[dict]:
+    """One sampling step of the fused fp32 and of the fastest variant; a whole run on the fastest.
+    `engines`: those of the measurements, by variant key, used again (compiled and captured already)."""
+    cfg = model.cfg
+    diffusion = GaussianDiffusion()
+    shape = (images, cfg.in_channels, cfg.image_size, cfg.image_size)
+    fast = fastest(chosen, device)
+    picks = [] if fast is None else [v for v in chosen if v.key == "fused" or v is fast]
+    entries = []
+    for variant in picks:
+        entry = {"preset": name, "variant": variant.label, "images": images, "steps": steps}
+        try:
+            engine = engines.get(variant.key) or open_variant(variant, model, device)
+            entry["step_ms"] = median_ms(sampler_step(engine, diffusion, images, cfg, device), device, warmup=2,
+                                         repeats=max(3, repeats // 4), budget_s=budget_s)
+            if variant is picks[-1]:
+                # captures and compiles the shapes of the run (noise and last, noiseless step) beforehand
+                diffusion.sample(engine.denoise, shape, steps=2, device=device, step=engine.ddpm_step)
+                g = torch.Generator(device=device).manual_seed(0)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                diffusion.sample(engine.denoise, shape, steps=steps, device=device, generator=g, step=engine.ddpm_step)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                entry["total_s"] = time.perf_counter() - start
+                entry["images_per_s"] = images / entry["total_s"]
+            else:
+                entry["total_s_estimated"] = entry["step_ms"] * steps / 1e3
+            entry["status"] = "ok"
+        except Exception as exc:
+            entry["status"] = f"failed: {one_line(exc)}"
+        entries.append(entry)
+        if entry["status"] == "ok":
+            total = entry.get("total_s", entry.get("total_s_estimated"))
+            log(f"{name} sampling, {variant.label}: {images} images, {entry['step_ms']:.2f} ms/step, {total:.1f} s "
+                f"for {steps} steps{'' if 'total_s' in entry else ' (estimated from the step)'}")
+        else:
+            log(f"{name} sampling, {variant.label}: {entry['status']}")
+    return entries
+
+
+def run(preset_names: list[str], batches: list[int], variant_keys: list[str] | None = None, device: str = "auto",
+        repeats: int = 30, budget_s: float = 10.0, sample_images: int = 64, sample_steps: int = 1000,
+        sampling: bool = True, plain: bool = True, onnx_max_batch: int | None = None, log=print,
+        on_update=None) -> dict:
+    """The benchmark; `on_update(result)` after every measurement (so that a run cut short keeps its rows)."""
+    device = pick_device(device)
+    chosen = [v for v in VARIANTS if variant_keys is None or v.key in variant_keys]
+    if onnx_max_batch is None and device.type == "cuda":
+        onnx_max_batch = 1  # the CPU provider beside a GPU: a reference figure, not a throughput run
+    result = {"environment": environment(device), "matmul_bf16_tflops": matmul_tflops(device),
+              "settings": {"presets": preset_names, "batches": batches, "variants": [v.key for v in chosen],
+                           "repeats": repeats, "budget_s": budget_s, "sample_images": sample_images,
+                           "sample_steps": sample_steps},
+              "rows": [], "sampling": []}
+    update = on_update or (lambda r: None)
+    for name in preset_names:
+        cfg = preset(name)
+        models = {"factorized": random_model(cfg)}
+        if plain:
+            models["plain U-Net"] = random_model(cfg.replace(variant="plain"))
+        kept = {}  # the factorized model's engines that the sampling runs again
+        keep = {"fused", getattr(fastest(chosen, device), "key", None)}
+        for model_name, model in models.items():
+            model = model.to(device).eval()
+            flops = count_flops(model.cfg)
+            for variant in variants_for(model.cfg, chosen, device):
+                base = {"preset": name, "model": model_name, "variant": variant.label}
+                reason = skip_reason(variant, device)
+                if reason is not None:
+                    rows = [dict(base, batch=b, status=f"skipped: {reason}") for b in batches]
+                else:
+                    try:
+                        engine = open_variant(variant, model, device)
+                    except Exception as exc:
+                        rows = [dict(base, batch=b, status=f"failed: {one_line(exc)}") for b in batches]
+                    else:
+                        rows = measure(engine, variant, model, batches, device, repeats, budget_s,
+                                       result["matmul_bf16_tflops"], flops, base,
+                                       onnx_max_batch if variant.engine == "onnx" else None)
+                        if model_name == "factorized" and variant.key in keep:
+                            kept[variant.key] = engine
+                        elif hasattr(engine, "close"):
+                            engine.close()
+                        del engine
+                for row in rows:
+                    log(describe_row(row))
+                result["rows"] += rows
+                update(result)
+            if sampling and model_name == "factorized":  # before the plain U-Net: a run cut short keeps it
+                result["sampling"] += sampling_entries(name, model, chosen, device, repeats, budget_s,
+                                                       sample_images, sample_steps, log, kept)
+                update(result)
+            kept.clear()
+        del models, kept
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def describe_row(r: dict) -> str:
+    head = f"{r['preset']} {r['model']}, {r['variant']}, batch {r['batch']}:"
+    if "ms" not in r:
+        return f"{head} {r['status']}"
+    return (f"{head} {r['ms']:.2f} ms, {r['images_per_s']:.1f} images/s, max abs error eps {r['err_eps']:.1e} "
+            f"masks {r['err_masks']:.1e} ({r['status']})")
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    versions = f"torch {env['torch']}, triton {env['triton']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+    lines = [f"Device: {env['device']}; {versions}", ""]
+    if result["matmul_bf16_tflops"] is not None:
+        lines += [f"Measured bf16 matmul rate: {result['matmul_bf16_tflops']:.0f} TFLOP/s", ""]
+    lines += ["| preset | model | variant | batch | ms / call | images/s | TFLOP/s | % of matmul rate | "
+              "max abs err eps | max abs err masks | peak MB | status |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        frac = None if r.get("frac_matmul") is None else 100 * r["frac_matmul"]
+        lines.append(f"| {r['preset']} | {r['model']} | {r['variant']} | {r['batch']} | {_num(r.get('ms'), '.2f')} | "
+                     f"{_num(r.get('images_per_s'), '.1f')} | {_num(r.get('tflops'), '.3f')} | {_num(frac, '.0f')} | "
+                     f"{_num(r.get('err_eps'), '.1e')} | {_num(r.get('err_masks'), '.1e')} | "
+                     f"{_num(r.get('peak_mem_mb'), '.0f')} | {r['status']} |")
+    if result["sampling"]:
+        lines += ["", "| preset | variant | images | ms / step | seconds for the run | images/s | status |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in result["sampling"]:
+            if "total_s" in s:
+                total = f"{s['total_s']:.1f} (measured, {s['steps']} steps)"
+            elif "total_s_estimated" in s:
+                total = f"{s['total_s_estimated']:.1f} (step x {s['steps']})"
+            else:
+                total = "-"
+            lines.append(f"| {s['preset']} | {s['variant']} | {s['images']} | {_num(s.get('step_ms'), '.2f')} | "
+                         f"{total} | {_num(s.get('images_per_s'), '.2f')} | {s['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, json_path: str | Path | None, md_path: str | Path | None) -> None:
+    for path, text in ((json_path, lambda: json.dumps(result, indent=1)), (md_path, lambda: markdown(result))):
+        if path:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text())
+            tmp.replace(path)

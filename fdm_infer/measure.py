@@ -1,0 +1,75 @@
+"""What every measurement shares: the machine it ran on, timing, and models with random weights."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def environment(device: torch.device) -> dict:
+    """The device, torch / triton / Python versions (and CUDA and SM count on a GPU)."""
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+           "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
+    return env
+
+
+def median_ms(fn, device: torch.device, warmup: int, repeats: int, before=None, budget_s: float | None = None) -> float:
+    """Median milliseconds of fn(), after `warmup` calls: CUDA events on a GPU (each call started from an
+    idle GPU, so launch overhead counts), perf_counter elsewhere. `before()` runs untimed before each call.
+    With `budget_s`, repeating stops once the timed calls add up to it (after at least 3 of them)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        if budget_s is not None and len(samples) >= 3 and sum(samples) > budget_s * 1e3:
+            break
+    return statistics.median(samples)
+
+
+def random_model(cfg, scale: float = 0.02, seed: int = 0):
+    """The model of `cfg` with every weight perturbed by N(0, scale^2): speed does not depend on the
+    weights, and zero-initialised layers would flatter error checks."""
+    from fdm_train.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
