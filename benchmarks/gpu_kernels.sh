@@ -15,12 +15,12 @@
 # Exit status: non-zero if any stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=out/gpu-kernels
+results_dir=out/gpu-kernels
 if [ "${1:-}" = "--out" ]; then
-    out=$2
+    results_dir=$2
     shift 2
 fi
-mkdir -p "$out"
+mkdir -p "$results_dir"
 PY=${PYTHON:-python3}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-540}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -39,16 +39,16 @@ status=0
 for stage in "${stages[@]}"; do
     case "$stage" in
         tests)
-            { environment; timeout "$STAGE_TIMEOUT" "$PY" -m pytest -q -rs tests/test_kernels.py; } 2>&1 | tee "$out/tests.log"
+            { environment; timeout "$STAGE_TIMEOUT" "$PY" -m pytest -q -rs tests/test_kernels.py; } 2>&1 | tee "$results_dir/tests.log"
             ;;
         bench64 | bench128)
             p=paper-${stage#bench}
             { environment; timeout "$STAGE_TIMEOUT" "$PY" benchmarks/bench_kernels.py --presets "$p" \
-                --out "$out/$stage.json" --md "$out/$stage.md"; } 2>&1 | tee "$out/$stage.log"
+                --out "$results_dir/$stage.json" --md "$results_dir/$stage.md"; } 2>&1 | tee "$results_dir/$stage.log"
             ;;
         sweep)
             { environment; timeout "$STAGE_TIMEOUT" "$PY" benchmarks/bench_kernels.py --batches 128 --impls triton \
-                --ops masked_skip/pyramid --sweep --out "$out/sweep.json" --md "$out/sweep.md"; } 2>&1 | tee "$out/sweep.log"
+                --ops masked_skip/pyramid --sweep --out "$results_dir/sweep.json" --md "$results_dir/sweep.md"; } 2>&1 | tee "$results_dir/sweep.log"
             ;;
         *)
             echo "unknown stage $stage (tests, bench64, bench128, sweep)" >&2
@@ -58,5 +58,5 @@ for stage in "${stages[@]}"; do
     rc=$?
     [ $rc -ne 0 ] && { echo "stage $stage failed with exit status $rc" >&2; status=1; }
 done
-ls -l "$out"
+ls -l "$results_dir"
 exit $status

@@ -20,7 +20,7 @@ if [ $# -ne 1 ]; then
     echo "usage: [SMOKE=1] bash benchmarks/gpu/run.sh OUT_DIR" >&2
     exit 2
 fi
-out=$(mkdir -p "$1" && cd "$1" && pwd) || exit 2
+results_dir=$(mkdir -p "$1" && cd "$1" && pwd) || exit 2
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
@@ -32,7 +32,7 @@ else
     unset TRITON_INTERPRET
 fi
 start=$SECONDS
-printf 'stage\tstatus\tseconds\n' > "$out/stages.tsv"
+printf 'stage\tstatus\tseconds\n' > "$results_dir/stages.tsv"
 status=0
 
 # stage NAME CAP_S COMMAND...: runs COMMAND under timeout min(CAP_S, time left - 10 s), logs to NAME.log
@@ -42,16 +42,16 @@ stage() {
     local left=$((TOTAL_S - (SECONDS - start) - 10))
     local limit=$((cap < left ? cap : left))
     if [ "$limit" -lt 30 ]; then
-        echo "stage $name: not run, ${left}s left" | tee "$out/$name.log"
-        printf '%s\tnot run\t0\n' "$name" >> "$out/stages.tsv"
+        echo "stage $name: not run, ${left}s left" | tee "$results_dir/$name.log"
+        printf '%s\tnot run\t0\n' "$name" >> "$results_dir/stages.tsv"
         return
     fi
     local t0=$SECONDS
     echo "== $name (at most ${limit}s): $*"
-    timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" > "$results_dir/$name.log" 2>&1
     local rc=$?
-    tail -n 3 "$out/$name.log"
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$out/stages.tsv"
+    tail -n 3 "$results_dir/$name.log"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$results_dir/stages.tsv"
     [ $rc -ne 0 ] && status=1
 }
 
@@ -68,8 +68,8 @@ except ImportError:
 print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| triton", triton_version,
       "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 PYEOF
-} > "$out/env.txt"
-cat "$out/env.txt"
+} > "$results_dir/env.txt"
+cat "$results_dir/env.txt"
 
 # One set of command lines for both modes; the rehearsal only shrinks the sizes.
 if [ "$SMOKE" = 1 ]; then
@@ -85,10 +85,10 @@ fi
 stage tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py -m gpu
 # shellcheck disable=SC2086
 stage kernels64 90 "$PY" benchmarks/bench_kernels.py $kernel_smoke --presets $p64 --batches $kernel_batches \
-    --out "$out/kernels64.json" --md "$out/kernels64.md"
+    --out "$results_dir/kernels64.json" --md "$results_dir/kernels64.md"
 stage bench64 270 "$PY" -m fdm_infer.cli bench --preset $p64 "${batches64[@]}" "${timing[@]}" "${sampling[@]}" \
-    --json "$out/bench64.json" --md "$out/bench64.md"
+    --json "$results_dir/bench64.json" --md "$results_dir/bench64.md"
 stage bench128 240 "$PY" -m fdm_infer.cli bench --preset $p128 "${batches128[@]}" "${timing[@]}" --no-sampling \
-    --variant naive --variant fused --variant bf16 --variant triton --json "$out/bench128.json" --md "$out/bench128.md"
-"$PY" benchmarks/gpu/summary.py "$out" | tee "$out/summary.md"
+    --variant naive --variant fused --variant bf16 --variant triton --json "$results_dir/bench128.json" --md "$results_dir/bench128.md"
+"$PY" benchmarks/gpu/summary.py "$results_dir" | tee "$results_dir/summary.md"
 exit $status
