@@ -8,11 +8,10 @@
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fdm_infer.eval.metrics import confusion_matrix, parts_scores
 from fdm_train.diffusion import GaussianDiffusion
@@ -61,14 +60,11 @@ def usefulness(model, images: torch.Tensor, seed: int = 0, batch: int = 128) -> 
         losses = []
         for uniform in (False, True):
             total = 0.0
-            for i in range(0, len(images), batch):
-                x0, t, noise = images[i:i + batch], t_all[i:i + batch], noise_all[i:i + batch]
-                if uniform:
-                    with uniform_masks(model):
-                        loss, _ = diffusion.loss(model, x0, t, noise)
-                else:
+            with uniform_masks(model) if uniform else nullcontext():
+                for i in range(0, len(images), batch):
+                    x0, t, noise = images[i:i + batch], t_all[i:i + batch], noise_all[i:i + batch]
                     loss, _ = diffusion.loss(model, x0, t, noise)
-                total += loss.item() * len(x0)
+                    total += loss.item() * len(x0)
             losses.append(total / len(images))
         result[f"{lo}-{hi}"] = round(losses[1] - losses[0], 6)
     return result
