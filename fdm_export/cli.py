@@ -5,10 +5,12 @@ from pathlib import Path
 
 import click
 
+from fdm_train.cli_options import CONTEXT_SETTINGS, HelpGroup, quiet_option, version_option
 from fdm_train.errors import run_cli
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
+@version_option
 def main_group():
     """Export fdm models: `onnx` (checkpoint -> .onnx) and `trt` (.onnx -> TensorRT .plan)."""
 
@@ -23,10 +25,17 @@ def _batches(ctx, param, value: str) -> tuple[int, ...]:
     return batches
 
 
+def parity_line(result) -> str:
+    if result.parity:
+        parts = [f"batch {b}: eps {e:.2e}, masks {m:.2e}" for b, (e, m) in result.parity.items()]
+        return "parity (onnxruntime CPU vs PyTorch fp32, max abs error): " + "; ".join(parts)
+    return f"parity: {result.note}" if result.note else "parity: not checked (--no-check)"
+
+
 @main_group.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
-              help="Output .onnx file (default: the checkpoint's name with .onnx).")
+              help="Output file (.onnx) [default: the checkpoint's path with .onnx].")
 @click.option("--opset", type=click.IntRange(14, 20), default=None,
               help="ONNX opset (default 17: parsed by TensorRT 10/11 and onnxruntime).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
@@ -40,7 +49,8 @@ def _batches(ctx, param, value: str) -> tuple[int, ...]:
               help="Batch sizes of the parity check (all through the one exported graph).")
 @click.option("--tolerance", type=float, default=None,
               help="Max abs error allowed by the check (default: 1e-4 fp32, 5e-2 fp16).")
-def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance):
+@quiet_option
+def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance, quiet):
     """Export CHECKPOINT's denoiser (x_t, t[, y]) -> (eps, masks) to ONNX with a dynamic batch."""
     from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
 
@@ -49,13 +59,8 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
                          check_batches=check_batches, weights=weights, tolerance=tolerance)
     cfg = result.config
     cond = f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional"
-    if result.parity:
-        parts = [f"batch {b}: eps {e:.2e}, masks {m:.2e}" for b, (e, m) in result.parity.items()]
-        click.echo("parity (onnxruntime CPU vs PyTorch fp32, max abs error): " + "; ".join(parts))
-    elif result.note:
-        click.echo(f"parity: {result.note}")
-    else:
-        click.echo("parity: not checked (--no-check)")
+    if not quiet:
+        click.echo(parity_line(result))
     click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.dtype}, opset {result.opset}; "
                f"{cfg.variant}, K={cfg.num_regions}, {cfg.image_size}x{cfg.image_size}, {cond}) "
                f"in {result.seconds:.1f} s")
@@ -64,7 +69,7 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
 @main_group.command()
 @click.argument("onnx_file", type=click.Path())
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
-              help="Output plan (default: the ONNX file's name with .plan).")
+              help="Output file (TensorRT plan, .plan) [default: the ONNX file's path with .plan].")
 @click.option("--min-batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True,
               help="Batch size TensorRT tunes its kernels for.")
@@ -80,7 +85,9 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
 @click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the plan on random inputs and compare with onnxruntime (CPU) on the same ONNX file.")
-def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose, check):
+@quiet_option
+def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose, check,
+        quiet):
     """Build a TensorRT plan from an `fdm-export onnx` file (needs TensorRT and an NVIDIA GPU)."""
     from fdm_export.trt_build import build_plan, check_plan
 
@@ -95,7 +102,8 @@ def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache
     if check:
         parity = check_plan(out, onnx_file, batches=(min_batch, opt_batch))
         parts = [f"batch {b}: eps {e:.2e}, masks {m:.2e}" for b, (e, m) in parity.items()]
-        click.echo("parity (TensorRT vs onnxruntime CPU, max abs error): " + "; ".join(parts))
+        if not quiet:
+            click.echo("parity (TensorRT vs onnxruntime CPU, max abs error): " + "; ".join(parts))
 
 
 def main():

@@ -66,8 +66,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT
     model, cfg, ckpt_meta = load_model(checkpoint, weights=weights, map_location="cpu")
     # A copy: casting it to fp16/bf16 leaves the float32 reference intact.
     try:
-        data = onnx_model_bytes(copy.deepcopy(model), dtype, opset, {"source": str(checkpoint),
-                                                                     "step": ckpt_meta.get("step", "")})
+        metadata = {"source": str(checkpoint), "step": ckpt_meta.get("step", "")}
+        if ckpt_meta.get("placeholder"):  # a placeholder model stays one in every format
+            metadata["placeholder"] = ckpt_meta["placeholder"]
+        data = onnx_model_bytes(copy.deepcopy(model), dtype, opset, metadata)
     except Exception as exc:
         raise ExportError(f"ONNX export of {checkpoint} at opset {opset} failed: {one_line(exc)}") from exc
     parity, note = None, ""

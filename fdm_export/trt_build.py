@@ -43,7 +43,8 @@ def build_plan(onnx_path: str | Path, out: str | Path, *, min_batch: int = 1, op
     if precision not in PRECISIONS:
         raise TensorRTError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     onnx_meta = read_onnx_metadata(onnx_path)  # an fdm export, before TensorRT is even imported
-    trt = require_tensorrt()
+    trt = require_tensorrt(f"or run {Path(onnx_path).name} itself with onnxruntime (fdm-infer ... --model "
+                           f"{Path(onnx_path).name})")
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)

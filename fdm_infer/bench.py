@@ -3,13 +3,17 @@
 Variants, from naive to the full fast path (VARIANTS): eager fp32 with K decoder calls (the model's
 `forward_unfused`), the fused decoder in fp32, then on CUDA bf16 + channels_last, + torch.compile,
 + CUDA graphs, + the Triton kernels for the masked ops (the variants before it run the plain-torch
-masked ops); and onnxruntime on an in-memory export (its CPU provider where onnxruntime has no CUDA
-one). A variant that cannot run here is listed as skipped, with the reason. Every variant is first
+masked ops); onnxruntime on an in-memory export (its CPU provider where onnxruntime has no CUDA
+one); and a TensorRT plan of the same model (`--plan`, built by fdm-export trt). A variant that cannot
+run here is listed as skipped, with the reason. The models have random weights (`--preset`), or those
+of a checkpoint (`--model`). Every variant is first
 checked against the fp32 eager reference on the same inputs (max abs error of eps and of the masks),
 then timed: warm-up, CUDA events on the GPU (perf_counter on the CPU), the median of the repeats.
 The plain U-Net of the same size runs beside, checked against its own fp32 reference. TFLOP/s comes
 from the model's FLOP count (fdm_train.model.count_flops), and on CUDA as a fraction of a measured
 bf16 matmul rate. Also one sampling step, and a whole N-step DDPM run of M images on the fastest path.
+The first table puts the engines side by side: images/s and parity (the largest max abs error of eps or
+masks against the fp32 torch reference).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import kernels
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.measure import environment, median_ms, random_model
 from fdm_infer.segment import DEFAULT_T
+from fdm_train.checkpoint import load_model
 from fdm_train.config import preset
 from fdm_train.diffusion import GaussianDiffusion, ddpm_update
 from fdm_train.model import count_flops
@@ -37,7 +42,7 @@ from fdm_train.util import one_line, pick_device
 class Variant:
     key: str  # the name --variant takes
     label: str
-    engine: str  # "torch" or "onnx"
+    engine: str  # "torch", "onnx" or "trt"
     options: dict = field(default_factory=dict)  # TorchEngine options
     needs_cuda: bool = False
 
@@ -53,6 +58,7 @@ VARIANTS = [
     Variant("triton", "+ Triton kernels (fast path)", "torch",
             dict(_BF16, compile=True, cuda_graphs=True, triton_kernels=True), needs_cuda=True),
     Variant("onnx", "onnxruntime fp32", "onnx"),
+    Variant("trt", "TensorRT plan (--plan)", "trt", needs_cuda=True),
 ]
 VARIANT_KEYS = [v.key for v in VARIANTS]
 # Largest max abs error of eps or masks against the fp32 reference that still counts as agreeing.
@@ -60,10 +66,17 @@ VARIANT_KEYS = [v.key for v in VARIANTS]
 TOLERANCE = {("fp32", "cpu"): 1e-3, ("fp32", "cuda"): 2e-2, ("bf16", "cuda"): 1e-1}
 
 
-def skip_reason(variant: Variant, device: torch.device) -> str | None:
-    """Why `variant` cannot run on `device`, or None."""
+def skip_reason(variant: Variant, device: torch.device, plan: Path | None = None) -> str | None:
+    """Why `variant` cannot run on `device` (with the TensorRT plan `plan`), or None."""
     if variant.needs_cuda and device.type != "cuda":
         return "needs CUDA"
+    if variant.engine == "trt":
+        try:
+            import tensorrt  # noqa: F401
+        except Exception:  # noqa: BLE001  (missing, or a package that fails at import)
+            return "needs TensorRT"
+        if plan is None:
+            return "no --plan given (a TensorRT plan of --model, from fdm-export trt)"
     if variant.options.get("triton_kernels") and not kernels.runs_triton(device):
         return "needs triton"
     if variant.engine == "onnx":
@@ -125,9 +138,16 @@ class OnnxVariantEngine:
         self._dir.cleanup()
 
 
-def open_variant(variant: Variant, model, device: torch.device):
+def open_variant(variant: Variant, model, device: torch.device, plan: Path | None = None):
     if variant.engine == "onnx":
         return OnnxVariantEngine(model, device)
+    if variant.engine == "trt":
+        from fdm_infer.engines.trt_engine import TrtEngine
+
+        engine = TrtEngine(plan, device=str(device))
+        if engine.config != model.cfg:
+            raise ValueError(f"{plan.name} is a plan of another model than the one measured (--model)")
+        return engine
     if variant.options.get("compile"):
         torch._dynamo.reset()  # each compiled variant traced afresh, under its own kernel choice
     return TorchEngine.from_model(model, device=str(device), **variant.options)
@@ -166,7 +186,7 @@ def measure(engine, variant: Variant, model, batches, device, repeats, budget_s,
             eps, masks = engine.denoise(x, t)
             row["err_eps"], row["err_masks"] = max_abs_error(eps, eps_ref), max_abs_error(masks, masks_ref)
             del eps_ref, masks_ref, eps, masks
-            worst = max(row["err_eps"], row["err_masks"])
+            worst = row["parity"] = max(row["err_eps"], row["err_masks"])
             if not math.isfinite(worst):  # the output is broken, not slow
                 rows.append(dict(row, status="failed: non-finite output"))
                 continue
@@ -244,55 +264,55 @@ def sampling_entries(name, model, chosen: list[Variant], device, repeats, budget
     return entries
 
 
+def models_to_measure(preset_names: list[str], checkpoint: str | Path | None, plain: bool):
+    """(name, {model name: model}) per preset with random weights, or once for a checkpoint's model; the
+    first model is the one measured in full, the plain U-Net of the same size (random weights) beside."""
+    if checkpoint is not None:
+        model, cfg, _ = load_model(checkpoint, weights="ema")
+        named = [(Path(checkpoint).name, cfg, model)]
+    else:
+        named = [(name, preset(name), random_model(preset(name))) for name in preset_names]
+    for name, cfg, model in named:
+        models = {cfg.variant: model}
+        if plain and cfg.variant != "plain":
+            models["plain U-Net"] = random_model(cfg.replace(variant="plain"))
+        yield name, models
+
+
 def run(preset_names: list[str], batches: list[int], variant_keys: list[str] | None = None, device: str = "auto",
         repeats: int = 30, budget_s: float = 10.0, sample_images: int = 64, sample_steps: int = 1000,
         sampling: bool = True, plain: bool = True, onnx_max_batch: int | None = None, log=print,
-        on_update=None) -> dict:
-    """The benchmark; `on_update(result)` after every measurement (so that a run cut short keeps its rows)."""
+        on_update=None, checkpoint: str | Path | None = None, plan: str | Path | None = None) -> dict:
+    """The benchmark; `on_update(result)` after every measurement (so that a run cut short keeps its rows).
+    `checkpoint`: measure its model instead of the presets'; `plan`: a TensorRT plan of it (the trt variant)."""
     device = pick_device(device)
     chosen = [v for v in VARIANTS if variant_keys is None or v.key in variant_keys]
     if onnx_max_batch is None and device.type == "cuda":
         onnx_max_batch = 1  # the CPU provider beside a GPU: a reference figure, not a throughput run
     result = {"environment": environment(device), "matmul_bf16_tflops": matmul_tflops(device),
-              "settings": {"presets": preset_names, "batches": batches, "variants": [v.key for v in chosen],
-                           "repeats": repeats, "budget_s": budget_s, "sample_images": sample_images,
-                           "sample_steps": sample_steps},
+              "settings": {"presets": preset_names, "model": None if checkpoint is None else str(checkpoint),
+                           "plan": None if plan is None else str(plan), "batches": batches,
+                           "variants": [v.key for v in chosen], "repeats": repeats, "budget_s": budget_s,
+                           "sample_images": sample_images, "sample_steps": sample_steps},
               "rows": [], "sampling": []}
     update = on_update or (lambda r: None)
-    for name in preset_names:
-        cfg = preset(name)
-        models = {"factorized": random_model(cfg)}
-        if plain:
-            models["plain U-Net"] = random_model(cfg.replace(variant="plain"))
-        kept = {}  # the factorized model's engines that the sampling runs again
+    context = dict(batches=batches, device=device, repeats=repeats, budget_s=budget_s,
+                   matmul=result["matmul_bf16_tflops"], onnx_max_batch=onnx_max_batch,
+                   plan=None if plan is None else Path(plan), log=log)
+    for name, models in models_to_measure(preset_names, checkpoint, plain):
+        kept = {}  # the main model's engines that the sampling runs again
         keep = {"fused", getattr(fastest(chosen, device), "key", None)}
-        for model_name, model in models.items():
+        for index, (model_name, model) in enumerate(models.items()):
             model = model.to(device).eval()
-            flops = count_flops(model.cfg)
             for variant in variants_for(model.cfg, chosen, device):
-                base = {"preset": name, "model": model_name, "variant": variant.label}
-                reason = skip_reason(variant, device)
-                if reason is not None:
-                    rows = [dict(base, batch=b, status=f"skipped: {reason}") for b in batches]
-                else:
-                    try:
-                        engine = open_variant(variant, model, device)
-                    except Exception as exc:
-                        rows = [dict(base, batch=b, status=f"failed: {one_line(exc)}") for b in batches]
-                    else:
-                        rows = measure(engine, variant, model, batches, device, repeats, budget_s,
-                                       result["matmul_bf16_tflops"], flops, base,
-                                       onnx_max_batch if variant.engine == "onnx" else None)
-                        if model_name == "factorized" and variant.key in keep:
-                            kept[variant.key] = engine
-                        elif hasattr(engine, "close"):
-                            engine.close()
-                        del engine
-                for row in rows:
-                    log(describe_row(row))
+                rows, engine = measure_variant(variant, model, {"preset": name, "model": model_name}, **context)
+                if engine is not None and index == 0 and variant.key in keep:
+                    kept[variant.key] = engine
+                elif hasattr(engine, "close"):
+                    engine.close()
                 result["rows"] += rows
                 update(result)
-            if sampling and model_name == "factorized":  # before the plain U-Net: a run cut short keeps it
+            if sampling and index == 0:  # before the plain U-Net: a run cut short keeps it
                 result["sampling"] += sampling_entries(name, model, chosen, device, repeats, budget_s,
                                                        sample_images, sample_steps, log, kept)
                 update(result)
@@ -301,6 +321,27 @@ def run(preset_names: list[str], batches: list[int], variant_keys: list[str] | N
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def measure_variant(variant: Variant, model, base: dict, *, batches, device, repeats, budget_s, matmul,
+                    onnx_max_batch, plan, log) -> tuple[list[dict], object]:
+    """The rows of one variant (skipped, failed or measured) and its engine (None when it did not open)."""
+    base = dict(base, engine=variant.engine, variant=variant.label)
+    engine = None
+    reason = skip_reason(variant, device, plan)
+    if reason is not None:
+        rows = [dict(base, batch=b, status=f"skipped: {reason}") for b in batches]
+    else:
+        try:
+            engine = open_variant(variant, model, device, plan)
+        except Exception as exc:
+            rows = [dict(base, batch=b, status=f"failed: {one_line(exc)}") for b in batches]
+        else:
+            rows = measure(engine, variant, model, batches, device, repeats, budget_s, matmul,
+                           count_flops(model.cfg), base, onnx_max_batch if variant.engine == "onnx" else None)
+    for row in rows:
+        log(describe_row(row))
+    return rows, engine
 
 
 def describe_row(r: dict) -> str:
@@ -315,10 +356,23 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def engines_side_by_side(rows: list[dict]) -> list[str]:
+    """The first table: every variant of the measured model (not the plain U-Net beside it) at each batch,
+    with images/s and parity against the fp32 torch reference."""
+    main = [r for r in rows if r["model"] != "plain U-Net"]
+    lines = ["| preset | engine | variant | batch | images/s | parity (max abs diff vs fp32 torch) | status |",
+             "|---|---|---|---|---|---|---|"]
+    for r in main:
+        lines.append(f"| {r['preset']} | {r.get('engine', '-')} | {r['variant']} | {r['batch']} | "
+                     f"{_num(r.get('images_per_s'), '.1f')} | {_num(r.get('parity'), '.1e')} | {r['status']} |")
+    return [*lines, "", "All measurements:", ""]
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     versions = f"torch {env['torch']}, triton {env['triton']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
     lines = [f"Device: {env['device']}; {versions}", ""]
+    lines += engines_side_by_side(result["rows"])
     if result["matmul_bf16_tflops"] is not None:
         lines += [f"Measured bf16 matmul rate: {result['matmul_bf16_tflops']:.0f} TFLOP/s", ""]
     lines += ["| preset | model | variant | batch | ms / call | images/s | TFLOP/s | % of matmul rate | "

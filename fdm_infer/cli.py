@@ -13,134 +13,161 @@ from fdm_infer.options import (
     engine_options,
     exit_if_failed,
     load_engine,
+    note_line,
     progress_bar,
     segmentation_options,
     warn_line,
 )
+from fdm_train.cli_options import (
+    CONTEXT_SETTINGS,
+    HelpGroup,
+    RenamingCommand,
+    limit_option,
+    quiet_option,
+    threads_option,
+    version_option,
+)
 from fdm_train.errors import run_cli
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
+@version_option
 def main_group():
     """Segment images, generate samples and interpolate with a factorized diffusion model."""
 
 
-@main_group.command()
+@main_group.command(cls=RenamingCommand, renamed={"--channels": "--save-channels"})
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False),
-              help="Output folder; relative paths of images found in folders are mirrored under it.")
+@click.option("-o", "--out", default="out", type=click.Path(file_okay=False),
+              help="Output folder (created); relative paths of images found in folders are mirrored under it.")
+@limit_option("images found")
 @engine_options
 @segmentation_options
 @click.option("--save-soft", is_flag=True, help="Also write <name>_soft.npz: soft masks [K,S,S] (float16).")
+@click.option("--save-channels", is_flag=True,
+              help="Also write <name>_channels.png: every mask channel on its own (paper Fig. 9).")
 @click.option("--foreground", is_flag=True,
               help="Also write <name>_fg.png (0/255): the foreground channels, chosen without labels (every "
                    "channel but the one most present on the image borders over all inputs) or by --fg-channel.")
-@click.option("--channels", is_flag=True,
-              help="Also write <name>_channels.png: every mask channel on its own (paper Fig. 9).")
-def segment(paths, out, engine_kind, checkpoint, model_file, device, t, seed, ensemble, batch_size, fg_channels,
-            class_label, quiet, save_soft, foreground, channels):
-    """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (uint8
-    label map 0..K-1 at the image's own resolution) and <name>_overlay.png. The whole image is
-    resized to the model's size (no crop), and the masks back to the image's size.
+@click.option("--rle", type=click.Choice(["compressed", "uncompressed"]), is_flag=False, flag_value="compressed",
+              default=None, help="Add every region's COCO RLE mask to summary.json (`--rle`: compressed counts, "
+                                 "as pycocotools writes them; `--rle uncompressed`: a list of counts).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print summary.json to stdout (the summary lines go to stderr).")
+def segment(paths, out, limit, model_file, engine_kind, device, threads, t, seed, ensemble, batch_size, fg_channels,
+            class_label, quiet, save_soft, save_channels, foreground, rle, as_json):
+    """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (label map
+    0..K-1 at the image's own resolution, a palette PNG: its pixel values are the labels, its colors
+    those of the overlay) and <name>_overlay.png; summary.json lists every input with its files. The
+    whole image is resized to the model's size (no crop), and the masks back to the image's size.
     Exit status 1 if any input failed (each is reported as a warning). The images/s of the summary
     counts decoding, the model and writing, not loading the model."""
+    from fdm_infer.api import Segmenter
     from fdm_infer.images import label_legend
-    from fdm_infer.segment import segment_files
+    from fdm_infer.segment import OutputOptions, summary_json
 
     if fg_channels and not foreground:
         raise click.UsageError("--fg-channel goes with --foreground")
-    engine, path = load_engine(engine_kind, checkpoint, model_file, device)
-    report = segment_files(engine, list(paths), out, t=t, seed=seed, ensemble=ensemble, batch_size=batch_size,
-                           save_soft=save_soft, foreground=foreground, fg_channels=list(fg_channels),
-                           channels=channels, class_label=class_label, warn=warn_line, progress=not quiet)
+    segmenter = Segmenter.load(model_file, engine_kind, device, threads=threads, notify=note_line, t=t, seed=seed,
+                               ensemble=ensemble, batch_size=batch_size, class_label=class_label)
+    report = segmenter.segment_files(list(paths), out, OutputOptions(save_soft, save_channels, foreground, rle),
+                                     fg_channels=list(fg_channels), limit=limit, warn=warn_line, progress=not quiet)
     click.echo(f"segmented {report.written} image(s) in {report.seconds:.1f} s "
-               f"({report.images_per_s:.1f} images/s) with {describe(engine, path)}, t={t}, seed {seed}"
-               + (f", ensemble {ensemble}" if ensemble > 1 else "") + f" -> {out}")
-    click.echo(f"labels: {label_legend(engine.num_regions)}")
-    if report.foreground is not None:
+               f"({report.images_per_s:.1f} images/s) with {segmenter.describe()}, t={t}, seed {seed}"
+               + (f", ensemble {ensemble}" if ensemble > 1 else "") + f" -> {out} (summary.json)", err=as_json)
+    click.echo(f"labels: {label_legend(segmenter.engine.num_regions)}", err=as_json)
+    if foreground and report.foreground is not None:
         shares = ", ".join(f"{s:.2f}" for s in report.border_share)
         how = "given" if fg_channels else "not the channel most on the borders"
-        click.echo(f"foreground: channels {'+'.join(map(str, report.foreground))} ({how}; border shares {shares})")
+        click.echo(f"foreground: channels {'+'.join(map(str, report.foreground))} ({how}; border shares {shares})",
+                   err=as_json)
+    if as_json:
+        click.echo(summary_json(report.summary))
     exit_if_failed(report)
 
 
 @main_group.command()
-@click.option("-n", "count", type=click.IntRange(1), default=8, show_default=True, help="Number of samples.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=1000, show_default=True,
+@click.option("-n", "count", type=click.IntRange(1), default=8, help="Number of samples.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=1000,
               help="Reverse-process steps (1000 = full DDPM; fewer = an evenly respaced schedule).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True,
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic, e.g. with --steps 50.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--out", default="samples", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
+                                                  "--steps and --sampler give the same images.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, help="Samples per forward pass.")
+@click.option("-o", "--out", default="samples", type=click.Path(file_okay=False), help="Output folder (created).")
 @click.option("--class", "classes", type=click.IntRange(0), multiple=True,
               help="Class(es) to sample, cycled (class-conditional models; default: all classes in turn).")
 @click.option("--save-trajectory", is_flag=True,
               help="Also write trajectory.png: predicted images and masks along the reverse process "
                    "(paper Fig. 10), for the first 4 samples.")
 @engine_options
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def generate(count, steps, sampler, seed, batch_size, out, classes, save_trajectory, engine_kind, checkpoint,
-             model_file, device, quiet):
+@quiet_option
+def generate(count, steps, sampler, seed, batch_size, out, classes, save_trajectory, model_file, engine_kind, device,
+             threads, quiet):
     """Generate images together with their masks. Writes sample_NNNN.png, sample_NNNN_labels.png
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
     same images (bit-identical on the CPU)."""
-    from fdm_infer.generate import generate as run
-    from fdm_infer.generate import write_samples
+    from fdm_infer import api
+    from fdm_infer.generate import check_steps
     from fdm_infer.images import ensure_writable
     from fdm_train.diffusion import GaussianDiffusion
     from fdm_train.visualize import mask_statistics
 
-    engine, path = load_engine(engine_kind, checkpoint, model_file, device)
-    ensure_writable(Path(out))
     diffusion = GaussianDiffusion()
+    check_steps(diffusion, steps)
+    engine, path = load_engine(engine_kind, model_file, device, threads)
+    ensure_writable(Path(out))
     n_steps = len(diffusion.timesteps(steps))
     batches = -(-count // batch_size)
-    start = time.perf_counter()
     with progress_bar(n_steps * batches, f"generate ({sampler})", quiet, unit="step") as bar:
-        result, y = run(engine, count, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size,
-                        classes=list(classes) or None, trajectory_every=max(1, n_steps // 10) if save_trajectory else 0,
-                        progress=bar.update, diffusion=diffusion)
-    seconds = time.perf_counter() - start
-    write_samples(Path(out), result, y, save_trajectory)
-    stats = mask_statistics(result.masks)
-    click.echo(f"generated {count} image(s) in {seconds:.1f} s ({count / seconds:.2f} images/s; {sampler}, "
-               f"{n_steps} steps, seed {seed}) with {describe(engine, path)} -> {out} "
+        samples = api.generate(engine, count, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size,
+                               classes=list(classes) or None, trajectory=save_trajectory, progress=bar.update)
+    samples.save(out)
+    stats = mask_statistics(samples.result.masks)
+    click.echo(f"generated {count} image(s) in {samples.seconds:.1f} s ({count / samples.seconds:.2f} images/s; "
+               f"{sampler}, {n_steps} steps, seed {seed}) with {describe(engine, path)} -> {out} "
                f"(mask entropy {stats['mask_entropy']}, region shares {stats['region_share']})")
 
 
 @main_group.command()
 @click.argument("image_a", type=click.Path())
 @click.argument("image_b", type=click.Path())
-@click.option("--t", "t", type=click.IntRange(1, 999), default=250, show_default=True,
-              help="Noise level both images are taken to before mixing.")
-@click.option("--frames", type=click.IntRange(2), default=8, show_default=True, help="Mixing weights 0..1.")
-@click.option("--mix", type=click.Choice(["linear", "slerp"]), default="linear", show_default=True,
+@click.option("--t", "t", type=click.IntRange(1, 999), default=250,
+              help="Noise level both images are taken to before mixing (the largest step of the schedule at or "
+                   "below it).")
+@click.option("--frames", type=click.IntRange(2), default=8, help="Mixing weights 0..1.")
+@click.option("--mix", type=click.Choice(["linear", "slerp"]), default="linear",
               help="How the two noisy latents are mixed (DDPM: linear).")
-@click.option("--steps", type=click.IntRange(1, 1000), default=1000, show_default=True,
+@click.option("--steps", type=click.IntRange(1, 1000), default=1000,
               help="Steps of the full schedule (only those at or below --t run).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm")
+@click.option("--seed", type=int, default=0, help="Seed of the forward noise and of the reverse process.")
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
               help="Class, for class-conditional models.")
-@click.option("--out", default="interpolation", show_default=True, type=click.Path(file_okay=False))
+@click.option("-o", "--out", default="interpolation", type=click.Path(file_okay=False),
+              help="Output folder (created).")
 @engine_options
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_label, out, engine_kind, checkpoint,
-                model_file, device, quiet):
+@quiet_option
+def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_label, out, model_file, engine_kind,
+                device, threads, quiet):
     """Interpolate between two real images: noise both, mix, denoise (as in DDPM; the paper's
     Figure 12). Both are noised to --t with the same noise, mixed, and denoised from there. Writes interpolation.png (A, the frames, B; masks below) and
     frame_NN.png / frame_NN_labels.png."""
-    from fdm_infer.generate import class_labels, load_pair, write_interpolation
+    from fdm_infer.generate import class_labels, interpolation_start, load_pair, write_interpolation
     from fdm_infer.generate import interpolate as run
     from fdm_infer.images import ensure_writable
     from fdm_train.diffusion import GaussianDiffusion
 
-    engine, path = load_engine(engine_kind, checkpoint, model_file, device)
+    diffusion = GaussianDiffusion()
+    t_start = interpolation_start(diffusion, steps, t)
+    if t_start != t:
+        note_line(f"--t {t} is not a step of the {steps}-step schedule: interpolating from t={t_start}, "
+                  "its largest step at or below --t")
+    engine, path = load_engine(engine_kind, model_file, device, threads)
     a, b = load_pair(engine, image_a, image_b)
     ensure_writable(Path(out))
     y = class_labels(engine, 1, [class_label] if class_label is not None else None)
-    diffusion = GaussianDiffusion()
     per_frame = len([s for s in diffusion.timesteps(steps) if s <= t])
     start = time.perf_counter()
     with progress_bar(per_frame * frames, "interpolate", quiet, unit="step") as bar:
@@ -151,43 +178,53 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_la
                f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {out}/interpolation.png")
 
 
-BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "onnx"]
+BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "onnx", "trt"]
 
 
-@main_group.command()
-@click.option("--preset", "presets", multiple=True, default=["paper-64"], show_default=True,
+@main_group.command(cls=RenamingCommand, renamed={"--out-dir": "-o/--out"})
+@click.option("--preset", "presets", multiple=True, default=["paper-64"],
               help="Model preset (repeatable); random weights.")
+@click.option("--model", "--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Measure this checkpoint's model (.safetensors) instead of the presets'.")
+@click.option("--plan", type=click.Path(dir_okay=False), default=None,
+              help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant.")
 @click.option("--batch", "batches", type=click.IntRange(1), multiple=True, default=[1, 16, 128, 256],
-              show_default=True, help="Batch size (repeatable).")
+              help="Batch size (repeatable).")
 @click.option("--variant", "variant_keys", type=click.Choice(BENCH_VARIANT_KEYS), multiple=True,
               help="Variant (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
                    "(+ channels_last), compile, graphs (CUDA graphs), triton (Triton kernels: the fast path), "
-                   "onnx (onnxruntime).")
-@click.option("--repeats", type=click.IntRange(3), default=30, show_default=True, help="Timed calls at most.")
-@click.option("--budget", "budget_s", type=float, default=10.0, show_default=True,
+                   "onnx (onnxruntime), trt (TensorRT, with --plan).")
+@click.option("--repeats", type=click.IntRange(3), default=30, help="Timed calls at most.")
+@click.option("--budget", "budget_s", type=float, default=10.0,
               help="Seconds of timed calls per measurement at most (at least 3 calls).")
-@click.option("--sample-images", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--sample-steps", type=click.IntRange(1, 1000), default=1000, show_default=True,
-              help="Steps of the whole DDPM run.")
+@click.option("--sample-images", type=click.IntRange(1), default=64, help="Images of the whole DDPM run.")
+@click.option("--sample-steps", type=click.IntRange(1, 1000), default=1000, help="Steps of the whole DDPM run.")
 @click.option("--no-sampling", is_flag=True, help="No sampling step and no whole run.")
 @click.option("--no-plain", is_flag=True, help="Without the plain U-Net beside.")
 @click.option("--onnx-max-batch", type=click.IntRange(1), default=None,
               help="Largest batch for onnx [default: all on the CPU; 1 beside a GPU, where onnxruntime runs "
                    "on the CPU].")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
-@click.option("--md", "md_path", type=click.Path(dir_okay=False), default=None, help="Write the tables as Markdown.")
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default=None,
-              help="Write bench.json and bench.md into this folder.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+@threads_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Output file: the results as JSON.")
+@click.option("--md", "md_path", type=click.Path(dir_okay=False), default=None,
+              help="Output file: the tables as Markdown.")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder: write bench.json and bench.md into it.")
 @click.option("--smoke", is_flag=True, help="tiny-32, batches 1 and 2, 3 repeats, 2 images x 5 sampling steps.")
-def bench(presets, batches, variant_keys, repeats, budget_s, sample_images, sample_steps, no_sampling, no_plain,
-          onnx_max_batch, device, json_path, md_path, out_dir, smoke):
+@quiet_option
+def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, sample_images, sample_steps,
+          no_sampling, no_plain, onnx_max_batch, device, threads, json_path, md_path, out_dir, smoke, quiet):
     """Latency and throughput of the inference variants, from naive eager fp32 (K decoder calls) to
-    bf16 + torch.compile + CUDA graphs + Triton kernels, and onnxruntime; each checked against the fp32
-    reference first (max abs error). Variants that cannot run here are listed as skipped. The
-    results (JSON) are rewritten after every measurement; the table is printed last."""
+    bf16 + torch.compile + CUDA graphs + Triton kernels, onnxruntime and TensorRT (--plan); each checked
+    against the fp32 torch reference first (max abs error, the parity column). Variants that cannot run
+    here are listed as skipped. The results (JSON) are rewritten after every measurement; the tables
+    are printed last, the engines side by side first."""
     from fdm_infer import bench as benchmark
+    from fdm_train.util import set_threads
 
+    set_threads(threads)
     if smoke:
         presets, batches, repeats, sample_images, sample_steps = ["tiny-32"], [1, 2], 3, 2, 5
     if out_dir:
@@ -196,7 +233,8 @@ def bench(presets, batches, variant_keys, repeats, budget_s, sample_images, samp
     result = benchmark.run(list(presets), list(batches), list(variant_keys) or None, device=device, repeats=repeats,
                            budget_s=budget_s, sample_images=sample_images, sample_steps=sample_steps,
                            sampling=not no_sampling, plain=not no_plain, onnx_max_batch=onnx_max_batch,
-                           log=lambda line: click.echo(line, err=True),
+                           log=lambda line: None if quiet else click.echo(line, err=True), checkpoint=checkpoint,
+                           plan=plan,
                            on_update=lambda r: benchmark.write(r, json_path, None))
     benchmark.write(result, json_path, md_path)
     click.echo(benchmark.markdown(result), nl=False)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fdm_infer.engines.base import Engine
-from fdm_infer.images import ensure_writable, load_for_model
+from fdm_infer.images import ensure_writable, load_for_model, save_labels
 from fdm_train.diffusion import GaussianDiffusion, SampleResult
 from fdm_train.errors import UserError
 from fdm_train.visualize import colorize, grid, images_to_uint8
@@ -20,6 +20,23 @@ from fdm_train.visualize import colorize, grid, images_to_uint8
 def check_steps(diffusion: GaussianDiffusion, steps: int) -> None:
     if not 1 <= steps <= diffusion.num_timesteps:
         raise UserError(f"--steps must be between 1 and {diffusion.num_timesteps}, got {steps}")
+
+
+def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int:
+    """The step an interpolation to noise level t starts from: the largest step of the `steps`-step
+    schedule at or below t. One line when that is 0: the images would be mixed without noise and
+    nothing denoised."""
+    check_steps(diffusion, steps)
+    if not 0 < t < diffusion.num_timesteps:
+        raise UserError(f"--t must be between 1 and {diffusion.num_timesteps - 1}, got {t}")
+    seq = diffusion.timesteps(steps)
+    start = max(s for s in seq if s <= t)
+    if start == 0:
+        above = [s for s in seq if s > 0]
+        fix = f"give --t {min(above)} or more, or more --steps" if above else "give more --steps"
+        raise UserError(f"--t {t} with --steps {steps} starts from t=0 (the schedule's largest step at or below "
+                        f"--t), where nothing is left to denoise: {fix}")
+    return start
 
 
 def class_labels(engine: Engine, n: int, classes: list[int] | None) -> torch.Tensor | None:
@@ -104,10 +121,9 @@ def write_samples(out: Path, result: SampleResult, y: torch.Tensor | None = None
     labels = result.masks.argmax(1).numpy().astype(np.uint8)
     for i, (pic, lab) in enumerate(zip(pics, labels)):
         name = f"sample_{i:04d}" + (f"_class{int(y[i])}" if y is not None else "")
-        for arr, suffix in ((pic, ".png"), (lab, "_labels.png")):
-            path = out / f"{name}{suffix}"
-            Image.fromarray(arr).save(path)
-            written.append(path)
+        written += [out / f"{name}.png", out / f"{name}_labels.png"]
+        Image.fromarray(pic).save(written[-2])
+        save_labels(lab, written[-1])
     image_mask_grid(result.images, result.masks).save(out / "grid.png")
     written.append(out / "grid.png")
     if save_trajectory and result.trajectory:
@@ -144,18 +160,13 @@ def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 25
     """Noise images a, b ([C, S, S] in [-1, 1]) to t with the SAME noise, mix the latents with
     lambda = 0..1 (`linear`, as in DDPM, or `slerp`), and denoise each mix from t. Every frame uses
     the same seeded reverse-process noise, so frames differ only by lambda; the ends reconstruct
-    a and b. `t` is rounded down to the sampler's step grid."""
+    a and b. `t` is rounded down to the sampler's step grid (`interpolation_start`)."""
     diffusion = diffusion or GaussianDiffusion()
-    check_steps(diffusion, steps)
     if frames < 2:
         raise UserError(f"--frames must be at least 2, got {frames}")
     if mix not in ("linear", "slerp"):
         raise UserError(f"--mix must be linear or slerp, got {mix!r}")
-    seq = diffusion.timesteps(steps)
-    below = [s for s in seq if s <= t]
-    if not 0 <= t < diffusion.num_timesteps or not below:
-        raise UserError(f"--t must be between {min(seq)} and {diffusion.num_timesteps - 1}, got {t}")
-    t_start = below[0]
+    t_start = interpolation_start(diffusion, steps, t)  # checks steps and t
     dev = engine.device
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -190,10 +201,9 @@ def write_interpolation(out: Path, result: Interpolation) -> list[Path]:
     pics = images_to_uint8(result.images)
     labels = result.masks.argmax(1).numpy().astype(np.uint8)
     for i, (pic, lab) in enumerate(zip(pics, labels)):
-        for arr, suffix in ((pic, ".png"), (lab, "_labels.png")):
-            path = out / f"frame_{i:02d}{suffix}"
-            Image.fromarray(arr).save(path)
-            written.append(path)
+        written += [out / f"frame_{i:02d}.png", out / f"frame_{i:02d}_labels.png"]
+        Image.fromarray(pic).save(written[-2])
+        save_labels(lab, written[-1])
     src = images_to_uint8(result.sources)
     top = tiles(np.concatenate([src[:1], pics, src[1:]]))
     blank = np.full_like(src[:1], 255)

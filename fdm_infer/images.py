@@ -7,6 +7,7 @@ the input's resolution and the label map is their argmax there.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_train.data import IMAGE_EXTENSIONS, load_rgb, to_tensor
+from fdm_train.data import IMAGE_EXTENSIONS, load_rgb, to_rgb, to_tensor
 from fdm_train.errors import UserError
 from fdm_train.util import one_line
 from fdm_train.visualize import PALETTE, overlay
+
+# The palette of label PNGs: PALETTE repeated over the 256 entries, so index k shows region k's color.
+LABEL_PALETTE = np.resize(PALETTE, (256, 3)).astype(np.uint8).flatten().tolist()
 
 
 class UnreadableImage(UserError):
@@ -34,8 +38,20 @@ class UnreadableImage(UserError):
 
 @dataclass
 class InputImage:
-    path: Path
+    path: Path | None  # None for an image given in memory
     key: Path  # output name without suffix, relative to the output folder
+    data: object = None  # the in-memory image (PIL image, array, tensor) when there is no path
+
+    @property
+    def name(self) -> str:
+        """How messages and summaries name the input: its path, or its key for an in-memory image."""
+        return str(self.path) if self.path is not None else f"<{self.key.as_posix()}>"
+
+    def read(self) -> np.ndarray:
+        """The image as RGB uint8 [H, W, 3]."""
+        if self.path is None:
+            return rgb_array(self.data)
+        return np.asarray(read_image(self.path), dtype=np.uint8)
 
 
 @dataclass
@@ -54,17 +70,22 @@ class FileReport:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
-def collect_inputs(paths: list[str | Path], report: FileReport, warn: Callable[[str], None],
-                   exclude: Path | None = None) -> list[InputImage]:
+def collect_inputs(paths: list, report: FileReport, warn: Callable[[str], None],
+                   exclude: Path | None = None, dedupe: bool = True) -> list[InputImage]:
     """Image files under `paths` (files taken as given, folders searched recursively, skipping the
     folder `exclude`: the output folder, so a second run does not segment its own outputs), each with a
     unique output key: its path relative to the folder it was found in (a file: its name), without
     suffix; keys that would collide (a.jpg + a.png, or two folders with the same relative path) get
-    the suffix, then a counter. A path that holds no image goes to `report` as failed."""
-    found: list[tuple[Path, Path]] = []
+    the suffix, then a counter. An entry that is not a path is an in-memory image, named image_NNNN
+    after its position. A path that holds no image goes to `report` as failed. With `dedupe`, a file
+    given twice is taken once."""
+    found: list[tuple[Path | None, Path, object]] = []
     seen: set[Path] = set()
     skip = exclude.resolve() if exclude is not None else None
-    for arg in paths:
+    for position, arg in enumerate(paths):
+        if not isinstance(arg, (str, os.PathLike)):
+            found.append((None, Path(f"image_{position:04d}"), arg))
+            continue
         root = Path(arg)
         if not root.exists():
             report.fail(root, "no such file or folder", warn)
@@ -79,10 +100,11 @@ def collect_inputs(paths: list[str | Path], report: FileReport, warn: Callable[[
                 report.fail(root, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder", warn)
         for path, rel in files:
             real = path.resolve()
-            if real not in seen:
+            if real not in seen or not dedupe:
                 seen.add(real)
-                found.append((path, rel))
-    return [InputImage(path, key) for (path, _), key in zip(found, _unique_keys([rel for _, rel in found]))]
+                found.append((path, rel, None))
+    keys = _unique_keys([rel for _, rel, _ in found])
+    return [InputImage(path, key, data) for (path, _, data), key in zip(found, keys)]
 
 
 def _unique_keys(relative: list[Path]) -> list[Path]:
@@ -119,9 +141,54 @@ def read_image(path: str | Path) -> Image.Image:
 
 def load_for_model(path: Path, size: int) -> tuple[torch.Tensor, np.ndarray]:
     """(model input [3, S, S] in [-1, 1], the full-resolution RGB uint8 image [H, W, 3])."""
-    img = read_image(path)
-    small = img.resize((size, size), Image.Resampling.BICUBIC)
-    return to_tensor(small), np.asarray(img, dtype=np.uint8)
+    image = np.asarray(read_image(path), dtype=np.uint8)
+    return model_input(image, size), image
+
+
+def model_input(image: np.ndarray, size: int) -> torch.Tensor:
+    """An RGB uint8 image [H, W, 3] resized whole (bicubic) to the model's S x S: [3, S, S] in [-1, 1]."""
+    return to_tensor(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def rgb_array(image) -> np.ndarray:
+    """An in-memory image as RGB uint8 [H, W, 3]. A PIL image of any mode; a numpy array [H, W] or
+    [H, W, 1|3|4]; a torch tensor [H, W] or [1|3|4, H, W]. uint8 as is; float in [0, 1] (clipped); other
+    integers as is when they fit in 0..255, else scaled by their maximum (16-bit images). Alpha is dropped."""
+    if isinstance(image, Image.Image):
+        return np.asarray(to_rgb(image), dtype=np.uint8)
+    if isinstance(image, torch.Tensor):
+        arr = image.detach().cpu()
+        if arr.dim() == 3 and arr.shape[0] in (1, 3, 4):
+            arr = arr.permute(1, 2, 0)
+        elif arr.dim() != 2:
+            raise UserError(f"an image tensor must be [H, W] or [1|3|4, H, W], got {list(image.shape)}")
+        arr = arr.numpy()
+    elif isinstance(image, np.ndarray):
+        arr = image
+    else:
+        raise UserError(f"cannot read an image from a {type(image).__name__}: give a file path, a PIL image, "
+                        "a numpy array or a torch tensor")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or arr.size == 0:
+        raise UserError(f"an image array must be [H, W] or [H, W, 3|4] ([1|3|4, H, W] as a tensor), "
+                        f"got {list(image.shape)}")
+    arr = _to_uint8(arr)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool or np.issubdtype(arr.dtype, np.floating):
+        return (np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 1) * 255).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        arr = np.clip(arr, 0, None)
+        top = int(arr.max())
+        return (arr if top <= 255 else arr.astype(np.float64) / top * 255).round().astype(np.uint8)
+    raise UserError(f"cannot read an image from an array of {arr.dtype}")
 
 
 # ----- outputs -----
@@ -150,25 +217,32 @@ def save_png(img: Image.Image | np.ndarray, path: Path) -> None:
 
 
 def save_labels(labels: np.ndarray, path: Path) -> None:
-    """A uint8 label map as a one-channel PNG, its folder made if needed."""
+    """A uint8 label map as a palette PNG, its folder made if needed: the pixel values are the labels
+    (what numpy and `evaluate --predictions` read), the palette gives each label its region color (what an
+    image viewer shows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L"), path)
+    img = Image.fromarray(np.asarray(labels, dtype=np.uint8)).convert("P")  # L -> P keeps the values
+    img.putpalette(LABEL_PALETTE)
+    save_png(img, path)
 
 
-def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, *, save_soft: bool = False,
-                  channels: bool = False) -> np.ndarray:
-    """Writes one image's label map and overlay (and soft masks / channel view); returns the labels."""
+def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, labels: np.ndarray, *,
+                  save_soft: bool = False, channels: bool = False) -> dict[str, Path]:
+    """Writes one image's label map and overlay (and soft masks / channel view); returns the files
+    written by kind (labels, overlay, soft, channels)."""
     h, w = image.shape[:2]
-    labels = resize_masks(masks, (h, w)).argmax(0).numpy().astype(np.uint8)
-    save_labels(labels, out / f"{key}_labels.png")
-    save_png(overlay(image, labels), out / f"{key}_overlay.png")
+    files = {"labels": out / f"{key}_labels.png", "overlay": out / f"{key}_overlay.png"}
+    save_labels(labels, files["labels"])
+    save_png(overlay(image, labels), files["overlay"])
     if save_soft:
-        with open(out / f"{key}_soft.npz", "wb") as f:
+        files["soft"] = out / f"{key}_soft.npz"
+        with open(files["soft"], "wb") as f:
             np.savez_compressed(f, masks=masks.numpy().astype(np.float16),
                                 image_size=np.array([h, w], dtype=np.int32))
     if channels:
-        save_png(channel_view(image, masks.numpy()), out / f"{key}_channels.png")
-    return labels
+        files["channels"] = out / f"{key}_channels.png"
+        save_png(channel_view(image, masks.numpy()), files["channels"])
+    return files
 
 
 def channel_view(image: np.ndarray, masks: np.ndarray, max_height: int = 192) -> Image.Image:

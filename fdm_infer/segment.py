@@ -2,15 +2,19 @@
 denoiser call, read the K soft masks. Written once against `Engine.denoise`, so every engine
 (torch, onnx, trt) segments the same way.
 
-`segment_tensor` is the core an evaluator uses; `segment_files` adds robust file I/O on top
-(fdm_infer.images): any size and mode in, a label map at the input's own resolution out.
+`segment_tensor` is the core an evaluator uses; `segment_batches` segments images of any size and mode
+(files or in memory, fdm_infer.images) into `Segmented` images, label maps at each input's own
+resolution; `write_segmented` and `summary` are the files of an output folder, which both a run over
+files (`segment_files`, the CLI) and the Python API (fdm_infer.api) write.
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +29,17 @@ from fdm_infer.images import (
     UnreadableImage,
     collect_inputs,
     ensure_writable,
-    load_for_model,
+    model_input,
+    resize_masks,
     save_png,
     write_outputs,
 )
+from fdm_infer.rle import encode_labels
 from fdm_train.data import IMAGE_EXTENSIONS
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
+from fdm_train.util import atomic_write
+from fdm_train.visualize import PALETTE
 
 DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
 
@@ -89,90 +97,222 @@ def check_channels(channels: list[int] | None, k: int) -> None:
             raise UserError(f"--fg-channel must be between 0 and {k - 1} (K={k}), got {c}")
 
 
-# ----- files -----
+# ----- images of any size -----
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How images are segmented (the same for every image of a run)."""
+    t: int = DEFAULT_T
+    seed: int = 0
+    ensemble: int = 1
+    batch_size: int = 16
+    class_label: int | None = None
+
+
+@dataclass
+class Segmented:
+    """One segmented image."""
+    key: Path  # output name without suffix, relative to the output folder
+    source: str  # the input file, or <image_NNNN> for an image given in memory
+    image: np.ndarray  # RGB uint8 [H, W, 3], the input as read
+    masks: torch.Tensor  # soft masks [K, S, S] at the model's resolution (float32, CPU)
+    labels: np.ndarray  # uint8 [H, W]: argmax of the masks resized (bilinear) to the input's resolution
+
+    @property
+    def soft(self) -> np.ndarray:
+        """Soft masks [K, H, W] (float32) at the input's resolution; they sum to 1 over K."""
+        return resize_masks(self.masks, self.labels.shape).numpy()
+
+    def region_share(self) -> list[float]:
+        """Each label's share of the pixels."""
+        k = self.masks.shape[0]
+        counts = np.bincount(self.labels.ravel(), minlength=k)[:k]
+        return [round(float(c) / self.labels.size, 4) for c in counts]
+
+
+def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentSettings,
+                    on_unreadable: Callable[[InputImage, str], None], progress: bool = False
+                    ) -> Iterator[list[Segmented]]:
+    """The inputs segmented, one batch at a time; an input that cannot be read goes to `on_unreadable`
+    (which may raise) and is left out."""
+    from tqdm import tqdm
+
+    check_class(engine, settings.class_label)
+    diffusion = GaussianDiffusion()
+    size = engine.config.image_size
+    with tqdm(total=len(inputs), desc="segment", unit="img", disable=None if progress else True,
+              dynamic_ncols=True) as bar:
+        for first in range(0, len(inputs), settings.batch_size):
+            batch, images = [], []
+            for item in inputs[first:first + settings.batch_size]:
+                try:
+                    images.append(item.read())
+                    batch.append(item)
+                except UnreadableImage as exc:
+                    on_unreadable(item, exc.reason)
+                    bar.update(1)
+            if not batch:
+                continue
+            x = torch.stack([model_input(image, size) for image in images])
+            y = None if settings.class_label is None else torch.full((len(batch),), settings.class_label)
+            masks = segment_tensor(engine, x, t=settings.t, seed=settings.seed, ensemble=settings.ensemble, y=y,
+                                   diffusion=diffusion).cpu()
+            yield [Segmented(item.key, item.name, image, m,
+                             resize_masks(m, image.shape[:2]).argmax(0).numpy().astype(np.uint8))
+                   for item, image, m in zip(batch, images, masks)]
+            bar.update(len(batch))
+
+
+# ----- output folders -----
+
+SUMMARY = "summary.json"
+SUMMARY_FORMAT = "fdm-segment-v1"
+RLE_FORMATS = ("compressed", "uncompressed")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """The files written per image besides <key>_labels.png and <key>_overlay.png."""
+    save_soft: bool = False  # <key>_soft.npz
+    save_channels: bool = False  # <key>_channels.png
+    foreground: bool = False  # <key>_fg.png
+    rle: str | None = None  # COCO RLE of every region in summary.json: "compressed" or "uncompressed"
+
+
+def image_entry(item: Segmented, rle: str | None = None) -> dict:
+    """An image's entry of summary.json, without its files and foreground: input, size [H, W], each
+    label's share of the pixels, and (rle) the COCO RLE of every label's mask."""
+    entry = {"input": item.source, "size": list(item.labels.shape), "region_share": item.region_share()}
+    if rle:
+        entry["rle"] = encode_labels(item.labels, item.masks.shape[0], compressed=rle == "compressed")
+    return entry
+
+
+def write_segmented(out: Path, item: Segmented, options: OutputOptions) -> dict:
+    """Writes one image's files; returns its entry of summary.json (without the foreground)."""
+    files = write_outputs(out, item.key, item.image, item.masks, item.labels, save_soft=options.save_soft,
+                          channels=options.save_channels)
+    outputs = {kind: path.relative_to(out).as_posix() for kind, path in files.items()}
+    return {"input": item.source, "outputs": outputs, **image_entry(item, options.rle)}
+
+
+def write_foreground_mask(out: Path, key: Path, labels: np.ndarray, channels: list[int]) -> Path:
+    """<key>_fg.png: 255 where the label is a foreground channel, else 0."""
+    path = out / f"{key}_fg.png"
+    save_png(np.where(np.isin(labels, channels), 255, 0).astype(np.uint8), path)
+    return path
+
+
+def add_foreground(entry: dict, channels: list[int], fg_file: Path | None, out: Path) -> None:
+    entry["foreground_channels"] = channels
+    entry["foreground_share"] = round(sum(entry["region_share"][c] for c in channels), 4)
+    if fg_file is not None:
+        entry["outputs"]["foreground"] = fg_file.relative_to(out).as_posix()
+
 
 @dataclass
 class SegmentReport(FileReport):
     foreground: list[int] | None = None  # the foreground channels (--foreground)
     border_share: list[float] | None = None  # each channel's mean share of the border ring
+    entries: list[dict] = field(default_factory=list)  # per image, as in summary.json
+    summary: dict | None = None  # summary.json
 
 
-def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t: int = DEFAULT_T, seed: int = 0,
-                  ensemble: int = 1, batch_size: int = 16, save_soft: bool = False, foreground: bool = False,
-                  fg_channels: list[int] | None = None, channels: bool = False, class_label: int | None = None,
+def summary(run: dict, settings: SegmentSettings, report: SegmentReport, num_regions: int,
+            given_channels: bool) -> dict:
+    """summary.json: the run (engine, model, settings, timings, failures, foreground) and each image."""
+    foreground = None
+    if report.foreground is not None:
+        foreground = {"channels": report.foreground, "border_share": report.border_share,
+                      "chosen": "given" if given_channels else "every channel but the one most on the borders"}
+    run = {**run, "t": settings.t, "seed": settings.seed, "ensemble": settings.ensemble,
+           "class": settings.class_label, "threads": torch.get_num_threads(),
+           "label_colors": [PALETTE[k % len(PALETTE)].tolist() for k in range(num_regions)],
+           "foreground": foreground, "images": report.written,
+           "failed": [{"input": path, "reason": reason} for path, reason in report.failed],
+           "seconds": {**run.get("seconds", {}), "segment": round(report.seconds, 3)},
+           "images_per_s": round(report.images_per_s, 2)}
+    return {"format": SUMMARY_FORMAT, "run": run, "images": report.entries}
+
+
+def summary_json(document: dict) -> str:
+    """summary.json's text: indented, with each list of numbers on one line."""
+    text = json.dumps(document, indent=1)
+    return re.sub(r"\[\s+([-0-9.e,\s]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+
+
+def write_summary(out: Path, document: dict) -> Path:
+    atomic_write(out / SUMMARY, (summary_json(document) + "\n").encode())
+    return out / SUMMARY
+
+
+def check_outputs(options: OutputOptions, fg_channels: list[int] | None, k: int) -> None:
+    check_channels(fg_channels, k)
+    if fg_channels and not options.foreground:
+        raise UserError("--fg-channel goes with --foreground")
+    if options.rle not in (None, *RLE_FORMATS):
+        raise UserError(f"--rle must be one of {', '.join(RLE_FORMATS)}, got {options.rle!r}")
+
+
+# ----- a run over files -----
+
+def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
+                  settings: SegmentSettings = SegmentSettings(), options: OutputOptions = OutputOptions(), *,
+                  fg_channels: list[int] | None = None, limit: int | None = None, run: dict | None = None,
                   warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
-    """Segment every image under `paths`; per image write into `out` (relative paths mirrored):
-      <key>_labels.png   uint8 label map (0..K-1) at the input's resolution
-      <key>_overlay.png  the image blended with the colored labels
-      <key>_soft.npz     (save_soft) soft masks [K, S, S] float16 at model resolution + input size
-      <key>_channels.png (channels) the per-channel mask view (paper Fig. 9)
-      <key>_fg.png       (foreground) binary foreground mask (0/255): `fg_channels`, or the channels
-                         chosen over the whole set by fdm_infer.foreground
-    A file that cannot be read or written is skipped with a warning and reported in `failed`."""
-    from tqdm import tqdm
-
+    """Segment every image under `paths` (the first `limit`), writing each one's files into `out` as it
+    goes (relative paths mirrored; see `write_segmented`), then the foreground masks and summary.json
+    (`run`: what it says about the engine and model). A file that cannot be read or written is skipped
+    with a warning and reported in `failed`."""
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     out = Path(out)
-    cfg = engine.config
-    check_channels(fg_channels, engine.num_regions)
-    check_class(engine, class_label)
+    check_outputs(options, fg_channels, engine.num_regions)
+    check_class(engine, settings.class_label)
     report = SegmentReport()
-    inputs = collect_inputs(paths, report, warn, exclude=out)
+    inputs = collect_inputs(paths, report, warn, exclude=out)[:limit]
     if not inputs:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(str(p) for p in paths)}")
     ensure_writable(out)
-
-    diffusion = GaussianDiffusion()
     border_sum = torch.zeros(engine.num_regions, dtype=torch.float64)
     images_seen = 0
-    kept: list[InputImage] = []  # written ones, for the foreground pass
+    kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
     start = time.perf_counter()
-    with tqdm(total=len(inputs), desc="segment", unit="img", disable=None if progress else True,
-              dynamic_ncols=True) as bar:
-        for first in range(0, len(inputs), batch_size):
-            batch, tensors, fulls = [], [], []
-            for item in inputs[first:first + batch_size]:
-                try:
-                    x, full = load_for_model(item.path, cfg.image_size)
-                except UnreadableImage as exc:
-                    report.fail(item.path, exc.reason, warn)
-                    bar.update(1)
-                    continue
-                batch.append(item)
-                tensors.append(x)
-                fulls.append(full)
-            if not batch:
-                continue
-            y = None if class_label is None else torch.full((len(batch),), class_label, dtype=torch.long)
-            masks = segment_tensor(engine, torch.stack(tensors), t=t, seed=seed, ensemble=ensemble, y=y,
-                                   diffusion=diffusion).cpu()
-            border_sum += border_shares(masks)
-            images_seen += len(batch)
-            for item, m, full in zip(batch, masks, fulls):
-                try:
-                    write_outputs(out, item.key, full, m, save_soft=save_soft, channels=channels)
-                except OSError as exc:
-                    report.fail(item.path, f"cannot write its outputs ({exc.strerror or exc})", warn)
-                else:
-                    report.written += 1
-                    kept.append(item)
-                bar.update(1)
-
-    if foreground and kept:
+    for batch in segment_batches(engine, inputs, settings, lambda item, why: report.fail(item.path, why, warn),
+                                 progress):
+        border_sum += border_shares(torch.stack([item.masks for item in batch]))
+        images_seen += len(batch)
+        for item in batch:
+            try:
+                entry = write_segmented(out, item, options)
+            except OSError as exc:
+                report.fail(item.source, f"cannot write its outputs ({exc.strerror or exc})", warn)
+            else:
+                report.written += 1
+                kept.append((item.key, item.source, entry))
+    if kept:
         report.border_share = [round(float(v) / images_seen, 4) for v in border_sum]
         report.foreground = sorted(set(fg_channels)) if fg_channels else foreground_channels(border_sum)
-        write_foreground(out, kept, report, warn)
+        finish_foreground(out, kept, report, options.foreground, warn)
+    report.entries = [entry for _, _, entry in kept if entry is not None]
     report.seconds = time.perf_counter() - start
+    report.summary = summary(run or {}, settings, report, engine.num_regions, bool(fg_channels))
+    write_summary(out, report.summary)
     return report
 
 
-def write_foreground(out: Path, items: list[InputImage], report: SegmentReport, warn) -> None:
-    """<key>_fg.png (0/255) from the label maps just written (no masks kept in memory)."""
-    for item in items:
-        try:
-            with Image.open(out / f"{item.key}_labels.png") as img:
-                labels = np.asarray(img)
-            save_png(np.where(np.isin(labels, report.foreground), 255, 0).astype(np.uint8), out / f"{item.key}_fg.png")
-        except OSError as exc:
-            report.written -= 1
-            report.fail(item.path, f"cannot write its foreground mask ({exc.strerror or exc})", warn)
+def finish_foreground(out: Path, kept: list[tuple[Path, str, dict]], report: SegmentReport, write_masks: bool,
+                      warn) -> None:
+    """Adds the foreground to each entry and, with `write_masks`, writes <key>_fg.png from the label map
+    just written (no image is kept in memory)."""
+    for i, (key, source, entry) in enumerate(kept):
+        path = None
+        if write_masks:
+            try:
+                with Image.open(out / f"{key}_labels.png") as img:
+                    path = write_foreground_mask(out, key, np.asarray(img), report.foreground)
+            except OSError as exc:
+                report.written -= 1
+                report.fail(source, f"cannot write its foreground mask ({exc.strerror or exc})", warn)
+                kept[i] = (key, source, None)
+                continue
+        add_foreground(entry, report.foreground, path, out)

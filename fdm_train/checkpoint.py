@@ -25,9 +25,10 @@ class CheckpointError(UserError):
 
 def save_checkpoint(path: str | Path, cfg: ModelConfig, ema: dict[str, torch.Tensor],
                     raw: dict[str, torch.Tensor] | None, step: int, extra: dict | None = None,
-                    dtype: str = "fp32") -> None:
+                    dtype: str = "fp32", placeholder: str | None = None) -> None:
     """`dtype` is the storage type of floating-point tensors (fp16/bf16 halve the file; loading
-    converts back to float32). Training always writes fp32."""
+    converts back to float32). Training always writes fp32. `placeholder`: marks a model that is not
+    meant to be used for real (the text says why); whatever loads it prints the text."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     store = DTYPES[dtype]
@@ -41,17 +42,21 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, ema: dict[str, torch.Ten
         tensors.update({f"model.{k}": cast(v) for k, v in raw.items()})
     metadata = {"format": FORMAT, "config": cfg.to_json(), "step": str(step), "dtype": dtype,
                 "extra": json.dumps(extra or {}, sort_keys=True)}
+    if placeholder:
+        metadata["placeholder"] = placeholder
     atomic_write(path, st_save(tensors, metadata=metadata))
 
 
-def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16") -> dict:
+def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16", placeholder: str | None = None) -> dict:
     """Write the EMA weights of `src` alone, stored as `dtype`, to `dst` (an inference-only file:
-    it cannot be resumed from). Returns {'step', 'bytes_in', 'bytes_out', 'max_abs_error'}."""
+    it cannot be resumed from), marked as a placeholder if `src` is one or `placeholder` is given.
+    Returns {'step', 'bytes_in', 'bytes_out', 'max_abs_error'}."""
     cfg, states, metadata = read_checkpoint(src)
     extra = json.loads(metadata.get("extra") or "{}")
     extra["slimmed_from"] = {"file": Path(src).name, "dtype": metadata.get("dtype", "fp32")}
     step = int(metadata.get("step", 0))
-    save_checkpoint(dst, cfg, states["ema"], None, step, extra=extra, dtype=dtype)
+    save_checkpoint(dst, cfg, states["ema"], None, step, extra=extra, dtype=dtype,
+                    placeholder=placeholder or metadata.get("placeholder"))
     _, slim, _ = read_checkpoint(dst)
     error = max(((slim["ema"][k].float() - v.float()).abs().max().item() if v.numel() else 0.0)
                 for k, v in states["ema"].items())

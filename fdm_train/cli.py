@@ -3,8 +3,19 @@ from __future__ import annotations
 
 import click
 
+from fdm_train.cli_options import (
+    CONTEXT_SETTINGS,
+    RenamingCommand,
+    limit_option,
+    quiet_option,
+    threads_option,
+    version_option,
+)
 from fdm_train.config import DEFAULT_PRESET, DEFAULT_REGION_CODES, DEFAULT_T_POWER, PRESETS, VARIANTS, preset
 from fdm_train.errors import DefaultGroup, run_cli
+
+# Options renamed for the same spelling across fdm-train, fdm-export and fdm-infer.
+OUTPUT_RENAMED = {"--output": "-o/--out"}
 
 
 def model_options(f):
@@ -28,7 +39,8 @@ def config_from(preset_name, variant, regions, image_size, channels, region_code
                   base_channels=channels, region_codes=region_codes, **extra)
 
 
-@click.group(cls=DefaultGroup, default_command="train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DefaultGroup, default_command="train", context_settings=CONTEXT_SETTINGS)
+@version_option
 def main_group():
     """Train factorized diffusion models (`fdm-train --data DIR` runs `train`)."""
 
@@ -36,8 +48,9 @@ def main_group():
 @main_group.command()
 @click.option("--data", required=True, type=click.Path(),
               help="Folder of training images (searched recursively), or a .npy cache from `prepare-data`.")
-@click.option("--out", default="runs/fdm", show_default=True, type=click.Path(file_okay=False),
-              help="Run folder: checkpoint.safetensors, train_state.pt, log.jsonl, samples/.")
+@limit_option("images of --data")
+@click.option("-o", "--out", default="runs/fdm", show_default=True, type=click.Path(file_okay=False),
+              help="Run folder (created): checkpoint.safetensors, train_state.pt, log.jsonl, samples/.")
 @model_options
 @click.option("--dropout", type=click.FloatRange(0, 1), default=None, help="ResBlock dropout (preset: 0).")
 @click.option("--class-cond", is_flag=True, help="Condition on classes: one top-level subfolder per class.")
@@ -52,13 +65,16 @@ def main_group():
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
 @click.option("--ema-decay", type=float, default=0.9999, show_default=True,
               help="EMA rate (with warm-up min(decay, (1+n)/(10+n))).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--save-every", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the initial weights, the data order, and every step's noise and timesteps.")
+@click.option("--save-every", type=click.IntRange(1), default=1000, show_default=True,
+              help="Write the checkpoint pair every N steps (and at the end): a run killed resumes from there.")
 @click.option("--sample-every", type=click.IntRange(0), default=1000, show_default=True,
               help="Write a grid of samples and masks every N steps (0: never).")
 @click.option("--sample-steps", type=click.IntRange(1, 1000), default=100, show_default=True,
               help="DDPM steps for the sample grids.")
-@click.option("--log-every", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--log-every", type=click.IntRange(1), default=10, show_default=True,
+              help="Append loss, images/s and mask statistics to log.jsonl every N steps.")
 @click.option("--resume", type=click.Choice(["yes", "auto", "no"]), is_flag=False, flag_value="yes", default="no",
               help="`--resume`: continue the run in --out (its config wins over model flags); `--resume auto`: "
                    "continue from its last complete checkpoint if there is one, else start fresh.")
@@ -81,8 +97,10 @@ def main_group():
 @click.option("--hard-masks", is_flag=True, help="Straight-through Gumbel one-hot masks while shaping.")
 @click.option("--mask-init-scale", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Scale of the mask head's initial last-layer weights.")
+@threads_option
+@quiet_option
 def train(data, out, preset, variant, regions, image_size, channels, region_codes, dropout, class_cond, resume,
-          compile_, **kwargs):
+          compile_, quiet, **kwargs):
     """Train on every jpg/png/webp under --data with the plain denoising loss.
     Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
     from fdm_train.train import TrainOptions, train as run_training
@@ -90,34 +108,37 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
     cfg = config_from(preset, variant, regions, image_size, channels, region_codes, dropout=dropout)
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
-                                        compile=compile_, **kwargs))
+                                        compile=compile_, progress=not quiet, **kwargs))
     if summary["rank"] == 0:
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
 
 
-@main_group.command("prepare-data")
+@main_group.command("prepare-data", cls=RenamingCommand, renamed=OUTPUT_RENAMED)
 @click.argument("folder", type=click.Path(exists=True))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The cache to write (.npy); its manifest goes beside it (OUTPUT.json).")
+@click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
+              help="The cache file to write (.npy); its manifest goes beside it (OUT.json).")
 @click.option("--size", required=True, type=click.IntRange(8), help="Image size S of the model (S x S).")
+@limit_option("images of FOLDER")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Decoding processes [default: CPU count].")
-def prepare_data(folder, output, size, workers):
+@quiet_option
+def prepare_data(folder, output, size, limit, workers, quiet):
     """Decode every image under FOLDER once into a uint8 [N, 3, S, S] array (shorter side to S, center
     crop, as training does), usable as `--data OUTPUT`: decoding JPEGs then never limits a GPU."""
     from tqdm import tqdm
 
     from fdm_train.data import find_images, prepare_cache
 
-    with tqdm(total=len(find_images(folder)), desc="decode", unit="img", dynamic_ncols=True) as bar:
-        m = prepare_cache(folder, output, size, workers, progress=bar.update)
+    total = len(find_images(folder)[:limit])
+    with tqdm(total=total, desc="decode", unit="img", dynamic_ncols=True, disable=True if quiet else None) as bar:
+        m = prepare_cache(folder, output, size, workers, progress=bar.update, limit=limit)
     click.echo(f"{output}: {m['count']} images of {size}x{size} ({m['count'] * 3 * size * size / 1e6:.1f} MB), "
                f"{len(m['skipped'])} unreadable skipped, {m['seconds']:.1f} s")
 
 
-@main_group.command()
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The scenes as a training cache (.npy, usable as --data); their label maps go beside it "
-                   "(<name>.masks.npy).")
+@main_group.command(cls=RenamingCommand, renamed=OUTPUT_RENAMED)
+@click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
+              help="The file to write: the scenes as a training cache (.npy, usable as --data); their label maps "
+                   "go beside it (<name>.masks.npy).")
 @click.option("--kind", type=click.Choice(["a", "b", "c"]), default="a", show_default=True,
               help="a: a striped ellipse on a smooth gradient (2 regions); b: a striped ellipse and a "
                    "checkered rectangle (3 regions); c: a striped ellipse on speckle of the same mean color "
@@ -125,7 +146,8 @@ def prepare_data(folder, output, size, workers):
 @click.option("--count", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True)
 @click.option("--size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Image size S (S x S).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The scenes are a function of the seed.")
-def synth(output, kind, count, size, seed):
+@quiet_option
+def synth(output, kind, count, size, seed, quiet):
     """Write seeded synthetic scenes with known region masks: data on which segmentation must emerge and
     can be scored (benchmarks/emergence)."""
     from fdm_train.synth import masks_path, write_scenes
@@ -153,18 +175,22 @@ def info(preset, variant, regions, image_size, channels, region_codes):
     click.echo(f"GFLOP:      {count_flops(cfg) / 1e9:.1f} per image (forward)")
 
 
-@main_group.command()
+@main_group.command(cls=RenamingCommand, renamed=OUTPUT_RENAMED)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the slim checkpoint (.safetensors).")
+@click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
+              help="The slim checkpoint file to write (.safetensors).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
               help="Storage type of the weights (loading converts them back to float32).")
-def slim(checkpoint, output, dtype):
+@click.option("--placeholder", "placeholder", default=None, metavar="TEXT",
+              help="Mark the file as a placeholder model: every command that loads it prints TEXT in one line "
+                   "(e.g. 'untrained weights: the masks mean nothing').")
+@quiet_option
+def slim(checkpoint, output, dtype, placeholder, quiet):
     """Keep only the EMA weights of CHECKPOINT, stored as fp16/bf16: an inference-only file about a
     quarter of the training checkpoint's size (it cannot be resumed from)."""
     from fdm_train.checkpoint import slim_checkpoint
 
-    r = slim_checkpoint(checkpoint, output, dtype)
+    r = slim_checkpoint(checkpoint, output, dtype, placeholder=placeholder)
     click.echo(f"{output}: EMA weights of step {r['step']} as {dtype}, {r['bytes_out'] / 1e6:.1f} MB "
                f"(from {r['bytes_in'] / 1e6:.1f} MB), max abs weight change {r['max_abs_error']:.2e}")
 

@@ -34,12 +34,18 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image fully (catches truncated files), honour EXIF rotation, convert to 8-bit RGB."""
     with Image.open(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            arr = arr / max(arr.max(), 1.0) * 255.0
-            img = Image.fromarray(arr.astype(np.uint8))
-        return img.convert("RGB")
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB, EXIF rotation applied (16/32-bit integers scaled by their maximum,
+    alpha dropped)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr / max(arr.max(), 1.0) * 255.0
+        img = Image.fromarray(arr.astype(np.uint8))
+    return img.convert("RGB")
 
 
 def fit_square(img: Image.Image, size: int) -> Image.Image:
@@ -322,11 +328,16 @@ class ImageCache(torch.utils.data.Dataset):
         return to_float(x), y
 
 
-def open_images(path: str | Path, image_size: int, class_cond: bool = False):
-    """An ImageFolder for a folder (or single image), an ImageCache for a prepare-data .npy file."""
-    if is_cache(path):
-        return ImageCache(path, image_size, class_cond)
-    return ImageFolder(path, image_size, class_cond)
+def open_images(path: str | Path, image_size: int, class_cond: bool = False, limit: int | None = None):
+    """An ImageFolder for a folder (or single image), an ImageCache for a prepare-data .npy file; with
+    `limit`, only its first `limit` images."""
+    dataset = ImageCache(path, image_size, class_cond) if is_cache(path) else ImageFolder(path, image_size, class_cond)
+    if limit is not None:
+        dataset.files = dataset.files[:limit]
+        dataset.labels = dataset.labels[:limit]
+        if isinstance(dataset, ImageCache):
+            dataset.rows = dataset.rows[:limit]
+    return dataset
 
 
 def _decode_for_cache(args) -> tuple[int, np.ndarray | None, str]:
@@ -338,14 +349,15 @@ def _decode_for_cache(args) -> tuple[int, np.ndarray | None, str]:
 
 
 def prepare_cache(source: str | Path, output: str | Path, size: int, workers: int | None = None,
-                  progress=None) -> dict:
+                  progress=None, limit: int | None = None) -> dict:
     """Decode every image under `source` once (RGB, EXIF rotation, shorter side to `size`, center crop)
-    into uint8 [N, 3, size, size] at `output` (.npy) plus `output`.json. Unreadable files are skipped
+    (the first `limit` images only, with `limit`) into uint8 [N, 3, size, size] at `output` (.npy) plus
+    `output`.json. Unreadable files are skipped
     and listed in the manifest. Both files are written atomically. Returns the manifest."""
     source, output = Path(source), Path(output)
     if output.suffix != ".npy":
         raise DataError(f"the cache must be a .npy file, got {output}")
-    files = find_images(source)
+    files = find_images(source)[:limit]
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
     workers = workers or min(32, os.cpu_count() or 1)

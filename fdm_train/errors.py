@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from fdm_train.cli_options import HelpGroup
+
 
 class UserError(Exception):
     pass
@@ -28,9 +30,9 @@ def run_cli(group: click.Group, prog: str) -> None:
         sys.exit(130)
 
 
-class DefaultGroup(click.Group):
+class DefaultGroup(HelpGroup):
     """A group that runs `default_command` when the first argument names no subcommand,
-    so `fdm-train --data DIR` means `fdm-train train --data DIR`."""
+    so `fdm-train --data DIR` means `fdm-train train --data DIR`; without arguments it prints its help."""
 
     def __init__(self, *args, default_command: str, **kwargs):
         super().__init__(*args, **kwargs)
@@ -39,6 +41,4 @@ class DefaultGroup(click.Group):
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = [self.default_command, *args]
-        elif not args:
-            args = [self.default_command]
         return super().parse_args(ctx, args)

@@ -71,7 +71,7 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     remove_temp_files,
     truncate_log,
 )
-from fdm_train.util import pick_device
+from fdm_train.util import DEFAULT_THREADS, pick_device, set_threads
 from fdm_train.visualize import mask_statistics, sample_grid
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
@@ -112,6 +112,8 @@ class TrainOptions:
     mask_temperature: float = 1.0  # softmax temperature at step 0, annealed to 1
     hard_masks: bool = False  # straight-through Gumbel one-hot masks while shaping
     mask_init_scale: float = 1.0  # scales the initial weights of the mask head's last layer
+    limit: int | None = None  # train on the first N images of `data` only
+    threads: int | None = DEFAULT_THREADS  # torch's CPU threads (None: torch's own choice)
 
 
 def ema_rate(decay: float, step: int) -> float:
@@ -272,6 +274,7 @@ def _echo(text: str) -> None:
 def train(opts: TrainOptions) -> dict:
     """Runs training to `opts.iterations` steps; returns a summary dict (on every rank)."""
     out = Path(opts.out)
+    set_threads(opts.threads)
     ctx, device = setup_distributed(opts.device)
     summary = _train(opts, out, ctx, device)
     if ctx.owns_group:
@@ -347,7 +350,8 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
 def _open_data(opts: TrainOptions, start: _Start):
     """The images, and the model config that fits them (a fresh run takes its classes from the data)."""
     cfg = start.cfg
-    dataset = open_images(opts.data, cfg.image_size, class_cond=opts.class_cond or cfg.num_classes > 0)
+    dataset = open_images(opts.data, cfg.image_size, class_cond=opts.class_cond or cfg.num_classes > 0,
+                          limit=opts.limit)
     if dataset.classes and start.state is None:
         cfg = cfg.replace(num_classes=len(dataset.classes))
     if cfg.num_classes != len(dataset.classes):

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import torch
 
+# CPU threads torch (and onnxruntime) use when --threads is not given. None leaves torch's own choice
+# (OMP_NUM_THREADS when set, else one thread per core). benchmarks/threads.py measures the alternatives.
+DEFAULT_THREADS: int | None = None
+
 # The floating-point types by the names the command lines use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -16,6 +20,12 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op CPU threads for this process; None keeps the current setting."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

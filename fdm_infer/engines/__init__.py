@@ -1,6 +1,9 @@
 """Inference engines. Segmentation and sampling are written once against `Engine.denoise`
-(fdm_infer.engines.base); `--engine NAME` picks one of ENGINES, each in its own module, imported
-when asked for, so that onnxruntime and TensorRT load only for the engine that needs them."""
+(fdm_infer.engines.base); each engine lives in its own module, imported when asked for, so that
+onnxruntime and TensorRT load only for the engine that needs them.
+
+The engine follows the model file: `.safetensors` (a checkpoint) runs on torch, `.onnx` on
+onnxruntime, `.plan` / `.engine` on TensorRT (`open_model`); a kind given explicitly overrides it."""
 from __future__ import annotations
 
 import importlib
@@ -8,17 +11,64 @@ from pathlib import Path
 
 from fdm_infer.engines.base import Engine
 from fdm_train.errors import UserError
+from fdm_train.util import one_line, set_threads
 
 ENGINES = {
     "torch": ("fdm_infer.engines.torch_engine", "TorchEngine"),
     "onnx": ("fdm_infer.engines.onnx_engine", "OnnxEngine"),
     "trt": ("fdm_infer.engines.trt_engine", "TrtEngine"),
 }
+ENGINE_BY_SUFFIX = {".safetensors": "torch", ".onnx": "onnx", ".plan": "trt", ".engine": "trt"}
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.safetensors"
 
 
-def open_engine(kind: str, path: str | Path, device: str = "auto") -> Engine:
-    """The engine `kind` over a checkpoint (torch) or an exported model file (onnx, trt)."""
+def engine_for(path: str | Path) -> str:
+    """The engine that runs a model file, from its suffix; a one-line error for an unknown suffix."""
+    kind = ENGINE_BY_SUFFIX.get(Path(path).suffix.lower())
+    if kind is None:
+        known = ", ".join(f"{suffix} ({kind})" for suffix, kind in ENGINE_BY_SUFFIX.items())
+        raise UserError(f"cannot tell which engine runs {Path(path).name}: the model file must end in {known}, "
+                        "or name the engine (--engine torch|onnx|trt)")
+    return kind
+
+
+def open_engine(kind: str, path: str | Path, device: str = "auto", threads: int | None = None) -> Engine:
+    """The engine `kind` over a checkpoint (torch) or an exported model file (onnx, trt). `threads`: CPU
+    threads of torch (process-wide) and of an onnxruntime session."""
     if kind not in ENGINES:
         raise UserError(f"unknown engine {kind!r}; available: {', '.join(ENGINES)}")
+    set_threads(threads)
     module, name = ENGINES[kind]
-    return getattr(importlib.import_module(module), name)(path, device=device)
+    engine_class = getattr(importlib.import_module(module), name)
+    if kind == "onnx":
+        return engine_class(path, device=device, threads=threads)
+    return engine_class(path, device=device)
+
+
+def open_model(model: str | Path | None = None, engine: str | None = None, device: str = "auto",
+               threads: int | None = None) -> tuple[Engine, Path]:
+    """(engine, model file): `model` None is the bundled default checkpoint; the engine is `engine` when
+    given, else the one the file's suffix names. Every failure is a one-line UserError."""
+    if model is None:
+        if engine not in (None, "torch"):
+            raise UserError(f"the {engine} engine runs an exported file: give --model FILE "
+                            f"(made by `fdm-export {engine}`)")
+        if not DEFAULT_MODEL.is_file():
+            raise UserError(f"the bundled default checkpoint is missing ({DEFAULT_MODEL}); give --model FILE")
+        model = DEFAULT_MODEL
+    path = Path(model)
+    kind = engine or engine_for(path)
+    named = ENGINE_BY_SUFFIX.get(path.suffix.lower())
+    if named is not None and named != kind:  # --engine only decides for files whose suffix says nothing
+        hint = f"`fdm-export {kind}` makes one from it" if named == "torch" else f"it runs on the {named} engine"
+        raise UserError(f"the {kind} engine cannot run {path.name}, a {path.suffix} file: {hint}")
+    try:
+        return open_engine(kind, path, device=device, threads=threads), path
+    except (RuntimeError, AssertionError) as exc:  # e.g. an unavailable device
+        raise UserError(f"cannot load {path} with the {kind} engine: {one_line(exc)}") from None
+
+
+def placeholder_note(engine: Engine, path: Path) -> str | None:
+    """The one line that says a model is a placeholder (its metadata's `placeholder` text), or None."""
+    text = (getattr(engine, "metadata", None) or {}).get("placeholder")
+    return f"{path.name} is a placeholder model: {text}" if text else None

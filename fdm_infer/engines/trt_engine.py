@@ -23,22 +23,24 @@ from fdm_train.util import one_line
 MAGIC = b"FDMTRT\x00\x01"
 PLAN_FORMAT = "fdm-trt-v1"
 MISSING_TENSORRT = ("TensorRT is not installed (Python package `tensorrt` missing): install it with "
-                    "`pip install tensorrt` (wheels from NVIDIA's package index; needs an NVIDIA GPU and driver), "
-                    "or use --engine torch / --engine onnx")
+                    "`pip install tensorrt` (wheels from NVIDIA's package index; needs an NVIDIA GPU and driver)")
+# What a user of the trt engine can run instead (fdm-export says its own).
+WITHOUT_TENSORRT = "or run the checkpoint or its ONNX export instead (--model FILE.safetensors or FILE.onnx)"
 
 
 class TensorRTError(UserError):
     """TensorRT missing, a build that failed, or a plan that cannot be used here; one line."""
 
 
-def require_tensorrt():
-    """The tensorrt module, or a one-line TensorRTError naming the missing package."""
+def require_tensorrt(instead: str = WITHOUT_TENSORRT):
+    """The tensorrt module, or a one-line TensorRTError naming the missing package and, after it,
+    `instead`: what the caller can do without it."""
     try:
         import tensorrt as trt
     except ImportError:
-        raise TensorRTError(MISSING_TENSORRT) from None
+        raise TensorRTError(f"{MISSING_TENSORRT}, {instead}") from None
     except Exception as exc:  # e.g. the PyPI placeholder that fails at import, or missing CUDA libraries
-        raise TensorRTError(f"TensorRT could not be imported ({one_line(exc)}); {MISSING_TENSORRT}") from None
+        raise TensorRTError(f"TensorRT could not be imported ({one_line(exc)}); {MISSING_TENSORRT}, {instead}") from None
     return trt
 
 

@@ -15,6 +15,7 @@ from fdm_infer.options import (
     warn_line,
 )
 from fdm_infer.segment import DEFAULT_T
+from fdm_train.cli_options import quiet_option
 
 
 @click.command()
@@ -37,11 +38,11 @@ from fdm_infer.segment import DEFAULT_T
               help="Labels of the ground truth [default: the largest label in the masks + 1].")
 @click.option("--num-channels", type=click.IntRange(2), default=None,
               help="With --predictions: the K of the method [default: its largest label + 1].")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Score the first N images only.")
-@click.option("--name", default=None, help="Row name in the table [default: the checkpoint's / folder's name].")
-@click.option("--out", "out", default="results.json", show_default=True, type=click.Path(dir_okay=False),
-              help="JSON results; the Markdown table goes beside it (.md).")
-def evaluate(engine_kind, checkpoint, model_file, device, images, masks, protocol, predictions, t, seed, ensemble,
+@click.option("--limit", type=click.IntRange(1), default=None, help="Score the first N images only (in sorted order).")
+@click.option("--name", default=None, help="Row name in the table [default: the model's / folder's name].")
+@click.option("-o", "--out", "out", default="results.json", type=click.Path(dir_okay=False),
+              help="Output file: the JSON results; the Markdown table goes beside it (.md).")
+def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, predictions, t, seed, ensemble,
              size_mode, fg_channels, num_labels, num_channels, limit, batch_size, class_label, name, out, quiet):
     """Score a model's segmentation of real images (or any method's label maps) against ground-truth
     masks: foreground Acc / IoU / DICE with the foreground channels chosen without labels (plus the
@@ -51,8 +52,8 @@ def evaluate(engine_kind, checkpoint, model_file, device, images, masks, protoco
     from fdm_infer.eval.evaluate import evaluate as run
 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
-    if predictions and (checkpoint or model_file):
-        raise click.UsageError("give --predictions or a model (--checkpoint / --model), not both")
+    if predictions and (model_file or engine_kind):
+        raise click.UsageError("give --predictions or a model (--model / --engine), not both")
     if predictions and (t != DEFAULT_T or ensemble != 1 or class_label is not None):
         raise click.UsageError("--t / --ensemble / --class set how a model segments; --predictions are scored as given")
     if num_channels is not None and not predictions:
@@ -63,7 +64,7 @@ def evaluate(engine_kind, checkpoint, model_file, device, images, masks, protoco
                      fg_channels=list(fg_channels) or None, num_labels=num_labels, num_channels=num_channels,
                      name=name or Path(predictions).name)
     else:
-        engine, path = load_engine(engine_kind, checkpoint, model_file, device)
+        engine, path = load_engine(engine_kind, model_file, device, threads)
         with progress_bar(len(evalset), f"evaluate (t={t})", quiet) as bar:
             result = run(evalset, engine=engine, protocols=protocols, t=t, seed=seed, ensemble=ensemble,
                          batch_size=batch_size, size_mode=size_mode, fg_channels=list(fg_channels) or None,
@@ -80,8 +81,8 @@ def evaluate(engine_kind, checkpoint, model_file, device, images, masks, protoco
 @click.argument("method", type=click.Choice(["grabcut", "rectangle", "kmeans-ddpm"]))
 @click.option("--images", "images", required=True, multiple=True, type=click.Path(),
               help="Image files or folders (recursive); repeatable.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for the label maps <relative path>.png (for `evaluate --predictions`).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (created) for the label maps <relative path>.png (for `evaluate --predictions`).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="kmeans-ddpm: a plain U-Net DDPM checkpoint (--variant plain).")
 @click.option("--margin", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True,
@@ -96,9 +97,10 @@ def evaluate(engine_kind, checkpoint, model_file, device, images, masks, protoco
               help="kmeans-ddpm: random pixels per image in the K-means fit.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--limit", type=click.IntRange(1), default=None, help="The first N images only.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of grabcut's color models / of kmeans-ddpm's noise, pixel sample and K-means.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images (in sorted order).")
+@quiet_option
 def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages, pixels_per_image, batch_size,
              device, seed, limit, quiet):
     """Run a baseline segmentation and write its label maps: `grabcut` (OpenCV, centered-rectangle
@@ -136,7 +138,7 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
 @click.option("--reference", required=True, type=click.Path(exists=True),
               help="Reference (training) images: a folder, a uint8 .npy (e.g. a prepare-data cache), or a .npz "
                    "of statistics (mu, sigma, n) from --save-reference-stats.")
-@click.option("-n", "n", type=click.IntRange(2), default=None,
+@click.option("-n", "--limit", "n", type=click.IntRange(2), default=None,
               help="Generated images used (the first N, sorted) [default: all].")
 @click.option("--reference-n", type=click.IntRange(0), default=None,
               help="Reference images used (a seeded random subset; 0 = all) [default: as many as generated].")
@@ -148,8 +150,9 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
 @click.option("--batch-size", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the reference subset.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="Output file: also write the result as JSON.")
+@quiet_option
 def fid(generated, reference, n, reference_n, reference_size, save_reference_stats, batch_size, device, seed, out,
         quiet):
     """FID of generated images against the training images, with the TF-FID Inception-v3 bundled in

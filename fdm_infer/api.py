@@ -1,0 +1,271 @@
+"""The Python API: segmentation and generation in a few lines, with what `fdm-infer segment` and
+`fdm-infer generate` run (they are a thin layer over it).
+
+    from fdm_infer import Segmenter, generate
+
+    seg = Segmenter.load()                      # the bundled model, or a .safetensors / .onnx / .plan file
+    res = seg(["photo.jpg", pil_image, array])  # files, folders, PIL images, numpy arrays, torch tensors
+    res.labels[0]       # uint8 [H, W] label map at the input's own resolution
+    res.soft[0]         # float32 [K, H, W] soft masks, summing to 1 over K
+    res.foreground[0]   # bool [H, W]
+    res.save("out/")    # the files of `fdm-infer segment`, and summary.json
+    res.to_json()       # summary.json's content, without the files
+
+    samples = generate(n=4, steps=50, sampler="ddim")   # samples.images, samples.soft, samples.labels
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fdm_infer.engines import open_model, placeholder_note
+from fdm_infer.engines.base import Engine
+from fdm_infer.foreground import border_shares, foreground_channels
+from fdm_infer.generate import check_steps
+from fdm_infer.generate import generate as sample
+from fdm_infer.generate import write_samples
+from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs, ensure_writable
+from fdm_infer.segment import (
+    DEFAULT_T,
+    OutputOptions,
+    SegmentReport,
+    SegmentSettings,
+    Segmented,
+    add_foreground,
+    check_channels,
+    check_outputs,
+    image_entry,
+    segment_batches,
+    segment_files,
+    summary,
+    summary_json,
+    write_foreground_mask,
+    write_segmented,
+    write_summary,
+)
+from fdm_train.diffusion import GaussianDiffusion, SampleResult
+from fdm_train.errors import UserError
+from fdm_train.util import DEFAULT_THREADS
+from fdm_train.visualize import images_to_uint8
+
+
+def note_on_stderr(message: str) -> None:
+    print(f"fdm: note: {message}", file=sys.stderr)
+
+
+def load_engine(model=None, engine: str | None = None, device: str = "auto", threads: int | None = DEFAULT_THREADS,
+                notify: Callable[[str], None] | None = None) -> tuple[Engine, Path | None, float]:
+    """(engine, model file, seconds to load): `model` is a file (its suffix picks the engine unless `engine`
+    names one), None for the bundled default, or an Engine already open. A placeholder model says so
+    through `notify` (default: one line on stderr)."""
+    if isinstance(model, Engine):
+        return model, getattr(model, "path", None), 0.0
+    start = time.perf_counter()
+    opened, path = open_model(model, engine, device, threads)
+    note = placeholder_note(opened, path)
+    if note:
+        (notify or note_on_stderr)(note)
+    return opened, path, time.perf_counter() - start
+
+
+def describe(engine: Engine, path: Path | None) -> str:
+    cfg = engine.config
+    name = path.name if path is not None else "in-memory model"
+    return f"{name} ({engine.name}, K={engine.num_regions}, {cfg.image_size}x{cfg.image_size})"
+
+
+# ----- segmentation -----
+
+class Segmenter:
+    """A model ready to segment images, with the settings every image gets (noise level t, seed, ensemble,
+    batch size, class)."""
+
+    def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
+                 ensemble: int = 1, batch_size: int = 16, class_label: int | None = None, load_seconds: float = 0.0):
+        steps = GaussianDiffusion().num_timesteps
+        if not 0 <= t < steps:
+            raise UserError(f"t must be between 0 and {steps - 1}, got {t}")
+        if ensemble < 1 or batch_size < 1:
+            raise UserError(f"ensemble and batch_size must be at least 1, got {ensemble} and {batch_size}")
+        self.engine, self.model = engine, model
+        self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label)
+        self.load_seconds = load_seconds
+
+    @classmethod
+    def load(cls, model: str | Path | Engine | None = None, engine: str | None = None, device: str = "auto", *,
+             threads: int | None = DEFAULT_THREADS, notify: Callable[[str], None] | None = None,
+             **settings) -> Segmenter:
+        """The model of a file (.safetensors: torch, .onnx: onnxruntime, .plan/.engine: TensorRT; `engine`
+        forces one), or the bundled default when `model` is None. `threads`: CPU threads of torch (for the
+        whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label."""
+        opened, path, seconds = load_engine(model, engine, device, threads, notify)
+        return cls(opened, path, load_seconds=seconds, **settings)
+
+    def describe(self) -> str:
+        return describe(self.engine, self.model)
+
+    def run_info(self) -> dict:
+        """What summary.json says about the engine and model."""
+        cfg = self.engine.config
+        return {"engine": self.engine.name, "model": None if self.model is None else str(self.model),
+                "image_size": cfg.image_size, "regions": self.engine.num_regions, "device": str(self.engine.device),
+                "seconds": {"load": round(self.load_seconds, 3)}}
+
+    def __call__(self, images, *, fg_channels: list[int] | None = None, progress: bool = False) -> Segmentation:
+        """Segment one image or a list: file paths (a folder: every image in it, sorted), PIL images, numpy
+        arrays [H, W] / [H, W, 3|4] or torch tensors [H, W] / [1|3|4, H, W] (uint8, or float in [0, 1]; a 4-D
+        array or tensor is a batch), of any size. The foreground is `fg_channels`, or every channel but the
+        one most present on the image borders over these images. An unreadable file is an error."""
+        k = self.engine.num_regions
+        check_channels(fg_channels, k)
+        report = FileReport()
+        inputs = collect_inputs(as_list(images), report, lambda _: None, dedupe=False)
+        if report.failed:
+            raise UserError(f"{report.failed[0][0]}: {report.failed[0][1]}")
+
+        def unreadable(item: InputImage, reason: str):
+            raise UnreadableImage(item.name, reason)
+
+        start = time.perf_counter()
+        items: list[Segmented] = []
+        border_sum = torch.zeros(k, dtype=torch.float64)
+        for batch in segment_batches(self.engine, inputs, self.settings, unreadable, progress):
+            border_sum += border_shares(torch.stack([item.masks for item in batch]))
+            items += batch
+        chosen = sorted(set(fg_channels)) if fg_channels else foreground_channels(border_sum) if items else []
+        border = [round(float(v) / max(1, len(items)), 4) for v in border_sum]
+        return Segmentation(items, chosen, border, bool(fg_channels), self.run_info(), self.settings,
+                            time.perf_counter() - start)
+
+    def segment_files(self, paths: list[str | Path], out: str | Path, options: OutputOptions = OutputOptions(), *,
+                      fg_channels: list[int] | None = None, limit: int | None = None,
+                      warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
+        """A run over files that writes each image's files as it goes (nothing kept in memory), then
+        summary.json: what `fdm-infer segment` does. Unreadable files are skipped with a warning."""
+        return segment_files(self.engine, paths, out, self.settings, options, fg_channels=fg_channels, limit=limit,
+                             run=self.run_info(), warn=warn, progress=progress)
+
+
+def as_list(images) -> list:
+    """One image or several as a list: a path, a PIL image and a 2-D/3-D array or tensor are one image; a
+    4-D array or tensor is a batch."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)
+
+
+class Segmentation:
+    """The result of `Segmenter(images)`: one entry per image, in the order given (folders expanded)."""
+
+    def __init__(self, items: list[Segmented], fg_channels: list[int], border_share: list[float], given: bool,
+                 run: dict, settings: SegmentSettings, seconds: float):
+        self.items = items
+        self.fg_channels = fg_channels  # the foreground channels
+        self.border_share = border_share  # each channel's mean share of the image borders
+        self._given, self._run, self._settings, self._seconds = given, run, settings, seconds
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> list[np.ndarray]:
+        """Per image, uint8 [H, W]: the label (0..K-1) of every pixel, at the input's resolution."""
+        return [item.labels for item in self.items]
+
+    @property
+    def soft(self) -> list[np.ndarray]:
+        """Per image, float32 [K, H, W]: the soft masks at the input's resolution (they sum to 1 over K)."""
+        return [item.soft for item in self.items]
+
+    @property
+    def foreground(self) -> list[np.ndarray]:
+        """Per image, bool [H, W]: the pixels whose label is a foreground channel."""
+        return [np.isin(item.labels, self.fg_channels) for item in self.items]
+
+    def _summary(self, entries: list[dict]) -> dict:
+        report = SegmentReport(written=len(self.items), seconds=self._seconds, entries=entries,
+                               foreground=self.fg_channels, border_share=self.border_share)
+        return summary(self._run, self._settings, report, len(self.border_share), self._given)
+
+    def to_json(self, rle: str | None = None) -> str:
+        """summary.json's content (without output files): the run, and per image its input, size, region
+        shares and foreground; with `rle` ("compressed" or "uncompressed"), every label's COCO RLE."""
+        check_outputs(OutputOptions(rle=rle), None, len(self.border_share))
+        entries = []
+        for item in self.items:
+            entries.append(image_entry(item, rle))
+            add_foreground(entries[-1], self.fg_channels, None, Path())
+        return summary_json(self._summary(entries))
+
+    def save(self, out: str | Path, *, save_soft: bool = False, save_channels: bool = False, foreground: bool = False,
+             rle: str | None = None) -> Path:
+        """Writes the files of `fdm-infer segment` into `out` (<key>_labels.png, <key>_overlay.png, and as
+        asked _soft.npz, _channels.png, _fg.png) and summary.json; returns summary.json's path."""
+        out = Path(out)
+        options = OutputOptions(save_soft, save_channels, foreground, rle)
+        check_outputs(options, None, len(self.border_share))
+        ensure_writable(out)
+        entries = []
+        for item in self.items:
+            entries.append(write_segmented(out, item, options))
+            fg_file = write_foreground_mask(out, item.key, item.labels, self.fg_channels) if foreground else None
+            add_foreground(entries[-1], self.fg_channels, fg_file, out)
+        return write_summary(out, self._summary(entries))
+
+
+# ----- generation -----
+
+@dataclass
+class Generation:
+    """Generated images with their masks (at the model's resolution)."""
+    result: SampleResult  # the sampler's tensors: images [N, C, S, S] in [-1, 1], masks [N, K, S, S]
+    classes: torch.Tensor | None  # the class of each sample (class-conditional models)
+    seconds: float
+
+    @property
+    def images(self) -> np.ndarray:
+        """uint8 [N, S, S, 3]."""
+        return images_to_uint8(self.result.images)
+
+    @property
+    def soft(self) -> np.ndarray:
+        """float32 [N, K, S, S]: the masks of the last denoising step (they sum to 1 over K)."""
+        return self.result.masks.numpy()
+
+    @property
+    def labels(self) -> np.ndarray:
+        """uint8 [N, S, S]."""
+        return self.result.masks.argmax(1).numpy().astype(np.uint8)
+
+    def save(self, out: str | Path) -> list[Path]:
+        """sample_NNNN.png, sample_NNNN_labels.png, grid.png (and trajectory.png when recorded)."""
+        return write_samples(Path(out), self.result, self.classes, save_trajectory=bool(self.result.trajectory))
+
+
+def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: str | None = None, device: str = "auto",
+             threads: int | None = DEFAULT_THREADS, steps: int = 1000, sampler: str = "ddpm", seed: int = 0,
+             batch_size: int = 16, classes: list[int] | None = None, trajectory: bool = False,
+             progress: Callable[[int], None] | None = None, notify: Callable[[str], None] | None = None) -> Generation:
+    """n samples with their masks from a model file (as `Segmenter.load` opens it; None: the bundled
+    default): DDPM ancestral sampling with `steps` steps, or DDIM (`sampler="ddim"`). The same seed, n,
+    batch_size, steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record
+    the predicted images and masks along the reverse process (saved as trajectory.png). `progress` is
+    called with 1 after every step."""
+    diffusion = GaussianDiffusion()
+    check_steps(diffusion, steps)
+    opened, _, _ = load_engine(model, engine, device, threads, notify)
+    every = max(1, len(diffusion.timesteps(steps)) // 10) if trajectory else 0
+    start = time.perf_counter()
+    result, y = sample(opened, n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, classes=classes,
+                       trajectory_every=every, progress=progress, diffusion=diffusion)
+    return Generation(result, y, time.perf_counter() - start)

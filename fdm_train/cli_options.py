@@ -1,0 +1,72 @@
+"""What the three command lines (fdm-train, fdm-export, fdm-infer) share, so that an option means the
+same everywhere: the context settings (-h, defaults shown), --version, a bare command printing its
+help, -q/--quiet, --threads, --limit, and options that were renamed (the old spelling still works,
+with a note)."""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+import click
+
+from fdm_train.util import DEFAULT_THREADS
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def package_version() -> str:
+    try:
+        return version("fdm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def version_option(f):
+    return click.version_option(package_version(), "--version", message="%(prog)s %(version)s")(f)
+
+
+class HelpGroup(click.Group):
+    """A group that prints its help (exit status 0) when run without arguments."""
+
+    def parse_args(self, ctx, args):
+        if not args and not ctx.resilient_parsing:
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
+
+class RenamingCommand(click.Command):
+    """A command that still accepts the old spelling of a renamed option: `renamed` maps old -> new;
+    the old one is rewritten before parsing and a one-line note says what to write instead."""
+
+    def __init__(self, *args, renamed: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.renamed = renamed or {}
+
+    def parse_args(self, ctx, args):
+        fixed = []
+        for arg in args:
+            name, eq, value = arg.partition("=")
+            if name in self.renamed:
+                click.echo(f"{ctx.command_path}: note: {name} is now {self.renamed[name]}", err=True)
+                arg = self.renamed[name] + eq + value
+            fixed.append(arg)
+        return super().parse_args(ctx, fixed)
+
+
+def quiet_option(f):
+    return click.option("-q", "--quiet", is_flag=True,
+                        help="No progress bars or progress messages (results, warnings and errors still print).")(f)
+
+
+def threads_option(f):
+    return click.option("--threads", type=click.IntRange(1), default=DEFAULT_THREADS,
+                        help="CPU threads of torch (and onnxruntime) [default: torch's own choice: OMP_NUM_THREADS "
+                             "when set, else one per core]. On a machine shared with other jobs, 1 is often "
+                             "fastest.")(f)
+
+
+def limit_option(what: str = "images"):
+    def decorate(f):
+        return click.option("--limit", type=click.IntRange(1), default=None,
+                            help=f"Use only the first N {what} (in sorted order).")(f)
+    return decorate
