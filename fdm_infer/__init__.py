@@ -1,13 +1,8 @@
 """fdm inference: segmentation and generation with any engine, the `fdm-infer` CLI and the Python API
-(`from fdm_infer import Segmenter, generate`; see fdm_infer.api). The API is imported on first use, so
-that the command line starts without it."""
+(fdm_infer.api): `from fdm_infer import Segmenter, generate`."""
 
-__all__ = ["Segmenter", "Segmentation", "Generation", "generate"]
+# Bound after the submodules load, so that `fdm_infer.generate` is the API's function (the sampling
+# code stays importable as before: `from fdm_infer.generate import ...`).
+from fdm_infer.api import Generation, Segmentation, Segmenter, generate
 
-
-def __getattr__(name: str):
-    if name in __all__:
-        from fdm_infer import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'fdm_infer' has no attribute {name!r}")
+__all__ = ["Generation", "Segmentation", "Segmenter", "generate"]

@@ -1,0 +1,209 @@
+"""CPU threads: training and sampling speed with 1 and 2 torch threads, on an idle machine and beside a
+competing CPU-bound process, to choose the default of `--threads` (DEFAULT_THREADS in fdm_train/util.py).
+
+    python benchmarks/threads.py                            # writes benchmarks/results/threads.md and .json
+    python benchmarks/threads.py --quick       # a rehearsal (a few minutes; its figures mean nothing)
+
+Run it on an otherwise quiet machine: "idle" means nothing else runs. Each measurement is a fresh process
+(`--worker`) with OMP_NUM_THREADS and torch.set_num_threads at the thread count:
+* train: the tiny-32 preset (K=3, the default recipe), batch 32: forward, backward and Adam on fixed random
+  images; images/s over the timed steps after the warm-up steps;
+* sample: a DDIM run of a few steps on a small batch (random tiny-32 weights, the torch engine as
+  `fdm-infer generate` uses it); seconds per run, the median of the repeats.
+"Contended": the script first starts a competitor, another python process doing float32 matrix
+products on 2 threads without pause (what a second training run does to the cores), and stops it after
+the measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FULL = {"train_warmup": 3, "train_steps": 24, "train_batch": 32, "sample_images": 8, "sample_steps": 20,
+        "sample_repeats": 3}
+QUICK = {"train_warmup": 1, "train_steps": 2, "train_batch": 4, "sample_images": 2, "sample_steps": 2,
+         "sample_repeats": 1}
+COMPETITOR = """
+import sys, torch
+torch.set_num_threads(2)
+a = torch.randn(1024, 1024)
+print("ready", flush=True)
+while True:
+    a = (a @ a).clamp_(-1, 1)
+"""
+
+
+# ----- the measurements, each in its own process -----
+
+def measure_train(settings: dict) -> float:
+    """images/s of training steps of tiny-32 (fixed random images, the default recipe)."""
+    import torch
+
+    from fdm_train.config import preset
+    from fdm_train.diffusion import GaussianDiffusion
+    from fdm_train.model import build_model
+
+    torch.manual_seed(0)
+    cfg = preset("tiny-32")
+    model = build_model(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    diffusion = GaussianDiffusion()
+    batch = settings["train_batch"]
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    t = diffusion.sample_timesteps(batch, generator=g, power=2.0)
+    noise = torch.randn(x0.shape, generator=g)
+
+    def step():
+        loss, _ = diffusion.loss(model, x0, t, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(settings["train_warmup"]):
+        step()
+    start = time.perf_counter()
+    for _ in range(settings["train_steps"]):
+        step()
+    return settings["train_steps"] * batch / (time.perf_counter() - start)
+
+
+def measure_sample(settings: dict) -> float:
+    """Seconds of one DDIM run (median of the repeats, after one untimed run)."""
+    from fdm_infer.engines.torch_engine import TorchEngine
+    from fdm_infer.generate import generate
+    from fdm_infer.measure import random_model
+    from fdm_train.config import preset
+
+    engine = TorchEngine.from_model(random_model(preset("tiny-32")), device="cpu")
+
+    def run():
+        generate(engine, settings["sample_images"], steps=settings["sample_steps"], sampler="ddim", seed=0,
+                 batch_size=settings["sample_images"])
+
+    run()
+    times = []
+    for _ in range(settings["sample_repeats"]):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def worker(task: str, threads: int, settings: dict) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    value = measure_train(settings) if task == "train" else measure_sample(settings)
+    print(json.dumps({"task": task, "threads": torch.get_num_threads(), "value": value}))
+
+
+# ----- the driver -----
+
+def run_worker(task: str, threads: int, settings: dict) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, "--worker", task, "--threads", str(threads),
+                           "--settings", json.dumps(settings)], capture_output=True, text=True, env=env,
+                          timeout=3600)
+    if proc.returncode != 0:
+        raise SystemExit(f"threads.py: the {task} measurement with {threads} thread(s) failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result["threads"] != threads:
+        raise SystemExit(f"threads.py: asked for {threads} thread(s), torch used {result['threads']}")
+    return result["value"]
+
+
+def start_competitor() -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdout=subprocess.PIPE, text=True, env=env)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise SystemExit("threads.py: the competing process did not start")
+    return proc
+
+
+def measure_all(settings: dict, thread_counts: list[int], log) -> list[dict]:
+    rows = []
+    for condition in ("idle", "contended"):
+        competitor = start_competitor() if condition == "contended" else None
+        try:
+            for task in ("train", "sample"):
+                for threads in thread_counts:
+                    value = run_worker(task, threads, settings)
+                    rows.append({"task": task, "condition": condition, "threads": threads, "value": value})
+                    log(f"{task:6s} {condition:9s} {threads} thread(s): "
+                        + (f"{value:.1f} images/s" if task == "train" else f"{value:.2f} s per run"))
+        finally:
+            if competitor is not None:
+                competitor.kill()
+                competitor.wait()
+    return rows
+
+
+def markdown(result: dict) -> str:
+    s, env = result["settings"], result["environment"]
+    lines = [f"# CPU threads: training and sampling with {', '.join(map(str, result['threads']))} threads",
+             "", f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, Python {env['python']}; "
+             f"load average before the run {env['load_before']:.2f}." + (" QUICK REHEARSAL: the figures mean nothing."
+                                                                           if result["quick"] else ""), "",
+             f"* train: tiny-32, batch {s['train_batch']}, {s['train_steps']} timed steps after {s['train_warmup']} "
+             "warm-up steps: images/s (higher is better);",
+             f"* sample: DDIM, {s['sample_steps']} steps, {s['sample_images']} images, median of "
+             f"{s['sample_repeats']} runs: seconds per run (lower is better);",
+             "* contended: beside another process doing float32 matmuls on 2 threads.", "",
+             "| task | threads | idle | contended | contended vs idle |", "|---|---|---|---|---|"]
+    by_key = {(r["task"], r["condition"], r["threads"]): r["value"] for r in result["rows"]}
+    for task, unit in (("train", "images/s"), ("sample", "s")):
+        for threads in result["threads"]:
+            idle, busy = by_key[(task, "idle", threads)], by_key[(task, "contended", threads)]
+            slowdown = idle / busy if task == "train" else busy / idle
+            lines.append(f"| {task} | {threads} | {idle:.2f} {unit} | {busy:.2f} {unit} | {slowdown:.1f}x slower |")
+    lines += ["", "The default (`DEFAULT_THREADS` in fdm_train/util.py; None leaves torch's own choice, one thread "
+              "per core or OMP_NUM_THREADS) is the thread count that is not badly hurt when the cores are shared."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="Tiny settings: checks that the script runs.")
+    p.add_argument("--out", default=None,
+                   help="Output folder for threads.md and threads.json [default: benchmarks/results; with --quick, "
+                        "a folder in the system's temporary directory, so that a rehearsal is never committed].")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="Thread counts to compare.")
+    p.add_argument("--worker", choices=["train", "sample"], help=argparse.SUPPRESS)
+    p.add_argument("--settings", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a.worker, a.threads[0], json.loads(a.settings))
+        return
+    from fdm_infer.measure import cpu_name
+
+    import torch
+
+    settings = QUICK if a.quick else FULL
+    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+           "load_before": os.getloadavg()[0]}
+    rows = measure_all(settings, a.threads, lambda line: print(line, flush=True))
+    result = {"quick": a.quick, "settings": settings, "threads": a.threads, "environment": env, "rows": rows}
+    default_out = Path(tempfile.gettempdir()) / "fdm-threads-quick" if a.quick else ROOT / "benchmarks" / "results"
+    out = Path(a.out) if a.out else default_out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "threads.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "threads.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"-> {out / 'threads.md'}, {out / 'threads.json'}")
+
+
+if __name__ == "__main__":
+    main()
