@@ -187,9 +187,9 @@ def main(argv=None):
     if a.worker:
         worker(a.worker, a.threads[0], json.loads(a.settings))
         return
-    from fdm_infer.measure import cpu_name
-
     import torch
+
+    from fdm_infer.measure import cpu_name
 
     settings = QUICK if a.quick else FULL
     env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),

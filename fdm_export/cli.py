@@ -70,7 +70,8 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
 @click.argument("onnx_file", type=click.Path())
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
               help="Output file (TensorRT plan, .plan) [default: the ONNX file's path with .plan].")
-@click.option("--min-batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--min-batch", type=click.IntRange(1), default=1, show_default=True,
+              help="Smallest batch one call runs (smaller ones are padded).")
 @click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True,
               help="Batch size TensorRT tunes its kernels for.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,

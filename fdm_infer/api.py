@@ -29,16 +29,15 @@ from PIL import Image
 from fdm_infer.engines import open_model, placeholder_note
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import border_shares, foreground_channels
-from fdm_infer.generate import check_steps
+from fdm_infer.generate import check_steps, write_samples
 from fdm_infer.generate import generate as sample
-from fdm_infer.generate import write_samples
 from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs, ensure_writable
 from fdm_infer.segment import (
     DEFAULT_T,
     OutputOptions,
+    Segmented,
     SegmentReport,
     SegmentSettings,
-    Segmented,
     add_foreground,
     check_channels,
     check_outputs,
@@ -145,7 +144,7 @@ class Segmenter:
         return Segmentation(items, chosen, border, bool(fg_channels), self.run_info(), self.settings,
                             time.perf_counter() - start)
 
-    def segment_files(self, paths: list[str | Path], out: str | Path, options: OutputOptions = OutputOptions(), *,
+    def segment_files(self, paths: list[str | Path], out: str | Path, options: OutputOptions | None = None, *,
                       fg_channels: list[int] | None = None, limit: int | None = None,
                       warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
         """A run over files that writes each image's files as it goes (nothing kept in memory), then

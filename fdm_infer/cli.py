@@ -141,7 +141,8 @@ def generate(count, steps, sampler, seed, batch_size, out, classes, save_traject
               help="How the two noisy latents are mixed (DDPM: linear).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000,
               help="Steps of the full schedule (only those at or below --t run).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
+              help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic.")
 @click.option("--seed", type=int, default=0, help="Seed of the forward noise and of the reverse process.")
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
               help="Class, for class-conditional models.")
@@ -181,7 +182,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_la
 BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "onnx", "trt"]
 
 
-@main_group.command(cls=RenamingCommand, renamed={"--out-dir": "-o/--out"})
+@main_group.command(cls=RenamingCommand, renamed={"--out-dir": "--out"})
 @click.option("--preset", "presets", multiple=True, default=["paper-64"],
               help="Model preset (repeatable); random weights.")
 @click.option("--model", "--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,

@@ -257,7 +257,7 @@ def check_outputs(options: OutputOptions, fg_channels: list[int] | None, k: int)
 # ----- a run over files -----
 
 def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
-                  settings: SegmentSettings = SegmentSettings(), options: OutputOptions = OutputOptions(), *,
+                  settings: SegmentSettings | None = None, options: OutputOptions | None = None, *,
                   fg_channels: list[int] | None = None, limit: int | None = None, run: dict | None = None,
                   warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
     """Segment every image under `paths` (the first `limit`), writing each one's files into `out` as it
@@ -265,6 +265,7 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
     (`run`: what it says about the engine and model). A file that cannot be read or written is skipped
     with a warning and reported in `failed`."""
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+    settings, options = settings or SegmentSettings(), options or OutputOptions()
     out = Path(out)
     check_outputs(options, fg_channels, engine.num_regions)
     check_class(engine, settings.class_label)

@@ -15,7 +15,7 @@ from fdm_train.config import DEFAULT_PRESET, DEFAULT_REGION_CODES, DEFAULT_T_POW
 from fdm_train.errors import DefaultGroup, run_cli
 
 # Options renamed for the same spelling across fdm-train, fdm-export and fdm-infer.
-OUTPUT_RENAMED = {"--output": "-o/--out"}
+OUTPUT_RENAMED = {"--output": "--out"}
 
 
 def model_options(f):
@@ -143,7 +143,8 @@ def prepare_data(folder, output, size, limit, workers, quiet):
               help="a: a striped ellipse on a smooth gradient (2 regions); b: a striped ellipse and a "
                    "checkered rectangle (3 regions); c: a striped ellipse on speckle of the same mean color "
                    "(2 regions, texture only).")
-@click.option("--count", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True)
+@click.option("--count", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True,
+              help="Number of scenes.")
 @click.option("--size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Image size S (S x S).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The scenes are a function of the seed.")
 @quiet_option

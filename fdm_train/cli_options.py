@@ -47,8 +47,10 @@ class RenamingCommand(click.Command):
         for arg in args:
             name, eq, value = arg.partition("=")
             if name in self.renamed:
-                click.echo(f"{ctx.command_path}: note: {name} is now {self.renamed[name]}", err=True)
-                arg = self.renamed[name] + eq + value
+                new = self.renamed[name]
+                spellings = next((p.opts for p in self.params if new in p.opts), [new])
+                click.echo(f"{ctx.command_path}: note: {name} is now {'/'.join(spellings)}", err=True)
+                arg = new + eq + value
             fixed.append(arg)
         return super().parse_args(ctx, fixed)
 

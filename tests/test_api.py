@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
+from infer_helpers import tiny_checkpoint_fixture
 from PIL import Image
 
-from conftest import ROOT
 from fdm_infer import Segmenter, generate
 from fdm_infer.engines import DEFAULT_MODEL, engine_for, open_model
 from fdm_infer.generate import generate as sample
@@ -20,7 +21,6 @@ from fdm_train.checkpoint import read_checkpoint, save_checkpoint
 from fdm_train.config import preset
 from fdm_train.errors import UserError
 from fdm_train.model import build_model
-from infer_helpers import tiny_checkpoint_fixture
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 

@@ -37,6 +37,16 @@ def test_bench_smoke_checks_every_variant_that_runs(tmp_path):
     assert result.stdout.endswith(table)
     assert "nan" not in table.lower()
     assert "| tiny-32 | plain U-Net | fused fp32 | 2 |" in table
+    # The engines side by side first: images/s and parity against the fp32 torch reference, per batch.
+    side = table.split("All measurements:")[0]
+    assert "| preset | engine | variant | batch | images/s | parity (max abs diff vs fp32 torch) | status |" in side
+    for r in ran:
+        if r["model"] == "factorized":
+            assert r["parity"] == max(r["err_eps"], r["err_masks"])
+            assert (f"| tiny-32 | {r['engine']} | {r['variant']} | {r['batch']} | {r['images_per_s']:.1f} | "
+                    f"{r['parity']:.1e} | ok |") in side
+    trt = [r for r in rows if r["engine"] == "trt"]
+    assert [r["batch"] for r in trt] == [1, 2] and all(r["status"].startswith("skipped: ") for r in trt)
 
 
 def test_the_script_runs_the_command(tmp_path):

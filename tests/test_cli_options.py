@@ -1,0 +1,239 @@
+"""The options the three command lines share (-o/--out, --limit, -q, --threads, --version, help without
+arguments, defaults shown), the renamed options (the old spelling still works, with a note), and what a
+command says about its model and its --t."""
+import importlib.metadata
+import json
+import sys
+
+import click
+import numpy as np
+import pytest
+import torch
+from infer_helpers import Result, tiny_checkpoint_fixture
+from PIL import Image
+
+from fdm_export import cli as export_cli
+from fdm_infer import cli as infer_cli
+from fdm_train import cli as train_cli
+from fdm_train.checkpoint import read_checkpoint, save_checkpoint
+from fdm_train.config import preset
+from fdm_train.data import open_images
+from fdm_train.model import build_model
+
+tiny_checkpoint = tiny_checkpoint_fixture()
+CLIS = {"fdm-train": train_cli, "fdm-export": export_cli, "fdm-infer": infer_cli}
+
+
+def run(prog, capsys, monkeypatch, *args) -> Result:
+    """A command line in-process through its console-script entry point (exit codes and one-line errors
+    as a user sees them)."""
+    monkeypatch.setattr(sys, "argv", [prog, *map(str, args)])
+    capsys.readouterr()
+    code = 0
+    try:
+        CLIS[prog].main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)
+
+
+def images(folder, n, size=(20, 30)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def commands():
+    for prog, module in CLIS.items():
+        for name, command in module.main_group.commands.items():
+            yield prog, name, command
+
+
+def options(command) -> dict[str, click.Option]:
+    return {opt: p for p in command.params if isinstance(p, click.Option) for opt in p.opts}
+
+
+# ----- the same options everywhere -----
+
+@pytest.mark.parametrize("prog", CLIS)
+def test_version_and_help_without_arguments(prog, capsys, monkeypatch):
+    r = run(prog, capsys, monkeypatch, "--version")
+    assert r.code == 0 and r.out.strip() == f"{prog} {importlib.metadata.version('fdm')}"
+    r = run(prog, capsys, monkeypatch)
+    assert r.code == 0 and r.out.startswith(f"Usage: {prog} ") and "Commands:" in r.out and not r.err
+
+
+def test_every_command_spells_the_shared_options_the_same():
+    folder_readers = {("fdm-infer", "segment"), ("fdm-infer", "evaluate"), ("fdm-infer", "baseline"),
+                      ("fdm-infer", "fid"), ("fdm-train", "train"), ("fdm-train", "prepare-data")}
+    threaded = {("fdm-infer", n) for n in ("segment", "generate", "interpolate", "evaluate", "bench", "baseline", "fid")}
+    threaded.add(("fdm-train", "train"))
+    for prog, name, command in commands():
+        opts = options(command)
+        where = f"{prog} {name}"
+        writes = [p for p in command.params if isinstance(p, click.Option) and p.name in ("out", "output", "out_dir")]
+        for p in writes:
+            assert {"-o", "--out"} <= set(p.opts), where
+            assert "folder" in p.help.lower() or "file" in p.help.lower(), where
+        if name != "info":
+            assert {"-q", "--quiet"} <= set(opts), where
+        assert ("--limit" in opts) == ((prog, name) in folder_readers), where
+        assert ("--threads" in opts) == ((prog, name) in threaded), where
+        for p in command.params:
+            if isinstance(p, click.Option) and not p.hidden:
+                assert p.help, f"{where} {p.opts[0]} has no help"
+    for group in (train_cli.main_group, export_cli.main_group, infer_cli.main_group):
+        assert group.context_settings["show_default"] is True
+
+
+def test_training_options_have_help_and_show_their_defaults(capsys, monkeypatch):
+    r = run("fdm-train", capsys, monkeypatch, "train", "--help")
+    assert r.code == 0
+    text = " ".join(r.out.split())
+    for fragment in ("--seed INTEGER Seed of the initial weights", "[default: 0]", "--save-every",
+                     "resumes from there. [default: 1000", "--log-every", "log.jsonl every N steps. [default: 10",
+                     "-o, --out DIRECTORY Run folder", "--threads", "--limit"):
+        assert fragment in text, fragment
+
+
+def test_train_passes_limit_threads_and_quiet_to_the_run(monkeypatch, capsys, tmp_path):
+    import fdm_train.train
+
+    seen = {}
+
+    def fake_train(opts):
+        seen["opts"] = opts
+        return {"rank": 0, "step": 0, "loss": 0.0, "checkpoint": "x"}
+
+    monkeypatch.setattr(fdm_train.train, "train", fake_train)
+    r = run("fdm-train", capsys, monkeypatch, "--data", tmp_path, "-o", tmp_path / "run", "--limit", 3,
+            "--threads", 1, "-q")
+    assert r.code == 0, r.err
+    opts = seen["opts"]
+    assert (opts.limit, opts.threads, opts.progress, opts.out) == (3, 1, False, str(tmp_path / "run"))
+    folder = images(tmp_path / "data", 5)
+    dataset = open_images(folder, 16, limit=3)
+    assert [p.name for p in dataset.files] == ["im0.png", "im1.png", "im2.png"] and len(dataset) == 3
+
+
+def test_threads_reach_torch_and_onnxruntime(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from fdm_export.onnx_export import export_onnx
+    from fdm_infer.engines import open_engine
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        r = run("fdm-infer", capsys, monkeypatch, "segment", images(tmp_path / "in", 1), "--model", tiny_checkpoint,
+                "-o", tmp_path / "out", "--threads", 1)
+        assert r.code == 0, r.err
+        assert torch.get_num_threads() == 1
+        assert json.loads((tmp_path / "out" / "summary.json").read_text())["run"]["threads"] == 1
+        export_onnx(tiny_checkpoint, tmp_path / "m.onnx", check=False)
+        engine = open_engine("onnx", tmp_path / "m.onnx", device="cpu", threads=1)
+        assert engine.session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_limit_takes_the_first_images(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    folder = images(tmp_path / "in", 5)
+    r = run("fdm-infer", capsys, monkeypatch, "segment", folder, "--model", tiny_checkpoint, "-o", tmp_path / "out",
+            "--limit", 2)
+    assert r.code == 0 and "segmented 2 image(s)" in r.out, r.err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [e["input"] for e in summary["images"]] == [str(folder / "im0.png"), str(folder / "im1.png")]
+    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "-o", tmp_path / "c.npy", "--size", 8,
+            "--limit", 3, "--workers", 1)
+    assert r.code == 0, r.err
+    assert np.load(tmp_path / "c.npy").shape == (3, 3, 8, 8)
+
+
+# ----- renamed options -----
+
+def test_renamed_options_still_work_with_a_note(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    folder = images(tmp_path / "in", 2)
+    r = run("fdm-infer", capsys, monkeypatch, "segment", folder, "--checkpoint", tiny_checkpoint, "-o",
+            tmp_path / "seg", "--channels")
+    assert r.code == 0, r.err
+    assert r.err_lines == ["fdm-infer segment: note: --channels is now --save-channels"]
+    assert sorted(p.name for p in (tmp_path / "seg").glob("*_channels.png")) == ["im0_channels.png", "im1_channels.png"]
+    r = run("fdm-infer", capsys, monkeypatch, "segment", folder, "--model", tiny_checkpoint, "-o", tmp_path / "seg2",
+            "--save-channels")
+    assert r.code == 0 and not r.err and len(list((tmp_path / "seg2").glob("*_channels.png"))) == 2
+    for a, b in (("seg", "seg2"),):
+        for name in ("im0_labels.png", "im1_channels.png"):  # --checkpoint and --model: the same model
+            assert (tmp_path / a / name).read_bytes() == (tmp_path / b / name).read_bytes()
+
+    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "--output", tmp_path / "c.npy", "--size", 8,
+            "--workers", 1)
+    assert r.code == 0 and "fdm-train prepare-data: note: --output is now -o/--out" in r.err
+    assert np.load(tmp_path / "c.npy").shape == (2, 3, 8, 8)
+    r = run("fdm-train", capsys, monkeypatch, "synth", "--output=" + str(tmp_path / "s.npy"), "--count", 2,
+            "--size", 8)
+    assert r.code == 0 and "--output is now -o/--out" in r.err and (tmp_path / "s.npy").is_file()
+    r = run("fdm-train", capsys, monkeypatch, "slim", tiny_checkpoint, "--output", tmp_path / "slim.safetensors")
+    assert r.code == 0 and "--output is now -o/--out" in r.err
+    assert read_checkpoint(tmp_path / "slim.safetensors")[0] == preset("tiny-32")
+    r = run("fdm-infer", capsys, monkeypatch, "bench", "--preset", "tiny-32", "--batch", 1, "--variant", "fused",
+            "--no-sampling", "--no-plain", "--repeats", 3, "--budget", 0.1, "--out-dir", tmp_path / "bench", "-q")
+    assert r.code == 0 and r.err_lines == ["fdm-infer bench: note: --out-dir is now -o/--out"], r.err
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"][0]["status"] == "ok"
+
+
+# ----- what a command says -----
+
+def test_a_placeholder_model_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    cfg = preset("tiny-32")
+    full = tmp_path / "full.safetensors"
+    save_checkpoint(full, cfg, build_model(cfg).state_dict(), None, step=0)
+    r = run("fdm-train", capsys, monkeypatch, "slim", full, "-o", tmp_path / "p.safetensors", "--placeholder",
+            "untrained weights, the masks mean nothing")
+    assert r.code == 0, r.err
+    r = run("fdm-infer", capsys, monkeypatch, "segment", images(tmp_path / "in", 1), "--model",
+            tmp_path / "p.safetensors", "-o", tmp_path / "out")
+    assert r.code == 0
+    assert r.err_lines == ["fdm-infer: note: p.safetensors is a placeholder model: untrained weights, the masks "
+                           "mean nothing"]
+    r = run("fdm-export", capsys, monkeypatch, "onnx", tmp_path / "p.safetensors", "-o", tmp_path / "p.onnx", "-q")
+    assert r.code == 0 and "parity" not in r.out, r.out
+    r = run("fdm-infer", capsys, monkeypatch, "generate", "-n", 1, "--steps", 2, "--model", tmp_path / "p.onnx",
+            "-o", tmp_path / "gen")
+    assert r.code == 0 and r.err_lines == ["fdm-infer: note: p.onnx is a placeholder model: untrained weights, the "
+                                           "masks mean nothing"]
+    # Without the mark, nothing is said (the bundled default has none: see test_api).
+    r = run("fdm-infer", capsys, monkeypatch, "segment", tmp_path / "in", "--model", full, "-o", tmp_path / "o2")
+    assert r.code == 0 and not r.err
+
+
+def test_interpolate_says_which_t_it_used_and_refuses_one_that_denoises_nothing(tiny_checkpoint, tmp_path, capsys,
+                                                                                monkeypatch):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for path in (a, b):
+        Image.fromarray(np.random.default_rng(len(str(path))).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
+    grid = np.round(np.linspace(0, 999, 40)).astype(int)  # the 40-step schedule, independently
+    used = int(grid[grid <= 250].max())
+    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--t", 250, "--steps", 40, "--sampler", "ddim",
+            "--frames", 2, "--model", tiny_checkpoint, "-o", tmp_path / "i")
+    assert r.code == 0, r.err
+    assert r.err_lines == [f"fdm-infer: note: --t 250 is not a step of the 40-step schedule: interpolating from "
+                           f"t={used}, its largest step at or below --t"]
+    assert f"from t={used} " in r.out
+    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--t", 5, "--steps", 40, "--model",
+            tiny_checkpoint, "-o", tmp_path / "i")
+    assert r.code == 1 and len(r.err_lines) == 1 and r.err_lines[0].startswith("fdm-infer: error: --t 5")
+    assert f"give --t {int(grid[grid > 0].min())} or more" in r.err
+    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--t", 5, "--model", tiny_checkpoint, "-o",
+            tmp_path / "i", "--frames", 2, "--sampler", "ddim")  # 1000 steps: t=5 is a step
+    assert r.code == 0 and not r.err and "from t=5 " in r.out
+
+
+def test_unknown_model_suffix_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "model.pt").write_bytes(b"x")
+    r = run("fdm-infer", capsys, monkeypatch, "segment", images(tmp_path / "in", 1), "--model", tmp_path / "model.pt",
+            "-o", tmp_path / "out")
+    assert r.code == 1 and len(r.err_lines) == 1
+    assert r.err_lines[0].startswith("fdm-infer: error: cannot tell which engine runs model.pt")
+    assert "--engine" in r.err_lines[0]
