@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import subprocess
@@ -56,3 +57,25 @@ def test_the_script_runs_the_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "latency.json").read_text())["rows"]
     assert [(r["variant"], r["batch"], r["status"]) for r in rows] == [("fused fp32", 1, "ok"), ("fused fp32", 2, "ok")]
+
+
+def load_threads_script():
+    spec = importlib.util.spec_from_file_location("threads_benchmark", ROOT / "benchmarks" / "threads.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_threads_benchmark_measures_in_a_process_with_the_threads_asked():
+    threads = load_threads_script()
+    # A fresh process with OMP_NUM_THREADS and torch.set_num_threads at 2 (run_worker refuses another count).
+    assert threads.run_worker("sample", 2, threads.QUICK) > 0
+    rows = [{"task": "train", "condition": "idle", "threads": 1, "value": 20.0},
+            {"task": "train", "condition": "contended", "threads": 1, "value": 4.0},
+            {"task": "sample", "condition": "idle", "threads": 1, "value": 0.1},
+            {"task": "sample", "condition": "contended", "threads": 1, "value": 1.5}]
+    env = {"cpu": "x", "cores": 2, "torch": "t", "python": "p", "load_before": 0.0}
+    table = threads.markdown({"quick": False, "settings": threads.FULL, "threads": [1], "environment": env,
+                              "rows": rows})
+    assert "| train | 1 | 20.00 images/s | 4.00 images/s | 5.0x slower |" in table
+    assert "| sample | 1 | 0.10 s | 1.50 s | 15.0x slower |" in table
