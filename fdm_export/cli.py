@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from fdm_train.errors import run_cli
+from fdm_train.errors import FiniteFloatRange, run_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,13 +38,16 @@ def _batches(ctx, param, value: str) -> tuple[int, ...]:
               help="Compare onnxruntime with PyTorch on random inputs before writing the file.")
 @click.option("--check-batches", default="1,3", show_default=True, callback=_batches,
               help="Batch sizes of the parity check (all through the one exported graph).")
-@click.option("--tolerance", type=float, default=None,
+@click.option("--tolerance", type=FiniteFloatRange(0, min_open=True), default=None,
               help="Max abs error allowed by the check (default: 1e-4 fp32, 5e-2 fp16).")
-def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance):
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists (never the checkpoint).")
+def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance, overwrite):
     """Export CHECKPOINT's denoiser (x_t, t[, y]) -> (eps, masks) to ONNX with a dynamic batch."""
     from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
+    from fdm_train.util import check_output
 
     out = out or str(Path(checkpoint).with_suffix(".onnx"))
+    check_output(out, [checkpoint], overwrite)
     result = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
                          check_batches=check_batches, weights=weights, tolerance=tolerance)
     cfg = result.config
@@ -80,11 +83,15 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
 @click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the plan on random inputs and compare with onnxruntime (CPU) on the same ONNX file.")
-def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose, check):
+@click.option("--overwrite", is_flag=True, help="Replace the output plan if it exists (never the ONNX file).")
+def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose, check,
+        overwrite):
     """Build a TensorRT plan from an `fdm-export onnx` file (needs TensorRT and an NVIDIA GPU)."""
     from fdm_export.trt_build import build_plan, check_plan
+    from fdm_train.util import check_output
 
     out = out or str(Path(onnx_file).with_suffix(".plan"))
+    check_output(out, [onnx_file, *([timing_cache] if timing_cache else [])], overwrite)
     result = build_plan(onnx_file, out, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                         precision=precision, timing_cache=timing_cache, workspace_mib=workspace, tf32=tf32,
                         verbose=verbose)

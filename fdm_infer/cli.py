@@ -17,7 +17,8 @@ from fdm_infer.options import (
     segmentation_options,
     warn_line,
 )
-from fdm_train.errors import run_cli
+from fdm_train.data import MAX_PIXELS
+from fdm_train.errors import SEED, run_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +27,7 @@ def main_group():
 
 
 @main_group.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder; relative paths of images found in folders are mirrored under it.")
 @engine_options
@@ -37,8 +38,10 @@ def main_group():
                    "channel but the one most present on the image borders over all inputs) or by --fg-channel.")
 @click.option("--channels", is_flag=True,
               help="Also write <name>_channels.png: every mask channel on its own (paper Fig. 9).")
+@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
+              help="Skip (with a warning) images of more pixels than this, found before decoding them.")
 def segment(paths, out, engine_kind, checkpoint, model_file, device, t, seed, ensemble, batch_size, fg_channels,
-            class_label, quiet, save_soft, foreground, channels):
+            class_label, quiet, save_soft, foreground, channels, max_pixels):
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (uint8
     label map 0..K-1 at the image's own resolution) and <name>_overlay.png. The whole image is
     resized to the model's size (no crop), and the masks back to the image's size.
@@ -52,7 +55,8 @@ def segment(paths, out, engine_kind, checkpoint, model_file, device, t, seed, en
     engine, path = load_engine(engine_kind, checkpoint, model_file, device)
     report = segment_files(engine, list(paths), out, t=t, seed=seed, ensemble=ensemble, batch_size=batch_size,
                            save_soft=save_soft, foreground=foreground, fg_channels=list(fg_channels),
-                           channels=channels, class_label=class_label, warn=warn_line, progress=not quiet)
+                           channels=channels, class_label=class_label, max_pixels=max_pixels, warn=warn_line,
+                           progress=not quiet)
     click.echo(f"segmented {report.written} image(s) in {report.seconds:.1f} s "
                f"({report.images_per_s:.1f} images/s) with {describe(engine, path)}, t={t}, seed {seed}"
                + (f", ensemble {ensemble}" if ensemble > 1 else "") + f" -> {out}")
@@ -70,7 +74,7 @@ def segment(paths, out, engine_kind, checkpoint, model_file, device, t, seed, en
               help="Reverse-process steps (1000 = full DDPM; fewer = an evenly respaced schedule).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True,
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic, e.g. with --steps 50.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", default="samples", show_default=True, type=click.Path(file_okay=False))
 @click.option("--class", "classes", type=click.IntRange(0), multiple=True,
@@ -120,7 +124,7 @@ def generate(count, steps, sampler, seed, batch_size, out, classes, save_traject
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000, show_default=True,
               help="Steps of the full schedule (only those at or below --t run).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
               help="Class, for class-conditional models.")
 @click.option("--out", default="interpolation", show_default=True, type=click.Path(file_okay=False))

@@ -16,10 +16,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_train.data import IMAGE_EXTENSIONS, load_rgb, to_tensor
+from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, load_rgb, to_tensor
 from fdm_train.errors import UserError
 from fdm_train.util import one_line
 from fdm_train.visualize import PALETTE, overlay
+
+
+# What `segment` writes per image: <key><suffix>. A file under the output folder with such a name is
+# taken for an output of an earlier run, not an input.
+OUTPUT_SUFFIXES = {"labels": "_labels.png", "overlay": "_overlay.png", "soft": "_soft.npz",
+                   "channels": "_channels.png", "fg": "_fg.png"}
 
 
 class UnreadableImage(UserError):
@@ -57,13 +63,19 @@ class FileReport:
 def collect_inputs(paths: list[str | Path], report: FileReport, warn: Callable[[str], None],
                    exclude: Path | None = None) -> list[InputImage]:
     """Image files under `paths` (files taken as given, folders searched recursively, skipping the
-    folder `exclude`: the output folder, so a second run does not segment its own outputs), each with a
-    unique output key: its path relative to the folder it was found in (a file: its name), without
-    suffix; keys that would collide (a.jpg + a.png, or two folders with the same relative path) get
-    the suffix, then a counter. A path that holds no image goes to `report` as failed."""
+    outputs of an earlier run: files under the folder `exclude` named like an output, so that a second
+    run does not segment them), each with a unique output key: its path relative to the folder it was
+    found in (a file: its name), without suffix; keys that would collide (a.jpg + a.png, or two folders
+    with the same relative path) get the suffix, then a counter. A path that holds no image goes to
+    `report` as failed."""
     found: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
     skip = exclude.resolve() if exclude is not None else None
+
+    def earlier_output(p: Path) -> bool:
+        return (skip is not None and p.name.endswith(tuple(OUTPUT_SUFFIXES.values()))
+                and skip in p.resolve().parents)
+
     for arg in paths:
         root = Path(arg)
         if not root.exists():
@@ -73,8 +85,7 @@ def collect_inputs(paths: list[str | Path], report: FileReport, warn: Callable[[
             files = [(root, Path(root.name))]
         else:
             files = [(p, p.relative_to(root)) for p in sorted(root.rglob("*"))
-                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                     and not (skip is not None and skip in p.resolve().parents)]
+                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not earlier_output(p)]
             if not files:
                 report.fail(root, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder", warn)
         for path, rel in files:
@@ -107,19 +118,22 @@ def _unique_keys(relative: list[Path]) -> list[Path]:
     return out
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """An RGB image, or UnreadableImage (one line) for a missing or undecodable file."""
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB image, or UnreadableImage (one line) for a missing or undecodable file, or one of more than
+    `max_pixels` pixels (found before decoding)."""
     if not Path(path).is_file():
         raise UnreadableImage(path, "no such image")
     try:
-        return load_rgb(path)
+        return load_rgb(path, max_pixels)
+    except TooManyPixels as exc:
+        raise UnreadableImage(path, f"{exc} (--max-pixels)") from None
     except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
         raise UnreadableImage(path, f"not a readable image ({one_line(exc)})") from None
 
 
-def load_for_model(path: Path, size: int) -> tuple[torch.Tensor, np.ndarray]:
+def load_for_model(path: Path, size: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, np.ndarray]:
     """(model input [3, S, S] in [-1, 1], the full-resolution RGB uint8 image [H, W, 3])."""
-    img = read_image(path)
+    img = read_image(path, max_pixels)
     small = img.resize((size, size), Image.Resampling.BICUBIC)
     return to_tensor(small), np.asarray(img, dtype=np.uint8)
 
@@ -155,11 +169,31 @@ def save_labels(labels: np.ndarray, path: Path) -> None:
     save_png(Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L"), path)
 
 
+def output_paths(out: Path, key: Path, kinds) -> list[Path]:
+    """The files of `kinds` (keys of OUTPUT_SUFFIXES) one image writes."""
+    return [out / f"{key}{OUTPUT_SUFFIXES[kind]}" for kind in kinds]
+
+
+def label_map(masks: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W]: the argmax over K of the soft masks [K, S, S] resized to `size`, one channel at a
+    time, so that a large image never holds K float copies of itself."""
+    best = labels = None
+    for k in range(masks.shape[0]):
+        channel = resize_masks(masks[k:k + 1], size)[0]
+        if best is None:
+            best, labels = channel, torch.zeros(size, dtype=torch.uint8)
+        else:
+            higher = channel > best  # ties keep the lower channel, as argmax does
+            labels[higher] = k
+            best = torch.maximum(best, channel)
+    return labels.numpy()
+
+
 def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, *, save_soft: bool = False,
                   channels: bool = False) -> np.ndarray:
     """Writes one image's label map and overlay (and soft masks / channel view); returns the labels."""
     h, w = image.shape[:2]
-    labels = resize_masks(masks, (h, w)).argmax(0).numpy().astype(np.uint8)
+    labels = label_map(masks, (h, w))
     save_labels(labels, out / f"{key}_labels.png")
     save_png(overlay(image, labels), out / f"{key}_overlay.png")
     if save_soft:

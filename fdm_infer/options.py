@@ -9,8 +9,8 @@ import click
 
 from fdm_infer.engines import ENGINES
 from fdm_infer.segment import DEFAULT_T
-from fdm_train.errors import UserError
-from fdm_train.util import one_line
+from fdm_train.errors import SEED, UserError
+from fdm_train.util import one_line, pick_device
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "default.safetensors"
 
@@ -40,7 +40,7 @@ def segmentation_options(f):
     f = click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)(f)
     f = click.option("--ensemble", type=click.IntRange(1), default=1, show_default=True,
                      help="Average the soft masks over N seeds (seed..seed+N-1).")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True,
+    f = click.option("--seed", type=SEED, default=0, show_default=True,
                      help="Seed of the noise (the same for every image).")(f)
     f = click.option("--t", "t", type=click.IntRange(0, 999), default=DEFAULT_T, show_default=True,
                      help="Noise level the images are taken to before the one forward pass.")(f)
@@ -71,6 +71,8 @@ def load_engine(engine_kind: str, checkpoint: str | None, model_file: str | None
     from fdm_infer.engines import open_engine
 
     path = model_path(engine_kind, checkpoint, model_file)
+    if device != "auto":
+        pick_device(device)  # an unknown or absent device is the flag's fault, not the file's
     try:
         return open_engine(engine_kind, path, device=device), path
     except (RuntimeError, AssertionError) as exc:  # e.g. an unavailable device

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +26,11 @@ from fdm_infer.images import (
     collect_inputs,
     ensure_writable,
     load_for_model,
+    output_paths,
     save_png,
     write_outputs,
 )
-from fdm_train.data import IMAGE_EXTENSIONS
+from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
 
@@ -100,7 +101,8 @@ class SegmentReport(FileReport):
 def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t: int = DEFAULT_T, seed: int = 0,
                   ensemble: int = 1, batch_size: int = 16, save_soft: bool = False, foreground: bool = False,
                   fg_channels: list[int] | None = None, channels: bool = False, class_label: int | None = None,
-                  warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
+                  max_pixels: int = MAX_PIXELS, warn: Callable[[str], None] | None = None,
+                  progress: bool = True) -> SegmentReport:
     """Segment every image under `paths`; per image write into `out` (relative paths mirrored):
       <key>_labels.png   uint8 label map (0..K-1) at the input's resolution
       <key>_overlay.png  the image blended with the colored labels
@@ -108,12 +110,13 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
       <key>_channels.png (channels) the per-channel mask view (paper Fig. 9)
       <key>_fg.png       (foreground) binary foreground mask (0/255): `fg_channels`, or the channels
                          chosen over the whole set by fdm_infer.foreground
-    A file that cannot be read or written is skipped with a warning and reported in `failed`."""
+    A file that cannot be read or written, that has more than `max_pixels` pixels, or whose output
+    would replace one of the inputs, is skipped with a warning and reported in `failed`. A batch holds
+    at most `batch_size` images and, beyond its first image, at most `max_pixels` full-resolution pixels."""
     from tqdm import tqdm
 
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     out = Path(out)
-    cfg = engine.config
     check_channels(fg_channels, engine.num_regions)
     check_class(engine, class_label)
     report = SegmentReport()
@@ -121,6 +124,9 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
     if not inputs:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(str(p) for p in paths)}")
     ensure_writable(out)
+    kinds = ["labels", "overlay", *(["soft"] if save_soft else []), *(["channels"] if channels else []),
+             *(["fg"] if foreground else [])]
+    input_files = {item.path.resolve() for item in inputs}
 
     diffusion = GaussianDiffusion()
     border_sum = torch.zeros(engine.num_regions, dtype=torch.float64)
@@ -129,33 +135,26 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
     start = time.perf_counter()
     with tqdm(total=len(inputs), desc="segment", unit="img", disable=None if progress else True,
               dynamic_ncols=True) as bar:
-        for first in range(0, len(inputs), batch_size):
-            batch, tensors, fulls = [], [], []
-            for item in inputs[first:first + batch_size]:
-                try:
-                    x, full = load_for_model(item.path, cfg.image_size)
-                except UnreadableImage as exc:
-                    report.fail(item.path, exc.reason, warn)
-                    bar.update(1)
-                    continue
-                batch.append(item)
-                tensors.append(x)
-                fulls.append(full)
-            if not batch:
-                continue
+        for batch, tensors, fulls in _read_batches(inputs, engine.config.image_size, batch_size, max_pixels,
+                                                   report, warn, bar):
             y = None if class_label is None else torch.full((len(batch),), class_label, dtype=torch.long)
             masks = segment_tensor(engine, torch.stack(tensors), t=t, seed=seed, ensemble=ensemble, y=y,
                                    diffusion=diffusion).cpu()
             border_sum += border_shares(masks)
             images_seen += len(batch)
-            for item, m, full in zip(batch, masks, fulls):
-                try:
-                    write_outputs(out, item.key, full, m, save_soft=save_soft, channels=channels)
-                except OSError as exc:
-                    report.fail(item.path, f"cannot write its outputs ({exc.strerror or exc})", warn)
+            for item, m in zip(batch, masks):
+                full = fulls.pop(0)  # dropped once written: a large image is not held longer
+                clash = next((p for p in output_paths(out, item.key, kinds) if p.resolve() in input_files), None)
+                if clash is not None:
+                    report.fail(item.path, f"its output {clash} would replace an input; choose another --out", warn)
                 else:
-                    report.written += 1
-                    kept.append(item)
+                    try:
+                        write_outputs(out, item.key, full, m, save_soft=save_soft, channels=channels)
+                    except OSError as exc:
+                        report.fail(item.path, f"cannot write its outputs ({exc.strerror or exc})", warn)
+                    else:
+                        report.written += 1
+                        kept.append(item)
                 bar.update(1)
 
     if foreground and kept:
@@ -164,6 +163,29 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path, *, t
         write_foreground(out, kept, report, warn)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _read_batches(inputs: list[InputImage], size: int, batch_size: int, max_pixels: int, report: FileReport,
+                  warn, bar) -> Iterator[tuple[list[InputImage], list[torch.Tensor], list[np.ndarray]]]:
+    """(items, model inputs, full-resolution images) of readable inputs, in batches of at most `batch_size`
+    images that stop growing once they hold `max_pixels` full-resolution pixels."""
+    batch, tensors, fulls, pixels = [], [], [], 0
+    for item in inputs:
+        try:
+            x, full = load_for_model(item.path, size, max_pixels)
+        except UnreadableImage as exc:
+            report.fail(item.path, exc.reason, warn)
+            bar.update(1)
+            continue
+        batch.append(item)
+        tensors.append(x)
+        fulls.append(full)
+        pixels += full.shape[0] * full.shape[1]
+        if len(batch) == batch_size or pixels >= max_pixels:
+            yield batch, tensors, fulls
+            batch, tensors, fulls, pixels = [], [], [], 0
+    if batch:
+        yield batch, tensors, fulls
 
 
 def write_foreground(out: Path, items: list[InputImage], report: SegmentReport, warn) -> None:

@@ -1,7 +1,9 @@
 """One base class for every error caused by the user's input (a file, a flag, a checkpoint).
-The CLIs print such an error as one line and exit 1; anything else is a bug and keeps its traceback."""
+The CLIs print such an error as one line and exit 1; anything else is a bug and keeps its traceback.
+Also the parameter types that keep numbers no run can use out of the command lines."""
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -42,3 +44,17 @@ class DefaultGroup(click.Group):
         elif not args:
             args = [self.default_command]
         return super().parse_args(ctx, args)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan passes every comparison of a plain range)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+# Seeds as torch's generators take them (manual_seed refuses anything beyond 64 bits).
+SEED = click.IntRange(0, 2 ** 63 - 1)
