@@ -90,6 +90,18 @@ class RunFolder:
         self.good = (CHECKPOINT, TRAINING_STATE)
 
 
+    def discard_unsaved(self) -> None:
+        """After a fresh run failed before its first pair: removes what it wrote (its log, samples, part
+        of a pair), so that the folder is as the run found it."""
+        if self.good is not None:
+            return
+        if not self.replaces:  # else the pair files are the earlier run's
+            for name in PAIR_FILES:
+                (self.path / name).unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
+        shutil.rmtree(self.samples, ignore_errors=True)
+
+
 def _move_aside(out: Path) -> Path:
     """Renames the earlier run's files into a new folder `replaced-run.*` in `out` (nothing is lost if the
     process dies now: they are all in one or the other)."""

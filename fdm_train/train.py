@@ -301,14 +301,14 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
     start = _resolve_start(opts, out, ctx, mode)
     dataset, cfg = _open_data(opts, start)
     model, ema, optimizer = _build(cfg, opts, device, start, out)
-    folder = _prepare_folder(out, ctx, start, mode)
-    train_model, ddp = _wrap(model, opts, ctx, device)
-    rank_start, rank_stop = shard_range(opts.batch_size, ctx.rank, ctx.world)
-    run = _Run(opts=opts, cfg=cfg, ctx=ctx, device=device, folder=folder, model=model, ema=ema,
-               optimizer=optimizer, train_model=train_model, ddp=ddp, step=start.step, data_seed=start.data_seed,
-               order=EpochOrder(len(dataset), start.data_seed, *start.position), rank_start=rank_start,
-               micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
-    last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
+    with _prepare_folder(out, ctx, start, mode) as folder:
+        train_model, ddp = _wrap(model, opts, ctx, device)
+        rank_start, rank_stop = shard_range(opts.batch_size, ctx.rank, ctx.world)
+        run = _Run(opts=opts, cfg=cfg, ctx=ctx, device=device, folder=folder, model=model, ema=ema,
+                   optimizer=optimizer, train_model=train_model, ddp=ddp, step=start.step,
+                   data_seed=start.data_seed, order=EpochOrder(len(dataset), start.data_seed, *start.position),
+                   rank_start=rank_start, micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
+        last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
     if bad.seen and ctx.main:
         _echo(f"skipped {len(bad.seen)} unreadable image(s) of {len(dataset)}")
     return {"step": run.step, "loss": last_loss, "parameters": count_parameters(model),
@@ -437,10 +437,11 @@ def _build(cfg: ModelConfig, opts: TrainOptions, device: torch.device, start: _S
     return model, ema, optimizer
 
 
-def _prepare_folder(out: Path, ctx: Distributed, start: _Start, mode: bool | str) -> RunFolder:
+@contextmanager
+def _prepare_folder(out: Path, ctx: Distributed, start: _Start, mode: bool | str):
     """Rank 0 makes the run folder ready: a resumed run drops what came after its checkpoint (temp files,
     log lines); a fresh run over an earlier one leaves it in place until its first save (RunFolder).
-    Every rank waits for it."""
+    Every rank waits for it. A fresh run that fails before its first save removes what it wrote."""
     folder = RunFolder(out, start.pair, replaces=start.replaces)
     if ctx.main:
         remove_temp_files(out)
@@ -454,7 +455,12 @@ def _prepare_folder(out: Path, ctx: Distributed, start: _Start, mode: bool | str
                   "this run's first checkpoint is written")
     if ctx.active:
         dist.barrier()
-    return folder
+    try:
+        yield folder
+    except BaseException:
+        if ctx.main:
+            folder.discard_unsaved()
+        raise
 
 
 def _wrap(model: torch.nn.Module, opts: TrainOptions, ctx: Distributed, device: torch.device):
