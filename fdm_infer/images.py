@@ -21,7 +21,6 @@ from fdm_train.errors import UserError
 from fdm_train.util import one_line
 from fdm_train.visualize import PALETTE, overlay
 
-
 # What `segment` writes per image: <key><suffix>. A file under the output folder with such a name is
 # taken for an output of an earlier run, not an input.
 OUTPUT_SUFFIXES = {"labels": "_labels.png", "overlay": "_overlay.png", "soft": "_soft.npz",

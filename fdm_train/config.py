@@ -67,7 +67,7 @@ MAX_STAGES, MAX_MULT = 8, 16
 
 def _check_bounds(cfg: ModelConfig) -> None:
     def check_int(name: str, value, low: int, high: int) -> None:
-        if type(value) is not int or not low <= value <= high:  # noqa: E721  (bool is not a count)
+        if type(value) is not int or not low <= value <= high:  # bool is not a count
             raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
 
     for name, (low, high) in BOUNDS.items():
@@ -78,9 +78,9 @@ def _check_bounds(cfg: ModelConfig) -> None:
         check_int("channel_mult", mult, 1, MAX_MULT)
     for res in cfg.attention_resolutions:
         check_int("attention_resolutions", res, 1, cfg.image_size)
-    if type(cfg.dropout) not in (int, float) or not 0 <= cfg.dropout <= 1:  # noqa: E721
+    if type(cfg.dropout) not in (int, float) or not 0 <= cfg.dropout <= 1:
         raise ValueError(f"dropout must be a number from 0 to 1, got {cfg.dropout!r}")
-    if type(cfg.region_codes) is not bool:  # noqa: E721
+    if type(cfg.region_codes) is not bool:
         raise ValueError(f"region_codes must be true or false, got {cfg.region_codes!r}")
 
 

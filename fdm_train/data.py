@@ -148,7 +148,7 @@ class EpochOrder:
         self._order = self._make(epoch)
 
     def _make(self, epoch: int):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2 ** 64)  # wrapped as torch wraps
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2 ** 64)  # manual_seed takes 64 bits
         perm = torch.randperm(self.size, generator=g).tolist()
         flips = (torch.rand(self.size, generator=g) < 0.5).tolist()
         return list(zip(perm, flips))

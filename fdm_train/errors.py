@@ -56,5 +56,5 @@ class FiniteFloatRange(click.FloatRange):
         return value
 
 
-# Seeds as torch's generators take them (manual_seed refuses anything beyond 64 bits).
+# Seeds torch's generators take (64 bits at most), with room above for the seed + i of an ensemble.
 SEED = click.IntRange(0, 2 ** 63 - 1)

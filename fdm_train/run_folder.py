@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from fdm_train.checkpoint import CheckpointError, atomic_write, load_training_state, read_checkpoint
+from fdm_train.errors import UserError
 
 CHECKPOINT = "checkpoint.safetensors"
 TRAINING_STATE = "train_state.pt"
@@ -88,7 +89,6 @@ class RunFolder:
             self.replaces = False
         _fsync_dir(self.path)
         self.good = (CHECKPOINT, TRAINING_STATE)
-
 
     def discard_unsaved(self) -> None:
         """After a fresh run failed before its first pair: removes what it wrote (its log, samples, part
@@ -234,7 +234,7 @@ def truncate_log(path: Path, step: int) -> None:
 
 # ----- the lock -----
 
-class RunLocked(CheckpointError):
+class RunLocked(UserError):
     """Another run owns the folder; the message names it."""
 
 
@@ -247,7 +247,7 @@ class RunLock:
         self.path, self.owner = path, owner
 
     @classmethod
-    def acquire(cls, out: Path, warn) -> "RunLock":
+    def acquire(cls, out: Path, warn) -> RunLock:
         path = out / LOCK
         owner = {"pid": os.getpid(), "host": socket.gethostname(),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -298,8 +298,8 @@ def _is_stale(holder: dict) -> bool:
         os.kill(holder["pid"], 0)
     except ProcessLookupError:
         return True
-    except (PermissionError, OverflowError):
-        return False
+    except (PermissionError, OverflowError):  # a process of another user, or no pid at all
+        pass
     return False
 
 

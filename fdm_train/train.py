@@ -324,7 +324,7 @@ def _folder_lock(out: Path, ctx: Distributed):
     if ctx.main:
         try:
             lock = RunLock.acquire(out, warn=_echo)
-        except CheckpointError as exc:
+        except UserError as exc:
             error = str(exc)
         except OSError as exc:
             error = f"cannot use {out} as the run folder: {exc.strerror or exc}"

@@ -23,7 +23,7 @@ def colorize(labels: np.ndarray) -> np.ndarray:
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, rows: int = 256) -> np.ndarray:
     """The image [H, W, 3] blended with its colored labels [H, W], `rows` rows at a time (the float
-    temporaries of a whole large image would take 20 bytes per pixel)."""
+    temporaries of a whole large image would take tens of bytes per pixel)."""
     out = np.empty(image.shape, dtype=np.uint8)
     for top in range(0, image.shape[0], rows):
         part = slice(top, top + rows)

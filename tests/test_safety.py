@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_images
+from infer_helpers import Result, make_checkpoint, run_infer
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import write_images
-from fdm_train.checkpoint import CheckpointError, load_model, load_training_state, save_checkpoint
+from fdm_train.checkpoint import CheckpointError, load_model, load_training_state
 from fdm_train.config import preset
 from fdm_train.errors import UserError
 from fdm_train.run_folder import CHECKPOINT, LOCK, TRAINING_STATE, _state_id
 from fdm_train.train import TrainingError, TrainOptions, train
 from fdm_train.util import atomic_write
-from infer_helpers import Result, make_checkpoint, run_infer
 
 
 @pytest.fixture(autouse=True)
@@ -70,8 +70,8 @@ def train_args(data, out, *extra):
 
 
 def options(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model=preset("tiny-32", image_size=16), batch_size=2, iterations=2,
-                save_every=2, sample_every=0, progress=False, workers=0, device="cpu")
+    base = {"data": str(data), "out": str(out), "model": preset("tiny-32", image_size=16), "batch_size": 2,
+            "iterations": 2, "save_every": 2, "sample_every": 0, "progress": False, "workers": 0, "device": "cpu"}
     return TrainOptions(**{**base, **kw})
 
 
