@@ -44,12 +44,10 @@ def _batches(ctx, param, value: str) -> tuple[int, ...]:
 def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance, overwrite):
     """Export CHECKPOINT's denoiser (x_t, t[, y]) -> (eps, masks) to ONNX with a dynamic batch."""
     from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
-    from fdm_train.util import check_output
 
     out = out or str(Path(checkpoint).with_suffix(".onnx"))
-    check_output(out, [checkpoint], overwrite)
     result = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
-                         check_batches=check_batches, weights=weights, tolerance=tolerance)
+                         check_batches=check_batches, weights=weights, tolerance=tolerance, overwrite=overwrite)
     cfg = result.config
     cond = f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional"
     if result.parity:

@@ -58,16 +58,17 @@ def example_inputs(cfg: ModelConfig, batch: int, seed: int = 0):
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
                 check: bool = True, check_batches: tuple[int, ...] = (1, 3), weights: str = "ema",
-                tolerance: float | None = None) -> ExportResult:
-    """Export a checkpoint's denoiser to `out` (written atomically) and, with `check`, compare
-    onnxruntime against eager PyTorch (float32) on random inputs. Raises ExportError on a failed check."""
+                tolerance: float | None = None, overwrite: bool = True) -> ExportResult:
+    """Export a checkpoint's denoiser to `out` (written atomically; never the checkpoint itself, nor an
+    existing file unless `overwrite`) and, with `check`, compare onnxruntime against eager PyTorch
+    (float32) on random inputs. Raises ExportError on a failed check."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
         raise ExportError(f"the parity tolerance must be a positive number, got {tolerance}")
-    check_output(out, [checkpoint], overwrite=True)
     start = time.perf_counter()
     model, cfg, ckpt_meta = load_model(checkpoint, weights=weights, map_location="cpu")
+    check_output(out, [checkpoint], overwrite)
     # A copy: casting it to fp16/bf16 leaves the float32 reference intact.
     try:
         data = onnx_model_bytes(copy.deepcopy(model), dtype, opset, {"source": str(checkpoint),

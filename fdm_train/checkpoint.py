@@ -45,11 +45,12 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, ema: dict[str, torch.Ten
     atomic_write(path, st_save(tensors, metadata=metadata))
 
 
-def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16") -> dict:
+def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16", overwrite: bool = True) -> dict:
     """Write the EMA weights of `src` alone, stored as `dtype`, to `dst` (an inference-only file:
-    it cannot be resumed from). Returns {'step', 'bytes_in', 'bytes_out', 'max_abs_error'}."""
-    check_output(dst, [src], overwrite=True)
+    it cannot be resumed from; never `src` itself, nor an existing file unless `overwrite`).
+    Returns {'step', 'bytes_in', 'bytes_out', 'max_abs_error'}."""
     cfg, states, metadata = read_checkpoint(src)
+    check_output(dst, [src], overwrite)
     extra = json.loads(metadata.get("extra") or "{}")
     extra["slimmed_from"] = {"file": Path(src).name, "dtype": metadata.get("dtype", "fp32")}
     step = int(metadata.get("step", 0))

@@ -170,10 +170,8 @@ def slim(checkpoint, output, dtype, overwrite):
     """Keep only the EMA weights of CHECKPOINT, stored as fp16/bf16: an inference-only file about a
     quarter of the training checkpoint's size (it cannot be resumed from)."""
     from fdm_train.checkpoint import slim_checkpoint
-    from fdm_train.util import check_output
 
-    check_output(output, [checkpoint], overwrite)
-    r = slim_checkpoint(checkpoint, output, dtype)
+    r = slim_checkpoint(checkpoint, output, dtype, overwrite)
     click.echo(f"{output}: EMA weights of step {r['step']} as {dtype}, {r['bytes_out'] / 1e6:.1f} MB "
                f"(from {r['bytes_in'] / 1e6:.1f} MB), max abs weight change {r['max_abs_error']:.2e}")
 
