@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from fdm_train.cli_options import CONTEXT_SETTINGS, HelpGroup, quiet_option, version_option
-from fdm_train.errors import run_cli
+from fdm_train.cli_options import CONTEXT_SETTINGS, HelpGroup, overwrite_option, quiet_option, version_option
+from fdm_train.errors import FiniteFloatRange, run_cli
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -47,16 +47,17 @@ def parity_line(result) -> str:
               help="Compare onnxruntime with PyTorch on random inputs before writing the file.")
 @click.option("--check-batches", default="1,3", show_default=True, callback=_batches,
               help="Batch sizes of the parity check (all through the one exported graph).")
-@click.option("--tolerance", type=float, default=None,
+@click.option("--tolerance", type=FiniteFloatRange(0, min_open=True), default=None,
               help="Max abs error allowed by the check (default: 1e-4 fp32, 5e-2 fp16).")
+@overwrite_option("Replace the output file if it exists (never the checkpoint).")
 @quiet_option
-def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance, quiet):
+def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance, overwrite, quiet):
     """Export CHECKPOINT's denoiser (x_t, t[, y]) -> (eps, masks) to ONNX with a dynamic batch."""
     from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
 
     out = out or str(Path(checkpoint).with_suffix(".onnx"))
     result = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
-                         check_batches=check_batches, weights=weights, tolerance=tolerance)
+                         check_batches=check_batches, weights=weights, tolerance=tolerance, overwrite=overwrite)
     cfg = result.config
     cond = f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional"
     if not quiet:
@@ -86,13 +87,16 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
 @click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the plan on random inputs and compare with onnxruntime (CPU) on the same ONNX file.")
+@overwrite_option("Replace the output plan if it exists (never the ONNX file).")
 @quiet_option
 def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose, check,
-        quiet):
+        overwrite, quiet):
     """Build a TensorRT plan from an `fdm-export onnx` file (needs TensorRT and an NVIDIA GPU)."""
     from fdm_export.trt_build import build_plan, check_plan
+    from fdm_train.util import check_output
 
     out = out or str(Path(onnx_file).with_suffix(".plan"))
+    check_output(out, [onnx_file, *([timing_cache] if timing_cache else [])], overwrite)
     result = build_plan(onnx_file, out, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                         precision=precision, timing_cache=timing_cache, workspace_mib=workspace, tf32=tf32,
                         verbose=verbose)

@@ -12,6 +12,7 @@ cast at the graph boundary), so every engine has one interface.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from fdm_train.checkpoint import load_model
 from fdm_train.config import ModelConfig
 from fdm_train.errors import UserError
 from fdm_train.model import FactorizedUNet
-from fdm_train.util import DTYPES, atomic_write, one_line
+from fdm_train.util import DTYPES, atomic_write, check_output, one_line
 
 # Parity tolerance per export dtype, against eager PyTorch in float32 on the same inputs.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}
@@ -57,13 +58,17 @@ def example_inputs(cfg: ModelConfig, batch: int, seed: int = 0):
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
                 check: bool = True, check_batches: tuple[int, ...] = (1, 3), weights: str = "ema",
-                tolerance: float | None = None) -> ExportResult:
-    """Export a checkpoint's denoiser to `out` (written atomically) and, with `check`, compare
-    onnxruntime against eager PyTorch (float32) on random inputs. Raises ExportError on a failed check."""
+                tolerance: float | None = None, overwrite: bool = True) -> ExportResult:
+    """Export a checkpoint's denoiser to `out` (written atomically; never the checkpoint itself, nor an
+    existing file unless `overwrite`) and, with `check`, compare onnxruntime against eager PyTorch
+    (float32) on random inputs. Raises ExportError on a failed check."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise ExportError(f"the parity tolerance must be a positive number, got {tolerance}")
     start = time.perf_counter()
     model, cfg, ckpt_meta = load_model(checkpoint, weights=weights, map_location="cpu")
+    check_output(out, [checkpoint], overwrite)
     # A copy: casting it to fp16/bf16 leaves the float32 reference intact.
     try:
         metadata = {"source": str(checkpoint), "step": ckpt_meta.get("step", "")}

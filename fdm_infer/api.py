@@ -40,6 +40,7 @@ from fdm_infer.segment import (
     SegmentSettings,
     add_foreground,
     check_channels,
+    check_not_inputs,
     check_outputs,
     image_entry,
     segment_batches,
@@ -50,8 +51,9 @@ from fdm_infer.segment import (
     write_segmented,
     write_summary,
 )
+from fdm_train.data import MAX_PIXELS
 from fdm_train.diffusion import GaussianDiffusion, SampleResult
-from fdm_train.errors import UserError
+from fdm_train.errors import SEED, UserError
 from fdm_train.util import DEFAULT_THREADS
 from fdm_train.visualize import images_to_uint8
 
@@ -75,6 +77,12 @@ def load_engine(model=None, engine: str | None = None, device: str = "auto", thr
     return opened, path, time.perf_counter() - start
 
 
+def check_seed(seed: int) -> None:
+    """Seeds are what the command lines take (SEED): 0..2^63-1."""
+    if not SEED.min <= seed <= SEED.max:
+        raise UserError(f"seed must be between {SEED.min} and 2**63 - 1, got {seed}")
+
+
 def describe(engine: Engine, path: Path | None) -> str:
     cfg = engine.config
     name = path.name if path is not None else "in-memory model"
@@ -85,17 +93,21 @@ def describe(engine: Engine, path: Path | None) -> str:
 
 class Segmenter:
     """A model ready to segment images, with the settings every image gets (noise level t, seed, ensemble,
-    batch size, class)."""
+    batch size, class) and the pixel budget (`max_pixels`: a file of more pixels is refused before it is
+    decoded, and a batch stops growing once it holds that many full-resolution pixels)."""
 
     def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
-                 ensemble: int = 1, batch_size: int = 16, class_label: int | None = None, load_seconds: float = 0.0):
+                 ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
+                 max_pixels: int = MAX_PIXELS, load_seconds: float = 0.0):
         steps = GaussianDiffusion().num_timesteps
         if not 0 <= t < steps:
             raise UserError(f"t must be between 0 and {steps - 1}, got {t}")
-        if ensemble < 1 or batch_size < 1:
-            raise UserError(f"ensemble and batch_size must be at least 1, got {ensemble} and {batch_size}")
+        if ensemble < 1 or batch_size < 1 or max_pixels < 1:
+            raise UserError(f"ensemble, batch_size and max_pixels must be at least 1, got {ensemble}, {batch_size} "
+                            f"and {max_pixels}")
+        check_seed(seed)
         self.engine, self.model = engine, model
-        self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label)
+        self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label, max_pixels)
         self.load_seconds = load_seconds
 
     @classmethod
@@ -104,7 +116,7 @@ class Segmenter:
              **settings) -> Segmenter:
         """The model of a file (.safetensors: torch, .onnx: onnxruntime, .plan/.engine: TensorRT; `engine`
         forces one), or the bundled default when `model` is None. `threads`: CPU threads of torch (for the
-        whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label."""
+        whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label, max_pixels."""
         opened, path, seconds = load_engine(model, engine, device, threads, notify)
         return cls(opened, path, load_seconds=seconds, **settings)
 
@@ -122,7 +134,8 @@ class Segmenter:
         """Segment one image or a list: file paths (a folder: every image in it, sorted), PIL images, numpy
         arrays [H, W] / [H, W, 3|4] or torch tensors [H, W] / [1|3|4, H, W] (uint8, or float in [0, 1]; a 4-D
         array or tensor is a batch), of any size. The foreground is `fg_channels`, or every channel but the
-        one most present on the image borders over these images. An unreadable file is an error."""
+        one most present on the image borders over these images. An unreadable file, or one of more than
+        `max_pixels` pixels, is an error."""
         k = self.engine.num_regions
         check_channels(fg_channels, k)
         report = FileReport()
@@ -148,7 +161,8 @@ class Segmenter:
                       fg_channels: list[int] | None = None, limit: int | None = None,
                       warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
         """A run over files that writes each image's files as it goes (nothing kept in memory), then
-        summary.json: what `fdm-infer segment` does. Unreadable files are skipped with a warning."""
+        summary.json: what `fdm-infer segment` does. Unreadable files, files of more than `max_pixels`
+        pixels and images whose output would replace an input are skipped with a warning."""
         return segment_files(self.engine, paths, out, self.settings, options, fg_channels=fg_channels, limit=limit,
                              run=self.run_info(), warn=warn, progress=progress)
 
@@ -209,10 +223,12 @@ class Segmentation:
     def save(self, out: str | Path, *, save_soft: bool = False, save_channels: bool = False, foreground: bool = False,
              rle: str | None = None) -> Path:
         """Writes the files of `fdm-infer segment` into `out` (<key>_labels.png, <key>_overlay.png, and as
-        asked _soft.npz, _channels.png, _fg.png) and summary.json; returns summary.json's path."""
+        asked _soft.npz, _channels.png, _fg.png) and summary.json; returns summary.json's path. A file it
+        would write that is one of the input files is an error, before anything is written."""
         out = Path(out)
         options = OutputOptions(save_soft, save_channels, foreground, rle)
         check_outputs(options, None, len(self.border_share))
+        check_not_inputs(out, self.items, options)
         ensure_writable(out)
         entries = []
         for item in self.items:
@@ -262,6 +278,7 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     called with 1 after every step."""
     diffusion = GaussianDiffusion()
     check_steps(diffusion, steps)
+    check_seed(seed)
     opened, _, _ = load_engine(model, engine, device, threads, notify)
     every = max(1, len(diffusion.timesteps(steps)) // 10) if trajectory else 0
     start = time.perf_counter()

@@ -23,11 +23,12 @@ from fdm_train.cli_options import (
     HelpGroup,
     RenamingCommand,
     limit_option,
+    max_pixels_option,
     quiet_option,
     threads_option,
     version_option,
 )
-from fdm_train.errors import run_cli
+from fdm_train.errors import SEED, run_cli
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -37,10 +38,12 @@ def main_group():
 
 
 @main_group.command(cls=RenamingCommand, renamed={"--channels": "--save-channels"})
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--out", default="out", type=click.Path(file_okay=False),
-              help="Output folder (created); relative paths of images found in folders are mirrored under it.")
+              help="Output folder (created); relative paths of images found in folders are mirrored under it. "
+                   "Files in it named like its outputs are not taken as inputs, and no output replaces an input.")
 @limit_option("images found")
+@max_pixels_option
 @engine_options
 @segmentation_options
 @click.option("--save-soft", is_flag=True, help="Also write <name>_soft.npz: soft masks [K,S,S] (float16).")
@@ -54,8 +57,8 @@ def main_group():
                                  "as pycocotools writes them; `--rle uncompressed`: a list of counts).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print summary.json to stdout (the summary lines go to stderr).")
-def segment(paths, out, limit, model_file, engine_kind, device, threads, t, seed, ensemble, batch_size, fg_channels,
-            class_label, quiet, save_soft, save_channels, foreground, rle, as_json):
+def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, batch_size,
+            fg_channels, class_label, quiet, save_soft, save_channels, foreground, rle, as_json):
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (label map
     0..K-1 at the image's own resolution, a palette PNG: its pixel values are the labels, its colors
     those of the overlay) and <name>_overlay.png; summary.json lists every input with its files. The
@@ -69,7 +72,7 @@ def segment(paths, out, limit, model_file, engine_kind, device, threads, t, seed
     if fg_channels and not foreground:
         raise click.UsageError("--fg-channel goes with --foreground")
     segmenter = Segmenter.load(model_file, engine_kind, device, threads=threads, notify=note_line, t=t, seed=seed,
-                               ensemble=ensemble, batch_size=batch_size, class_label=class_label)
+                               ensemble=ensemble, batch_size=batch_size, class_label=class_label, max_pixels=max_pixels)
     report = segmenter.segment_files(list(paths), out, OutputOptions(save_soft, save_channels, foreground, rle),
                                      fg_channels=list(fg_channels), limit=limit, warn=warn_line, progress=not quiet)
     click.echo(f"segmented {report.written} image(s) in {report.seconds:.1f} s "
@@ -92,7 +95,7 @@ def segment(paths, out, limit, model_file, engine_kind, device, threads, t, seed
               help="Reverse-process steps (1000 = full DDPM; fewer = an evenly respaced schedule).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic, e.g. with --steps 50.")
-@click.option("--seed", type=int, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
+@click.option("--seed", type=SEED, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
                                                   "--steps and --sampler give the same images.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Samples per forward pass.")
 @click.option("-o", "--out", default="samples", type=click.Path(file_okay=False), help="Output folder (created).")
@@ -143,7 +146,7 @@ def generate(count, steps, sampler, seed, batch_size, out, classes, save_traject
               help="Steps of the full schedule (only those at or below --t run).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic.")
-@click.option("--seed", type=int, default=0, help="Seed of the forward noise and of the reverse process.")
+@click.option("--seed", type=SEED, default=0, help="Seed of the forward noise and of the reverse process.")
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
               help="Class, for class-conditional models.")
 @click.option("-o", "--out", default="interpolation", type=click.Path(file_okay=False),

@@ -17,13 +17,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_train.data import IMAGE_EXTENSIONS, load_rgb, to_rgb, to_tensor
+from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, load_rgb, to_rgb, to_tensor
 from fdm_train.errors import UserError
 from fdm_train.util import one_line
 from fdm_train.visualize import PALETTE, overlay
 
 # The palette of label PNGs: PALETTE repeated over the 256 entries, so index k shows region k's color.
 LABEL_PALETTE = np.resize(PALETTE, (256, 3)).astype(np.uint8).flatten().tolist()
+
+# What `segment` writes per image: <key><suffix>. A file under the output folder with such a name is
+# taken for an output of an earlier run, not an input.
+OUTPUT_SUFFIXES = {"labels": "_labels.png", "overlay": "_overlay.png", "soft": "_soft.npz",
+                   "channels": "_channels.png", "fg": "_fg.png"}
 
 
 class UnreadableImage(UserError):
@@ -47,11 +52,12 @@ class InputImage:
         """How messages and summaries name the input: its path, or its key for an in-memory image."""
         return str(self.path) if self.path is not None else f"<{self.key.as_posix()}>"
 
-    def read(self) -> np.ndarray:
-        """The image as RGB uint8 [H, W, 3]."""
+    def read(self, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        """The image as RGB uint8 [H, W, 3]; a file of more than `max_pixels` pixels is UnreadableImage,
+        found before it is decoded (an image given in memory is decoded already)."""
         if self.path is None:
             return rgb_array(self.data)
-        return np.asarray(read_image(self.path), dtype=np.uint8)
+        return np.asarray(read_image(self.path, max_pixels), dtype=np.uint8)
 
 
 @dataclass
@@ -73,15 +79,20 @@ class FileReport:
 def collect_inputs(paths: list, report: FileReport, warn: Callable[[str], None],
                    exclude: Path | None = None, dedupe: bool = True) -> list[InputImage]:
     """Image files under `paths` (files taken as given, folders searched recursively, skipping the
-    folder `exclude`: the output folder, so a second run does not segment its own outputs), each with a
-    unique output key: its path relative to the folder it was found in (a file: its name), without
-    suffix; keys that would collide (a.jpg + a.png, or two folders with the same relative path) get
-    the suffix, then a counter. An entry that is not a path is an in-memory image, named image_NNNN
-    after its position. A path that holds no image goes to `report` as failed. With `dedupe`, a file
-    given twice is taken once."""
+    outputs of an earlier run: files under the folder `exclude` named like an output, so that a second
+    run does not segment them), each with a unique output key: its path relative to the folder it was
+    found in (a file: its name), without suffix; keys that would collide (a.jpg + a.png, or two folders
+    with the same relative path) get the suffix, then a counter. An entry that is not a path is an
+    in-memory image, named image_NNNN after its position. A path that holds no image goes to `report`
+    as failed. With `dedupe`, a file given twice is taken once."""
     found: list[tuple[Path | None, Path, object]] = []
     seen: set[Path] = set()
     skip = exclude.resolve() if exclude is not None else None
+
+    def earlier_output(p: Path) -> bool:
+        return (skip is not None and p.name.endswith(tuple(OUTPUT_SUFFIXES.values()))
+                and skip in p.resolve().parents)
+
     for position, arg in enumerate(paths):
         if not isinstance(arg, (str, os.PathLike)):
             found.append((None, Path(f"image_{position:04d}"), arg))
@@ -94,8 +105,7 @@ def collect_inputs(paths: list, report: FileReport, warn: Callable[[str], None],
             files = [(root, Path(root.name))]
         else:
             files = [(p, p.relative_to(root)) for p in sorted(root.rglob("*"))
-                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                     and not (skip is not None and skip in p.resolve().parents)]
+                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not earlier_output(p)]
             if not files:
                 report.fail(root, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder", warn)
         for path, rel in files:
@@ -129,19 +139,22 @@ def _unique_keys(relative: list[Path]) -> list[Path]:
     return out
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """An RGB image, or UnreadableImage (one line) for a missing or undecodable file."""
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB image, or UnreadableImage (one line) for a missing or undecodable file, or one of more than
+    `max_pixels` pixels (found before decoding)."""
     if not Path(path).is_file():
         raise UnreadableImage(path, "no such image")
     try:
-        return load_rgb(path)
+        return load_rgb(path, max_pixels)
+    except TooManyPixels as exc:
+        raise UnreadableImage(path, f"{exc} (--max-pixels)") from None
     except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
         raise UnreadableImage(path, f"not a readable image ({one_line(exc)})") from None
 
 
-def load_for_model(path: Path, size: int) -> tuple[torch.Tensor, np.ndarray]:
+def load_for_model(path: Path, size: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, np.ndarray]:
     """(model input [3, S, S] in [-1, 1], the full-resolution RGB uint8 image [H, W, 3])."""
-    image = np.asarray(read_image(path), dtype=np.uint8)
+    image = np.asarray(read_image(path, max_pixels), dtype=np.uint8)
     return model_input(image, size), image
 
 
@@ -210,6 +223,21 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
+def label_map(masks: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W]: the argmax over K of the soft masks [K, S, S] resized to `size`, one channel at a
+    time, so that a large image never holds K float copies of itself."""
+    best = labels = None
+    for k in range(masks.shape[0]):
+        channel = resize_masks(masks[k:k + 1], size)[0]
+        if best is None:
+            best, labels = channel, torch.zeros(size, dtype=torch.uint8)
+        else:
+            higher = channel > best  # ties keep the lower channel, as argmax does
+            labels[higher] = k
+            best = torch.maximum(best, channel)
+    return labels.numpy()
+
+
 def save_png(img: Image.Image | np.ndarray, path: Path) -> None:
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
@@ -226,21 +254,31 @@ def save_labels(labels: np.ndarray, path: Path) -> None:
     save_png(img, path)
 
 
+def output_paths(out: Path, key: Path, kinds) -> list[Path]:
+    """The files of `kinds` (keys of OUTPUT_SUFFIXES) one image writes."""
+    return [out / f"{key}{OUTPUT_SUFFIXES[kind]}" for kind in kinds]
+
+
+def output_clash(out: Path, key: Path, kinds, inputs: set[Path]) -> Path | None:
+    """The first file of an image's outputs that is one of the `inputs` (resolved paths), or None: an
+    output never replaces an input."""
+    return next((p for p in output_paths(out, key, kinds) if p.resolve() in inputs), None)
+
+
 def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, labels: np.ndarray, *,
                   save_soft: bool = False, channels: bool = False) -> dict[str, Path]:
     """Writes one image's label map and overlay (and soft masks / channel view); returns the files
     written by kind (labels, overlay, soft, channels)."""
     h, w = image.shape[:2]
-    files = {"labels": out / f"{key}_labels.png", "overlay": out / f"{key}_overlay.png"}
+    kinds = ["labels", "overlay", *(["soft"] if save_soft else []), *(["channels"] if channels else [])]
+    files = dict(zip(kinds, output_paths(out, key, kinds)))
     save_labels(labels, files["labels"])
     save_png(overlay(image, labels), files["overlay"])
     if save_soft:
-        files["soft"] = out / f"{key}_soft.npz"
         with open(files["soft"], "wb") as f:
             np.savez_compressed(f, masks=masks.numpy().astype(np.float16),
                                 image_size=np.array([h, w], dtype=np.int32))
     if channels:
-        files["channels"] = out / f"{key}_channels.png"
         save_png(channel_view(image, masks.numpy()), files["channels"])
     return files
 

@@ -9,6 +9,7 @@ import click
 from fdm_infer.engines import ENGINES
 from fdm_infer.segment import DEFAULT_T
 from fdm_train.cli_options import quiet_option, threads_option
+from fdm_train.errors import SEED
 
 
 def engine_options(f):
@@ -36,7 +37,7 @@ def segmentation_options(f):
     f = click.option("--batch-size", type=click.IntRange(1), default=16, help="Images per forward pass.")(f)
     f = click.option("--ensemble", type=click.IntRange(1), default=1,
                      help="Average the soft masks over N seeds (seed..seed+N-1).")(f)
-    f = click.option("--seed", type=int, default=0, help="Seed of the noise (the same for every image).")(f)
+    f = click.option("--seed", type=SEED, default=0, help="Seed of the noise (the same for every image).")(f)
     f = click.option("--t", "t", type=click.IntRange(0, 999), default=DEFAULT_T,
                      help="Noise level the images are taken to before the one forward pass.")(f)
     return f

@@ -4,8 +4,10 @@ denoiser call, read the K soft masks. Written once against `Engine.denoise`, so 
 
 `segment_tensor` is the core an evaluator uses; `segment_batches` segments images of any size and mode
 (files or in memory, fdm_infer.images) into `Segmented` images, label maps at each input's own
-resolution; `write_segmented` and `summary` are the files of an output folder, which both a run over
-files (`segment_files`, the CLI) and the Python API (fdm_infer.api) write.
+resolution, within a pixel budget (`max_pixels`: files above it are skipped before decoding, and a
+batch stops growing once it holds that many full-resolution pixels); `write_segmented` and `summary`
+are the files of an output folder, which both a run over files (`segment_files`, the CLI) and the
+Python API (fdm_infer.api) write; no output replaces an input.
 """
 from __future__ import annotations
 
@@ -29,13 +31,15 @@ from fdm_infer.images import (
     UnreadableImage,
     collect_inputs,
     ensure_writable,
+    label_map,
     model_input,
+    output_clash,
     resize_masks,
     save_png,
     write_outputs,
 )
 from fdm_infer.rle import encode_labels
-from fdm_train.data import IMAGE_EXTENSIONS
+from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
 from fdm_train.util import atomic_write
@@ -107,6 +111,7 @@ class SegmentSettings:
     ensemble: int = 1
     batch_size: int = 16
     class_label: int | None = None
+    max_pixels: int = MAX_PIXELS  # files above it are skipped; a batch holds about this many pixels at most
 
 
 @dataclass
@@ -117,6 +122,7 @@ class Segmented:
     image: np.ndarray  # RGB uint8 [H, W, 3], the input as read
     masks: torch.Tensor  # soft masks [K, S, S] at the model's resolution (float32, CPU)
     labels: np.ndarray  # uint8 [H, W]: argmax of the masks resized (bilinear) to the input's resolution
+    path: Path | None = None  # the input file (None for an image given in memory)
 
     @property
     def soft(self) -> np.ndarray:
@@ -133,8 +139,9 @@ class Segmented:
 def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentSettings,
                     on_unreadable: Callable[[InputImage, str], None], progress: bool = False
                     ) -> Iterator[list[Segmented]]:
-    """The inputs segmented, one batch at a time; an input that cannot be read goes to `on_unreadable`
-    (which may raise) and is left out."""
+    """The inputs segmented, one batch at a time (see `_read_batches`); an input that cannot be read, or
+    a file of more than `settings.max_pixels` pixels, goes to `on_unreadable` (which may raise) and is
+    left out. The label maps are made one image and one channel at a time."""
     from tqdm import tqdm
 
     check_class(engine, settings.class_label)
@@ -142,25 +149,40 @@ def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentS
     size = engine.config.image_size
     with tqdm(total=len(inputs), desc="segment", unit="img", disable=None if progress else True,
               dynamic_ncols=True) as bar:
-        for first in range(0, len(inputs), settings.batch_size):
-            batch, images = [], []
-            for item in inputs[first:first + settings.batch_size]:
-                try:
-                    images.append(item.read())
-                    batch.append(item)
-                except UnreadableImage as exc:
-                    on_unreadable(item, exc.reason)
-                    bar.update(1)
-            if not batch:
-                continue
-            x = torch.stack([model_input(image, size) for image in images])
+        for batch, tensors, images in _read_batches(inputs, size, settings.batch_size, settings.max_pixels,
+                                                    on_unreadable, bar):
             y = None if settings.class_label is None else torch.full((len(batch),), settings.class_label)
-            masks = segment_tensor(engine, x, t=settings.t, seed=settings.seed, ensemble=settings.ensemble, y=y,
-                                   diffusion=diffusion).cpu()
-            yield [Segmented(item.key, item.name, image, m,
-                             resize_masks(m, image.shape[:2]).argmax(0).numpy().astype(np.uint8))
-                   for item, image, m in zip(batch, images, masks)]
+            masks = segment_tensor(engine, torch.stack(tensors), t=settings.t, seed=settings.seed,
+                                   ensemble=settings.ensemble, y=y, diffusion=diffusion).cpu()
+            segmented = [Segmented(item.key, item.name, image, m, label_map(m, image.shape[:2]), item.path)
+                         for item, image, m in zip(batch, images, masks)]
+            images.clear()  # held by the Segmented images alone, which a run over files drops once written
+            yield segmented
             bar.update(len(batch))
+
+
+def _read_batches(inputs: list[InputImage], size: int, batch_size: int, max_pixels: int,
+                  on_unreadable: Callable[[InputImage, str], None], bar
+                  ) -> Iterator[tuple[list[InputImage], list[torch.Tensor], list[np.ndarray]]]:
+    """(items, model inputs, full-resolution images) of readable inputs, in batches of at most `batch_size`
+    images that stop growing once they hold `max_pixels` full-resolution pixels."""
+    batch, tensors, images, pixels = [], [], [], 0
+    for item in inputs:
+        try:
+            image = item.read(max_pixels)
+        except UnreadableImage as exc:
+            on_unreadable(item, exc.reason)
+            bar.update(1)
+            continue
+        batch.append(item)
+        tensors.append(model_input(image, size))
+        images.append(image)
+        pixels += image.shape[0] * image.shape[1]
+        if len(batch) == batch_size or pixels >= max_pixels:
+            yield batch, tensors, images
+            batch, tensors, images, pixels = [], [], [], 0
+    if batch:
+        yield batch, tensors, images
 
 
 # ----- output folders -----
@@ -186,6 +208,24 @@ def image_entry(item: Segmented, rle: str | None = None) -> dict:
     if rle:
         entry["rle"] = encode_labels(item.labels, item.masks.shape[0], compressed=rle == "compressed")
     return entry
+
+
+def output_kinds(options: OutputOptions) -> list[str]:
+    """The files (keys of fdm_infer.images.OUTPUT_SUFFIXES) each image gets."""
+    return ["labels", "overlay", *(["soft"] if options.save_soft else []),
+            *(["channels"] if options.save_channels else []), *(["fg"] if options.foreground else [])]
+
+
+def check_not_inputs(out: Path, items: list[Segmented], options: OutputOptions) -> None:
+    """A one-line error, before anything is written, if a file `save` would write into `out` is one
+    of the inputs."""
+    inputs = {item.path.resolve() for item in items if item.path is not None}
+    if (out / SUMMARY).resolve() in inputs:
+        raise UserError(f"the output {out / SUMMARY} is an input; write to another folder")
+    for item in items:
+        clash = output_clash(out, item.key, output_kinds(options), inputs)
+        if clash is not None:
+            raise UserError(f"{item.source}: its output {clash} would replace an input; write to another folder")
 
 
 def write_segmented(out: Path, item: Segmented, options: OutputOptions) -> dict:
@@ -263,17 +303,23 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
     """Segment every image under `paths` (the first `limit`), writing each one's files into `out` as it
     goes (relative paths mirrored; see `write_segmented`), then the foreground masks and summary.json
     (`run`: what it says about the engine and model). A file that cannot be read or written is skipped
-    with a warning and reported in `failed`."""
+    with a warning and reported in `failed`, and so is one of more than `settings.max_pixels` pixels, or
+    whose output would replace one of the inputs."""
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     settings, options = settings or SegmentSettings(), options or OutputOptions()
     out = Path(out)
     check_outputs(options, fg_channels, engine.num_regions)
     check_class(engine, settings.class_label)
     report = SegmentReport()
-    inputs = collect_inputs(paths, report, warn, exclude=out)[:limit]
+    found = collect_inputs(paths, report, warn, exclude=out)
+    inputs = found[:limit]
     if not inputs:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(str(p) for p in paths)}")
+    input_files = {item.path.resolve() for item in found if item.path is not None}
+    if (out / SUMMARY).resolve() in input_files:
+        raise UserError(f"the output {out / SUMMARY} is an input; choose another --out")
     ensure_writable(out)
+    kinds = output_kinds(options)
     border_sum = torch.zeros(engine.num_regions, dtype=torch.float64)
     images_seen = 0
     kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
@@ -282,7 +328,12 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
                                  progress):
         border_sum += border_shares(torch.stack([item.masks for item in batch]))
         images_seen += len(batch)
-        for item in batch:
+        while batch:
+            item = batch.pop(0)  # dropped once written: a large image is not held longer
+            clash = output_clash(out, item.key, kinds, input_files)
+            if clash is not None:
+                report.fail(item.source, f"its output {clash} would replace an input; choose another --out", warn)
+                continue
             try:
                 entry = write_segmented(out, item, options)
             except OSError as exc:

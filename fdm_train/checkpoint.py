@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import save as st_save
 from fdm_train.config import ModelConfig
 from fdm_train.errors import UserError
 from fdm_train.model import FactorizedUNet, build_model
-from fdm_train.util import DTYPES, atomic_write, one_line
+from fdm_train.util import DTYPES, atomic_write, check_output, one_line
 
 FORMAT = "fdm-checkpoint-v1"
 
@@ -47,11 +48,14 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, ema: dict[str, torch.Ten
     atomic_write(path, st_save(tensors, metadata=metadata))
 
 
-def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16", placeholder: str | None = None) -> dict:
+def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16", overwrite: bool = True,
+                    placeholder: str | None = None) -> dict:
     """Write the EMA weights of `src` alone, stored as `dtype`, to `dst` (an inference-only file:
-    it cannot be resumed from), marked as a placeholder if `src` is one or `placeholder` is given.
+    it cannot be resumed from; never `src` itself, nor an existing file unless `overwrite`), marked
+    as a placeholder if `src` is one or `placeholder` is given.
     Returns {'step', 'bytes_in', 'bytes_out', 'max_abs_error'}."""
     cfg, states, metadata = read_checkpoint(src)
+    check_output(dst, [src], overwrite)
     extra = json.loads(metadata.get("extra") or "{}")
     extra["slimmed_from"] = {"file": Path(src).name, "dtype": metadata.get("dtype", "fp32")}
     step = int(metadata.get("step", 0))
@@ -92,6 +96,12 @@ def read_checkpoint(path: str | Path):
     if not states["ema"]:
         raise CheckpointError(f"{path} holds no EMA weights")
     states["model"] = states["model"] or None
+    # The config is checked against the weights on the meta device (no memory) before anyone builds
+    # the model it describes: a config that does not fit the file's tensors never allocates a model.
+    with torch.device("meta"):
+        expected = build_model(cfg).state_dict()
+    for state in filter(None, states.values()):
+        check_state(expected, state, path)
     return cfg, states, metadata
 
 
@@ -108,7 +118,12 @@ def load_model(path: str | Path, weights: str = "ema", map_location: str | torch
 
 
 def load_state(model: FactorizedUNet, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    expected = model.state_dict()
+    check_state(model.state_dict(), state, path)
+    model.load_state_dict(state)
+
+
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Every parameter and buffer name of a model (`expected`) is in `state` with the same shape, and no other."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -116,7 +131,6 @@ def load_state(model: FactorizedUNet, state: dict[str, torch.Tensor], path: str 
         detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
                   else f"shape mismatch at {wrong[:2]}")
         raise CheckpointError(f"{path}: weights do not match its model config ({detail})")
-    model.load_state_dict(state)
 
 
 def save_training_state(path: str | Path, state: dict) -> None:
@@ -126,11 +140,15 @@ def save_training_state(path: str | Path, state: dict) -> None:
 
 
 def load_training_state(path: str | Path) -> dict:
+    """A training state: tensors and plain values only (weights_only), so that loading one runs no code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training state not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds Python objects other than tensors and plain values; it is not "
+                              "loaded, since unpickling them could run code") from None
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable training state ({one_line(exc)})") from None
 

@@ -7,12 +7,13 @@ from fdm_train.cli_options import (
     CONTEXT_SETTINGS,
     RenamingCommand,
     limit_option,
+    overwrite_option,
     quiet_option,
     threads_option,
     version_option,
 )
 from fdm_train.config import DEFAULT_PRESET, DEFAULT_REGION_CODES, DEFAULT_T_POWER, PRESETS, VARIANTS, preset
-from fdm_train.errors import DefaultGroup, run_cli
+from fdm_train.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
 
 # Options renamed for the same spelling across fdm-train, fdm-export and fdm-infer.
 OUTPUT_RENAMED = {"--output": "--out"}
@@ -35,8 +36,11 @@ def model_options(f):
 
 
 def config_from(preset_name, variant, regions, image_size, channels, region_codes=None, **extra):
-    return preset(preset_name, variant=variant, num_regions=regions, image_size=image_size,
-                  base_channels=channels, region_codes=region_codes, **extra)
+    try:
+        return preset(preset_name, variant=variant, num_regions=regions, image_size=image_size,
+                      base_channels=channels, region_codes=region_codes, **extra)
+    except ValueError as exc:  # a size the model cannot have, e.g. not divisible by 2^(stages-1)
+        raise click.UsageError(f"model options: {exc}") from None
 
 
 @click.group(cls=DefaultGroup, default_command="train", context_settings=CONTEXT_SETTINGS)
@@ -52,7 +56,7 @@ def main_group():
 @click.option("-o", "--out", default="runs/fdm", show_default=True, type=click.Path(file_okay=False),
               help="Run folder (created): checkpoint.safetensors, train_state.pt, log.jsonl, samples/.")
 @model_options
-@click.option("--dropout", type=click.FloatRange(0, 1), default=None, help="ResBlock dropout (preset: 0).")
+@click.option("--dropout", type=FiniteFloatRange(0, 1), default=None, help="ResBlock dropout (preset: 0).")
 @click.option("--class-cond", is_flag=True, help="Condition on classes: one top-level subfolder per class.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
               help="Global batch: split over the devices of a torchrun launch (and over micro-batches).")
@@ -62,10 +66,10 @@ def main_group():
 @click.option("--grad-accum", type=click.IntRange(1), default=None,
               help="Or: micro-batches per device and step (gradient accumulation).")
 @click.option("--iterations", type=click.IntRange(1), default=10_000, show_default=True, help="Total training steps.")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
-@click.option("--ema-decay", type=float, default=0.9999, show_default=True,
+@click.option("--lr", type=FiniteFloatRange(0, min_open=True), default=1e-4, show_default=True, help="Adam learning rate.")
+@click.option("--ema-decay", type=FiniteFloatRange(0, 1, max_open=True), default=0.9999, show_default=True,
               help="EMA rate (with warm-up min(decay, (1+n)/(10+n))).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the initial weights, the data order, and every step's noise and timesteps.")
 @click.option("--save-every", type=click.IntRange(1), default=1000, show_default=True,
               help="Write the checkpoint pair every N steps (and at the end): a run killed resumes from there.")
@@ -78,6 +82,8 @@ def main_group():
 @click.option("--resume", type=click.Choice(["yes", "auto", "no"]), is_flag=False, flag_value="yes", default="no",
               help="`--resume`: continue the run in --out (its config wins over model flags); `--resume auto`: "
                    "continue from its last complete checkpoint if there is one, else start fresh.")
+@overwrite_option("Start a new run in an --out that holds an earlier run: the earlier run is deleted once the "
+                  "new run's first checkpoint is written.")
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="DataLoader worker processes per device [default: CPUs per device - 1, at most 8].")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
@@ -85,17 +91,17 @@ def main_group():
               help="Train in the NHWC memory format (about 1.2x on a 2-core CPU, benchmarks/results/train_cpu.md).")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK).")
-@click.option("--t-power", type=click.FloatRange(0.1, 10), default=DEFAULT_T_POWER, show_default=True,
+@click.option("--t-power", type=FiniteFloatRange(0.1, 10), default=DEFAULT_T_POWER, show_default=True,
               help="Training timesteps t = floor(T u^P), u uniform: 1 is the paper's uniform t, 2 draws half "
                    "of them below T/4, where segmentation is read.")
 @click.option("--mask-shaping-steps", type=click.IntRange(0), default=0, show_default=True,
               help="Steps over which the mask shaping below anneals linearly to the plain recipe.")
-@click.option("--mask-entropy", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--mask-entropy", type=FiniteFloatRange(0), default=0.0, show_default=True,
               help="Weight of a per-pixel mask entropy penalty (sharper masks), annealed to 0.")
-@click.option("--mask-temperature", type=click.FloatRange(0.01, 100), default=1.0, show_default=True,
+@click.option("--mask-temperature", type=FiniteFloatRange(0.01, 100), default=1.0, show_default=True,
               help="Mask softmax temperature at step 0, annealed to 1.")
 @click.option("--hard-masks", is_flag=True, help="Straight-through Gumbel one-hot masks while shaping.")
-@click.option("--mask-init-scale", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--mask-init-scale", type=FiniteFloatRange(0), default=1.0, show_default=True,
               help="Scale of the mask head's initial last-layer weights.")
 @threads_option
 @quiet_option
@@ -146,7 +152,7 @@ def prepare_data(folder, output, size, limit, workers, quiet):
 @click.option("--count", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True,
               help="Number of scenes.")
 @click.option("--size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Image size S (S x S).")
-@click.option("--seed", type=int, default=0, show_default=True, help="The scenes are a function of the seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="The scenes are a function of the seed.")
 @quiet_option
 def synth(output, kind, count, size, seed, quiet):
     """Write seeded synthetic scenes with known region masks: data on which segmentation must emerge and
@@ -185,13 +191,14 @@ def info(preset, variant, regions, image_size, channels, region_codes):
 @click.option("--placeholder", "placeholder", default=None, metavar="TEXT",
               help="Mark the file as a placeholder model: every command that loads it prints TEXT in one line "
                    "(e.g. 'untrained weights: the masks mean nothing').")
+@overwrite_option("Replace the --out file if it exists (never CHECKPOINT itself).")
 @quiet_option
-def slim(checkpoint, output, dtype, placeholder, quiet):
+def slim(checkpoint, output, dtype, placeholder, overwrite, quiet):
     """Keep only the EMA weights of CHECKPOINT, stored as fp16/bf16: an inference-only file about a
     quarter of the training checkpoint's size (it cannot be resumed from)."""
     from fdm_train.checkpoint import slim_checkpoint
 
-    r = slim_checkpoint(checkpoint, output, dtype, placeholder=placeholder)
+    r = slim_checkpoint(checkpoint, output, dtype, overwrite, placeholder=placeholder)
     click.echo(f"{output}: EMA weights of step {r['step']} as {dtype}, {r['bytes_out'] / 1e6:.1f} MB "
                f"(from {r['bytes_in'] / 1e6:.1f} MB), max abs weight change {r['max_abs_error']:.2e}")
 

@@ -1,13 +1,15 @@
 """What the three command lines (fdm-train, fdm-export, fdm-infer) share, so that an option means the
 same everywhere: the context settings (-h, defaults shown), --version, a bare command printing its
-help, -q/--quiet, --threads, --limit, and options that were renamed (the old spelling still works,
-with a note)."""
+help, -q/--quiet, --threads, --limit, --overwrite, --max-pixels, and options that were renamed (the
+old spelling still works, with a note)."""
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
 import click
 
+from fdm_train.data import MAX_PIXELS
+from fdm_train.errors import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
 from fdm_train.util import DEFAULT_THREADS
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -22,16 +24,6 @@ def package_version() -> str:
 
 def version_option(f):
     return click.version_option(package_version(), "--version", message="%(prog)s %(version)s")(f)
-
-
-class HelpGroup(click.Group):
-    """A group that prints its help (exit status 0) when run without arguments."""
-
-    def parse_args(self, ctx, args):
-        if not args and not ctx.resilient_parsing:
-            click.echo(ctx.get_help())
-            ctx.exit(0)
-        return super().parse_args(ctx, args)
 
 
 class RenamingCommand(click.Command):
@@ -72,3 +64,17 @@ def limit_option(what: str = "images"):
         return click.option("--limit", type=click.IntRange(1), default=None,
                             help=f"Use only the first N {what} (in sorted order).")(f)
     return decorate
+
+
+def overwrite_option(help: str):
+    """--overwrite: a command never replaces a file or run it did not write unless given this flag;
+    `help` says what it replaces."""
+    def decorate(f):
+        return click.option("--overwrite", is_flag=True, help=help)(f)
+    return decorate
+
+
+def max_pixels_option(f):
+    return click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS,
+                        help="Skip (with a warning) images of more pixels than this, found before decoding "
+                             "them.")(f)

@@ -28,8 +28,7 @@ class ModelConfig:
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if self.num_regions < 1:
-            raise ValueError("num_regions (K) must be at least 1")
+        _check_bounds(self)
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(
                 f"image_size {self.image_size} must be divisible by 2^{len(self.channel_mult) - 1} "
@@ -55,6 +54,34 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# Bounds of every number of a config: a config read from a file is checked against them before a model
+# is built from it (a model's size grows with these numbers). Far above any model this project trains.
+BOUNDS = {
+    "image_size": (8, 2048), "in_channels": (1, 16), "base_channels": (1, 2048), "num_res_blocks": (1, 16),
+    "head_channels": (1, 4096), "num_regions": (1, 64), "num_classes": (0, 100_000),
+}
+MAX_STAGES, MAX_MULT = 8, 16
+
+
+def _check_bounds(cfg: ModelConfig) -> None:
+    def check_int(name: str, value, low: int, high: int) -> None:
+        if type(value) is not int or not low <= value <= high:  # bool is not a count
+            raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+
+    for name, (low, high) in BOUNDS.items():
+        check_int(name, getattr(cfg, name), low, high)
+    if not 1 <= len(cfg.channel_mult) <= MAX_STAGES:
+        raise ValueError(f"channel_mult must have 1 to {MAX_STAGES} stages, got {len(cfg.channel_mult)}")
+    for mult in cfg.channel_mult:
+        check_int("channel_mult", mult, 1, MAX_MULT)
+    for res in cfg.attention_resolutions:
+        check_int("attention_resolutions", res, 1, cfg.image_size)
+    if type(cfg.dropout) not in (int, float) or not 0 <= cfg.dropout <= 1:
+        raise ValueError(f"dropout must be a number from 0 to 1, got {cfg.dropout!r}")
+    if type(cfg.region_codes) is not bool:
+        raise ValueError(f"region_codes must be true or false, got {cfg.region_codes!r}")
 
 
 PRESETS: dict[str, ModelConfig] = {

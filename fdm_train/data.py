@@ -15,6 +15,9 @@ from PIL import Image, ImageOps
 from fdm_train.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Images larger than this are refused before they are decoded: a small file can hold a huge image, and
+# decoding costs 3 bytes per pixel and more (PIL itself refuses images above 2 x Image.MAX_IMAGE_PIXELS).
+MAX_PIXELS = 50_000_000
 
 
 class DataError(UserError):
@@ -30,9 +33,18 @@ def find_images(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image fully (catches truncated files), honour EXIF rotation, convert to 8-bit RGB."""
+class TooManyPixels(ValueError):
+    """An image above the pixel budget (found from its header, before decoding)."""
+
+
+def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image fully (catches truncated files), honour EXIF rotation, convert to 8-bit RGB.
+    An image of more than `max_pixels` pixels raises TooManyPixels before it is decoded."""
     with Image.open(path) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise TooManyPixels(f"{width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of "
+                                f"{max_pixels / 1e6:.1f}")
         img.load()
         return to_rgb(img)
 
@@ -142,7 +154,7 @@ class EpochOrder:
         self._order = self._make(epoch)
 
     def _make(self, epoch: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2 ** 64)  # manual_seed takes 64 bits
         perm = torch.randperm(self.size, generator=g).tolist()
         flips = (torch.rand(self.size, generator=g) < 0.5).tolist()
         return list(zip(perm, flips))
@@ -361,12 +373,12 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
     workers = workers or min(32, os.cpu_count() or 1)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp.npy")
     start = time.perf_counter()
     good: list[int] = []
     skipped: list[dict] = []
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         # Decode into a temporary full-size map, then compact the good rows into the final array.
         scratch = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
         jobs = [(i, str(p), size) for i, p in enumerate(files)]
@@ -398,9 +410,12 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
                     "skipped": [dict(s, file=rel(Path(s["file"]))) for s in skipped],
                     "seconds": round(time.perf_counter() - start, 2)}
         os.replace(tmp, output)
-    except BaseException:
-        for leftover in output.parent.glob(f".{output.name}.{os.getpid()}.tmp*.npy"):
-            leftover.unlink(missing_ok=True)
+    except BaseException as exc:
+        if output.parent.is_dir():
+            for leftover in output.parent.glob(f".{output.name}.{os.getpid()}.tmp*.npy"):
+                leftover.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise DataError(f"cannot write {output}: {exc.strerror or exc}") from None
         raise
     from fdm_train.util import atomic_write
     atomic_write(manifest_path(output), (json.dumps(manifest, indent=1) + "\n").encode())

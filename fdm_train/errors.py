@@ -1,12 +1,12 @@
 """One base class for every error caused by the user's input (a file, a flag, a checkpoint).
-The CLIs print such an error as one line and exit 1; anything else is a bug and keeps its traceback."""
+The CLIs print such an error as one line and exit 1; anything else is a bug and keeps its traceback.
+Also the parameter types that keep numbers no run can use out of the command lines."""
 from __future__ import annotations
 
+import math
 import sys
 
 import click
-
-from fdm_train.cli_options import HelpGroup
 
 
 class UserError(Exception):
@@ -30,6 +30,16 @@ def run_cli(group: click.Group, prog: str) -> None:
         sys.exit(130)
 
 
+class HelpGroup(click.Group):
+    """A group that prints its help (exit status 0) when run without arguments."""
+
+    def parse_args(self, ctx, args):
+        if not args and not ctx.resilient_parsing:
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
+
 class DefaultGroup(HelpGroup):
     """A group that runs `default_command` when the first argument names no subcommand,
     so `fdm-train --data DIR` means `fdm-train train --data DIR`; without arguments it prints its help."""
@@ -42,3 +52,29 @@ class DefaultGroup(HelpGroup):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan passes every comparison of a plain range)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+class SeedRange(click.IntRange):
+    """The seeds torch's generators take (64 bits at most), with room above for the seed + i of an
+    ensemble: 0..2^63-1, shown as such in --help and in errors."""
+
+    name = "integer"
+
+    def __init__(self):
+        super().__init__(0, 2 ** 63 - 1)
+
+    def _describe_range(self) -> str:
+        return "0<=x<2^63"
+
+
+SEED = SeedRange()

@@ -5,12 +5,22 @@ The run folder keeps the latest checkpoint pair (checkpoint.safetensors + train_
 a per-save id) and the previous one (*.previous.*); a save first hard-links the last complete pair into the
 previous slot, then writes the new pair (each file atomically), so a kill at any moment leaves a complete
 pair that `--resume auto` finds.
+
+A new run in a folder that holds an earlier one (`--overwrite`) leaves the earlier run in place until its
+own first pair is written: until then it logs and samples into staging names, and its first save moves the
+earlier run aside, writes the pair, then deletes the earlier run (and puts it back if the save fails).
+
+While a run owns the folder, rank 0 holds run.lock (pid, host, start time), so that two runs never
+write one folder; the lock of a process that is gone from this host is taken over.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,13 +29,18 @@ from pathlib import Path
 import torch
 
 from fdm_train.checkpoint import CheckpointError, atomic_write, load_training_state, read_checkpoint
+from fdm_train.errors import UserError
 
 CHECKPOINT = "checkpoint.safetensors"
 TRAINING_STATE = "train_state.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.previous.safetensors"
 PREVIOUS_STATE = "train_state.previous.pt"
 LOG = "log.jsonl"
+SAMPLES = "samples"
 PAIR_FILES = (CHECKPOINT, TRAINING_STATE, PREVIOUS_CHECKPOINT, PREVIOUS_STATE)
+LOCK = "run.lock"
+# Where a run that replaces an earlier one logs and samples until its first pair is written.
+STAGED = {LOG: ".log.new.jsonl", SAMPLES: ".samples.new"}
 
 
 class RunFolder:
@@ -36,13 +51,23 @@ class RunFolder:
             write folder.path / TRAINING_STATE and folder.path / CHECKPOINT, both tagged with save_id
     """
 
-    def __init__(self, path: Path, good: tuple[str, str] | None = None):
+    def __init__(self, path: Path, good: tuple[str, str] | None = None, replaces: bool = False):
         self.path = path
         self.good = good
+        self.replaces = replaces  # an earlier run is in the folder until this run's first pair is written
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / (STAGED[LOG] if self.replaces else LOG)
+
+    @property
+    def samples(self) -> Path:
+        return self.path / (STAGED[SAMPLES] if self.replaces else SAMPLES)
 
     @contextmanager
     def new_pair(self) -> Iterator[str]:
         save_id = uuid.uuid4().hex
+        aside = _move_aside(self.path) if self.replaces else None
         if self.good is not None:
             c, s = self.good
             if c != PREVIOUS_CHECKPOINT:
@@ -50,9 +75,50 @@ class RunFolder:
             if s != PREVIOUS_STATE:
                 _link_or_copy(self.path / s, self.path / PREVIOUS_STATE)
             self.good = (PREVIOUS_CHECKPOINT, PREVIOUS_STATE)
-        yield save_id
+        try:
+            yield save_id
+        except BaseException:
+            if aside is not None:
+                _put_back(self.path, aside)
+            raise
+        if aside is not None:  # the earlier run gives way to this one's log, samples and pair
+            for name, staged in STAGED.items():
+                if (self.path / staged).exists():
+                    os.replace(self.path / staged, self.path / name)
+            shutil.rmtree(aside)
+            self.replaces = False
         _fsync_dir(self.path)
         self.good = (CHECKPOINT, TRAINING_STATE)
+
+    def discard_unsaved(self) -> None:
+        """After a fresh run failed before its first pair: removes what it wrote (its log, samples, part
+        of a pair), so that the folder is as the run found it."""
+        if self.good is not None:
+            return
+        if not self.replaces:  # else the pair files are the earlier run's
+            for name in PAIR_FILES:
+                (self.path / name).unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
+        shutil.rmtree(self.samples, ignore_errors=True)
+
+
+def _move_aside(out: Path) -> Path:
+    """Renames the earlier run's files into a new folder `replaced-run.*` in `out` (nothing is lost if the
+    process dies now: they are all in one or the other)."""
+    aside = Path(tempfile.mkdtemp(prefix="replaced-run.", dir=out))
+    for name in (*PAIR_FILES, LOG, SAMPLES):
+        if (out / name).exists():
+            os.rename(out / name, aside / name)
+    return aside
+
+
+def _put_back(out: Path, aside: Path) -> None:
+    """Undoes _move_aside after a failed first save: drops the part of the new pair that was written."""
+    for name in PAIR_FILES:
+        (out / name).unlink(missing_ok=True)
+    for item in aside.iterdir():
+        os.rename(item, out / item.name)
+    aside.rmdir()
 
 
 # ----- finding complete pairs -----
@@ -77,7 +143,7 @@ def _checkpoint_id(path: Path) -> tuple[int, str] | None:
 
 def _state_id(path: Path) -> tuple[int, str] | None:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(state["step"]), str(state.get("save_id", ""))
     except Exception:
         return None
@@ -104,7 +170,9 @@ def _describe_incomplete(out: Path) -> str:
 
 def choose_resume(out: Path, mode: bool | str):
     """The newest complete pair that loads: (checkpoint name, state name, cfg, states, meta, train state),
-    or None where `mode` is "auto" and there is none."""
+    or None where `mode` is "auto" and the folder holds no checkpoint (a training state alone is what a run
+    killed in its first save leaves: there are no weights to go on from). A checkpoint that cannot be
+    resumed is an error in either mode: a fresh start would replace it."""
     pairs = complete_checkpoints(out)
     errors = []
     for _, c, s in pairs:
@@ -116,32 +184,38 @@ def choose_resume(out: Path, mode: bool | str):
             return c, s, cfg, states, meta, state
         except CheckpointError as exc:
             errors.append(str(exc))
-    if mode == "auto":
-        return None
     if errors:
         raise CheckpointError(errors[0])
     if not (out / CHECKPOINT).exists() and not (out / PREVIOUS_CHECKPOINT).exists():
+        if mode == "auto":
+            return None
         raise CheckpointError(f"checkpoint not found: {out / CHECKPOINT}")
     raise CheckpointError(f"{out}: no complete checkpoint to resume from; checkpoint and training state "
-                          f"disagree: {_describe_incomplete(out)}")
+                          f"disagree: {_describe_incomplete(out)}; nothing was deleted (--overwrite starts "
+                          "a new run there)")
 
 
 # ----- preparing the folder -----
 
-def remove_checkpoints(out: Path) -> int | None:
-    """Deletes the checkpoint pairs and temp files of an earlier run; returns the step it had reached."""
-    pairs = complete_checkpoints(out) if out.is_dir() else []
-    for name in PAIR_FILES:
-        (out / name).unlink(missing_ok=True)
-    remove_temp_files(out)
-    return pairs[0][0] if pairs else None
+def earlier_run(out: Path) -> str | None:
+    """What an earlier run left in `out` (the step of its newest complete pair, or its files), or None."""
+    names = [name for name in (*PAIR_FILES, LOG) if (out / name).exists()]
+    if (out / SAMPLES).is_dir() and any((out / SAMPLES).iterdir()):
+        names.append(f"{SAMPLES}/")
+    if not names:
+        return None
+    pairs = complete_checkpoints(out)
+    return f"step {pairs[0][0]}" if pairs else ", ".join(names)
 
 
 def remove_temp_files(out: Path) -> None:
+    """Deletes what writes cut short left: temp files of the pair, the staging log and samples."""
     if out.is_dir():
         for name in PAIR_FILES:
             for leftover in out.glob(f".{name}.*"):
                 leftover.unlink(missing_ok=True)
+        (out / STAGED[LOG]).unlink(missing_ok=True)
+        shutil.rmtree(out / STAGED[SAMPLES], ignore_errors=True)
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -156,6 +230,81 @@ def truncate_log(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     atomic_write(path, "".join(line + "\n" for line in keep).encode())
+
+
+# ----- the lock -----
+
+class RunLocked(UserError):
+    """Another run owns the folder; the message names it."""
+
+
+class RunLock:
+    """`out`/run.lock, created exclusively, naming the process that owns the folder. A lock whose process
+    is gone from this host is stale and taken over (with `warn`); one from another host cannot be
+    checked, and is only ever removed by hand."""
+
+    def __init__(self, path: Path, owner: dict):
+        self.path, self.owner = path, owner
+
+    @classmethod
+    def acquire(cls, out: Path, warn) -> RunLock:
+        path = out / LOCK
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        out.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            if _create_exclusive(path, json.dumps(owner) + "\n"):
+                return cls(path, owner)
+            holder = _read_lock(path)
+            if holder is None:  # being written, or just removed: look again
+                time.sleep(0.2)
+                continue
+            if not _is_stale(holder):
+                break
+            warn(f"taking over the lock of a run that is gone: {_describe(holder)} ({path})")
+            if _read_lock(path) == holder:
+                path.unlink(missing_ok=True)
+        holder = _read_lock(path)
+        raise RunLocked(f"{out} is in use by another run ({_describe(holder) if holder else 'unreadable lock'}); "
+                        f"if no run is using it, delete {path}")
+
+    def release(self) -> None:
+        if _read_lock(self.path) == self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _is_stale(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # a process of another user, or no pid at all
+        pass
+    return False
+
+
+def _describe(holder: dict) -> str:
+    return f"pid {holder['pid']} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
 
 
 # ----- file system -----

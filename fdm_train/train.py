@@ -27,7 +27,7 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,10 +64,11 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     PREVIOUS_STATE,
     TRAINING_STATE,
     RunFolder,
+    RunLock,
     _state_id,
     choose_resume,
     complete_checkpoints,
-    remove_checkpoints,
+    earlier_run,
     remove_temp_files,
     truncate_log,
 )
@@ -97,6 +98,7 @@ class TrainOptions:
     sample_steps: int = 100
     log_every: int = 10
     resume: bool | str = False  # True: continue the run in `out` (error if none); "auto": if there is one
+    overwrite: bool = False  # a fresh start may replace an earlier run in `out` (once its first pair is written)
     device: str = "auto"
     class_cond: bool = False
     progress: bool = True
@@ -251,6 +253,13 @@ def _resume_mode(resume: bool | str) -> bool | str:
     return resume
 
 
+def _check_options(opts: TrainOptions) -> None:
+    if not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise TrainingError(f"the learning rate must be a positive number, got {opts.lr}")
+    if not 0 <= opts.ema_decay < 1:
+        raise TrainingError(f"the EMA decay must be at least 0 and below 1, got {opts.ema_decay}")
+
+
 def _micro_batches(opts: TrainOptions, world: int) -> int:
     g = opts.batch_size
     if g < world:
@@ -284,24 +293,55 @@ def train(opts: TrainOptions) -> dict:
 
 def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device) -> dict:
     mode = _resume_mode(opts.resume)
+    _check_options(opts)
     n_micro = _micro_batches(opts, ctx.world)
+    with _folder_lock(out, ctx):
+        return _train_in_folder(opts, out, ctx, device, mode, n_micro)
+
+
+def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device, mode: bool | str,
+                     n_micro: int) -> dict:
     start = _resolve_start(opts, out, ctx, mode)
     dataset, cfg = _open_data(opts, start)
     model, ema, optimizer = _build(cfg, opts, device, start, out)
-    folder = _prepare_folder(out, ctx, start, mode)
-    train_model, ddp = _wrap(model, opts, ctx, device)
-    rank_start, rank_stop = shard_range(opts.batch_size, ctx.rank, ctx.world)
-    run = _Run(opts=opts, cfg=cfg, ctx=ctx, device=device, folder=folder, model=model, ema=ema,
-               optimizer=optimizer, train_model=train_model, ddp=ddp, step=start.step, data_seed=start.data_seed,
-               order=EpochOrder(len(dataset), start.data_seed, *start.position), rank_start=rank_start,
-               micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
-    last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
+    with _prepare_folder(out, ctx, start, mode) as folder:
+        train_model, ddp = _wrap(model, opts, ctx, device)
+        rank_start, rank_stop = shard_range(opts.batch_size, ctx.rank, ctx.world)
+        run = _Run(opts=opts, cfg=cfg, ctx=ctx, device=device, folder=folder, model=model, ema=ema,
+                   optimizer=optimizer, train_model=train_model, ddp=ddp, step=start.step,
+                   data_seed=start.data_seed, order=EpochOrder(len(dataset), start.data_seed, *start.position),
+                   rank_start=rank_start, micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
+        last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
     if bad.seen and ctx.main:
         _echo(f"skipped {len(bad.seen)} unreadable image(s) of {len(dataset)}")
     return {"step": run.step, "loss": last_loss, "parameters": count_parameters(model),
             "bad_files": sorted(bad.seen), "checkpoint": str(out / CHECKPOINT),
             "rank": ctx.rank, "world_size": ctx.world,
             "weights": {"model": model.state_dict(), "ema": ema.state_dict()}}
+
+
+@contextmanager
+def _folder_lock(out: Path, ctx: Distributed):
+    """Rank 0 holds the run folder's lock for the run; every rank learns whether it got it."""
+    lock, error = None, None
+    if ctx.main:
+        try:
+            lock = RunLock.acquire(out, warn=_echo)
+        except UserError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"cannot use {out} as the run folder: {exc.strerror or exc}"
+    if ctx.active:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise TrainingError(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @dataclass
@@ -315,17 +355,18 @@ class _Start:
     step: int = 0
     data_seed: int = 0  # a resumed run keeps the seed it started with
     position: tuple[int, int] = (0, 0)  # (epoch, offset) in the data order
+    replaces: bool = False  # a fresh start over an earlier run's files (known on rank 0)
 
 
 def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool | str) -> _Start:
     """Rank 0 picks the checkpoint pair to resume from (or a fresh start); every rank learns the choice
     (or the error, so that none waits for the others) and loads the same files."""
-    choice, found, error = None, None, None
-    if mode and ctx.main:
+    choice, found, error, replaces = None, None, None, False
+    if ctx.main:
         try:
-            found = choose_resume(out, mode)
+            found, replaces = _choose_start(opts, out, mode)
             choice = found[:2] if found else None
-        except CheckpointError as exc:
+        except UserError as exc:
             error = exc
     if ctx.active:
         box = [(choice, str(error) if error else None)]
@@ -335,7 +376,7 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
     if error is not None:
         raise error
     if choice is None:
-        return _Start(opts.model or ModelConfig(), data_seed=opts.seed)
+        return _Start(opts.model or ModelConfig(), replaces=replaces, data_seed=opts.seed)
     if ctx.main:
         _, _, cfg, states, meta, state = found
     else:
@@ -345,6 +386,26 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
         raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
                               f"(step {state['step']}) disagree")
     return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]))
+
+
+def _choose_start(opts: TrainOptions, out: Path, mode: bool | str):
+    """Rank 0: (the pair to resume from as choose_resume gives it, or None for a fresh start; whether the
+    fresh start replaces an earlier run). A fresh start never replaces one unasked: --overwrite, or
+    --resume auto in a folder with no checkpoint to go on from."""
+    if mode:
+        try:
+            found = choose_resume(out, mode)
+        except CheckpointError:
+            if not (mode == "auto" and opts.overwrite):
+                raise
+            found = None
+        if found:
+            return found, False
+    earlier = earlier_run(out)
+    if earlier and not (opts.overwrite or mode == "auto"):
+        raise TrainingError(f"{out} holds an earlier run ({earlier}): continue it with --resume auto, or "
+                            "replace it with --overwrite")
+    return None, earlier is not None
 
 
 def _open_data(opts: TrainOptions, start: _Start):
@@ -380,25 +441,30 @@ def _build(cfg: ModelConfig, opts: TrainOptions, device: torch.device, start: _S
     return model, ema, optimizer
 
 
-def _prepare_folder(out: Path, ctx: Distributed, start: _Start, mode: bool | str) -> RunFolder:
+@contextmanager
+def _prepare_folder(out: Path, ctx: Distributed, start: _Start, mode: bool | str):
     """Rank 0 makes the run folder ready: a resumed run drops what came after its checkpoint (temp files,
-    log lines); a fresh run removes an earlier run's checkpoints and log. Every rank waits for it."""
+    log lines); a fresh run over an earlier one leaves it in place until its first save (RunFolder).
+    Every rank waits for it. A fresh run that fails before its first save removes what it wrote."""
+    folder = RunFolder(out, start.pair, replaces=start.replaces)
     if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(exist_ok=True)
+        remove_temp_files(out)
+        folder.samples.mkdir(exist_ok=True)
         if start.state is not None:
-            remove_temp_files(out)
             truncate_log(out / LOG, start.step)
             if start.pair != (CHECKPOINT, TRAINING_STATE) or mode == "auto":
                 _echo(f"resuming {out} from step {start.step} ({start.pair[0]})")
-        else:  # a fresh run: the folder's checkpoints and log describe this run only
-            earlier = remove_checkpoints(out)
-            truncate_log(out / LOG, 0)
-            if earlier is not None:
-                _echo(f"starting a fresh run in {out}: removed the checkpoint of an earlier run (step {earlier})")
+        elif start.replaces:
+            _echo(f"starting a new run in {out}: the earlier run there ({earlier_run(out)}) is replaced once "
+                  "this run's first checkpoint is written")
     if ctx.active:
         dist.barrier()
-    return RunFolder(out, start.pair)
+    try:
+        yield folder
+    except BaseException:
+        if ctx.main:
+            folder.discard_unsaved()
+        raise
 
 
 def _wrap(model: torch.nn.Module, opts: TrainOptions, ctx: Distributed, device: torch.device):
@@ -498,7 +564,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
     opts, ctx = run.opts, run.ctx
     bad = _BadFiles(ctx)
     batches = iter(loader)
-    log = (run.folder.path / LOG).open("a") if ctx.main else None
+    log = run.folder.log_path.open("a") if ctx.main else None
     bar = tqdm(total=opts.iterations, initial=run.step, desc="train", unit="step",
                disable=not opts.progress or not ctx.main, dynamic_ncols=True)
     window = _Window()
@@ -604,7 +670,8 @@ def _save(run: _Run) -> None:
         save_training_state(out / TRAINING_STATE, {
             "step": run.step, "save_id": save_id, "seed": run.order.seed, "data_position": run.order.position,
             "optimizer": run.optimizer.state_dict(), "world_size": run.ctx.world,
-            "options": {k: v for k, v in asdict(opts).items() if k != "model"},
+            "options": {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+                        for k, v in asdict(opts).items() if k != "model"},  # plain values: loaded weights_only
         })
         save_checkpoint(out / CHECKPOINT, run.cfg, run.ema.state_dict(), run.model.state_dict(), run.step,
                         extra={"data": str(opts.data), "images_seen": run.step * opts.batch_size,
@@ -619,4 +686,4 @@ def _write_samples(run: _Run) -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         result = run.diffusion.sample(run.ema, (opts.sample_count, *run.sample_shape), steps=opts.sample_steps,
                                       y=y, device=device, generator=g)
-    sample_grid(result.images, result.masks).save(run.folder.path / "samples" / f"step{run.step:07d}.png")
+    sample_grid(result.images, result.masks).save(run.folder.samples / f"step{run.step:07d}.png")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
+
+from fdm_train.errors import UserError
 
 # CPU threads torch (and onnxruntime) use when --threads is not given. None leaves torch's own choice
 # (OMP_NUM_THREADS when set, else one thread per core). benchmarks/threads.py measures the alternatives.
@@ -16,10 +18,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' is the first CUDA device when there is one, else the CPU; anything else as torch reads it."""
+    """'auto' is the first CUDA device when there is one, else the CPU; anything else as torch reads it,
+    checked to be usable here (a one-line UserError if not)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    try:
+        torch.empty(0, device=device)
+    except Exception as exc:  # noqa: BLE001  (torch raises several types for a device it cannot use)
+        raise UserError(f"device {name!r} is not available here ({one_line(exc)}); use --device cpu") from None
+    return device
 
 
 def set_threads(threads: int | None) -> None:
@@ -30,20 +41,46 @@ def set_threads(threads: int | None) -> None:
 
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it over `path`: a reader sees the old
-    file or the new one, never a part."""
+    file or the new one, never a part. The file gets the mode the umask allows, as any new file does.
+    An unwritable path is a one-line UserError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, fd = _create_temp(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path}: {exc.strerror or one_line(exc)}") from None
         raise
+
+
+def _create_temp(path: Path) -> tuple[Path, int]:
+    """A new file `.NAME.RANDOM.tmp` beside `path`, opened for writing. Created with mode 0o666 so that
+    the umask applies (tempfile.mkstemp would make it 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+
+
+def check_output(output: str | Path, inputs: list[str | Path], overwrite: bool = False) -> None:
+    """Refuse an output file that is one of the inputs (symlinks resolved), or that exists already
+    unless `overwrite`: a command never replaces a file it did not write unless asked."""
+    target = Path(output).resolve()
+    for source in inputs:
+        if Path(source).resolve() == target:
+            raise UserError(f"the output {output} is the input {source}; write to another file")
+    if Path(output).exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it")
 
 
 def one_line(exc: BaseException) -> str:

@@ -21,8 +21,14 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     return PALETTE[np.asarray(labels) % len(PALETTE)]
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    return (image.astype(np.float32) * (1 - alpha) + colorize(labels) * alpha).round().astype(np.uint8)
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, rows: int = 256) -> np.ndarray:
+    """The image [H, W, 3] blended with its colored labels [H, W], `rows` rows at a time (the float
+    temporaries of a whole large image would take tens of bytes per pixel)."""
+    out = np.empty(image.shape, dtype=np.uint8)
+    for top in range(0, image.shape[0], rows):
+        part = slice(top, top + rows)
+        out[part] = (image[part].astype(np.float32) * (1 - alpha) + colorize(labels[part]) * alpha).round()
+    return out
 
 
 def grid(rows: list[np.ndarray], pad: int = 2) -> Image.Image:

@@ -1,6 +1,6 @@
-"""The options the three command lines share (-o/--out, --limit, -q, --threads, --version, help without
-arguments, defaults shown), the renamed options (the old spelling still works, with a note), and what a
-command says about its model and its --t."""
+"""The options the three command lines share (-o/--out, --limit, -q, --threads, --overwrite, --max-pixels,
+--version, help without arguments, defaults shown), the renamed options (the old spelling still works,
+with a note), and what a command says about its model and its --t."""
 import importlib.metadata
 import json
 import sys
@@ -71,6 +71,8 @@ def test_every_command_spells_the_shared_options_the_same():
                       ("fdm-infer", "fid"), ("fdm-train", "train"), ("fdm-train", "prepare-data")}
     threaded = {("fdm-infer", n) for n in ("segment", "generate", "interpolate", "evaluate", "bench", "baseline", "fid")}
     threaded.add(("fdm-train", "train"))
+    overwriting = {("fdm-train", "train"), ("fdm-train", "slim"), ("fdm-export", "onnx"), ("fdm-export", "trt")}
+    pixel_budget = {("fdm-infer", "segment")}
     for prog, name, command in commands():
         opts = options(command)
         where = f"{prog} {name}"
@@ -82,6 +84,9 @@ def test_every_command_spells_the_shared_options_the_same():
             assert {"-q", "--quiet"} <= set(opts), where
         assert ("--limit" in opts) == ((prog, name) in folder_readers), where
         assert ("--threads" in opts) == ((prog, name) in threaded), where
+        assert ("--overwrite" in opts) == ((prog, name) in overwriting), where
+        assert "--overwrite" not in opts or opts["--overwrite"].is_flag, where
+        assert ("--max-pixels" in opts) == ((prog, name) in pixel_budget), where
         for p in command.params:
             if isinstance(p, click.Option) and not p.hidden:
                 assert p.help, f"{where} {p.opts[0]} has no help"
@@ -93,7 +98,7 @@ def test_training_options_have_help_and_show_their_defaults(capsys, monkeypatch)
     r = run("fdm-train", capsys, monkeypatch, "train", "--help")
     assert r.code == 0
     text = " ".join(r.out.split())
-    for fragment in ("--seed INTEGER Seed of the initial weights", "[default: 0]", "--save-every",
+    for fragment in ("--seed INTEGER Seed of the initial weights", "[default: 0; 0<=x<2^63]", "--save-every",
                      "resumes from there. [default: 1000", "--log-every", "log.jsonl every N steps. [default: 10",
                      "-o, --out DIRECTORY Run folder", "--threads", "--limit"):
         assert fragment in text, fragment

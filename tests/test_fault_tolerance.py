@@ -215,8 +215,13 @@ def test_resume_modes_and_broken_files(data, tmp_path):
         assert complete_checkpoints(tmp_path / "b") == []
         with pytest.raises(UserError, match="disagree"):
             train(TrainOptions(data=str(data), out=str(tmp_path / "b"), resume=True, **small))
-        # ... where --resume auto starts afresh (the broken files are removed).
-        assert train(TrainOptions(data=str(data), out=str(tmp_path / "b"), resume="auto", **small))["step"] == 2
+        # ... and so does --resume auto, deleting nothing; --overwrite starts a new run there.
+        before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()}
+        with pytest.raises(UserError, match="disagree"):
+            train(TrainOptions(data=str(data), out=str(tmp_path / "b"), resume="auto", **small))
+        assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()} == before
+        renewed = train(TrainOptions(data=str(data), out=str(tmp_path / "b"), resume="auto", overwrite=True, **small))
+        assert renewed["step"] == 2
         assert [p[0] for p in complete_checkpoints(tmp_path / "b")] == [2, 1]
     finally:
         torch.set_num_threads(old)

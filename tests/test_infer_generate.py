@@ -48,9 +48,15 @@ def test_generate_follows_the_ddpm_and_ddim_updates():
     """Two steps (t = 999, then 0), written out independently of the sampler with the numpy schedule:
     DDPM eq. 9-10 on the respaced schedule (noise z drawn after x_T from the same seeded generator),
     and DDIM (eta = 0)."""
+    torch.manual_seed(0)
     model = perturb(build_model(preset("tiny-32")), seed=7).eval()
     engine = TorchEngine.from_model(model, device="cpu")
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    # The t=999 step divides by sqrt(abar[999] / abar[0]) (DDPM and DDIM alike): it multiplies an error in
+    # eps by about 157. The sampler's fused forward and the reference's K decoder calls give eps equal up to
+    # float32 rounding through the network, below 2.4e-6 over 700 random models; 4e-6, amplified,
+    # bounds the images' difference.
+    image_atol = (abar[0] / abar[999]) ** 0.5 * 4e-6
 
     def eps_masks(x, t):
         with torch.no_grad():
@@ -71,7 +77,7 @@ def test_generate_follows_the_ddpm_and_ddim_updates():
                 x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
                 x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
         result, _ = generate(engine, 2, steps=2, sampler=sampler, seed=3)
-        torch.testing.assert_close(result.images, x.float().clamp(-1, 1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(result.images, x.float().clamp(-1, 1), atol=image_atol, rtol=0)
         torch.testing.assert_close(result.masks, masks, atol=1e-5, rtol=1e-5)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fdm_infer.engines.base import Engine
 from fdm_train.errors import UserError
-from fdm_train.util import one_line, set_threads
+from fdm_train.util import one_line, pick_device, set_threads
 
 ENGINES = {
     "torch": ("fdm_infer.engines.torch_engine", "TorchEngine"),
@@ -62,6 +62,8 @@ def open_model(model: str | Path | None = None, engine: str | None = None, devic
     if named is not None and named != kind:  # --engine only decides for files whose suffix says nothing
         hint = f"`fdm-export {kind}` makes one from it" if named == "torch" else f"it runs on the {named} engine"
         raise UserError(f"the {kind} engine cannot run {path.name}, a {path.suffix} file: {hint}")
+    if device != "auto":
+        pick_device(device)  # an unknown or absent device is the flag's fault, not the file's
     try:
         return open_engine(kind, path, device=device, threads=threads), path
     except (RuntimeError, AssertionError) as exc:  # e.g. an unavailable device

@@ -153,6 +153,21 @@ class OnnxEngine(Engine):
         if self.input_names != expected or outputs != OUTPUT_NAMES:
             raise UserError(f"{path}: graph inputs {self.input_names} / outputs {outputs} do not match its "
                             f"metadata (expected {expected} -> {OUTPUT_NAMES})")
+        self._check_graph_shapes(path)
+
+    def _check_graph_shapes(self, path: Path) -> None:
+        """The graph's x_t, eps and masks have the sizes the metadata's config gives (the batch aside)."""
+        cfg = self.config
+        size = [cfg.image_size, cfg.image_size]
+        want = {"x_t": [cfg.in_channels, *size], "eps": [cfg.in_channels, *size],
+                "masks": [cfg.mask_channels, *size]}
+        for arg in (*self.session.get_inputs(), *self.session.get_outputs()):
+            if arg.name not in want:
+                continue
+            dims = list(arg.shape[1:])  # a size onnxruntime could not infer is a name, not a number
+            if len(dims) != 3 or any(isinstance(d, int) and d != w for d, w in zip(dims, want[arg.name])):
+                raise UserError(f"{path}: the graph's {arg.name} is {list(arg.shape)}, its metadata describes "
+                                f"[batch, {', '.join(map(str, want[arg.name]))}]; re-export it with fdm-export")
 
     def _check(self, x_t, y):
         cfg = self.config

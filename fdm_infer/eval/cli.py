@@ -34,9 +34,9 @@ from fdm_train.cli_options import quiet_option, threads_option
 @click.option("--size-mode", type=click.Choice(["upsample", "downsample"]), default="upsample", show_default=True,
               help="upsample: predictions to the masks' resolution (soft masks bilinear, label maps nearest); "
                    "downsample: masks to the predictions' resolution (nearest).")
-@click.option("--num-labels", type=click.IntRange(2), default=None,
+@click.option("--num-labels", type=click.IntRange(2, 256), default=None,
               help="Labels of the ground truth [default: the largest label in the masks + 1].")
-@click.option("--num-channels", type=click.IntRange(2), default=None,
+@click.option("--num-channels", type=click.IntRange(2, 256), default=None,
               help="With --predictions: the K of the method [default: its largest label + 1].")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score the first N images only (in sorted order).")
 @click.option("--name", default=None, help="Row name in the table [default: the model's / folder's name].")
@@ -79,7 +79,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
 
 @click.command()
 @click.argument("method", type=click.Choice(["grabcut", "rectangle", "kmeans-ddpm"]))
-@click.option("--images", "images", required=True, multiple=True, type=click.Path(),
+@click.option("--images", "images", required=True, multiple=True, type=click.Path(readable=False),
               help="Image files or folders (recursive); repeatable.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Output folder (created) for the label maps <relative path>.png (for `evaluate --predictions`).")

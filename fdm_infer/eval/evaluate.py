@@ -35,7 +35,7 @@ from fdm_infer.eval.metrics import ForegroundAccumulator, PartsAccumulator
 from fdm_infer.foreground import border_presence, border_shares, foreground_channels
 from fdm_infer.images import load_for_model
 from fdm_infer.segment import DEFAULT_T, check_channels, segment_tensor
-from fdm_train.data import IMAGE_EXTENSIONS, find_images
+from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
 from fdm_train.util import atomic_write, one_line
@@ -44,6 +44,7 @@ from fdm_train.visualize import mask_statistics
 PROTOCOLS = ("foreground", "parts")
 SIZE_MODES = ("upsample", "downsample")
 LFW_LABELS = ("background", "skin", "hair")
+MAX_CHANNELS = 64  # the most channels a folder of label maps is taken to have without --num-channels
 
 
 # ----- the evaluation set -----
@@ -78,6 +79,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     """A ground-truth or predicted label map as uint8 [H, W]; a 0/255 binary mask becomes 0/1."""
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise TooManyPixels(f"{img.width}x{img.height} is over the limit of {MAX_PIXELS / 1e6:.0f} megapixels")
             img.load()
             if img.mode not in ("L", "P", "1", "I", "I;16"):
                 img = img.convert("L")
@@ -214,7 +217,12 @@ def load_predictions(folder: str | Path, evalset: EvalSet, num_channels: int | N
     if missing:
         raise UserError(f"--predictions: {len(missing)} of {len(evalset)} image(s) have no label map in {folder} "
                         f"(looked for <name>.png and <name>_labels.png; first missing: {missing[0]})")
-    top = max(int(m.max()) for m in labels) + 1
+    values = sorted(set().union(*(np.unique(m).tolist() for m in labels)))
+    top = values[-1] + 1
+    if num_channels is None and (top > MAX_CHANNELS or values != list(range(top))):
+        shown = ", ".join(map(str, values[:6])) + (", ..." if len(values) > 6 else "")
+        raise UserError(f"--predictions: the label maps hold the values {shown}, not channels 0..K-1 (K at most "
+                        f"{MAX_CHANNELS}); if they are, give K with --num-channels")
     k = num_channels or max(top, 2)
     if top > k:
         raise UserError(f"--predictions: labels go up to {top - 1}, more than --num-channels {k} allows")
