@@ -102,25 +102,32 @@ def measure_sample(settings: dict) -> float:
 
 
 def worker(task: str, threads: int, settings: dict) -> None:
+    # Read before anything imports fdm_train, which would set its own default; torch (imported first) has
+    # read it by then.
+    policy = os.environ.get("OMP_WAIT_POLICY", "default")
     import torch
 
     torch.set_num_threads(threads)
     value = measure_train(settings) if task == "train" else measure_sample(settings)
-    print(json.dumps({"task": task, "threads": torch.get_num_threads(), "value": value}))
+    print(json.dumps({"task": task, "threads": torch.get_num_threads(),
+                      "wait_policy": policy, "value": value}))
 
 
 # ----- the driver -----
 
-def run_worker(task: str, threads: int, settings: dict) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+def run_worker(task: str, threads: int, policy: str, settings: dict) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), OMP_WAIT_POLICY=policy)
+    if policy == "default":  # the OpenMP runtime's own: threads spin a while before they sleep
+        del env["OMP_WAIT_POLICY"]
     proc = subprocess.run([sys.executable, __file__, "--worker", task, "--threads", str(threads),
                            "--settings", json.dumps(settings)], capture_output=True, text=True, env=env,
                           timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"threads.py: the {task} measurement with {threads} thread(s) failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if result["threads"] != threads:
-        raise SystemExit(f"threads.py: asked for {threads} thread(s), torch used {result['threads']}")
+    if (result["threads"], result["wait_policy"]) != (threads, policy):
+        raise SystemExit(f"threads.py: asked for {threads} thread(s) with wait policy {policy}, the process had "
+                         f"{result['threads']} with {result['wait_policy']}")
     return result["value"]
 
 
@@ -133,16 +140,22 @@ def start_competitor() -> subprocess.Popen:
     return proc
 
 
-def measure_all(settings: dict, thread_counts: list[int], log) -> list[dict]:
+def configurations(thread_counts: list[int], policies: list[str]) -> list[tuple[int, str]]:
+    """(threads, OMP_WAIT_POLICY) pairs; the wait policy only matters with more than one thread."""
+    return [(n, policy) for n in thread_counts for policy in (policies if n > 1 else ["default"])]
+
+
+def measure_all(settings: dict, configs: list[tuple[int, str]], log) -> list[dict]:
     rows = []
     for condition in ("idle", "contended"):
         competitor = start_competitor() if condition == "contended" else None
         try:
             for task in ("train", "sample"):
-                for threads in thread_counts:
-                    value = run_worker(task, threads, settings)
-                    rows.append({"task": task, "condition": condition, "threads": threads, "value": value})
-                    log(f"{task:6s} {condition:9s} {threads} thread(s): "
+                for threads, policy in configs:
+                    value = run_worker(task, threads, policy, settings)
+                    rows.append({"task": task, "condition": condition, "threads": threads, "wait_policy": policy,
+                                 "value": value})
+                    log(f"{task:6s} {condition:9s} {threads} thread(s), wait policy {policy}: "
                         + (f"{value:.1f} images/s" if task == "train" else f"{value:.2f} s per run"))
         finally:
             if competitor is not None:
@@ -161,16 +174,16 @@ def markdown(result: dict) -> str:
              "warm-up steps: images/s (higher is better);",
              f"* sample: DDIM, {s['sample_steps']} steps, {s['sample_images']} images, median of "
              f"{s['sample_repeats']} runs: seconds per run (lower is better);",
-             "* contended: beside another process doing float32 matmuls on 2 threads.", "",
-             "| task | threads | idle | contended | contended vs idle |", "|---|---|---|---|---|"]
-    by_key = {(r["task"], r["condition"], r["threads"]): r["value"] for r in result["rows"]}
+             "* contended: beside another process doing float32 matmuls on 2 threads;",
+             "* wait policy: OMP_WAIT_POLICY of the measured process (default: unset, the OpenMP runtime's own).",
+             "", "| task | threads | wait policy | idle | contended | contended vs idle |", "|---|---|---|---|---|---|"]
+    by_key = {(r["task"], r["condition"], r["threads"], r["wait_policy"]): r["value"] for r in result["rows"]}
     for task, unit in (("train", "images/s"), ("sample", "s")):
-        for threads in result["threads"]:
-            idle, busy = by_key[(task, "idle", threads)], by_key[(task, "contended", threads)]
+        for threads, policy in result["configurations"]:
+            idle, busy = by_key[(task, "idle", threads, policy)], by_key[(task, "contended", threads, policy)]
             slowdown = idle / busy if task == "train" else busy / idle
-            lines.append(f"| {task} | {threads} | {idle:.2f} {unit} | {busy:.2f} {unit} | {slowdown:.1f}x slower |")
-    lines += ["", "The default (`DEFAULT_THREADS` in fdm_train/util.py; None leaves torch's own choice, one thread "
-              "per core or OMP_NUM_THREADS) is the thread count that is not badly hurt when the cores are shared."]
+            lines.append(f"| {task} | {threads} | {policy} | {idle:.2f} {unit} | {busy:.2f} {unit} | "
+                         f"{slowdown:.1f}x slower |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +194,8 @@ def main(argv=None):
                    help="Output folder for threads.md and threads.json [default: benchmarks/results; with --quick, "
                         "a folder in the system's temporary directory, so that a rehearsal is never committed].")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="Thread counts to compare.")
+    p.add_argument("--wait-policies", nargs="+", default=["default", "PASSIVE"],
+                   help="OMP_WAIT_POLICY values to compare for more than one thread (default = unset).")
     p.add_argument("--worker", choices=["train", "sample"], help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -194,8 +209,10 @@ def main(argv=None):
     settings = QUICK if a.quick else FULL
     env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
            "load_before": os.getloadavg()[0]}
-    rows = measure_all(settings, a.threads, lambda line: print(line, flush=True))
-    result = {"quick": a.quick, "settings": settings, "threads": a.threads, "environment": env, "rows": rows}
+    configs = configurations(a.threads, a.wait_policies)
+    rows = measure_all(settings, configs, lambda line: print(line, flush=True))
+    result = {"quick": a.quick, "settings": settings, "threads": a.threads, "configurations": configs,
+              "environment": env, "rows": rows}
     default_out = Path(tempfile.gettempdir()) / "fdm-threads-quick" if a.quick else ROOT / "benchmarks" / "results"
     out = Path(a.out) if a.out else default_out
     out.mkdir(parents=True, exist_ok=True)

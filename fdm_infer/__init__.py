@@ -1,6 +1,8 @@
 """fdm inference: segmentation and generation with any engine, the `fdm-infer` CLI and the Python API
 (fdm_infer.api): `from fdm_infer import Segmenter, generate`."""
 
+import fdm_train  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+
 # Bound after the submodules load, so that `fdm_infer.generate` is the API's function (the sampling
 # code stays importable as before: `from fdm_infer.generate import ...`).
 from fdm_infer.api import Generation, Segmentation, Segmenter, generate

@@ -68,14 +68,17 @@ def load_threads_script():
 
 def test_threads_benchmark_measures_in_a_process_with_the_threads_asked():
     threads = load_threads_script()
-    # A fresh process with OMP_NUM_THREADS and torch.set_num_threads at 2 (run_worker refuses another count).
-    assert threads.run_worker("sample", 2, threads.QUICK) > 0
-    rows = [{"task": "train", "condition": "idle", "threads": 1, "value": 20.0},
-            {"task": "train", "condition": "contended", "threads": 1, "value": 4.0},
-            {"task": "sample", "condition": "idle", "threads": 1, "value": 0.1},
-            {"task": "sample", "condition": "contended", "threads": 1, "value": 1.5}]
+    # A fresh process with OMP_NUM_THREADS, torch.set_num_threads at 2 and the wait policy asked (run_worker
+    # refuses a process that reports anything else).
+    assert threads.run_worker("sample", 2, "PASSIVE", threads.QUICK) > 0
+    configs = threads.configurations([1, 2], ["default", "PASSIVE"])
+    assert configs == [(1, "default"), (2, "default"), (2, "PASSIVE")]
+    rows = [{"task": "train", "condition": "idle", "threads": 1, "wait_policy": "default", "value": 20.0},
+            {"task": "train", "condition": "contended", "threads": 1, "wait_policy": "default", "value": 4.0},
+            {"task": "sample", "condition": "idle", "threads": 1, "wait_policy": "default", "value": 0.1},
+            {"task": "sample", "condition": "contended", "threads": 1, "wait_policy": "default", "value": 1.5}]
     env = {"cpu": "x", "cores": 2, "torch": "t", "python": "p", "load_before": 0.0}
     table = threads.markdown({"quick": False, "settings": threads.FULL, "threads": [1], "environment": env,
-                              "rows": rows})
-    assert "| train | 1 | 20.00 images/s | 4.00 images/s | 5.0x slower |" in table
-    assert "| sample | 1 | 0.10 s | 1.50 s | 15.0x slower |" in table
+                              "configurations": [(1, "default")], "rows": rows})
+    assert "| train | 1 | default | 20.00 images/s | 4.00 images/s | 5.0x slower |" in table
+    assert "| sample | 1 | default | 0.10 s | 1.50 s | 15.0x slower |" in table

@@ -242,3 +242,31 @@ def test_unknown_model_suffix_is_one_line(tmp_path, capsys, monkeypatch):
     assert r.code == 1 and len(r.err_lines) == 1
     assert r.err_lines[0].startswith("fdm-infer: error: cannot tell which engine runs model.pt")
     assert "--engine" in r.err_lines[0]
+
+
+# Records OMP_WAIT_POLICY at the moment torch is first imported (the OpenMP runtime reads it only then).
+POLICY_AT_TORCH_IMPORT = """
+import importlib, os, sys
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "POLICY_SEEN" not in os.environ:
+            os.environ["POLICY_SEEN"] = str(os.environ.get("OMP_WAIT_POLICY"))
+        return None
+sys.meta_path.insert(0, Spy())
+importlib.import_module(sys.argv[1])
+print(os.environ["POLICY_SEEN"])
+"""
+
+
+@pytest.mark.parametrize("module", ["fdm_train.cli", "fdm_infer.cli", "fdm_export.cli", "fdm_infer"])
+def test_threads_wait_passively_unless_the_user_says_otherwise(module):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    seen = subprocess.run([sys.executable, "-c", POLICY_AT_TORCH_IMPORT, module], env=env, check=True,
+                          capture_output=True, text=True).stdout.split()[-1]
+    assert seen == "PASSIVE"
+    mine = subprocess.run([sys.executable, "-c", POLICY_AT_TORCH_IMPORT, module], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                          check=True, capture_output=True, text=True).stdout.split()[-1]
+    assert mine == "ACTIVE"
