@@ -75,6 +75,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     runs = load_runs(Path(a.runs))
     out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(runs, indent=1) + "\n")
     plot(runs, out)
     print(table(runs))
