@@ -24,7 +24,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -337,11 +339,20 @@ def _folder_lock(out: Path, ctx: Distributed):
         error = box[0]
     if error is not None:
         raise TrainingError(error)
+    # A scheduler stops a job with SIGTERM; as an exception it unwinds this block and frees the lock.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
     try:
         yield
     finally:
         if lock is not None:
             lock.release()
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 @dataclass

@@ -283,3 +283,17 @@ def test_torchrun_elastic_restart_resumes_by_itself(data, tmp_path):
         torch.set_num_threads(old)
     assert result.exit_code == 0, result.output
     assert_same_weights(out, tmp_path / "single")
+
+
+def test_sigterm_stops_the_run_and_frees_its_folder(data, tmp_path):
+    """What a scheduler sends: the run stops, its lock is released, and --resume auto goes on from the
+    last checkpoint."""
+    out = tmp_path / "run"
+    proc = fdm_train(train_args(data, out, "--resume", "auto"))
+    wait_for_step(proc, out, SAVE_EVERY + 1)
+    assert (out / "run.lock").exists()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate()[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert not (out / "run.lock").exists(), output
+    assert (out / "checkpoint.safetensors").exists()
