@@ -40,3 +40,13 @@ def image_folder(tmp_path):
     folder = tmp_path / "images"
     write_images(folder, 6)
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for the test: equal thread counts give equal bits, and 2 threads are slow
+    when the 2 cores are shared."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

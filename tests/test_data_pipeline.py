@@ -17,12 +17,7 @@ from fdm_train.train import TrainOptions, train
 TINY = preset("tiny-32", image_size=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def options(data, out, **kw):

@@ -26,12 +26,7 @@ from fdm_train.train import TrainingError, TrainOptions, train
 from fdm_train.util import atomic_write
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
