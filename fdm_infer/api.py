@@ -28,7 +28,7 @@ from PIL import Image
 
 from fdm_infer.engines import open_model, placeholder_note
 from fdm_infer.engines.base import Engine
-from fdm_infer.foreground import border_shares, foreground_channels
+from fdm_infer.foreground import ChannelPresence
 from fdm_infer.generate import check_steps, write_samples
 from fdm_infer.generate import generate as sample
 from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs, ensure_writable
@@ -134,7 +134,8 @@ class Segmenter:
         """Segment one image or a list: file paths (a folder: every image in it, sorted), PIL images, numpy
         arrays [H, W] / [H, W, 3|4] or torch tensors [H, W] / [1|3|4, H, W] (uint8, or float in [0, 1]; a 4-D
         array or tensor is a batch), of any size. The foreground is `fg_channels`, or every channel but the
-        one most present on the image borders over these images. An unreadable file, or one of more than
+        one most present on the image borders and those more present on the borders than in the images, over
+        these images (fdm_infer.foreground). An unreadable file, or one of more than
         `max_pixels` pixels, is an error."""
         k = self.engine.num_regions
         check_channels(fg_channels, k)
@@ -148,13 +149,12 @@ class Segmenter:
 
         start = time.perf_counter()
         items: list[Segmented] = []
-        border_sum = torch.zeros(k, dtype=torch.float64)
+        presence = ChannelPresence(k)
         for batch in segment_batches(self.engine, inputs, self.settings, unreadable, progress):
-            border_sum += border_shares(torch.stack([item.masks for item in batch]))
+            presence.add_masks(torch.stack([item.masks for item in batch]))
             items += batch
-        chosen = sorted(set(fg_channels)) if fg_channels else foreground_channels(border_sum) if items else []
-        border = [round(float(v) / max(1, len(items)), 4) for v in border_sum]
-        return Segmentation(items, chosen, border, bool(fg_channels), self.run_info(), self.settings,
+        chosen = sorted(set(fg_channels)) if fg_channels else presence.foreground() if items else []
+        return Segmentation(items, chosen, presence, bool(fg_channels), self.run_info(), self.settings,
                             time.perf_counter() - start)
 
     def segment_files(self, paths: list[str | Path], out: str | Path, options: OutputOptions | None = None, *,
@@ -180,11 +180,12 @@ def as_list(images) -> list:
 class Segmentation:
     """The result of `Segmenter(images)`: one entry per image, in the order given (folders expanded)."""
 
-    def __init__(self, items: list[Segmented], fg_channels: list[int], border_share: list[float], given: bool,
+    def __init__(self, items: list[Segmented], fg_channels: list[int], presence: ChannelPresence, given: bool,
                  run: dict, settings: SegmentSettings, seconds: float):
         self.items = items
         self.fg_channels = fg_channels  # the foreground channels
-        self.border_share = border_share  # each channel's mean share of the image borders
+        self.border_share = presence.border_share  # each channel's mean share of the image borders
+        self.image_share = presence.image_share  # each channel's mean share of the whole image
         self._given, self._run, self._settings, self._seconds = given, run, settings, seconds
 
     def __len__(self) -> int:
@@ -207,7 +208,8 @@ class Segmentation:
 
     def _summary(self, entries: list[dict]) -> dict:
         report = SegmentReport(written=len(self.items), seconds=self._seconds, entries=entries,
-                               foreground=self.fg_channels, border_share=self.border_share)
+                               foreground=self.fg_channels, border_share=self.border_share,
+                               image_share=self.image_share)
         return summary(self._run, self._settings, report, len(self.border_share), self._given)
 
     def to_json(self, rle: str | None = None) -> str:

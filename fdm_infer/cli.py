@@ -51,7 +51,8 @@ def main_group():
               help="Also write <name>_channels.png: every mask channel on its own (paper Fig. 9).")
 @click.option("--foreground", is_flag=True,
               help="Also write <name>_fg.png (0/255): the foreground channels, chosen without labels (every "
-                   "channel but the one most present on the image borders over all inputs) or by --fg-channel.")
+                   "channel but the one most present on the image borders and those more present on the borders "
+                   "than in the images, over all inputs) or by --fg-channel.")
 @click.option("--rle", type=click.Choice(["compressed", "uncompressed"]), is_flag=False, flag_value="compressed",
               default=None, help="Add every region's COCO RLE mask to summary.json (`--rle`: compressed counts, "
                                  "as pycocotools writes them; `--rle uncompressed`: a list of counts).")
@@ -80,9 +81,9 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
                + (f", ensemble {ensemble}" if ensemble > 1 else "") + f" -> {out} (summary.json)", err=as_json)
     click.echo(f"labels: {label_legend(segmenter.engine.num_regions)}", err=as_json)
     if foreground and report.foreground is not None:
-        shares = ", ".join(f"{s:.2f}" for s in report.border_share)
-        how = "given" if fg_channels else "not the channel most on the borders"
-        click.echo(f"foreground: channels {'+'.join(map(str, report.foreground))} ({how}; border shares {shares})",
+        shares = ", ".join(f"{b:.2f}/{s:.2f}" for b, s in zip(report.border_share, report.image_share))
+        how = "given" if fg_channels else "not background"
+        click.echo(f"foreground: channels {'+'.join(map(str, report.foreground))} ({how}; border/image shares {shares})",
                    err=as_json)
     if as_json:
         click.echo(summary_json(report.summary))

@@ -33,7 +33,8 @@ def segmentation_options(f):
                      help="Class of the images, for class-conditional models.")(f)
     f = click.option("--fg-channel", "fg_channels", type=click.IntRange(0), multiple=True,
                      help="Foreground channel(s), repeatable [default, without labels: every channel but the "
-                          "one most present on the image border over the set].")(f)
+                          "one most present on the image border and those more present on the border than in the "
+                          "image, over the set].")(f)
     f = click.option("--batch-size", type=click.IntRange(1), default=16, help="Images per forward pass.")(f)
     f = click.option("--ensemble", type=click.IntRange(1), default=1,
                      help="Average the soft masks over N seeds (seed..seed+N-1).")(f)

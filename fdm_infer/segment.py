@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from fdm_infer.engines.base import Engine
-from fdm_infer.foreground import border_shares, foreground_channels
+from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.images import (
     FileReport,
     InputImage,
@@ -254,6 +254,7 @@ def add_foreground(entry: dict, channels: list[int], fg_file: Path | None, out: 
 class SegmentReport(FileReport):
     foreground: list[int] | None = None  # the foreground channels (--foreground)
     border_share: list[float] | None = None  # each channel's mean share of the border ring
+    image_share: list[float] | None = None  # each channel's mean share of the whole image
     entries: list[dict] = field(default_factory=list)  # per image, as in summary.json
     summary: dict | None = None  # summary.json
 
@@ -264,7 +265,7 @@ def summary(run: dict, settings: SegmentSettings, report: SegmentReport, num_reg
     foreground = None
     if report.foreground is not None:
         foreground = {"channels": report.foreground, "border_share": report.border_share,
-                      "chosen": "given" if given_channels else "every channel but the one most on the borders"}
+                      "image_share": report.image_share, "chosen": "given" if given_channels else RULE}
     run = {**run, "t": settings.t, "seed": settings.seed, "ensemble": settings.ensemble,
            "class": settings.class_label, "threads": torch.get_num_threads(),
            "label_colors": [PALETTE[k % len(PALETTE)].tolist() for k in range(num_regions)],
@@ -320,14 +321,12 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
         raise UserError(f"the output {out / SUMMARY} is an input; choose another --out")
     ensure_writable(out)
     kinds = output_kinds(options)
-    border_sum = torch.zeros(engine.num_regions, dtype=torch.float64)
-    images_seen = 0
+    presence = ChannelPresence(engine.num_regions)
     kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
     start = time.perf_counter()
     for batch in segment_batches(engine, inputs, settings, lambda item, why: report.fail(item.path, why, warn),
                                  progress):
-        border_sum += border_shares(torch.stack([item.masks for item in batch]))
-        images_seen += len(batch)
+        presence.add_masks(torch.stack([item.masks for item in batch]))
         while batch:
             item = batch.pop(0)  # dropped once written: a large image is not held longer
             clash = output_clash(out, item.key, kinds, input_files)
@@ -342,8 +341,8 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
                 report.written += 1
                 kept.append((item.key, item.source, entry))
     if kept:
-        report.border_share = [round(float(v) / images_seen, 4) for v in border_sum]
-        report.foreground = sorted(set(fg_channels)) if fg_channels else foreground_channels(border_sum)
+        report.border_share, report.image_share = presence.border_share, presence.image_share
+        report.foreground = sorted(set(fg_channels)) if fg_channels else presence.foreground()
         finish_foreground(out, kept, report, options.foreground, warn)
     report.entries = [entry for _, _, entry in kept if entry is not None]
     report.seconds = time.perf_counter() - start

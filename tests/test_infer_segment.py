@@ -158,10 +158,14 @@ def test_foreground_and_channel_view(tiny_checkpoint, tmp_path, capsys, monkeypa
                   "--foreground", "--channels", "--save-soft", "--batch-size", 2)
     assert r.code == 0, r.err
     # Independent choice: the background is the channel with the most soft mask on the 2-pixel border
-    # ring (S=32); the foreground is every other channel.
-    shares = sum(ring_shares(np.load(out / f"i{i}_soft.npz")["masks"].astype(np.float64), 2) for i in range(5))
-    expected = [c for c in range(3) if c != int(np.argmax(shares))]
-    assert f"foreground: channels {expected[0]}+{expected[1]} " in r.out
+    # ring (S=32) and every channel with more of its mask on the ring than in the image (if that leaves
+    # no foreground, the first alone).
+    soft = [np.load(out / f"i{i}_soft.npz")["masks"].astype(np.float64) for i in range(5)]
+    shares = sum(ring_shares(m, 2) for m in soft)
+    whole = sum(m.mean(axis=(1, 2)) for m in soft)
+    background = {int(np.argmax(shares))} | {c for c in range(3) if shares[c] > whole[c]}
+    expected = [c for c in range(3) if c not in background] or [c for c in range(3) if c != np.argmax(shares)]
+    assert f"foreground: channels {'+'.join(map(str, expected))} " in r.out
     for i in range(5):
         fg = np.asarray(Image.open(out / f"i{i}_fg.png"))
         lab = np.asarray(Image.open(out / f"i{i}_labels.png"))
@@ -196,7 +200,7 @@ def test_segment_and_evaluate_choose_the_same_foreground(tiny_checkpoint, tmp_pa
     assert r.code == 0, r.err
     result = json.loads((tmp_path / "eval.json").read_text())
     assert "+".join(map(str, result["foreground"]["channels"])) == chosen
-    assert len(result["foreground"]["channels"]) == 2
+    assert 1 <= len(result["foreground"]["channels"]) <= 2  # never empty, never every channel
 
 
 # ----- bad input, as a new user would try -----

@@ -24,7 +24,7 @@ from fdm_infer.eval.metrics import (
     hungarian_match,
     parts_scores,
 )
-from fdm_infer.foreground import border_presence, foreground_channels
+from fdm_infer.foreground import ChannelPresence, border_ring, foreground_channels
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 
@@ -180,13 +180,47 @@ def test_foreground_channel_by_border_presence():
     labels = np.full((3, 32, 32), 2)  # channel 2: background, covers the border
     labels[:, 8:24, 8:24] = 1  # channel 1: a ring inside
     labels[:, 12:20, 12:20] = 0  # channel 0: the center
-    presence = border_presence(labels, 3)
-    assert presence == pytest.approx([0.0, 0.0, 3.0])  # summed over 3 images, each sums to 1
-    assert foreground_channels(presence) == [0, 1]  # every channel but the background
+    presence = ChannelPresence(3)
+    presence.add_labels(labels)
+    assert presence.border == pytest.approx([0.0, 0.0, 3.0])  # summed over 3 images, each sums to 1
+    assert presence.image_share == pytest.approx([64 / 1024, 192 / 1024, 768 / 1024], abs=1e-4)
+    assert presence.foreground() == [0, 1]  # every channel but the background
     labels[0, 0, :] = 1  # channel 1 now touches the border a little: still not the background
-    presence = border_presence(labels, 3)
-    assert foreground_channels(presence) == [0, 1]
-    assert presence.sum() == pytest.approx(3.0)
+    presence = ChannelPresence(3)
+    presence.add_labels(labels)
+    assert presence.foreground() == [0, 1]
+    assert presence.border.sum() == pytest.approx(3.0)
+
+
+def test_a_channel_more_present_on_the_border_than_in_the_image_is_background():
+    # A face picture: background around, a face in the middle, clothes along the bottom edge.
+    labels = np.zeros((32, 32), dtype=np.uint8)
+    labels[6:22, 10:22] = 1  # face: off the border
+    labels[26:, 4:28] = 2  # clothes along the bottom edge
+    ring = border_ring(32, 32)  # 2 pixels wide
+    assert ring.sum() == 240
+    presence = ChannelPresence(3)
+    presence.add_labels(labels)
+    assert presence.border == pytest.approx([(240 - 48) / 240, 0.0, 48 / 240])  # clothes: 2 rows of 24
+    assert presence.whole == pytest.approx([(1024 - 192 - 144) / 1024, 192 / 1024, 144 / 1024])
+    assert presence.foreground() == [1]  # clothes: 20% of the ring, 14% of the image
+    assert foreground_channels(presence.border) == [1, 2]  # the border-most rule alone keeps them
+    # Never an empty foreground: if every other channel leans to the border, only the border-most goes.
+    assert foreground_channels([0.5, 0.3, 0.2], [0.6, 0.25, 0.15]) == [1, 2]
+    assert foreground_channels([0.6, 0.4], [0.7, 0.3]) == [1]
+    assert foreground_channels([0.6, 0.4], [0.3, 0.7]) == [1]
+
+
+def test_presence_of_soft_masks_matches_the_label_maps_when_one_hot():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, (5, 20, 24))
+    one_hot = torch.from_numpy(np.eye(4)[labels]).permute(0, 3, 1, 2).float()
+    soft, hard = ChannelPresence(4), ChannelPresence(4)
+    soft.add_masks(one_hot)
+    hard.add_labels(labels)
+    assert soft.border == pytest.approx(hard.border)
+    assert soft.whole == pytest.approx(hard.whole)
+    assert soft.images == hard.images == 5
 
 
 # ----- fdm-infer evaluate end to end -----
@@ -221,8 +255,12 @@ def test_evaluate_model_json_and_markdown(lfw_subset, tiny_checkpoint, tmp_path,
         assert 0.0 <= fg[key] <= 1.0
     assert set(fg["best_of_inverse"]) == {"acc", "iou", "dice", "inverted"}
     assert fg["best_of_inverse"]["iou"] >= fg["iou"] - 1e-12
-    assert len(fg["channels"]) == 2
     assert sum(fg["border_share"]) == pytest.approx(1.0, abs=1e-3)
+    assert fg["image_share"] == pytest.approx(result["masks"]["region_share"], abs=2e-4)  # two computations
+    border, image = fg["border_share"], fg["image_share"]
+    background = {int(np.argmax(border))} | {c for c in range(3) if border[c] > image[c]}
+    expected = [c for c in range(3) if c not in background] or [c for c in range(3) if c != np.argmax(border)]
+    assert fg["channels"] == expected
     assert np.array(parts["confusion"]).shape == (3, 3)
     assert np.array(parts["confusion"]).sum() == parts["pixels"] == 6 * 128 * 128
     assert 0.0 <= parts["miou"] <= parts["acc"] + 1.0

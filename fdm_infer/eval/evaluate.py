@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fdm_infer.eval.metrics import ForegroundAccumulator, PartsAccumulator
-from fdm_infer.foreground import border_presence, border_shares, foreground_channels
+from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.images import load_for_model
 from fdm_infer.segment import DEFAULT_T, check_channels, segment_tensor
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images
@@ -144,7 +144,7 @@ def load_eval_set(images: str | Path, masks: str | Path, limit: int | None = Non
 class Predictions:
     labels: list[np.ndarray]  # uint8 [h, w] per image
     num_channels: int
-    border_share: np.ndarray | None = None  # [K] summed over images (soft masks for a model)
+    presence: ChannelPresence | None = None  # border and image shares of the soft masks (a model)
     mask_entropy: float | None = None  # soft masks only
     region_share: list[float] | None = None  # soft masks only
     model_size: int | None = None
@@ -176,13 +176,13 @@ def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: i
     start = time.perf_counter()
     inputs = evalset.model_inputs(size)
     labels: list[np.ndarray] = []
-    border = torch.zeros(k, dtype=torch.float64)
+    presence = ChannelPresence(k)
     entropy_sum, share_sum = 0.0, np.zeros(k)
     for first in range(0, len(evalset), batch_size):
         x = inputs[first:first + batch_size]
         y = None if class_label is None else torch.full((x.shape[0],), class_label, dtype=torch.long)
         masks = segment_tensor(engine, x, t=t, seed=seed, ensemble=ensemble, y=y, diffusion=diffusion).float()
-        border += border_shares(masks)
+        presence.add_masks(masks)
         stats = mask_statistics(masks)
         entropy_sum += stats["mask_entropy"] * x.shape[0]
         share_sum += np.asarray(stats["region_share"], dtype=np.float64) * x.shape[0]
@@ -197,7 +197,7 @@ def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: i
         if progress is not None:
             progress(x.shape[0])
     n = len(evalset)
-    return Predictions(labels, k, border.numpy(), round(entropy_sum / n, 4), [round(float(s), 4) for s in share_sum / n],
+    return Predictions(labels, k, presence, round(entropy_sum / n, 4), [round(float(s), 4) for s in share_sum / n],
                        size, time.perf_counter() - start)
 
 
@@ -260,25 +260,21 @@ def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode
                   "label_share": [round(float(s), 4) for s in label_share / max(len(pairs), 1)]},
     }
     if "foreground" in protocols:
-        if pred.border_share is not None:
-            border, source = np.asarray(pred.border_share, dtype=np.float64), "soft masks"
-        else:
-            border = np.zeros(k)
+        presence, source = pred.presence, "soft masks"
+        if presence is None:
+            presence, source = ChannelPresence(k), "label maps"
             for p, _ in pairs:
-                border += border_presence(p, k)
-            source = "label maps"
+                presence.add_labels(p)
         if fg_channels:
             channels, rule = sorted(set(fg_channels)), "given (--fg-channel)"
         else:
-            channels = foreground_channels(border)
-            rule = (f"not background: the background is the channel most present on the image border over "
-                    f"the set ({source})")
+            channels, rule = presence.foreground(), f"{RULE}, over the set ({source})"
         fg_acc = ForegroundAccumulator()
         for p, g in pairs:
             fg_acc.update(np.isin(p, channels), g > 0)
         fg = fg_acc.result()
-        fg.update(channels=channels, channel_rule=rule,
-                  border_share=[round(float(b) / max(len(pairs), 1), 4) for b in border])
+        fg.update(channels=channels, channel_rule=rule, border_share=presence.border_share,
+                  image_share=presence.image_share)
         result["foreground"] = fg
     if "parts" in protocols:
         acc = PartsAccumulator(k, num_labels)
@@ -353,7 +349,8 @@ def describe_result(r: dict) -> str:
              f"scored at {r['scored_at']} ({r['size_mode']})")]
     if "foreground" in r:
         f, b = r["foreground"], r["foreground"]["best_of_inverse"]
-        lines.append(f"  foreground (channels {'+'.join(map(str, f['channels']))}; border shares {f['border_share']}): "
+        shares = " ".join(f"{b:.2f}/{s:.2f}" for b, s in zip(f["border_share"], f["image_share"]))
+        lines.append(f"  foreground (channels {'+'.join(map(str, f['channels']))}; border/image shares {shares}): "
                      f"Acc {_pct(f['acc'])}  IoU {_pct(f['iou'])}  DICE {_pct(f['dice'])}")
         lines.append(f"    best of mask/inverse (ReDO/IEM): Acc {_pct(b['acc'])}  IoU {_pct(b['iou'])}  "
                      f"DICE {_pct(b['dice'])}")
