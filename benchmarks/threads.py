@@ -9,7 +9,11 @@ Run it on an otherwise quiet machine: "idle" means nothing else runs. Each measu
 * train: the tiny-32 preset (K=3, the default recipe), batch 32: forward, backward and Adam on fixed random
   images; images/s over the timed steps after the warm-up steps;
 * sample: a DDIM run of a few steps on a small batch (random tiny-32 weights, the torch engine as
-  `fdm-infer generate` uses it); seconds per run, the median of the repeats.
+  `fdm-infer generate` uses it); seconds per run, the median of the repeats;
+* onnx: segmentation of one batch with the onnx engine (onnxruntime, random tiny-32 weights exported
+  in the process, what `fdm-infer segment --model X.onnx` runs per batch); seconds per batch, the median
+  of the repeats. Its threads are onnxruntime's own: with OMP_WAIT_POLICY=PASSIVE the engine tells them
+  not to spin (`session.intra_op.allow_spinning=0`), otherwise they keep onnxruntime's default.
 "Contended": the script first starts a competitor, another python process doing float32 matrix
 products on 2 threads without pause (what a second training run does to the cores), and stops it after
 the measurement.
@@ -31,9 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FULL = {"train_warmup": 3, "train_steps": 24, "train_batch": 32, "sample_images": 8, "sample_steps": 20,
-        "sample_repeats": 3}
+        "sample_repeats": 3, "onnx_batch": 16, "onnx_repeats": 15}
 QUICK = {"train_warmup": 1, "train_steps": 2, "train_batch": 4, "sample_images": 2, "sample_steps": 2,
-         "sample_repeats": 1}
+         "sample_repeats": 1, "onnx_batch": 2, "onnx_repeats": 2}
+TASKS = ("train", "sample", "onnx")
+UNITS = {"train": "images/s", "sample": "s", "onnx": "s"}
 COMPETITOR = """
 import sys, torch
 torch.set_num_threads(2)
@@ -101,6 +107,31 @@ def measure_sample(settings: dict) -> float:
     return statistics.median(times)
 
 
+def measure_onnx(settings: dict, threads: int) -> float:
+    """Seconds per batch segmented by the onnx engine (median of the repeats, after one untimed batch)."""
+    import torch
+
+    from fdm_infer.engines.onnx_engine import OnnxEngine, onnx_model_bytes
+    from fdm_infer.measure import random_model
+    from fdm_infer.segment import segment_tensor
+    from fdm_train.config import preset
+
+    cfg = preset("tiny-32")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        path.write_bytes(onnx_model_bytes(random_model(cfg)))
+        engine = OnnxEngine(path, device="cpu", threads=threads)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(settings["onnx_batch"], 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    segment_tensor(engine, images)
+    times = []
+    for _ in range(settings["onnx_repeats"]):
+        start = time.perf_counter()
+        segment_tensor(engine, images)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def worker(task: str, threads: int, settings: dict) -> None:
     # Read before anything imports fdm_train, which would set its own default; torch (imported first) has
     # read it by then.
@@ -108,7 +139,8 @@ def worker(task: str, threads: int, settings: dict) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    value = measure_train(settings) if task == "train" else measure_sample(settings)
+    value = {"train": measure_train, "sample": measure_sample,
+             "onnx": lambda s: measure_onnx(s, threads)}[task](settings)
     print(json.dumps({"task": task, "threads": torch.get_num_threads(),
                       "wait_policy": policy, "value": value}))
 
@@ -145,18 +177,18 @@ def configurations(thread_counts: list[int], policies: list[str]) -> list[tuple[
     return [(n, policy) for n in thread_counts for policy in (policies if n > 1 else ["default"])]
 
 
-def measure_all(settings: dict, configs: list[tuple[int, str]], log) -> list[dict]:
+def measure_all(settings: dict, configs: list[tuple[int, str]], tasks, log) -> list[dict]:
     rows = []
     for condition in ("idle", "contended"):
         competitor = start_competitor() if condition == "contended" else None
         try:
-            for task in ("train", "sample"):
+            for task in tasks:
                 for threads, policy in configs:
                     value = run_worker(task, threads, policy, settings)
                     rows.append({"task": task, "condition": condition, "threads": threads, "wait_policy": policy,
                                  "value": value})
                     log(f"{task:6s} {condition:9s} {threads} thread(s), wait policy {policy}: "
-                        + (f"{value:.1f} images/s" if task == "train" else f"{value:.2f} s per run"))
+                        + (f"{value:.1f} images/s" if task == "train" else f"{value:.3f} s per run"))
         finally:
             if competitor is not None:
                 competitor.kill()
@@ -166,7 +198,8 @@ def measure_all(settings: dict, configs: list[tuple[int, str]], log) -> list[dic
 
 def markdown(result: dict) -> str:
     s, env = result["settings"], result["environment"]
-    lines = [f"# CPU threads: training and sampling with {', '.join(map(str, result['threads']))} threads",
+    tasks = [t for t in TASKS if any(r["task"] == t for r in result["rows"])]
+    lines = [f"# CPU threads: {', '.join(tasks)} with {', '.join(map(str, result['threads']))} threads",
              "", f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, Python {env['python']}; "
              f"load average before the run {env['load_before']:.2f}." + (" QUICK REHEARSAL: the figures mean nothing."
                                                                            if result["quick"] else ""), "",
@@ -174,16 +207,25 @@ def markdown(result: dict) -> str:
              "warm-up steps: images/s (higher is better);",
              f"* sample: DDIM, {s['sample_steps']} steps, {s['sample_images']} images, median of "
              f"{s['sample_repeats']} runs: seconds per run (lower is better);",
+             f"* onnx: the onnx engine segmenting {s.get('onnx_batch', 16)} images, median of "
+             f"{s.get('onnx_repeats', 15)} batches: seconds per batch (lower is better); with wait policy PASSIVE "
+             "its threads do not spin (`session.intra_op.allow_spinning=0`);",
              "* contended: beside another process doing float32 matmuls on 2 threads;",
              "* wait policy: OMP_WAIT_POLICY of the measured process (default: unset, the OpenMP runtime's own).",
              "", "| task | threads | wait policy | idle | contended | contended vs idle |", "|---|---|---|---|---|---|"]
     by_key = {(r["task"], r["condition"], r["threads"], r["wait_policy"]): r["value"] for r in result["rows"]}
-    for task, unit in (("train", "images/s"), ("sample", "s")):
+    for task in tasks:
+        unit = UNITS[task]
         for threads, policy in result["configurations"]:
             idle, busy = by_key[(task, "idle", threads, policy)], by_key[(task, "contended", threads, policy)]
             slowdown = idle / busy if task == "train" else busy / idle
-            lines.append(f"| {task} | {threads} | {policy} | {idle:.2f} {unit} | {busy:.2f} {unit} | "
+            digits = 3 if unit == "s" and idle < 1 else 2
+            lines.append(f"| {task} | {threads} | {policy} | {idle:.{digits}f} {unit} | {busy:.{digits}f} {unit} | "
                          f"{slowdown:.1f}x slower |")
+    if len({r.get("measured") for r in result["rows"]}) > 1:
+        lines += ["", "Measured in separate runs of this script (each on a quiet machine): "
+                  + "; ".join(f"{t} {', '.join(sorted({r.get('measured', 'an earlier run') for r in result['rows'] if r['task'] == t}))}"
+                              for t in tasks) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -196,7 +238,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="Thread counts to compare.")
     p.add_argument("--wait-policies", nargs="+", default=["default", "PASSIVE"],
                    help="OMP_WAIT_POLICY values to compare for more than one thread (default = unset).")
-    p.add_argument("--worker", choices=["train", "sample"], help=argparse.SUPPRESS)
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
+                   help="What to measure; the rows of other tasks already in --out/threads.json are kept.")
+    p.add_argument("--worker", choices=TASKS, help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -210,11 +254,19 @@ def main(argv=None):
     env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
            "load_before": os.getloadavg()[0]}
     configs = configurations(a.threads, a.wait_policies)
-    rows = measure_all(settings, configs, lambda line: print(line, flush=True))
-    result = {"quick": a.quick, "settings": settings, "threads": a.threads, "configurations": configs,
-              "environment": env, "rows": rows}
     default_out = Path(tempfile.gettempdir()) / "fdm-threads-quick" if a.quick else ROOT / "benchmarks" / "results"
     out = Path(a.out) if a.out else default_out
+    rows = measure_all(settings, configs, a.tasks, lambda line: print(line, flush=True))
+    measured = time.strftime("%Y-%m-%d")
+    rows = [{**r, "measured": measured} for r in rows]
+    previous = out / "threads.json"
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("quick") == a.quick and old.get("configurations") == [list(c) for c in configs]:
+            rows = [r for r in old["rows"] if r["task"] not in a.tasks] + rows
+            settings = {**old["settings"], **{k: v for k, v in settings.items() if k.split("_")[0] in a.tasks}}
+    result = {"quick": a.quick, "settings": settings, "threads": a.threads, "configurations": configs,
+              "environment": env, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "threads.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "threads.md").write_text(markdown(result))

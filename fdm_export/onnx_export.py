@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fdm_infer.engines.base import OUTPUT_NAMES
-from fdm_infer.engines.onnx_engine import DEFAULT_OPSET, onnx_model_bytes
+from fdm_infer.engines.onnx_engine import DEFAULT_OPSET, onnx_model_bytes, session_options
 from fdm_train.checkpoint import load_model
 from fdm_train.config import ModelConfig
 from fdm_train.errors import UserError
@@ -98,10 +98,8 @@ def parity_check(onnx_bytes: bytes, model: FactorizedUNet, cfg: ModelConfig,
     """Max abs error (eps, masks) of onnxruntime (CPU) vs the eager float32 model, per batch size."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(onnx_bytes, session_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ExportError(f"onnxruntime cannot load the exported graph: {one_line(exc)}") from exc
     errors = {}

@@ -270,3 +270,22 @@ def test_threads_wait_passively_unless_the_user_says_otherwise(module):
     mine = subprocess.run([sys.executable, "-c", POLICY_AT_TORCH_IMPORT, module], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                           check=True, capture_output=True, text=True).stdout.split()[-1]
     assert mine == "ACTIVE"
+
+
+@pytest.mark.parametrize("policy, spinning", [("PASSIVE", "0"), ("passive", "0"), ("ACTIVE", None), (None, None)])
+def test_onnxruntime_threads_spin_only_when_openmp_threads_may(policy, spinning, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from fdm_infer.engines.onnx_engine import session_options
+
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    opts = session_options(threads=2)
+    assert opts.intra_op_num_threads == 2
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        try:
+            value = opts.get_session_config_entry(key)
+        except RuntimeError:  # onnxruntime's answer for a key never set: its default, spinning
+            value = None
+        assert value == spinning

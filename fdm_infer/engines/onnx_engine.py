@@ -10,6 +10,7 @@ with that metadata), for fdm_export.onnx_export and the benchmark.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,23 @@ FORMAT = "fdm-onnx-v1"
 # TensorRT's own samples use. onnxruntime >= 1.14 runs it.
 DEFAULT_OPSET = 17
 
+
+
+def session_options(threads: int | None = None):
+    """onnxruntime session options: quiet, `threads` intra-op threads, and threads that sleep instead of
+    spinning while they wait whenever OpenMP's are passive (fdm's default, fdm_train/__init__.py): spinning
+    onnxruntime threads slow down every other busy process on a small machine, as OpenMP's do
+    (benchmarks/results/threads.md)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
 
 class ExportableDenoiser(nn.Module):
     """The model's own forward between casts: inputs to the weights' dtype, outputs to float32."""
@@ -134,11 +152,8 @@ class OnnxEngine(Engine):
         else:
             raise UserError(f"the onnx engine runs on cpu or cuda, not {device!r}")
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:
