@@ -33,6 +33,7 @@ from fdm_infer.generate import check_steps, write_samples
 from fdm_infer.generate import generate as sample
 from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs, ensure_writable
 from fdm_infer.segment import (
+    DEFAULT_SMOOTH,
     DEFAULT_T,
     OutputOptions,
     Segmented,
@@ -42,6 +43,7 @@ from fdm_infer.segment import (
     check_channels,
     check_not_inputs,
     check_outputs,
+    check_smooth,
     image_entry,
     segment_batches,
     segment_files,
@@ -93,12 +95,12 @@ def describe(engine: Engine, path: Path | None) -> str:
 
 class Segmenter:
     """A model ready to segment images, with the settings every image gets (noise level t, seed, ensemble,
-    batch size, class) and the pixel budget (`max_pixels`: a file of more pixels is refused before it is
+    smoothing window, batch size, class) and the pixel budget (`max_pixels`: a file of more pixels is refused before it is
     decoded, and a batch stops growing once it holds that many full-resolution pixels)."""
 
     def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
-                 max_pixels: int = MAX_PIXELS, load_seconds: float = 0.0):
+                 max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, load_seconds: float = 0.0):
         steps = GaussianDiffusion().num_timesteps
         if not 0 <= t < steps:
             raise UserError(f"t must be between 0 and {steps - 1}, got {t}")
@@ -106,8 +108,9 @@ class Segmenter:
             raise UserError(f"ensemble, batch_size and max_pixels must be at least 1, got {ensemble}, {batch_size} "
                             f"and {max_pixels}")
         check_seed(seed)
+        check_smooth(smooth)
         self.engine, self.model = engine, model
-        self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label, max_pixels)
+        self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label, max_pixels, smooth)
         self.load_seconds = load_seconds
 
     @classmethod
@@ -116,7 +119,7 @@ class Segmenter:
              **settings) -> Segmenter:
         """The model of a file (.safetensors: torch, .onnx: onnxruntime, .plan/.engine: TensorRT; `engine`
         forces one), or the bundled default when `model` is None. `threads`: CPU threads of torch (for the
-        whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label, max_pixels."""
+        whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label, max_pixels, smooth."""
         opened, path, seconds = load_engine(model, engine, device, threads, notify)
         return cls(opened, path, load_seconds=seconds, **settings)
 

@@ -7,7 +7,7 @@ import sys
 import click
 
 from fdm_infer.engines import ENGINES
-from fdm_infer.segment import DEFAULT_T
+from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
 from fdm_train.cli_options import quiet_option, threads_option
 from fdm_train.errors import SEED
 
@@ -27,7 +27,8 @@ def engine_options(f):
 
 
 def segmentation_options(f):
-    """--t / --seed / --ensemble / --batch-size / --fg-channel / --class / -q of `segment` and `evaluate`."""
+    """--t / --seed / --ensemble / --smooth / --batch-size / --fg-channel / --class / -q of `segment` and
+    `evaluate`."""
     f = quiet_option(f)
     f = click.option("--class", "class_label", type=click.IntRange(0), default=None,
                      help="Class of the images, for class-conditional models.")(f)
@@ -36,6 +37,9 @@ def segmentation_options(f):
                           "one most present on the image border and those more present on the border than in the "
                           "image, over the set].")(f)
     f = click.option("--batch-size", type=click.IntRange(1), default=16, help="Images per forward pass.")(f)
+    f = click.option("--smooth", type=click.IntRange(1), default=DEFAULT_SMOOTH,
+                     help="Smooth the masks over an N x N pixel window of the model's resolution (odd; 1: the "
+                          "masks as the model gives them, the paper's read-out).")(f)
     f = click.option("--ensemble", type=click.IntRange(1), default=1,
                      help="Average the soft masks over N seeds (seed..seed+N-1).")(f)
     f = click.option("--seed", type=SEED, default=0, help="Seed of the noise (the same for every image).")(f)

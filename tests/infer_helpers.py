@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from conftest import perturb
@@ -53,3 +54,16 @@ def tiny_checkpoint_fixture():
         make_checkpoint(path)
         return path
     return tiny_checkpoint
+
+
+def smoothed_reference(masks, size: int = 3) -> np.ndarray:
+    """The read-out's smoothing written out with numpy loops: per pixel, the mean log-probability over the
+    size x size window inside the image, normalized again. masks: [B, K, H, W] (numpy or torch)."""
+    log_p = np.log(np.asarray(masks, dtype=np.float64))
+    r = size // 2
+    out = np.empty_like(log_p)
+    for i in range(log_p.shape[2]):
+        for j in range(log_p.shape[3]):
+            out[:, :, i, j] = log_p[:, :, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].mean(axis=(2, 3))
+    out = np.exp(out - out.max(axis=1, keepdims=True))
+    return out / out.sum(axis=1, keepdims=True)

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 from conftest import LFW_VAL, ROOT
 from fdm_infer.engines import open_engine
-from fdm_infer.segment import segment_tensor
+from fdm_infer.segment import segment_tensor, smooth_masks
 from fdm_train.checkpoint import read_checkpoint, save_checkpoint
 from fdm_train.config import preset
 from fdm_train.model import build_model
-from infer_helpers import make_checkpoint, run_infer, tiny_checkpoint_fixture
+from infer_helpers import make_checkpoint, run_infer, smoothed_reference, tiny_checkpoint_fixture
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 
@@ -38,15 +38,34 @@ def test_segment_tensor_matches_reference(tmp_path):
     model = make_checkpoint(path, seed=3)
     engine = open_engine("torch", path, device="cpu")
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    masks = segment_tensor(engine, x, t=30, seed=4)
+    masks = segment_tensor(engine, x, t=30, seed=4, smooth=1)
     torch.testing.assert_close(masks, reference_masks(model, x, 30, 4), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(masks.sum(1), torch.ones(3, 32, 32))
     # The noise depends on the seed only: an image's masks do not depend on its batch.
-    torch.testing.assert_close(segment_tensor(engine, x[1:2], t=30, seed=4), masks[1:2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(segment_tensor(engine, x[1:2], t=30, seed=4, smooth=1), masks[1:2], atol=1e-5,
+                               rtol=1e-5)
     # Ensembling averages the masks of seeds seed..seed+N-1.
-    ens = segment_tensor(engine, x, t=100, seed=4, ensemble=3)
+    ens = segment_tensor(engine, x, t=100, seed=4, ensemble=3, smooth=1)
     mean = sum(reference_masks(model, x, 100, s) for s in (4, 5, 6)) / 3
     torch.testing.assert_close(ens, mean, atol=1e-5, rtol=1e-5)
+    # Smoothing (the default, 3 x 3), against the numpy loops of smoothed_reference.
+    smooth = segment_tensor(engine, x, t=30, seed=4).numpy()
+    np.testing.assert_allclose(smooth, smoothed_reference(reference_masks(model, x, 30, 4)), atol=2e-5)
+    five = segment_tensor(engine, x, t=30, seed=4, smooth=5).numpy()
+    np.testing.assert_allclose(five, smoothed_reference(reference_masks(model, x, 30, 4), 5), atol=2e-5)
+
+
+def test_smoothing_removes_an_isolated_pixel_and_keeps_regions():
+    masks = torch.full((1, 2, 8, 8), 0.1)
+    masks[0, 0, :, :4] = 0.9  # left half: region 0, right half: region 1
+    masks[0, 1] = 1 - masks[0, 0]
+    masks[0, :, 2, 6] = torch.tensor([0.9, 0.1])  # one stray pixel of region 0 inside region 1
+    labels = smooth_masks(masks, 3).argmax(1)[0]
+    expected = torch.zeros(8, 8, dtype=torch.long)
+    expected[:, 4:] = 1
+    assert torch.equal(labels, expected)
+    assert torch.equal(smooth_masks(masks, 1), masks)
+    torch.testing.assert_close(smooth_masks(masks, 5).sum(1), torch.ones(1, 8, 8))
 
 
 @needs_lfw
@@ -353,3 +372,17 @@ def test_default_checkpoint_segments_the_examples(tmp_path, capsys, monkeypatch)
     for p in examples:
         lab = Image.open(out / f"{p.stem}_labels.png")
         assert lab.size == Image.open(p).size and np.asarray(lab).max() < cfg.num_regions
+
+
+def test_an_even_smoothing_window_is_a_one_line_error_and_summary_json_records_the_window(tiny_checkpoint, tmp_path,
+                                                                                          capsys, monkeypatch):
+    folder = tmp_path / "in"
+    good_images(folder, 1)
+    r = run_infer(capsys, monkeypatch, "segment", folder, "--model", tiny_checkpoint, "-o", tmp_path / "a",
+                  "--smooth", 4)
+    assert_one_line_error(r, "--smooth must be an odd number")
+    for smooth in (1, 5):
+        r = run_infer(capsys, monkeypatch, "segment", folder, "--model", tiny_checkpoint, "-o", tmp_path / f"s{smooth}",
+                      "--smooth", smooth)
+        assert r.code == 0, r.err
+        assert json.loads((tmp_path / f"s{smooth}" / "summary.json").read_text())["run"]["smooth"] == smooth

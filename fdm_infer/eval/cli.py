@@ -14,7 +14,7 @@ from fdm_infer.options import (
     segmentation_options,
     warn_line,
 )
-from fdm_infer.segment import DEFAULT_T
+from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
 from fdm_train.cli_options import quiet_option, threads_option
 
 
@@ -42,7 +42,7 @@ from fdm_train.cli_options import quiet_option, threads_option
 @click.option("--name", default=None, help="Row name in the table [default: the model's / folder's name].")
 @click.option("-o", "--out", "out", default="results.json", type=click.Path(dir_okay=False),
               help="Output file: the JSON results; the Markdown table goes beside it (.md).")
-def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, predictions, t, seed, ensemble,
+def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, predictions, t, seed, ensemble, smooth,
              size_mode, fg_channels, num_labels, num_channels, limit, batch_size, class_label, name, out, quiet):
     """Score a model's segmentation of real images (or any method's label maps) against ground-truth
     masks: foreground Acc / IoU / DICE with the foreground channels chosen without labels (plus the
@@ -54,8 +54,9 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
     if predictions and (model_file or engine_kind):
         raise click.UsageError("give --predictions or a model (--model / --engine), not both")
-    if predictions and (t != DEFAULT_T or ensemble != 1 or class_label is not None):
-        raise click.UsageError("--t / --ensemble / --class set how a model segments; --predictions are scored as given")
+    if predictions and (t != DEFAULT_T or ensemble != 1 or smooth != DEFAULT_SMOOTH or class_label is not None):
+        raise click.UsageError("--t / --ensemble / --smooth / --class set how a model segments; --predictions are "
+                               "scored as given")
     if num_channels is not None and not predictions:
         raise click.UsageError("--num-channels goes with --predictions (a model knows its K)")
     evalset = load_eval_set(images, masks, limit=limit, warn=warn_line)
@@ -66,7 +67,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     else:
         engine, path = load_engine(engine_kind, model_file, device, threads)
         with progress_bar(len(evalset), f"evaluate (t={t})", quiet) as bar:
-            result = run(evalset, engine=engine, protocols=protocols, t=t, seed=seed, ensemble=ensemble,
+            result = run(evalset, engine=engine, protocols=protocols, t=t, seed=seed, ensemble=ensemble, smooth=smooth,
                          batch_size=batch_size, size_mode=size_mode, fg_channels=list(fg_channels) or None,
                          num_labels=num_labels,
                          class_label=class_label, name=name or path.stem, progress=bar.update)

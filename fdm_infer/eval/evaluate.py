@@ -34,7 +34,7 @@ from PIL import Image
 from fdm_infer.eval.metrics import ForegroundAccumulator, PartsAccumulator
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.images import load_for_model
-from fdm_infer.segment import DEFAULT_T, check_channels, segment_tensor
+from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_channels, segment_tensor
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
@@ -160,6 +160,7 @@ def _resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 @torch.no_grad()
 def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1,
+                        smooth: int = DEFAULT_SMOOTH,
                         batch_size: int = 16, size_mode: str = "upsample", class_label: int | None = None,
                         progress: Callable[[int], None] | None = None) -> Predictions:
     """Segments every image of `evalset` with `engine` (fdm_infer.segment.segment_tensor: the image
@@ -181,7 +182,8 @@ def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: i
     for first in range(0, len(evalset), batch_size):
         x = inputs[first:first + batch_size]
         y = None if class_label is None else torch.full((x.shape[0],), class_label, dtype=torch.long)
-        masks = segment_tensor(engine, x, t=t, seed=seed, ensemble=ensemble, y=y, diffusion=diffusion).float()
+        masks = segment_tensor(engine, x, t=t, seed=seed, ensemble=ensemble, y=y, diffusion=diffusion,
+                               smooth=smooth).float()
         presence.add_masks(masks)
         stats = mask_statistics(masks)
         entropy_sum += stats["mask_entropy"] * x.shape[0]
@@ -392,7 +394,8 @@ def _json_default(value):
 
 
 def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = None, protocols=PROTOCOLS,
-             t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1, batch_size: int = 16, size_mode: str = "upsample",
+             t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1, smooth: int = DEFAULT_SMOOTH, batch_size: int = 16,
+             size_mode: str = "upsample",
              fg_channels: list[int] | None = None, num_labels: int | None = None, num_channels: int | None = None,
              class_label: int | None = None, name: str | None = None,
              progress: Callable[[int], None] | None = None) -> dict:
@@ -400,9 +403,10 @@ def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = 
     if (engine is None) == (predictions is None):
         raise ValueError("give an engine or a predictions folder")
     if engine is not None:
-        pred = predict_with_engine(engine, evalset, t=t, seed=seed, ensemble=ensemble, batch_size=batch_size,
+        pred = predict_with_engine(engine, evalset, t=t, seed=seed, ensemble=ensemble, smooth=smooth,
+                                   batch_size=batch_size,
                                    size_mode=size_mode, class_label=class_label, progress=progress)
-        source = {"engine": getattr(engine, "name", "?"), "t": t, "seed": seed, "ensemble": ensemble,
+        source = {"engine": getattr(engine, "name", "?"), "t": t, "seed": seed, "ensemble": ensemble, "smooth": smooth,
                   "model_size": pred.model_size, "variant": engine.config.variant,
                   "resize": ("soft masks bilinear to the mask size, then argmax" if size_mode == "upsample"
                              else "ground truth nearest to the model size")}
