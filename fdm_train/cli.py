@@ -30,15 +30,18 @@ def model_options(f):
     f = click.option("--region-codes/--no-region-codes", default=DEFAULT_REGION_CODES, show_default=True,
                      help="Give each decoder branch a learned code in its embedding (shared weights, branches "
                           "that can differ); --no-region-codes is the paper's decoder.")(f)
+    f = click.option("--mask-scale", type=click.IntRange(1), default=None,
+                     help="Make the masks at 1/N of the image size (mask logits averaged over N x N cells, then "
+                          "upsampled bilinearly) [default: 1, full resolution, as in the paper].")(f)
     f = click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
                      help="Model size: paper-64/paper-128 as in the paper, small-*/tiny-* for CPUs.")(f)
     return f
 
 
-def config_from(preset_name, variant, regions, image_size, channels, region_codes=None, **extra):
+def config_from(preset_name, variant, regions, image_size, channels, region_codes=None, mask_scale=None, **extra):
     try:
         return preset(preset_name, variant=variant, num_regions=regions, image_size=image_size,
-                      base_channels=channels, region_codes=region_codes, **extra)
+                      base_channels=channels, region_codes=region_codes, mask_scale=mask_scale, **extra)
     except ValueError as exc:  # a size the model cannot have, e.g. not divisible by 2^(stages-1)
         raise click.UsageError(f"model options: {exc}") from None
 
@@ -105,13 +108,13 @@ def main_group():
               help="Scale of the mask head's initial last-layer weights.")
 @threads_option
 @quiet_option
-def train(data, out, preset, variant, regions, image_size, channels, region_codes, dropout, class_cond, resume,
-          compile_, quiet, **kwargs):
+def train(data, out, preset, variant, regions, image_size, channels, region_codes, mask_scale, dropout, class_cond,
+          resume, compile_, quiet, **kwargs):
     """Train on every jpg/png/webp under --data with the plain denoising loss.
     Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
     from fdm_train.train import TrainOptions, train as run_training
 
-    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, dropout=dropout)
+    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, dropout=dropout)
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
                                         compile=compile_, progress=not quiet, **kwargs))
@@ -167,12 +170,12 @@ def synth(output, kind, count, size, seed, quiet):
 
 @main_group.command()
 @model_options
-def info(preset, variant, regions, image_size, channels, region_codes):
+def info(preset, variant, regions, image_size, channels, region_codes, mask_scale):
     """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter)."""
     from fdm_train.model import build_model, count_flops, count_parameters
     import torch
 
-    cfg = config_from(preset, variant, regions, image_size, channels, region_codes)
+    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale)
     with torch.device("meta"):
         params = count_parameters(build_model(cfg))
     click.echo(f"preset:     {preset} ({cfg.variant}, K={cfg.mask_channels}, "

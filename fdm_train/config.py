@@ -22,6 +22,7 @@ class ModelConfig:
     num_classes: int = 0  # 0 = unconditional
     variant: str = "factorized"
     region_codes: bool = False  # a learned per-branch code in the shared decoder's embedding
+    mask_scale: int = 1  # the mask logits are averaged over mask_scale x mask_scale cells, then upsampled
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -82,6 +83,9 @@ def _check_bounds(cfg: ModelConfig) -> None:
         raise ValueError(f"dropout must be a number from 0 to 1, got {cfg.dropout!r}")
     if type(cfg.region_codes) is not bool:
         raise ValueError(f"region_codes must be true or false, got {cfg.region_codes!r}")
+    check_int("mask_scale", cfg.mask_scale, 1, cfg.image_size)
+    if cfg.image_size % cfg.mask_scale:
+        raise ValueError(f"mask_scale {cfg.mask_scale} must divide image_size {cfg.image_size}")
 
 
 PRESETS: dict[str, ModelConfig] = {

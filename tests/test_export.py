@@ -120,7 +120,8 @@ def test_config_travels_in_onnx_metadata(tiny):
     dict(image_size=16, variant="no-share", num_regions=2),
     dict(image_size=16, variant="plain"),
     dict(num_regions=3, image_size=16, region_codes=True),
-], ids=["K2-16-classes", "K2-32", "mask-mid", "concat", "no-share", "plain", "region-codes"])
+    dict(num_regions=3, image_size=16, mask_scale=4),
+], ids=["K2-16-classes", "K2-32", "mask-mid", "concat", "no-share", "plain", "region-codes", "mask-scale"])
 def test_non_default_configs_export_without_flags(tmp_path, capsys, overrides):
     cfg = TINY.replace(**overrides)
     model = make_checkpoint(tmp_path / "m.safetensors", cfg, seed=3)

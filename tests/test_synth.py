@@ -66,6 +66,32 @@ def test_region_codes_fused_equals_unfused_and_differ_per_branch():
     assert torch.equal(emb[0], emb[3]) and not torch.equal(emb[0], emb[1])
 
 
+def test_mask_scale_makes_masks_that_cannot_follow_single_pixels():
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 700])
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 4.0 - 2.0  # +-2, per pixel
+    for scale, uniform in ((1, False), (2, True)):
+        model = build_model(preset("tiny-32", num_regions=2, mask_scale=scale)).eval()
+        # mask logits that alternate from pixel to pixel: only a full-resolution mask can follow them
+        model.mask_generator.register_forward_hook(lambda module, args, out: torch.stack([checker, -checker])
+                                                   .expand(out.shape[0], 2, 32, 32))
+        _, masks = model(x, t)
+        assert torch.allclose(masks, torch.full_like(masks, 0.5), atol=1e-6) == uniform
+        eps, masks = model(x, t)
+        eps_ref, masks_ref = model.forward_unfused(x, t)
+        torch.testing.assert_close(eps, eps_ref, atol=1e-5, rtol=1e-5)
+    # a region 8 pixels wide survives 2 x 2 cells (inside it, away from its edges)
+    model = build_model(preset("tiny-32", num_regions=2, mask_scale=2)).eval()
+    block = torch.zeros(32, 32)
+    block[8:16, 8:16] = 4.0
+    model.mask_generator.register_forward_hook(lambda module, args, out: torch.stack([block, -block])
+                                               .expand(out.shape[0], 2, 32, 32))
+    masks = model(x, t)[1]
+    assert (masks[:, 0, 10:14, 10:14] > 0.99).all() and (masks[:, 0, 20:, 20:] == 0.5).all()
+    with pytest.raises(ValueError, match="must divide"):
+        preset("tiny-32", mask_scale=3)
+
+
 def test_hard_masks_are_one_hot_in_training_only():
     torch.manual_seed(0)
     model = build_model(preset("tiny-32", num_regions=3))

@@ -35,6 +35,7 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "codes": ({"region_codes": True}, {"t_power": 1.0}),
     "codes-t2": ({"region_codes": True}, {"t_power": 2.0}),
     "codes-t3": ({"region_codes": True}, {"t_power": 3.0}),
+    "codes-t2-scale2": ({"region_codes": True, "mask_scale": 2}, {"t_power": 2.0}),
     "entropy": (PAPER[0], {**PAPER[1], "mask_entropy": 0.05, "mask_shaping_steps": 1500}),
     "gumbel": (PAPER[0], {**PAPER[1], "hard_masks": True, "mask_shaping_steps": 1500}),
     "temperature": (PAPER[0], {**PAPER[1], "mask_temperature": 0.25, "mask_shaping_steps": 1500}),
