@@ -1,5 +1,5 @@
 """A picture of a run's masks on held-out scenes: per scene the input, the true regions and the argmax of
-the model's masks (EMA weights, t=30, as `fdm-infer segment` reads them).
+the model's masks (EMA weights, t=30, as `fdm-infer segment --smooth 1` reads them).
 
     python benchmarks/emergence/masks.py runs/emergence/c32-codes-t2 --out benchmarks/emergence/masks_c32.png
 """
