@@ -81,4 +81,4 @@ def test_threads_benchmark_measures_in_a_process_with_the_threads_asked():
     table = threads.markdown({"quick": False, "settings": threads.FULL, "threads": [1], "environment": env,
                               "configurations": [(1, "default")], "rows": rows})
     assert "| train | 1 | default | 20.00 images/s | 4.00 images/s | 5.0x slower |" in table
-    assert "| sample | 1 | default | 0.10 s | 1.50 s | 15.0x slower |" in table
+    assert "| sample | 1 | default | 0.100 s | 1.500 s | 15.0x slower |" in table
