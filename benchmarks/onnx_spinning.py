@@ -84,9 +84,9 @@ def main() -> None:
 
     rows = [measure(spin, a.seconds) for spin in (True, False)]
     lines = ["# onnxruntime's spinning threads beside a training run", "",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}. The onnx engine segments "
-             "batches of 16 random 32x32 images (tiny-32, 2 intra-op threads) in a loop while a tiny-32 training "
-             "step (batch 32, 2 threads) is timed in another process; both with OMP_WAIT_POLICY=PASSIVE.", "",
+             (f"Machine: {cpu_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}. The onnx engine segments "
+              "batches of 16 random 32x32 images (tiny-32, 2 intra-op threads) in a loop while a tiny-32 training "
+              "step (batch 32, 2 threads) is timed in another process; both with OMP_WAIT_POLICY=PASSIVE."), "",
              "| onnxruntime threads | onnx segmentation | training beside it |", "|---|---|---|"]
     for r in rows:
         lines.append(f"| {'spin (onnxruntime default)' if r['spin'] else 'do not spin (allow_spinning=0)'} | "

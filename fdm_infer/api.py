@@ -95,8 +95,9 @@ def describe(engine: Engine, path: Path | None) -> str:
 
 class Segmenter:
     """A model ready to segment images, with the settings every image gets (noise level t, seed, ensemble,
-    smoothing window, batch size, class) and the pixel budget (`max_pixels`: a file of more pixels is refused before it is
-    decoded, and a batch stops growing once it holds that many full-resolution pixels)."""
+    smoothing window, batch size, class) and the pixel budget (`max_pixels`: a file of more pixels is
+    refused before it is decoded, and a batch stops growing once it holds that many full-resolution
+    pixels)."""
 
     def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
@@ -119,7 +120,8 @@ class Segmenter:
              **settings) -> Segmenter:
         """The model of a file (.safetensors: torch, .onnx: onnxruntime, .plan/.engine: TensorRT; `engine`
         forces one), or the bundled default when `model` is None. `threads`: CPU threads of torch (for the
-        whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label, max_pixels, smooth."""
+        whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label, max_pixels,
+        smooth."""
         opened, path, seconds = load_engine(model, engine, device, threads, notify)
         return cls(opened, path, load_seconds=seconds, **settings)
 

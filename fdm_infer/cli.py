@@ -59,8 +59,7 @@ def main_group():
 @click.option("--json", "as_json", is_flag=True,
               help="Print summary.json to stdout (the summary lines go to stderr).")
 def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, smooth,
-            batch_size,
-            fg_channels, class_label, quiet, save_soft, save_channels, foreground, rle, as_json):
+            batch_size, fg_channels, class_label, quiet, save_soft, save_channels, foreground, rle, as_json):
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (label map
     0..K-1 at the image's own resolution, a palette PNG: its pixel values are the labels, its colors
     those of the overlay) and <name>_overlay.png; summary.json lists every input with its files. The

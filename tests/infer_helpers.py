@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
 from conftest import perturb
+
 from fdm_train.checkpoint import save_checkpoint
 from fdm_train.config import preset
 from fdm_train.model import build_model

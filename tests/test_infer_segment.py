@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LFW_VAL, ROOT
+from infer_helpers import make_checkpoint, run_infer, smoothed_reference, tiny_checkpoint_fixture
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import LFW_VAL, ROOT
 from fdm_infer.engines import open_engine
 from fdm_infer.segment import segment_tensor, smooth_masks
 from fdm_train.checkpoint import read_checkpoint, save_checkpoint
 from fdm_train.config import preset
 from fdm_train.model import build_model
-from infer_helpers import make_checkpoint, run_infer, smoothed_reference, tiny_checkpoint_fixture
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 

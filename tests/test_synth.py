@@ -75,11 +75,11 @@ def test_mask_scale_makes_masks_that_cannot_follow_single_pixels():
         # mask logits that alternate from pixel to pixel: only a full-resolution mask can follow them
         model.mask_generator.register_forward_hook(lambda module, args, out: torch.stack([checker, -checker])
                                                    .expand(out.shape[0], 2, 32, 32))
-        _, masks = model(x, t)
-        assert torch.allclose(masks, torch.full_like(masks, 0.5), atol=1e-6) == uniform
         eps, masks = model(x, t)
+        assert torch.allclose(masks, torch.full_like(masks, 0.5), atol=1e-6) == uniform
         eps_ref, masks_ref = model.forward_unfused(x, t)
         torch.testing.assert_close(eps, eps_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(masks, masks_ref)
     # a region 8 pixels wide survives 2 x 2 cells (inside it, away from its edges)
     model = build_model(preset("tiny-32", num_regions=2, mask_scale=2)).eval()
     block = torch.zeros(32, 32)

@@ -29,7 +29,6 @@ FORMAT = "fdm-onnx-v1"
 DEFAULT_OPSET = 17
 
 
-
 def session_options(threads: int | None = None):
     """onnxruntime session options: quiet, `threads` intra-op threads, and threads that sleep instead of
     spinning while they wait whenever OpenMP's are passive (fdm's default, fdm_train/__init__.py): spinning
@@ -45,6 +44,7 @@ def session_options(threads: int | None = None):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return opts
+
 
 class ExportableDenoiser(nn.Module):
     """The model's own forward between casts: inputs to the weights' dtype, outputs to float32."""

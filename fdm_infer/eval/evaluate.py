@@ -178,16 +178,14 @@ def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: i
     inputs = evalset.model_inputs(size)
     labels: list[np.ndarray] = []
     presence = ChannelPresence(k)
-    entropy_sum, share_sum = 0.0, np.zeros(k)
+    entropy_sum = 0.0
     for first in range(0, len(evalset), batch_size):
         x = inputs[first:first + batch_size]
         y = None if class_label is None else torch.full((x.shape[0],), class_label, dtype=torch.long)
         masks = segment_tensor(engine, x, t=t, seed=seed, ensemble=ensemble, y=y, diffusion=diffusion,
                                smooth=smooth).float()
         presence.add_masks(masks)
-        stats = mask_statistics(masks)
-        entropy_sum += stats["mask_entropy"] * x.shape[0]
-        share_sum += np.asarray(stats["region_share"], dtype=np.float64) * x.shape[0]
+        entropy_sum += mask_statistics(masks)["mask_entropy"] * x.shape[0]
         if size_mode == "upsample":
             for i, m in enumerate(masks):
                 gt_size = evalset.masks[first + i].shape
@@ -199,7 +197,7 @@ def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: i
         if progress is not None:
             progress(x.shape[0])
     n = len(evalset)
-    return Predictions(labels, k, presence, round(entropy_sum / n, 4), [round(float(s), 4) for s in share_sum / n],
+    return Predictions(labels, k, presence, round(entropy_sum / n, 4), presence.image_share,
                        size, time.perf_counter() - start)
 
 
@@ -394,8 +392,8 @@ def _json_default(value):
 
 
 def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = None, protocols=PROTOCOLS,
-             t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1, smooth: int = DEFAULT_SMOOTH, batch_size: int = 16,
-             size_mode: str = "upsample",
+             t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1, smooth: int = DEFAULT_SMOOTH,
+             batch_size: int = 16, size_mode: str = "upsample",
              fg_channels: list[int] | None = None, num_labels: int | None = None, num_channels: int | None = None,
              class_label: int | None = None, name: str | None = None,
              progress: Callable[[int], None] | None = None) -> dict:
@@ -404,8 +402,7 @@ def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = 
         raise ValueError("give an engine or a predictions folder")
     if engine is not None:
         pred = predict_with_engine(engine, evalset, t=t, seed=seed, ensemble=ensemble, smooth=smooth,
-                                   batch_size=batch_size,
-                                   size_mode=size_mode, class_label=class_label, progress=progress)
+                                   batch_size=batch_size, size_mode=size_mode, class_label=class_label, progress=progress)
         source = {"engine": getattr(engine, "name", "?"), "t": t, "seed": seed, "ensemble": ensemble, "smooth": smooth,
                   "model_size": pred.model_size, "variant": engine.config.variant,
                   "resize": ("soft masks bilinear to the mask size, then argmax" if size_mode == "upsample"
