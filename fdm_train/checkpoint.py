@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 
 from fdm_train.config import ModelConfig
 from fdm_train.errors import UserError
-from fdm_train.model import FactorizedUNet, build_model
+from fdm_train.model import FactorizedUNet, build_model, split_region
 from fdm_train.util import DTYPES, atomic_write, check_output, one_line
 
 FORMAT = "fdm-checkpoint-v1"
@@ -69,6 +69,23 @@ def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16", overw
         raise CheckpointError(f"{src}: a weight does not fit in {dtype} (overflow); try --dtype bf16")
     return {"step": step, "bytes_in": Path(src).stat().st_size, "bytes_out": Path(dst).stat().st_size,
             "max_abs_error": error}
+
+
+def split_checkpoint(src: str | Path, dst: str | Path, region: int, *, noise: float = 0.01, seed: int = 0,
+                     overwrite: bool = False) -> dict:
+    """Write to `dst` the EMA weights of `src` with `region` split in two (model.split_region), as fp32
+    with no raw weights: a start for `train --init`. Returns {'step', 'regions'}."""
+    cfg, states, metadata = read_checkpoint(src)
+    check_output(dst, [src], overwrite)
+    try:
+        cfg, state = split_region(cfg, states["ema"], region, noise=noise, seed=seed)
+    except ValueError as exc:
+        raise CheckpointError(f"{src}: {exc}") from None
+    extra = json.loads(metadata.get("extra") or "{}")
+    extra["split_from"] = {"file": Path(src).name, "region": region, "noise": noise, "seed": seed}
+    step = int(metadata.get("step", 0))
+    save_checkpoint(dst, cfg, state, None, step, extra=extra, placeholder=metadata.get("placeholder"))
+    return {"step": step, "regions": cfg.num_regions}
 
 
 def read_checkpoint(path: str | Path):

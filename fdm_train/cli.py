@@ -82,6 +82,9 @@ def main_group():
               help="DDPM steps for the sample grids.")
 @click.option("--log-every", type=click.IntRange(1), default=10, show_default=True,
               help="Append loss, images/s and mask statistics to log.jsonl every N steps.")
+@click.option("--init", type=click.Path(dir_okay=False), default=None,
+              help="Start from this checkpoint's EMA weights (its config wins over model flags; Adam starts "
+                   "afresh), e.g. one written by `split-region`.")
 @click.option("--resume", type=click.Choice(["yes", "auto", "no"]), is_flag=False, flag_value="yes", default="no",
               help="`--resume`: continue the run in --out (its config wins over model flags); `--resume auto`: "
                    "continue from its last complete checkpoint if there is one, else start fresh.")
@@ -204,6 +207,26 @@ def slim(checkpoint, output, dtype, placeholder, overwrite, quiet):
     r = slim_checkpoint(checkpoint, output, dtype, overwrite, placeholder=placeholder)
     click.echo(f"{output}: EMA weights of step {r['step']} as {dtype}, {r['bytes_out'] / 1e6:.1f} MB "
                f"(from {r['bytes_in'] / 1e6:.1f} MB), max abs weight change {r['max_abs_error']:.2e}")
+
+
+@main_group.command("split-region", cls=RenamingCommand, renamed=OUTPUT_RENAMED)
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--region", required=True, type=click.IntRange(0), help="The region (mask channel) to split in two.")
+@click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
+              help="The checkpoint file to write (.safetensors), a start for `train --init`.")
+@click.option("--noise", type=FiniteFloatRange(0), default=0.01, show_default=True,
+              help="Noise on the copy, as a fraction of each weight tensor's spread: what lets the two part.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of that noise.")
+@overwrite_option("Replace the --out file if it exists (never CHECKPOINT itself).")
+def split_region(checkpoint, output, region, noise, seed, overwrite):
+    """Write CHECKPOINT's model with one region more: REGION's mask channel and region code copied, the
+    two sharing REGION's mask equally, the others unchanged. Fine-tuning it with `train --init` lets the
+    two copies part, e.g. a head channel into skin and hair."""
+    from fdm_train.checkpoint import split_checkpoint
+
+    r = split_checkpoint(checkpoint, output, region, noise=noise, seed=seed, overwrite=overwrite)
+    click.echo(f"{output}: K={r['regions']} (region {region} split in two; new channel {r['regions'] - 1}), "
+               f"EMA weights of step {r['step']}")
 
 
 def main():

@@ -304,6 +304,40 @@ def build_model(cfg: ModelConfig) -> FactorizedUNet:
     return FactorizedUNet(cfg)
 
 
+def split_region(cfg: ModelConfig, state: dict[str, torch.Tensor], region: int, noise: float = 0.01,
+                 seed: int = 0) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and weights of the same model with one region more: `region`'s mask channel (and
+    region code) copied to a new last channel, the mask logits of both lowered by log 2, so that every
+    other mask is unchanged and `region`'s is shared equally by the two (exactly so without noise). The
+    copy gets Gaussian noise of `noise` times each tensor's spread, without which the two would stay
+    identical in training. The model's output changes: each copy's decoder branch sees skips gated by
+    half the mask, which fine-tuning (`train --init`) has to absorb."""
+    if cfg.variant != "factorized":
+        raise ValueError(f"only a factorized model's regions can be split, not a {cfg.variant!r} one")
+    k = cfg.num_regions
+    if not 0 <= region < k:
+        raise ValueError(f"region {region} does not exist: the model has regions 0..{k - 1}")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    head = model.mask_generator.out[-1]
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    g = torch.Generator().manual_seed(seed)
+    split = dict(state)
+
+    def grow(key: str, shift: float = 0.0) -> None:
+        w = state[key].float()
+        copy = w[region] + noise * w.std() * torch.randn(w[region].shape, generator=g)
+        grown = torch.cat([w, copy[None]])
+        grown[[region, k]] -= shift
+        split[key] = grown.to(state[key].dtype)
+
+    grow(f"{prefix}.weight")
+    grow(f"{prefix}.bias", math.log(2))
+    if cfg.region_codes:
+        grow("region_codes.weight")
+    return cfg.replace(num_regions=k + 1), split
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

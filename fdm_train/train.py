@@ -117,6 +117,7 @@ class TrainOptions:
     hard_masks: bool = False  # straight-through Gumbel one-hot masks while shaping
     mask_init_scale: float = 1.0  # scales the initial weights of the mask head's last layer
     limit: int | None = None  # train on the first N images of `data` only
+    init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)
     threads: int | None = DEFAULT_THREADS  # torch's CPU threads (None: torch's own choice)
 
 
@@ -367,6 +368,7 @@ class _Start:
     data_seed: int = 0  # a resumed run keeps the seed it started with
     position: tuple[int, int] = (0, 0)  # (epoch, offset) in the data order
     replaces: bool = False  # a fresh start over an earlier run's files (known on rank 0)
+    init: dict | None = None  # a fresh start's initial weights (from --init); dropped once loaded
 
 
 def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool | str) -> _Start:
@@ -387,7 +389,10 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
     if error is not None:
         raise error
     if choice is None:
-        return _Start(opts.model or ModelConfig(), replaces=replaces, data_seed=opts.seed)
+        if opts.init is None:
+            return _Start(opts.model or ModelConfig(), replaces=replaces, data_seed=opts.seed)
+        cfg, states, _ = read_checkpoint(opts.init)
+        return _Start(cfg, replaces=replaces, data_seed=opts.seed, init=states["ema"])
     if ctx.main:
         _, _, cfg, states, meta, state = found
     else:
@@ -432,11 +437,15 @@ def _open_data(opts: TrainOptions, start: _Start):
 
 
 def _build(cfg: ModelConfig, opts: TrainOptions, device: torch.device, start: _Start, out: Path):
-    """(model, EMA, Adam): the same initial weights on every rank, the mask head's last layer scaled by
-    `mask_init_scale`; a resumed run's weights and optimizer state loaded."""
+    """(model, EMA, Adam): the same initial weights on every rank: --init's weights, or random ones with
+    the mask head's last layer scaled by `mask_init_scale`; a resumed run's weights and optimizer state
+    loaded."""
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
     model = build_model(cfg)
-    if opts.mask_init_scale != 1.0 and cfg.variant != "plain":
+    if start.init is not None:
+        load_state(model, start.init, opts.init)
+        start.init = None
+    elif opts.mask_init_scale != 1.0 and cfg.variant != "plain":
         with torch.no_grad():
             for p in model.mask_generator.out[-1].parameters():
                 p.mul_(opts.mask_init_scale)

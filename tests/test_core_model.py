@@ -9,7 +9,7 @@ from conftest import perturb
 from fdm_train.cli import main_group
 from fdm_train.config import VARIANTS, ModelConfig, preset
 from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.model import build_model, count_parameters, mask_pyramid
+from fdm_train.model import build_model, count_parameters, mask_pyramid, split_region
 
 
 def inputs(cfg: ModelConfig, batch: int = 3, seed: int = 0):
@@ -61,6 +61,40 @@ def test_decoder_weights_shared():
     eps_ref, masks_ref = shared.forward_unfused(x, t)
     torch.testing.assert_close(eps, eps_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(masks, masks_ref)
+
+
+@pytest.mark.parametrize("region_codes", [True, False])
+def test_split_region_shares_one_mask_and_keeps_the_others(region_codes):
+    cfg = preset("tiny-32", image_size=16, region_codes=region_codes)
+    model = perturb(build_model(cfg)).eval()
+    x, t = inputs(cfg)
+    _, masks = model(x, t)
+    for noise in (0.0, 0.05):
+        split_cfg, state = split_region(cfg, model.state_dict(), 1, noise=noise)
+        assert split_cfg == cfg.replace(num_regions=4)
+        split = build_model(split_cfg).eval()
+        split.load_state_dict(state)
+        eps, split_masks = split(x, t, branches=True)
+        tolerance = {} if noise == 0 else {"atol": 0.05, "rtol": 0}  # the noise moves every mask a little
+        torch.testing.assert_close(split_masks[:, [0, 2]], masks[:, [0, 2]], **tolerance)
+        torch.testing.assert_close(split_masks[:, 1] + split_masks[:, 3], masks[:, 1], **tolerance)
+        eps = eps.view(3, 4, *eps.shape[1:])
+        if noise == 0:  # exact copies: one mask halved in two, and the same decoder branch twice
+            torch.testing.assert_close(split_masks[:, 1], split_masks[:, 3])
+            torch.testing.assert_close(eps[:, 1], eps[:, 3])
+        else:  # the noise is what lets the copies part
+            assert (split_masks[:, 1] - split_masks[:, 3]).abs().max() > 1e-4
+            assert (eps[:, 1] - eps[:, 3]).abs().max() > 1e-4 if region_codes else True
+
+
+def test_split_region_refuses_what_it_cannot_split():
+    cfg = preset("tiny-32", image_size=16)
+    state = build_model(cfg).state_dict()
+    with pytest.raises(ValueError, match="regions 0..2"):
+        split_region(cfg, state, 3)
+    plain = preset("tiny-32", image_size=16, variant="plain")
+    with pytest.raises(ValueError, match="factorized"):
+        split_region(plain, build_model(plain).state_dict(), 0)
 
 
 def test_gradients_reach_mask_generator_through_the_loss():

@@ -68,6 +68,47 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path):
     assert last(tmp_path / "full")["loss"] == last(tmp_path / "split")["loss"]
 
 
+def test_init_starts_from_a_split_checkpoint_and_resumes_like_any_run(image_folder, tmp_path):
+    train(options(image_folder, tmp_path / "first", iterations=2))
+    start = tmp_path / "split.safetensors"
+    result = CliRunner().invoke(main_group, ["split-region", str(tmp_path / "first" / "checkpoint.safetensors"),
+                                             "--region", "1", "-o", str(start)])
+    assert result.exit_code == 0, result.output
+    assert "K=4" in result.output
+    _, split, _ = read_checkpoint(start)
+    # The checkpoint's config wins over the model flags; Adam's first steps move weights by about lr.
+    train(options(image_folder, tmp_path / "tuned", iterations=2, init=str(start), lr=1e-9))
+    cfg, tuned, _ = read_checkpoint(tmp_path / "tuned" / "checkpoint.safetensors")
+    assert cfg == TINY.replace(num_regions=4)
+    for kind in ("ema", "model"):
+        for name, tensor in split["ema"].items():
+            torch.testing.assert_close(tuned[kind][name], tensor, atol=1e-7, rtol=0)
+    # A run started from --init resumes from its own checkpoint, not from the --init file again.
+    train(options(image_folder, tmp_path / "full", iterations=4, init=str(start)))
+    train(options(image_folder, tmp_path / "halves", iterations=2, init=str(start)))
+    train(options(image_folder, tmp_path / "halves", iterations=4, init=str(start), resume="auto"))
+    full, _ = states(tmp_path / "full" / "checkpoint.safetensors")
+    halves, _ = states(tmp_path / "halves" / "checkpoint.safetensors")
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, halves["model"][name]), name
+
+
+def test_split_region_errors_are_one_line(image_folder, tmp_path):
+    import subprocess
+    import sys
+
+    train(options(image_folder, tmp_path / "run", iterations=1))
+    checkpoint = str(tmp_path / "run" / "checkpoint.safetensors")
+    other = str(tmp_path / "split.safetensors")
+    for region, out, message in (("3", other, "regions 0..2"), ("0", checkpoint, "is the input")):
+        proc = subprocess.run([sys.executable, "-c", "from fdm_train.cli import main; main()", "split-region",
+                               checkpoint, "--region", region, "-o", out], capture_output=True, text=True,
+                              check=False)
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("fdm-train: error: ") and proc.stderr.strip().count("\n") == 0
+        assert message in proc.stderr
+
+
 def test_resume_without_a_run_is_a_clear_error(image_folder, tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         train(options(image_folder, tmp_path / "nothing", resume=True))
