@@ -218,7 +218,8 @@ def slim(checkpoint, output, dtype, placeholder, overwrite, quiet):
               help="Noise on the copy, as a fraction of each weight tensor's spread: what lets the two part.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of that noise.")
 @overwrite_option("Replace the --out file if it exists (never CHECKPOINT itself).")
-def split_region(checkpoint, output, region, noise, seed, overwrite):
+@quiet_option
+def split_region(checkpoint, output, region, noise, seed, overwrite, quiet):
     """Write CHECKPOINT's model with one region more: REGION's mask channel and region code copied, the
     two sharing REGION's mask equally, the others unchanged. Fine-tuning it with `train --init` lets the
     two copies part, e.g. a head channel into skin and hair."""
