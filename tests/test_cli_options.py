@@ -71,7 +71,8 @@ def test_every_command_spells_the_shared_options_the_same():
                       ("fdm-infer", "fid"), ("fdm-train", "train"), ("fdm-train", "prepare-data")}
     threaded = {("fdm-infer", n) for n in ("segment", "generate", "interpolate", "evaluate", "bench", "baseline", "fid")}
     threaded.add(("fdm-train", "train"))
-    overwriting = {("fdm-train", "train"), ("fdm-train", "slim"), ("fdm-export", "onnx"), ("fdm-export", "trt")}
+    overwriting = {("fdm-train", "train"), ("fdm-train", "slim"), ("fdm-train", "split-region"), ("fdm-export", "onnx"),
+                   ("fdm-export", "trt")}
     pixel_budget = {("fdm-infer", "segment")}
     for prog, name, command in commands():
         opts = options(command)
