@@ -221,8 +221,9 @@ def slim(checkpoint, output, dtype, placeholder, overwrite, quiet):
 @quiet_option
 def split_region(checkpoint, output, region, noise, seed, overwrite, quiet):
     """Write CHECKPOINT's model with one region more: REGION's mask channel and region code copied, the
-    two sharing REGION's mask equally, the others unchanged. Fine-tuning it with `train --init` lets the
-    two copies part, e.g. a head channel into skin and hair."""
+    two sharing REGION's mask equally, the others unchanged. Fine-tune it with `train --init`: the channels
+    then reorganize (on LFW, splitting the head channel made skin, and the rim of the head, channels of
+    their own; the copy itself faded: benchmarks/emergence/RESULTS.md)."""
     from fdm_train.checkpoint import split_checkpoint
 
     r = split_checkpoint(checkpoint, output, region, noise=noise, seed=seed, overwrite=overwrite)
