@@ -362,7 +362,7 @@ DEFAULT = ROOT / "fdm_infer" / "assets" / "default.safetensors"
 def test_default_checkpoint_segments_the_examples(tmp_path, capsys, monkeypatch):
     assert DEFAULT.stat().st_size <= 25 * 2 ** 20
     cfg, states, _ = read_checkpoint(DEFAULT)
-    assert cfg.num_regions >= 2 and states["model"] is None  # EMA-only inference file
+    assert cfg.num_regions == 4 and states["model"] is None  # K=4 as assets/README.md says; EMA-only file
     examples = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix == ".jpg")
     assert len(examples) >= 4
     out = tmp_path / "out"
