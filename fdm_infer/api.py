@@ -54,7 +54,7 @@ from fdm_infer.segment import (
     write_summary,
 )
 from fdm_train.data import MAX_PIXELS
-from fdm_train.diffusion import GaussianDiffusion, SampleResult
+from fdm_train.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS, GaussianDiffusion, SampleResult
 from fdm_train.errors import SEED, UserError
 from fdm_train.util import DEFAULT_THREADS
 from fdm_train.visualize import images_to_uint8
@@ -275,20 +275,24 @@ class Generation:
 
 
 def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: str | None = None, device: str = "auto",
-             threads: int | None = DEFAULT_THREADS, steps: int = 1000, sampler: str = "ddpm", seed: int = 0,
-             batch_size: int = 16, classes: list[int] | None = None, trajectory: bool = False,
+             threads: int | None = DEFAULT_THREADS, steps: int = 1000, sampler: str = "ddpm",
+             clip: str = DEFAULT_CLIP, seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory: bool = False,
              progress: Callable[[int], None] | None = None, notify: Callable[[str], None] | None = None) -> Generation:
     """n samples with their masks from a model file (as `Segmenter.load` opens it; None: the bundled
-    default): DDPM ancestral sampling with `steps` steps, or DDIM (`sampler="ddim"`). The same seed, n,
+    default): DDPM ancestral sampling with `steps` steps, or DDIM (`sampler="ddim"`); every step clips its
+    predicted image to [-1, 1] (`clip="static"`; "dynamic": dynamic thresholding; "none"). The same seed, n,
     batch_size, steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record
     the predicted images and masks along the reverse process (saved as trajectory.png). `progress` is
     called with 1 after every step."""
     diffusion = GaussianDiffusion()
     check_steps(diffusion, steps)
     check_seed(seed)
+    for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
+        if value not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     opened, _, _ = load_engine(model, engine, device, threads, notify)
     every = max(1, len(diffusion.timesteps(steps)) // 10) if trajectory else 0
     start = time.perf_counter()
-    result, y = sample(opened, n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, classes=classes,
+    result, y = sample(opened, n, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size, classes=classes,
                        trajectory_every=every, progress=progress, diffusion=diffusion)
     return Generation(result, y, time.perf_counter() - start)

@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 import kernels
+from kernels.reference import ddpm_step
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.measure import environment, median_ms, random_model
 from fdm_infer.segment import DEFAULT_T
 from fdm_train.checkpoint import load_model
 from fdm_train.config import preset
-from fdm_train.diffusion import GaussianDiffusion, ddpm_update
+from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.model import count_flops
 from fdm_train.util import one_line, pick_device
 
@@ -217,7 +218,7 @@ def sampler_step(engine, diffusion: GaussianDiffusion, images: int, cfg, device)
         if engine.ddpm_step is not None:
             return engine.ddpm_step(x, t, None, coefs[0], z)
         eps, masks = engine.denoise(x, t)
-        return ddpm_update(x.to(eps.device), eps, coefs[0].to(eps.device), z.to(eps.device)), masks
+        return ddpm_step(x.to(eps.device), eps, coefs[0].to(eps.device), z.to(eps.device)), masks
     return step
 
 

@@ -28,6 +28,7 @@ from fdm_train.cli_options import (
     threads_option,
     version_option,
 )
+from fdm_train.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
 from fdm_train.errors import SEED, run_cli
 
 
@@ -96,8 +97,12 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @click.option("-n", "count", type=click.IntRange(1), default=8, help="Number of samples.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000,
               help="Reverse-process steps (1000 = full DDPM; fewer = an evenly respaced schedule).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic, e.g. with --steps 50.")
+@click.option("--clip", type=click.Choice(CLIP_MODES), default=DEFAULT_CLIP, show_default=True,
+              help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: "
+                   "static clamps it (as the original DDPM code), dynamic thresholds it per sample (Imagen), "
+                   "none leaves it as predicted (samples can run out of range and saturate).")
 @click.option("--seed", type=SEED, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
                                                   "--steps and --sampler give the same images.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Samples per forward pass.")
@@ -109,7 +114,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
                    "(paper Fig. 10), for the first 4 samples.")
 @engine_options
 @quiet_option
-def generate(count, steps, sampler, seed, batch_size, out, classes, save_trajectory, model_file, engine_kind, device,
+def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_trajectory, model_file, engine_kind, device,
              threads, quiet):
     """Generate images together with their masks. Writes sample_NNNN.png, sample_NNNN_labels.png
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
@@ -127,12 +132,12 @@ def generate(count, steps, sampler, seed, batch_size, out, classes, save_traject
     n_steps = len(diffusion.timesteps(steps))
     batches = -(-count // batch_size)
     with progress_bar(n_steps * batches, f"generate ({sampler})", quiet, unit="step") as bar:
-        samples = api.generate(engine, count, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size,
+        samples = api.generate(engine, count, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size,
                                classes=list(classes) or None, trajectory=save_trajectory, progress=bar.update)
     samples.save(out)
     stats = mask_statistics(samples.result.masks)
     click.echo(f"generated {count} image(s) in {samples.seconds:.1f} s ({count / samples.seconds:.2f} images/s; "
-               f"{sampler}, {n_steps} steps, seed {seed}) with {describe(engine, path)} -> {out} "
+               f"{sampler}, {n_steps} steps, clip {clip}, seed {seed}) with {describe(engine, path)} -> {out} "
                f"(mask entropy {stats['mask_entropy']}, region shares {stats['region_share']})")
 
 
@@ -147,8 +152,12 @@ def generate(count, steps, sampler, seed, batch_size, out, classes, save_traject
               help="How the two noisy latents are mixed (DDPM: linear).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000,
               help="Steps of the full schedule (only those at or below --t run).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic.")
+@click.option("--clip", type=click.Choice(CLIP_MODES), default=DEFAULT_CLIP, show_default=True,
+              help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: "
+                   "static clamps it (as the original DDPM code), dynamic thresholds it per sample (Imagen), "
+                   "none leaves it as predicted (samples can run out of range and saturate).")
 @click.option("--seed", type=SEED, default=0, help="Seed of the forward noise and of the reverse process.")
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
               help="Class, for class-conditional models.")
@@ -156,7 +165,7 @@ def generate(count, steps, sampler, seed, batch_size, out, classes, save_traject
               help="Output folder (created).")
 @engine_options
 @quiet_option
-def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_label, out, model_file, engine_kind,
+def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, class_label, out, model_file, engine_kind,
                 device, threads, quiet):
     """Interpolate between two real images: noise both, mix, denoise (as in DDPM; the paper's
     Figure 12). Both are noised to --t with the same noise, mixed, and denoised from there. Writes interpolation.png (A, the frames, B; masks below) and
@@ -178,7 +187,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, seed, class_la
     per_frame = len([s for s in diffusion.timesteps(steps) if s <= t])
     start = time.perf_counter()
     with progress_bar(per_frame * frames, "interpolate", quiet, unit="step") as bar:
-        result = run(engine, a, b, t=t, frames=frames, mix=mix, steps=steps, sampler=sampler, seed=seed,
+        result = run(engine, a, b, t=t, frames=frames, mix=mix, steps=steps, sampler=sampler, clip=clip, seed=seed,
                      y=None if y is None else int(y[0]), progress=bar.update, diffusion=diffusion)
     write_interpolation(Path(out), result)
     click.echo(f"interpolated {frames} frame(s) from t={result.t} ({mix}, {sampler}) in "

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fdm_infer.engines.base import Engine
 from fdm_infer.images import ensure_writable, load_for_model, save_labels
-from fdm_train.diffusion import GaussianDiffusion, SampleResult
+from fdm_train.diffusion import DEFAULT_CLIP, GaussianDiffusion, SampleResult
 from fdm_train.errors import UserError
 from fdm_train.visualize import colorize, grid, images_to_uint8
 
@@ -54,12 +54,13 @@ def class_labels(engine: Engine, n: int, classes: list[int] | None) -> torch.Ten
     return torch.tensor([pool[i % len(pool)] for i in range(n)], dtype=torch.long)
 
 
-def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm", seed: int = 0,
-             batch_size: int = 16, classes: list[int] | None = None, trajectory_every: int = 0,
+def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
+             seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory_every: int = 0,
              progress: Callable[[int], None] | None = None,
              diffusion: GaussianDiffusion | None = None) -> tuple[SampleResult, torch.Tensor | None]:
     """n samples in batches of `batch_size`, all drawn from ONE generator seeded with `seed` (on the
     engine's device): the same (seed, n, batch_size, steps, sampler) gives the same images.
+    `clip`: how each step bounds its predicted x0 (fdm_train.diffusion.CLIP_MODES).
     Returns (SampleResult with images/masks/trajectory on the CPU, class labels or None).
     The trajectory is that of the first batch only."""
     diffusion = diffusion or GaussianDiffusion()
@@ -74,7 +75,7 @@ def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm"
         b = min(batch_size, n - first)
         y = None if y_all is None else y_all[first:first + b].to(engine.device)
         r = diffusion.sample(engine.denoise, (b, cfg.in_channels, cfg.image_size, cfg.image_size), steps=steps,
-                             sampler=sampler, y=y, device=engine.device, generator=g,
+                             sampler=sampler, clip=clip, y=y, device=engine.device, generator=g,
                              trajectory_every=trajectory_every if first == 0 else 0, progress=progress,
                              step=engine.ddpm_step)
         images.append(r.images.cpu())
@@ -154,7 +155,7 @@ class Interpolation:
 
 
 def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 250, frames: int = 8,
-                mix: str = "linear", steps: int = 1000, sampler: str = "ddpm", seed: int = 0,
+                mix: str = "linear", steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP, seed: int = 0,
                 y: int | None = None, progress: Callable[[int], None] | None = None,
                 diffusion: GaussianDiffusion | None = None) -> Interpolation:
     """Noise images a, b ([C, S, S] in [-1, 1]) to t with the SAME noise, mix the latents with
@@ -180,7 +181,7 @@ def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 25
     for lam in lambdas:
         x_t = (1 - lam) * xa + lam * xb if mix == "linear" else slerp(xa, xb, lam)
         gen.manual_seed(seed + 1)
-        r = diffusion.sample(engine.denoise, (1, *a.shape), steps=steps, sampler=sampler, y=yy, device=dev,
+        r = diffusion.sample(engine.denoise, (1, *a.shape), steps=steps, sampler=sampler, clip=clip, y=yy, device=dev,
                              generator=gen, x_T=x_t[None], start_t=t_start, progress=progress,
                              step=engine.ddpm_step)
         images.append(r.images.cpu())

@@ -5,14 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from kernels.reference import ddpm_posterior_step
+
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
-# (x_t, t, y, coef, z) -> (x_prev, masks): one DDPM step done by the denoiser's owner; coef = (c1, c2, sigma)
-# as a float32 tensor [3] on the device.
+# (x_t, t, y, coef, z) -> (x_prev, masks): one DDPM step done by the denoiser's owner; coef = the six
+# coefficients of `kernels.reference.ddpm_step` as a float32 tensor [6] on the device.
 DDPMStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor,
                      "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+SAMPLERS = ("ddpm", "ddim")
+# How a step bounds its predicted x0 to the data range [-1, 1]; see GaussianDiffusion.sample.
+CLIP_MODES = ("static", "dynamic", "none")
+DEFAULT_CLIP = "static"
+DYNAMIC_RATIO = 0.995  # the quantile of |x0| that dynamic thresholding maps to 1 (Imagen's)
+DYNAMIC_MAX = 1.5
 
 
 @dataclass
@@ -65,32 +77,31 @@ class GaussianDiffusion:
         seq = torch.linspace(0, self.num_timesteps - 1, steps).round().long().unique().tolist()
         return seq[::-1]
 
-    def ddpm_coefficients(self, t: int, t_prev: int) -> tuple[float, float, float]:
-        """(c1, c2, sigma) with x_prev = c1 * (x_t - c2 * eps) + sigma * z (eq. 9-10), for a jump
-        t -> t_prev of a possibly respaced schedule (t_prev = -1 at the last step)."""
+    def ddpm_coefficients(self, t: int, t_prev: int, clip: float = 1.0) -> tuple[float, ...]:
+        """(a, b, p1, p2, sigma, clip) of one DDPM step t -> t_prev of a possibly respaced schedule (t_prev = -1
+        at the last step), in the x0 form of `kernels.reference.ddpm_step`: x0 = clamp(a x_t - b eps, +-clip),
+        x_prev = p1 x0 + p2 x_t + sigma z, with the posterior mean of q(x_prev | x_t, x0) and sigma^2 = beta
+        (eq. 9-10). clip = inf: no clipping."""
         abar_t = self._abar[t]
         abar_prev = self._abar[t_prev] if t_prev >= 0 else 1.0
         beta = 1 - abar_t / abar_prev
-        c1 = 1 / (1 - beta) ** 0.5
-        c2 = beta / (1 - abar_t) ** 0.5
+        p1 = abar_prev ** 0.5 * beta / (1 - abar_t)
+        p2 = (1 - beta) ** 0.5 * (1 - abar_prev) / (1 - abar_t)
         sigma = beta ** 0.5 if t_prev >= 0 else 0.0
-        return c1, c2, sigma
+        return (1 / abar_t) ** 0.5, (1 / abar_t - 1) ** 0.5, p1, p2, sigma, clip
 
-    def predict_x0(self, x_t: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
-        abar = self._abar[t]
-        return (x_t - (1 - abar) ** 0.5 * eps) / abar ** 0.5
-
-    def step_table(self, seq: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step_table(self, seq: list[int], device, clip: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything a reverse run over the descending timesteps `seq` needs per step, made on the host
         once and moved to `device` in one copy each, so that the loop never waits for the device:
-        the timesteps [n] (int64), the DDPM coefficients (c1, c2, sigma) [n, 3] and the DDIM factors
-        (sqrt(abar_t), sqrt(1 - abar_t), sqrt(abar_prev), sqrt(1 - abar_prev)) [n, 4], both float32.
-        The float32 values are the Python floats of `ddpm_coefficients` / `predict_x0` rounded once, as
-        the tensor ops round a Python scalar, so the results equal those of per-step scalars."""
+        the timesteps [n] (int64), the DDPM coefficients (a, b, p1, p2, sigma, clip) [n, 6] and the DDIM
+        factors (sqrt(abar_t), sqrt(1 - abar_t), sqrt(abar_prev), sqrt(1 - abar_prev)) [n, 4], both float32.
+        The float32 values are the Python floats of `ddpm_coefficients` rounded once, as the tensor ops
+        round a Python scalar, so the results equal those of per-step scalars."""
         ddpm, ddim = [], []
         for i, t in enumerate(seq):
             t_prev = seq[i + 1] if i + 1 < len(seq) else -1
-            ddpm.append(self.ddpm_coefficients(t, t_prev))
+            ddpm.append(self.ddpm_coefficients(t, t_prev, clip))
             abar = self._abar[t]
             abar_prev = self._abar[t_prev] if t_prev >= 0 else 1.0
             ddim.append((abar ** 0.5, (1 - abar) ** 0.5, abar_prev ** 0.5, (1 - abar_prev) ** 0.5))
@@ -99,44 +110,51 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, denoise: Denoiser, shape: tuple[int, ...], *, steps: int | None = None,
-               sampler: str = "ddpm", y: torch.Tensor | None = None, device: str | torch.device = "cpu",
-               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
-               start_t: int | None = None, trajectory_every: int = 0,
+               sampler: str = "ddpm", clip: str = DEFAULT_CLIP, y: torch.Tensor | None = None,
+               device: str | torch.device = "cpu", generator: torch.Generator | None = None,
+               x_T: torch.Tensor | None = None, start_t: int | None = None, trajectory_every: int = 0,
                progress: Callable[[int], None] | None = None, step: DDPMStep | None = None) -> SampleResult:
         """Reverse diffusion from x_T ~ N(0, I) (or from a given x_T at `start_t`, for interpolation).
-        Returns the images, the soft masks of the last step and, if asked, every
-        `trajectory_every`-th step's (t, predicted x0, masks). `step`, when given, does a DDPM step in
-        one call: step(x_t, t, y, coef, z) -> (x_prev, masks) with coef = (c1, c2, sigma) a float32
-        tensor [3] on the device, the same update as `ddpm_update` (an engine fuses it with the
-        combination of its branches); steps whose predicted x0 goes into the trajectory use `denoise`,
-        which returns eps. Without a trajectory the loop has no host synchronisation: every per-step
-        value is on the device before it starts."""
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+        Every step predicts x0 from eps and bounds it to the data range [-1, 1] by `clip` (CLIP_MODES:
+        "static" clamps it, as the original DDPM code's clip_denoised; "dynamic" thresholds it per sample
+        (`dynamic_threshold`); "none" keeps it as predicted), then steps to the next timestep from that x0:
+        DDPM by the posterior q(x_prev | x_t, x0), DDIM (eta = 0) with eps re-derived from the bounded x0.
+        Returns the images, the soft masks of the last step and, if asked, every `trajectory_every`-th
+        step's (t, predicted x0, masks). `step`, when given, does a DDPM step in one call:
+        step(x_t, t, y, coef, z) -> (x_prev, masks) with coef a float32 tensor [6] on the device, the
+        update of `kernels.reference.ddpm_step` (an engine fuses it with the combination of its branches);
+        steps whose predicted x0 goes into the trajectory, and every step under dynamic thresholding, use
+        `denoise`, which returns eps. Without a trajectory the loop has no host synchronisation: every
+        per-step value is on the device before it starts."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if clip not in CLIP_MODES:
+            raise ValueError(f"unknown clip mode {clip!r}; choose one of {', '.join(CLIP_MODES)}")
         seq = self.timesteps(steps or self.num_timesteps)
         if start_t is not None:
             seq = [t for t in seq if t <= start_t]
         x = x_T if x_T is not None else torch.randn(shape, device=device, generator=generator)
-        t_table, ddpm_table, ddim_table = self.step_table(seq, x.device)
+        t_table, ddpm_table, ddim_table = self.step_table(seq, x.device, 1.0 if clip == "static" else math.inf)
         trajectory = []
         masks = None
         for i, t in enumerate(seq):
             last = i + 1 == len(seq)  # sigma = 0: no noise at the last step (eq. 10)
             tt = t_table[i].expand(x.shape[0])
             record = trajectory_every and (i % trajectory_every == 0 or last)
-            if sampler == "ddpm" and step is not None and not record:
+            if sampler == "ddpm" and step is not None and clip != "dynamic" and not record:
                 x, masks = step(x, tt, y, ddpm_table[i], self._ddpm_noise(x, last, generator))
             else:
                 eps, masks = denoise(x, tt, y)
                 eps = eps.float()
                 sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, sqrt_one_minus_abar_prev = ddim_table[i]
+                x0 = bound_x0(ddpm_table[i, 0] * x - ddpm_table[i, 1] * eps, clip)  # a x_t - b eps
                 if record:
-                    x0 = (x - sqrt_one_minus_abar * eps) / sqrt_abar  # predict_x0
                     trajectory.append((t, x0.clamp(-1, 1).cpu(), masks.float().cpu()))
                 if sampler == "ddpm":
-                    x = ddpm_update(x, eps, ddpm_table[i], self._ddpm_noise(x, last, generator))
+                    x = ddpm_posterior_step(x, x0, ddpm_table[i], self._ddpm_noise(x, last, generator))
                 else:  # DDIM, eta = 0
-                    x0 = (x - sqrt_one_minus_abar * eps) / sqrt_abar  # predict_x0
+                    if clip != "none":
+                        eps = (x - sqrt_abar * x0) / sqrt_one_minus_abar
                     x = sqrt_abar_prev * x0 + sqrt_one_minus_abar_prev * eps
             if progress is not None:
                 progress(1)
@@ -148,9 +166,18 @@ class GaussianDiffusion:
         return None if last else torch.randn(x.shape, device=x.device, generator=generator)
 
 
-def ddpm_update(x_t: torch.Tensor, eps: torch.Tensor, coef, z: torch.Tensor | None) -> torch.Tensor:
-    """x_prev = c1 * (x_t - c2 * eps) + sigma * z (eq. 9-10), coef = (c1, c2, sigma) as floats or a tensor [3];
-    z None: no noise."""
-    c1, c2, sigma = coef
-    x = c1 * (x_t - c2 * eps)
-    return x if z is None else x + sigma * z
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = DYNAMIC_RATIO, max_value: float = DYNAMIC_MAX) -> torch.Tensor:
+    """Dynamic thresholding (Imagen; diffusers' `thresholding`): per sample, s = the `ratio` quantile of
+    |x0|, bounded to [1, max_value]; x0 is clamped to [-s, s] and divided by s, so it ends in [-1, 1]."""
+    s = x0.abs().reshape(x0.shape[0], -1).quantile(ratio, dim=1).clamp(1.0, max_value).reshape(-1, 1, 1, 1)
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def bound_x0(x0: torch.Tensor, clip: str) -> torch.Tensor:
+    """The predicted x0 bounded to the data range [-1, 1] as `clip` (CLIP_MODES) says."""
+    if clip == "static":
+        return x0.clamp(-1, 1)
+    if clip == "dynamic":
+        return dynamic_threshold(x0)
+    return x0

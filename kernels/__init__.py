@@ -82,19 +82,20 @@ def masked_sum(eps: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return reference.masked_sum(eps, m)
 
 
-def ddpm_coef(c1, c2, sigma, device=None) -> torch.Tensor:
-    """(c1, c2, sigma) of GaussianDiffusion.ddpm_coefficients as a float32 tensor [3] (or [B, 3]
-    from per-sample tensors), for masked_sum_ddpm_step. A tensor (not Python floats) so that one
-    compiled graph or captured CUDA graph serves every timestep."""
-    parts = [torch.as_tensor(v, dtype=torch.float32, device=device) for v in (c1, c2, sigma)]
+def ddpm_coef(a, b, p1, p2, sigma, clip=float("inf"), device=None) -> torch.Tensor:
+    """The six coefficients of `kernels.reference.ddpm_step` (GaussianDiffusion.ddpm_coefficients) as a
+    float32 tensor [6] (or [B, 6] from per-sample tensors), for masked_sum_ddpm_step. A tensor (not Python
+    floats) so that one compiled graph or captured CUDA graph serves every timestep."""
+    parts = [torch.as_tensor(v, dtype=torch.float32, device=device) for v in (a, b, p1, p2, sigma, clip)]
     return torch.stack(torch.broadcast_tensors(*parts), dim=-1)
 
 
 def masked_sum_ddpm_step(eps: torch.Tensor, m: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor,
                          z: torch.Tensor | None = None) -> torch.Tensor:
-    """One ancestral DDPM step on the combined prediction, in one kernel on CUDA:
-    x_prev = c1 * (x_t - c2 * sum_k m_k * eps_k) + sigma * z, in float32, returned in x_t's dtype.
-    coef = ddpm_coef(c1, c2, sigma): [3] or [B, 3]; z = None means no noise (the last step)."""
+    """One ancestral DDPM step on the combined prediction, in one kernel on CUDA: with s = sum_k m_k * eps_k,
+    x0 = clamp(a * x_t - b * s, -clip, clip) and x_prev = p1 * x0 + p2 * x_t + sigma * z, in float32,
+    returned in x_t's dtype. coef = ddpm_coef(a, b, p1, p2, sigma, clip): [6] or [B, 6]; z = None means no
+    noise (the last step)."""
     if _fast(eps):
         return torch.ops.fdm.masked_sum_ddpm_step(eps, m, x_t, coef, z)
     return reference.masked_sum_ddpm_step(eps, m, x_t, coef, z)

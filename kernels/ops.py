@@ -2,7 +2,7 @@
 
     torch.ops.fdm.masked_skip(h[B,C,H,W], m[B,K,H0,W0]) -> [B*K,C,H,W]
     torch.ops.fdm.masked_sum(eps[B*K,C,H,W], m[B,K,H,W]) -> [B,C,H,W]
-    torch.ops.fdm.masked_sum_ddpm_step(eps, m, x_t[B,C,H,W], coef[3] | [B,3], z[B,C,H,W]?) -> [B,C,H,W]
+    torch.ops.fdm.masked_sum_ddpm_step(eps, m, x_t[B,C,H,W], coef[6] | [B,6], z[B,C,H,W]?) -> [B,C,H,W]
     torch.ops.fdm.masked_dot(a[B*K,C,H,W], x[B,C,H,W]) -> [B,K,H,W] float32   (backward helper)
 
 With triton installed they are `torch.library.triton_op`s: on CUDA tensors they launch the
@@ -286,7 +286,7 @@ def _masked_sum_triton(eps, m, x_t=None, coef=None, z=None):
         if z is not None:
             z, zs = _flat(z)
         coef = coef.to(device=eps.device, dtype=torch.float32).contiguous()
-        s_coef = 3 if coef.dim() == 2 else 0
+        s_coef = len(ref.DDPM_COEF_NAMES) if coef.dim() == 2 else 0
     k_block, block_c, block_hw = _blocks(k, c, hh * ww, _is_nhwc((s_eb, s_ec, s_ehw), c))
     grid = (triton.cdiv(hh * ww, block_hw), triton.cdiv(c, block_c), b)
     kernel = _interpreted(masked_sum_kernel) if _interpret(eps) else wrap_triton(masked_sum_kernel)
@@ -341,12 +341,13 @@ def masked_sum_ddpm_step_impl(eps: torch.Tensor, m: torch.Tensor, x_t: torch.Ten
     _check_sum(eps, m)
     torch._check(x_t.shape[0] == m.shape[0] and tuple(x_t.shape[1:]) == tuple(eps.shape[1:]),
                  lambda: f"masked_sum_ddpm_step: x_t {tuple(x_t.shape)} does not match eps {tuple(eps.shape)}")
-    torch._check(coef.numel() == 3 or tuple(coef.shape) == (x_t.shape[0], 3),
-                 lambda: f"masked_sum_ddpm_step: coef must be [3] or [B, 3], got {tuple(coef.shape)}")
+    n = len(ref.DDPM_COEF_NAMES)
+    torch._check(coef.numel() == n or tuple(coef.shape) == (x_t.shape[0], n),
+                 lambda: f"masked_sum_ddpm_step: coef must be [{n}] or [B, {n}], got {tuple(coef.shape)}")
     if z is not None:
         torch._check(z.shape == x_t.shape, lambda: "masked_sum_ddpm_step: z must have x_t's shape")
     if uses_triton(eps):
-        return _masked_sum_triton(eps, m, x_t, coef.reshape(-1, 3).squeeze(0) if coef.numel() == 3 else coef, z)
+        return _masked_sum_triton(eps, m, x_t, coef.reshape(-1, n).squeeze(0) if coef.numel() == n else coef, z)
     out = ref.masked_sum_ddpm_step(eps, m, x_t, coef, z)
     return out.contiguous(memory_format=_memory_format(x_t))
 

@@ -99,12 +99,13 @@ if HAS_TRITON:
         s_ob, s_oc, s_ohw,            # out [B, C, H, W]
         s_xb, s_xc, s_xhw,            # x_t [B, C, H, W]          (FUSED)
         s_zb, s_zc, s_zhw,            # z [B, C, H, W]            (FUSED and HAS_Z)
-        s_coef,                       # coef [3] (s_coef = 0) or [B, 3]: c1, c2, sigma
+        s_coef,                       # coef [6] (s_coef = 0) or [B, 6]: a, b, p1, p2, sigma, clip
         K_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
         FUSED: tl.constexpr, HAS_Z: tl.constexpr,
     ):
-        """s[b, c] = sum_k m[b, k] * eps[b*K + k, c]; FUSED: out = c1*(x_t - c2*s) + sigma*z,
-        computed in float32 and stored in out's dtype. The mask tile is loaded once per program."""
+        """s[b, c] = sum_k m[b, k] * eps[b*K + k, c]; FUSED: the DDPM step of kernels.reference.ddpm_step,
+        x0 = clamp(a*x_t - b*s, -clip, clip), out = p1*x0 + p2*x_t + sigma*z, computed in float32 and
+        stored in out's dtype. The mask tile is loaded once per program."""
         pid_hw = tl.program_id(0)
         pid_c = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -125,12 +126,17 @@ if HAS_TRITON:
         e = tl.load(e_ptrs, mask=k_ok[:, None, None] & ch_ok[None, :, :], other=0.0).to(tl.float32)
         s = tl.sum(e * mp[:, None, :], axis=0)
         if FUSED:
-            c1 = tl.load(coef_ptr + b * s_coef)
-            c2 = tl.load(coef_ptr + b * s_coef + 1)
-            xt = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + hw[None, :] * s_xhw, mask=ch_ok, other=0.0)
-            s = c1 * (xt.to(tl.float32) - c2 * s)
+            a = tl.load(coef_ptr + b * s_coef)
+            bb = tl.load(coef_ptr + b * s_coef + 1)
+            p1 = tl.load(coef_ptr + b * s_coef + 2)
+            p2 = tl.load(coef_ptr + b * s_coef + 3)
+            clip = tl.load(coef_ptr + b * s_coef + 5)
+            xt = tl.load(x_ptr + b * s_xb + c[:, None] * s_xc + hw[None, :] * s_xhw, mask=ch_ok,
+                         other=0.0).to(tl.float32)
+            x0 = tl.minimum(tl.maximum(a * xt - bb * s, -clip), clip)
+            s = p1 * x0 + p2 * xt
             if HAS_Z:
-                sigma = tl.load(coef_ptr + b * s_coef + 2)
+                sigma = tl.load(coef_ptr + b * s_coef + 4)
                 z = tl.load(z_ptr + b * s_zb + c[:, None] * s_zc + hw[None, :] * s_zhw, mask=ch_ok, other=0.0)
                 s += sigma * z.to(tl.float32)
         tl.store(out_ptr + b * s_ob + c[:, None] * s_oc + hw[None, :] * s_ohw,

@@ -27,15 +27,23 @@ def test_q_sample_by_hand():
 
 
 def test_ddpm_coefficients_full_schedule_match_eq9():
+    """The x0 form (x0 = a x_t - b eps, x_prev = p1 x0 + p2 x_t + sigma z) without clipping is eq. 9's
+    x_prev = (x_t - beta / sqrt(1 - abar) eps) / sqrt(1 - beta) + sigma z, and p1, p2 are the posterior
+    mean's coefficients (DDPM eq. 7)."""
     d = GaussianDiffusion()
     for t in (999, 500, 1):
         beta = d.betas[t].item()
-        abar = d.alphas_cumprod[t].item()
-        c1, c2, sigma = d.ddpm_coefficients(t, t - 1)
-        assert c1 == pytest.approx(1 / math.sqrt(1 - beta), rel=1e-9)
-        assert c2 == pytest.approx(beta / math.sqrt(1 - abar), rel=1e-9)
+        abar, abar_prev = d.alphas_cumprod[t].item(), d.alphas_cumprod[t - 1].item()
+        a, b, p1, p2, sigma, clip = d.ddpm_coefficients(t, t - 1)
+        assert clip == 1.0
+        assert p1 * a + p2 == pytest.approx(1 / math.sqrt(1 - beta), rel=1e-9)
+        assert p1 * b == pytest.approx(beta / math.sqrt(1 - abar) / math.sqrt(1 - beta), rel=1e-9)
+        assert p1 == pytest.approx(math.sqrt(abar_prev) * beta / (1 - abar), rel=1e-9)
+        assert p2 == pytest.approx(math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar), rel=1e-9)
         assert sigma == pytest.approx(math.sqrt(beta), rel=1e-9)
-    assert d.ddpm_coefficients(0, -1)[2] == 0.0  # eq. 10: no noise at the last step
+    a, b, p1, p2, sigma, _ = d.ddpm_coefficients(0, -1)
+    assert (p1, p2, sigma) == (pytest.approx(1.0), 0.0, 0.0)  # eq. 10: the last step returns x0, no noise
+    assert d.ddpm_coefficients(5, 4, clip=math.inf)[5] == math.inf
 
 
 def test_respaced_timesteps():
@@ -143,10 +151,10 @@ def toy_denoiser(x, t, y=None):
 
 def toy_step(x, t, y, coef, z):
     """An engine's fused DDPM step: the sampler's update over the toy denoiser's eps."""
-    from fdm_train.diffusion import ddpm_update
+    from kernels.reference import ddpm_step
 
     eps, masks = toy_denoiser(x, t, y)
-    return ddpm_update(x, eps, coef, z), masks
+    return ddpm_step(x, eps, coef, z), masks
 
 
 def test_the_host_read_counter_sees_reads(monkeypatch):

@@ -45,19 +45,19 @@ def test_fused_engine_equals_unfused_model(k, batch):
 @pytest.mark.parametrize("variant", ["factorized", "mask-mid"])
 @pytest.mark.parametrize("t, t_prev", [(500, 499), (40, 20), (3, -1)])
 def test_fused_ddpm_step_equals_the_unfused_update(variant, t, t_prev):
-    """x_prev = c1 * (x - c2 * sum_k m_k eps_k) + sigma * z, with eps and masks of the model's own forward
-    (for 'factorized', its K separate decoder calls)."""
+    """x_prev = p1 * clamp(a * x - b * eps) + p2 * x + sigma * z with eps = sum_k m_k eps_k, and eps and
+    masks of the model's own forward (for 'factorized', its K separate decoder calls)."""
     model = perturb(build_model(preset("tiny-32", variant=variant)), seed=4).eval()
     engine = TorchEngine.from_model(model, device="cpu")
     g = torch.Generator().manual_seed(t)
     x, z = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
     tt = torch.full((2,), t)
-    c1, c2, sigma = GaussianDiffusion().ddpm_coefficients(t, t_prev)
+    a, b, p1, p2, sigma, clip = GaussianDiffusion().ddpm_coefficients(t, t_prev)
     with torch.no_grad():
         eps, masks = model.forward_unfused(x, tt) if variant == "factorized" else model(x, tt)
     z = z if sigma > 0 else None
-    x_prev, step_masks = engine.fused_ddpm_step(x, tt, None, (c1, c2, sigma), z)
-    expected = c1 * (x - c2 * eps) + (sigma * z if z is not None else 0)
+    x_prev, step_masks = engine.fused_ddpm_step(x, tt, None, (a, b, p1, p2, sigma, clip), z)
+    expected = p1 * (a * x - b * eps).clamp(-clip, clip) + p2 * x + (sigma * z if z is not None else 0)
     torch.testing.assert_close(x_prev, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step_masks, masks, atol=1e-6, rtol=1e-6)
 

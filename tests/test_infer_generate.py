@@ -1,6 +1,7 @@
 """`fdm-infer generate` and `fdm-infer interpolate`: reproducible to the bit on the CPU, the
 sampler's own maths, trajectories, class conditioning, and the interpolation strip."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -44,10 +45,12 @@ def test_generate_is_bit_identical_for_a_seed(tiny_checkpoint, tmp_path, capsys,
     assert Image.open(a / "trajectory.png").size == (4 * 66 + 2, 4 * 66 + 2)
 
 
-def test_generate_follows_the_ddpm_and_ddim_updates():
+@pytest.mark.parametrize("clip", ["none", "static"])
+def test_generate_follows_the_ddpm_and_ddim_updates(clip):
     """Two steps (t = 999, then 0), written out independently of the sampler with the numpy schedule:
-    DDPM eq. 9-10 on the respaced schedule (noise z drawn after x_T from the same seeded generator),
-    and DDIM (eta = 0)."""
+    DDPM eq. 9-10 on the respaced schedule (noise z drawn after x_T from the same seeded generator), and
+    DDIM (eta = 0). Without clipping in the eps form; with it from the predicted x0 clamped to [-1, 1]: DDPM
+    by the posterior mean of q(x_prev | x_t, x0), DDIM with eps re-derived from the clamped x0."""
     torch.manual_seed(0)
     model = perturb(build_model(preset("tiny-32")), seed=7).eval()
     engine = TorchEngine.from_model(model, device="cpu")
@@ -68,15 +71,20 @@ def test_generate_follows_the_ddpm_and_ddim_updates():
         for t, t_prev in ((999, 0), (0, -1)):
             eps, masks = eps_masks(x, t)
             a_t, a_prev = abar[t], (abar[t_prev] if t_prev >= 0 else 1.0)
-            if sampler == "ddpm":
-                beta = 1 - a_t / a_prev
+            beta = 1 - a_t / a_prev
+            x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+            if clip == "static":
+                x0 = x0.clamp(-1, 1)
+            if sampler == "ddpm" and clip == "none":
                 x = (x - beta / (1 - a_t) ** 0.5 * eps) / (1 - beta) ** 0.5
-                if t_prev >= 0:
-                    x = x + beta ** 0.5 * torch.randn(x.shape, generator=g)
+            elif sampler == "ddpm":
+                x = (a_prev ** 0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - a_prev) * x) / (1 - a_t)
             else:
-                x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+                eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
                 x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-        result, _ = generate(engine, 2, steps=2, sampler=sampler, seed=3)
+            if sampler == "ddpm" and t_prev >= 0:
+                x = x + beta ** 0.5 * torch.randn(x.shape, generator=g)
+        result, _ = generate(engine, 2, steps=2, sampler=sampler, clip=clip, seed=3)
         torch.testing.assert_close(result.images, x.float().clamp(-1, 1), atol=image_atol, rtol=0)
         torch.testing.assert_close(result.masks, masks, atol=1e-5, rtol=1e-5)
 

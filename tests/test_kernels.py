@@ -159,7 +159,7 @@ def test_channels_last_bf16(dev, poisoned):
 
 # ------------------------------------------------------------------------- fused DDPM step
 @pytest.mark.parametrize("noise", [True, False], ids=["with_z", "last_step"])
-@pytest.mark.parametrize("per_sample", [False, True], ids=["coef3", "coefB3"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["coef6", "coefB6"])
 def test_masked_sum_ddpm_step_matches_reference(dev, noise, per_sample, poisoned):
     b, c, h, w, k = 3, 3, 5, 7, 3
     eps = rand((b * k, c, h, w), dev, 12, torch.bfloat16)
@@ -167,30 +167,46 @@ def test_masked_sum_ddpm_step_matches_reference(dev, noise, per_sample, poisoned
     x_t = rand((b, c, h, w), dev, 14)
     z = rand((b, c, h, w), dev, 15) if noise else None
     if per_sample:
-        coef = torch.tensor([[1.02, 0.3, 0.1], [1.001, 0.05, 0.02], [1.5, 0.9, 0.0]], device=dev)
+        coef = torch.tensor([[1.5, 0.9, 0.2, 0.7, 0.1, 1.0], [1.001, 0.05, 0.9, 0.1, 0.02, float("inf")],
+                             [3.0, 2.0, 0.5, 0.5, 0.0, 0.5]], device=dev)
     else:
-        coef = kernels.ddpm_coef(1.01, 0.2, 0.1, device=dev)
+        coef = kernels.ddpm_coef(1.5, 0.8, 0.3, 0.6, 0.1, 1.0, device=dev)
     out = torch.ops.fdm.masked_sum_ddpm_step(eps, m, x_t, coef, z)
-    check(out, ref.masked_sum_ddpm_step(eps, m, x_t, coef, z), torch.float32, 4.0)
+    expected = ref.masked_sum_ddpm_step(eps, m, x_t, coef, z)
+    check(out, expected, torch.float32, 4.0)
+    # the clip bound is reached: the test covers the clamped and the free branch
+    x0 = coef.reshape(-1, 6)[:, :1, None, None] * x_t - coef.reshape(-1, 6)[:, 1:2, None, None] * ref.masked_sum(eps, m).float()
+    assert (x0.abs() > 1).any() and (x0.abs() < 1).any()
 
 
 def test_ddpm_step_is_the_samplers_update(dev):
-    """The fused step equals GaussianDiffusion.sample's update on the combined eps."""
+    """The fused step equals DDPM's update on the combined eps, written out from the schedule here: without
+    clipping the eps form of eq. 9-10, x_prev = (x - beta / sqrt(1 - abar) eps) / sqrt(1 - beta) + sigma z;
+    with it the posterior mean of q(x_prev | x_t, x0) at the clamped x0."""
     from fdm_train.diffusion import GaussianDiffusion
 
     diffusion = GaussianDiffusion()
+    abar_all = diffusion.alphas_cumprod.tolist()
     b, c, h, w, k = 2, 3, 4, 5, 3
     eps_k = rand((b * k, c, h, w), dev, 16)
     m = masks(b, k, h, w, dev, 17)
     x = rand((b, c, h, w), dev, 18)
     z = rand((b, c, h, w), dev, 19)
+    eps = ref.masked_sum(eps_k, m)
     for t, t_prev in [(999, 979), (30, 0), (0, -1)]:
-        c1, c2, sigma = diffusion.ddpm_coefficients(t, t_prev)
-        eps = ref.masked_sum(eps_k, m)
-        expected = c1 * (x - c2 * eps) + (sigma * z if sigma > 0 else 0)
-        out = torch.ops.fdm.masked_sum_ddpm_step(eps_k, m, x, kernels.ddpm_coef(c1, c2, sigma, device=dev),
-                                                 z if sigma > 0 else None)
-        check(out, expected, torch.float32, 10.0)
+        abar, abar_prev = abar_all[t], abar_all[t_prev] if t_prev >= 0 else 1.0
+        beta = 1 - abar / abar_prev
+        sigma = beta ** 0.5 if t_prev >= 0 else 0.0
+        noise = sigma * z if sigma > 0 else 0
+        x0 = ((x - (1 - abar) ** 0.5 * eps) / abar ** 0.5).clamp(-1, 1)
+        expected = {
+            float("inf"): (x - beta / (1 - abar) ** 0.5 * eps) / (1 - beta) ** 0.5 + noise,
+            1.0: (abar_prev ** 0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - abar_prev) * x) / (1 - abar) + noise,
+        }
+        for clip, want in expected.items():
+            coef = kernels.ddpm_coef(*diffusion.ddpm_coefficients(t, t_prev, clip), device=dev)
+            out = torch.ops.fdm.masked_sum_ddpm_step(eps_k, m, x, coef, z if sigma > 0 else None)
+            check(out, want, torch.float32, 10.0)
 
 
 # ------------------------------------------------------------------------------ gradients
@@ -242,7 +258,7 @@ def test_opcheck(dev):
     ms = masks(2, 3, 3, 4, dev, 30).requires_grad_(True)
     torch.library.opcheck(torch.ops.fdm.masked_skip, (x, m))
     torch.library.opcheck(torch.ops.fdm.masked_sum, (eps, ms))
-    coef = kernels.ddpm_coef(1.01, 0.2, 0.1, device=dev)
+    coef = kernels.ddpm_coef(1.5, 0.8, 0.3, 0.6, 0.1, 1.0, device=dev)
     x_t, z = rand((2, 3, 3, 4), dev, 31), rand((2, 3, 3, 4), dev, 32)
     torch.library.opcheck(torch.ops.fdm.masked_sum_ddpm_step, (eps.detach(), ms.detach(), x_t, coef, z))
     torch.library.opcheck(torch.ops.fdm.masked_dot, (eps.detach(), x_t))
@@ -369,7 +385,7 @@ AOT_CASES = {
                         _meta((2, 3, 64, 64), torch.float32, lay)),
     "ddpm_step": lambda lay: (ops._masked_sum_triton, _meta((6, 3, 64, 64), layout=lay),
                               _meta((2, 3, 64, 64), torch.float32, lay), _meta((2, 3, 64, 64), torch.float32, lay),
-                              torch.empty(3, device="meta"), _meta((2, 3, 64, 64), torch.float32, lay)),
+                              torch.empty(6, device="meta"), _meta((2, 3, 64, 64), torch.float32, lay)),
     "dot": lambda lay: (ops._masked_dot_triton, _meta((6, 128, 32, 32), layout=lay), _meta((2, 128, 32, 32), layout=lay)),
 }
 
@@ -469,7 +485,7 @@ def test_torch_compile_traces_the_kernels():
     m = masks(2, 3, 32, 32, "cuda", 46)
     eps = rand((6, 3, 16, 16), "cuda", 47, torch.bfloat16)
     x_t, z = rand((2, 3, 16, 16), "cuda", 48), rand((2, 3, 16, 16), "cuda", 49)
-    coef = kernels.ddpm_coef(1.01, 0.2, 0.1, device="cuda")
+    coef = kernels.ddpm_coef(1.5, 0.8, 0.3, 0.6, 0.1, 1.0, device="cuda")
     got = compiled(x, m, eps, x_t, coef, z)
     ms = m[:, :, ::2, ::2].contiguous()
     check(got[0], ref.masked_skip(x, m) * 2 + 1, torch.bfloat16, 4.0)
@@ -497,7 +513,7 @@ def test_cuda_graph_capture():
     eps = rand((b * k, 3, h, w), "cuda", 52, torch.bfloat16)
     ms = masks(b, k, h, w, "cuda", 53)
     x_t, z = rand((b, 3, h, w), "cuda", 54), rand((b, 3, h, w), "cuda", 55)
-    coef = kernels.ddpm_coef(1.01, 0.2, 0.1, device="cuda")
+    coef = kernels.ddpm_coef(1.5, 0.8, 0.3, 0.6, 0.1, 1.0, device="cuda")
     static = [x, m, eps, ms, x_t, z, coef]
 
     def run():
@@ -515,7 +531,7 @@ def test_cuda_graph_capture():
         new = [rand(x.shape, "cuda", seed, x.dtype), masks(b, k, 2 * h, 2 * w, "cuda", seed + 1),
                rand(eps.shape, "cuda", seed + 2, eps.dtype), masks(b, k, h, w, "cuda", seed + 3),
                rand(x_t.shape, "cuda", seed + 4), rand(z.shape, "cuda", seed + 5),
-               kernels.ddpm_coef(1.0 + seed / 1000, 0.1, 0.05, device="cuda")]
+               kernels.ddpm_coef(1.0 + seed / 1000, 0.1, 0.4, 0.6, 0.05, 1.0, device="cuda")]
         for buf, val in zip(static, new):
             buf.copy_(val)
         graph.replay()

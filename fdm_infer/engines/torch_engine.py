@@ -110,10 +110,10 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def fused_ddpm_step(self, x_t, t, y, coef, z: torch.Tensor | None):
-        """One DDPM step x_prev = c1 * (x_t - c2 * sum_k m_k eps_k) + sigma * z on the model's per-branch
-        eps, by kernels.masked_sum_ddpm_step (one Triton kernel on CUDA). coef = (c1, c2, sigma): a float32
-        tensor [3] (the sampler's, already on the device: no copy from the host per step) or three floats;
-        z None: no noise. Returns (x_prev float32, masks)."""
+        """One DDPM step (kernels.reference.ddpm_step) on the combined eps sum_k m_k eps_k of the model's
+        per-branch eps, by kernels.masked_sum_ddpm_step (one Triton kernel on CUDA). coef = (a, b, p1, p2,
+        sigma, clip): a float32 tensor [6] (the sampler's, already on the device: no copy from the host per
+        step) or six floats; z None: no noise. Returns (x_prev float32, masks)."""
         x_t, t, y = self._inputs(x_t, t, y)
         z = None if z is None else z.to(self.device, torch.float32)
         coef = coef.to(self.device, torch.float32) if torch.is_tensor(coef) else kernels.ddpm_coef(*coef, device=self.device)

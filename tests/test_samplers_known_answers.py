@@ -1,0 +1,273 @@
+"""The samplers on known answers, independent of any trained model.
+
+1. Analytic denoisers. For data whose distribution is known, the optimal eps-prediction E[eps | x_t] has a
+   closed form at every t. Fed to `fdm_infer.generate.generate` (the code path of `fdm-infer generate`)
+   through an engine whose K decoder branches are combined by the masked sum (one-hot masks, every branch
+   wrong outside its own region), the samples must have the data's statistics.
+2. diffusers. The same denoiser, noise and timesteps through diffusers' DDPMScheduler / DDIMScheduler give
+   the same trajectory, step by step.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from fdm_infer.engines.base import Engine
+from fdm_infer.generate import generate
+from fdm_train.config import preset
+from fdm_train.diffusion import CLIP_MODES, DYNAMIC_MAX, DYNAMIC_RATIO, GaussianDiffusion
+
+SIZE, K = 8, 3
+DIFFUSION = GaussianDiffusion()
+ABAR = DIFFUSION.alphas_cumprod.float()
+
+
+def gaussian_eps(mu: float, s: float):
+    """Data N(mu, s^2 I): x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar), and
+    E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)."""
+    def eps(x, abar):
+        return (1 - abar).sqrt() * (x - abar.sqrt() * mu) / (abar * s * s + 1 - abar)
+    return eps
+
+
+def two_point_eps(a: float):
+    """Every pixel independently +a or -a with equal odds: E[x0 | x_t] = a tanh(sqrt(abar) a x_t / (1 - abar)),
+    and E[eps | x_t] = (x_t - sqrt(abar) E[x0 | x_t]) / sqrt(1 - abar)."""
+    def eps(x, abar):
+        x0 = a * torch.tanh(abar.sqrt() * a * x / (1 - abar))
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return eps
+
+
+class AnalyticEngine(Engine):
+    """An engine over an analytic eps. Branch k computes the right eps only inside region k of a fixed random
+    label map (elsewhere it adds junk), and the masks are that map one-hot: only a masked sum that keeps
+    each branch to its own region gives the right eps. `ddpm_step` is the fused step of the torch engine."""
+
+    name = "analytic"
+
+    def __init__(self, eps_fn):
+        self.config = preset("tiny-32", image_size=SIZE, num_regions=K, attention_resolutions=(8,))
+        self.device = torch.device("cpu")
+        self.eps_fn = eps_fn
+        labels = torch.randint(0, K, (SIZE, SIZE), generator=torch.Generator().manual_seed(0))
+        self.onehot = torch.nn.functional.one_hot(labels, K).permute(2, 0, 1).float()  # [K, S, S]
+        self.ddpm_step = self.fused_ddpm_step
+
+    def _branches(self, x, t):
+        b = x.shape[0]
+        eps = self.eps_fn(x, ABAR[t].reshape(-1, 1, 1, 1))
+        masks = self.onehot.expand(b, K, SIZE, SIZE)
+        junk = 5.0 * (1 - masks).unsqueeze(2)  # [B, K, 1, S, S]: wrong everywhere outside the region
+        eps_k = (eps.unsqueeze(1) + junk).reshape(b * K, *x.shape[1:])
+        return eps_k, masks
+
+    def denoise(self, x_t, t, y=None):
+        eps_k, masks = self._branches(x_t, t)
+        return kernels.masked_sum(eps_k, masks), masks
+
+    def fused_ddpm_step(self, x_t, t, y, coef, z):
+        eps_k, masks = self._branches(x_t, t)
+        return kernels.masked_sum_ddpm_step(eps_k, masks, x_t, coef, z), masks
+
+
+N = 256  # samples of 3 x 8 x 8 pixels: 49,152 values, independent (the denoisers act pixel by pixel)
+VALUES = N * 3 * SIZE * SIZE
+
+
+def tolerance(std: float) -> tuple[float, float]:
+    """Bounds on the error of a sample's mean and std from the sample count: 5 standard errors (std / sqrt(n)
+    for the mean, std / sqrt(2n) for the std of a Gaussian sample)."""
+    return 5 * std / math.sqrt(VALUES), 5 * std / math.sqrt(2 * VALUES)
+
+
+def exact_gaussian_answer(mu: float, s: float, sampler: str, timesteps: list[int]) -> tuple[float, float]:
+    """The mean and std that the discrete sampler itself must give for data N(mu, s^2), written out here
+    in float64 from the linear schedule: with the optimal eps every step is affine in x_t (plus Gaussian
+    noise for DDPM), so mean and variance follow step by step. (DDIM with few steps does not reach the
+    data's std: 50 steps give 0.176 for s = 0.2; DDPM's 1000 steps give 0.2009.)"""
+    import numpy as np
+
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    mean, var = 0.0, 1.0
+    for i, t in enumerate(timesteps):
+        a, a_prev = abar[t], (abar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0)
+        # eps = c (x - sqrt(a) mu): the optimal prediction; x0 = (x - sqrt(1 - a) eps) / sqrt(a)
+        c = math.sqrt(1 - a) / (a * s * s + 1 - a)
+        x0_k, x0_0 = (1 - math.sqrt(1 - a) * c) / math.sqrt(a), math.sqrt(1 - a) * c * mu  # x0 = x0_k x + x0_0
+        if sampler == "ddim":  # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
+            k = math.sqrt(a_prev) * x0_k + math.sqrt(1 - a_prev) * c
+            k0 = math.sqrt(a_prev) * x0_0 - math.sqrt(1 - a_prev) * c * math.sqrt(a) * mu
+            noise = 0.0
+        else:  # the posterior of q(x_prev | x_t, x0), variance beta
+            beta = 1 - a / a_prev
+            p1, p2 = math.sqrt(a_prev) * beta / (1 - a), math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
+            k, k0 = p1 * x0_k + p2, p1 * x0_0
+            noise = beta if i + 1 < len(timesteps) else 0.0
+        mean, var = k * mean + k0, k * k * var + noise
+    return mean, math.sqrt(var)
+
+
+def test_the_exact_answer_is_the_data_for_many_steps():
+    """The written-out answer itself: 1000 steps reproduce the data, DDPM to 0.5% (its variance beta, eq. 9,
+    adds a little: std 0.2009), DDIM to 1% (mean 0.2996, std 0.1985)."""
+    for sampler in ("ddpm", "ddim"):
+        mean, std = exact_gaussian_answer(0.3, 0.2, sampler, list(range(999, -1, -1)))
+        assert mean == pytest.approx(0.3, rel=2e-3) and std == pytest.approx(0.2, rel=1e-2)
+
+
+@pytest.mark.parametrize("clip", CLIP_MODES)
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 1000), ("ddpm", 100), ("ddim", 1000), ("ddim", 50)])
+def test_gaussian_data_gives_its_mean_and_std(sampler, steps, clip):
+    """Samples of N(0.3, 0.2^2) data have the mean and std the sampler must give (`exact_gaussian_answer`). The
+    optimal x0 stays inside the data's range, so no clip mode changes the answer."""
+    mu, s = 0.3, 0.2
+    result, _ = generate(AnalyticEngine(gaussian_eps(mu, s)), N, steps=steps, sampler=sampler, clip=clip, seed=1,
+                         batch_size=N)
+    x = result.images.double()
+    want_mean, want_std = exact_gaussian_answer(mu, s, sampler, DIFFUSION.timesteps(steps))
+    mean_tol, std_tol = tolerance(want_std)
+    assert abs(x.mean().item() - want_mean) < mean_tol, (x.mean(), want_mean)
+    assert abs(x.std().item() - want_std) < std_tol, (x.std(), want_std)
+    assert result.masks.shape == (N, K, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("clip", CLIP_MODES)
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 1000), ("ddim", 50)])
+def test_two_point_data_gives_its_two_values(sampler, steps, clip):
+    """Every sampled pixel lands on +-a, half on each (mean 0, std a)."""
+    a = 0.6
+    result, _ = generate(AnalyticEngine(two_point_eps(a)), N, steps=steps, sampler=sampler, clip=clip, seed=2,
+                         batch_size=N)
+    x = result.images.double()
+    assert ((x.abs() - a).abs() < 0.02).double().mean() > 0.99
+    # the share of +a is binomial(VALUES, 1/2): 5 standard errors of it
+    assert abs((x > 0).double().mean().item() - 0.5) < 5 * 0.5 / math.sqrt(VALUES)
+    mean_tol, std_tol = tolerance(a)
+    assert abs(x.mean().item()) < mean_tol
+    assert abs(x.std().item() - a) < std_tol
+
+
+def test_a_wrong_denoiser_fails_the_check():
+    """The check can fail: eps 3% too large (a small model error) gives the wrong statistics."""
+    mu, s = 0.3, 0.2
+    right = gaussian_eps(mu, s)
+    result, _ = generate(AnalyticEngine(lambda x, abar: 1.03 * right(x, abar)), N, steps=50, sampler="ddim",
+                         clip="none", seed=1, batch_size=N)
+    x = result.images.double()
+    want_mean, want_std = exact_gaussian_answer(mu, s, "ddim", DIFFUSION.timesteps(50))
+    mean_tol, std_tol = tolerance(want_std)
+    assert abs(x.mean().item() - want_mean) > mean_tol or abs(x.std().item() - want_std) > std_tol
+
+
+def test_the_masked_sum_keeps_each_branch_to_its_region():
+    """The engine above is only right through its masks: a plain mean of the branches is far off."""
+    engine = AnalyticEngine(gaussian_eps(0.3, 0.2))
+    x, t = torch.randn(2, 3, SIZE, SIZE), torch.tensor([500, 500])
+    eps, _ = engine.denoise(x, t)
+    torch.testing.assert_close(eps, gaussian_eps(0.3, 0.2)(x, ABAR[t].reshape(-1, 1, 1, 1)))
+    eps_k, _ = engine._branches(x, t)
+    assert (eps_k.reshape(2, K, 3, SIZE, SIZE).mean(1) - eps).abs().min() > 1.0
+
+
+# ----------------------------------------------------------------------------- diffusers parity
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[dev])")
+
+# The schedule of the project: DDPM's linear betas; sigma^2 = beta ("fixed_large", eq. 9-10).
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                prediction_type="epsilon")
+CLIP_CONFIG = {
+    "static": dict(clip_sample=True, clip_sample_range=1.0),
+    "dynamic": dict(clip_sample=False, thresholding=True, dynamic_thresholding_ratio=DYNAMIC_RATIO,
+                    sample_max_value=DYNAMIC_MAX),
+    "none": dict(clip_sample=False),
+}
+
+
+def recording(denoise):
+    """denoise, keeping every x_t it is called with (the trajectory)."""
+    seen = []
+
+    def call(x, t, y=None):
+        seen.append(x.clone())
+        return denoise(x, t, y)
+    return call, seen
+
+
+def rough_denoiser():
+    """A denoiser that is wrong in ways a model is: eps too large and tilted, so that the predicted x0 leaves
+    [-1, 1] and clipping and thresholding act."""
+    right = gaussian_eps(0.5, 0.4)
+
+    def denoise(x, t, y=None):
+        abar = ABAR[t].reshape(-1, 1, 1, 1)
+        eps = 1.1 * right(x, abar) + 0.05 * torch.tanh(3 * x.flip(-1))
+        return eps, torch.ones(x.shape[0], 1, *x.shape[2:])
+    return denoise
+
+
+@pytest.mark.parametrize("clip", CLIP_MODES)
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_ddpm_matches_diffusers(clip, steps):
+    """Ancestral DDPM against DDPMScheduler(variance_type="fixed_large") over the same timesteps (diffusers
+    takes the project's respaced ones as custom timesteps) with the same noise: the same generator drawn in
+    the same order (x_T, then one z per step but the last)."""
+    denoise, ours = recording(rough_denoiser())
+    shape = (4, 3, SIZE, SIZE)
+    result = DIFFUSION.sample(denoise, shape, steps=steps, sampler="ddpm", clip=clip,
+                              generator=torch.Generator().manual_seed(5))
+    seq = DIFFUSION.timesteps(steps)
+    scheduler = diffusers.DDPMScheduler(variance_type="fixed_large", **SCHEDULE, **CLIP_CONFIG[clip])
+    scheduler.set_timesteps(timesteps=seq)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g)
+    theirs, clipped = [], 0
+    for t in scheduler.timesteps:
+        theirs.append(x.clone())
+        eps, _ = rough_denoiser()(x, t.reshape(1).expand(shape[0]))
+        out = scheduler.step(eps, t, x, generator=g)
+        clipped += int((out.pred_original_sample.abs() >= 1).any())
+        x = out.prev_sample
+    check_trajectories(ours, theirs, result.images, x)
+    if clip != "none":
+        assert clipped > len(seq) // 4  # the bound was reached, so the comparison covers it
+
+
+@pytest.mark.parametrize("clip", CLIP_MODES)
+def test_ddim_matches_diffusers(clip):
+    """DDIM (eta = 0) over the project's 50 timesteps against DDIMScheduler (set_alpha_to_one: the last step
+    goes to abar = 1; eps re-derived from the clipped x0, `use_clipped_model_output`). DDIMScheduler steps
+    from t to t - 1000 // num_inference_steps; our respaced gaps are 20 or 21, so each step sets
+    num_inference_steps to the count that makes diffusers' gap ours (checked)."""
+    denoise, ours = recording(rough_denoiser())
+    shape = (4, 3, SIZE, SIZE)
+    result = DIFFUSION.sample(denoise, shape, steps=50, sampler="ddim", clip=clip,
+                              generator=torch.Generator().manual_seed(6))
+    seq = DIFFUSION.timesteps(50)
+    scheduler = diffusers.DDIMScheduler(set_alpha_to_one=True, **SCHEDULE, **CLIP_CONFIG[clip])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    theirs = []
+    for i, t in enumerate(seq):
+        gap = t - seq[i + 1] if i + 1 < len(seq) else t + 1
+        scheduler.num_inference_steps = 1000 // gap
+        assert 1000 // scheduler.num_inference_steps == gap
+        theirs.append(x.clone())
+        eps, _ = rough_denoiser()(x, torch.full((shape[0],), t))
+        x = scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=clip != "none").prev_sample
+    check_trajectories(ours, theirs, result.images, x)
+
+
+def check_trajectories(ours, theirs, images, final):
+    """Every x_t equal in float32 up to the schedule's own rounding: diffusers computes abar in float32
+    (a cumulative product of 1000 terms, relative error up to ~1e-5 at t = 999 against the project's float64),
+    and the step divides by sqrt(abar) ~ 0.006 at t = 999, so the x0 of one step can differ by ~2e-4 (measured
+    here: at most 4e-5 over the whole trajectory); 1e-3 holds that with margin and is far below any
+    error in the update (a wrong coefficient changes x_t by more than 1e-2)."""
+    assert len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0, msg=lambda m: f"step {i}: {m}")
+    torch.testing.assert_close(images, final.clamp(-1, 1), atol=1e-3, rtol=0)
