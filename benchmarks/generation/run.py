@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Generation measured with known answers, beside segmentation. Every result is appended to results.json
+(beside this file) under a key naming what was measured; RESULTS.md reads them.
+
+  fid MODEL [MODEL ...] --label L ...  FID on LFW at 32x32 (n generated images, `--sampler/--steps/--clip`,
+                                       seed 0) against 1,600 LFW train faces (a seeded subset, statistics
+                                       cached in --work), with the TF-Inception of `fdm-infer fid`; and the
+                                       model's LFW val segmentation (`fdm-infer evaluate`'s figures), once
+                                       per model. Several MODELs: one per --label, in order.
+  floor                                real faces against the same reference at the same n: LFW val images
+                                       (the first n) at 32x32; FID's floor at this n.
+  scenes                               a tiny model trained on synthetic scenes (kind a, `fdm-train synth`),
+                                       then n generated scenes scored by fdm_infer.eval.scenes: valid share,
+                                       mask-content IoU, re-segmentation mIoU; an untrained model the same way.
+  speed MODEL                          seconds of `generate` for 16 samples: DDPM 1000, DDIM 50 and 100.
+
+    python benchmarks/generation/run.py floor
+    python benchmarks/generation/run.py fid fdm_infer/assets/default.safetensors --label "default" --clip none static
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from fdm_infer.api import Segmenter, generate  # noqa: E402
+from fdm_infer.eval.evaluate import evaluate, load_eval_set, summary_figures  # noqa: E402
+from fdm_infer.eval.fid import (ImageSource, frechet_distance, inception_features, load_inception,  # noqa: E402
+                                source_statistics, statistics)
+from fdm_infer.eval.scenes import generation_scores  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+LFW = ROOT.parent / "shared" / "data" / "lfw"
+REFERENCE_N = 1600
+
+
+def record(key: str, value: dict) -> None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    value = {**value, "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    results[key] = value
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    tmp.replace(RESULTS)
+    print(key, json.dumps(value))
+
+
+class Reference:
+    """The Inception network and the reference statistics (1,600 LFW train faces at 32x32), made once."""
+
+    def __init__(self, work: Path):
+        self.model = load_inception("cpu")
+        stats = work / f"lfw_train32_ref{REFERENCE_N}.npz"
+        if not stats.is_file():
+            cache = work / "lfw32.npy"
+            if not cache.is_file():
+                raise SystemExit(f"{cache}: make it with `fdm-train prepare-data {LFW / 'train'} -o {cache} --size 32`")
+            mu, sigma, n = source_statistics(ImageSource.open(cache), REFERENCE_N, seed=0, size=None, model=self.model,
+                                             batch_size=50, device="cpu")
+            np.savez(stats, mu=mu, sigma=sigma, n=n)
+        with np.load(stats) as z:
+            self.mu, self.sigma = z["mu"], z["sigma"]
+
+    def fid(self, images_nchw: np.ndarray) -> float:
+        mu, sigma = statistics(inception_features(self.model, torch.from_numpy(images_nchw)))
+        return frechet_distance(mu, sigma, self.mu, self.sigma)[0]
+
+
+def segmentation(model: str) -> dict:
+    evalset = load_eval_set(LFW / "val" / "images", LFW / "val" / "masks")
+    seg = Segmenter.load(model)
+    result = evaluate(evalset, engine=seg.engine, name=Path(model).name)
+    figures = summary_figures(result)
+    return {k: figures[k] for k in ("fg_iou", "fg_acc", "parts_acc", "parts_miou")} | {
+        "hair_iou": round(100 * result["parts"]["iou"][2], 2) if "iou" in result.get("parts", {}) else None}
+
+
+def cmd_fid(args) -> None:
+    ref = Reference(Path(args.work))
+    labels = args.label or [Path(m).stem for m in args.models]
+    for model, label in zip(args.models, labels):
+        seg = segmentation(model) if not args.no_segmentation else None
+        for clip in args.clip:
+            start = time.perf_counter()
+            samples = generate(model, args.n, steps=args.steps, sampler=args.sampler, clip=clip, seed=args.seed,
+                               batch_size=64)
+            seconds = time.perf_counter() - start
+            images = np.ascontiguousarray(samples.images.transpose(0, 3, 1, 2))
+            if args.save:
+                np.save(Path(args.work) / f"samples_{label}_{args.sampler}{args.steps}_{clip}.npy", images)
+            record(f"fid/{label}/{args.sampler}{args.steps}/{clip}/n{args.n}",
+                   {"model": str(model), "fid": round(ref.fid(images), 1), "n": args.n, "sampler": args.sampler,
+                    "steps": args.steps, "clip": clip, "seed": args.seed, "sample_seconds": round(seconds, 1),
+                    "segmentation": seg})
+
+
+def cmd_floor(args) -> None:
+    ref = Reference(Path(args.work))
+    source = ImageSource.open(LFW / "val" / "images")
+    images = source.load(list(range(args.n)), 32)
+    record(f"fid/real-lfw-val/n{args.n}", {"fid": round(ref.fid(np.stack([i.numpy() for i in images])), 1),
+                                           "n": args.n, "what": "LFW val faces at 32x32 (the first n)"})
+
+
+def cmd_scenes(args) -> None:
+    from fdm_train.checkpoint import load_model
+    from fdm_train.config import preset
+    from fdm_train.model import build_model
+    from fdm_train.synth import write_scenes
+    from fdm_train.train import TrainOptions, train
+    from fdm_infer.engines.torch_engine import TorchEngine
+    from fdm_infer.generate import generate as sample
+    from fdm_infer.segment import segment_tensor
+
+    work = Path(args.work) / f"scenes_a{args.size}_s{args.seed}"
+    data = work / "scenes.npy"
+    if not data.is_file():
+        write_scenes(data, "a", 20_000, args.size, seed=args.seed)
+    cfg = preset("tiny-32", image_size=args.size, num_regions=2, region_codes=True)
+    start = time.perf_counter()
+    if not (work / "run" / "checkpoint.safetensors").is_file() or args.steps:
+        train(TrainOptions(data=str(data), out=str(work / "run"), model=cfg, batch_size=32, iterations=args.steps,
+                           lr=2e-4, ema_decay=0.999, t_power=args.t_power, save_every=args.steps, sample_every=0,
+                           progress=False, workers=0, seed=args.seed, overwrite=True))
+    train_seconds = time.perf_counter() - start
+    trained, _, _ = load_model(work / "run" / "checkpoint.safetensors", weights="ema")
+    for name, model in (("trained", trained), ("untrained", build_model(cfg))):
+        engine = TorchEngine.from_model(model.eval(), device="cpu")
+        result, _ = sample(engine, args.n, steps=50, sampler="ddim", clip=args.clip, seed=0, batch_size=64)
+        images = ((result.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        readout = segment_tensor(engine, result.images).argmax(1).numpy()  # `segment`'s read-out (t=30)
+        scores = generation_scores(images, result.masks.argmax(1).numpy(), readout)
+        record(f"scenes/a{args.size}/{name}/steps{args.steps}/tpow{args.t_power}/seed{args.seed}/{args.clip}",
+               {**scores, "train_steps": args.steps if name == "trained" else 0,
+                "train_seconds": round(train_seconds, 1) if name == "trained" else 0, "sampler": "ddim50",
+                "clip": args.clip, "t_power": args.t_power})
+
+
+def cmd_speed(args) -> None:
+    for sampler, steps in (("ddpm", 1000), ("ddim", 100), ("ddim", 50)):
+        generate(args.model, 2, steps=2, sampler=sampler)  # warm-up
+        start = time.perf_counter()
+        generate(args.model, 16, steps=steps, sampler=sampler, batch_size=16)
+        record(f"speed/{Path(args.model).stem}/{sampler}{steps}",
+               {"seconds": round(time.perf_counter() - start, 1), "n": 16, "sampler": sampler, "steps": steps})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "generation"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fid")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--label", action="append")
+    p.add_argument("-n", type=int, default=128)
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--clip", nargs="+", default=["static"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", action="store_true", help="keep the samples as .npy in --work")
+    p.add_argument("--no-segmentation", action="store_true")
+    p.set_defaults(fn=cmd_fid)
+    p = sub.add_parser("floor")
+    p.add_argument("-n", type=int, default=128)
+    p.set_defaults(fn=cmd_floor)
+    p = sub.add_parser("scenes")
+    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--t-power", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", default="static")
+    p.add_argument("-n", type=int, default=128)
+    p.set_defaults(fn=cmd_scenes)
+    p = sub.add_parser("speed")
+    p.add_argument("model")
+    p.set_defaults(fn=cmd_speed)
+    args = parser.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
