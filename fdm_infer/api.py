@@ -279,8 +279,9 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
              clip: str = DEFAULT_CLIP, seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory: bool = False,
              progress: Callable[[int], None] | None = None, notify: Callable[[str], None] | None = None) -> Generation:
     """n samples with their masks from a model file (as `Segmenter.load` opens it; None: the bundled
-    default): DDPM ancestral sampling with `steps` steps, or DDIM (`sampler="ddim"`); every step clips its
-    predicted image to [-1, 1] (`clip="static"`; "dynamic": dynamic thresholding; "none"). The same seed, n,
+    default): DDPM ancestral sampling with `steps` steps, or DDIM (`sampler="ddim"`); every step bounds its
+    predicted image to [-1, 1] (`clip`: "dynamic" thresholding, the default; "static" clamping; "none"). The
+    same seed, n,
     batch_size, steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record
     the predicted images and masks along the reverse process (saved as trajectory.png). `progress` is
     called with 1 after every step."""

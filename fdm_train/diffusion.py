@@ -22,7 +22,7 @@ DDPMStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Te
 SAMPLERS = ("ddpm", "ddim")
 # How a step bounds its predicted x0 to the data range [-1, 1]; see GaussianDiffusion.sample.
 CLIP_MODES = ("static", "dynamic", "none")
-DEFAULT_CLIP = "static"
+DEFAULT_CLIP = "dynamic"  # measured: lower FID than static clipping on LFW (benchmarks/generation/RESULTS.md)
 DYNAMIC_RATIO = 0.995  # the quantile of |x0| that dynamic thresholding maps to 1 (Imagen's)
 DYNAMIC_MAX = 1.5
 

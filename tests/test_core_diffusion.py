@@ -164,15 +164,16 @@ def test_the_host_read_counter_sees_reads(monkeypatch):
     assert counter.count == 5
 
 
+@pytest.mark.parametrize("clip", ["static", "dynamic"])
 @pytest.mark.parametrize("sampler, step", [("ddpm", None), ("ddpm", toy_step), ("ddim", None)])
-def test_the_sampling_loop_never_reads_values_back(monkeypatch, sampler, step):
+def test_the_sampling_loop_never_reads_values_back(monkeypatch, sampler, step, clip):
     """Host reads of a 20-step run are those of a 2-step run (set-up only, none per step)."""
     counter = HostReadCounter(monkeypatch)
     d = GaussianDiffusion()
 
     def reads(steps):
         g = torch.Generator().manual_seed(0)
-        counter.run(lambda: d.sample(toy_denoiser, (2, 3, 4, 4), steps=steps, sampler=sampler, generator=g,
+        counter.run(lambda: d.sample(toy_denoiser, (2, 3, 4, 4), steps=steps, sampler=sampler, clip=clip, generator=g,
                                      step=step))
         return counter.count
 
@@ -183,6 +184,40 @@ def test_the_sampling_loop_never_reads_values_back(monkeypatch, sampler, step):
 def test_the_engine_step_is_an_alternative_to_the_plain_update():
     """The same run with the update done by `step` (as an engine's fused step) or by the sampler."""
     d = GaussianDiffusion()
-    runs = [d.sample(toy_denoiser, (2, 3, 4, 4), steps=7, generator=torch.Generator().manual_seed(1), step=step)
+    runs = [d.sample(toy_denoiser, (2, 3, 4, 4), steps=7, clip="static", generator=torch.Generator().manual_seed(1),
+                     step=step)
             for step in (None, toy_step)]
     torch.testing.assert_close(runs[0].images, runs[1].images, rtol=0, atol=0)
+
+
+def test_the_fused_step_serves_static_and_no_clipping_only():
+    """An engine's fused step bounds x0 by a fixed clip; dynamic thresholding needs each sample's quantile of
+    |x0| first, so the sampler steps by itself there."""
+    d = GaussianDiffusion()
+    calls = []
+
+    def counting_step(x, t, y, coef, z):
+        calls.append(coef[5].item())
+        return toy_step(x, t, y, coef, z)
+
+    for clip in ("static", "none", "dynamic"):
+        calls.clear()
+        d.sample(toy_denoiser, (2, 3, 4, 4), steps=5, clip=clip, generator=torch.Generator().manual_seed(0),
+                 step=counting_step)
+        assert calls == {"static": [1.0] * 5, "none": [math.inf] * 5, "dynamic": []}[clip]
+
+
+def test_dynamic_threshold_by_hand():
+    """Per sample: s = the 99.5% quantile of |x0| bounded to [1, DYNAMIC_MAX]; x0 clamped to [-s, s] and / s."""
+    from fdm_train.diffusion import DYNAMIC_MAX, dynamic_threshold
+
+    x0 = torch.zeros(3, 1, 20, 10)
+    x0[0] = 0.5  # inside [-1, 1]: s = 1, unchanged
+    x0[1] = torch.linspace(-1.2, 1.2, 200).reshape(1, 20, 10)  # s = quantile of |x0| in (1, DYNAMIC_MAX)
+    x0[2] = 10.0  # s bounded at DYNAMIC_MAX
+    out = dynamic_threshold(x0)
+    torch.testing.assert_close(out[0], x0[0])
+    s = torch.quantile(x0[1].abs().flatten(), 0.995)
+    assert 1 < s < DYNAMIC_MAX
+    torch.testing.assert_close(out[1], x0[1].clamp(-s, s) / s)
+    torch.testing.assert_close(out[2], torch.full_like(x0[2], 1.0))

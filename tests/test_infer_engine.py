@@ -70,7 +70,7 @@ def test_sampler_with_the_engine_step_equals_the_plain_update():
 
     def sample(step, trajectory_every=0):
         g = torch.Generator().manual_seed(0)
-        return diffusion.sample(engine.denoise, (2, 3, 32, 32), steps=6, generator=g, step=step,
+        return diffusion.sample(engine.denoise, (2, 3, 32, 32), steps=6, clip="static", generator=g, step=step,
                                 trajectory_every=trajectory_every)
 
     plain, fused = sample(None), sample(engine.fused_ddpm_step)
@@ -96,7 +96,8 @@ def test_cuda_engine_samples_with_the_fused_triton_step():
 
     def sample(step):
         g = torch.Generator(device="cuda").manual_seed(0)
-        return diffusion.sample(engine.denoise, (3, 3, 32, 32), steps=5, device="cuda", generator=g, step=step)
+        return diffusion.sample(engine.denoise, (3, 3, 32, 32), steps=5, clip="static", device="cuda", generator=g,
+                                step=step)
 
     fused, plain = sample(engine.ddpm_step), sample(None)
     torch.testing.assert_close(fused.images, plain.images, atol=1e-4, rtol=1e-4)

@@ -81,7 +81,7 @@ def segmentation(model: str) -> dict:
     result = evaluate(evalset, engine=seg.engine, name=Path(model).name)
     figures = summary_figures(result)
     return {k: figures[k] for k in ("fg_iou", "fg_acc", "parts_acc", "parts_miou")} | {
-        "hair_iou": round(100 * result["parts"]["iou"][2], 2) if "iou" in result.get("parts", {}) else None}
+        "hair_iou": round(100 * (result["parts"]["iou_per_label"][2] or 0), 2)}
 
 
 def cmd_fid(args) -> None:
