@@ -280,9 +280,8 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
              progress: Callable[[int], None] | None = None, notify: Callable[[str], None] | None = None) -> Generation:
     """n samples with their masks from a model file (as `Segmenter.load` opens it; None: the bundled
     default): DDPM ancestral sampling with `steps` steps, or DDIM (`sampler="ddim"`); every step bounds its
-    predicted image to [-1, 1] (`clip`: "dynamic" thresholding, the default; "static" clamping; "none"). The
-    same seed, n,
-    batch_size, steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record
+    predicted image to [-1, 1] (`clip`: "dynamic" thresholding, the default; "static" clamping; "none").
+    The same seed, n, batch_size, steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record
     the predicted images and masks along the reverse process (saved as trajectory.png). `progress` is
     called with 1 after every step."""
     diffusion = GaussianDiffusion()
@@ -292,7 +291,7 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     opened, _, _ = load_engine(model, engine, device, threads, notify)
-    every = max(1, len(diffusion.timesteps(steps)) // 10) if trajectory else 0
+    every = max(1, len(diffusion.timesteps(steps, sampler)) // 10) if trajectory else 0
     start = time.perf_counter()
     result, y = sample(opened, n, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size, classes=classes,
                        trajectory_every=every, progress=progress, diffusion=diffusion)

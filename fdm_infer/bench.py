@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 import kernels
-from kernels.reference import ddpm_step
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.measure import environment, median_ms, random_model
 from fdm_infer.segment import DEFAULT_T
@@ -37,6 +36,7 @@ from fdm_train.config import preset
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.model import count_flops
 from fdm_train.util import one_line, pick_device
+from kernels.reference import ddpm_step
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def skip_reason(variant: Variant, device: torch.device, plan: Path | None = None
     if variant.engine == "trt":
         try:
             import tensorrt  # noqa: F401
-        except Exception:  # noqa: BLE001  (missing, or a package that fails at import)
+        except Exception:
             return "needs TensorRT"
         if plan is None:
             return "no --plan given (a TensorRT plan of --model, from fdm-export trt)"

@@ -98,7 +98,8 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000,
               help="Reverse-process steps (1000 = full DDPM; fewer = an evenly respaced schedule).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
-              help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic, e.g. with --steps 50.")
+              help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic, e.g. with --steps 50; dpm++: "
+                   "DPM-Solver++(2M), deterministic and second order, e.g. with --steps 20.")
 @click.option("--clip", type=click.Choice(CLIP_MODES), default=DEFAULT_CLIP, show_default=True,
               help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: "
                    "dynamic thresholds it per sample (Imagen; the lowest FID measured), static clamps it (as the "
@@ -129,7 +130,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     check_steps(diffusion, steps)
     engine, path = load_engine(engine_kind, model_file, device, threads)
     ensure_writable(Path(out))
-    n_steps = len(diffusion.timesteps(steps))
+    n_steps = len(diffusion.timesteps(steps, sampler))
     batches = -(-count // batch_size)
     with progress_bar(n_steps * batches, f"generate ({sampler})", quiet, unit="step") as bar:
         samples = api.generate(engine, count, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size,
@@ -152,7 +153,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
               help="How the two noisy latents are mixed (DDPM: linear).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000,
               help="Steps of the full schedule (only those at or below --t run).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic.")
 @click.option("--clip", type=click.Choice(CLIP_MODES), default=DEFAULT_CLIP, show_default=True,
               help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: "

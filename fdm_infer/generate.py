@@ -167,6 +167,8 @@ def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 25
         raise UserError(f"--frames must be at least 2, got {frames}")
     if mix not in ("linear", "slerp"):
         raise UserError(f"--mix must be linear or slerp, got {mix!r}")
+    if sampler not in ("ddpm", "ddim"):
+        raise UserError(f"interpolation samples with ddpm or ddim, got {sampler!r}")
     t_start = interpolation_start(diffusion, steps, t)  # checks steps and t
     dev = engine.device
     gen = torch.Generator(device=dev)

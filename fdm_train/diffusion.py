@@ -2,16 +2,14 @@
 samplers. It knows nothing of layers: a denoiser is any callable (x_t, t, y) -> (eps, masks)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
-
-import math
 
 import torch
 import torch.nn.functional as F
 
 from kernels.reference import ddpm_posterior_step
-
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 # (x_t, t, y, coef, z) -> (x_prev, masks): one DDPM step done by the denoiser's owner; coef = the six
@@ -19,7 +17,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[t
 DDPMStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor,
                      "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++")
 # How a step bounds its predicted x0 to the data range [-1, 1]; see GaussianDiffusion.sample.
 CLIP_MODES = ("static", "dynamic", "none")
 DEFAULT_CLIP = "dynamic"  # measured: lower FID than static clipping on LFW (benchmarks/generation/RESULTS.md)
@@ -68,10 +66,19 @@ class GaussianDiffusion:
         return F.mse_loss(eps.float(), noise.float()), masks
 
     # ----- reverse process -----
-    def timesteps(self, steps: int) -> list[int]:
-        """An evenly spaced subsequence of the T training timesteps, descending, ending at 0."""
+    def timesteps(self, steps: int, sampler: str = "ddpm") -> list[int]:
+        """The descending timesteps a sampler visits, from T-1 to 0: for DDPM and DDIM an evenly spaced
+        subsequence of the T training timesteps; for DPM-Solver++ (a solver in lambda = log(alpha / sigma))
+        the timesteps nearest to `steps` values evenly spaced in lambda (duplicates dropped), as its authors
+        recommend: evenly spaced t leave one long last step in lambda, where a second-order step overshoots."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be between 1 and {self.num_timesteps}, got {steps}")
+        if sampler == "dpm++":
+            abar = self.alphas_cumprod
+            lam = 0.5 * torch.log(abar / (1 - abar))
+            targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+            nearest = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()
+            return list(dict.fromkeys(nearest))
         if steps == self.num_timesteps:
             return list(range(self.num_timesteps - 1, -1, -1))
         seq = torch.linspace(0, self.num_timesteps - 1, steps).round().long().unique().tolist()
@@ -118,7 +125,9 @@ class GaussianDiffusion:
         Every step predicts x0 from eps and bounds it to the data range [-1, 1] by `clip` (CLIP_MODES:
         "static" clamps it, as the original DDPM code's clip_denoised; "dynamic" thresholds it per sample
         (`dynamic_threshold`); "none" keeps it as predicted), then steps to the next timestep from that x0:
-        DDPM by the posterior q(x_prev | x_t, x0), DDIM (eta = 0) with eps re-derived from the bounded x0.
+        DDPM by the posterior q(x_prev | x_t, x0), DDIM (eta = 0) with eps re-derived from the bounded x0,
+        "dpm++" by DPM-Solver++(2M) (Lu et al. 2022: multistep, second order in lambda = log(alpha / sigma),
+        first order at the first step; the last step returns x0).
         Returns the images, the soft masks of the last step and, if asked, every `trajectory_every`-th
         step's (t, predicted x0, masks). `step`, when given, does a DDPM step in one call:
         step(x_t, t, y, coef, z) -> (x_prev, masks) with coef a float32 tensor [6] on the device, the
@@ -130,13 +139,13 @@ class GaussianDiffusion:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if clip not in CLIP_MODES:
             raise ValueError(f"unknown clip mode {clip!r}; choose one of {', '.join(CLIP_MODES)}")
-        seq = self.timesteps(steps or self.num_timesteps)
+        seq = self.timesteps(steps or self.num_timesteps, sampler)
         if start_t is not None:
             seq = [t for t in seq if t <= start_t]
         x = x_T if x_T is not None else torch.randn(shape, device=device, generator=generator)
         t_table, ddpm_table, ddim_table = self.step_table(seq, x.device, 1.0 if clip == "static" else math.inf)
         trajectory = []
-        masks = None
+        masks = previous = None
         for i, t in enumerate(seq):
             last = i + 1 == len(seq)  # sigma = 0: no noise at the last step (eq. 10)
             tt = t_table[i].expand(x.shape[0])
@@ -152,10 +161,18 @@ class GaussianDiffusion:
                     trajectory.append((t, x0.clamp(-1, 1).cpu(), masks.float().cpu()))
                 if sampler == "ddpm":
                     x = ddpm_posterior_step(x, x0, ddpm_table[i], self._ddpm_noise(x, last, generator))
-                else:  # DDIM, eta = 0
+                elif sampler == "ddim":  # eta = 0
                     if clip != "none":
                         eps = (x - sqrt_abar * x0) / sqrt_one_minus_abar
                     x = sqrt_abar_prev * x0 + sqrt_one_minus_abar_prev * eps
+                elif last:  # DPM-Solver++: the step to abar = 1 returns x0
+                    x = x0
+                else:  # DPM-Solver++(2M): second order from the x0 of this step and the one before
+                    h = (torch.log(sqrt_abar_prev / sqrt_one_minus_abar_prev)
+                         - torch.log(sqrt_abar / sqrt_one_minus_abar))  # lambda_next - lambda
+                    d = x0 if previous is None else x0 + (x0 - previous[0]) * (h / previous[1]) / 2
+                    x = (sqrt_one_minus_abar_prev / sqrt_one_minus_abar) * x - sqrt_abar_prev * torch.expm1(-h) * d
+                    previous = (x0, h)
             if progress is not None:
                 progress(1)
         return SampleResult(images=x.clamp(-1, 1), masks=masks.float(), trajectory=trajectory)

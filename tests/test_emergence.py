@@ -23,7 +23,7 @@ from fdm_train.synth import make_scenes, write_scenes
 from fdm_train.train import TrainOptions, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "emergence"))
-from score import score  # noqa: E402
+from score import score
 
 STEPS = 200
 MIN_OBJECT_IOU = 0.6

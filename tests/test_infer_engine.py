@@ -2,8 +2,8 @@
 files) and the engine's bad-file errors."""
 import pytest
 import torch
-
 from conftest import perturb
+
 from fdm_infer.engines import open_engine
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint, slim_checkpoint

@@ -3,16 +3,16 @@ sampler's own maths, trajectories, class conditioning, and the interpolation str
 import numpy as np
 import pytest
 import torch
+from conftest import perturb
+from infer_helpers import run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
-from conftest import perturb
 from fdm_infer.engines import open_engine
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.generate import generate, interpolate
 from fdm_train.checkpoint import save_checkpoint
 from fdm_train.config import preset
 from fdm_train.model import build_model
-from infer_helpers import run_infer, tiny_checkpoint_fixture
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 

@@ -21,12 +21,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import ROOT
 
 import kernels
 from kernels import ops
 from kernels import reference as ref
-
-from conftest import ROOT
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -547,6 +546,7 @@ def test_fused_model_matches_unfused_on_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 convolutions
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     from conftest import perturb
+
     from fdm_train.config import preset
     from fdm_train.model import build_model
 

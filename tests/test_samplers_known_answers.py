@@ -136,7 +136,7 @@ def test_gaussian_data_gives_its_mean_and_std(sampler, steps, clip):
 
 
 @pytest.mark.parametrize("clip", CLIP_MODES)
-@pytest.mark.parametrize("sampler, steps", [("ddpm", 1000), ("ddim", 50)])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 1000), ("ddim", 50), ("dpm++", 20)])
 def test_two_point_data_gives_its_two_values(sampler, steps, clip):
     """Every sampled pixel lands on +-a, half on each (mean 0, std a)."""
     a = 0.6
@@ -161,6 +161,21 @@ def test_a_wrong_denoiser_fails_the_check():
     want_mean, want_std = exact_gaussian_answer(mu, s, "ddim", DIFFUSION.timesteps(50))
     mean_tol, std_tol = tolerance(want_std)
     assert abs(x.mean().item() - want_mean) > mean_tol or abs(x.std().item() - want_std) > std_tol
+
+
+@pytest.mark.parametrize("clip", CLIP_MODES)
+def test_dpm_solver_reaches_the_data_in_few_steps(clip):
+    """DPM-Solver++(2M) on timesteps evenly spaced in lambda: 10 and 20 steps give the Gaussian's mean and
+    std within 2.5% (written out for this data: 0.2037 and 0.2028), where DDIM's 50 steps miss the std by 12%
+    (see exact_gaussian_answer)."""
+    mu, s = 0.3, 0.2
+    for steps, rel in ((20, 0.025), (10, 0.025)):
+        result, _ = generate(AnalyticEngine(gaussian_eps(mu, s)), N, steps=steps, sampler="dpm++", clip=clip, seed=1,
+                             batch_size=N)
+        x = result.images.double()
+        mean_tol, std_tol = tolerance(s)
+        assert abs(x.mean().item() - mu) < mean_tol + rel * mu, (steps, x.mean())
+        assert abs(x.std().item() - s) < std_tol + rel * s, (steps, x.std())
 
 
 def test_the_masked_sum_keeps_each_branch_to_its_region():

@@ -32,11 +32,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fdm_infer.api import Segmenter, generate  # noqa: E402
-from fdm_infer.eval.evaluate import evaluate, load_eval_set, summary_figures  # noqa: E402
-from fdm_infer.eval.fid import (ImageSource, frechet_distance, inception_features, load_inception,  # noqa: E402
-                                source_statistics, statistics)
-from fdm_infer.eval.scenes import generation_scores  # noqa: E402
+from fdm_infer.api import Segmenter, generate
+from fdm_infer.eval.evaluate import evaluate, load_eval_set, summary_figures
+from fdm_infer.eval.fid import (
+    ImageSource,
+    frechet_distance,
+    inception_features,
+    load_inception,
+    source_statistics,
+    statistics,
+)
+from fdm_infer.eval.scenes import generation_scores
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
@@ -112,14 +118,14 @@ def cmd_floor(args) -> None:
 
 
 def cmd_scenes(args) -> None:
+    from fdm_infer.engines.torch_engine import TorchEngine
+    from fdm_infer.generate import generate as sample
+    from fdm_infer.segment import segment_tensor
     from fdm_train.checkpoint import load_model
     from fdm_train.config import preset
     from fdm_train.model import build_model
     from fdm_train.synth import write_scenes
     from fdm_train.train import TrainOptions, train
-    from fdm_infer.engines.torch_engine import TorchEngine
-    from fdm_infer.generate import generate as sample
-    from fdm_infer.segment import segment_tensor
 
     work = Path(args.work) / f"scenes_a{args.size}_s{args.seed}"
     data = work / "scenes.npy"
