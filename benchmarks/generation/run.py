@@ -12,7 +12,11 @@
   scenes                               a tiny model trained on synthetic scenes (kind a, `fdm-train synth`),
                                        then n generated scenes scored by fdm_infer.eval.scenes: valid share,
                                        mask-content IoU, re-segmentation mIoU; an untrained model the same way.
-  speed MODEL                          seconds of `generate` for 16 samples: DDPM 1000, DDIM 50 and 100.
+  speed MODEL                          seconds of `generate` for 16 samples: DDPM 1000, DDIM 100 and 50,
+                                       DPM-Solver++ 20 (the samples and grid.png kept in --work).
+  eps-error MODEL [MODEL ...]          the model's eps error on 128 LFW train faces per t, beside the error of
+                                       the trivial prediction eps = x_t, and the part of it that is a constant
+                                       per image and channel (what a sample's colors are made of).
 
     python benchmarks/generation/run.py floor
     python benchmarks/generation/run.py fid fdm_infer/assets/default.safetensors --label "default" --clip none static
@@ -151,13 +155,39 @@ def cmd_scenes(args) -> None:
                 "clip": args.clip, "t_power": args.t_power})
 
 
+@torch.no_grad()
+def cmd_eps_error(args) -> None:
+    from fdm_train.checkpoint import load_model
+    from fdm_train.diffusion import GaussianDiffusion
+
+    diffusion = GaussianDiffusion()
+    data = torch.from_numpy(np.load(Path(args.work) / "lfw32.npy", mmap_mode="r")[:128].copy()).float() / 127.5 - 1
+    for path in args.models:
+        model, _, _ = load_model(path, weights="ema")
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        rows = {}
+        for t in (999, 950, 900, 800, 600, 300, 100, 30):
+            noise = torch.randn(data.shape, generator=g)
+            tt = torch.full((len(data),), t)
+            x_t = diffusion.q_sample(data, tt, noise)
+            error = model(x_t, tt)[0] - noise
+            rows[t] = {"mse": float(error.pow(2).mean()), "mse_of_eps_equal_x_t": float((x_t - noise).pow(2).mean()),
+                       "mse_of_per_image_channel_mean": float(error.mean((2, 3)).pow(2).mean()),
+                       "x0_error_rms_from_it": float(error.mean((2, 3)).pow(2).mean().sqrt()
+                                                      * ((1 - diffusion._abar[t]) / diffusion._abar[t]) ** 0.5)}
+        record(f"eps-error/{Path(path).stem}", {"model": str(path), "images": len(data), "by_t": rows})
+
+
 def cmd_speed(args) -> None:
-    for sampler, steps in (("ddpm", 1000), ("ddim", 100), ("ddim", 50)):
+    for sampler, steps in (("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("dpm++", 20)):
         generate(args.model, 2, steps=2, sampler=sampler)  # warm-up
         start = time.perf_counter()
-        generate(args.model, 16, steps=steps, sampler=sampler, batch_size=16)
+        samples = generate(args.model, 16, steps=steps, sampler=sampler, batch_size=16)
+        seconds = time.perf_counter() - start
+        samples.save(Path(args.work) / f"speed_{sampler}{steps}")  # grid.png: the samples above their masks
         record(f"speed/{Path(args.model).stem}/{sampler}{steps}",
-               {"seconds": round(time.perf_counter() - start, 1), "n": 16, "sampler": sampler, "steps": steps})
+               {"seconds": round(seconds, 1), "n": 16, "sampler": sampler, "steps": steps})
 
 
 def main() -> None:
@@ -186,6 +216,9 @@ def main() -> None:
     p.add_argument("--clip", default="static")
     p.add_argument("-n", type=int, default=128)
     p.set_defaults(fn=cmd_scenes)
+    p = sub.add_parser("eps-error")
+    p.add_argument("models", nargs="+")
+    p.set_defaults(fn=cmd_eps_error)
     p = sub.add_parser("speed")
     p.add_argument("model")
     p.set_defaults(fn=cmd_speed)
