@@ -15,7 +15,7 @@ what the model sees under the CUDA fast path: bf16 activations, float32 soft mas
   skips/pyramid         one forward's worth: mask_pyramid + masked_skip of every skip
   skips/pool            one forward's worth: masked_skip of every skip from the full masks
   masked_sum            eps[B*K,3,S,S] -> [B,3,S,S]
-  ddpm_step             masked_sum fused with x_prev = c1*(x_t - c2*eps) + sigma*z (float32 x, z)
+  ddpm_step             masked_sum fused with the DDPM step: x0 = clamp(a*x_t - b*eps), x_prev = p1*x0 + p2*x_t + sigma*z
 Each op is first checked against the reference (max abs error, recorded). Timing: warm-up, then
 the median of --repeats CUDA-event measurements of one call replayed from a CUDA graph (so no
 Python launch overhead) with the L2 cache flushed before each; `eager_ms` is the same call
@@ -44,6 +44,7 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from benchmarks.common import environment, median_ms  # noqa: E402
 from fdm_train.config import preset  # noqa: E402
+from fdm_train.diffusion import GaussianDiffusion  # noqa: E402
 from fdm_train.model import build_model, mask_pyramid  # noqa: E402
 from kernels import ops  # noqa: E402
 from kernels import reference as ref  # noqa: E402
@@ -181,7 +182,7 @@ def make_cases(name: str, batch: int, device, dtype, layout) -> list[dict]:
                       triton=torch.ops.fdm.masked_sum, torch=ref.masked_sum, reference=ref.masked_sum))
     x_t = act(batch, c_out, size, size, dt=torch.float32)
     z = act(batch, c_out, size, size, dt=torch.float32)
-    coef = kernels.ddpm_coef(1.0051, 0.0999, 0.0141, device=device)
+    coef = kernels.ddpm_coef(*GaussianDiffusion().ddpm_coefficients(500, 499), device=device)
     cases.append(dict(op="ddpm_step", shape=f"{batch * k}x{c_out}x{size}x{size} K{k} +x_t,z fp32", count=1,
                       args=(eps, m_full, x_t, coef, z), bytes=nbytes(eps, m_full, x_t, z, x_t),
                       triton=torch.ops.fdm.masked_sum_ddpm_step, torch=ref.masked_sum_ddpm_step,
