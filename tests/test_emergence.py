@@ -14,9 +14,7 @@ import pytest
 import torch
 
 from fdm_infer.engines.torch_engine import TorchEngine
-from fdm_infer.eval.scenes import generation_scores
-from fdm_infer.generate import generate
-from fdm_infer.segment import segment_tensor
+from fdm_infer.eval.scenes import generate_and_score
 from fdm_train.config import preset
 from fdm_train.model import build_model
 from fdm_train.synth import make_scenes, write_scenes
@@ -34,17 +32,26 @@ CONFIG = preset("tiny-32", image_size=SIZE, num_regions=2, region_codes=True)
 
 
 @pytest.fixture(scope="module")
-def scenes_model(tmp_path_factory):
-    """The tiny model after STEPS steps on 20,000 scenes: trained once for the tests of this module."""
-    folder = tmp_path_factory.mktemp("scenes")
-    data = folder / "scenes.npy"
+def scenes_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("scenes") / "scenes.npy"
     write_scenes(data, "a", 20_000, SIZE, seed=0)
-    summary = train(TrainOptions(data=str(data), out=str(folder / "run"), model=CONFIG, batch_size=32,
-                                 iterations=STEPS, lr=2e-4, ema_decay=0.999, t_power=2.0, save_every=STEPS,
-                                 sample_every=0, progress=False, workers=0))
+    return data
+
+
+def trained_on_scenes(data, steps: int, t_power: float):
+    """The tiny model's EMA weights after `steps` steps on the 20,000 scenes."""
+    summary = train(TrainOptions(data=str(data), out=str(data.parent / f"run_{steps}_{t_power}"), model=CONFIG,
+                                 batch_size=32, iterations=steps, lr=2e-4, ema_decay=0.999, t_power=t_power,
+                                 save_every=steps, sample_every=0, progress=False, workers=0))
     model = build_model(CONFIG)
     model.load_state_dict(summary["weights"]["ema"])
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def scenes_model(scenes_data):
+    """The default recipe (--t-power 2) after STEPS steps: trained once for the tests of this module."""
+    return trained_on_scenes(scenes_data, STEPS, t_power=2.0)
 
 
 def test_masks_follow_the_object_after_a_short_training(scenes_model):
@@ -82,24 +89,12 @@ GENERATION = {"valid": 0.05, "resegment_miou": 0.8}
 
 
 @pytest.fixture(scope="module")
-def generating_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("scenes_uniform_t")
-    data = folder / "scenes.npy"
-    write_scenes(data, "a", 20_000, SIZE, seed=0)
-    summary = train(TrainOptions(data=str(data), out=str(folder / "run"), model=CONFIG, batch_size=32,
-                                 iterations=GENERATION_STEPS, lr=2e-4, ema_decay=0.999, t_power=1.0,
-                                 save_every=GENERATION_STEPS, sample_every=0, progress=False, workers=0))
-    model = build_model(CONFIG)
-    model.load_state_dict(summary["weights"]["ema"])
-    return model.eval()
+def generating_model(scenes_data):
+    return trained_on_scenes(scenes_data, GENERATION_STEPS, t_power=1.0)
 
 
 def generated_scores(model) -> dict:
-    engine = TorchEngine.from_model(model, device="cpu")
-    result, _ = generate(engine, 64, steps=50, sampler="ddim", clip="static", seed=0, batch_size=64)
-    images = ((result.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    readout = segment_tensor(engine, result.images).argmax(1).numpy()
-    return generation_scores(images, result.masks.argmax(1).numpy(), readout)
+    return generate_and_score(TorchEngine.from_model(model, device="cpu"), 64, clip="static", seed=0)
 
 
 def test_generated_scenes_are_scenes_with_masks_that_fit(generating_model):

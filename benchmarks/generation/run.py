@@ -46,7 +46,7 @@ from fdm_infer.eval.fid import (
     source_statistics,
     statistics,
 )
-from fdm_infer.eval.scenes import generation_scores
+from fdm_infer.eval.scenes import generate_and_score
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
@@ -123,8 +123,6 @@ def cmd_floor(args) -> None:
 
 def cmd_scenes(args) -> None:
     from fdm_infer.engines.torch_engine import TorchEngine
-    from fdm_infer.generate import generate as sample
-    from fdm_infer.segment import segment_tensor
     from fdm_train.checkpoint import load_model
     from fdm_train.config import preset
     from fdm_train.model import build_model
@@ -145,10 +143,7 @@ def cmd_scenes(args) -> None:
     trained, _, _ = load_model(work / "run" / "checkpoint.safetensors", weights="ema")
     for name, model in (("trained", trained), ("untrained", build_model(cfg))):
         engine = TorchEngine.from_model(model.eval(), device="cpu")
-        result, _ = sample(engine, args.n, steps=50, sampler="ddim", clip=args.clip, seed=0, batch_size=64)
-        images = ((result.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        readout = segment_tensor(engine, result.images).argmax(1).numpy()  # `segment`'s read-out (t=30)
-        scores = generation_scores(images, result.masks.argmax(1).numpy(), readout)
+        scores = generate_and_score(engine, args.n, clip=args.clip)
         record(f"scenes/a{args.size}/{name}/steps{args.steps}/tpow{args.t_power}/seed{args.seed}/{args.clip}",
                {**scores, "train_steps": args.steps if name == "trained" else 0,
                 "train_seconds": round(train_seconds, 1) if name == "trained" else 0, "sampler": "ddim50",

@@ -101,3 +101,15 @@ def generation_scores(images: np.ndarray, labels: np.ndarray, readout: np.ndarra
              for lab, seg in zip(labels, readout)]
     return {"n": len(images), "valid": float(valid.mean()), "mask_content_iou": content,
             "resegment_miou": float(np.mean(reseg))}
+
+
+def generate_and_score(engine, n: int = 64, *, clip: str = "static", seed: int = 0) -> dict:
+    """`generation_scores` of n scenes the engine's model generates (DDIM 50 steps), read out as `segment` does."""
+    from fdm_infer.generate import generate
+    from fdm_infer.segment import segment_tensor
+    from fdm_train.visualize import images_to_uint8
+
+    result, _ = generate(engine, n, steps=50, sampler="ddim", clip=clip, seed=seed, batch_size=64)
+    images = np.ascontiguousarray(images_to_uint8(result.images).transpose(0, 3, 1, 2))
+    readout = segment_tensor(engine, result.images).argmax(1).numpy()
+    return generation_scores(images, result.masks.argmax(1).numpy(), readout)
