@@ -294,5 +294,5 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     every = max(1, len(diffusion.timesteps(steps, sampler)) // 10) if trajectory else 0
     start = time.perf_counter()
     result, y = sample(opened, n, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size, classes=classes,
-                       trajectory_every=every, progress=progress, diffusion=diffusion)
+                       trajectory_every=every, progress=progress)
     return Generation(result, y, time.perf_counter() - start)

@@ -189,7 +189,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     start = time.perf_counter()
     with progress_bar(per_frame * frames, "interpolate", quiet, unit="step") as bar:
         result = run(engine, a, b, t=t, frames=frames, mix=mix, steps=steps, sampler=sampler, clip=clip, seed=seed,
-                     y=None if y is None else int(y[0]), progress=bar.update, diffusion=diffusion)
+                     y=None if y is None else int(y[0]), progress=bar.update)
     write_interpolation(Path(out), result)
     click.echo(f"interpolated {frames} frame(s) from t={result.t} ({mix}, {sampler}) in "
                f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {out}/interpolation.png")

@@ -17,6 +17,11 @@ from fdm_train.errors import UserError
 from fdm_train.visualize import colorize, grid, images_to_uint8
 
 
+def diffusion_for(engine: Engine) -> GaussianDiffusion:
+    """The diffusion whose sampler reads this engine's output as the model was trained to predict it."""
+    return GaussianDiffusion(prediction=engine.config.prediction)
+
+
 def check_steps(diffusion: GaussianDiffusion, steps: int) -> None:
     if not 1 <= steps <= diffusion.num_timesteps:
         raise UserError(f"--steps must be between 1 and {diffusion.num_timesteps}, got {steps}")
@@ -56,14 +61,13 @@ def class_labels(engine: Engine, n: int, classes: list[int] | None) -> torch.Ten
 
 def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
              seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory_every: int = 0,
-             progress: Callable[[int], None] | None = None,
-             diffusion: GaussianDiffusion | None = None) -> tuple[SampleResult, torch.Tensor | None]:
+             progress: Callable[[int], None] | None = None) -> tuple[SampleResult, torch.Tensor | None]:
     """n samples in batches of `batch_size`, all drawn from ONE generator seeded with `seed` (on the
     engine's device): the same (seed, n, batch_size, steps, sampler) gives the same images.
     `clip`: how each step bounds its predicted x0 (fdm_train.diffusion.CLIP_MODES).
     Returns (SampleResult with images/masks/trajectory on the CPU, class labels or None).
     The trajectory is that of the first batch only."""
-    diffusion = diffusion or GaussianDiffusion()
+    diffusion = diffusion_for(engine)
     check_steps(diffusion, steps)
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")
@@ -156,13 +160,12 @@ class Interpolation:
 
 def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 250, frames: int = 8,
                 mix: str = "linear", steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP, seed: int = 0,
-                y: int | None = None, progress: Callable[[int], None] | None = None,
-                diffusion: GaussianDiffusion | None = None) -> Interpolation:
+                y: int | None = None, progress: Callable[[int], None] | None = None) -> Interpolation:
     """Noise images a, b ([C, S, S] in [-1, 1]) to t with the SAME noise, mix the latents with
     lambda = 0..1 (`linear`, as in DDPM, or `slerp`), and denoise each mix from t. Every frame uses
     the same seeded reverse-process noise, so frames differ only by lambda; the ends reconstruct
     a and b. `t` is rounded down to the sampler's step grid (`interpolation_start`)."""
-    diffusion = diffusion or GaussianDiffusion()
+    diffusion = diffusion_for(engine)
     if frames < 2:
         raise UserError(f"--frames must be at least 2, got {frames}")
     if mix not in ("linear", "slerp"):

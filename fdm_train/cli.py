@@ -12,7 +12,8 @@ from fdm_train.cli_options import (
     threads_option,
     version_option,
 )
-from fdm_train.config import DEFAULT_PRESET, DEFAULT_REGION_CODES, DEFAULT_T_POWER, PRESETS, VARIANTS, preset
+from fdm_train.config import (DEFAULT_PREDICTION, DEFAULT_PRESET, DEFAULT_REGION_CODES, DEFAULT_T_POWER, PREDICTIONS, PRESETS,
+                               VARIANTS, preset)
 from fdm_train.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
 
 # Options renamed for the same spelling across fdm-train, fdm-export and fdm-infer.
@@ -100,6 +101,10 @@ def main_group():
 @click.option("--t-power", type=FiniteFloatRange(0.1, 10), default=DEFAULT_T_POWER, show_default=True,
               help="Training timesteps t = floor(T u^P), u uniform: 1 is the paper's uniform t, 2 draws half "
                    "of them below T/4, where segmentation is read.")
+@click.option("--prediction", type=click.Choice(PREDICTIONS), default=None,
+              help=f"What the network predicts: eps, the noise (the paper), or v = sqrt(abar) eps - sqrt(1 - abar) x0, "
+                   f"whose x0 at high t is not its error times up to 157 [default: {DEFAULT_PREDICTION}; with --init, "
+                   "the checkpoint's]. A resumed run keeps its own.")
 @click.option("--mask-shaping-steps", type=click.IntRange(0), default=0, show_default=True,
               help="Steps over which the mask shaping below anneals linearly to the plain recipe.")
 @click.option("--mask-entropy", type=FiniteFloatRange(0), default=0.0, show_default=True,

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 VARIANTS = ("factorized", "plain", "concat", "mask-mid", "no-share")
+PREDICTIONS = ("eps", "v")  # what the network's output means: fdm_train.diffusion
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,17 @@ class ModelConfig:
     variant: str = "factorized"
     region_codes: bool = False  # a learned per-branch code in the shared decoder's embedding
     mask_scale: int = 1  # the mask logits are averaged over mask_scale x mask_scale cells, then upsampled
+    # What the output means (fdm_train.diffusion.PREDICTIONS): the network never reads it; its trainer and
+    # samplers do. A file written without the field holds an eps-model.
+    prediction: str = "eps"
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         _check_bounds(self)
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(
@@ -110,6 +116,7 @@ DEFAULT_PRESET = "small-32"
 # so that a file written without the field describes the paper's architecture.
 DEFAULT_REGION_CODES = True
 DEFAULT_T_POWER = 2.0
+DEFAULT_PREDICTION = "eps"
 
 
 def preset(name: str, **overrides) -> ModelConfig:

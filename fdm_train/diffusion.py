@@ -1,5 +1,6 @@
 """DDPM math (paper eq. 1, 8-10): the linear schedule, q_sample, the loss, and the ancestral and DDIM
-samplers. It knows nothing of layers: a denoiser is any callable (x_t, t, y) -> (eps, masks)."""
+samplers. It knows nothing of layers: a denoiser is any callable (x_t, t, y) -> (prediction, masks), the
+prediction being eps (the paper) or v (PREDICTIONS)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fdm_train.config import PREDICTIONS
 from kernels.reference import ddpm_posterior_step
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
@@ -18,6 +20,9 @@ DDPMStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Te
                      "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+# PREDICTIONS, what the network predicts: the noise eps (the paper, eq. 8) or v = sqrt(abar) eps -
+# sqrt(1 - abar) x0 (Salimans & Ho 2022). At t near T an eps-model's x0 = (x_t - sqrt(1 - abar) eps) /
+# sqrt(abar) multiplies its error by up to 1 / sqrt(abar) = 157; a v-model predicts about -x0 there.
 # How a step bounds its predicted x0 to the data range [-1, 1]; see GaussianDiffusion.sample.
 CLIP_MODES = ("static", "dynamic", "none")
 DEFAULT_CLIP = "dynamic"  # measured: lower FID than static clipping on LFW (benchmarks/generation/RESULTS.md)
@@ -33,7 +38,11 @@ class SampleResult:
 
 
 class GaussianDiffusion:
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        self.prediction = prediction
         self.num_timesteps = num_timesteps
         self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
@@ -60,10 +69,15 @@ class GaussianDiffusion:
 
     def loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
              y: torch.Tensor | None = None):
-        """Simple denoising loss ||eps - eps_hat||^2 (eq. 8) at the given timesteps and noise.
-        Returns (loss, masks)."""
-        eps, masks = model(self.q_sample(x0, t, noise.to(x0.dtype)), t, y)
-        return F.mse_loss(eps.float(), noise.float()), masks
+        """Simple denoising loss ||eps - eps_hat||^2 (eq. 8), or ||v - v_hat||^2 for a v-model, at the given
+        timesteps and noise. Returns (loss, masks)."""
+        noise = noise.to(x0.dtype)
+        out, masks = model(self.q_sample(x0, t, noise), t, y)
+        target = noise
+        if self.prediction == "v":
+            abar = self._at(self.alphas_cumprod, t, x0)
+            target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        return F.mse_loss(out.float(), target.float()), masks
 
     # ----- reverse process -----
     def timesteps(self, steps: int, sampler: str = "ddpm") -> list[int]:
@@ -86,15 +100,18 @@ class GaussianDiffusion:
 
     def ddpm_coefficients(self, t: int, t_prev: int, clip: float = 1.0) -> tuple[float, ...]:
         """(a, b, p1, p2, sigma, clip) of one DDPM step t -> t_prev of a possibly respaced schedule (t_prev = -1
-        at the last step), in the x0 form of `kernels.reference.ddpm_step`: x0 = clamp(a x_t - b eps, +-clip),
-        x_prev = p1 x0 + p2 x_t + sigma z, with the posterior mean of q(x_prev | x_t, x0) and sigma^2 = beta
-        (eq. 9-10). clip = inf: no clipping."""
+        at the last step), in the x0 form of `kernels.reference.ddpm_step`: x0 = clamp(a x_t - b out, +-clip)
+        from the network's output (eps: a = 1 / sqrt(abar), b = sqrt(1 / abar - 1); v: a = sqrt(abar),
+        b = sqrt(1 - abar)), x_prev = p1 x0 + p2 x_t + sigma z, with the posterior mean of q(x_prev | x_t, x0)
+        and sigma^2 = beta (eq. 9-10). clip = inf: no clipping."""
         abar_t = self._abar[t]
         abar_prev = self._abar[t_prev] if t_prev >= 0 else 1.0
         beta = 1 - abar_t / abar_prev
         p1 = abar_prev ** 0.5 * beta / (1 - abar_t)
         p2 = (1 - beta) ** 0.5 * (1 - abar_prev) / (1 - abar_t)
         sigma = beta ** 0.5 if t_prev >= 0 else 0.0
+        if self.prediction == "v":
+            return abar_t ** 0.5, (1 - abar_t) ** 0.5, p1, p2, sigma, clip
         return (1 / abar_t) ** 0.5, (1 / abar_t - 1) ** 0.5, p1, p2, sigma, clip
 
     def step_table(self, seq: list[int], device, clip: float = 1.0
@@ -122,7 +139,8 @@ class GaussianDiffusion:
                x_T: torch.Tensor | None = None, start_t: int | None = None, trajectory_every: int = 0,
                progress: Callable[[int], None] | None = None, step: DDPMStep | None = None) -> SampleResult:
         """Reverse diffusion from x_T ~ N(0, I) (or from a given x_T at `start_t`, for interpolation).
-        Every step predicts x0 from eps and bounds it to the data range [-1, 1] by `clip` (CLIP_MODES:
+        Every step predicts x0 from the network's output (eps or v, `prediction`) and bounds it to the data
+        range [-1, 1] by `clip` (CLIP_MODES:
         "static" clamps it, as the original DDPM code's clip_denoised; "dynamic" thresholds it per sample
         (`dynamic_threshold`); "none" keeps it as predicted), then steps to the next timestep from that x0:
         DDPM by the posterior q(x_prev | x_t, x0), DDIM (eta = 0) with eps re-derived from the bounded x0,
@@ -133,7 +151,7 @@ class GaussianDiffusion:
         step(x_t, t, y, coef, z) -> (x_prev, masks) with coef a float32 tensor [6] on the device, the
         update of `kernels.reference.ddpm_step` (an engine fuses it with the combination of its branches);
         steps whose predicted x0 goes into the trajectory, and every step under dynamic thresholding, use
-        `denoise`, which returns eps. Without a trajectory the loop has no host synchronisation: every
+        `denoise`. Without a trajectory the loop has no host synchronisation: every
         per-step value is on the device before it starts."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -153,16 +171,16 @@ class GaussianDiffusion:
             if sampler == "ddpm" and step is not None and clip != "dynamic" and not record:
                 x, masks = step(x, tt, y, ddpm_table[i], self._ddpm_noise(x, last, generator))
             else:
-                eps, masks = denoise(x, tt, y)
-                eps = eps.float()
+                out, masks = denoise(x, tt, y)
+                eps = out = out.float()
                 sqrt_abar, sqrt_one_minus_abar, sqrt_abar_prev, sqrt_one_minus_abar_prev = ddim_table[i]
-                x0 = bound_x0(ddpm_table[i, 0] * x - ddpm_table[i, 1] * eps, clip)  # a x_t - b eps
+                x0 = bound_x0(ddpm_table[i, 0] * x - ddpm_table[i, 1] * out, clip)  # a x_t - b out
                 if record:
                     trajectory.append((t, x0.clamp(-1, 1).cpu(), masks.float().cpu()))
                 if sampler == "ddpm":
                     x = ddpm_posterior_step(x, x0, ddpm_table[i], self._ddpm_noise(x, last, generator))
                 elif sampler == "ddim":  # eta = 0
-                    if clip != "none":
+                    if clip != "none" or self.prediction != "eps":
                         eps = (x - sqrt_abar * x0) / sqrt_one_minus_abar
                     x = sqrt_abar_prev * x0 + sqrt_one_minus_abar_prev * eps
                 elif last:  # DPM-Solver++: the step to abar = 1 returns x0

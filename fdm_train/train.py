@@ -45,7 +45,7 @@ from fdm_train.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_train.config import DEFAULT_T_POWER, ModelConfig
+from fdm_train.config import DEFAULT_PREDICTION, DEFAULT_T_POWER, ModelConfig
 from fdm_train.data import (
     EpochOrder,
     ShardedBatches,
@@ -118,6 +118,9 @@ class TrainOptions:
     mask_init_scale: float = 1.0  # scales the initial weights of the mask head's last layer
     limit: int | None = None  # train on the first N images of `data` only
     init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)
+    # What a fresh run's network predicts (PREDICTIONS); None: DEFAULT_PREDICTION, or --init's. A resumed run
+    # keeps its own.
+    prediction: str | None = None
     threads: int | None = DEFAULT_THREADS  # torch's CPU threads (None: torch's own choice)
 
 
@@ -390,9 +393,11 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
         raise error
     if choice is None:
         if opts.init is None:
-            return _Start(opts.model or ModelConfig(), replaces=replaces, data_seed=opts.seed)
+            cfg = (opts.model or ModelConfig()).replace(prediction=opts.prediction or DEFAULT_PREDICTION)
+            return _Start(cfg, replaces=replaces, data_seed=opts.seed)
         cfg, states, _ = read_checkpoint(opts.init)
-        return _Start(cfg, replaces=replaces, data_seed=opts.seed, init=states["ema"])
+        return _Start(cfg.replace(prediction=opts.prediction), replaces=replaces, data_seed=opts.seed,
+                      init=states["ema"])
     if ctx.main:
         _, _, cfg, states, meta, state = found
     else:
@@ -533,10 +538,11 @@ class _Run:
     order: EpochOrder  # mirrors the loader: the data position a checkpoint stores
     rank_start: int  # the first row of this rank's share of the global batch
     micro_sizes: list[int]  # this rank's micro-batches
-    diffusion: GaussianDiffusion = field(default_factory=GaussianDiffusion)
+    diffusion: GaussianDiffusion = field(init=False)
     noise_gen: torch.Generator = field(init=False)
 
     def __post_init__(self):
+        self.diffusion = GaussianDiffusion(prediction=self.cfg.prediction)
         self.noise_gen = torch.Generator(device=self.device)
 
     @property
