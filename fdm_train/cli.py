@@ -117,15 +117,16 @@ def main_group():
 @threads_option
 @quiet_option
 def train(data, out, preset, variant, regions, image_size, channels, region_codes, mask_scale, dropout, class_cond,
-          resume, compile_, quiet, **kwargs):
+          resume, compile_, quiet, prediction, **kwargs):
     """Train on every jpg/png/webp under --data with the plain denoising loss.
     Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
     from fdm_train.train import TrainOptions, train as run_training
 
-    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, dropout=dropout)
+    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, dropout=dropout,
+                      prediction=prediction or DEFAULT_PREDICTION)
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
-                                        compile=compile_, progress=not quiet, **kwargs))
+                                        compile=compile_, progress=not quiet, prediction=prediction, **kwargs))
     if summary["rank"] == 0:
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
 

@@ -45,7 +45,7 @@ from fdm_train.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_train.config import DEFAULT_PREDICTION, DEFAULT_T_POWER, ModelConfig
+from fdm_train.config import DEFAULT_T_POWER, ModelConfig
 from fdm_train.data import (
     EpochOrder,
     ShardedBatches,
@@ -118,8 +118,8 @@ class TrainOptions:
     mask_init_scale: float = 1.0  # scales the initial weights of the mask head's last layer
     limit: int | None = None  # train on the first N images of `data` only
     init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)
-    # What a fresh run's network predicts (PREDICTIONS); None: DEFAULT_PREDICTION, or --init's. A resumed run
-    # keeps its own.
+    # What a fresh run's network predicts (PREDICTIONS), over the model config's or --init's; None: theirs.
+    # A resumed run keeps its own.
     prediction: str | None = None
     threads: int | None = DEFAULT_THREADS  # torch's CPU threads (None: torch's own choice)
 
@@ -393,7 +393,7 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
         raise error
     if choice is None:
         if opts.init is None:
-            cfg = (opts.model or ModelConfig()).replace(prediction=opts.prediction or DEFAULT_PREDICTION)
+            cfg = (opts.model or ModelConfig()).replace(prediction=opts.prediction)
             return _Start(cfg, replaces=replaces, data_seed=opts.seed)
         cfg, states, _ = read_checkpoint(opts.init)
         return _Start(cfg.replace(prediction=opts.prediction), replaces=replaces, data_seed=opts.seed,

@@ -129,11 +129,11 @@ def cmd_scenes(args) -> None:
     from fdm_train.synth import write_scenes
     from fdm_train.train import TrainOptions, train
 
-    work = Path(args.work) / f"scenes_a{args.size}_s{args.seed}"
+    work = Path(args.work) / f"scenes_a{args.size}_s{args.seed}_{args.prediction}"
     data = work / "scenes.npy"
     if not data.is_file():
         write_scenes(data, "a", 20_000, args.size, seed=args.seed)
-    cfg = preset("tiny-32", image_size=args.size, num_regions=2, region_codes=True)
+    cfg = preset("tiny-32", image_size=args.size, num_regions=2, region_codes=True, prediction=args.prediction)
     start = time.perf_counter()
     if not (work / "run" / "checkpoint.safetensors").is_file() or args.steps:
         train(TrainOptions(data=str(data), out=str(work / "run"), model=cfg, batch_size=32, iterations=args.steps,
@@ -144,8 +144,9 @@ def cmd_scenes(args) -> None:
     for name, model in (("trained", trained), ("untrained", build_model(cfg))):
         engine = TorchEngine.from_model(model.eval(), device="cpu")
         scores = generate_and_score(engine, args.n, clip=args.clip)
-        record(f"scenes/a{args.size}/{name}/steps{args.steps}/tpow{args.t_power}/seed{args.seed}/{args.clip}",
-               {**scores, "train_steps": args.steps if name == "trained" else 0,
+        suffix = "" if args.prediction == "eps" else f"/{args.prediction}"
+        record(f"scenes/a{args.size}/{name}/steps{args.steps}/tpow{args.t_power}/seed{args.seed}/{args.clip}{suffix}",
+               {**scores, "prediction": args.prediction, "train_steps": args.steps if name == "trained" else 0,
                 "train_seconds": round(train_seconds, 1) if name == "trained" else 0, "sampler": "ddim50",
                 "clip": args.clip, "t_power": args.t_power})
 
@@ -155,18 +156,21 @@ def cmd_eps_error(args) -> None:
     from fdm_train.checkpoint import load_model
     from fdm_train.diffusion import GaussianDiffusion
 
-    diffusion = GaussianDiffusion()
     data = torch.from_numpy(np.load(Path(args.work) / "lfw32.npy", mmap_mode="r")[:128].copy()).float() / 127.5 - 1
     for path in args.models:
-        model, _, _ = load_model(path, weights="ema")
+        model, cfg, _ = load_model(path, weights="ema")
         model.eval()
+        diffusion = GaussianDiffusion(prediction=cfg.prediction)
         g = torch.Generator().manual_seed(0)
         rows = {}
         for t in (999, 950, 900, 800, 600, 300, 100, 30):
             noise = torch.randn(data.shape, generator=g)
             tt = torch.full((len(data),), t)
             x_t = diffusion.q_sample(data, tt, noise)
-            error = model(x_t, tt)[0] - noise
+            a, b = diffusion.ddpm_coefficients(t, t - 1)[:2]
+            x0 = a * x_t - b * model(x_t, tt)[0]  # the model's x0, whatever it predicts
+            abar = diffusion._abar[t]
+            error = (x_t - abar ** 0.5 * x0) / (1 - abar) ** 0.5 - noise  # the eps it implies, minus the noise
             rows[t] = {"mse": float(error.pow(2).mean()), "mse_of_eps_equal_x_t": float((x_t - noise).pow(2).mean()),
                        "mse_of_per_image_channel_mean": float(error.mean((2, 3)).pow(2).mean()),
                        "x0_error_rms_from_it": float(error.mean((2, 3)).pow(2).mean().sqrt()
@@ -209,6 +213,7 @@ def main() -> None:
     p.add_argument("--t-power", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", default="static")
+    p.add_argument("--prediction", default="eps", choices=["eps", "v"])
     p.add_argument("-n", type=int, default=128)
     p.set_defaults(fn=cmd_scenes)
     p = sub.add_parser("eps-error")
