@@ -99,7 +99,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
         if predictions:
             result = run(evalset, predictions=predictions, protocols=protocols, size_mode=size_mode,
                          fg_channels=list(fg_channels) or None, num_labels=num_labels, num_channels=num_channels,
-                         name=(name or Path(predictions).name) + suffix)
+                         name=name or Path(predictions).name)
         else:
             with progress_bar(len(evalset), f"evaluate (t={t}{suffix})", quiet) as bar:
                 result = run(evalset, engine=engine, protocols=protocols, t=t, seed=seed, ensemble=ensemble,
