@@ -216,6 +216,13 @@ def ensure_writable(out: Path) -> None:
         raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
 
 
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 label map [h, w] at (H, W), nearest neighbour."""
+    if labels.shape == tuple(size):
+        return labels
+    return np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.Resampling.NEAREST))
+
+
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Soft masks [K, S, S] -> [K, H, W] at an image's own (H, W), bilinear."""
     if tuple(masks.shape[-2:]) == tuple(size):

@@ -13,10 +13,16 @@
   Lloyd, best of `n_init` restarts, seeded) is fitted on `pixels_per_image` random pixels of every
   image of the set, then every pixel is assigned to its nearest centroid. The squared distances are
   resized bilinearly to the output resolution before the argmin (as a model's soft masks are).
+* The position prior: the ground-truth label maps of a labelled development split, each brought to
+  one size (nearest), averaged per pixel as one-hot vectors. Its prediction, the same for every image
+  whatever the image shows: per pixel the most frequent label (parts), or foreground where the
+  non-zero labels together are more frequent than half (foreground); resized (nearest) to each image.
+  What a method scores above it, it did not get from where the regions usually lie.
 """
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +39,7 @@ from fdm_infer.images import (
     ensure_writable,
     load_for_model,
     read_image,
+    resize_labels,
     save_labels,
 )
 from fdm_infer.segment import segmentation_noise
@@ -125,6 +132,49 @@ def run_grabcut(paths: Sequence[str | Path], out: str | Path, *, margin: float =
                    {"method": "grabcut", "margin": margin, "iterations": iterations, "seed": seed})
     report.info["labels"] = "0 background, 1 foreground"
     return report
+
+
+# ----- the position prior -----
+
+@dataclass
+class PositionPrior:
+    """Label counts per pixel over a set of ground-truth label maps brought to one size."""
+    counts: np.ndarray  # int [L, H, W]: how many of the maps hold label l at each pixel
+    maps: int
+
+    @property
+    def frequencies(self) -> np.ndarray:
+        return self.counts / self.maps
+
+    def labels(self, size: tuple[int, int]) -> np.ndarray:
+        """uint8 [h, w]: the most frequent label of each pixel (ties: the lower label), resized to `size`."""
+        return resize_labels(self.counts.argmax(0).astype(np.uint8), size)
+
+    def foreground(self, size: tuple[int, int]) -> np.ndarray:
+        """uint8 [h, w]: 1 where the non-zero labels together hold more than half of the maps."""
+        return resize_labels((2 * self.counts[1:].sum(0) > self.maps).astype(np.uint8), size)
+
+    def without(self, part: PositionPrior) -> PositionPrior:
+        """The prior of the maps of this one that are not in `part` (counted at the same size)."""
+        if part.maps >= self.maps:
+            raise UserError("the position prior has no label maps left once the held-out ones are removed")
+        return PositionPrior(self.counts - part.counts, self.maps - part.maps)
+
+
+def position_prior(masks: Sequence[np.ndarray], size: tuple[int, int] | None = None,
+                   num_labels: int | None = None) -> PositionPrior:
+    """The prior of the label maps `masks` (uint8 [H, W]), each resized (nearest) to `size` [default: the
+    most common size among them], over `num_labels` labels [default: the largest label + 1]."""
+    if not masks:
+        raise UserError("the position prior needs at least one label map")
+    size = tuple(size) if size else Counter(m.shape for m in masks).most_common(1)[0][0]
+    num_labels = num_labels or max(int(m.max()) for m in masks) + 1
+    counts = np.zeros((num_labels, *size), np.int64)
+    for m in masks:
+        m = resize_labels(m, size)
+        for label in range(num_labels):
+            counts[label] += m == label
+    return PositionPrior(counts, len(masks))
 
 
 # ----- K-means on a plain DDPM's decoder features -----
@@ -330,6 +380,7 @@ __all__ = [
     "DEFAULT_KMEANS_TS",
     "BaselineReport",
     "KMeansDDPM",
+    "PositionPrior",
     "decoder_features",
     "decoder_stages",
     "fit_kmeans_ddpm",
@@ -337,6 +388,7 @@ __all__ = [
     "kmeans",
     "kmeans_ddpm_labels",
     "load_plain_model",
+    "position_prior",
     "rectangle_labels",
     "run_grabcut",
     "run_kmeans_ddpm",

@@ -39,17 +39,39 @@ from fdm_train.cli_options import quiet_option, threads_option
 @click.option("--num-channels", type=click.IntRange(2, 256), default=None,
               help="With --predictions: the K of the method [default: its largest label + 1].")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score the first N images only (in sorted order).")
+@click.option("--prior-from", type=click.Path(file_okay=False), default=None,
+              help="Also score the position prior of these labelled development masks (*.png, recursive; e.g. "
+                   "LFW val's): per pixel the label most frequent over them (foreground: where the non-zero labels "
+                   "together are more frequent than half), one prediction for every image; adds its row and each "
+                   "row's FG IoU / mIoU above it [default: no prior].")
+@click.option("--prior-leave-out-folder", is_flag=True,
+              help="With --prior-from: each image's prior leaves out the masks in the image's top-level folder "
+                   "(DAVIS: leave-one-sequence-out) [default: off].")
+@click.option("--shift", type=float, default=None,
+              help="Also score the set shifted: each image and its mask translated by one offset, dx and dy "
+                   "integers uniform up to F of the width / height (F in [0, 0.5)), edges replicated, seeded by "
+                   "--seed and the image's index; adds a row per method [default: no shift].")
 @click.option("--name", default=None, help="Row name in the table [default: the model's / folder's name].")
 @click.option("-o", "--out", "out", default="results.json", type=click.Path(dir_okay=False),
               help="Output file: the JSON results; the Markdown table goes beside it (.md).")
 def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, predictions, t, seed, ensemble, smooth,
-             size_mode, fg_channels, num_labels, num_channels, limit, batch_size, class_label, name, out, quiet):
+             size_mode, fg_channels, num_labels, num_channels, limit, prior_from, prior_leave_out_folder, shift,
+             batch_size, class_label, name, out, quiet):
     """Score a model's segmentation of real images (or any method's label maps) against ground-truth
     masks: foreground Acc / IoU / DICE with the foreground channels chosen without labels (plus the
     ReDO/IEM best-of-mask-and-inverse figure), and parts pixel accuracy / mIoU after Hungarian matching
-    of the K channels to the labels over the whole set. Writes JSON (--out) and a Markdown table."""
-    from fdm_infer.eval.evaluate import describe_result, load_eval_set, write_reports
+    of the K channels to the labels over the whole set. Writes JSON (--out) and a Markdown table.
+    With --prior-from and/or --shift, one row per method and set: the JSON is then a list of rows."""
+    from fdm_infer.eval.evaluate import (
+        add_above_prior,
+        check_shift,
+        describe_result,
+        evaluate_prior,
+        load_eval_set,
+        write_reports,
+    )
     from fdm_infer.eval.evaluate import evaluate as run
+    from fdm_train.errors import UserError
 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
     if predictions and (model_file or engine_kind):
@@ -59,22 +81,41 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
                                "scored as given")
     if num_channels is not None and not predictions:
         raise click.UsageError("--num-channels goes with --predictions (a model knows its K)")
-    evalset = load_eval_set(images, masks, limit=limit, warn=warn_line)
-    if predictions:
-        result = run(evalset, predictions=predictions, protocols=protocols, size_mode=size_mode,
-                     fg_channels=list(fg_channels) or None, num_labels=num_labels, num_channels=num_channels,
-                     name=name or Path(predictions).name)
-    else:
+    if prior_leave_out_folder and not prior_from:
+        raise click.UsageError("--prior-leave-out-folder goes with --prior-from")
+    if shift is not None:
+        check_shift(shift)
+    if shift is not None and predictions:
+        raise UserError("--shift moves the images a model is given; --predictions were made from the images "
+                        "unshifted: score them without --shift")
+    plain = load_eval_set(images, masks, limit=limit, warn=warn_line)
+    evalsets = [plain] if shift is None else [plain, plain.shifted(shift, seed)]
+    engine = path = None
+    if not predictions:
         engine, path = load_engine(engine_kind, model_file, device, threads)
-        with progress_bar(len(evalset), f"evaluate (t={t})", quiet) as bar:
-            result = run(evalset, engine=engine, protocols=protocols, t=t, seed=seed, ensemble=ensemble, smooth=smooth,
-                         batch_size=batch_size, size_mode=size_mode, fg_channels=list(fg_channels) or None,
-                         num_labels=num_labels,
-                         class_label=class_label, name=name or path.stem, progress=bar.update)
-        result["model"] = describe(engine, path)
-        result["checkpoint"] = str(path)
-    json_path, md_path = write_reports(result, out)
-    click.echo(describe_result(result))
+    rows = []
+    for evalset in evalsets:
+        suffix = f", shifted up to {shift:.0%}" if evalset.shift else ""
+        if predictions:
+            result = run(evalset, predictions=predictions, protocols=protocols, size_mode=size_mode,
+                         fg_channels=list(fg_channels) or None, num_labels=num_labels, num_channels=num_channels,
+                         name=name or Path(predictions).name)
+        else:
+            with progress_bar(len(evalset), f"evaluate (t={t}{suffix})", quiet) as bar:
+                result = run(evalset, engine=engine, protocols=protocols, t=t, seed=seed, ensemble=ensemble,
+                             smooth=smooth, batch_size=batch_size, size_mode=size_mode,
+                             fg_channels=list(fg_channels) or None, num_labels=num_labels,
+                             class_label=class_label, name=(name or path.stem) + suffix, progress=bar.update)
+            result["model"] = describe(engine, path)
+            result["checkpoint"] = str(path)
+        rows.append(result)
+        if prior_from:
+            rows.append(evaluate_prior(evalset, prior_from, protocols, leave_out_folder=prior_leave_out_folder,
+                                       name="position prior" + suffix))
+    add_above_prior(rows)
+    json_path, md_path = write_reports(rows if len(rows) > 1 else rows[0], out)
+    for result in rows:
+        click.echo(describe_result(result))
     click.echo(f"-> {json_path}, {md_path}")
 
 

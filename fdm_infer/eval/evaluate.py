@@ -33,7 +33,7 @@ from PIL import Image
 
 from fdm_infer.eval.metrics import ForegroundAccumulator, PartsAccumulator
 from fdm_infer.foreground import RULE, ChannelPresence
-from fdm_infer.images import load_for_model
+from fdm_infer.images import model_input, read_image, resize_labels
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_channels, segment_tensor
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images
 from fdm_train.diffusion import GaussianDiffusion
@@ -52,13 +52,16 @@ MAX_CHANNELS = 64  # the most channels a folder of label maps is taken to have w
 @dataclass
 class EvalSet:
     """Images paired with their ground-truth masks by relative path: `<images>/<key>.<ext>` with
-    `<masks>/<key>.png` (any image extension)."""
+    `<masks>/<key>.png` (any image extension). A shifted set (`shifted`) holds the masks moved and the
+    offsets its images are moved by when they are read."""
     keys: list[str]
     image_paths: list[Path]
     masks: list[np.ndarray]  # uint8 [H, W] label maps
     images_dir: Path | None = None
     masks_dir: Path | None = None
     skipped: list[str] = field(default_factory=list)  # images without a mask
+    shift: dict | None = None  # how the set was shifted: max_fraction, seed
+    offsets: list[tuple[int, int]] | None = None  # (dy, dx) per image, in mask pixels
     _inputs: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -71,8 +74,46 @@ class EvalSet:
     def model_inputs(self, size: int) -> torch.Tensor:
         """All images as model inputs [N, 3, S, S] in [-1, 1] (decoded once per size, then cached)."""
         if size not in self._inputs:
-            self._inputs[size] = torch.stack([load_for_model(p, size)[0] for p in self.image_paths])
+            inputs = []
+            for i, path in enumerate(self.image_paths):
+                image = np.asarray(read_image(path), dtype=np.uint8)
+                if self.offsets:
+                    (dy, dx), (h, w) = self.offsets[i], self.masks[i].shape
+                    image = translate(image, round(dy * image.shape[0] / h), round(dx * image.shape[1] / w))
+                inputs.append(model_input(image, size))
+            self._inputs[size] = torch.stack(inputs)
         return self._inputs[size]
+
+    def shifted(self, max_fraction: float, seed: int = 0) -> EvalSet:
+        """The set with each image and its mask translated by one offset (`shift_offset`, seeded by `seed`
+        and the image's index), their edges replicated."""
+        check_shift(max_fraction)
+        offsets = [shift_offset(m.shape, max_fraction, seed, i) for i, m in enumerate(self.masks)]
+        masks = [translate(m, dy, dx) for m, (dy, dx) in zip(self.masks, offsets)]
+        return EvalSet(self.keys, self.image_paths, masks, self.images_dir, self.masks_dir, self.skipped,
+                       {"max_fraction": max_fraction, "seed": seed}, offsets)
+
+
+def check_shift(max_fraction: float) -> None:
+    if not 0 <= max_fraction < 0.5:
+        raise UserError(f"--shift must be in [0, 0.5) (a fraction of the image size), got {max_fraction}")
+
+
+def shift_offset(size: tuple[int, int], max_fraction: float, seed: int, index: int) -> tuple[int, int]:
+    """(dy, dx): integers drawn uniformly from [-round(f H), round(f H)] and [-round(f W), round(f W)],
+    f = `max_fraction`, by a generator seeded with (seed, index): the same image gets the same offset."""
+    rng = np.random.default_rng([seed, index])
+    limit_y, limit_x = round(max_fraction * size[0]), round(max_fraction * size[1])
+    return int(rng.integers(-limit_y, limit_y, endpoint=True)), int(rng.integers(-limit_x, limit_x, endpoint=True))
+
+
+def translate(array: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """`array` [H, W, ...] moved down by dy and right by dx pixels (negative: up / left); the pixels
+    uncovered repeat the nearest edge pixel of the original (replicate padding)."""
+    h, w = array.shape[:2]
+    rows = np.clip(np.arange(h) - dy, 0, h - 1)
+    cols = np.clip(np.arange(w) - dx, 0, w - 1)
+    return array[rows[:, None], cols]
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -150,12 +191,6 @@ class Predictions:
     model_size: int | None = None
     seconds: float = 0.0
     source: dict = field(default_factory=dict)
-
-
-def _resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if labels.shape == tuple(size):
-        return labels
-    return np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.Resampling.NEAREST))
 
 
 @torch.no_grad()
@@ -245,9 +280,9 @@ def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode
     for p, g in zip(pred.labels, evalset.masks):
         if p.shape != g.shape:
             if size_mode == "upsample":
-                p = _resize_nearest(p, g.shape)
+                p = resize_labels(p, g.shape)
             else:
-                g = _resize_nearest(g, p.shape)
+                g = resize_labels(g, p.shape)
         pairs.append((p, g))
     scored_at = sorted({f"{p.shape[1]}x{p.shape[0]}" for p, _ in pairs})
     label_share = np.zeros(k)
@@ -286,10 +321,88 @@ def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode
     return result
 
 
+# ----- the position prior -----
+
+def read_label_maps(folder: str | Path) -> tuple[list[str], list[np.ndarray]]:
+    """Every label map `<folder>/<key>.png` (recursively, sorted): (keys, maps)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--prior-from: no such folder: {folder}")
+    paths = sorted(folder.rglob("*.png"))
+    if not paths:
+        raise UserError(f"--prior-from: no label maps (.png) under {folder}")
+    maps = [read_mask(p) for p in paths]
+    if not any(m.any() for m in maps):
+        raise UserError(f"--prior-from: the {len(maps)} label map(s) under {folder} hold no label but 0 (background)")
+    return [p.relative_to(folder).with_suffix("").as_posix() for p in paths], maps
+
+
+def _top_folder(key: str) -> str:
+    return key.split("/", 1)[0] if "/" in key else ""
+
+
+def evaluate_prior(evalset: EvalSet, prior_from: str | Path, protocols=PROTOCOLS, *, leave_out_folder: bool = False,
+                   name: str = "position prior") -> dict:
+    """Scores the position prior (fdm_infer.eval.baselines.position_prior) of the label maps under
+    `prior_from` on `evalset`: parts by its per-pixel argmax, foreground by its non-zero labels'
+    frequency above one half. `leave_out_folder`: each image's prior leaves out the maps in the image's
+    top-level folder (with DAVIS: leave-one-sequence-out)."""
+    from fdm_infer.eval.baselines import position_prior
+
+    start = time.perf_counter()
+    keys, maps = read_label_maps(prior_from)
+    total = position_prior(maps)
+    priors = [total] * len(evalset)
+    if leave_out_folder:
+        groups: dict[str, list[np.ndarray]] = {}
+        for key, m in zip(keys, maps):
+            groups.setdefault(_top_folder(key), []).append(m)
+        num_labels, size = total.counts.shape[0], total.counts.shape[1:]
+        held_out = {group: total.without(position_prior(group_maps, size, num_labels))
+                    for group, group_maps in groups.items()}
+        priors = [held_out.get(_top_folder(key), total) for key in evalset.keys]
+    sizes = [m.shape for m in evalset.masks]
+    parts = Predictions([p.labels(size) for p, size in zip(priors, sizes)], max(total.counts.shape[0], 2))
+    in_sample = evalset.masks_dir is not None and Path(prior_from).resolve() == Path(evalset.masks_dir).resolve()
+    result = {"name": name, "prior": {
+        "from": str(prior_from), "maps": total.maps, "size": f"{total.counts.shape[2]}x{total.counts.shape[1]}",
+        "leave_out": "the image's top-level folder" if leave_out_folder else None,
+        "from_the_evaluated_masks": in_sample}, "shift": evalset.shift}
+    result.update(score(parts, evalset, [p for p in protocols if p != "foreground"]))
+    if "foreground" in protocols:
+        fg = Predictions([p.foreground(size) for p, size in zip(priors, sizes)], 2)
+        result["foreground"] = score(fg, evalset, ("foreground",), fg_channels=[1])["foreground"]
+        result["foreground"]["channel_rule"] = "the non-zero labels' frequency above one half"
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["images_dir"] = str(evalset.images_dir) if evalset.images_dir else None
+    result["masks_dir"] = str(evalset.masks_dir) if evalset.masks_dir else None
+    return result
+
+
+def _shift_of(result: dict) -> float:
+    return (result.get("shift") or {}).get("max_fraction", 0.0)
+
+
+def add_above_prior(rows: list[dict]) -> None:
+    """Gives every row `above_prior`: its FG IoU and parts mIoU minus the position prior's on the same
+    set (the same shift), where the rows hold a prior for that set."""
+    priors = {_shift_of(r): r for r in rows if "prior" in r}
+    for r in rows:
+        prior = priors.get(_shift_of(r))
+        if prior is None:
+            continue
+        above = {}
+        if "foreground" in r and "foreground" in prior:
+            above["fg_iou"] = r["foreground"]["iou"] - prior["foreground"]["iou"]
+        if "parts" in r and "parts" in prior:
+            above["parts_miou"] = r["parts"]["miou"] - prior["parts"]["miou"]
+        r["above_prior"] = above
+
+
 # ----- reports -----
 
-def _pct(value) -> str:
-    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+def _pct(value, sign: str = "") -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:{sign}.1f}"
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -300,7 +413,10 @@ def markdown_table(results: list[dict]) -> str:
     if fg:
         head += ["FG Acc", "FG IoU", "FG DICE", "best-of-inverse Acc / IoU / DICE", "fg channels"]
     if parts:
-        head += ["Parts Acc", "Parts mIoU"]
+        head += ["Parts Acc", "Parts mIoU", "IoU per label"]
+    above = any("above_prior" in r for r in results)
+    if above:
+        head += ["above prior: FG IoU / mIoU"]
     head += ["K", "mask entropy", "region shares"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -316,7 +432,11 @@ def markdown_table(results: list[dict]) -> str:
                 row += ["–"] * 5
         if parts:
             p = r.get("parts")
-            row += [_pct(p["acc"]), _pct(p["miou"])] if p else ["–", "–"]
+            row += ([_pct(p["acc"]), _pct(p["miou"]), "/".join(_pct(v) for v in p["iou_per_label"])] if p
+                    else ["–"] * 3)
+        if above:
+            a = r.get("above_prior", {})
+            row.append(f"{_pct(a.get('fg_iou'), '+')} / {_pct(a.get('parts_miou'), '+')}")
         m = r.get("masks", {})
         shares = m.get("region_share") or m.get("label_share") or []
         entropy = m.get("mask_entropy")
@@ -328,7 +448,8 @@ def markdown_table(results: list[dict]) -> str:
 
 def summary_figures(result: dict) -> dict:
     """The headline figures of one result in percent (2 decimals): fg_acc / fg_iou / fg_dice,
-    fg_best_* (ReDO/IEM best of mask and inverse), parts_acc / parts_miou, mask statistics."""
+    fg_best_* (ReDO/IEM best of mask and inverse), parts_acc / parts_miou / parts_iou_per_label,
+    above_prior_fg_iou / above_prior_parts_miou (with a prior row), mask statistics."""
     out: dict = {}
     if "foreground" in result:
         f = result["foreground"]
@@ -336,7 +457,10 @@ def summary_figures(result: dict) -> dict:
         out.update(fg_acc=100 * f["acc"], fg_iou=100 * f["iou"], fg_dice=100 * f["dice"], fg_best_acc=100 * b["acc"],
                    fg_best_iou=100 * b["iou"], fg_best_dice=100 * b["dice"], fg_channels=f["channels"])
     if "parts" in result:
-        out.update(parts_acc=100 * result["parts"]["acc"], parts_miou=100 * result["parts"]["miou"])
+        out.update(parts_acc=100 * result["parts"]["acc"], parts_miou=100 * result["parts"]["miou"],
+                   parts_iou_per_label=[round(100 * v, 2) for v in result["parts"]["iou_per_label"]])
+    for key, value in result.get("above_prior", {}).items():
+        out[f"above_prior_{key}"] = 100 * value
     m = result.get("masks", {})
     out.update(mask_entropy=m.get("mask_entropy"), region_share=m.get("region_share"),
                label_share=m.get("label_share"))
@@ -359,6 +483,11 @@ def describe_result(r: dict) -> str:
         ious = ", ".join(_pct(v) for v in p["iou_per_label"])
         lines.append(f"  parts: Acc {_pct(p['acc'])}  mIoU {_pct(p['miou'])}  (IoU per label: {ious}; "
                      f"label->channel {p['match']})")
+    if r.get("above_prior"):
+        a = r["above_prior"]
+        lines.append("  above the position prior: " + "  ".join(
+            f"{label} {_pct(a[key], '+')}" for key, label in (("fg_iou", "FG IoU"), ("parts_miou", "parts mIoU"))
+            if key in a))
     m = r["masks"]
     if m.get("mask_entropy") is not None:
         lines.append(f"  masks: entropy {m['mask_entropy']:.3f} of log K, soft shares {m['region_share']}, "
@@ -415,6 +544,8 @@ def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = 
     result = {"name": name or ("predictions" if engine is None else "model"), **source}
     result.update(score(pred, evalset, protocols, size_mode=size_mode, fg_channels=fg_channels,
                         num_labels=num_labels))
+    if evalset.shift:
+        result["shift"] = evalset.shift
     result["seconds"] = round(pred.seconds, 2)
     result["images_dir"] = str(evalset.images_dir) if evalset.images_dir else None
     result["masks_dir"] = str(evalset.masks_dir) if evalset.masks_dir else None
@@ -428,14 +559,19 @@ __all__ = [
     "SIZE_MODES",
     "EvalSet",
     "Predictions",
+    "add_above_prior",
     "describe_result",
     "evaluate",
+    "evaluate_prior",
     "load_eval_set",
     "load_predictions",
     "markdown_table",
     "predict_with_engine",
+    "read_label_maps",
     "read_mask",
     "score",
+    "shift_offset",
     "summary_figures",
+    "translate",
     "write_reports",
 ]
