@@ -204,3 +204,24 @@ def test_channels_last_trains_the_same_model(image_folder, tmp_path):
     resumed = train(options(image_folder, tmp_path / "nhwc", iterations=6, channels_last=True, resume=True))
     assert resumed["step"] == 6
     load_model(tmp_path / "nhwc" / "checkpoint.safetensors")
+
+
+def test_prediction_is_set_by_the_flag_and_kept_by_init_and_resume(image_folder, tmp_path):
+    """`--prediction v` makes a v-model (the checkpoint says so); --init keeps the
+    start's prediction unless told otherwise; a resumed run keeps its own whatever is asked."""
+    runner = CliRunner()
+    result = runner.invoke(main_group, ["train", "--data", str(image_folder), "-o", str(tmp_path / "v"),
+                                        "--preset", "tiny-32", "--image-size", "16", "--batch-size", "4",
+                                        "--iterations", "2", "--workers", "0", "--prediction", "v", "--quiet"])
+    assert result.exit_code == 0, result.output
+    v_start = tmp_path / "v" / "checkpoint.safetensors"
+    assert read_checkpoint(v_start)[0].prediction == "v"
+    train(options(image_folder, tmp_path / "kept", iterations=2, init=str(v_start)))
+    assert read_checkpoint(tmp_path / "kept" / "checkpoint.safetensors")[0].prediction == "v"
+    train(options(image_folder, tmp_path / "switched", iterations=2, init=str(v_start), prediction="eps"))
+    assert read_checkpoint(tmp_path / "switched" / "checkpoint.safetensors")[0].prediction == "eps"
+    train(options(image_folder, tmp_path / "kept", iterations=4, resume="auto", prediction="eps"))
+    assert read_checkpoint(tmp_path / "kept" / "checkpoint.safetensors")[0].prediction == "v"
+    # the paper's eps is what a run gets from the library unless asked
+    train(options(image_folder, tmp_path / "eps", iterations=2))
+    assert read_checkpoint(tmp_path / "eps" / "checkpoint.safetensors")[0].prediction == "eps"
