@@ -112,6 +112,10 @@ def main_group():
 @click.option("--mask-temperature", type=FiniteFloatRange(0.01, 100), default=1.0, show_default=True,
               help="Mask softmax temperature at step 0, annealed to 1.")
 @click.option("--hard-masks", is_flag=True, help="Straight-through Gumbel one-hot masks while shaping.")
+@click.option("--freeze-masks", is_flag=True,
+              help="Train the decoder only: the embeddings, encoder, middle block and mask generator keep the "
+                   "weights they start with (from --init), so the masks and segmentation stay as they are, e.g. "
+                   "to fine-tune a model's generation with --prediction v.")
 @click.option("--mask-init-scale", type=FiniteFloatRange(0), default=1.0, show_default=True,
               help="Scale of the mask head's initial last-layer weights.")
 @threads_option

@@ -204,6 +204,13 @@ class FactorizedUNet(nn.Module):
     def num_regions(self) -> int:
         return self.cfg.mask_channels
 
+    def freeze_masks(self) -> None:
+        """Stop training every weight the masks depend on (embeddings, encoder, middle block, mask generator):
+        only the decoder and the region codes learn, so the masks, and the segmentation, stay as they are."""
+        for part in (self.time_embed, self.label_embed, self.encoder, self.middle, getattr(self, "mask_generator", None)):
+            if part is not None:
+                part.requires_grad_(False)
+
     def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(self.time_embed[0].weight.dtype))
         if self.label_embed is not None:

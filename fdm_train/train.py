@@ -116,6 +116,7 @@ class TrainOptions:
     mask_temperature: float = 1.0  # softmax temperature at step 0, annealed to 1
     hard_masks: bool = False  # straight-through Gumbel one-hot masks while shaping
     mask_init_scale: float = 1.0  # scales the initial weights of the mask head's last layer
+    freeze_masks: bool = False  # train the decoder only (FactorizedUNet.freeze_masks): the masks do not move
     limit: int | None = None  # train on the first N images of `data` only
     init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)
     # What a fresh run's network predicts (PREDICTIONS), over the model config's or --init's; None: theirs.
@@ -454,6 +455,8 @@ def _build(cfg: ModelConfig, opts: TrainOptions, device: torch.device, start: _S
         with torch.no_grad():
             for p in model.mask_generator.out[-1].parameters():
                 p.mul_(opts.mask_init_scale)
+    if opts.freeze_masks:
+        model.freeze_masks()  # Adam skips the frozen weights (no gradient); its state keeps the same layout
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
     if start.state is not None:
