@@ -19,7 +19,7 @@ from PIL import Image
 
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, load_rgb, to_rgb, to_tensor
 from fdm_train.errors import UserError
-from fdm_train.util import one_line
+from fdm_train.util import atomic_file, input_clash, one_line
 from fdm_train.visualize import PALETTE, overlay
 
 # The palette of label PNGs: PALETTE repeated over the 256 entries, so index k shows region k's color.
@@ -168,9 +168,13 @@ def rgb_array(image) -> np.ndarray:
     [H, W, 1|3|4]; a torch tensor [H, W] or [1|3|4, H, W]. uint8 as is; float in [0, 1] (clipped); other
     integers as is when they fit in 0..255, else scaled by their maximum (16-bit images). Alpha is dropped."""
     if isinstance(image, Image.Image):
+        if image.width * image.height == 0:
+            raise UserError(f"an image must have pixels, got a PIL image of {image.width}x{image.height}")
         return np.asarray(to_rgb(image), dtype=np.uint8)
     if isinstance(image, torch.Tensor):
         arr = image.detach().cpu()
+        if arr.is_floating_point():  # numpy has no bfloat16
+            arr = arr.float()
         if arr.dim() == 3 and arr.shape[0] in (1, 3, 4):
             arr = arr.permute(1, 2, 0)
         elif arr.dim() != 2:
@@ -206,16 +210,6 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
 # ----- outputs -----
 
-def ensure_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".fdm-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
-
-
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Soft masks [K, S, S] -> [K, H, W] at an image's own (H, W), bilinear."""
     if tuple(masks.shape[-2:]) == tuple(size):
@@ -239,16 +233,17 @@ def label_map(masks: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 def save_png(img: Image.Image | np.ndarray, path: Path) -> None:
+    """A PNG written atomically (fdm_train.util.atomic_file)."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
-    img.save(path, format="PNG", optimize=False)
+    with atomic_file(path) as f:
+        img.save(f, format="PNG", optimize=False)
 
 
 def save_labels(labels: np.ndarray, path: Path) -> None:
     """A uint8 label map as a palette PNG, its folder made if needed: the pixel values are the labels
     (what numpy and `evaluate --predictions` read), the palette gives each label its region color (what an
     image viewer shows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(np.asarray(labels, dtype=np.uint8)).convert("P")  # L -> P keeps the values
     img.putpalette(LABEL_PALETTE)
     save_png(img, path)
@@ -260,9 +255,10 @@ def output_paths(out: Path, key: Path, kinds) -> list[Path]:
 
 
 def output_clash(out: Path, key: Path, kinds, inputs: set[Path]) -> Path | None:
-    """The first file of an image's outputs that is one of the `inputs` (resolved paths), or None: an
-    output never replaces an input."""
-    return next((p for p in output_paths(out, key, kinds) if p.resolve() in inputs), None)
+    """The first file of an image's outputs that is one of the `inputs`, or None: an output never
+    replaces an input (fdm_train.util.input_clash)."""
+    clash = input_clash(output_paths(out, key, kinds), inputs)
+    return None if clash is None else clash[0]
 
 
 def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, labels: np.ndarray, *,
@@ -275,7 +271,7 @@ def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, 
     save_labels(labels, files["labels"])
     save_png(overlay(image, labels), files["overlay"])
     if save_soft:
-        with open(files["soft"], "wb") as f:
+        with atomic_file(files["soft"]) as f:
             np.savez_compressed(f, masks=masks.numpy().astype(np.float16),
                                 image_size=np.array([h, w], dtype=np.int32))
     if channels:

