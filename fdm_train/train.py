@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import os
 import signal
@@ -75,7 +74,7 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     remove_temp_files,
     truncate_log,
 )
-from fdm_train.util import DEFAULT_THREADS, check_not_input, pick_device, set_threads
+from fdm_train.util import DEFAULT_THREADS, check_not_input, json_text, pick_device, set_threads
 from fdm_train.visualize import mask_statistics, sample_grid
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
@@ -615,7 +614,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
                 bad.collect()
                 if ctx.main:
                     record = _log_record(run, last_loss, window, bad, masks)
-                    log.write(json.dumps(record) + "\n")
+                    log.write(json_text(record) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{record['images_per_s']:.1f}",
                                     H=record["mask_entropy"])

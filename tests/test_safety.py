@@ -594,8 +594,9 @@ def test_an_onnx_model_that_drops_images_of_a_batch_is_one_line(checkpoint, data
 def test_json_never_holds_nan():
     from fdm_train.util import json_text
 
-    text = json_text({"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": {"d": -float("inf")}})
-    assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+    text = json_text({"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": {"d": -float("inf")},
+                      "e": np.array([1.0, np.nan])})
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": {"d": None}, "e": [1.0, None]}
 
 
 # ----- ground truth is a label map -----

@@ -18,7 +18,6 @@ prediction: `fdm_infer.foreground`.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -38,7 +37,7 @@ from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_channels, segment
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
-from fdm_train.util import atomic_write, one_line
+from fdm_train.util import atomic_write, json_text, one_line
 from fdm_train.visualize import mask_statistics
 
 PROTOCOLS = ("foreground", "parts")
@@ -383,7 +382,7 @@ def write_reports(results: dict | list[dict], out: str | Path, markdown: str | P
     out, md = report_paths(out, markdown)
     rows = results if isinstance(results, list) else [results]
     try:
-        atomic_write(out, (json.dumps(results, indent=1, default=_json_default) + "\n").encode())
+        atomic_write(out, (json_text(results, indent=1, default=_json_default) + "\n").encode())
         atomic_write(md, markdown_table(rows).encode())
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
