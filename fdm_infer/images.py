@@ -57,7 +57,7 @@ class InputImage:
         found before it is decoded (an image given in memory is decoded already)."""
         if self.path is None:
             return rgb_array(self.data)
-        return np.asarray(read_image(self.path, max_pixels), dtype=np.uint8)
+        return np.asarray(read_image(self.path, max_pixels, budget_name="--max-pixels"), dtype=np.uint8)
 
 
 @dataclass
@@ -139,15 +139,16 @@ def _unique_keys(relative: list[Path]) -> list[Path]:
     return out
 
 
-def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS, budget_name: str | None = None) -> Image.Image:
     """An RGB image, or UnreadableImage (one line) for a missing or undecodable file, or one of more than
-    `max_pixels` pixels (found before decoding)."""
+    `max_pixels` pixels (found before decoding; `budget_name`: the setting that raises the limit, where
+    there is one)."""
     if not Path(path).is_file():
         raise UnreadableImage(path, "no such image")
     try:
         return load_rgb(path, max_pixels)
     except TooManyPixels as exc:
-        raise UnreadableImage(path, f"{exc} (--max-pixels)") from None
+        raise UnreadableImage(path, f"{exc} ({budget_name})" if budget_name else str(exc)) from None
     except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
         raise UnreadableImage(path, f"not a readable image ({one_line(exc)})") from None
 

@@ -330,8 +330,10 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
 
 @contextmanager
 def _folder_lock(out: Path, ctx: Distributed):
-    """Rank 0 holds the run folder's lock for the run; every rank learns whether it got it."""
+    """Rank 0 holds the run folder's lock for the run; every rank learns whether it got it. A folder the
+    lock made is removed again if the run leaves it empty (e.g. its --data cannot be read)."""
     lock, error = None, None
+    made = ctx.main and not out.exists()
     if ctx.main:
         try:
             lock = RunLock.acquire(out, warn=_echo)
@@ -353,6 +355,8 @@ def _folder_lock(out: Path, ctx: Distributed):
     finally:
         if lock is not None:
             lock.release()
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

@@ -742,3 +742,24 @@ def test_resuming_a_complete_run_says_so(data, tmp_path, capsys, monkeypatch):
     r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--resume", "auto", "--iterations", 2))
     assert r.code == 0, r.err
     assert "already complete: step 3" in r.out and "nan" not in r.out, r.out
+
+
+def test_a_run_that_cannot_start_leaves_no_folder(checkpoint, data, tmp_path, capsys, monkeypatch):
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(tmp_path / "no-data", tmp_path / "run"))
+    assert r.code != 0 and not (tmp_path / "run").exists(), r.err
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--init",
+                                                               tmp_path / "missing.safetensors"))
+    assert_one_line_error(r, "missing.safetensors")
+    assert not (tmp_path / "run").exists()
+
+
+def test_interpolate_names_no_option_it_does_not_have(checkpoint, tmp_path, capsys, monkeypatch):
+    import fdm_infer.images as images
+
+    write_images(tmp_path / "in", 2, size=20)
+    monkeypatch.setattr(images.load_for_model, "__defaults__", (100,))  # a budget the 20x27 images exceed
+    a, b = sorted((tmp_path / "in").iterdir())
+    r = run_infer(capsys, monkeypatch, "interpolate", a, b, "--model", checkpoint, "-o", tmp_path / "o",
+                  "--device", "cpu", "--steps", 4, "--t", 333, "--frames", 2)
+    assert_one_line_error(r, "over the limit", code=1)
+    assert "--max-pixels" not in r.err
