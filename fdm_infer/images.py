@@ -280,11 +280,12 @@ def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, 
     return files
 
 
-def channel_view(image: np.ndarray, masks: np.ndarray, max_height: int = 192) -> Image.Image:
+def channel_view(image: np.ndarray, masks: np.ndarray, max_height: int = 192, max_width: int = 768) -> Image.Image:
     """Paper Fig. 9: the image followed by one panel per mask channel; top row the soft mask m_k in
-    the region's color (intensity = m_k), bottom row the image times m_k on white."""
+    the region's color (intensity = m_k), bottom row the image times m_k on white. Each panel is at most
+    `max_height` x `max_width`, so that the picture stays small whatever the image's shape."""
     h, w = image.shape[:2]
-    scale = min(1.0, max_height / h)
+    scale = min(1.0, max_height / h, max_width / w)
     th, tw = max(1, round(h * scale)), max(1, round(w * scale))
     img = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.BILINEAR), dtype=np.float32)
     m = resize_masks(torch.from_numpy(masks), (th, tw)).clamp(0, 1).numpy()

@@ -763,3 +763,12 @@ def test_interpolate_names_no_option_it_does_not_have(checkpoint, tmp_path, caps
                   "--device", "cpu", "--steps", 4, "--t", 333, "--frames", 2)
     assert_one_line_error(r, "over the limit", code=1)
     assert "--max-pixels" not in r.err
+
+
+def test_the_channel_view_is_small_whatever_the_image_shape():
+    from fdm_infer.images import channel_view
+
+    for h, w in ((1, 200_000), (200_000, 1), (3, 5)):
+        masks = np.full((3, 8, 8), 1 / 3, np.float32)
+        view = channel_view(np.zeros((h, w, 3), np.uint8), masks)
+        assert view.height <= 2 * 192 + 6 and view.width <= 4 * (768 + 2) + 2, (h, w, view.size)
