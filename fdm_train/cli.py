@@ -182,10 +182,11 @@ def prepare_data(folder, output, size, limit, workers, quiet):
 def synth(output, kind, count, size, seed, quiet):
     """Write seeded synthetic scenes with known region masks: data on which segmentation must emerge and
     can be scored (benchmarks/emergence)."""
-    from fdm_train.synth import masks_path, write_scenes
+    from fdm_train.synth import MAX_DRAW_BYTES, masks_path, peak_bytes, write_scenes
 
-    if count * 4 * size * size > 4 << 30:  # images and labels are built in memory, float32 while drawn
-        raise click.UsageError(f"{count} scenes of {size}x{size} need over 4 GiB while drawn; write fewer")
+    if peak_bytes(count, size) > MAX_DRAW_BYTES:
+        raise click.UsageError(f"{count} scenes of {size}x{size} need about {peak_bytes(count, size) / 1e9:.1f} GB "
+                               f"while drawn, over {MAX_DRAW_BYTES >> 30} GiB; write fewer")
     write_scenes(output, kind, count, size, seed)
     click.echo(f"{output}: {count} scenes of kind {kind}, {size}x{size}; labels in {masks_path(output)}")
 

@@ -17,6 +17,15 @@ import numpy as np
 from fdm_train.util import atomic_file, atomic_write, check_writable_file
 
 KINDS = {"a": 2, "b": 3, "c": 2}  # kind -> number of true regions
+# Every scene is drawn at once, float32 with its intermediates: the peak memory of make_scenes per pixel
+# of the output, measured (tracemalloc) for the kind that needs most (c: 102 bytes).
+PEAK_BYTES_PER_PIXEL = 110
+MAX_DRAW_BYTES = 4 << 30
+
+
+def peak_bytes(count: int, size: int) -> int:
+    """About the most memory `make_scenes` holds at once for `count` scenes of size x size."""
+    return count * size * size * PEAK_BYTES_PER_PIXEL
 
 
 def _grid(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
