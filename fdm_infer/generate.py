@@ -90,6 +90,10 @@ def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm"
     return SampleResult(torch.cat(images), torch.cat(masks), trajectory), y_all
 
 
+# grid.png shows at most this many samples: a picture to look at, not one of thousands of tiles.
+GRID_SAMPLES = 64
+
+
 def tiles(images: np.ndarray, min_size: int = 64) -> np.ndarray:
     """[N, h, w, 3] uint8, enlarged (nearest) to at least `min_size` pixels for viewing."""
     f = max(1, -(-min_size // images.shape[1]))
@@ -120,7 +124,7 @@ def trajectory_picture(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]],
 def write_samples(out: Path, result: SampleResult, y: torch.Tensor | None = None, save_trajectory: bool = False,
                   inputs: list[Path] = ()) -> list[Path]:
     """sample_NNNN.png (image at model resolution), sample_NNNN_labels.png (uint8 labels 0..K-1),
-    grid.png (images above colored masks), trajectory.png (if asked). Returns the paths written. None of
+    grid.png (the first GRID_SAMPLES images above their colored masks), trajectory.png (if asked). Returns the paths written. None of
     them may be one of `inputs` (the model file)."""
     names = [f"sample_{i:04d}" + (f"_class{int(y[i])}" if y is not None else "") for i in range(len(result.images))]
     pairs = [(out / f"{name}.png", out / f"{name}_labels.png") for name in names]
@@ -133,7 +137,7 @@ def write_samples(out: Path, result: SampleResult, y: torch.Tensor | None = None
     for (picture, label_file), pic, lab in zip(pairs, pics, labels):
         save_png(pic, picture)
         save_labels(lab, label_file)
-    save_png(image_mask_grid(result.images, result.masks), out / "grid.png")
+    save_png(image_mask_grid(result.images[:GRID_SAMPLES], result.masks[:GRID_SAMPLES]), out / "grid.png")
     if len(extra) > 1:
         save_png(trajectory_picture(result.trajectory), out / "trajectory.png")
     return written

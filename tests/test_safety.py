@@ -772,3 +772,22 @@ def test_the_channel_view_is_small_whatever_the_image_shape():
         masks = np.full((3, 8, 8), 1 / 3, np.float32)
         view = channel_view(np.zeros((h, w, 3), np.uint8), masks)
         assert view.height <= 2 * 192 + 6 and view.width <= 4 * (768 + 2) + 2, (h, w, view.size)
+
+
+def test_export_bounds_the_parity_check_batches(checkpoint, tmp_path, capsys, monkeypatch):
+    r = run_tool(capsys, monkeypatch, "fdm-export", "onnx", checkpoint, "-o", tmp_path / "m.onnx", "--check-batches",
+                 "1,100000")
+    assert_one_line_error(r, "batch sizes must be from 1 to 64", "100000", code=1)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_sample_grid_shows_a_bounded_number_of_samples(tmp_path):
+    from fdm_infer.generate import GRID_SAMPLES, write_samples
+    from fdm_train.diffusion import SampleResult
+
+    n = GRID_SAMPLES + 6
+    result = SampleResult(torch.zeros(n, 3, 8, 8), torch.full((n, 3, 8, 8), 1 / 3), [])
+    write_samples(tmp_path, result)
+    assert len(list(tmp_path.glob("sample_*_labels.png"))) == n
+    rows = -(-GRID_SAMPLES // 8) * 2  # image rows and mask rows of 8 tiles of 64 pixels (8x8 enlarged)
+    assert Image.open(tmp_path / "grid.png").height == rows * (64 + 2) + 2
