@@ -181,14 +181,12 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
         except ValueError:
             raise click.BadParameter("auto, none or an integer", param_hint="--reference-size") from None
     size = None if size == "none" else size
-    gen_source = ImageSource.open(generated)
-    check_not_input([p for p in (out, save_reference_stats) if p],
-                    [*gen_source.files(), *ImageSource.open(reference).files()])
-    gen_count = gen_source.count
+    gen, ref = ImageSource.open(generated), ImageSource.open(reference)
+    check_not_input([p for p in (out, save_reference_stats) if p], [*gen.files(), *ref.files()])
+    gen_count = gen.count
     if gen_count < 2:
         raise UserError(f"--generated: FID needs at least 2 images, found {gen_count} in {generated}")
     n_gen = min(n or gen_count, gen_count)
-    ref = ImageSource.open(reference)
     n_ref = 0 if ref.kind == "stats" else min(ref.count, (reference_n or ref.count) if reference_n is not None
                                                   else n_gen)
     with progress_bar(n_gen + n_ref, "inception", quiet) as bar:
