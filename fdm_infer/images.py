@@ -255,9 +255,9 @@ def output_paths(out: Path, key: Path, kinds) -> list[Path]:
     return [out / f"{key}{OUTPUT_SUFFIXES[kind]}" for kind in kinds]
 
 
-def output_clash(out: Path, key: Path, kinds, inputs: set[Path]) -> Path | None:
-    """The first file of an image's outputs that is one of the `inputs`, or None: an output never
-    replaces an input (fdm_train.util.input_clash)."""
+def output_clash(out: Path, key: Path, kinds, inputs: dict[Path, Path]) -> Path | None:
+    """The first file of an image's outputs that is one of the `inputs` (fdm_train.util.resolve_inputs),
+    or None: an output never replaces an input."""
     clash = input_clash(output_paths(out, key, kinds), inputs)
     return None if clash is None else clash[0]
 

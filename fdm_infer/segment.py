@@ -41,7 +41,14 @@ from fdm_infer.rle import encode_labels
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
-from fdm_train.util import atomic_write, check_not_input, check_writable_folder, json_text, one_line
+from fdm_train.util import (
+    atomic_write,
+    check_not_input,
+    check_writable_folder,
+    json_text,
+    one_line,
+    resolve_inputs,
+)
 from fdm_train.visualize import PALETTE
 
 DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
@@ -242,8 +249,8 @@ def output_kinds(options: OutputOptions) -> list[str]:
 def check_not_inputs(out: Path, items: list[Segmented], options: OutputOptions) -> None:
     """A one-line error, before anything is written, if a file `save` would write into `out` is one
     of the inputs."""
-    inputs = [item.path for item in items if item.path is not None]
-    check_not_input([out / SUMMARY], inputs)
+    inputs = resolve_inputs(item.path for item in items)
+    check_not_input([out / SUMMARY], inputs.values())
     for item in items:
         clash = output_clash(out, item.key, output_kinds(options), inputs)
         if clash is not None:
@@ -338,8 +345,8 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
     inputs = found[:limit]
     if not inputs:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(str(p) for p in paths)}")
-    input_files = [item.path for item in found if item.path is not None]
-    check_not_input([out / SUMMARY], input_files)
+    input_files = resolve_inputs(item.path for item in found)
+    check_not_input([out / SUMMARY], input_files.values())
     check_writable_folder(out)
     kinds = output_kinds(options)
     presence = ChannelPresence(engine.num_regions)

@@ -122,11 +122,15 @@ def check_writable_file(output: str | Path) -> None:
         raise UserError(f"cannot write {output}: its folder cannot be written") from None
 
 
-def input_clash(outputs, inputs) -> tuple[Path, Path] | None:
-    """(output, input) of the first of `outputs` that is one of `inputs` (symlinks resolved), or None."""
-    sources = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+def resolve_inputs(inputs) -> dict[Path, Path]:
+    """The input files (None entries left out) by their resolved paths, for `input_clash`."""
+    return {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+
+
+def input_clash(outputs, inputs: dict[Path, Path]) -> tuple[Path, Path] | None:
+    """(output, input) of the first of `outputs` that is one of `inputs` (`resolve_inputs`), or None."""
     for output in outputs:
-        source = sources.get(Path(output).resolve())
+        source = inputs.get(Path(output).resolve())
         if source is not None:
             return Path(output), source
     return None
@@ -135,7 +139,7 @@ def input_clash(outputs, inputs) -> tuple[Path, Path] | None:
 def check_not_input(outputs, inputs) -> None:
     """The rule every command that writes keeps: no output is one of its inputs (symlinks resolved).
     A one-line UserError, before anything is written."""
-    clash = input_clash(outputs, inputs)
+    clash = input_clash(outputs, resolve_inputs(inputs))
     if clash is not None:
         raise UserError(f"the output {clash[0]} is the input {clash[1]}; write to another file or folder")
 
