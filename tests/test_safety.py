@@ -647,7 +647,7 @@ def test_threads_are_bounded_everywhere(checkpoint, data, tmp_path, capsys, monk
 
 
 def test_synth_checks_its_output_before_drawing_the_scenes(tmp_path, capsys, monkeypatch):
-    import fdm_train.synth as synth
+    from fdm_train import synth
 
     monkeypatch.setattr(synth, "make_scenes", lambda *a: pytest.fail("scenes drawn before the output was checked"))
     blocker = tmp_path / "file"
@@ -657,7 +657,7 @@ def test_synth_checks_its_output_before_drawing_the_scenes(tmp_path, capsys, mon
 
 
 def test_bench_checks_its_outputs_and_numbers_first(tmp_path, capsys, monkeypatch):
-    import fdm_infer.bench as bench
+    from fdm_infer import bench
 
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the outputs were checked"))
     blocker = tmp_path / "file"
@@ -754,7 +754,7 @@ def test_a_run_that_cannot_start_leaves_no_folder(checkpoint, data, tmp_path, ca
 
 
 def test_interpolate_names_no_option_it_does_not_have(checkpoint, tmp_path, capsys, monkeypatch):
-    import fdm_infer.images as images
+    from fdm_infer import images
 
     write_images(tmp_path / "in", 2, size=20)
     monkeypatch.setattr(images.load_for_model, "__defaults__", (100,))  # a budget the 20x27 images exceed
