@@ -56,6 +56,11 @@ def example_inputs(cfg: ModelConfig, batch: int, seed: int = 0):
     return x, t, y
 
 
+# The largest batch of the parity check: the exported graph's batch is dynamic, and a few sizes show it;
+# a large one only holds both runtimes' activations at once (100,000 took over 20 GB).
+MAX_CHECK_BATCH = 64
+
+
 def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
                 check: bool = True, check_batches: tuple[int, ...] = (1, 3), weights: str = "ema",
                 tolerance: float | None = None, overwrite: bool = True) -> ExportResult:
@@ -66,6 +71,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
         raise ExportError(f"the parity tolerance must be a positive number, got {tolerance}")
+    if check and not all(1 <= b <= MAX_CHECK_BATCH for b in check_batches):
+        raise ExportError(f"the parity check's batch sizes must be from 1 to {MAX_CHECK_BATCH}, got "
+                          f"{', '.join(map(str, check_batches))}")
     start = time.perf_counter()
     model, cfg, ckpt_meta = load_model(checkpoint, weights=weights, map_location="cpu")
     check_output(out, [checkpoint], overwrite)

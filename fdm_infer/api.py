@@ -12,6 +12,9 @@
     res.to_json()       # summary.json's content, without the files
 
     samples = generate(n=4, steps=50, sampler="ddim")   # samples.images, samples.soft, samples.labels
+
+Bad input (an image that cannot be read, a setting out of range, a broken model file) raises
+fdm_infer.UserError, whose message is one line.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import ChannelPresence
 from fdm_infer.generate import check_steps, write_samples
 from fdm_infer.generate import generate as sample
-from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs, ensure_writable
+from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs
 from fdm_infer.segment import (
     DEFAULT_SMOOTH,
     DEFAULT_T,
@@ -56,7 +59,7 @@ from fdm_infer.segment import (
 from fdm_train.data import MAX_PIXELS
 from fdm_train.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS, GaussianDiffusion, SampleResult
 from fdm_train.errors import SEED, UserError
-from fdm_train.util import DEFAULT_THREADS
+from fdm_train.util import DEFAULT_THREADS, check_writable_folder
 from fdm_train.visualize import images_to_uint8
 
 
@@ -105,7 +108,7 @@ class Segmenter:
         steps = GaussianDiffusion().num_timesteps
         if not 0 <= t < steps:
             raise UserError(f"t must be between 0 and {steps - 1}, got {t}")
-        if ensemble < 1 or batch_size < 1 or max_pixels < 1:
+        if not (ensemble >= 1 and batch_size >= 1 and max_pixels >= 1):  # `not >=`: NaN is refused too
             raise UserError(f"ensemble, batch_size and max_pixels must be at least 1, got {ensemble}, {batch_size} "
                             f"and {max_pixels}")
         check_seed(seed)
@@ -179,7 +182,11 @@ def as_list(images) -> list:
         return [images]
     if isinstance(images, (np.ndarray, torch.Tensor)):
         return list(images) if images.ndim == 4 else [images]
-    return list(images)
+    try:
+        return list(images)
+    except TypeError:  # not an iterable
+        raise UserError(f"cannot segment a {type(images).__name__}: give a file path, a PIL image, a numpy array, "
+                        "a torch tensor, or a list of them") from None
 
 
 class Segmentation:
@@ -236,7 +243,7 @@ class Segmentation:
         options = OutputOptions(save_soft, save_channels, foreground, rle)
         check_outputs(options, None, len(self.border_share))
         check_not_inputs(out, self.items, options)
-        ensure_writable(out)
+        check_writable_folder(out)
         entries = []
         for item in self.items:
             entries.append(write_segmented(out, item, options))
@@ -253,6 +260,7 @@ class Generation:
     result: SampleResult  # the sampler's tensors: images [N, C, S, S] in [-1, 1], masks [N, K, S, S]
     classes: torch.Tensor | None  # the class of each sample (class-conditional models)
     seconds: float
+    model: Path | None = None  # the model file, which no output may replace
 
     @property
     def images(self) -> np.ndarray:
@@ -271,7 +279,8 @@ class Generation:
 
     def save(self, out: str | Path) -> list[Path]:
         """sample_NNNN.png, sample_NNNN_labels.png, grid.png (and trajectory.png when recorded)."""
-        return write_samples(Path(out), self.result, self.classes, save_trajectory=bool(self.result.trajectory))
+        return write_samples(Path(out), self.result, self.classes, save_trajectory=bool(self.result.trajectory),
+                             inputs=[self.model])
 
 
 def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: str | None = None, device: str = "auto",
@@ -287,12 +296,14 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     diffusion = GaussianDiffusion()
     check_steps(diffusion, steps)
     check_seed(seed)
+    if not (n >= 1 and batch_size >= 1):
+        raise UserError(f"n and batch_size must be at least 1, got {n} and {batch_size}")
     for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    opened, _, _ = load_engine(model, engine, device, threads, notify)
+    opened, path, _ = load_engine(model, engine, device, threads, notify)
     every = max(1, len(diffusion.timesteps(steps, sampler)) // 10) if trajectory else 0
     start = time.perf_counter()
     result, y = sample(opened, n, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size, classes=classes,
                        trajectory_every=every, progress=progress)
-    return Generation(result, y, time.perf_counter() - start)
+    return Generation(result, y, time.perf_counter() - start, path)

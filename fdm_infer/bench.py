@@ -18,7 +18,6 @@ masks against the fp32 torch reference).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import tempfile
 import time
@@ -35,7 +34,7 @@ from fdm_train.checkpoint import load_model
 from fdm_train.config import preset
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.model import count_flops
-from fdm_train.util import one_line, pick_device
+from fdm_train.util import atomic_write, json_text, one_line, pick_device
 from kernels.reference import ddpm_step
 
 
@@ -401,10 +400,6 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, json_path: str | Path | None, md_path: str | Path | None) -> None:
-    for path, text in ((json_path, lambda: json.dumps(result, indent=1)), (md_path, lambda: markdown(result))):
+    for path, text in ((json_path, lambda: json_text(result, indent=1)), (md_path, lambda: markdown(result))):
         if path:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text())
-            tmp.replace(path)
+            atomic_write(path, text().encode())

@@ -28,8 +28,9 @@ from fdm_train.cli_options import (
     threads_option,
     version_option,
 )
+from fdm_train.config import PRESETS
 from fdm_train.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
-from fdm_train.errors import SEED, run_cli
+from fdm_train.errors import SEED, FiniteFloatRange, run_cli
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -122,14 +123,14 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     same images (bit-identical on the CPU)."""
     from fdm_infer import api
     from fdm_infer.generate import check_steps
-    from fdm_infer.images import ensure_writable
     from fdm_train.diffusion import GaussianDiffusion
+    from fdm_train.util import check_writable_folder
     from fdm_train.visualize import mask_statistics
 
     diffusion = GaussianDiffusion()
     check_steps(diffusion, steps)
     engine, path = load_engine(engine_kind, model_file, device, threads)
-    ensure_writable(Path(out))
+    check_writable_folder(Path(out))
     n_steps = len(diffusion.timesteps(steps, sampler))
     batches = -(-count // batch_size)
     with progress_bar(n_steps * batches, f"generate ({sampler})", quiet, unit="step") as bar:
@@ -173,8 +174,8 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     frame_NN.png / frame_NN_labels.png."""
     from fdm_infer.generate import class_labels, interpolation_start, load_pair, write_interpolation
     from fdm_infer.generate import interpolate as run
-    from fdm_infer.images import ensure_writable
     from fdm_train.diffusion import GaussianDiffusion
+    from fdm_train.util import check_writable_folder
 
     diffusion = GaussianDiffusion()
     t_start = interpolation_start(diffusion, steps, t)
@@ -183,14 +184,14 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
                   "its largest step at or below --t")
     engine, path = load_engine(engine_kind, model_file, device, threads)
     a, b = load_pair(engine, image_a, image_b)
-    ensure_writable(Path(out))
+    check_writable_folder(Path(out))
     y = class_labels(engine, 1, [class_label] if class_label is not None else None)
     per_frame = len([s for s in diffusion.timesteps(steps) if s <= t])
     start = time.perf_counter()
     with progress_bar(per_frame * frames, "interpolate", quiet, unit="step") as bar:
         result = run(engine, a, b, t=t, frames=frames, mix=mix, steps=steps, sampler=sampler, clip=clip, seed=seed,
                      y=None if y is None else int(y[0]), progress=bar.update)
-    write_interpolation(Path(out), result)
+    write_interpolation(Path(out), result, inputs=[image_a, image_b, path])
     click.echo(f"interpolated {frames} frame(s) from t={result.t} ({mix}, {sampler}) in "
                f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {out}/interpolation.png")
 
@@ -199,7 +200,7 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
 
 
 @main_group.command(cls=RenamingCommand, renamed={"--out-dir": "--out"})
-@click.option("--preset", "presets", multiple=True, default=["paper-64"],
+@click.option("--preset", "presets", type=click.Choice(list(PRESETS)), multiple=True, default=["paper-64"],
               help="Model preset (repeatable); random weights.")
 @click.option("--model", "--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Measure this checkpoint's model (.safetensors) instead of the presets'.")
@@ -212,7 +213,7 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
                    "(+ channels_last), compile, graphs (CUDA graphs), triton (Triton kernels: the fast path), "
                    "onnx (onnxruntime), trt (TensorRT, with --plan).")
 @click.option("--repeats", type=click.IntRange(3), default=30, help="Timed calls at most.")
-@click.option("--budget", "budget_s", type=float, default=10.0,
+@click.option("--budget", "budget_s", type=FiniteFloatRange(0, min_open=True), default=10.0,
               help="Seconds of timed calls per measurement at most (at least 3 calls).")
 @click.option("--sample-images", type=click.IntRange(1), default=64, help="Images of the whole DDPM run.")
 @click.option("--sample-steps", type=click.IntRange(1, 1000), default=1000, help="Steps of the whole DDPM run.")
@@ -239,7 +240,7 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     here are listed as skipped. The results (JSON) are rewritten after every measurement; the tables
     are printed last, the engines side by side first."""
     from fdm_infer import bench as benchmark
-    from fdm_train.util import set_threads
+    from fdm_train.util import check_not_input, check_writable_file, set_threads
 
     set_threads(threads)
     if smoke:
@@ -247,6 +248,10 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     if out_dir:
         json_path = json_path or str(Path(out_dir) / "bench.json")
         md_path = md_path or str(Path(out_dir) / "bench.md")
+    outputs = [p for p in (json_path, md_path) if p]
+    check_not_input(outputs, [checkpoint, plan])
+    for output in outputs:  # before the measurements, not after
+        check_writable_file(output)
     result = benchmark.run(list(presets), list(batches), list(variant_keys) or None, device=device, repeats=repeats,
                            budget_s=budget_s, sample_images=sample_images, sample_steps=sample_steps,
                            sampling=not no_sampling, plain=not no_plain, onnx_max_batch=onnx_max_batch,

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from fdm_infer.engines.base import Engine
-from fdm_infer.images import ensure_writable, load_for_model, save_labels
+from fdm_infer.images import load_for_model, save_labels, save_png
 from fdm_train.diffusion import DEFAULT_CLIP, GaussianDiffusion, SampleResult
 from fdm_train.errors import UserError
+from fdm_train.util import check_not_input, check_writable_folder
 from fdm_train.visualize import colorize, grid, images_to_uint8
 
 
@@ -89,6 +90,10 @@ def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm"
     return SampleResult(torch.cat(images), torch.cat(masks), trajectory), y_all
 
 
+# grid.png shows at most this many samples: a picture to look at, not one of thousands of tiles.
+GRID_SAMPLES = 64
+
+
 def tiles(images: np.ndarray, min_size: int = 64) -> np.ndarray:
     """[N, h, w, 3] uint8, enlarged (nearest) to at least `min_size` pixels for viewing."""
     f = max(1, -(-min_size // images.shape[1]))
@@ -116,24 +121,25 @@ def trajectory_picture(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]],
     return grid(rows)
 
 
-def write_samples(out: Path, result: SampleResult, y: torch.Tensor | None = None, save_trajectory: bool = False
-                  ) -> list[Path]:
+def write_samples(out: Path, result: SampleResult, y: torch.Tensor | None = None, save_trajectory: bool = False,
+                  inputs: list[Path] = ()) -> list[Path]:
     """sample_NNNN.png (image at model resolution), sample_NNNN_labels.png (uint8 labels 0..K-1),
-    grid.png (images above colored masks), trajectory.png (if asked). Returns the paths written."""
-    ensure_writable(out)
-    written = []
+    grid.png (the first GRID_SAMPLES images above their colored masks), trajectory.png (if asked). Returns the paths written. None of
+    them may be one of `inputs` (the model file)."""
+    names = [f"sample_{i:04d}" + (f"_class{int(y[i])}" if y is not None else "") for i in range(len(result.images))]
+    pairs = [(out / f"{name}.png", out / f"{name}_labels.png") for name in names]
+    extra = [out / "grid.png", *([out / "trajectory.png"] if save_trajectory and result.trajectory else [])]
+    written = [path for pair in pairs for path in pair] + extra
+    check_not_input(written, inputs)
+    check_writable_folder(out)
     pics = images_to_uint8(result.images)
     labels = result.masks.argmax(1).numpy().astype(np.uint8)
-    for i, (pic, lab) in enumerate(zip(pics, labels)):
-        name = f"sample_{i:04d}" + (f"_class{int(y[i])}" if y is not None else "")
-        written += [out / f"{name}.png", out / f"{name}_labels.png"]
-        Image.fromarray(pic).save(written[-2])
-        save_labels(lab, written[-1])
-    image_mask_grid(result.images, result.masks).save(out / "grid.png")
-    written.append(out / "grid.png")
-    if save_trajectory and result.trajectory:
-        trajectory_picture(result.trajectory).save(out / "trajectory.png")
-        written.append(out / "trajectory.png")
+    for (picture, label_file), pic, lab in zip(pairs, pics, labels):
+        save_png(pic, picture)
+        save_labels(lab, label_file)
+    save_png(image_mask_grid(result.images[:GRID_SAMPLES], result.masks[:GRID_SAMPLES]), out / "grid.png")
+    if len(extra) > 1:
+        save_png(trajectory_picture(result.trajectory), out / "trajectory.png")
     return written
 
 
@@ -199,21 +205,23 @@ def load_pair(engine: Engine, a: str | Path, b: str | Path) -> tuple[torch.Tenso
     return x_a, x_b
 
 
-def write_interpolation(out: Path, result: Interpolation) -> list[Path]:
+def write_interpolation(out: Path, result: Interpolation, inputs: list[Path] = ()) -> list[Path]:
     """interpolation.png: top row A, the frames, B; bottom row their masks (A and B blank);
-    frame_NN.png and frame_NN_labels.png per frame."""
-    ensure_writable(out)
-    written = []
+    frame_NN.png and frame_NN_labels.png per frame. None of them may be one of `inputs` (the two images
+    and the model file)."""
+    pairs = [(out / f"frame_{i:02d}.png", out / f"frame_{i:02d}_labels.png") for i in range(len(result.images))]
+    written = [path for pair in pairs for path in pair]
+    check_not_input([*written, out / "interpolation.png"], inputs)
+    check_writable_folder(out)
     pics = images_to_uint8(result.images)
     labels = result.masks.argmax(1).numpy().astype(np.uint8)
-    for i, (pic, lab) in enumerate(zip(pics, labels)):
-        written += [out / f"frame_{i:02d}.png", out / f"frame_{i:02d}_labels.png"]
-        Image.fromarray(pic).save(written[-2])
-        save_labels(lab, written[-1])
+    for (picture, label_file), pic, lab in zip(pairs, pics, labels):
+        save_png(pic, picture)
+        save_labels(lab, label_file)
     src = images_to_uint8(result.sources)
     top = tiles(np.concatenate([src[:1], pics, src[1:]]))
     blank = np.full_like(src[:1], 255)
     bottom = tiles(np.concatenate([blank, colorize(labels).astype(np.uint8), blank]))
-    grid([top, bottom]).save(out / "interpolation.png")
+    save_png(grid([top, bottom]), out / "interpolation.png")
     written.append(out / "interpolation.png")
     return written

@@ -19,7 +19,7 @@ from PIL import Image
 
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, load_rgb, to_rgb, to_tensor
 from fdm_train.errors import UserError
-from fdm_train.util import one_line
+from fdm_train.util import atomic_file, input_clash, one_line
 from fdm_train.visualize import PALETTE, overlay
 
 # The palette of label PNGs: PALETTE repeated over the 256 entries, so index k shows region k's color.
@@ -57,7 +57,7 @@ class InputImage:
         found before it is decoded (an image given in memory is decoded already)."""
         if self.path is None:
             return rgb_array(self.data)
-        return np.asarray(read_image(self.path, max_pixels), dtype=np.uint8)
+        return np.asarray(read_image(self.path, max_pixels, budget_name="--max-pixels"), dtype=np.uint8)
 
 
 @dataclass
@@ -139,15 +139,16 @@ def _unique_keys(relative: list[Path]) -> list[Path]:
     return out
 
 
-def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS, budget_name: str | None = None) -> Image.Image:
     """An RGB image, or UnreadableImage (one line) for a missing or undecodable file, or one of more than
-    `max_pixels` pixels (found before decoding)."""
+    `max_pixels` pixels (found before decoding; `budget_name`: the setting that raises the limit, where
+    there is one)."""
     if not Path(path).is_file():
         raise UnreadableImage(path, "no such image")
     try:
         return load_rgb(path, max_pixels)
     except TooManyPixels as exc:
-        raise UnreadableImage(path, f"{exc} (--max-pixels)") from None
+        raise UnreadableImage(path, f"{exc} ({budget_name})" if budget_name else str(exc)) from None
     except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
         raise UnreadableImage(path, f"not a readable image ({one_line(exc)})") from None
 
@@ -168,9 +169,13 @@ def rgb_array(image) -> np.ndarray:
     [H, W, 1|3|4]; a torch tensor [H, W] or [1|3|4, H, W]. uint8 as is; float in [0, 1] (clipped); other
     integers as is when they fit in 0..255, else scaled by their maximum (16-bit images). Alpha is dropped."""
     if isinstance(image, Image.Image):
+        if image.width * image.height == 0:
+            raise UserError(f"an image must have pixels, got a PIL image of {image.width}x{image.height}")
         return np.asarray(to_rgb(image), dtype=np.uint8)
     if isinstance(image, torch.Tensor):
         arr = image.detach().cpu()
+        if arr.is_floating_point():  # numpy has no bfloat16
+            arr = arr.float()
         if arr.dim() == 3 and arr.shape[0] in (1, 3, 4):
             arr = arr.permute(1, 2, 0)
         elif arr.dim() != 2:
@@ -206,16 +211,6 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
 # ----- outputs -----
 
-def ensure_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".fdm-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
-
-
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A uint8 label map [h, w] at (H, W), nearest neighbour."""
     if labels.shape == tuple(size):
@@ -246,16 +241,17 @@ def label_map(masks: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 def save_png(img: Image.Image | np.ndarray, path: Path) -> None:
+    """A PNG written atomically (fdm_train.util.atomic_file)."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
-    img.save(path, format="PNG", optimize=False)
+    with atomic_file(path) as f:
+        img.save(f, format="PNG", optimize=False)
 
 
 def save_labels(labels: np.ndarray, path: Path) -> None:
     """A uint8 label map as a palette PNG, its folder made if needed: the pixel values are the labels
     (what numpy and `evaluate --predictions` read), the palette gives each label its region color (what an
     image viewer shows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(np.asarray(labels, dtype=np.uint8)).convert("P")  # L -> P keeps the values
     img.putpalette(LABEL_PALETTE)
     save_png(img, path)
@@ -266,10 +262,11 @@ def output_paths(out: Path, key: Path, kinds) -> list[Path]:
     return [out / f"{key}{OUTPUT_SUFFIXES[kind]}" for kind in kinds]
 
 
-def output_clash(out: Path, key: Path, kinds, inputs: set[Path]) -> Path | None:
-    """The first file of an image's outputs that is one of the `inputs` (resolved paths), or None: an
-    output never replaces an input."""
-    return next((p for p in output_paths(out, key, kinds) if p.resolve() in inputs), None)
+def output_clash(out: Path, key: Path, kinds, inputs: dict[Path, Path]) -> Path | None:
+    """The first file of an image's outputs that is one of the `inputs` (fdm_train.util.resolve_inputs),
+    or None: an output never replaces an input."""
+    clash = input_clash(output_paths(out, key, kinds), inputs)
+    return None if clash is None else clash[0]
 
 
 def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, labels: np.ndarray, *,
@@ -282,7 +279,7 @@ def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, 
     save_labels(labels, files["labels"])
     save_png(overlay(image, labels), files["overlay"])
     if save_soft:
-        with open(files["soft"], "wb") as f:
+        with atomic_file(files["soft"]) as f:
             np.savez_compressed(f, masks=masks.numpy().astype(np.float16),
                                 image_size=np.array([h, w], dtype=np.int32))
     if channels:
@@ -290,11 +287,12 @@ def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, 
     return files
 
 
-def channel_view(image: np.ndarray, masks: np.ndarray, max_height: int = 192) -> Image.Image:
+def channel_view(image: np.ndarray, masks: np.ndarray, max_height: int = 192, max_width: int = 768) -> Image.Image:
     """Paper Fig. 9: the image followed by one panel per mask channel; top row the soft mask m_k in
-    the region's color (intensity = m_k), bottom row the image times m_k on white."""
+    the region's color (intensity = m_k), bottom row the image times m_k on white. Each panel is at most
+    `max_height` x `max_width`, so that the picture stays small whatever the image's shape."""
     h, w = image.shape[:2]
-    scale = min(1.0, max_height / h)
+    scale = min(1.0, max_height / h, max_width / w)
     th, tw = max(1, round(h * scale)), max(1, round(w * scale))
     img = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.BILINEAR), dtype=np.float32)
     m = resize_masks(torch.from_numpy(masks), (th, tw)).clamp(0, 1).numpy()

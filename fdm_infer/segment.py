@@ -11,7 +11,6 @@ Python API (fdm_infer.api) write; no output replaces an input.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 import warnings
@@ -31,7 +30,6 @@ from fdm_infer.images import (
     InputImage,
     UnreadableImage,
     collect_inputs,
-    ensure_writable,
     label_map,
     model_input,
     output_clash,
@@ -43,7 +41,14 @@ from fdm_infer.rle import encode_labels
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
-from fdm_train.util import atomic_write
+from fdm_train.util import (
+    atomic_write,
+    check_not_input,
+    check_writable_folder,
+    json_text,
+    one_line,
+    resolve_inputs,
+)
 from fdm_train.visualize import PALETTE
 
 DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
@@ -244,9 +249,8 @@ def output_kinds(options: OutputOptions) -> list[str]:
 def check_not_inputs(out: Path, items: list[Segmented], options: OutputOptions) -> None:
     """A one-line error, before anything is written, if a file `save` would write into `out` is one
     of the inputs."""
-    inputs = {item.path.resolve() for item in items if item.path is not None}
-    if (out / SUMMARY).resolve() in inputs:
-        raise UserError(f"the output {out / SUMMARY} is an input; write to another folder")
+    inputs = resolve_inputs(item.path for item in items)
+    check_not_input([out / SUMMARY], inputs.values())
     for item in items:
         clash = output_clash(out, item.key, output_kinds(options), inputs)
         if clash is not None:
@@ -303,7 +307,7 @@ def summary(run: dict, settings: SegmentSettings, report: SegmentReport, num_reg
 
 def summary_json(document: dict) -> str:
     """summary.json's text: indented, with each list of numbers on one line."""
-    text = json.dumps(document, indent=1)
+    text = json_text(document, indent=1)
     return re.sub(r"\[\s+([-0-9.e,\s]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
 
 
@@ -341,10 +345,9 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
     inputs = found[:limit]
     if not inputs:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(str(p) for p in paths)}")
-    input_files = {item.path.resolve() for item in found if item.path is not None}
-    if (out / SUMMARY).resolve() in input_files:
-        raise UserError(f"the output {out / SUMMARY} is an input; choose another --out")
-    ensure_writable(out)
+    input_files = resolve_inputs(item.path for item in found)
+    check_not_input([out / SUMMARY], input_files.values())
+    check_writable_folder(out)
     kinds = output_kinds(options)
     presence = ChannelPresence(engine.num_regions)
     kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
@@ -360,8 +363,8 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
                 continue
             try:
                 entry = write_segmented(out, item, options)
-            except OSError as exc:
-                report.fail(item.source, f"cannot write its outputs ({exc.strerror or exc})", warn)
+            except UserError as exc:  # a file that cannot be written (atomic_file)
+                report.fail(item.source, str(exc), warn)
             else:
                 report.written += 1
                 kept.append((item.key, item.source, entry))
@@ -386,9 +389,9 @@ def finish_foreground(out: Path, kept: list[tuple[Path, str, dict]], report: Seg
             try:
                 with Image.open(out / f"{key}_labels.png") as img:
                     path = write_foreground_mask(out, key, np.asarray(img), report.foreground)
-            except OSError as exc:
+            except (OSError, UserError) as exc:  # the label map cannot be read back, or the mask written
                 report.written -= 1
-                report.fail(source, f"cannot write its foreground mask ({exc.strerror or exc})", warn)
+                report.fail(source, f"no foreground mask ({one_line(exc)})", warn)
                 kept[i] = (key, source, None)
                 continue
         add_foreground(entry, report.foreground, path, out)

@@ -45,6 +45,9 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, ema: dict[str, torch.Ten
                 "extra": json.dumps(extra or {}, sort_keys=True)}
     if placeholder:
         metadata["placeholder"] = placeholder
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{path}: not written, its weight {bad} is not finite (NaN or inf)")
     atomic_write(path, st_save(tensors, metadata=metadata))
 
 
@@ -81,6 +84,9 @@ def split_checkpoint(src: str | Path, dst: str | Path, region: int, *, noise: fl
         cfg, state = split_region(cfg, states["ema"], region, noise=noise, seed=seed)
     except ValueError as exc:
         raise CheckpointError(f"{src}: {exc}") from None
+    bad = non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"noise {noise:g} makes the weight {bad} non-finite; use a smaller noise")
     extra = json.loads(metadata.get("extra") or "{}")
     extra["split_from"] = {"file": Path(src).name, "region": region, "noise": noise, "seed": seed}
     step = int(metadata.get("step", 0))
@@ -119,7 +125,15 @@ def read_checkpoint(path: str | Path):
         expected = build_model(cfg).state_dict()
     for state in filter(None, states.values()):
         check_state(expected, state, path)
+        bad = non_finite(state)
+        if bad is not None:
+            raise CheckpointError(f"{path}: the weight {bad} is not finite (NaN or inf); the checkpoint is broken")
     return cfg, states, metadata
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of `state` holding a NaN or an infinity, or None."""
+    return next((name for name, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
 
 def load_model(path: str | Path, weights: str = "ema", map_location: str | torch.device = "cpu"):

@@ -12,8 +12,17 @@ from fdm_train.cli_options import (
     threads_option,
     version_option,
 )
-from fdm_train.config import (DEFAULT_PREDICTION, DEFAULT_PRESET, DEFAULT_REGION_CODES, DEFAULT_T_POWER, PREDICTIONS, PRESETS,
-                               VARIANTS, preset)
+from fdm_train.config import (
+    BOUNDS,
+    DEFAULT_PREDICTION,
+    DEFAULT_PRESET,
+    DEFAULT_REGION_CODES,
+    DEFAULT_T_POWER,
+    PREDICTIONS,
+    PRESETS,
+    VARIANTS,
+    preset,
+)
 from fdm_train.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
 
 # Options renamed for the same spelling across fdm-train, fdm-export and fdm-infer.
@@ -124,14 +133,18 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
           resume, compile_, quiet, prediction, **kwargs):
     """Train on every jpg/png/webp under --data with the plain denoising loss.
     Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
-    from fdm_train.train import TrainOptions, train as run_training
+    from fdm_train.train import TrainOptions
+    from fdm_train.train import train as run_training
 
     cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, dropout=dropout,
                       prediction=prediction or DEFAULT_PREDICTION)
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
                                         compile=compile_, progress=not quiet, prediction=prediction, **kwargs))
-    if summary["rank"] == 0:
+    if summary["rank"] == 0 and not summary["steps_run"]:
+        click.echo(f"already complete: step {summary['step']} of --iterations {kwargs['iterations']}, checkpoint "
+                   f"{summary['checkpoint']}; raise --iterations to train on")
+    elif summary["rank"] == 0:
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
 
 
@@ -139,7 +152,8 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
 @click.argument("folder", type=click.Path(exists=True))
 @click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
               help="The cache file to write (.npy); its manifest goes beside it (OUT.json).")
-@click.option("--size", required=True, type=click.IntRange(8), help="Image size S of the model (S x S).")
+@click.option("--size", required=True, type=click.IntRange(*BOUNDS["image_size"]),
+              help="Image size S of the model (S x S).")
 @limit_option("images of FOLDER")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Decoding processes [default: CPU count].")
 @quiet_option
@@ -173,10 +187,11 @@ def prepare_data(folder, output, size, limit, workers, quiet):
 def synth(output, kind, count, size, seed, quiet):
     """Write seeded synthetic scenes with known region masks: data on which segmentation must emerge and
     can be scored (benchmarks/emergence)."""
-    from fdm_train.synth import masks_path, write_scenes
+    from fdm_train.synth import MAX_DRAW_BYTES, masks_path, peak_bytes, write_scenes
 
-    if count * 4 * size * size > 4 << 30:  # images and labels are built in memory, float32 while drawn
-        raise click.UsageError(f"{count} scenes of {size}x{size} need over 4 GiB while drawn; write fewer")
+    if peak_bytes(count, size) > MAX_DRAW_BYTES:
+        raise click.UsageError(f"{count} scenes of {size}x{size} need about {peak_bytes(count, size) / 1e9:.1f} GB "
+                               f"while drawn, over {MAX_DRAW_BYTES >> 30} GiB; write fewer")
     write_scenes(output, kind, count, size, seed)
     click.echo(f"{output}: {count} scenes of kind {kind}, {size}x{size}; labels in {masks_path(output)}")
 
@@ -185,8 +200,9 @@ def synth(output, kind, count, size, seed, quiet):
 @model_options
 def info(preset, variant, regions, image_size, channels, region_codes, mask_scale):
     """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter)."""
-    from fdm_train.model import build_model, count_flops, count_parameters
     import torch
+
+    from fdm_train.model import build_model, count_flops, count_parameters
 
     cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale)
     with torch.device("meta"):

@@ -10,7 +10,7 @@ import click
 
 from fdm_train.data import MAX_PIXELS
 from fdm_train.errors import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
-from fdm_train.util import DEFAULT_THREADS
+from fdm_train.util import DEFAULT_THREADS, MAX_THREADS
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -53,10 +53,10 @@ def quiet_option(f):
 
 
 def threads_option(f):
-    return click.option("--threads", type=click.IntRange(1), default=DEFAULT_THREADS,
-                        help="CPU threads of torch (and onnxruntime) [default: torch's own choice: OMP_NUM_THREADS "
-                             "when set, else one per core]. On a machine shared with other jobs, 1 is often "
-                             "fastest.")(f)
+    return click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=DEFAULT_THREADS,
+                        help="CPU threads of torch (and onnxruntime), at most 4 per core [default: torch's own "
+                             "choice: OMP_NUM_THREADS when set, else one per core]. On a machine shared with other "
+                             "jobs, 1 is often fastest.")(f)
 
 
 def limit_option(what: str = "images"):

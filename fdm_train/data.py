@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fdm_train.errors import UserError
+from fdm_train.util import atomic_write, check_not_input, check_writable_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Images larger than this are refused before they are decoded: a small file can hold a huge image, and
@@ -372,6 +373,8 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
     files = find_images(source)[:limit]
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+    check_not_input([output, manifest_path(output)], [source, *files])
+    check_writable_file(output)
     workers = workers or min(32, os.cpu_count() or 1)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp.npy")
     start = time.perf_counter()
@@ -417,7 +420,6 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
         if isinstance(exc, OSError):
             raise DataError(f"cannot write {output}: {exc.strerror or exc}") from None
         raise
-    from fdm_train.util import atomic_write
     atomic_write(manifest_path(output), (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 

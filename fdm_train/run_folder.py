@@ -10,8 +10,9 @@ A new run in a folder that holds an earlier one (`--overwrite`) leaves the earli
 own first pair is written: until then it logs and samples into staging names, and its first save moves the
 earlier run aside, writes the pair, then deletes the earlier run (and puts it back if the save fails).
 
-While a run owns the folder, rank 0 holds run.lock (pid, host, start time), so that two runs never
-write one folder; the lock of a process that is gone from this host is taken over.
+While a run owns the folder, rank 0 holds run.lock (pid, host, start time, and what tells a process apart
+from a later one of the same pid: the kernel's boot id and the process's start time in ticks since boot),
+so that two runs never write one folder; the lock of a process that is gone from this host is taken over.
 """
 from __future__ import annotations
 
@@ -241,7 +242,9 @@ class RunLocked(UserError):
 class RunLock:
     """`out`/run.lock, created exclusively, naming the process that owns the folder. A lock whose process
     is gone from this host is stale and taken over (with `warn`); one from another host cannot be
-    checked, and is only ever removed by hand."""
+    checked, and is only ever removed by hand. The pid alone does not identify the process: in a PID
+    namespace (a container) a run killed and restarted has the same pid, so the lock also holds the boot
+    id and the process's start time, and a pid that now names another process (or this one) is gone."""
 
     def __init__(self, path: Path, owner: dict):
         self.path, self.owner = path, owner
@@ -250,7 +253,8 @@ class RunLock:
     def acquire(cls, out: Path, warn) -> RunLock:
         path = out / LOCK
         owner = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "boot_id": _boot_id(),
+                 "pid_start": _process_start(os.getpid())}
         out.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             if _create_exclusive(path, json.dumps(owner) + "\n"):
@@ -292,15 +296,40 @@ def _read_lock(path: Path) -> dict | None:
 
 
 def _is_stale(holder: dict) -> bool:
+    """Whether the process a lock names is gone: a lock of another host cannot be checked (False)."""
     if holder.get("host") != socket.gethostname():
         return False
+    pid = holder["pid"]
+    if holder.get("boot_id") and holder["boot_id"] != _boot_id():
+        return True  # written before the machine last started
+    if pid == os.getpid():
+        return True  # this process does not hold it: an earlier one of the same pid (a PID namespace) did
     try:
-        os.kill(holder["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except (PermissionError, OverflowError):  # a process of another user, or no pid at all
         pass
-    return False
+    started = holder.get("pid_start")
+    return started is not None and _process_start(pid) not in (None, started)
+
+
+def _boot_id() -> str | None:
+    """The kernel's id of this boot (Linux), or None."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux), or None: with the pid, it names one
+    process, where the pid alone may be reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _describe(holder: dict) -> str:

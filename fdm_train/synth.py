@@ -10,12 +10,22 @@ Images are uint8 [N, 3, S, S]; label maps uint8 [N, S, S] with 0 = background, 1
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from fdm_train.util import atomic_file, atomic_write, check_writable_file
+
 KINDS = {"a": 2, "b": 3, "c": 2}  # kind -> number of true regions
+# Every scene is drawn at once, float32 with its intermediates: the peak memory of make_scenes per pixel
+# of the output, measured (tracemalloc) for the kind that needs most (c: 102 bytes).
+PEAK_BYTES_PER_PIXEL = 110
+MAX_DRAW_BYTES = 4 << 30
+
+
+def peak_bytes(count: int, size: int) -> int:
+    """About the most memory `make_scenes` holds at once for `count` scenes of size x size."""
+    return count * size * size * PEAK_BYTES_PER_PIXEL
 
 
 def _grid(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,18 +123,16 @@ def masks_path(cache: str | Path) -> Path:
 def write_scenes(output: str | Path, kind: str, count: int, size: int, seed: int = 0) -> dict:
     """Writes the scenes as a training cache (`output`, .npy, usable as `fdm-train --data`) with its
     manifest, and their label maps beside it (`<stem>.masks.npy`). Returns the manifest."""
-    from fdm_train.checkpoint import atomic_write
     from fdm_train.data import CACHE_FORMAT, DataError, manifest_path
 
     output = Path(output)
     if output.suffix != ".npy":
         raise DataError(f"the scenes are written as a .npy cache, got {output}")
+    check_writable_file(output)  # before the scenes are drawn
     images, labels = make_scenes(kind, count, size, seed)
-    output.parent.mkdir(parents=True, exist_ok=True)
     for path, array in ((output, images), (masks_path(output), labels)):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, array)
-        tmp.replace(path)
+        with atomic_file(path) as f:
+            np.save(f, array)
     manifest = {"format": CACHE_FORMAT, "source": f"synthetic scenes kind={kind} seed={seed}", "image_size": size,
                 "count": count, "layout": "NCHW uint8 RGB", "files": [f"scene{i:06d}" for i in range(count)],
                 "skipped": [], "scenes": {"kind": kind, "seed": seed, "regions": KINDS[kind],

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import os
 import signal
@@ -62,6 +61,7 @@ from fdm_train.model import build_model, count_parameters
 from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complete_checkpoints: imported from here)
     CHECKPOINT,
     LOG,
+    PAIR_FILES,
     PREVIOUS_CHECKPOINT,
     PREVIOUS_STATE,
     TRAINING_STATE,
@@ -74,7 +74,7 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     remove_temp_files,
     truncate_log,
 )
-from fdm_train.util import DEFAULT_THREADS, pick_device, set_threads
+from fdm_train.util import DEFAULT_THREADS, check_not_input, json_text, pick_device, set_threads
 from fdm_train.visualize import mask_statistics, sample_grid
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
@@ -265,6 +265,7 @@ def _check_options(opts: TrainOptions) -> None:
         raise TrainingError(f"the learning rate must be a positive number, got {opts.lr}")
     if not 0 <= opts.ema_decay < 1:
         raise TrainingError(f"the EMA decay must be at least 0 and below 1, got {opts.ema_decay}")
+    check_not_input([Path(opts.out) / name for name in (*PAIR_FILES, LOG)], [opts.init, opts.data])
 
 
 def _micro_batches(opts: TrainOptions, world: int) -> int:
@@ -321,7 +322,8 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
         last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
     if bad.seen and ctx.main:
         _echo(f"skipped {len(bad.seen)} unreadable image(s) of {len(dataset)}")
-    return {"step": run.step, "loss": last_loss, "parameters": count_parameters(model),
+    return {"step": run.step, "steps_run": run.step - start.step, "loss": last_loss,
+            "parameters": count_parameters(model),
             "bad_files": sorted(bad.seen), "checkpoint": str(out / CHECKPOINT),
             "rank": ctx.rank, "world_size": ctx.world,
             "weights": {"model": model.state_dict(), "ema": ema.state_dict()}}
@@ -329,8 +331,10 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
 
 @contextmanager
 def _folder_lock(out: Path, ctx: Distributed):
-    """Rank 0 holds the run folder's lock for the run; every rank learns whether it got it."""
+    """Rank 0 holds the run folder's lock for the run; every rank learns whether it got it. A folder the
+    lock made is removed again if the run leaves it empty (e.g. its --data cannot be read)."""
     lock, error = None, None
+    made = ctx.main and not out.exists()
     if ctx.main:
         try:
             lock = RunLock.acquire(out, warn=_echo)
@@ -352,6 +356,8 @@ def _folder_lock(out: Path, ctx: Distributed):
     finally:
         if lock is not None:
             lock.release()
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
 
@@ -615,7 +621,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
                 bad.collect()
                 if ctx.main:
                     record = _log_record(run, last_loss, window, bad, masks)
-                    log.write(json.dumps(record) + "\n")
+                    log.write(json_text(record) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{record['images_per_s']:.1f}",
                                     H=record["mask_entropy"])

@@ -1,10 +1,16 @@
 """Small helpers every package uses: the device to run on, atomic file writes, one-line errors."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
 
 from fdm_train.errors import UserError
@@ -12,6 +18,9 @@ from fdm_train.errors import UserError
 # CPU threads torch (and onnxruntime) use when --threads is not given. None leaves torch's own choice
 # (OMP_NUM_THREADS when set, else one thread per core). benchmarks/threads.py measures the alternatives.
 DEFAULT_THREADS: int | None = None
+# The most threads --threads takes: more than a few per core only slows a run down, and tens of thousands
+# crash the OpenMP runtime.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 # The floating-point types by the names the command lines use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,52 +44,130 @@ def pick_device(name: str) -> torch.device:
 
 def set_threads(threads: int | None) -> None:
     """torch's intra-op CPU threads for this process; None keeps the current setting."""
+    check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
 
 
+def check_threads(threads: int | None) -> None:
+    """None, or 1..MAX_THREADS threads (a one-line UserError otherwise)."""
+    if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
+        raise UserError(f"threads must be from 1 to {MAX_THREADS} (4 per core), got {threads}")
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`: a reader sees the old
-    file or the new one, never a part. The file gets the mode the umask allows, as any new file does.
-    An unwritable path is a one-line UserError."""
+    """Write `data` to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A new file beside `path` to write into; on success it is synced and renamed over `path`: a reader
+    sees the old file or the new one, never a part, and a symlink at `path` is replaced, never written
+    through. On failure the temporary file is removed. The file gets the mode the umask allows, as any
+    new file does. An unwritable path is a one-line UserError."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp, fd = _create_temp(path)
+        tmp, fd = create_unique(path.parent, f".{path.name}", ".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
         if isinstance(exc, OSError):
             raise UserError(f"cannot write {path}: {exc.strerror or one_line(exc)}") from None
         raise
 
 
-def _create_temp(path: Path) -> tuple[Path, int]:
-    """A new file `.NAME.RANDOM.tmp` beside `path`, opened for writing. Created with mode 0o666 so that
-    the umask applies (tempfile.mkstemp would make it 0600)."""
+def create_unique(folder: Path, prefix: str, suffix: str) -> tuple[Path, int]:
+    """A new file `PREFIX.RANDOM SUFFIX` in `folder`, opened for writing. O_EXCL: never an existing file
+    or a symlink, and never one another process made. Mode 0o666 so that the umask applies
+    (tempfile.mkstemp would make it 0600)."""
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = folder / f"{prefix}.{secrets.token_hex(6)}{suffix}"
         try:
             return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
 
 
+def check_writable_folder(out: str | Path) -> None:
+    """`out` is made if needed and a file can be created in it (a unique probe, removed at once), or a
+    one-line UserError: checked before a command does its work, not after."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe, fd = create_unique(out, ".fdm-write-test", "")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {out}: {exc.strerror or one_line(exc)}") from None
+
+
+def check_writable_file(output: str | Path) -> None:
+    """The folder of the output file `output` is writable (see `check_writable_folder`) and `output` is
+    not a folder."""
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"cannot write {output}: it is a folder")
+    try:
+        check_writable_folder(output.parent)
+    except UserError:
+        raise UserError(f"cannot write {output}: its folder cannot be written") from None
+
+
+def resolve_inputs(inputs) -> dict[Path, Path]:
+    """The input files (None entries left out) by their resolved paths, for `input_clash`."""
+    return {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+
+
+def input_clash(outputs, inputs: dict[Path, Path]) -> tuple[Path, Path] | None:
+    """(output, input) of the first of `outputs` that is one of `inputs` (`resolve_inputs`), or None."""
+    for output in outputs:
+        source = inputs.get(Path(output).resolve())
+        if source is not None:
+            return Path(output), source
+    return None
+
+
+def check_not_input(outputs, inputs) -> None:
+    """The rule every command that writes keeps: no output is one of its inputs (symlinks resolved).
+    A one-line UserError, before anything is written."""
+    clash = input_clash(outputs, resolve_inputs(inputs))
+    if clash is not None:
+        raise UserError(f"the output {clash[0]} is the input {clash[1]}; write to another file or folder")
+
+
 def check_output(output: str | Path, inputs: list[str | Path], overwrite: bool = False) -> None:
-    """Refuse an output file that is one of the inputs (symlinks resolved), or that exists already
+    """Refuse an output file that is one of the inputs (`check_not_input`), or that exists already
     unless `overwrite`: a command never replaces a file it did not write unless asked."""
-    target = Path(output).resolve()
-    for source in inputs:
-        if Path(source).resolve() == target:
-            raise UserError(f"the output {output} is the input {source}; write to another file")
+    check_not_input([output], inputs)
     if Path(output).exists() and not overwrite:
         raise UserError(f"{output} exists; pass --overwrite to replace it")
+
+
+def json_text(document, **kwargs) -> str:
+    """`document` as JSON, with every non-finite float (NaN, inf) as null: JSON has no such numbers, and a
+    file holding them is not valid JSON."""
+    return json.dumps(_finite(document), allow_nan=False, **kwargs)
+
+
+def _finite(value):
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
+    return value
 
 
 def one_line(exc: BaseException) -> str:

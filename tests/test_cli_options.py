@@ -112,7 +112,7 @@ def test_train_passes_limit_threads_and_quiet_to_the_run(monkeypatch, capsys, tm
 
     def fake_train(opts):
         seen["opts"] = opts
-        return {"rank": 0, "step": 0, "loss": 0.0, "checkpoint": "x"}
+        return {"rank": 0, "step": 1, "steps_run": 1, "loss": 0.0, "checkpoint": "x"}
 
     monkeypatch.setattr(fdm_train.train, "train", fake_train)
     r = run("fdm-train", capsys, monkeypatch, "--data", tmp_path, "-o", tmp_path / "run", "--limit", 3,

@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import write_images
+from PIL import Image
 
 from fdm_train.checkpoint import read_checkpoint
 from fdm_train.cli import main_group
@@ -297,3 +299,94 @@ def test_sigterm_stops_the_run_and_frees_its_folder(data, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, output
     assert not (out / "run.lock").exists(), output
     assert (out / "checkpoint.safetensors").exists()
+
+
+# ----- segment killed while it rewrites a complete output folder -----
+
+# Imports fdm-infer once, then per line read from stdin ("DELAY"): forks a child that runs the command line
+# given as arguments, kills it with SIGKILL after DELAY seconds (if it is still running), and answers
+# "killed" or "finished". Forking spares every kill the seconds of importing torch.
+SEGMENT_LAUNCHER = """
+import os, signal, sys, time
+import torch
+torch.set_num_threads(1)
+from fdm_infer.cli import main
+args = sys.argv[1:]
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stdout is the answers
+        sys.argv = ["fdm-infer", *args]
+        try:
+            main()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + float(line)
+    while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+        time.sleep(0.005)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print("killed", flush=True)
+    except (ProcessLookupError, ChildProcessError):
+        print("finished", flush=True)
+"""
+
+
+def decodes(path: Path) -> bool:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                return z["masks"].size > 0
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except Exception:  # noqa: BLE001  (a truncated file fails in many ways)
+        return False
+
+
+def test_sigkill_while_segment_rewrites_a_complete_folder(tmp_path):
+    from infer_helpers import make_checkpoint
+
+    images, out, model = tmp_path / "in", tmp_path / "out", tmp_path / "ck.safetensors"
+    write_images(images, 4, size=48)
+    make_checkpoint(model)
+    args = ["segment", str(images), "--model", str(model), "-o", str(out), "--save-soft", "--save-channels",
+            "--foreground", "--batch-size", "2", "--device", "cpu", "-q"]
+    launcher = subprocess.Popen([sys.executable, "-c", SEGMENT_LAUNCHER, *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+
+    def run(delay: float) -> str:
+        launcher.stdin.write(f"{delay}\n")
+        launcher.stdin.flush()
+        return launcher.stdout.readline().strip()
+
+    try:
+        assert run(120) == "finished"
+        start = time.monotonic()
+        assert run(120) == "finished"  # a rewrite of the complete folder, as each run below begins
+        duration = time.monotonic() - start
+        summary = json.loads((out / "summary.json").read_text())
+        names = {name for entry in summary["images"] for name in entry["outputs"].values()}
+        assert len(names) == 4 * 5
+        (out / "notes.txt").write_text("mine")  # a file that is no output
+        inputs_before = {p.name: p.read_bytes() for p in images.iterdir()}
+        rng = random.Random(0)
+        kills = 0
+        for _ in range(100):
+            kills += run(rng.uniform(0.0, duration)) == "killed"
+            listed = json.loads((out / "summary.json").read_text())
+            broken = [name for entry in listed["images"] for name in entry["outputs"].values()
+                      if not decodes(out / name)]
+            assert broken == [], (kills, broken)
+            assert (out / "notes.txt").read_text() == "mine"
+            assert {p.name: p.read_bytes() for p in images.iterdir()} == inputs_before
+            others = {p.name for p in out.iterdir()} - names - {"summary.json", "notes.txt"}
+            assert all(n.startswith(".") and n.endswith(".tmp") for n in others), others  # killed writes
+            if kills == 20:
+                break
+        assert kills == 20
+        assert run(120) == "finished"
+    finally:
+        launcher.stdin.close()
+        launcher.wait(timeout=60)

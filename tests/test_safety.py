@@ -511,3 +511,283 @@ def test_atomic_write_respects_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == mode
+
+
+# ----- broken weights and models are refused, never taken for a model that found nothing -----
+
+def with_tensor(src: Path, dst: Path, name: str, value: float) -> Path:
+    """A copy of the checkpoint `src` whose EMA tensor `name` is filled with `value`."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(src)
+    tensors[f"ema.{name}"] = torch.full_like(tensors[f"ema.{name}"], value)
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst
+
+
+def mask_head_bias(checkpoint: Path) -> str:
+    return next(k.removeprefix("ema.") for k in load_file(checkpoint) if "mask" in k and k.endswith("bias"))
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(checkpoint, data, tmp_path, capsys, monkeypatch):
+    broken = with_tensor(checkpoint, tmp_path / "nan.safetensors", mask_head_bias(checkpoint), float("nan"))
+    r = run_infer(capsys, monkeypatch, "segment", data, "--model", broken, "-o", tmp_path / "o")
+    assert_one_line_error(r, str(broken), "not finite", code=1)
+    assert not (tmp_path / "o" / "summary.json").exists()
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--init", broken))
+    assert_one_line_error(r, str(broken), "not finite", code=1)
+    assert "--lr" not in r.err
+    r = run_tool(capsys, monkeypatch, "fdm-train", "split-region", checkpoint, "--region", 0, "--noise", 1e39,
+                 "-o", tmp_path / "split.safetensors")
+    assert_one_line_error(r, "non-finite", "noise", code=1)
+    assert not (tmp_path / "split.safetensors").exists()
+
+
+def onnx_with(checkpoint: Path, path: Path, change) -> Path:
+    """The checkpoint exported to ONNX, with `change(proto)` applied to the graph."""
+    import onnx
+
+    from fdm_export.onnx_export import export_onnx
+
+    export_onnx(checkpoint, path, check=False)
+    proto = onnx.load_model(str(path))
+    change(proto)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def test_an_onnx_model_whose_outputs_are_not_finite_is_one_line(checkpoint, data, tmp_path, capsys, monkeypatch):
+    from onnx import numpy_helper
+
+    def poison(proto):
+        for init in proto.graph.initializer:
+            array = numpy_helper.to_array(init)
+            if array.dtype == np.float32 and array.size > 1:
+                init.CopyFrom(numpy_helper.from_array(np.full_like(array, np.nan), init.name))
+                return
+
+    path = onnx_with(checkpoint, tmp_path / "nan.onnx", poison)
+    r = run_infer(capsys, monkeypatch, "segment", data, "--model", path, "-o", tmp_path / "o", "--device", "cpu")
+    assert_one_line_error(r, str(path), "not finite", code=1)
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_an_onnx_model_that_drops_images_of_a_batch_is_one_line(checkpoint, data, tmp_path, capsys, monkeypatch):
+    from onnx import helper
+
+    def first_mask_only(proto):
+        graph = proto.graph
+        for node in graph.node:
+            node.output[:] = ["masks_all" if o == "masks" else o for o in node.output]
+        consts = [helper.make_tensor(n, 7, [1], [v]) for n, v in (("start", 0), ("end", 1), ("axis", 0))]
+        graph.initializer.extend(consts)
+        graph.node.append(helper.make_node("Slice", ["masks_all", "start", "end", "axis"], ["masks"]))
+
+    path = onnx_with(checkpoint, tmp_path / "one.onnx", first_mask_only)
+    r = run_infer(capsys, monkeypatch, "segment", data, "--model", path, "-o", tmp_path / "o", "--device", "cpu")
+    assert_one_line_error(r, str(path), "masks output has 1 entries for a batch of 4", code=1)
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_json_never_holds_nan():
+    from fdm_train.util import json_text
+
+    text = json_text({"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": {"d": -float("inf")},
+                      "e": np.array([1.0, np.nan])})
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": {"d": None}, "e": [1.0, None]}
+
+
+# ----- ground truth is a label map -----
+
+def test_evaluate_refuses_color_ground_truth(tmp_path, capsys, monkeypatch):
+    images, masks, preds = tmp_path / "images", tmp_path / "masks", tmp_path / "preds"
+    write_images(images, 2, size=20)
+    for folder in (masks, preds):
+        folder.mkdir()
+    labels = np.resize(np.array([0, 1, 2], np.uint8), (20, 27))
+    for path in images.iterdir():
+        colors = np.stack([labels * 100, labels * 50, 255 - labels * 80], axis=-1).astype(np.uint8)
+        Image.fromarray(colors).save(masks / f"{path.stem}.png")
+        Image.fromarray(labels).save(preds / f"{path.stem}.png")
+    args = ["evaluate", "--images", images, "--masks", masks, "--predictions", preds, "--out", tmp_path / "r.json"]
+    r = run_infer(capsys, monkeypatch, *args)
+    assert_one_line_error(r, "a label map must be one channel", "RGB", code=1)
+    assert not (tmp_path / "r.json").exists()
+    # Grey values stored as RGB are the labels they show.
+    for path in images.iterdir():
+        Image.fromarray(np.repeat(labels[..., None], 3, axis=2)).save(masks / f"{path.stem}.png")
+    r = run_infer(capsys, monkeypatch, *args)
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "r.json").read_text())["parts"]["miou"] == pytest.approx(1.0)
+
+
+# ----- threads, sizes and numbers are bounded -----
+
+def test_threads_are_bounded_everywhere(checkpoint, data, tmp_path, capsys, monkeypatch):
+    from fdm_infer import Segmenter
+    from fdm_train.util import MAX_THREADS
+
+    too_many = MAX_THREADS + 1
+    for args in (["segment", data, "--model", checkpoint, "-o", tmp_path / "o"],
+                 ["generate", "--model", checkpoint, "-o", tmp_path / "g"],
+                 ["bench", "--smoke"],
+                 ["baseline", "rectangle", "--images", data, "-o", tmp_path / "b"]):
+        r = run_infer(capsys, monkeypatch, *args, "--threads", too_many)
+        assert_one_line_error(r, "--threads", f"1<=x<={MAX_THREADS}", code=2)
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--threads", too_many))
+    assert_one_line_error(r, "--threads", code=2)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match=f"threads must be from 1 to {MAX_THREADS}"):
+        Segmenter.load(checkpoint, device="cpu", threads=too_many)
+    with pytest.raises(UserError, match="threads"):
+        train(options(data, tmp_path / "run", threads=too_many))
+    assert not (tmp_path / "run" / LOCK).exists()
+
+
+def test_synth_checks_its_output_before_drawing_the_scenes(tmp_path, capsys, monkeypatch):
+    from fdm_train import synth
+
+    monkeypatch.setattr(synth, "make_scenes", lambda *a: pytest.fail("scenes drawn before the output was checked"))
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    r = run_tool(capsys, monkeypatch, "fdm-train", "synth", "-o", blocker / "s.npy", "--count", 4, "--size", 8)
+    assert_one_line_error(r, "cannot write", str(blocker / "s.npy"), code=1)
+
+
+def test_bench_checks_its_outputs_and_numbers_first(tmp_path, capsys, monkeypatch):
+    from fdm_infer import bench
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the outputs were checked"))
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    r = run_infer(capsys, monkeypatch, "bench", "--smoke", "--json", blocker / "b.json")
+    assert_one_line_error(r, "cannot write", str(blocker / "b.json"), code=1)
+    for args, words in ((["--preset", "bogus"], "--preset"), (["--budget", "nan"], "--budget"),
+                        (["--budget", -5], "--budget"), (["--budget", 0], "--budget")):
+        r = run_infer(capsys, monkeypatch, "bench", "--smoke", *args)
+        assert_one_line_error(r, words, code=2)
+
+
+def test_prepare_data_bounds_the_size(data, tmp_path, capsys, monkeypatch):
+    r = run_tool(capsys, monkeypatch, "fdm-train", "prepare-data", data, "-o", tmp_path / "c.npy", "--size", 30000)
+    assert_one_line_error(r, "--size", "8<=x<=2048", code=2)
+
+
+# ----- the Python API answers bad input with UserError -----
+
+def test_the_python_api_raises_user_error_in_its_own_words(checkpoint):
+    from PIL import Image as PILImage
+
+    import fdm_infer
+    from fdm_infer import Segmenter, generate
+
+    assert fdm_infer.UserError is UserError
+    seg = Segmenter.load(checkpoint, device="cpu")
+    for bad, words in ((None, "cannot segment a NoneType"), (5, "cannot segment a int"),
+                       (PILImage.new("RGB", (0, 0)), "0x0"), ([None], "NoneType")):
+        with pytest.raises(UserError, match=words) as caught:
+            seg(bad)
+        assert "--" not in str(caught.value)
+    bf16 = seg(torch.rand(3, 20, 20, dtype=torch.bfloat16))
+    assert bf16.labels[0].shape == (20, 20)
+    for batch_size in (0, -1):
+        with pytest.raises(UserError, match="batch_size must be at least 1"):
+            generate(checkpoint, 2, steps=2, batch_size=batch_size, device="cpu")
+    for budget in (float("nan"), 0, -1):
+        with pytest.raises(UserError, match="max_pixels"):
+            Segmenter.load(checkpoint, device="cpu", max_pixels=budget)
+
+
+# ----- run locks in containers -----
+
+def test_a_lock_left_by_an_earlier_process_of_the_same_pid_is_stale(data, tmp_path, capsys, monkeypatch):
+    """A run killed in a PID namespace (a container) and restarted there has the pid it had: its own lock
+    names this very process, and is stale."""
+    out = tmp_path / "run"
+    write_lock(out, os.getpid())
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--resume", "auto"))
+    assert r.code == 0 and f"taking over the lock of a run that is gone: pid {os.getpid()}" in r.err, r.err
+    assert not (out / LOCK).exists()
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_stale(data, tmp_path, capsys, monkeypatch):
+    from fdm_train.run_folder import _boot_id, _process_start
+
+    out = tmp_path / "run"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        write_lock(out, other.pid)  # no start time: the pid alone; the process lives, so the lock holds
+        assert_one_line_error(run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out)),
+                              "in use by another run", code=1)
+        holder = json.loads((out / LOCK).read_text())
+        started = _process_start(other.pid)
+        (out / LOCK).write_text(json.dumps({**holder, "boot_id": _boot_id(), "pid_start": started - 1}))
+        r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out))
+        assert r.code == 0 and "taking over the lock" in r.err, r.err
+        write_lock(out, other.pid)
+        (out / LOCK).write_text(json.dumps({**holder, "boot_id": "another boot", "pid_start": started}))
+        r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--resume", "auto", "--iterations", 4))
+        assert r.code == 0 and "taking over the lock" in r.err, r.err
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_resuming_a_complete_run_says_so(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--iterations", 3,
+                                                                  "--save-every", 3)).code == 0
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--resume", "auto", "--iterations", 2))
+    assert r.code == 0, r.err
+    assert "already complete: step 3" in r.out and "nan" not in r.out, r.out
+
+
+def test_a_run_that_cannot_start_leaves_no_folder(checkpoint, data, tmp_path, capsys, monkeypatch):
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(tmp_path / "no-data", tmp_path / "run"))
+    assert r.code != 0 and not (tmp_path / "run").exists(), r.err
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--init",
+                                                               tmp_path / "missing.safetensors"))
+    assert_one_line_error(r, "missing.safetensors")
+    assert not (tmp_path / "run").exists()
+
+
+def test_interpolate_names_no_option_it_does_not_have(checkpoint, tmp_path, capsys, monkeypatch):
+    from fdm_infer import images
+
+    write_images(tmp_path / "in", 2, size=20)
+    monkeypatch.setattr(images.load_for_model, "__defaults__", (100,))  # a budget the 20x27 images exceed
+    a, b = sorted((tmp_path / "in").iterdir())
+    r = run_infer(capsys, monkeypatch, "interpolate", a, b, "--model", checkpoint, "-o", tmp_path / "o",
+                  "--device", "cpu", "--steps", 4, "--t", 333, "--frames", 2)
+    assert_one_line_error(r, "over the limit", code=1)
+    assert "--max-pixels" not in r.err
+
+
+def test_the_channel_view_is_small_whatever_the_image_shape():
+    from fdm_infer.images import channel_view
+
+    for h, w in ((1, 200_000), (200_000, 1), (3, 5)):
+        masks = np.full((3, 8, 8), 1 / 3, np.float32)
+        view = channel_view(np.zeros((h, w, 3), np.uint8), masks)
+        assert view.height <= 2 * 192 + 6 and view.width <= 4 * (768 + 2) + 2, (h, w, view.size)
+
+
+def test_export_bounds_the_parity_check_batches(checkpoint, tmp_path, capsys, monkeypatch):
+    r = run_tool(capsys, monkeypatch, "fdm-export", "onnx", checkpoint, "-o", tmp_path / "m.onnx", "--check-batches",
+                 "1,100000")
+    assert_one_line_error(r, "batch sizes must be from 1 to 64", "100000", code=1)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_sample_grid_shows_a_bounded_number_of_samples(tmp_path):
+    from fdm_infer.generate import GRID_SAMPLES, write_samples
+    from fdm_train.diffusion import SampleResult
+
+    n = GRID_SAMPLES + 6
+    result = SampleResult(torch.zeros(n, 3, 8, 8), torch.full((n, 3, 8, 8), 1 / 3), [])
+    write_samples(tmp_path, result)
+    assert len(list(tmp_path.glob("sample_*_labels.png"))) == n
+    rows = -(-GRID_SAMPLES // 8) * 2  # image rows and mask rows of 8 tiles of 64 pixels (8x8 enlarged)
+    assert Image.open(tmp_path / "grid.png").height == rows * (64 + 2) + 2

@@ -168,3 +168,24 @@ def test_synth_command_writes_scenes_and_labels(tmp_path):
     assert np.array_equal(np.load(out), images) and np.array_equal(np.load(masks_path(out)), labels)
     huge = CliRunner().invoke(main_group, ["synth", "-o", str(out), "--count", "10000000", "--size", "1024"])
     assert huge.exit_code == 2 and "GiB" in huge.output
+
+
+def test_the_memory_guard_covers_the_real_peak(tmp_path):
+    import tracemalloc
+
+    from click.testing import CliRunner
+
+    from fdm_train.cli import main_group
+    from fdm_train.synth import MAX_DRAW_BYTES, peak_bytes
+
+    for kind in KINDS:
+        tracemalloc.start()
+        try:
+            make_scenes(kind, 200, 32)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= peak_bytes(200, 32), (kind, peak)
+    assert peak_bytes(50_000, 32) > MAX_DRAW_BYTES  # 5.6 GB measured for kind c
+    r = CliRunner().invoke(main_group, ["synth", "-o", str(tmp_path / "s.npy"), "--kind", "c", "--count", "50000"])
+    assert r.exit_code == 2 and "write fewer" in r.output and not (tmp_path / "s.npy").exists(), r.output

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from fdm_train.config import ModelConfig
+from fdm_train.errors import UserError
 
 OUTPUT_NAMES = ["eps", "masks"]
 
@@ -38,3 +39,14 @@ class Engine(abc.ABC):
 
     def __call__(self, x_t, t, y=None):
         return self.denoise(x_t, t, y)
+
+    def check_outputs(self, batch: int, eps: torch.Tensor, masks: torch.Tensor) -> None:
+        """The outputs of a model run on `batch` inputs hold `batch` finite entries each, or a one-line
+        UserError naming the model file: a broken model must not pass for one that found nothing."""
+        name = getattr(self, "path", None) or "the model"
+        for output, tensor in (("eps", eps), ("masks", masks)):
+            if tensor.dim() == 0 or tensor.shape[0] != batch:
+                raise UserError(f"{name}: its {output} output has {tensor.shape[0] if tensor.dim() else 0} "
+                                f"entries for a batch of {batch}; the model file is broken")
+            if not torch.isfinite(tensor).all():
+                raise UserError(f"{name}: its {output} output is not finite (NaN or inf); the model is broken")

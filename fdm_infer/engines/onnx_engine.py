@@ -200,8 +200,9 @@ class OnnxEngine(Engine):
                  "t": t.detach().to("cpu", torch.int64).reshape(-1).contiguous().numpy()}
         if self.config.num_classes:
             feeds["y"] = y.detach().to("cpu", torch.int64).reshape(-1).contiguous().numpy()
-        eps, masks = self.session.run(OUTPUT_NAMES, feeds)
-        return torch.from_numpy(eps), torch.from_numpy(masks)
+        eps, masks = (torch.from_numpy(o) for o in self.session.run(OUTPUT_NAMES, feeds))
+        self.check_outputs(x_t.shape[0], eps, masks)
+        return eps, masks
 
     def _denoise_cuda(self, x_t, t, y):
         dev, index = self.device, self.device.index
@@ -221,5 +222,6 @@ class OnnxEngine(Engine):
         torch.cuda.current_stream(dev).synchronize()  # inputs written on torch's stream; ORT uses its own
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
+        self.check_outputs(b, eps, masks)
         return eps, masks
 

@@ -29,6 +29,7 @@ class TorchEngine(Engine):
                  channels_last: bool | None = None, compile: bool | None = None,
                  cuda_graphs: bool | None = None, unfused: bool = False, triton_kernels: bool = True):
         self.device = pick_device(device)
+        self.path = Path(checkpoint)
         model, self.config, self.metadata = load_model(checkpoint, weights="ema", map_location=self.device)
         self._setup(model, dtype, channels_last, compile, cuda_graphs, unfused, triton_kernels)
 

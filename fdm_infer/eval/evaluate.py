@@ -18,7 +18,6 @@ prediction: `fdm_infer.foreground`.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -38,7 +37,7 @@ from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_channels, segment
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
-from fdm_train.util import atomic_write, one_line
+from fdm_train.util import atomic_write, json_text, one_line
 from fdm_train.visualize import mask_statistics
 
 PROTOCOLS = ("foreground", "parts")
@@ -66,6 +65,14 @@ class EvalSet:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def files(self, predictions: str | Path | None = None) -> list[Path]:
+        """The files an evaluation reads: the images, their masks and (`predictions`) the label maps scored."""
+        found = list(self.image_paths)
+        for folder, suffixes in ((self.masks_dir, ("",)), (predictions, ("", "_labels"))):
+            if folder is not None:
+                found += [_find_label_file(Path(folder), key, suffixes) for key in self.keys]
+        return [path for path in found if path is not None]
 
     @property
     def num_labels(self) -> int:
@@ -117,19 +124,21 @@ def translate(array: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A ground-truth or predicted label map as uint8 [H, W]; a 0/255 binary mask becomes 0/1."""
+    """A ground-truth or predicted label map as uint8 [H, W]; a 0/255 binary mask becomes 0/1. A color
+    image is refused (an RGB file of grey values is read as those values)."""
     try:
         with Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise TooManyPixels(f"{img.width}x{img.height} is over the limit of {MAX_PIXELS / 1e6:.0f} megapixels")
             img.load()
-            if img.mode not in ("L", "P", "1", "I", "I;16"):
-                img = img.convert("L")
             arr = np.asarray(img)
     except Exception as exc:  # noqa: BLE001  (PIL raises many types)
         raise UserError(f"cannot read label map {path}: {one_line(exc)}") from None
+    if arr.ndim == 3 and (arr[..., :3] == arr[..., :1]).all():  # grey values stored as RGB(A)
+        arr = arr[..., 0]
     if arr.ndim != 2:
-        raise UserError(f"{path}: a label map must be one channel, got shape {arr.shape}")
+        raise UserError(f"{path}: a label map must be one channel of labels, not a color image ({img.mode}, "
+                        f"shape {list(arr.shape)}); save it as a grey or palette PNG")
     if arr.max(initial=0) > 255:
         raise UserError(f"{path}: labels above 255")
     arr = arr.astype(np.uint8)
@@ -499,15 +508,19 @@ def describe_result(r: dict) -> str:
 
 def write_reports(results: dict | list[dict], out: str | Path, markdown: str | Path | None = None) -> tuple[Path, Path]:
     """JSON (`out`) and a Markdown table (`markdown`, default `out` with .md)."""
-    out = Path(out)
-    md = Path(markdown) if markdown else out.with_suffix(".md")
+    out, md = report_paths(out, markdown)
     rows = results if isinstance(results, list) else [results]
     try:
-        atomic_write(out, (json.dumps(results, indent=1, default=_json_default) + "\n").encode())
+        atomic_write(out, (json_text(results, indent=1, default=_json_default) + "\n").encode())
         atomic_write(md, markdown_table(rows).encode())
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out, md
+
+
+def report_paths(out: str | Path, markdown: str | Path | None = None) -> tuple[Path, Path]:
+    """The files `write_reports` writes: `out` and `markdown` (default `out` with .md)."""
+    return Path(out), Path(markdown) if markdown else Path(out).with_suffix(".md")
 
 
 def _json_default(value):

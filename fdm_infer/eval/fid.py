@@ -32,7 +32,7 @@ from PIL import Image
 
 from fdm_train.data import find_images, fit_square, load_rgb
 from fdm_train.errors import UserError
-from fdm_train.util import one_line, pick_device
+from fdm_train.util import atomic_file, one_line, pick_device
 
 INCEPTION_ENV = "FDM_INCEPTION"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -183,6 +183,10 @@ class ImageSource:
             return cls(path, "stats", n)
         raise UserError(f"{path}: not a folder of images, a uint8 .npy array or a .npz of FID statistics")
 
+    def files(self) -> list[Path]:
+        """The files read: the images of a folder, or the file itself."""
+        return list_images(self.path) if self.kind == "folder" else [self.path]
+
     def select(self, n: int | None, seed: int | None) -> list[int]:
         """Indices of the images used: all; the first n (seed None); or a seeded random n."""
         if n is None or n >= self.count:
@@ -271,7 +275,8 @@ def compute_fid(generated: str | Path, reference: str | Path, *, n: int | None =
     mu_r, sigma_r, n_r = source_statistics(ref, ref_n or None, seed=seed, size=size, model=model,
                                            batch_size=batch_size, device=dev, progress=progress)
     if save_reference_stats:
-        np.savez(save_reference_stats, mu=mu_r, sigma=sigma_r, n=n_r)
+        with atomic_file(save_reference_stats) as f:
+            np.savez(f, mu=mu_r, sigma=sigma_r, n=n_r)
     value, notes = frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
     return {"fid": value, "n_generated": n_g, "n_reference": n_r, "generated": str(generated),
             "reference": str(reference), "reference_size": size, "seed": seed, "network": str(inception_path()),
