@@ -225,3 +225,22 @@ def test_prediction_is_set_by_the_flag_and_kept_by_init_and_resume(image_folder,
     # the paper's eps is what a run gets from the library unless asked
     train(options(image_folder, tmp_path / "eps", iterations=2))
     assert read_checkpoint(tmp_path / "eps" / "checkpoint.safetensors")[0].prediction == "eps"
+
+
+def test_freeze_masks_trains_the_decoder_only(image_folder, tmp_path):
+    """--freeze-masks: from --init, every weight the masks depend on stays as it was (so do the masks), the
+    decoder's and region codes' weights move."""
+    train(options(image_folder, tmp_path / "start", iterations=2, model=TINY.replace(region_codes=True)))
+    start = tmp_path / "start" / "checkpoint.safetensors"
+    train(options(image_folder, tmp_path / "tuned", iterations=3, init=str(start), freeze_masks=True, lr=1e-2,
+                  prediction="v"))
+    _, before, _ = read_checkpoint(start)
+    _, after, _ = read_checkpoint(tmp_path / "tuned" / "checkpoint.safetensors")
+    moved = {name for name, tensor in after["model"].items() if not torch.equal(tensor, before["ema"][name])}
+    assert moved and all(name.startswith(("decoder.", "region_codes.")) for name in moved), moved
+    assert any(name.startswith("region_codes.") for name in moved)
+    first, _, _ = load_model(start)
+    tuned, _, _ = load_model(tmp_path / "tuned" / "checkpoint.safetensors", weights="model")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([30, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x, t)[1], first(x, t)[1], atol=0, rtol=0)
