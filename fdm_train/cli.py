@@ -12,7 +12,8 @@ from fdm_train.cli_options import (
     threads_option,
     version_option,
 )
-from fdm_train.config import (DEFAULT_PREDICTION, DEFAULT_PRESET, DEFAULT_REGION_CODES, DEFAULT_T_POWER, PREDICTIONS, PRESETS,
+from fdm_train.config import (DEFAULT_ITERATIONS, DEFAULT_PREDICTION, DEFAULT_PRESET, DEFAULT_REGION_CODES,
+                               DEFAULT_T_POWER, PREDICTIONS, PRESETS,
                                VARIANTS, preset)
 from fdm_train.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
 
@@ -69,7 +70,8 @@ def main_group():
                    "the global batch.")
 @click.option("--grad-accum", type=click.IntRange(1), default=None,
               help="Or: micro-batches per device and step (gradient accumulation).")
-@click.option("--iterations", type=click.IntRange(1), default=10_000, show_default=True, help="Total training steps.")
+@click.option("--iterations", type=click.IntRange(1), default=None,
+              help=f"The step training stops at [default: {DEFAULT_ITERATIONS:,}; a resumed run: its own target].")
 @click.option("--lr", type=FiniteFloatRange(0, min_open=True), default=1e-4, show_default=True, help="Adam learning rate.")
 @click.option("--ema-decay", type=FiniteFloatRange(0, 1, max_open=True), default=0.9999, show_default=True,
               help="EMA rate (with warm-up min(decay, (1+n)/(10+n))).")
@@ -127,7 +129,7 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
                                         compile=compile_, progress=not quiet, prediction=prediction, **kwargs))
-    if summary["rank"] == 0:
+    if summary["rank"] == 0 and not summary.get("finished_before"):
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
 
 

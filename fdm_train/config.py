@@ -116,6 +116,7 @@ DEFAULT_PRESET = "small-32"
 # so that a file written without the field describes the paper's architecture.
 DEFAULT_REGION_CODES = True
 DEFAULT_T_POWER = 2.0
+DEFAULT_ITERATIONS = 10_000  # training steps of a fresh run
 DEFAULT_PREDICTION = "eps"
 
 

@@ -30,7 +30,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ from fdm_train.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_train.config import DEFAULT_T_POWER, ModelConfig
+from fdm_train.config import DEFAULT_ITERATIONS, DEFAULT_T_POWER, ModelConfig
 from fdm_train.data import (
     EpochOrder,
     ShardedBatches,
@@ -90,7 +90,7 @@ class TrainOptions:
     out: str = "runs/fdm"
     model: ModelConfig | None = None
     batch_size: int = 64  # the global batch, over all devices and micro-batches
-    iterations: int = 10_000
+    iterations: int | None = None  # the run's target step; None: DEFAULT_ITERATIONS, or a resumed run's own
     lr: float = 1e-4
     ema_decay: float = 0.9999
     seed: int = 0
@@ -308,6 +308,13 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
 def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device, mode: bool | str,
                      n_micro: int) -> dict:
     start = _resolve_start(opts, out, ctx, mode)
+    opts = replace(opts, iterations=_target(opts, start))
+    if start.step >= opts.iterations:
+        if ctx.main:
+            _echo(f"{out}: the run is finished (step {start.step} of {opts.iterations}); nothing to do "
+                  "(--iterations N continues it to step N)")
+        return {"step": start.step, "loss": float("nan"), "finished_before": True, "checkpoint": str(out / CHECKPOINT),
+                "rank": ctx.rank, "world_size": ctx.world}
     dataset, cfg = _open_data(opts, start)
     model, ema, optimizer = _build(cfg, opts, device, start, out)
     with _prepare_folder(out, ctx, start, mode) as folder:
@@ -407,6 +414,15 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
         raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
                               f"(step {state['step']}) disagree")
     return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]))
+
+
+def _target(opts: TrainOptions, start: _Start) -> int:
+    """The step the run trains to: --iterations where given, else a resumed run's own target."""
+    if opts.iterations is not None:
+        return opts.iterations
+    if start.state is not None:
+        return int(start.state.get("options", {}).get("iterations") or DEFAULT_ITERATIONS)
+    return DEFAULT_ITERATIONS
 
 
 def _choose_start(opts: TrainOptions, out: Path, mode: bool | str):
