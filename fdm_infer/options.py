@@ -76,10 +76,9 @@ def note_line(message: str) -> None:
 
 
 def progress_bar(total: int, desc: str, quiet: bool, unit: str = "img"):
-    from tqdm import tqdm
+    from fdm_train.util import progress_bar as bar
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=True if quiet else None, dynamic_ncols=True,
-                file=sys.stderr)
+    return bar(total, desc, unit, enabled=not quiet)
 
 
 def exit_if_failed(report) -> None:

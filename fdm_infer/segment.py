@@ -43,7 +43,7 @@ from fdm_infer.rle import encode_labels
 from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError
-from fdm_train.util import atomic_write
+from fdm_train.util import atomic_write, progress_bar
 from fdm_train.visualize import PALETTE
 
 DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
@@ -166,13 +166,10 @@ def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentS
     """The inputs segmented, one batch at a time (see `_read_batches`); an input that cannot be read, or
     a file of more than `settings.max_pixels` pixels, goes to `on_unreadable` (which may raise) and is
     left out. The label maps are made one image and one channel at a time."""
-    from tqdm import tqdm
-
     check_class(engine, settings.class_label)
     diffusion = GaussianDiffusion()
     size = engine.config.image_size
-    with tqdm(total=len(inputs), desc="segment", unit="img", disable=None if progress else True,
-              dynamic_ncols=True) as bar:
+    with progress_bar(len(inputs), "segment", "img", enabled=progress) as bar:
         for batch, tensors, images in _read_batches(inputs, size, settings.batch_size, settings.max_pixels,
                                                     on_unreadable, bar):
             y = None if settings.class_label is None else torch.full((len(batch),), settings.class_label)

@@ -144,12 +144,11 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
 def prepare_data(folder, output, size, limit, workers, quiet):
     """Decode every image under FOLDER once into a uint8 [N, 3, S, S] array (shorter side to S, center
     crop, as training does), usable as `--data OUTPUT`: decoding JPEGs then never limits a GPU."""
-    from tqdm import tqdm
-
     from fdm_train.data import find_images, prepare_cache
+    from fdm_train.util import progress_bar
 
     total = len(find_images(folder)[:limit])
-    with tqdm(total=total, desc="decode", unit="img", dynamic_ncols=True, disable=True if quiet else None) as bar:
+    with progress_bar(total, "decode", "img", enabled=not quiet) as bar:
         m = prepare_cache(folder, output, size, workers, progress=bar.update, limit=limit)
     click.echo(f"{output}: {m['count']} images of {size}x{size} ({m['count'] * 3 * size * size / 1e6:.1f} MB), "
                f"{len(m['skipped'])} unreadable skipped, {m['seconds']:.1f} s")

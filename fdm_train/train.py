@@ -74,7 +74,7 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     remove_temp_files,
     truncate_log,
 )
-from fdm_train.util import DEFAULT_THREADS, pick_device, set_threads
+from fdm_train.util import DEFAULT_THREADS, pick_device, progress_bar, set_threads
 from fdm_train.visualize import mask_statistics, sample_grid
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
@@ -607,8 +607,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
     bad = _BadFiles(ctx)
     batches = iter(loader)
     log = run.folder.log_path.open("a") if ctx.main else None
-    bar = tqdm(total=opts.iterations, initial=run.step, desc="train", unit="step",
-               disable=not opts.progress or not ctx.main, dynamic_ncols=True)
+    bar = progress_bar(opts.iterations, "train", "step", enabled=opts.progress and ctx.main, initial=run.step)
     window = _Window()
     last_loss = float("nan")
     try:
@@ -630,8 +629,8 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
                     record = _log_record(run, last_loss, window, bad, masks)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{record['images_per_s']:.1f}",
-                                    H=record["mask_entropy"])
+                    bar.set_postfix(loss=f"{last_loss:.4f}", images_per_s=f"{record['images_per_s']:.1f}",
+                                    mask_entropy=record["mask_entropy"])
                 window = _Window()
             if ctx.main and (run.step % opts.save_every == 0 or final):
                 _save(run)

@@ -2,12 +2,16 @@
 line on SIGTERM, what a long command plans, paths and errors that name the right thing, the API's
 results and exceptions, and one vocabulary of options."""
 import json
+import os
+import re
+import subprocess
 import sys
 
 import torch
 from click.testing import CliRunner
 
 from conftest import write_images
+from infer_helpers import make_checkpoint
 from fdm_train.cli import main_group as train_group
 from fdm_train.run_folder import TRAINING_STATE
 
@@ -45,3 +49,27 @@ def test_resume_keeps_the_runs_own_target_and_a_finished_run_says_so(tmp_path):
     further = fdm_train("--data", data, "--out", run, "--resume", "auto", "--iterations", "4", "--log-every", "1",
                         *TRAIN_TINY)
     assert "done: step 4" in further.output and logged_steps(run) == [1, 2, 3, 4]
+
+
+# ----- progress when the output is not a terminal -----
+
+def piped(*argv, env=None):
+    """A console command run as a user runs it, stdout and stderr piped (no terminal)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env.pop("TQDM_DISABLE", None)
+    return subprocess.run([sys.executable, "-c", "import sys; from fdm_infer.cli import main; sys.argv[0] = "
+                           "'fdm-infer'; main()", *map(str, argv)], capture_output=True, text=True, env=env,
+                          check=False)
+
+
+def test_piped_generate_prints_plain_progress_lines_with_rate_and_eta(tmp_path):
+    model = tmp_path / "tiny.safetensors"
+    make_checkpoint(model)
+    proc = piped("generate", "--model", model, "-n", "2", "--steps", "5", "--out", tmp_path / "samples",
+                 "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("generate (ddpm): ")]
+    assert "\r" not in proc.stderr
+    # The first step's line, with the rate and the time left; the last line, all steps done.
+    assert re.fullmatch(r"generate \(ddpm\): 1/5 step \(20%\), [0-9.e+]+ step/s, ETA \d+s", lines[0]), lines
+    assert re.fullmatch(r"generate \(ddpm\): 5/5 step \(100%\), [0-9.e+]+ step/s, \d+s in all", lines[-1]), lines
