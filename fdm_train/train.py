@@ -57,7 +57,7 @@ from fdm_train.data import (
     to_float,
 )
 from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.errors import UserError
+from fdm_train.errors import UserError, raise_terminated
 from fdm_train.model import build_model, count_parameters
 from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complete_checkpoints: imported from here)
     CHECKPOINT,
@@ -352,7 +352,7 @@ def _folder_lock(out: Path, ctx: Distributed):
         raise TrainingError(error)
     # A scheduler stops a job with SIGTERM; as an exception it unwinds this block and frees the lock.
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if on_main_thread else None
     try:
         yield
     finally:
@@ -360,10 +360,6 @@ def _folder_lock(out: Path, ctx: Distributed):
             lock.release()
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 @dataclass

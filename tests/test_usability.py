@@ -4,8 +4,10 @@ results and exceptions, and one vocabulary of options."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 from click.testing import CliRunner
@@ -16,7 +18,7 @@ from fdm_train.cli import main_group as train_group
 from fdm_train.run_folder import TRAINING_STATE
 
 TRAIN_TINY = ["--preset", "tiny-32", "--image-size", "16", "--batch-size", "4", "--sample-every", "0",
-              "--workers", "0", "--threads", "1", "-q"]
+              "--threads", "1", "-q", "--workers", "0"]
 
 
 def fdm_train(*args):
@@ -73,3 +75,25 @@ def test_piped_generate_prints_plain_progress_lines_with_rate_and_eta(tmp_path):
     # The first step's line, with the rate and the time left; the last line, all steps done.
     assert re.fullmatch(r"generate \(ddpm\): 1/5 step \(20%\), [0-9.e+]+ step/s, ETA \d+s", lines[0]), lines
     assert re.fullmatch(r"generate \(ddpm\): 5/5 step \(100%\), [0-9.e+]+ step/s, \d+s in all", lines[-1]), lines
+
+
+# ----- SIGTERM: one line -----
+
+def test_sigterm_to_a_training_with_data_workers_prints_one_line(tmp_path):
+    """What a scheduler does: SIGTERM to the whole process group (the run and its DataLoader workers)."""
+    data, run = tmp_path / "images", tmp_path / "run"
+    write_images(data, 8)
+    args = ["--data", data, "--out", run, "--iterations", "100000", "--log-every", "1",
+            *TRAIN_TINY[:-1], "2"]  # two DataLoader workers
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from fdm_train.cli import main; "
+                             "sys.argv[0] = 'fdm-train'; main()", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not ((run / "log.jsonl").exists() and (run / "log.jsonl").read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip() == "fdm-train: terminated", err
+    assert not (run / "run.lock").exists()
