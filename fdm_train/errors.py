@@ -29,8 +29,8 @@ def run_cli(group: click.Group, prog: str) -> None:
         signal.signal(signal.SIGTERM, raise_terminated)
     try:
         group.main(prog_name=prog, standalone_mode=False)
-    except click.exceptions.Abort:
-        _stop(prog, KeyboardInterrupt())
+    except click.exceptions.Abort as exc:  # click's word for a Ctrl-C or SIGTERM it caught
+        _stop(prog, _interruption(exc.__context__) or KeyboardInterrupt())
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -58,6 +58,10 @@ def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
 
 
 def _stop(prog: str, interrupt: KeyboardInterrupt):
+    # The DataLoader's SIGCHLD handler would report each worker the signal killed, while the loader is
+    # shut down on the way out.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     if isinstance(interrupt, Terminated):
         click.echo(f"{prog}: terminated", err=True)
         sys.exit(128 + signal.SIGTERM)
