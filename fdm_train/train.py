@@ -45,7 +45,7 @@ from fdm_train.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_train.config import DEFAULT_ITERATIONS, DEFAULT_T_POWER, ModelConfig
+from fdm_train.config import DEFAULT_ITERATIONS, DEFAULT_T_POWER, LARGEST_CPU_PRESET, PRESETS, ModelConfig
 from fdm_train.data import (
     EpochOrder,
     ShardedBatches,
@@ -58,7 +58,7 @@ from fdm_train.data import (
 )
 from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.errors import UserError, raise_terminated
-from fdm_train.model import build_model, count_parameters
+from fdm_train.model import build_model, count_flops, count_parameters
 from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complete_checkpoints: imported from here)
     CHECKPOINT,
     LOG,
@@ -74,7 +74,7 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     remove_temp_files,
     truncate_log,
 )
-from fdm_train.util import DEFAULT_THREADS, pick_device, progress_bar, set_threads
+from fdm_train.util import DEFAULT_THREADS, format_seconds, pick_device, progress_bar, set_threads
 from fdm_train.visualize import mask_statistics, sample_grid
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
@@ -316,6 +316,8 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
         return {"step": start.step, "loss": float("nan"), "finished_before": True, "checkpoint": str(out / CHECKPOINT),
                 "rank": ctx.rank, "world_size": ctx.world}
     dataset, cfg = _open_data(opts, start)
+    if ctx.main:
+        _announce(opts, cfg, device, start.step)
     model, ema, optimizer = _build(cfg, opts, device, start, out)
     with _prepare_folder(out, ctx, start, mode) as folder:
         train_model, ddp = _wrap(model, opts, ctx, device)
@@ -410,6 +412,36 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
         raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
                               f"(step {state['step']}) disagree")
     return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]))
+
+
+def _announce(opts: TrainOptions, cfg: ModelConfig, device: torch.device, step: int) -> None:
+    """Rank 0, before the first step: the device, precision and threads the run uses, with a rough time on
+    a CPU; a warning where a model sized for GPUs would train on the CPU."""
+    precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
+    steps = opts.iterations - step
+    plan = (f"training on {device} ({precision}, {torch.get_num_threads()} CPU threads): steps {step + 1:,} to "
+            f"{opts.iterations:,} of {opts.batch_size} images, {cfg.image_size}x{cfg.image_size}")
+    if device.type != "cpu":
+        if opts.progress:
+            _echo(plan)
+        return
+    flops = count_flops(cfg)
+    estimate = format_seconds(cpu_training_seconds(flops, opts.batch_size * steps, torch.get_num_threads()))
+    if opts.progress:
+        _echo(f"{plan}; roughly {estimate} on this CPU")
+    if flops > count_flops(PRESETS[LARGEST_CPU_PRESET]):
+        _echo(f"warning: a model sized for GPUs ({flops / 1e9:.0f} GFLOP per image) training on the CPU: "
+              f"roughly {estimate}; a GPU (--device cuda), or a small-*/tiny-* preset, fits it")
+
+
+# Training FLOP/s (forward and backward) of one CPU thread: tiny-32 at 33 images/s on 2 threads
+# (benchmarks/results/train_cpu.md) is 80 GFLOP/s a thread, paper-64 at 0.1 images/s 37; a rough middle.
+CPU_TRAINING_FLOPS_PER_THREAD = 50e9
+
+
+def cpu_training_seconds(forward_flops: int, images: int, threads: int) -> float:
+    """A rough time to train on `images` images on a CPU (backward about twice the forward pass)."""
+    return 3 * forward_flops * images / (CPU_TRAINING_FLOPS_PER_THREAD * max(threads, 1))
 
 
 def _target(opts: TrainOptions, start: _Start) -> int:

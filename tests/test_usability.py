@@ -97,3 +97,29 @@ def test_sigterm_to_a_training_with_data_workers_prints_one_line(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip() == "fdm-train: terminated", err
     assert not (run / "run.lock").exists()
+
+
+# ----- the device a run uses -----
+
+def test_training_says_its_device_precision_and_threads(tmp_path):
+    data = tmp_path / "images"
+    write_images(data, 4)
+    result = fdm_train("--data", data, "--out", tmp_path / "run", "--iterations", "1", "--device", "cpu",
+                       *[a for a in TRAIN_TINY if a != "-q"])
+    assert result.exit_code == 0, result.output
+    plan = next(line for line in result.output.splitlines() if line.startswith("training on "))
+    assert plan.startswith("training on cpu (float32, 1 CPU threads): steps 1 to 1 of 4 images, 16x16; roughly ")
+    assert "warning" not in result.output  # a CPU-sized model
+
+
+def test_a_gpu_sized_preset_on_the_cpu_warns_with_a_time(capsys):
+    from fdm_train.config import PRESETS
+    from fdm_train.train import TrainOptions, _announce
+
+    options = TrainOptions(data="unused", iterations=10_000, batch_size=64, progress=False)
+    _announce(options, PRESETS["paper-64"], torch.device("cpu"), step=0)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: a model sized for GPUs (247 GFLOP per image) training on the CPU: roughly "), err
+    assert re.search(r"roughly \d+h\d\dm;", err)  # 10,000 steps of 64 images: hours, not minutes
+    _announce(options, PRESETS["small-64"], torch.device("cpu"), step=0)
+    assert capsys.readouterr().err == ""  # quiet, and no warning for a CPU-sized model
