@@ -121,7 +121,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
     same images (bit-identical on the CPU)."""
     from fdm_infer import api
-    from fdm_infer.generate import check_steps
+    from fdm_infer.generate import check_steps, class_labels
     from fdm_infer.images import ensure_writable
     from fdm_train.diffusion import GaussianDiffusion
     from fdm_train.visualize import mask_statistics
@@ -132,6 +132,9 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     ensure_writable(Path(out))
     n_steps = len(diffusion.timesteps(steps, sampler))
     batches = -(-count // batch_size)
+    class_labels(engine, count, list(classes))  # a wrong --class stops here, before the plan
+    if not quiet:
+        click.echo(generation_plan(engine, count, n_steps, sampler, batch_size), err=True)
     with progress_bar(n_steps * batches, f"generate ({sampler})", quiet, unit="step") as bar:
         samples = api.generate(engine, count, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size,
                                classes=list(classes) or None, trajectory=save_trajectory, progress=bar.update)
@@ -140,6 +143,21 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     click.echo(f"generated {count} image(s) in {samples.seconds:.1f} s ({count / samples.seconds:.2f} images/s; "
                f"{sampler}, {n_steps} steps, clip {clip}, seed {seed}) with {describe(engine, path)} -> {out} "
                f"(mask entropy {stats['mask_entropy']}, region shares {stats['region_share']})")
+
+
+def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: int) -> str:
+    """What a generation is about to do; on a CPU, with a rough time."""
+    from fdm_train.model import count_flops
+    from fdm_train.util import cpu_seconds, format_seconds
+
+    device = getattr(engine, "device", None)
+    text = (f"generating {count} image(s): {n_steps} {sampler} steps in batches of {min(batch_size, count)}"
+            f" on {device}")
+    if device is not None and device.type == "cpu":
+        text += f"; roughly {format_seconds(cpu_seconds(count_flops(engine.config) * count * n_steps))}"
+        if n_steps > 100:
+            text += " (--sampler dpm++ --steps 20 is much faster)"
+    return text
 
 
 @main_group.command()
@@ -199,14 +217,15 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
 
 
 @main_group.command(cls=RenamingCommand, renamed={"--out-dir": "--out"})
-@click.option("--preset", "presets", multiple=True, default=["paper-64"],
-              help="Model preset (repeatable); random weights.")
+@click.option("--preset", "presets", multiple=True,
+              help="Model preset (repeatable); random weights [default: paper-64 on a GPU, tiny-32 and small-32 "
+                   "on a CPU].")
 @click.option("--model", "--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Measure this checkpoint's model (.safetensors) instead of the presets'.")
 @click.option("--plan", type=click.Path(dir_okay=False), default=None,
               help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant.")
-@click.option("--batch", "batches", type=click.IntRange(1), multiple=True, default=[1, 16, 128, 256],
-              help="Batch size (repeatable).")
+@click.option("--batch", "batches", type=click.IntRange(1), multiple=True,
+              help="Batch size (repeatable) [default: 1, 16, 128 and 256 on a GPU; 1 and 8 on a CPU].")
 @click.option("--variant", "variant_keys", type=click.Choice(BENCH_VARIANT_KEYS), multiple=True,
               help="Variant (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
                    "(+ channels_last), compile, graphs (CUDA graphs), triton (Triton kernels: the fast path), "
@@ -214,8 +233,10 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
 @click.option("--repeats", type=click.IntRange(3), default=30, help="Timed calls at most.")
 @click.option("--budget", "budget_s", type=float, default=10.0,
               help="Seconds of timed calls per measurement at most (at least 3 calls).")
-@click.option("--sample-images", type=click.IntRange(1), default=64, help="Images of the whole DDPM run.")
-@click.option("--sample-steps", type=click.IntRange(1, 1000), default=1000, help="Steps of the whole DDPM run.")
+@click.option("--sample-images", type=click.IntRange(1), default=None,
+              help="Images of the whole DDPM run [default: 64 on a GPU, 4 on a CPU].")
+@click.option("--sample-steps", type=click.IntRange(1, 1000), default=None,
+              help="Steps of the whole DDPM run [default: 1000 on a GPU, 50 on a CPU].")
 @click.option("--no-sampling", is_flag=True, help="No sampling step and no whole run.")
 @click.option("--no-plain", is_flag=True, help="Without the plain U-Net beside.")
 @click.option("--onnx-max-batch", type=click.IntRange(1), default=None,
@@ -236,8 +257,9 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     """Latency and throughput of the inference variants, from naive eager fp32 (K decoder calls) to
     bf16 + torch.compile + CUDA graphs + Triton kernels, onnxruntime and TensorRT (--plan); each checked
     against the fp32 torch reference first (max abs error, the parity column). Variants that cannot run
-    here are listed as skipped. The results (JSON) are rewritten after every measurement; the tables
-    are printed last, the engines side by side first."""
+    here are listed as skipped. Each measurement prints as it is made, and the results (JSON) are
+    rewritten after every one; the tables are printed last, the engines side by side first (also after
+    Ctrl-C, with what was measured)."""
     from fdm_infer import bench as benchmark
     from fdm_train.util import set_threads
 
@@ -247,7 +269,7 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     if out_dir:
         json_path = json_path or str(Path(out_dir) / "bench.json")
         md_path = md_path or str(Path(out_dir) / "bench.md")
-    result = benchmark.run(list(presets), list(batches), list(variant_keys) or None, device=device, repeats=repeats,
+    result = benchmark.run(list(presets) or None, list(batches) or None, list(variant_keys) or None, device=device, repeats=repeats,
                            budget_s=budget_s, sample_images=sample_images, sample_steps=sample_steps,
                            sampling=not no_sampling, plain=not no_plain, onnx_max_batch=onnx_max_batch,
                            log=lambda line: None if quiet else click.echo(line, err=True), checkpoint=checkpoint,
@@ -255,6 +277,9 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
                            on_update=lambda r: benchmark.write(r, json_path, None))
     benchmark.write(result, json_path, md_path)
     click.echo(benchmark.markdown(result), nl=False)
+    if result.get("interrupted"):
+        click.echo("fdm-infer: interrupted; the measurements made are above", err=True)
+        sys.exit(130)
     failed = [r for r in result["rows"] + result["sampling"] if r["status"].startswith("failed")]
     if failed:
         click.echo(f"fdm-infer: {len(failed)} measurement(s) failed (see the status column)", err=True)

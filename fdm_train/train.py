@@ -74,7 +74,7 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     remove_temp_files,
     truncate_log,
 )
-from fdm_train.util import DEFAULT_THREADS, format_seconds, pick_device, progress_bar, set_threads
+from fdm_train.util import DEFAULT_THREADS, cpu_seconds, format_seconds, pick_device, progress_bar, set_threads
 from fdm_train.visualize import mask_statistics, sample_grid
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
@@ -426,22 +426,13 @@ def _announce(opts: TrainOptions, cfg: ModelConfig, device: torch.device, step: 
             _echo(plan)
         return
     flops = count_flops(cfg)
-    estimate = format_seconds(cpu_training_seconds(flops, opts.batch_size * steps, torch.get_num_threads()))
+    # a training step is a forward pass and a backward pass of about twice its FLOPs
+    estimate = format_seconds(cpu_seconds(3 * flops * opts.batch_size * steps))
     if opts.progress:
         _echo(f"{plan}; roughly {estimate} on this CPU")
     if flops > count_flops(PRESETS[LARGEST_CPU_PRESET]):
         _echo(f"warning: a model sized for GPUs ({flops / 1e9:.0f} GFLOP per image) training on the CPU: "
               f"roughly {estimate}; a GPU (--device cuda), or a small-*/tiny-* preset, fits it")
-
-
-# Training FLOP/s (forward and backward) of one CPU thread: tiny-32 at 33 images/s on 2 threads
-# (benchmarks/results/train_cpu.md) is 80 GFLOP/s a thread, paper-64 at 0.1 images/s 37; a rough middle.
-CPU_TRAINING_FLOPS_PER_THREAD = 50e9
-
-
-def cpu_training_seconds(forward_flops: int, images: int, threads: int) -> float:
-    """A rough time to train on `images` images on a CPU (backward about twice the forward pass)."""
-    return 3 * forward_flops * images / (CPU_TRAINING_FLOPS_PER_THREAD * max(threads, 1))
 
 
 def _target(opts: TrainOptions, start: _Start) -> int:

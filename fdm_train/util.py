@@ -91,6 +91,17 @@ def one_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
+# FLOP/s of one CPU thread in this project's models: training tiny-32 at 33 images/s on 2 threads
+# (benchmarks/results/train_cpu.md) is 80 GFLOP/s a thread, paper-64 at 0.1 images/s 37; a rough middle.
+CPU_FLOPS_PER_THREAD = 50e9
+
+
+def cpu_seconds(flops: float) -> float:
+    """A rough time for `flops` on this machine's CPU threads (as torch uses them), for a plan printed
+    before a long run."""
+    return flops / (CPU_FLOPS_PER_THREAD * torch.get_num_threads())
+
+
 # Seconds between two progress lines where the output is not a terminal (a log file, a pipe).
 PROGRESS_LINE_INTERVAL = 30.0
 

@@ -70,6 +70,7 @@ def test_piped_generate_prints_plain_progress_lines_with_rate_and_eta(tmp_path):
     proc = piped("generate", "--model", model, "-n", "2", "--steps", "5", "--out", tmp_path / "samples",
                  "--threads", "1")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("generating 2 image(s): 5 ddpm steps in batches of 2 on cpu; roughly ")
     lines = [line for line in proc.stderr.splitlines() if line.startswith("generate (ddpm): ")]
     assert "\r" not in proc.stderr
     # The first step's line, with the rate and the time left; the last line, all steps done.
@@ -123,3 +124,44 @@ def test_a_gpu_sized_preset_on_the_cpu_warns_with_a_time(capsys):
     assert re.search(r"roughly \d+h\d\dm;", err)  # 10,000 steps of 64 images: hours, not minutes
     _announce(options, PRESETS["small-64"], torch.device("cpu"), step=0)
     assert capsys.readouterr().err == ""  # quiet, and no warning for a CPU-sized model
+
+
+# ----- long commands: a plan first, sized for the device; bench keeps what it measured -----
+
+def bench(*args):
+    from fdm_infer.cli import main_group as infer_group
+
+    return CliRunner().invoke(infer_group, ["bench", "--device", "cpu", "--variant", "fused", "--no-plain",
+                                            "--no-sampling", "--repeats", "3", "--budget", "0.01", *map(str, args)])
+
+
+def test_bench_on_a_cpu_plans_cpu_sized_batches_and_prints_each_row_as_measured(tmp_path):
+    result = bench("--preset", "tiny-32", "--json", tmp_path / "bench.json")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("bench on cpu: tiny-32; batches 1, 8; ")
+    assert [line.split(":")[0] for line in lines[1:]] == ["tiny-32 factorized, fused fp32, batch 1",
+                                                           "tiny-32 factorized, fused fp32, batch 8"]
+    assert json.loads((tmp_path / "bench.json").read_text())["settings"]["sample_steps"] == 50
+
+
+def test_bench_interrupted_keeps_and_prints_what_it_measured(tmp_path, monkeypatch):
+    from fdm_infer import bench as benchmark
+
+    timed = []
+    real = benchmark.median_ms
+
+    def interrupted_at_the_second(*args, **kwargs):
+        timed.append(1)
+        if len(timed) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "median_ms", interrupted_at_the_second)
+    result = bench("--preset", "tiny-32", "-o", tmp_path)
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == "fdm-infer: interrupted; the measurements made are above"
+    assert "| tiny-32 | factorized | fused fp32 | 1 |" in result.stdout
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["interrupted"] and [r["batch"] for r in saved["rows"]] == [1]
+    assert "| tiny-32 | factorized | fused fp32 | 1 |" in (tmp_path / "bench.md").read_text()
