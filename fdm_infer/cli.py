@@ -69,10 +69,11 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
     counts decoding, the model and writing, not loading the model."""
     from fdm_infer.api import Segmenter
     from fdm_infer.images import label_legend
-    from fdm_infer.segment import OutputOptions, summary_json
+    from fdm_infer.segment import SUMMARY, OutputOptions, summary_json
 
     if fg_channels and not foreground:
         raise click.UsageError("--fg-channel goes with --foreground")
+    reused = (Path(out) / SUMMARY).exists()
     segmenter = Segmenter.load(model_file, engine_kind, device, threads=threads, notify=note_line, t=t, seed=seed,
                                ensemble=ensemble, batch_size=batch_size, class_label=class_label, max_pixels=max_pixels,
                                smooth=smooth)
@@ -88,6 +89,9 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
         how = "given" if fg_channels else "not background"
         click.echo(f"foreground: channels {'+'.join(map(str, report.foreground))} ({how}; border/image shares {shares})",
                    err=as_json)
+    if reused:
+        note_line(f"{out} holds an earlier run's files too (kept); {SUMMARY} lists this run's {report.written} "
+                  "image(s) only: a new --out gives a folder of this run alone")
     if as_json:
         click.echo(summary_json(report.summary))
     exit_if_failed(report)
@@ -210,7 +214,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
                      y=None if y is None else int(y[0]), progress=bar.update)
     write_interpolation(Path(out), result)
     click.echo(f"interpolated {frames} frame(s) from t={result.t} ({mix}, {sampler}) in "
-               f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {out}/interpolation.png")
+               f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {Path(out) / 'interpolation.png'}")
 
 
 BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "onnx", "trt"]

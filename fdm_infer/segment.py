@@ -334,10 +334,15 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
     check_outputs(options, fg_channels, engine.num_regions)
     check_class(engine, settings.class_label)
     report = SegmentReport()
-    found = collect_inputs(paths, report, warn, exclude=out)
+    skipped: list[str] = []  # warned about once there is something to segment; else the error says why
+    found = collect_inputs(paths, report, skipped.append, exclude=out)
     inputs = found[:limit]
     if not inputs:
+        if report.failed:
+            raise UserError("no images to segment: " + "; ".join(f"{p}: {why}" for p, why in report.failed))
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(str(p) for p in paths)}")
+    for message in skipped:
+        warn(message)
     input_files = {item.path.resolve() for item in found if item.path is not None}
     if (out / SUMMARY).resolve() in input_files:
         raise UserError(f"the output {out / SUMMARY} is an input; choose another --out")

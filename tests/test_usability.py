@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import write_images
-from infer_helpers import make_checkpoint
+from infer_helpers import make_checkpoint, run_infer
 from fdm_train.cli import main_group as train_group
 from fdm_train.run_folder import TRAINING_STATE
 
@@ -165,3 +165,65 @@ def test_bench_interrupted_keeps_and_prints_what_it_measured(tmp_path, monkeypat
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["interrupted"] and [r["batch"] for r in saved["rows"]] == [1]
     assert "| tiny-32 | factorized | fused fp32 | 1 |" in (tmp_path / "bench.md").read_text()
+
+
+# ----- smaller things: hints that run, paths as written, errors that name the cause -----
+
+def fdm_infer(*args):
+    from fdm_infer.cli import main_group as infer_group
+
+    return CliRunner().invoke(infer_group, list(map(str, args)))
+
+
+def test_the_data_size_error_suggests_a_complete_prepare_data_command(tmp_path):
+    from fdm_train.cli import main_group
+
+    data = tmp_path / "images"
+    write_images(data, 2)
+    cache = tmp_path / "cache.npy"
+    assert CliRunner().invoke(main_group, ["prepare-data", str(data), "-o", str(cache), "--size", "16", "-q"]).exit_code == 0
+    result = CliRunner().invoke(main_group, ["train", "--data", str(cache), "--out", str(tmp_path / "run"),
+                                             "--preset", "tiny-32", "--image-size", "32", "-q"])
+    hint = re.search(r"run `(fdm-train prepare-data [^`]*)`", str(result.exception)).group(1)
+    # The suggested command runs as written once its placeholder is filled.
+    args = hint.split()[1:]
+    args[args.index("CACHE.npy")] = str(tmp_path / "cache32.npy")
+    assert CliRunner().invoke(main_group, args).exit_code == 0
+
+
+def test_interpolate_prints_its_output_path_without_a_double_slash(tmp_path):
+    model = tmp_path / "tiny.safetensors"
+    make_checkpoint(model)
+    a, b = write_images(tmp_path / "pair", 2)
+    result = fdm_infer("interpolate", a, b, "--model", model, "--frames", "2", "--steps", "4", "--t", "500",
+                       "--out", f"{tmp_path}/interp/", "-q", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert f"-> {tmp_path}/interp/interpolation.png" in result.output and "//" not in result.output
+
+
+def test_segment_of_a_missing_file_is_one_error_naming_the_cause(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "tiny.safetensors"
+    make_checkpoint(model)
+    result = run_infer(capsys, monkeypatch, "segment", tmp_path / "nope.jpg", "--model", model, "--out", tmp_path / "o")
+    assert result.code == 1
+    assert result.err_lines == [f"fdm-infer: error: no images to segment: {tmp_path / 'nope.jpg'}: no such file or folder"]
+
+
+def test_segment_into_a_reused_folder_says_that_the_summary_lists_this_run_only(tmp_path):
+    model = tmp_path / "tiny.safetensors"
+    make_checkpoint(model)
+    first, second = write_images(tmp_path / "a", 1), write_images(tmp_path / "b", 1, seed=1)
+    out = tmp_path / "out"
+    assert "earlier run" not in fdm_infer("segment", *first, "--model", model, "--out", out, "-q").stderr
+    again = fdm_infer("segment", *second, "--model", model, "--out", out, "-q")
+    assert again.exit_code == 0
+    assert "holds an earlier run's files too (kept); summary.json lists this run's 1 image(s) only" in again.stderr
+
+
+def test_the_onnx_cpu_benchmark_takes_its_threads_from_omp_num_threads(monkeypatch):
+    from benchmarks import bench_onnx_cpu
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert bench_onnx_cpu.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert bench_onnx_cpu.default_threads() == os.cpu_count()
