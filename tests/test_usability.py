@@ -227,3 +227,49 @@ def test_the_onnx_cpu_benchmark_takes_its_threads_from_omp_num_threads(monkeypat
     assert bench_onnx_cpu.default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert bench_onnx_cpu.default_threads() == os.cpu_count()
+
+
+# ----- README facts -----
+
+def readme():
+    from conftest import ROOT
+
+    return (ROOT / "README.md").read_text()
+
+
+def test_readme_install_line_is_the_makefiles():
+    from conftest import ROOT
+
+    makefile = (ROOT / "Makefile").read_text()
+    for line in re.findall(r"pip install --quiet (.*)", makefile):
+        if "torch" not in line and "pip" not in line:
+            assert f"pip install {line}" in readme(), line
+
+
+def test_readme_export_example_exports_the_run_the_training_examples_write():
+    trained = set(re.findall(r"fdm-train --data \S+ .*?--out (\S+)", readme()))
+    exported = re.findall(r"fdm-export onnx (\S+)/checkpoint\.safetensors", readme())
+    assert exported and set(exported) <= trained
+
+
+def test_readme_says_which_commands_print_their_help_without_arguments(capsys, monkeypatch):
+    assert "`fdm-train`, `fdm-export` and `fdm-infer` run without arguments print\n  their help" in readme()
+    for prog in ("fdm-train", "fdm-export", "fdm-infer"):
+        module = __import__({"fdm-train": "fdm_train", "fdm-export": "fdm_export", "fdm-infer": "fdm_infer"}[prog]
+                            + ".cli", fromlist=["main"])
+        monkeypatch.setattr(sys, "argv", [prog])
+        try:
+            module.main()
+        except SystemExit as exc:
+            assert exc.code in (0, None)
+        assert "Usage:" in capsys.readouterr().out
+    missing = run_infer(capsys, monkeypatch, "segment")
+    assert missing.code == 2 and "Missing argument" in missing.err
+
+
+def test_readme_lfw_train_has_no_masks_as_the_data():
+    from conftest import LFW_TRAIN
+
+    assert "`../shared/data/lfw/train/images` (no masks" in readme()
+    if LFW_TRAIN.exists():
+        assert not (LFW_TRAIN / "masks").exists()
