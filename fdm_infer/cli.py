@@ -28,6 +28,8 @@ from fdm_train.cli_options import (
     threads_option,
     version_option,
 )
+from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
+from fdm_infer.segment import DEFAULT_OUT as SEGMENT_OUT
 from fdm_train.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
 from fdm_train.errors import SEED, run_cli
 
@@ -40,7 +42,7 @@ def main_group():
 
 @main_group.command(cls=RenamingCommand, renamed={"--channels": "--save-channels"})
 @click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
-@click.option("-o", "--out", default="out", type=click.Path(file_okay=False),
+@click.option("-o", "--out", default=SEGMENT_OUT, type=click.Path(file_okay=False),
               help="Output folder (created); relative paths of images found in folders are mirrored under it. "
                    "Files in it named like its outputs are not taken as inputs, and no output replaces an input.")
 @limit_option("images found")
@@ -111,7 +113,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @click.option("--seed", type=SEED, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
                                                   "--steps and --sampler give the same images.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Samples per forward pass.")
-@click.option("-o", "--out", default="samples", type=click.Path(file_okay=False), help="Output folder (created).")
+@click.option("-o", "--out", default=SAMPLES_OUT, type=click.Path(file_okay=False), help="Output folder (created).")
 @click.option("--class", "classes", type=click.IntRange(0), multiple=True,
               help="Class(es) to sample, cycled (class-conditional models; default: all classes in turn).")
 @click.option("--save-trajectory", is_flag=True,

@@ -210,6 +210,7 @@ def _read_batches(inputs: list[InputImage], size: int, batch_size: int, max_pixe
 # ----- output folders -----
 
 SUMMARY = "summary.json"
+DEFAULT_OUT = "out"  # the folder segmentation results go to unless told
 SUMMARY_FORMAT = "fdm-segment-v1"
 RLE_FORMATS = ("compressed", "uncompressed")
 
@@ -223,10 +224,25 @@ class OutputOptions:
     rle: str | None = None  # COCO RLE of every region in summary.json: "compressed" or "uncompressed"
 
 
+def region_statistics(labels: np.ndarray, k: int) -> list[dict]:
+    """Per label 0..K-1: its area in pixels, bounding box [x, y, width, height] (None where the label is
+    absent) and share of the image, as SAM's automatic masks describe theirs."""
+    regions = []
+    for label in range(k):
+        ys, xs = np.nonzero(labels == label)
+        box = None if xs.size == 0 else [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                         int(ys.max() - ys.min() + 1)]
+        regions.append({"label": label, "area": int(xs.size), "bbox": box,
+                        "share": round(xs.size / labels.size, 4)})
+    return regions
+
+
 def image_entry(item: Segmented, rle: str | None = None) -> dict:
     """An image's entry of summary.json, without its files and foreground: input, size [H, W], each
-    label's share of the pixels, and (rle) the COCO RLE of every label's mask."""
-    entry = {"input": item.source, "size": list(item.labels.shape), "region_share": item.region_share()}
+    label's share of the pixels, each region's statistics (region_statistics), and (rle) the COCO RLE of
+    every label's mask."""
+    entry = {"input": item.source, "size": list(item.labels.shape), "region_share": item.region_share(),
+             "regions": region_statistics(item.labels, item.masks.shape[0])}
     if rle:
         entry["rle"] = encode_labels(item.labels, item.masks.shape[0], compressed=rle == "compressed")
     return entry

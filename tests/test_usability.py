@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from click.testing import CliRunner
 
@@ -273,3 +275,70 @@ def test_readme_lfw_train_has_no_masks_as_the_data():
     assert "`../shared/data/lfw/train/images` (no masks" in readme()
     if LFW_TRAIN.exists():
         assert not (LFW_TRAIN / "masks").exists()
+
+
+# ----- the Python API -----
+
+def test_segmentation_results_behave_like_a_list_of_per_image_results(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fdm_infer import Segmenter
+
+    model = tmp_path / "tiny.safetensors"
+    make_checkpoint(model)
+    seg = Segmenter.load(model, threads=1)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8), rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)]
+    res = seg(images)
+    assert len(res) == 2 and [r.labels.shape for r in res] == [(24, 40), (30, 30)]
+    first = res[0]
+    assert np.array_equal(first.labels, res.labels[0]) and np.array_equal(first.foreground, res.foreground[0])
+    overlay, plot = first.overlay(), first.plot()
+    assert isinstance(overlay, Image.Image) and overlay.size == (40, 24)
+    assert isinstance(plot, Image.Image) and plot.size[0] > 3 * 40
+    # Per-region statistics, as SAM's: area, bounding box, share; in to_json() too.
+    regions = first.regions
+    assert sum(r["area"] for r in regions) == 24 * 40
+    for r in regions:
+        ys, xs = np.nonzero(first.labels == r["label"])
+        assert r["share"] == round(len(xs) / (24 * 40), 4)
+        assert r["bbox"] == (None if not len(xs) else [xs.min(), ys.min(), xs.max() - xs.min() + 1,
+                                                       ys.max() - ys.min() + 1])
+    assert json.loads(res.to_json())["images"][0]["regions"] == regions
+    # Saving into the default folder, relative to where the user is.
+    monkeypatch.chdir(tmp_path)
+    files = first.save()
+    assert files["overlay"] == Path("out") / "image_0000_overlay.png" and files["overlay"].is_file()
+    assert res.save() == Path("out") / "summary.json"
+
+
+def test_generate_returns_pil_images_that_save_to_a_default_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fdm_infer import generate
+
+    model = tmp_path / "tiny.safetensors"
+    make_checkpoint(model)
+    samples = generate(model, 2, steps=2, threads=1)
+    assert len(samples) == 2 and all(isinstance(image, Image.Image) for image in samples)
+    assert np.array_equal(np.asarray(samples[1]), samples.images[1])
+    monkeypatch.chdir(tmp_path)
+    assert Path("samples") / "sample_0000.png" in samples.save()
+
+
+def test_api_errors_are_one_type_and_name_the_parameters(tmp_path):
+    import pytest
+
+    from fdm_infer import Segmenter, UserError, generate
+
+    model = tmp_path / "tiny.safetensors"
+    make_checkpoint(model)
+    with pytest.raises(UserError, match=r"^classes: this model is not class-conditional$"):
+        generate(model, 1, steps=2, classes=[1], threads=1)
+    with pytest.raises(UserError, match=r"^smooth must be an odd number"):
+        Segmenter.load(model, smooth=2, threads=1)
+    res = Segmenter.load(model, threads=1)(np.zeros((8, 8, 3), dtype=np.uint8))
+    with pytest.raises(UserError, match=r"^rle must be one of"):
+        res.to_json(rle="gzip")
+    with pytest.raises(UserError, match=r"^fg_channels must be between 0 and"):
+        Segmenter.load(model, threads=1)(np.zeros((8, 8, 3), dtype=np.uint8), fg_channels=[9])
