@@ -58,7 +58,7 @@ def main_group():
                    "than in the images, over all inputs) or by --fg-channel.")
 @click.option("--rle", type=click.Choice(["compressed", "uncompressed"]), is_flag=False, flag_value="compressed",
               default=None, help="Add every region's COCO RLE mask to summary.json (`--rle`: compressed counts, "
-                                 "as pycocotools writes them; `--rle uncompressed`: a list of counts).")
+                                 "as pycocotools writes them; `--rle uncompressed`: a list of counts) [default: no RLE].")
 @click.option("--json", "as_json", is_flag=True,
               help="Print summary.json to stdout (the summary lines go to stderr).")
 def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, smooth,
@@ -115,7 +115,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Samples per forward pass.")
 @click.option("-o", "--out", default=SAMPLES_OUT, type=click.Path(file_okay=False), help="Output folder (created).")
 @click.option("--class", "classes", type=click.IntRange(0), multiple=True,
-              help="Class(es) to sample, cycled (class-conditional models; default: all classes in turn).")
+              help="Class(es) to sample, cycled (class-conditional models) [default: all classes in turn].")
 @click.option("--save-trajectory", is_flag=True,
               help="Also write trajectory.png: predicted images and masks along the reverse process "
                    "(paper Fig. 10), for the first 4 samples.")
@@ -139,7 +139,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     n_steps = len(diffusion.timesteps(steps, sampler))
     batches = -(-count // batch_size)
     class_labels(engine, count, list(classes))  # a wrong --class stops here, before the plan
-    if not quiet:
+    if not quiet and n_steps * batches >= LONG_RUN_STEPS:
         click.echo(generation_plan(engine, count, n_steps, sampler, batch_size), err=True)
     with progress_bar(n_steps * batches, f"generate ({sampler})", quiet, unit="step") as bar:
         samples = api.generate(engine, count, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size,
@@ -149,6 +149,9 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     click.echo(f"generated {count} image(s) in {samples.seconds:.1f} s ({count / samples.seconds:.2f} images/s; "
                f"{sampler}, {n_steps} steps, clip {clip}, seed {seed}) with {describe(engine, path)} -> {out} "
                f"(mask entropy {stats['mask_entropy']}, region shares {stats['region_share']})")
+
+
+LONG_RUN_STEPS = 100  # model calls from which a generation says what it is about to do
 
 
 def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: int) -> str:
@@ -185,7 +188,7 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
                    "original DDPM code), none leaves it as predicted (samples can run out of range and saturate).")
 @click.option("--seed", type=SEED, default=0, help="Seed of the forward noise and of the reverse process.")
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
-              help="Class, for class-conditional models.")
+              help="Class, for class-conditional models [default: none].")
 @click.option("-o", "--out", default="interpolation", type=click.Path(file_okay=False),
               help="Output folder (created).")
 @engine_options
@@ -222,15 +225,15 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
 BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "onnx", "trt"]
 
 
-@main_group.command(cls=RenamingCommand, renamed={"--out-dir": "--out"})
+@main_group.command(cls=RenamingCommand, renamed={"--out-dir": "--out", "--batch": "--batch-size"})
 @click.option("--preset", "presets", multiple=True,
               help="Model preset (repeatable); random weights [default: paper-64 on a GPU, tiny-32 and small-32 "
                    "on a CPU].")
 @click.option("--model", "--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="Measure this checkpoint's model (.safetensors) instead of the presets'.")
+              help="Measure this checkpoint's model (.safetensors) instead of the presets' [default: none].")
 @click.option("--plan", type=click.Path(dir_okay=False), default=None,
-              help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant.")
-@click.option("--batch", "batches", type=click.IntRange(1), multiple=True,
+              help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant [default: none].")
+@click.option("--batch-size", "batches", type=click.IntRange(1), multiple=True,
               help="Batch size (repeatable) [default: 1, 16, 128 and 256 on a GPU; 1 and 8 on a CPU].")
 @click.option("--variant", "variant_keys", type=click.Choice(BENCH_VARIANT_KEYS), multiple=True,
               help="Variant (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
@@ -251,11 +254,11 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 @threads_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Output file: the results as JSON.")
+              help="Output file: the results as JSON [default: none, or OUT/bench.json].")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), default=None,
-              help="Output file: the tables as Markdown.")
+              help="Output file: the tables as Markdown [default: none, or OUT/bench.md].")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder: write bench.json and bench.md into it.")
+              help="Output folder: write bench.json and bench.md into it [default: none].")
 @click.option("--smoke", is_flag=True, help="tiny-32, batches 1 and 2, 3 repeats, 2 images x 5 sampling steps.")
 @quiet_option
 def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, sample_images, sample_steps,

@@ -31,9 +31,9 @@ def segmentation_options(f):
     `evaluate`."""
     f = quiet_option(f)
     f = click.option("--class", "class_label", type=click.IntRange(0), default=None,
-                     help="Class of the images, for class-conditional models.")(f)
+                     help="Class of the images, for class-conditional models [default: none].")(f)
     f = click.option("--fg-channel", "fg_channels", type=click.IntRange(0), multiple=True,
-                     help="Foreground channel(s), repeatable [default, without labels: every channel but the "
+                     help="Foreground channel(s), repeatable [default: without labels, every channel but the "
                           "one most present on the image border and those more present on the border than in the "
                           "image, over the set].")(f)
     f = click.option("--batch-size", type=click.IntRange(1), default=16, help="Images per forward pass.")(f)

@@ -183,7 +183,7 @@ def test_renamed_options_still_work_with_a_note(tiny_checkpoint, tmp_path, capsy
     r = run("fdm-train", capsys, monkeypatch, "slim", tiny_checkpoint, "--output", tmp_path / "slim.safetensors")
     assert r.code == 0 and "--output is now -o/--out" in r.err
     assert read_checkpoint(tmp_path / "slim.safetensors")[0] == preset("tiny-32")
-    r = run("fdm-infer", capsys, monkeypatch, "bench", "--preset", "tiny-32", "--batch", 1, "--variant", "fused",
+    r = run("fdm-infer", capsys, monkeypatch, "bench", "--preset", "tiny-32", "--batch-size", 1, "--variant", "fused",
             "--no-sampling", "--no-plain", "--repeats", 3, "--budget", 0.1, "--out-dir", tmp_path / "bench", "-q")
     assert r.code == 0 and r.err_lines == ["fdm-infer bench: note: --out-dir is now -o/--out"], r.err
     assert json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"][0]["status"] == "ok"

@@ -69,15 +69,15 @@ def piped(*argv, env=None):
 def test_piped_generate_prints_plain_progress_lines_with_rate_and_eta(tmp_path):
     model = tmp_path / "tiny.safetensors"
     make_checkpoint(model)
-    proc = piped("generate", "--model", model, "-n", "2", "--steps", "5", "--out", tmp_path / "samples",
+    proc = piped("generate", "--model", model, "-n", "2", "--steps", "100", "--out", tmp_path / "samples",
                  "--threads", "1")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.startswith("generating 2 image(s): 5 ddpm steps in batches of 2 on cpu; roughly ")
+    assert proc.stderr.startswith("generating 2 image(s): 100 ddpm steps in batches of 2 on cpu; roughly ")
     lines = [line for line in proc.stderr.splitlines() if line.startswith("generate (ddpm): ")]
     assert "\r" not in proc.stderr
     # The first step's line, with the rate and the time left; the last line, all steps done.
-    assert re.fullmatch(r"generate \(ddpm\): 1/5 step \(20%\), [0-9.e+]+ step/s, ETA \d+s", lines[0]), lines
-    assert re.fullmatch(r"generate \(ddpm\): 5/5 step \(100%\), [0-9.e+]+ step/s, \d+s in all", lines[-1]), lines
+    assert re.fullmatch(r"generate \(ddpm\): 1/100 step \(1%\), [0-9.e+]+ step/s, ETA \d+s", lines[0]), lines
+    assert re.fullmatch(r"generate \(ddpm\): 100/100 step \(100%\), [0-9.e+]+ step/s, \d+s in all", lines[-1]), lines
 
 
 # ----- SIGTERM: one line -----
@@ -342,3 +342,116 @@ def test_api_errors_are_one_type_and_name_the_parameters(tmp_path):
         res.to_json(rle="gzip")
     with pytest.raises(UserError, match=r"^fg_channels must be between 0 and"):
         Segmenter.load(model, threads=1)(np.zeros((8, 8, 3), dtype=np.uint8), fg_channels=[9])
+
+
+# ----- one vocabulary of options -----
+
+def all_options():
+    """(command, option) for every option of every command of the three command lines, with the
+    context its help is shown in."""
+    import click
+
+    from fdm_export import cli as export_cli
+    from fdm_infer import cli as infer_cli
+    from fdm_train import cli as train_cli
+
+    for prog, module in (("fdm-train", train_cli), ("fdm-export", export_cli), ("fdm-infer", infer_cli)):
+        group = module.main_group
+        parent = click.Context(group, info_name=prog, **group.context_settings)
+        for name, command in group.commands.items():
+            ctx = click.Context(command, info_name=name, parent=parent, **command.context_settings)
+            for param in command.params:
+                if isinstance(param, click.Option):
+                    yield f"{prog} {name}", param, ctx
+
+
+def takes(option) -> str:
+    import click
+
+    if option.is_flag:
+        return "flag"
+    kind = option.type
+    if isinstance(kind, click.Path):
+        return "PATH"
+    if isinstance(kind, click.types.IntParamType):
+        return "N"
+    if isinstance(kind, click.types.FloatParamType):
+        return "X"
+    return "NAME"
+
+
+def options_table():
+    """{spelling: takes} of docs/options.md's table, and the names its "Not yet consistent" list names."""
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "options.md").read_text()
+    table = {}
+    for row in re.findall(r"^\| (`.+?) \| (.+?) \| .+ \|$", text, re.M):
+        for spelling in re.findall(r"`(-[^`]+)`", row[0]):
+            table[spelling] = row[1]
+    remaining = set(re.findall(r"^\* `(--[a-z-]+)`:", text.split("## Not yet consistent")[1], re.M))
+    return table, remaining
+
+
+def test_every_shared_option_is_in_the_table_and_means_one_kind_of_value_everywhere():
+    from collections import defaultdict
+
+    table, remaining = options_table()
+    uses = defaultdict(set)  # spelling -> {(command, what it takes)}
+    for command, option, _ in all_options():
+        for spelling in option.opts + option.secondary_opts:
+            uses[spelling].add((command, takes(option)))
+    shared = {spelling for spelling, where in uses.items() if len({c for c, _ in where}) > 1}
+    assert shared - set(table) == set(), "shared options missing from docs/options.md"
+    for spelling, documented in table.items():
+        assert spelling in uses, f"{spelling}: in docs/options.md, taken by no command"
+        kinds = {kind for _, kind in uses[spelling]}
+        if spelling in remaining:
+            continue
+        assert kinds == {documented}, (spelling, uses[spelling])
+    # The list of what is not yet consistent stays true: each still means two things.
+    for spelling in remaining - {"--t", "--frames", "--t-power", "--mask-scale"}:
+        assert len({c for c, _ in uses[spelling]}) > 1
+    assert {kind for _, kind in uses["--json"]} == {"flag", "PATH"}
+    # Names that meant something else in one command are gone from it.
+    assert not [c for c, _ in uses["-K"] if c == "fdm-infer baseline"]
+    assert not [c for c, _ in uses["-n"] if c == "fdm-infer fid"]
+    assert not [c for c, _ in uses["--iterations"] if c != "fdm-train train"]
+    assert not [c for c, _ in uses["--size"]] and not [c for c, _ in uses["--batch"]]
+
+
+def test_every_option_that_takes_a_value_shows_its_default():
+    missing = []
+    for command, option, ctx in all_options():
+        if option.is_flag or option.required or option.hidden:
+            continue
+        if "[default: " not in option.get_help_record(ctx)[1]:
+            missing.append(f"{command} {'/'.join(option.opts)}")
+    assert missing == []
+
+
+def test_renamed_options_keep_their_old_spelling_with_a_note(tmp_path):
+    from fdm_train.cli import main_group
+
+    result = CliRunner().invoke(main_group, ["synth", "-o", str(tmp_path / "s.npy"), "--count", "2", "--size", "8"],
+                                prog_name="fdm-train")
+    assert result.exit_code == 0, result.output
+    assert "fdm-train synth: note: --size is now --image-size" in result.stderr
+    assert (tmp_path / "s.npy").is_file()
+
+
+# ----- the GPU script without a GPU -----
+
+def test_the_gpu_script_without_a_gpu_stops_with_one_line(tmp_path):
+    import pytest
+
+    from conftest import ROOT
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the script would run")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(tmp_path / "results")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["benchmarks/gpu/run.sh: no CUDA GPU here (torch sees none); SMOKE=1 "
+                                        "rehearses every stage on the CPU"]
+    assert not (tmp_path / "results").exists()
