@@ -31,8 +31,11 @@ def run_cli(group: click.Group, prog: str) -> None:
         group.main(prog_name=prog, standalone_mode=False)
     except click.exceptions.Abort as exc:  # click's word for a Ctrl-C or SIGTERM it caught
         _stop(prog, _interruption(exc.__context__) or KeyboardInterrupt())
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # in the style of the tool's own errors, after click's usage lines
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+            click.echo(f"Try '{exc.ctx.command_path} -h' for help.", err=True)
+        click.echo(f"{prog}: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except UserError as exc:
         click.echo(f"{prog}: error: {exc}", err=True)

@@ -151,7 +151,7 @@ def test_limit_takes_the_first_images(tiny_checkpoint, tmp_path, capsys, monkeyp
     assert r.code == 0 and "segmented 2 image(s)" in r.out, r.err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [e["input"] for e in summary["images"]] == [str(folder / "im0.png"), str(folder / "im1.png")]
-    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "-o", tmp_path / "c.npy", "--size", 8,
+    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "-o", tmp_path / "c.npy", "--image-size", 8,
             "--limit", 3, "--workers", 1)
     assert r.code == 0, r.err
     assert np.load(tmp_path / "c.npy").shape == (3, 3, 8, 8)
@@ -173,7 +173,7 @@ def test_renamed_options_still_work_with_a_note(tiny_checkpoint, tmp_path, capsy
         for name in ("im0_labels.png", "im1_channels.png"):  # --checkpoint and --model: the same model
             assert (tmp_path / a / name).read_bytes() == (tmp_path / b / name).read_bytes()
 
-    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "--output", tmp_path / "c.npy", "--size", 8,
+    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "--output", tmp_path / "c.npy", "--image-size", 8,
             "--workers", 1)
     assert r.code == 0 and "fdm-train prepare-data: note: --output is now -o/--out" in r.err
     assert np.load(tmp_path / "c.npy").shape == (2, 3, 8, 8)

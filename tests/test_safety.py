@@ -419,7 +419,7 @@ def test_unwritable_outputs_are_one_line(checkpoint, data, tmp_path, capsys, mon
     assert_one_line_error(run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, blocker / "run")),
                           "cannot use", "as the run folder")
     assert_one_line_error(run_tool(capsys, monkeypatch, "fdm-train", "prepare-data", data, "-o",
-                                   blocker / "c.npy", "--size", 16, "--workers", 1), "cannot write")
+                                   blocker / "c.npy", "--image-size", 16, "--workers", 1), "cannot write")
 
 
 @pytest.mark.parametrize("args, words", [

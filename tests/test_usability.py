@@ -183,7 +183,7 @@ def test_the_data_size_error_suggests_a_complete_prepare_data_command(tmp_path):
     data = tmp_path / "images"
     write_images(data, 2)
     cache = tmp_path / "cache.npy"
-    assert CliRunner().invoke(main_group, ["prepare-data", str(data), "-o", str(cache), "--size", "16", "-q"]).exit_code == 0
+    assert CliRunner().invoke(main_group, ["prepare-data", str(data), "-o", str(cache), "--image-size", "16", "-q"]).exit_code == 0
     result = CliRunner().invoke(main_group, ["train", "--data", str(cache), "--out", str(tmp_path / "run"),
                                              "--preset", "tiny-32", "--image-size", "32", "-q"])
     hint = re.search(r"run `(fdm-train prepare-data [^`]*)`", str(result.exception)).group(1)
@@ -455,3 +455,13 @@ def test_the_gpu_script_without_a_gpu_stops_with_one_line(tmp_path):
     assert proc.stderr.splitlines() == ["benchmarks/gpu/run.sh: no CUDA GPU here (torch sees none); SMOKE=1 "
                                         "rehearses every stage on the CPU"]
     assert not (tmp_path / "results").exists()
+
+
+def test_usage_errors_and_the_tools_own_errors_read_alike(tmp_path, capsys, monkeypatch):
+    usage = run_infer(capsys, monkeypatch, "generate", "--steps", "0")
+    assert usage.code == 2
+    assert usage.err_lines[0].startswith("Usage: fdm-infer generate ")
+    assert usage.err_lines[-1].startswith("fdm-infer: error: Invalid value for '--steps'")
+    own = run_infer(capsys, monkeypatch, "segment", tmp_path / "nope.jpg", "--out", tmp_path / "out")
+    assert own.code == 1 and own.err_lines[-1].startswith("fdm-infer: error: ")
+    assert "Error:" not in usage.err + own.err
