@@ -291,10 +291,10 @@ def plan_for(device: torch.device, **given) -> dict:
     return {key: plan[key] if given.get(key) is None else given[key] for key in plan}
 
 
-def describe_plan(device: torch.device, plan: dict, chosen: list["Variant"], budget_s: float, sampling: bool,
-                  checkpoint) -> str:
+def describe_plan(device: torch.device, plan: dict, chosen: list[Variant], budget_s: float, sampling: bool,
+                  checkpoint, trt_plan) -> str:
     """What a run is about to measure, with the most time its timed calls may take."""
-    runnable = [v for v in chosen if skip_reason(v, device) is None or v.engine == "trt"]
+    runnable = [v for v in chosen if skip_reason(v, device, trt_plan) is None]
     models = [Path(checkpoint).name] if checkpoint else plan["presets"]
     measurements = len(models) * len(runnable) * len(plan["batches"])
     text = (f"bench on {device}: {', '.join(models)}; batches {', '.join(map(str, plan['batches']))}; "
@@ -328,7 +328,7 @@ def run(preset_names: list[str] | None = None, batches: list[int] | None = None,
                            "sample_images": sample_images, "sample_steps": sample_steps},
               "rows": [], "sampling": []}
     update = on_update or (lambda r: None)
-    log(describe_plan(device, planned, chosen, budget_s, sampling, checkpoint))
+    log(describe_plan(device, planned, chosen, budget_s, sampling, checkpoint, None if plan is None else Path(plan)))
 
     def emit(row):
         result["rows"].append(row)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from click.testing import CliRunner
-
 from conftest import write_images
 from infer_helpers import make_checkpoint, run_infer
+
 from fdm_train.cli import main_group as train_group
 from fdm_train.run_folder import TRAINING_STATE
 
@@ -61,8 +61,8 @@ def piped(*argv, env=None):
     """A console command run as a user runs it, stdout and stderr piped (no terminal)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("TQDM_DISABLE", None)
-    return subprocess.run([sys.executable, "-c", "import sys; from fdm_infer.cli import main; sys.argv[0] = "
-                           "'fdm-infer'; main()", *map(str, argv)], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-c", ("import sys; from fdm_infer.cli import main; sys.argv[0] = "
+                           "'fdm-infer'; main()"), *map(str, argv)], capture_output=True, text=True, env=env,
                           check=False)
 
 
@@ -88,15 +88,15 @@ def test_sigterm_to_a_training_with_data_workers_prints_one_line(tmp_path):
     write_images(data, 8)
     args = ["--data", data, "--out", run, "--iterations", "100000", "--log-every", "1",
             *TRAIN_TINY[:-1], "2"]  # two DataLoader workers
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from fdm_train.cli import main; "
-                             "sys.argv[0] = 'fdm-train'; main()", *map(str, args)],
+    proc = subprocess.Popen([sys.executable, "-c", ("import sys; from fdm_train.cli import main; "
+                             "sys.argv[0] = 'fdm-train'; main()"), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not ((run / "log.jsonl").exists() and (run / "log.jsonl").read_text()) and time.monotonic() < deadline:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip() == "fdm-train: terminated", err
     assert not (run / "run.lock").exists()
@@ -386,10 +386,10 @@ def options_table():
 
     text = (ROOT / "docs" / "options.md").read_text()
     table = {}
-    for row in re.findall(r"^\| (`.+?) \| (.+?) \| .+ \|$", text, re.M):
+    for row in re.findall(r"^\| (`.+?) \| (.+?) \| .+ \|$", text, re.MULTILINE):
         for spelling in re.findall(r"`(-[^`]+)`", row[0]):
             table[spelling] = row[1]
-    remaining = set(re.findall(r"^\* `(--[a-z-]+)`:", text.split("## Not yet consistent")[1], re.M))
+    remaining = set(re.findall(r"^\* `(--[a-z-]+)`:", text.split("## Not yet consistent")[1], re.MULTILINE))
     return table, remaining
 
 
@@ -444,7 +444,6 @@ def test_renamed_options_keep_their_old_spelling_with_a_note(tmp_path):
 
 def test_the_gpu_script_without_a_gpu_stops_with_one_line(tmp_path):
     import pytest
-
     from conftest import ROOT
 
     if torch.cuda.is_available():
@@ -452,8 +451,8 @@ def test_the_gpu_script_without_a_gpu_stops_with_one_line(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(tmp_path / "results")],
                           capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, check=False)
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.splitlines() == ["benchmarks/gpu/run.sh: no CUDA GPU here (torch sees none); SMOKE=1 "
-                                        "rehearses every stage on the CPU"]
+    assert proc.stderr.splitlines() == [("benchmarks/gpu/run.sh: no CUDA GPU here (torch sees none); SMOKE=1 "
+                                        "rehearses every stage on the CPU")]
     assert not (tmp_path / "results").exists()
 
 
