@@ -175,7 +175,8 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
 @click.option("--t", "t", type=click.IntRange(1, 999), default=250,
               help="Noise level both images are taken to before mixing (the largest step of the schedule at or "
                    "below it).")
-@click.option("--frames", type=click.IntRange(2), default=8, help="Mixing weights 0..1.")
+@click.option("--frames", type=click.IntRange(2), default=8,
+              help="Number of interpolated images: mixing weights evenly spaced from 0 (A) to 1 (B).")
 @click.option("--mix", type=click.Choice(["linear", "slerp"]), default="linear",
               help="How the two noisy latents are mixed (DDPM: linear).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000,
