@@ -313,8 +313,10 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
         if ctx.main:
             _echo(f"{out}: the run is finished (step {start.step} of {opts.iterations}); nothing to do "
                   "(--iterations N continues it to step N)")
-        return {"step": start.step, "loss": float("nan"), "finished_before": True, "checkpoint": str(out / CHECKPOINT),
-                "rank": ctx.rank, "world_size": ctx.world}
+        return {"step": start.step, "loss": float("nan"), "finished_before": True,
+                "parameters": sum(t.numel() for t in start.states["model"].values()), "bad_files": [],
+                "checkpoint": str(out / CHECKPOINT), "rank": ctx.rank, "world_size": ctx.world,
+                "weights": start.states}
     dataset, cfg = _open_data(opts, start)
     if ctx.main:
         _announce(opts, cfg, device, start.step)

@@ -464,3 +464,20 @@ def test_usage_errors_and_the_tools_own_errors_read_alike(tmp_path, capsys, monk
     own = run_infer(capsys, monkeypatch, "segment", tmp_path / "nope.jpg", "--out", tmp_path / "out")
     assert own.code == 1 and own.err_lines[-1].startswith("fdm-infer: error: ")
     assert "Error:" not in usage.err + own.err
+
+
+def test_training_a_finished_run_through_the_api_returns_its_weights(tmp_path):
+    from fdm_train.checkpoint import read_checkpoint
+    from fdm_train.config import preset
+    from fdm_train.train import TrainOptions, train
+
+    data = tmp_path / "images"
+    write_images(data, 4)
+    options = TrainOptions(data=str(data), out=str(tmp_path / "run"), model=preset("tiny-32", image_size=16),
+                           batch_size=4, iterations=1, sample_every=0, progress=False, workers=0)
+    first = train(options)
+    again = train(TrainOptions(**{**options.__dict__, "resume": "auto", "iterations": None}))
+    assert again["finished_before"] and again["step"] == 1 and again["parameters"] == first["parameters"]
+    _, saved, _ = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    for name, tensor in saved["ema"].items():
+        assert torch.equal(again["weights"]["ema"][name], tensor)
