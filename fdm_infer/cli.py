@@ -159,10 +159,10 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
     from fdm_train.model import count_flops
     from fdm_train.util import cpu_seconds, format_seconds
 
-    device = getattr(engine, "device", None)
+    device = engine.device
     text = (f"generating {count} image(s): {n_steps} {sampler} steps in batches of {min(batch_size, count)}"
             f" on {device}")
-    if device is not None and device.type == "cpu":
+    if device.type == "cpu":
         text += f"; roughly {format_seconds(cpu_seconds(count_flops(engine.config) * count * n_steps))}"
         if n_steps > 100:
             text += " (--sampler dpm++ --steps 20 is much faster)"
