@@ -2,7 +2,7 @@
 with the same options. On a GPU machine:
 
     python benchmarks/bench_latency.py --preset paper-64 --preset paper-128 \
-        --batch 1 --batch 16 --batch 128 --batch 256 -o out/latency
+        --batch-size 1 --batch-size 16 --batch-size 128 --batch-size 256 -o out/latency
 
 `--smoke` runs it on the CPU on the tiny preset (coverage, not figures)."""
 from __future__ import annotations

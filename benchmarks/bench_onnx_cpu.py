@@ -42,13 +42,22 @@ def segment_step(engine, images: torch.Tensor, diffusion: GaussianDiffusion, see
     return segment_tensor(engine, images, t=DEFAULT_T, seed=seed, diffusion=diffusion).argmax(1)
 
 
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set, as torch and onnxruntime read it, else one per core."""
+    try:
+        return int(os.environ["OMP_NUM_THREADS"])
+    except (KeyError, ValueError):
+        return os.cpu_count() or 1
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small-32")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=15, help="timed batches per engine")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for both engines")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="intra-op threads for both engines [default: OMP_NUM_THREADS when set, else one per core]")
     p.add_argument("--md", help="write the result as markdown here")
     a = p.parse_args(argv)
 

@@ -37,7 +37,7 @@ def parity_line(result) -> str:
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
               help="Output file (.onnx) [default: the checkpoint's path with .onnx].")
 @click.option("--opset", type=click.IntRange(14, 20), default=None,
-              help="ONNX opset (default 17: parsed by TensorRT 10/11 and onnxruntime).")
+              help="ONNX opset [default: 17, parsed by TensorRT 10/11 and onnxruntime].")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Weight/compute precision inside the graph; inputs and outputs stay float32. "
                    "bf16 files are for TensorRT (onnxruntime cannot run them on the CPU).")
@@ -48,7 +48,7 @@ def parity_line(result) -> str:
 @click.option("--check-batches", default="1,3", show_default=True, callback=_batches,
               help="Batch sizes of the parity check (all through the one exported graph).")
 @click.option("--tolerance", type=FiniteFloatRange(0, min_open=True), default=None,
-              help="Max abs error allowed by the check (default: 1e-4 fp32, 5e-2 fp16).")
+              help="Max abs error allowed by the check [default: 1e-4 for fp32, 5e-2 for fp16].")
 @overwrite_option("Replace the output file if it exists (never the checkpoint).")
 @quiet_option
 def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance, overwrite, quiet):
@@ -81,8 +81,8 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
               help="auto: strongly typed, the ONNX file's own dtype (TensorRT 10 and 11). fp16/bf16: "
                    "TensorRT 10's weakly-typed builder flags (gone in 11: export with --dtype instead).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
-              help="Timing cache file, read if present and written back (speeds up rebuilds).")
-@click.option("--workspace", type=click.IntRange(1), default=None, help="Workspace limit in MiB.")
+              help="Timing cache file, read if present and written back (speeds up rebuilds) [default: none].")
+@click.option("--workspace", type=click.IntRange(1), default=None, help="Workspace limit in MiB [default: TensorRT's, the GPU's memory].")
 @click.option("--tf32/--no-tf32", default=True, show_default=True, help="Allow TF32 for float32 layers.")
 @click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
 @click.option("--check/--no-check", default=True, show_default=True,

@@ -5,7 +5,7 @@ import fdm_train  # noqa: F401  (first: it sets the OpenMP wait policy before to
 
 # Bound after the submodules load, so that `fdm_infer.generate` is the API's function (the sampling
 # code stays importable as before: `from fdm_infer.generate import ...`).
-from fdm_infer.api import Generation, Segmentation, Segmenter, generate
+from fdm_infer.api import Generation, ImageSegmentation, Segmentation, Segmenter, generate
 from fdm_train.errors import UserError
 
-__all__ = ["Generation", "Segmentation", "Segmenter", "UserError", "generate"]
+__all__ = ["Generation", "ImageSegmentation", "Segmentation", "Segmenter", "UserError", "generate"]

@@ -5,26 +5,36 @@
 
     seg = Segmenter.load()                      # the bundled model, or a .safetensors / .onnx / .plan file
     res = seg(["photo.jpg", pil_image, array])  # files, folders, PIL images, numpy arrays, torch tensors
-    res.labels[0]       # uint8 [H, W] label map at the input's own resolution
-    res.soft[0]         # float32 [K, H, W] soft masks, summing to 1 over K
-    res.foreground[0]   # bool [H, W]
-    res.save("out/")    # the files of `fdm-infer segment`, and summary.json
+    len(res); r = res[0]; for r in res: ...     # one result per image
+    r.labels            # uint8 [H, W] label map at the input's own resolution (also res.labels[0])
+    r.soft              # float32 [K, H, W] soft masks, summing to 1 over K
+    r.foreground        # bool [H, W]
+    r.regions           # per region: area, bbox [x, y, w, h], share of the image
+    r.overlay(); r.plot()   # PIL images: the colored labels over the image; image, overlay, labels
+    r.save()            # this image's files into out/ (or the folder given)
+    res.save()          # the files of `fdm-infer segment` for every image, and summary.json, into out/
     res.to_json()       # summary.json's content, without the files
 
-    samples = generate(n=4, steps=50, sampler="ddim")   # samples.images, samples.soft, samples.labels
+    samples = generate(n=4, steps=50, sampler="ddim")
+    samples[0]          # a PIL image (also: for image in samples, len(samples), samples.pil)
+    samples.images, samples.soft, samples.labels       # numpy arrays
+    samples.save()      # into samples/ (or the folder given)
 
-Bad input (an image that cannot be read, a setting out of range, a broken model file) raises
-fdm_infer.UserError, whose message is one line.
+Every error caused by the arguments or the input (a file, a parameter, a model) raises
+fdm_infer.UserError, whose message names the API's parameters.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 from PIL import Image
@@ -32,9 +42,11 @@ from PIL import Image
 from fdm_infer.engines import open_model, placeholder_note
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import ChannelPresence
+from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.generate import check_steps, write_samples
 from fdm_infer.generate import generate as sample
 from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs
+from fdm_infer.segment import DEFAULT_OUT as SEGMENT_OUT
 from fdm_infer.segment import (
     DEFAULT_SMOOTH,
     DEFAULT_T,
@@ -48,6 +60,7 @@ from fdm_infer.segment import (
     check_outputs,
     check_smooth,
     image_entry,
+    region_statistics,
     segment_batches,
     segment_files,
     summary,
@@ -60,7 +73,33 @@ from fdm_train.data import MAX_PIXELS
 from fdm_train.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS, GaussianDiffusion, SampleResult
 from fdm_train.errors import SEED, UserError
 from fdm_train.util import DEFAULT_THREADS, check_writable_folder
-from fdm_train.visualize import images_to_uint8
+from fdm_train.visualize import colorize, grid, images_to_uint8, overlay
+
+
+# The command lines' option names in the shared checks' messages, as the API's parameters are named.
+API_NAMES = {"--t": "t", "--seed": "seed", "--smooth": "smooth", "--ensemble": "ensemble", "--batch-size": "batch_size",
+             "--fg-channel": "fg_channels", "--foreground": "foreground", "--rle": "rle", "--steps": "steps",
+             "--sampler": "sampler", "--clip": "clip", "--model": "model", "--out": "out", "--max-pixels": "max_pixels"}
+
+
+def in_api_words(class_name: str):
+    """Decorates an API function: a UserError it raises names the API's parameters, not the command
+    lines' options (`class_name`: the parameter that takes the class, --class on the command line);
+    under a command line (a click context), the options' names stay."""
+    names = {**API_NAMES, "--class": class_name}
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            try:
+                return f(*args, **kwargs)
+            except UserError as exc:
+                if click.get_current_context(silent=True) is not None:
+                    raise
+                exc.args = (re.sub(r"--[a-z][a-z-]*", lambda m: names.get(m.group(0), m.group(0)), str(exc)),)
+                raise
+        return wrapper
+    return decorate
 
 
 def note_on_stderr(message: str) -> None:
@@ -102,6 +141,7 @@ class Segmenter:
     refused before it is decoded, and a batch stops growing once it holds that many full-resolution
     pixels)."""
 
+    @in_api_words("class_label")
     def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
                  max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, load_seconds: float = 0.0):
@@ -118,6 +158,7 @@ class Segmenter:
         self.load_seconds = load_seconds
 
     @classmethod
+    @in_api_words("class_label")
     def load(cls, model: str | Path | Engine | None = None, engine: str | None = None, device: str = "auto", *,
              threads: int | None = DEFAULT_THREADS, notify: Callable[[str], None] | None = None,
              **settings) -> Segmenter:
@@ -138,6 +179,7 @@ class Segmenter:
                 "image_size": cfg.image_size, "regions": self.engine.num_regions, "device": str(self.engine.device),
                 "seconds": {"load": round(self.load_seconds, 3)}}
 
+    @in_api_words("class_label")
     def __call__(self, images, *, fg_channels: list[int] | None = None, progress: bool = False) -> Segmentation:
         """Segment one image or a list: file paths (a folder: every image in it, sorted), PIL images, numpy
         arrays [H, W] / [H, W, 3|4] or torch tensors [H, W] / [1|3|4, H, W] (uint8, or float in [0, 1]; a 4-D
@@ -165,6 +207,7 @@ class Segmenter:
         return Segmentation(items, chosen, presence, bool(fg_channels), self.run_info(), self.settings,
                             time.perf_counter() - start)
 
+    @in_api_words("class_label")
     def segment_files(self, paths: list[str | Path], out: str | Path, options: OutputOptions | None = None, *,
                       fg_channels: list[int] | None = None, limit: int | None = None,
                       warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
@@ -203,6 +246,12 @@ class Segmentation:
     def __len__(self) -> int:
         return len(self.items)
 
+    def __getitem__(self, index: int) -> ImageSegmentation:
+        return ImageSegmentation(self.items[index], self.fg_channels)
+
+    def __iter__(self):
+        return (ImageSegmentation(item, self.fg_channels) for item in self.items)
+
     @property
     def labels(self) -> list[np.ndarray]:
         """Per image, uint8 [H, W]: the label (0..K-1) of every pixel, at the input's resolution."""
@@ -224,6 +273,7 @@ class Segmentation:
                                image_share=self.image_share)
         return summary(self._run, self._settings, report, len(self.border_share), self._given)
 
+    @in_api_words("class_label")
     def to_json(self, rle: str | None = None) -> str:
         """summary.json's content (without output files): the run, and per image its input, size, region
         shares and foreground; with `rle` ("compressed" or "uncompressed"), every label's COCO RLE."""
@@ -234,8 +284,9 @@ class Segmentation:
             add_foreground(entries[-1], self.fg_channels, None, Path())
         return summary_json(self._summary(entries))
 
-    def save(self, out: str | Path, *, save_soft: bool = False, save_channels: bool = False, foreground: bool = False,
-             rle: str | None = None) -> Path:
+    @in_api_words("class_label")
+    def save(self, out: str | Path = SEGMENT_OUT, *, save_soft: bool = False, save_channels: bool = False,
+             foreground: bool = False, rle: str | None = None) -> Path:
         """Writes the files of `fdm-infer segment` into `out` (<key>_labels.png, <key>_overlay.png, and as
         asked _soft.npz, _channels.png, _fg.png) and summary.json; returns summary.json's path. A file it
         would write that is one of the input files is an error, before anything is written."""
@@ -250,6 +301,50 @@ class Segmentation:
             fg_file = write_foreground_mask(out, item.key, item.labels, self.fg_channels) if foreground else None
             add_foreground(entries[-1], self.fg_channels, fg_file, out)
         return write_summary(out, self._summary(entries))
+
+
+class ImageSegmentation:
+    """One image's result: `Segmentation[i]`, or an item of `for r in Segmentation`."""
+
+    def __init__(self, item: Segmented, fg_channels: list[int]):
+        self._item, self.fg_channels = item, fg_channels
+        self.name = item.key.as_posix()  # the output name, without suffix
+        self.source = item.source  # the input file, or <image_NNNN> for an image given in memory
+        self.image = item.image  # RGB uint8 [H, W, 3], the input as read
+        self.labels = item.labels  # uint8 [H, W]: each pixel's label 0..K-1, at the input's resolution
+
+    @property
+    def soft(self) -> np.ndarray:
+        """float32 [K, H, W]: the soft masks at the input's resolution (they sum to 1 over K)."""
+        return self._item.soft
+
+    @property
+    def foreground(self) -> np.ndarray:
+        """bool [H, W]: the pixels whose label is a foreground channel."""
+        return np.isin(self.labels, self.fg_channels)
+
+    @property
+    def regions(self) -> list[dict]:
+        """Per label 0..K-1: area (pixels), bbox [x, y, width, height] (None where absent), share of the image."""
+        return region_statistics(self.labels, self._item.masks.shape[0])
+
+    def overlay(self, alpha: float = 0.5) -> Image.Image:
+        """The labels' colors over the image (as <name>_overlay.png)."""
+        return Image.fromarray(overlay(self.image, self.labels, alpha=alpha))
+
+    def plot(self) -> Image.Image:
+        """The image, the overlay and the colored label map side by side."""
+        return grid([np.stack([self.image, np.asarray(self.overlay()), colorize(self.labels)])])
+
+    @in_api_words("class_label")
+    def save(self, out: str | Path = SEGMENT_OUT) -> dict[str, Path]:
+        """Writes <name>_labels.png and <name>_overlay.png into `out`; returns the files by kind. A file it
+        would write that is its input is an error, before anything is written."""
+        out = Path(out)
+        check_not_inputs(out, [self._item], OutputOptions())
+        check_writable_folder(out)
+        entry = write_segmented(out, self._item, OutputOptions())
+        return {kind: out / name for kind, name in entry["outputs"].items()}
 
 
 # ----- generation -----
@@ -277,12 +372,27 @@ class Generation:
         """uint8 [N, S, S]."""
         return self.result.masks.argmax(1).numpy().astype(np.uint8)
 
-    def save(self, out: str | Path) -> list[Path]:
+    @property
+    def pil(self) -> list[Image.Image]:
+        """The samples as PIL images."""
+        return [Image.fromarray(image) for image in self.images]
+
+    def __len__(self) -> int:
+        return self.result.images.shape[0]
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+    def __iter__(self):
+        return iter(self.pil)
+
+    def save(self, out: str | Path = SAMPLES_OUT) -> list[Path]:
         """sample_NNNN.png, sample_NNNN_labels.png, grid.png (and trajectory.png when recorded)."""
         return write_samples(Path(out), self.result, self.classes, save_trajectory=bool(self.result.trajectory),
                              inputs=[self.model])
 
 
+@in_api_words("classes")
 def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: str | None = None, device: str = "auto",
              threads: int | None = DEFAULT_THREADS, steps: int = 1000, sampler: str = "ddpm",
              clip: str = DEFAULT_CLIP, seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory: bool = False,

@@ -170,15 +170,14 @@ def reference(model, x, t):
 
 
 def measure(engine, variant: Variant, model, batches, device, repeats, budget_s, matmul, flops, base: dict,
-            max_batch: int | None) -> list[dict]:
-    """One row per batch: checked against the reference, then timed."""
-    rows = []
+            max_batch: int | None, emit) -> None:
+    """One row per batch, to `emit` as soon as it is measured: checked against the reference, then timed."""
     dtype = variant.options.get("dtype", "fp32")
     tol = TOLERANCE.get((dtype, device.type), 1e-3)
     for batch in batches:
         row = dict(base, batch=batch)
         if max_batch is not None and batch > max_batch:
-            rows.append(dict(row, status=f"skipped: batch above {max_batch} (--onnx-max-batch)"))
+            emit(dict(row, status=f"skipped: batch above {max_batch} (--onnx-max-batch)"))
             continue
         try:
             x, t = inputs(model.cfg, batch, device)
@@ -188,7 +187,7 @@ def measure(engine, variant: Variant, model, batches, device, repeats, budget_s,
             del eps_ref, masks_ref, eps, masks
             worst = row["parity"] = max(row["err_eps"], row["err_masks"])
             if not math.isfinite(worst):  # the output is broken, not slow
-                rows.append(dict(row, status="failed: non-finite output"))
+                emit(dict(row, status="failed: non-finite output"))
                 continue
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -202,8 +201,7 @@ def measure(engine, variant: Variant, model, batches, device, repeats, budget_s,
             row["status"] = "ok" if worst <= tol else f"error above {tol:g}"
         except Exception as exc:  # one variant failing must not lose the others' figures
             row["status"] = f"failed: {one_line(exc)}"
-        rows.append(row)
-    return rows
+        emit(row)
 
 
 def sampler_step(engine, diffusion: GaussianDiffusion, images: int, cfg, device):
@@ -279,13 +277,46 @@ def models_to_measure(preset_names: list[str], checkpoint: str | Path | None, pl
         yield name, models
 
 
-def run(preset_names: list[str], batches: list[int], variant_keys: list[str] | None = None, device: str = "auto",
-        repeats: int = 30, budget_s: float = 10.0, sample_images: int = 64, sample_steps: int = 1000,
-        sampling: bool = True, plain: bool = True, onnx_max_batch: int | None = None, log=print,
-        on_update=None, checkpoint: str | Path | None = None, plan: str | Path | None = None) -> dict:
+# What a run measures unless told: models and batches sized for the device, and the whole DDPM run.
+PLANS = {
+    "cuda": dict(presets=["paper-64"], batches=[1, 16, 128, 256], sample_images=64, sample_steps=1000),
+    "cpu": dict(presets=["tiny-32", "small-32"], batches=[1, 8], sample_images=4, sample_steps=50),
+}
+
+
+def plan_for(device: torch.device, **given) -> dict:
+    """The device's plan (PLANS), with what was given (not None) in its place."""
+    plan = PLANS["cuda" if device.type == "cuda" else "cpu"]
+    return {key: plan[key] if given.get(key) is None else given[key] for key in plan}
+
+
+def describe_plan(device: torch.device, plan: dict, chosen: list[Variant], budget_s: float, sampling: bool,
+                  checkpoint, trt_plan) -> str:
+    """What a run is about to measure, with the most time its timed calls may take."""
+    runnable = [v for v in chosen if skip_reason(v, device, trt_plan) is None]
+    models = [Path(checkpoint).name] if checkpoint else plan["presets"]
+    measurements = len(models) * len(runnable) * len(plan["batches"])
+    text = (f"bench on {device}: {', '.join(models)}; batches {', '.join(map(str, plan['batches']))}; "
+            f"{len(runnable)} variant(s) that run here; timed calls at most {budget_s:g} s per measurement, "
+            f"about {measurements} measurements")
+    if sampling:
+        text += f"; then a whole run of {plan['sample_images']} images x {plan['sample_steps']} steps"
+    return text
+
+
+def run(preset_names: list[str] | None = None, batches: list[int] | None = None, variant_keys: list[str] | None = None,
+        device: str = "auto", repeats: int = 30, budget_s: float = 10.0, sample_images: int | None = None,
+        sample_steps: int | None = None, sampling: bool = True, plain: bool = True, onnx_max_batch: int | None = None,
+        log=print, on_update=None, checkpoint: str | Path | None = None, plan: str | Path | None = None) -> dict:
     """The benchmark; `on_update(result)` after every measurement (so that a run cut short keeps its rows).
+    Presets, batches and the whole run's images and steps not given are the device's (PLANS). Ctrl-C (or
+    SIGTERM) ends the run early: the result so far is returned, marked "interrupted".
     `checkpoint`: measure its model instead of the presets'; `plan`: a TensorRT plan of it (the trt variant)."""
     device = pick_device(device)
+    planned = plan_for(device, presets=preset_names, batches=batches, sample_images=sample_images,
+                       sample_steps=sample_steps)
+    preset_names, batches = planned["presets"], planned["batches"]
+    sample_images, sample_steps = planned["sample_images"], planned["sample_steps"]
     chosen = [v for v in VARIANTS if variant_keys is None or v.key in variant_keys]
     if onnx_max_batch is None and device.type == "cuda":
         onnx_max_batch = 1  # the CPU provider beside a GPU: a reference figure, not a throughput run
@@ -296,22 +327,37 @@ def run(preset_names: list[str], batches: list[int], variant_keys: list[str] | N
                            "sample_images": sample_images, "sample_steps": sample_steps},
               "rows": [], "sampling": []}
     update = on_update or (lambda r: None)
+    log(describe_plan(device, planned, chosen, budget_s, sampling, checkpoint, None if plan is None else Path(plan)))
+
+    def emit(row):
+        result["rows"].append(row)
+        log(describe_row(row))
+        update(result)
+
     context = dict(batches=batches, device=device, repeats=repeats, budget_s=budget_s,
                    matmul=result["matmul_bf16_tflops"], onnx_max_batch=onnx_max_batch,
-                   plan=None if plan is None else Path(plan), log=log)
+                   plan=None if plan is None else Path(plan), emit=emit)
+    try:
+        _measure_all(result, preset_names, checkpoint, plain, chosen, device, context, sampling, repeats, budget_s,
+                     sample_images, sample_steps, log, update)
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+    return result
+
+
+def _measure_all(result, preset_names, checkpoint, plain, chosen, device, context, sampling, repeats, budget_s,
+                 sample_images, sample_steps, log, update) -> None:
     for name, models in models_to_measure(preset_names, checkpoint, plain):
         kept = {}  # the main model's engines that the sampling runs again
         keep = {"fused", getattr(fastest(chosen, device), "key", None)}
         for index, (model_name, model) in enumerate(models.items()):
             model = model.to(device).eval()
             for variant in variants_for(model.cfg, chosen, device):
-                rows, engine = measure_variant(variant, model, {"preset": name, "model": model_name}, **context)
+                engine = measure_variant(variant, model, {"preset": name, "model": model_name}, **context)
                 if engine is not None and index == 0 and variant.key in keep:
                     kept[variant.key] = engine
                 elif hasattr(engine, "close"):
                     engine.close()
-                result["rows"] += rows
-                update(result)
             if sampling and index == 0:  # before the plain U-Net: a run cut short keeps it
                 result["sampling"] += sampling_entries(name, model, chosen, device, repeats, budget_s,
                                                        sample_images, sample_steps, log, kept)
@@ -320,28 +366,28 @@ def run(preset_names: list[str], batches: list[int], variant_keys: list[str] | N
         del models, kept
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return result
 
 
 def measure_variant(variant: Variant, model, base: dict, *, batches, device, repeats, budget_s, matmul,
-                    onnx_max_batch, plan, log) -> tuple[list[dict], object]:
-    """The rows of one variant (skipped, failed or measured) and its engine (None when it did not open)."""
+                    onnx_max_batch, plan, emit) -> object:
+    """The rows of one variant (skipped, failed or measured), each to `emit`; its engine (None when it did
+    not open)."""
     base = dict(base, engine=variant.engine, variant=variant.label)
     engine = None
     reason = skip_reason(variant, device, plan)
     if reason is not None:
-        rows = [dict(base, batch=b, status=f"skipped: {reason}") for b in batches]
-    else:
-        try:
-            engine = open_variant(variant, model, device, plan)
-        except Exception as exc:
-            rows = [dict(base, batch=b, status=f"failed: {one_line(exc)}") for b in batches]
-        else:
-            rows = measure(engine, variant, model, batches, device, repeats, budget_s, matmul,
-                           count_flops(model.cfg), base, onnx_max_batch if variant.engine == "onnx" else None)
-    for row in rows:
-        log(describe_row(row))
-    return rows, engine
+        for b in batches:
+            emit(dict(base, batch=b, status=f"skipped: {reason}"))
+        return None
+    try:
+        engine = open_variant(variant, model, device, plan)
+    except Exception as exc:
+        for b in batches:
+            emit(dict(base, batch=b, status=f"failed: {one_line(exc)}"))
+        return None
+    measure(engine, variant, model, batches, device, repeats, budget_s, matmul, count_flops(model.cfg), base,
+            onnx_max_batch if variant.engine == "onnx" else None, emit)
+    return engine
 
 
 def describe_row(r: dict) -> str:

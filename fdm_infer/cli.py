@@ -29,6 +29,8 @@ from fdm_train.cli_options import (
     version_option,
 )
 from fdm_train.config import PRESETS
+from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
+from fdm_infer.segment import DEFAULT_OUT as SEGMENT_OUT
 from fdm_train.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
 from fdm_train.errors import SEED, FiniteFloatRange, run_cli
 
@@ -41,7 +43,7 @@ def main_group():
 
 @main_group.command(cls=RenamingCommand, renamed={"--channels": "--save-channels"})
 @click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
-@click.option("-o", "--out", default="out", type=click.Path(file_okay=False),
+@click.option("-o", "--out", default=SEGMENT_OUT, type=click.Path(file_okay=False),
               help="Output folder (created); relative paths of images found in folders are mirrored under it. "
                    "Files in it named like its outputs are not taken as inputs, and no output replaces an input.")
 @limit_option("images found")
@@ -57,7 +59,7 @@ def main_group():
                    "than in the images, over all inputs) or by --fg-channel.")
 @click.option("--rle", type=click.Choice(["compressed", "uncompressed"]), is_flag=False, flag_value="compressed",
               default=None, help="Add every region's COCO RLE mask to summary.json (`--rle`: compressed counts, "
-                                 "as pycocotools writes them; `--rle uncompressed`: a list of counts).")
+                                 "as pycocotools writes them; `--rle uncompressed`: a list of counts) [default: no RLE].")
 @click.option("--json", "as_json", is_flag=True,
               help="Print summary.json to stdout (the summary lines go to stderr).")
 def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, smooth,
@@ -70,10 +72,11 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
     counts decoding, the model and writing, not loading the model."""
     from fdm_infer.api import Segmenter
     from fdm_infer.images import label_legend
-    from fdm_infer.segment import OutputOptions, summary_json
+    from fdm_infer.segment import SUMMARY, OutputOptions, summary_json
 
     if fg_channels and not foreground:
         raise click.UsageError("--fg-channel goes with --foreground")
+    reused = (Path(out) / SUMMARY).exists()
     segmenter = Segmenter.load(model_file, engine_kind, device, threads=threads, notify=note_line, t=t, seed=seed,
                                ensemble=ensemble, batch_size=batch_size, class_label=class_label, max_pixels=max_pixels,
                                smooth=smooth)
@@ -89,6 +92,9 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
         how = "given" if fg_channels else "not background"
         click.echo(f"foreground: channels {'+'.join(map(str, report.foreground))} ({how}; border/image shares {shares})",
                    err=as_json)
+    if reused:
+        note_line(f"{out} holds an earlier run's files too (kept); {SUMMARY} lists this run's {report.written} "
+                  "image(s) only: a new --out gives a folder of this run alone")
     if as_json:
         click.echo(summary_json(report.summary))
     exit_if_failed(report)
@@ -108,9 +114,9 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @click.option("--seed", type=SEED, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
                                                   "--steps and --sampler give the same images.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Samples per forward pass.")
-@click.option("-o", "--out", default="samples", type=click.Path(file_okay=False), help="Output folder (created).")
+@click.option("-o", "--out", default=SAMPLES_OUT, type=click.Path(file_okay=False), help="Output folder (created).")
 @click.option("--class", "classes", type=click.IntRange(0), multiple=True,
-              help="Class(es) to sample, cycled (class-conditional models; default: all classes in turn).")
+              help="Class(es) to sample, cycled (class-conditional models) [default: all classes in turn].")
 @click.option("--save-trajectory", is_flag=True,
               help="Also write trajectory.png: predicted images and masks along the reverse process "
                    "(paper Fig. 10), for the first 4 samples.")
@@ -122,7 +128,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
     same images (bit-identical on the CPU)."""
     from fdm_infer import api
-    from fdm_infer.generate import check_steps
+    from fdm_infer.generate import check_steps, class_labels
     from fdm_train.diffusion import GaussianDiffusion
     from fdm_train.util import check_writable_folder
     from fdm_train.visualize import mask_statistics
@@ -133,6 +139,9 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     check_writable_folder(Path(out))
     n_steps = len(diffusion.timesteps(steps, sampler))
     batches = -(-count // batch_size)
+    class_labels(engine, count, list(classes))  # a wrong --class stops here, before the plan
+    if not quiet and n_steps * batches >= LONG_RUN_STEPS:
+        click.echo(generation_plan(engine, count, n_steps, sampler, batch_size), err=True)
     with progress_bar(n_steps * batches, f"generate ({sampler})", quiet, unit="step") as bar:
         samples = api.generate(engine, count, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size,
                                classes=list(classes) or None, trajectory=save_trajectory, progress=bar.update)
@@ -143,13 +152,32 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
                f"(mask entropy {stats['mask_entropy']}, region shares {stats['region_share']})")
 
 
+LONG_RUN_STEPS = 100  # model calls from which a generation says what it is about to do
+
+
+def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: int) -> str:
+    """What a generation is about to do; on a CPU, with a rough time."""
+    from fdm_train.model import count_flops
+    from fdm_train.util import cpu_seconds, format_seconds
+
+    device = engine.device
+    text = (f"generating {count} image(s): {n_steps} {sampler} steps in batches of {min(batch_size, count)}"
+            f" on {device}")
+    if device.type == "cpu":
+        text += f"; roughly {format_seconds(cpu_seconds(count_flops(engine.config) * count * n_steps))}"
+        if n_steps > 100:
+            text += " (--sampler dpm++ --steps 20 is much faster)"
+    return text
+
+
 @main_group.command()
 @click.argument("image_a", type=click.Path())
 @click.argument("image_b", type=click.Path())
 @click.option("--t", "t", type=click.IntRange(1, 999), default=250,
               help="Noise level both images are taken to before mixing (the largest step of the schedule at or "
                    "below it).")
-@click.option("--frames", type=click.IntRange(2), default=8, help="Mixing weights 0..1.")
+@click.option("--frames", type=click.IntRange(2), default=8,
+              help="Number of interpolated images: mixing weights evenly spaced from 0 (A) to 1 (B).")
 @click.option("--mix", type=click.Choice(["linear", "slerp"]), default="linear",
               help="How the two noisy latents are mixed (DDPM: linear).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000,
@@ -162,7 +190,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
                    "original DDPM code), none leaves it as predicted (samples can run out of range and saturate).")
 @click.option("--seed", type=SEED, default=0, help="Seed of the forward noise and of the reverse process.")
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
-              help="Class, for class-conditional models.")
+              help="Class, for class-conditional models [default: none].")
 @click.option("-o", "--out", default="interpolation", type=click.Path(file_okay=False),
               help="Output folder (created).")
 @engine_options
@@ -193,21 +221,22 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
                      y=None if y is None else int(y[0]), progress=bar.update)
     write_interpolation(Path(out), result, inputs=[image_a, image_b, path])
     click.echo(f"interpolated {frames} frame(s) from t={result.t} ({mix}, {sampler}) in "
-               f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {out}/interpolation.png")
+               f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {Path(out) / 'interpolation.png'}")
 
 
 BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "onnx", "trt"]
 
 
-@main_group.command(cls=RenamingCommand, renamed={"--out-dir": "--out"})
-@click.option("--preset", "presets", type=click.Choice(list(PRESETS)), multiple=True, default=["paper-64"],
-              help="Model preset (repeatable); random weights.")
+@main_group.command(cls=RenamingCommand, renamed={"--out-dir": "--out", "--batch": "--batch-size"})
+@click.option("--preset", "presets", type=click.Choice(list(PRESETS)), multiple=True,
+              help="Model preset (repeatable); random weights [default: paper-64 on a GPU, tiny-32 and small-32 "
+                   "on a CPU].")
 @click.option("--model", "--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="Measure this checkpoint's model (.safetensors) instead of the presets'.")
+              help="Measure this checkpoint's model (.safetensors) instead of the presets' [default: none].")
 @click.option("--plan", type=click.Path(dir_okay=False), default=None,
-              help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant.")
-@click.option("--batch", "batches", type=click.IntRange(1), multiple=True, default=[1, 16, 128, 256],
-              help="Batch size (repeatable).")
+              help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant [default: none].")
+@click.option("--batch-size", "batches", type=click.IntRange(1), multiple=True,
+              help="Batch size (repeatable) [default: 1, 16, 128 and 256 on a GPU; 1 and 8 on a CPU].")
 @click.option("--variant", "variant_keys", type=click.Choice(BENCH_VARIANT_KEYS), multiple=True,
               help="Variant (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
                    "(+ channels_last), compile, graphs (CUDA graphs), triton (Triton kernels: the fast path), "
@@ -215,8 +244,10 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
 @click.option("--repeats", type=click.IntRange(3), default=30, help="Timed calls at most.")
 @click.option("--budget", "budget_s", type=FiniteFloatRange(0, min_open=True), default=10.0,
               help="Seconds of timed calls per measurement at most (at least 3 calls).")
-@click.option("--sample-images", type=click.IntRange(1), default=64, help="Images of the whole DDPM run.")
-@click.option("--sample-steps", type=click.IntRange(1, 1000), default=1000, help="Steps of the whole DDPM run.")
+@click.option("--sample-images", type=click.IntRange(1), default=None,
+              help="Images of the whole DDPM run [default: 64 on a GPU, 4 on a CPU].")
+@click.option("--sample-steps", type=click.IntRange(1, 1000), default=None,
+              help="Steps of the whole DDPM run [default: 1000 on a GPU, 50 on a CPU].")
 @click.option("--no-sampling", is_flag=True, help="No sampling step and no whole run.")
 @click.option("--no-plain", is_flag=True, help="Without the plain U-Net beside.")
 @click.option("--onnx-max-batch", type=click.IntRange(1), default=None,
@@ -225,11 +256,11 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 @threads_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Output file: the results as JSON.")
+              help="Output file: the results as JSON [default: none, or OUT/bench.json].")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), default=None,
-              help="Output file: the tables as Markdown.")
+              help="Output file: the tables as Markdown [default: none, or OUT/bench.md].")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder: write bench.json and bench.md into it.")
+              help="Output folder: write bench.json and bench.md into it [default: none].")
 @click.option("--smoke", is_flag=True, help="tiny-32, batches 1 and 2, 3 repeats, 2 images x 5 sampling steps.")
 @quiet_option
 def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, sample_images, sample_steps,
@@ -237,8 +268,9 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     """Latency and throughput of the inference variants, from naive eager fp32 (K decoder calls) to
     bf16 + torch.compile + CUDA graphs + Triton kernels, onnxruntime and TensorRT (--plan); each checked
     against the fp32 torch reference first (max abs error, the parity column). Variants that cannot run
-    here are listed as skipped. The results (JSON) are rewritten after every measurement; the tables
-    are printed last, the engines side by side first."""
+    here are listed as skipped. Each measurement prints as it is made, and the results (JSON) are
+    rewritten after every one; the tables are printed last, the engines side by side first (also after
+    Ctrl-C, with what was measured)."""
     from fdm_infer import bench as benchmark
     from fdm_train.util import check_not_input, check_writable_file, set_threads
 
@@ -252,7 +284,7 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     check_not_input(outputs, [checkpoint, plan])
     for output in outputs:  # before the measurements, not after
         check_writable_file(output)
-    result = benchmark.run(list(presets), list(batches), list(variant_keys) or None, device=device, repeats=repeats,
+    result = benchmark.run(list(presets) or None, list(batches) or None, list(variant_keys) or None, device=device, repeats=repeats,
                            budget_s=budget_s, sample_images=sample_images, sample_steps=sample_steps,
                            sampling=not no_sampling, plain=not no_plain, onnx_max_batch=onnx_max_batch,
                            log=lambda line: None if quiet else click.echo(line, err=True), checkpoint=checkpoint,
@@ -260,6 +292,9 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
                            on_update=lambda r: benchmark.write(r, json_path, None))
     benchmark.write(result, json_path, md_path)
     click.echo(benchmark.markdown(result), nl=False)
+    if result.get("interrupted"):
+        click.echo("fdm-infer: interrupted; the measurements made are above", err=True)
+        sys.exit(130)
     failed = [r for r in result["rows"] + result["sampling"] if r["status"].startswith("failed")]
     if failed:
         click.echo(f"fdm-infer: {len(failed)} measurement(s) failed (see the status column)", err=True)

@@ -18,6 +18,9 @@ from fdm_train.util import check_not_input, check_writable_folder
 from fdm_train.visualize import colorize, grid, images_to_uint8
 
 
+DEFAULT_OUT = "samples"  # the folder generated samples go to unless told
+
+
 def diffusion_for(engine: Engine) -> GaussianDiffusion:
     """The diffusion whose sampler reads this engine's output as the model was trained to predict it."""
     return GaussianDiffusion(prediction=engine.config.prediction)

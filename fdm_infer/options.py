@@ -31,9 +31,9 @@ def segmentation_options(f):
     `evaluate`."""
     f = quiet_option(f)
     f = click.option("--class", "class_label", type=click.IntRange(0), default=None,
-                     help="Class of the images, for class-conditional models.")(f)
+                     help="Class of the images, for class-conditional models [default: none].")(f)
     f = click.option("--fg-channel", "fg_channels", type=click.IntRange(0), multiple=True,
-                     help="Foreground channel(s), repeatable [default, without labels: every channel but the "
+                     help="Foreground channel(s), repeatable [default: without labels, every channel but the "
                           "one most present on the image border and those more present on the border than in the "
                           "image, over the set].")(f)
     f = click.option("--batch-size", type=click.IntRange(1), default=16, help="Images per forward pass.")(f)
@@ -76,10 +76,9 @@ def note_line(message: str) -> None:
 
 
 def progress_bar(total: int, desc: str, quiet: bool, unit: str = "img"):
-    from tqdm import tqdm
+    from fdm_train.util import progress_bar as bar
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=True if quiet else None, dynamic_ncols=True,
-                file=sys.stderr)
+    return bar(total, desc, unit, enabled=not quiet)
 
 
 def exit_if_failed(report) -> None:

@@ -47,6 +47,7 @@ from fdm_train.util import (
     check_writable_folder,
     json_text,
     one_line,
+    progress_bar,
     resolve_inputs,
 )
 from fdm_train.visualize import PALETTE
@@ -171,13 +172,10 @@ def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentS
     """The inputs segmented, one batch at a time (see `_read_batches`); an input that cannot be read, or
     a file of more than `settings.max_pixels` pixels, goes to `on_unreadable` (which may raise) and is
     left out. The label maps are made one image and one channel at a time."""
-    from tqdm import tqdm
-
     check_class(engine, settings.class_label)
     diffusion = GaussianDiffusion()
     size = engine.config.image_size
-    with tqdm(total=len(inputs), desc="segment", unit="img", disable=None if progress else True,
-              dynamic_ncols=True) as bar:
+    with progress_bar(len(inputs), "segment", "img", enabled=progress) as bar:
         for batch, tensors, images in _read_batches(inputs, size, settings.batch_size, settings.max_pixels,
                                                     on_unreadable, bar):
             y = None if settings.class_label is None else torch.full((len(batch),), settings.class_label)
@@ -218,6 +216,7 @@ def _read_batches(inputs: list[InputImage], size: int, batch_size: int, max_pixe
 # ----- output folders -----
 
 SUMMARY = "summary.json"
+DEFAULT_OUT = "out"  # the folder segmentation results go to unless told
 SUMMARY_FORMAT = "fdm-segment-v1"
 RLE_FORMATS = ("compressed", "uncompressed")
 
@@ -231,10 +230,25 @@ class OutputOptions:
     rle: str | None = None  # COCO RLE of every region in summary.json: "compressed" or "uncompressed"
 
 
+def region_statistics(labels: np.ndarray, k: int) -> list[dict]:
+    """Per label 0..K-1: its area in pixels, bounding box [x, y, width, height] (None where the label is
+    absent) and share of the image, as SAM's automatic masks describe theirs."""
+    regions = []
+    for label in range(k):
+        ys, xs = np.nonzero(labels == label)
+        box = None if xs.size == 0 else [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                         int(ys.max() - ys.min() + 1)]
+        regions.append({"label": label, "area": int(xs.size), "bbox": box,
+                        "share": round(xs.size / labels.size, 4)})
+    return regions
+
+
 def image_entry(item: Segmented, rle: str | None = None) -> dict:
     """An image's entry of summary.json, without its files and foreground: input, size [H, W], each
-    label's share of the pixels, and (rle) the COCO RLE of every label's mask."""
-    entry = {"input": item.source, "size": list(item.labels.shape), "region_share": item.region_share()}
+    label's share of the pixels, each region's statistics (region_statistics), and (rle) the COCO RLE of
+    every label's mask."""
+    entry = {"input": item.source, "size": list(item.labels.shape), "region_share": item.region_share(),
+             "regions": region_statistics(item.labels, item.masks.shape[0])}
     if rle:
         entry["rle"] = encode_labels(item.labels, item.masks.shape[0], compressed=rle == "compressed")
     return entry
@@ -341,10 +355,15 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
     check_outputs(options, fg_channels, engine.num_regions)
     check_class(engine, settings.class_label)
     report = SegmentReport()
-    found = collect_inputs(paths, report, warn, exclude=out)
+    skipped: list[str] = []  # warned about once there is something to segment; else the error says why
+    found = collect_inputs(paths, report, skipped.append, exclude=out)
     inputs = found[:limit]
     if not inputs:
+        if report.failed:
+            raise UserError("no images to segment: " + "; ".join(f"{p}: {why}" for p, why in report.failed))
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(str(p) for p in paths)}")
+    for message in skipped:
+        warn(message)
     input_files = resolve_inputs(item.path for item in found)
     check_not_input([out / SUMMARY], input_files.values())
     check_writable_folder(out)

@@ -14,6 +14,7 @@ from fdm_train.cli_options import (
 )
 from fdm_train.config import (
     BOUNDS,
+    DEFAULT_ITERATIONS,
     DEFAULT_PREDICTION,
     DEFAULT_PRESET,
     DEFAULT_REGION_CODES,
@@ -27,16 +28,18 @@ from fdm_train.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
 
 # Options renamed for the same spelling across fdm-train, fdm-export and fdm-infer.
 OUTPUT_RENAMED = {"--output": "--out"}
+# --image-size, as `train` and `info` call the model's size.
+SIZE_RENAMED = {**OUTPUT_RENAMED, "--size": "--image-size"}
 
 
 def model_options(f):
     f = click.option("--variant", type=click.Choice(VARIANTS), default=None,
-                     help="Architecture: the factorized model (default), the plain U-Net baseline, or a "
-                          "Table-6 ablation.")(f)
+                     help="Architecture: the factorized model, the plain U-Net baseline, or a Table-6 ablation "
+                          "[default: the preset's, factorized].")(f)
     f = click.option("-K", "--regions", type=click.IntRange(1), default=None,
-                     help="Number of regions K (preset: 3).")(f)
-    f = click.option("--image-size", type=click.IntRange(8), default=None, help="Override the preset's resolution.")(f)
-    f = click.option("--channels", type=click.IntRange(8), default=None, help="Override the base width C.")(f)
+                     help="Number of regions K [default: the preset's, 3].")(f)
+    f = click.option("--image-size", type=click.IntRange(8), default=None, help="Image size S (S x S) [default: the preset's].")(f)
+    f = click.option("--channels", type=click.IntRange(8), default=None, help="Base width C of the U-Net [default: the preset's].")(f)
     f = click.option("--region-codes/--no-region-codes", default=DEFAULT_REGION_CODES, show_default=True,
                      help="Give each decoder branch a learned code in its embedding (shared weights, branches "
                           "that can differ); --no-region-codes is the paper's decoder.")(f)
@@ -69,16 +72,17 @@ def main_group():
 @click.option("-o", "--out", default="runs/fdm", show_default=True, type=click.Path(file_okay=False),
               help="Run folder (created): checkpoint.safetensors, train_state.pt, log.jsonl, samples/.")
 @model_options
-@click.option("--dropout", type=FiniteFloatRange(0, 1), default=None, help="ResBlock dropout (preset: 0).")
+@click.option("--dropout", type=FiniteFloatRange(0, 1), default=None, help="ResBlock dropout [default: the preset's, 0].")
 @click.option("--class-cond", is_flag=True, help="Condition on classes: one top-level subfolder per class.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
               help="Global batch: split over the devices of a torchrun launch (and over micro-batches).")
 @click.option("--micro-batch", type=click.IntRange(1), default=None,
               help="At most this many images per forward pass and device; gradient accumulation makes up "
-                   "the global batch.")
+                   "the global batch [default: the device's whole share].")
 @click.option("--grad-accum", type=click.IntRange(1), default=None,
-              help="Or: micro-batches per device and step (gradient accumulation).")
-@click.option("--iterations", type=click.IntRange(1), default=10_000, show_default=True, help="Total training steps.")
+              help="Or: micro-batches per device and step (gradient accumulation) [default: 1].")
+@click.option("--iterations", type=click.IntRange(1), default=None,
+              help=f"The step training stops at [default: {DEFAULT_ITERATIONS:,}; a resumed run: its own target].")
 @click.option("--lr", type=FiniteFloatRange(0, min_open=True), default=1e-4, show_default=True, help="Adam learning rate.")
 @click.option("--ema-decay", type=FiniteFloatRange(0, 1, max_open=True), default=0.9999, show_default=True,
               help="EMA rate (with warm-up min(decay, (1+n)/(10+n))).")
@@ -94,7 +98,7 @@ def main_group():
               help="Append loss, images/s and mask statistics to log.jsonl every N steps.")
 @click.option("--init", type=click.Path(dir_okay=False), default=None,
               help="Start from this checkpoint's EMA weights (its config wins over model flags; Adam starts "
-                   "afresh), e.g. one written by `split-region`.")
+                   "afresh), e.g. one written by `split-region` [default: none, random weights].")
 @click.option("--resume", type=click.Choice(["yes", "auto", "no"]), is_flag=False, flag_value="yes", default="no",
               help="`--resume`: continue the run in --out (its config wins over model flags); `--resume auto`: "
                    "continue from its last complete checkpoint if there is one, else start fresh.")
@@ -141,18 +145,15 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
                                         compile=compile_, progress=not quiet, prediction=prediction, **kwargs))
-    if summary["rank"] == 0 and not summary["steps_run"]:
-        click.echo(f"already complete: step {summary['step']} of --iterations {kwargs['iterations']}, checkpoint "
-                   f"{summary['checkpoint']}; raise --iterations to train on")
-    elif summary["rank"] == 0:
+    if summary["rank"] == 0 and not summary.get("finished_before"):
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
 
 
-@main_group.command("prepare-data", cls=RenamingCommand, renamed=OUTPUT_RENAMED)
+@main_group.command("prepare-data", cls=RenamingCommand, renamed=SIZE_RENAMED)
 @click.argument("folder", type=click.Path(exists=True))
 @click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
               help="The cache file to write (.npy); its manifest goes beside it (OUT.json).")
-@click.option("--size", required=True, type=click.IntRange(*BOUNDS["image_size"]),
+@click.option("--image-size", "size", required=True, type=click.IntRange(*BOUNDS["image_size"]),
               help="Image size S of the model (S x S).")
 @limit_option("images of FOLDER")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Decoding processes [default: CPU count].")
@@ -160,18 +161,17 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
 def prepare_data(folder, output, size, limit, workers, quiet):
     """Decode every image under FOLDER once into a uint8 [N, 3, S, S] array (shorter side to S, center
     crop, as training does), usable as `--data OUTPUT`: decoding JPEGs then never limits a GPU."""
-    from tqdm import tqdm
-
     from fdm_train.data import find_images, prepare_cache
+    from fdm_train.util import progress_bar
 
     total = len(find_images(folder)[:limit])
-    with tqdm(total=total, desc="decode", unit="img", dynamic_ncols=True, disable=True if quiet else None) as bar:
+    with progress_bar(total, "decode", "img", enabled=not quiet) as bar:
         m = prepare_cache(folder, output, size, workers, progress=bar.update, limit=limit)
     click.echo(f"{output}: {m['count']} images of {size}x{size} ({m['count'] * 3 * size * size / 1e6:.1f} MB), "
                f"{len(m['skipped'])} unreadable skipped, {m['seconds']:.1f} s")
 
 
-@main_group.command(cls=RenamingCommand, renamed=OUTPUT_RENAMED)
+@main_group.command(cls=RenamingCommand, renamed=SIZE_RENAMED)
 @click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
               help="The file to write: the scenes as a training cache (.npy, usable as --data); their label maps "
                    "go beside it (<name>.masks.npy).")
@@ -181,7 +181,8 @@ def prepare_data(folder, output, size, limit, workers, quiet):
                    "(2 regions, texture only).")
 @click.option("--count", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True,
               help="Number of scenes.")
-@click.option("--size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Image size S (S x S).")
+@click.option("--image-size", "size", type=click.IntRange(8, 1024), default=32, show_default=True,
+              help="Image size S (S x S).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="The scenes are a function of the seed.")
 @quiet_option
 def synth(output, kind, count, size, seed, quiet):
@@ -222,7 +223,7 @@ def info(preset, variant, regions, image_size, channels, region_codes, mask_scal
               help="Storage type of the weights (loading converts them back to float32).")
 @click.option("--placeholder", "placeholder", default=None, metavar="TEXT",
               help="Mark the file as a placeholder model: every command that loads it prints TEXT in one line "
-                   "(e.g. 'untrained weights: the masks mean nothing').")
+                   "(e.g. 'untrained weights: the masks mean nothing') [default: none].")
 @overwrite_option("Replace the --out file if it exists (never CHECKPOINT itself).")
 @quiet_option
 def slim(checkpoint, output, dtype, placeholder, overwrite, quiet):

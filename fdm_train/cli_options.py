@@ -62,7 +62,7 @@ def threads_option(f):
 def limit_option(what: str = "images"):
     def decorate(f):
         return click.option("--limit", type=click.IntRange(1), default=None,
-                            help=f"Use only the first N {what} (in sorted order).")(f)
+                            help=f"Use only the first N {what} (in sorted order) [default: all].")(f)
     return decorate
 
 

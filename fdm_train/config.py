@@ -109,6 +109,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 DEFAULT_PRESET = "small-32"
+LARGEST_CPU_PRESET = "small-64"  # a model of more FLOPs per image is sized for GPUs
 
 # The training recipe `fdm-train` uses unless told otherwise: the one the emergence study found to make
 # masks follow regions (benchmarks/emergence/RESULTS.md). The paper's recipe is region_codes=False
@@ -116,6 +117,7 @@ DEFAULT_PRESET = "small-32"
 # so that a file written without the field describes the paper's architecture.
 DEFAULT_REGION_CODES = True
 DEFAULT_T_POWER = 2.0
+DEFAULT_ITERATIONS = 10_000  # training steps of a fresh run
 DEFAULT_PREDICTION = "eps"
 
 

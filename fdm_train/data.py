@@ -301,7 +301,8 @@ class ImageCache(torch.utils.data.Dataset):
                             f"uint8 ({manifest['count']}, 3, {size}, {size}): rewrite it with prepare-data")
         if size != image_size:
             raise DataError(f"{self.path} holds {size}x{size} images, the model wants {image_size}x{image_size}: "
-                            f"run `fdm-train prepare-data {manifest.get('source', 'DIR')} --size {image_size}`")
+                            f"run `fdm-train prepare-data {manifest.get('source', 'DIR')} --image-size {image_size} "
+                            f"-o CACHE.npy` and train on that")
         self.files = [Path(f) for f in manifest["files"]]
         self.rows = list(range(len(self.files)))
         self.classes: list[str] = []

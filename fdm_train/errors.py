@@ -4,7 +4,9 @@ Also the parameter types that keep numbers no run can use out of the command lin
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 
 import click
 
@@ -13,21 +15,61 @@ class UserError(Exception):
     pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a scheduler stops a job: handled wherever Ctrl-C is (a DataLoader worker exits quietly,
+    a command keeps what it measured), and reported as one line."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_cli(group: click.Group, prog: str) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         group.main(prog_name=prog, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo(f"{prog}: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.exceptions.Abort as exc:  # click's word for a Ctrl-C or SIGTERM it caught
+        _stop(prog, _interruption(exc.__context__) or KeyboardInterrupt())
+    except click.ClickException as exc:  # in the style of the tool's own errors, after click's usage lines
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+            click.echo(f"Try '{exc.ctx.command_path} -h' for help.", err=True)
+        click.echo(f"{prog}: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except UserError as exc:
         click.echo(f"{prog}: error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo(f"{prog}: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _stop(prog, exc)
+    except Exception as exc:
+        interrupt = _interruption(exc)
+        if interrupt is None:
+            raise
+        _stop(prog, interrupt)  # e.g. "DataLoader worker killed", raised while unwinding an interruption
+
+
+def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM during whose handling `exc` was raised, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
+
+
+def _stop(prog: str, interrupt: KeyboardInterrupt):
+    # The DataLoader's SIGCHLD handler would report each worker the signal killed, while the loader is
+    # shut down on the way out.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if isinstance(interrupt, Terminated):
+        click.echo(f"{prog}: terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    click.echo(f"{prog}: interrupted", err=True)
+    sys.exit(130)
 
 
 class HelpGroup(click.Group):

@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ from fdm_train.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_train.config import DEFAULT_T_POWER, ModelConfig
+from fdm_train.config import DEFAULT_ITERATIONS, DEFAULT_T_POWER, LARGEST_CPU_PRESET, PRESETS, ModelConfig
 from fdm_train.data import (
     EpochOrder,
     ShardedBatches,
@@ -56,8 +56,8 @@ from fdm_train.data import (
     to_float,
 )
 from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.errors import UserError
-from fdm_train.model import build_model, count_parameters
+from fdm_train.errors import UserError, raise_terminated
+from fdm_train.model import build_model, count_flops, count_parameters
 from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complete_checkpoints: imported from here)
     CHECKPOINT,
     LOG,
@@ -74,7 +74,8 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     remove_temp_files,
     truncate_log,
 )
-from fdm_train.util import DEFAULT_THREADS, check_not_input, json_text, pick_device, set_threads
+from fdm_train.util import (DEFAULT_THREADS, check_not_input, cpu_seconds, format_seconds, json_text, pick_device,
+                             progress_bar, set_threads)
 from fdm_train.visualize import mask_statistics, sample_grid
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
@@ -90,7 +91,7 @@ class TrainOptions:
     out: str = "runs/fdm"
     model: ModelConfig | None = None
     batch_size: int = 64  # the global batch, over all devices and micro-batches
-    iterations: int = 10_000
+    iterations: int | None = None  # the run's target step; None: DEFAULT_ITERATIONS, or a resumed run's own
     lr: float = 1e-4
     ema_decay: float = 0.9999
     seed: int = 0
@@ -310,7 +311,18 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
 def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device, mode: bool | str,
                      n_micro: int) -> dict:
     start = _resolve_start(opts, out, ctx, mode)
+    opts = replace(opts, iterations=_target(opts, start))
+    if start.step >= opts.iterations:
+        if ctx.main:
+            _echo(f"{out}: the run is finished (step {start.step} of {opts.iterations}); nothing to do "
+                  "(--iterations N continues it to step N)")
+        return {"step": start.step, "loss": float("nan"), "finished_before": True,
+                "parameters": sum(t.numel() for t in start.states["model"].values()), "bad_files": [],
+                "checkpoint": str(out / CHECKPOINT), "rank": ctx.rank, "world_size": ctx.world,
+                "weights": start.states}
     dataset, cfg = _open_data(opts, start)
+    if ctx.main:
+        _announce(opts, cfg, device, start.step)
     model, ema, optimizer = _build(cfg, opts, device, start, out)
     with _prepare_folder(out, ctx, start, mode) as folder:
         train_model, ddp = _wrap(model, opts, ctx, device)
@@ -350,7 +362,7 @@ def _folder_lock(out: Path, ctx: Distributed):
         raise TrainingError(error)
     # A scheduler stops a job with SIGTERM; as an exception it unwinds this block and frees the lock.
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if on_main_thread else None
     try:
         yield
     finally:
@@ -360,10 +372,6 @@ def _folder_lock(out: Path, ctx: Distributed):
             out.rmdir()
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 @dataclass
@@ -414,6 +422,36 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
         raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
                               f"(step {state['step']}) disagree")
     return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]))
+
+
+def _announce(opts: TrainOptions, cfg: ModelConfig, device: torch.device, step: int) -> None:
+    """Rank 0, before the first step: the device, precision and threads the run uses, with a rough time on
+    a CPU; a warning where a model sized for GPUs would train on the CPU."""
+    precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
+    steps = opts.iterations - step
+    plan = (f"training on {device} ({precision}, {torch.get_num_threads()} CPU threads): steps {step + 1:,} to "
+            f"{opts.iterations:,} of {opts.batch_size} images, {cfg.image_size}x{cfg.image_size}")
+    if device.type != "cpu":
+        if opts.progress:
+            _echo(plan)
+        return
+    flops = count_flops(cfg)
+    # a training step is a forward pass and a backward pass of about twice its FLOPs
+    estimate = format_seconds(cpu_seconds(3 * flops * opts.batch_size * steps))
+    if opts.progress:
+        _echo(f"{plan}; roughly {estimate} on this CPU")
+    if flops > count_flops(PRESETS[LARGEST_CPU_PRESET]):
+        _echo(f"warning: a model sized for GPUs ({flops / 1e9:.0f} GFLOP per image) training on the CPU: "
+              f"roughly {estimate}; a GPU (--device cuda), or a small-*/tiny-* preset, fits it")
+
+
+def _target(opts: TrainOptions, start: _Start) -> int:
+    """The step the run trains to: --iterations where given, else a resumed run's own target."""
+    if opts.iterations is not None:
+        return opts.iterations
+    if start.state is not None:
+        return int(start.state.get("options", {}).get("iterations") or DEFAULT_ITERATIONS)
+    return DEFAULT_ITERATIONS
 
 
 def _choose_start(opts: TrainOptions, out: Path, mode: bool | str):
@@ -600,8 +638,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
     bad = _BadFiles(ctx)
     batches = iter(loader)
     log = run.folder.log_path.open("a") if ctx.main else None
-    bar = tqdm(total=opts.iterations, initial=run.step, desc="train", unit="step",
-               disable=not opts.progress or not ctx.main, dynamic_ncols=True)
+    bar = progress_bar(opts.iterations, "train", "step", enabled=opts.progress and ctx.main, initial=run.step)
     window = _Window()
     last_loss = float("nan")
     try:
@@ -623,8 +660,8 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
                     record = _log_record(run, last_loss, window, bad, masks)
                     log.write(json_text(record) + "\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{record['images_per_s']:.1f}",
-                                    H=record["mask_entropy"])
+                    bar.set_postfix(loss=f"{last_loss:.4f}", images_per_s=f"{record['images_per_s']:.1f}",
+                                    mask_entropy=record["mask_entropy"])
                 window = _Window()
             if ctx.main and (run.step % opts.save_every == 0 or final):
                 _save(run)

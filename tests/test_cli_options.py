@@ -151,7 +151,7 @@ def test_limit_takes_the_first_images(tiny_checkpoint, tmp_path, capsys, monkeyp
     assert r.code == 0 and "segmented 2 image(s)" in r.out, r.err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [e["input"] for e in summary["images"]] == [str(folder / "im0.png"), str(folder / "im1.png")]
-    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "-o", tmp_path / "c.npy", "--size", 8,
+    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "-o", tmp_path / "c.npy", "--image-size", 8,
             "--limit", 3, "--workers", 1)
     assert r.code == 0, r.err
     assert np.load(tmp_path / "c.npy").shape == (3, 3, 8, 8)
@@ -173,7 +173,7 @@ def test_renamed_options_still_work_with_a_note(tiny_checkpoint, tmp_path, capsy
         for name in ("im0_labels.png", "im1_channels.png"):  # --checkpoint and --model: the same model
             assert (tmp_path / a / name).read_bytes() == (tmp_path / b / name).read_bytes()
 
-    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "--output", tmp_path / "c.npy", "--size", 8,
+    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "--output", tmp_path / "c.npy", "--image-size", 8,
             "--workers", 1)
     assert r.code == 0 and "fdm-train prepare-data: note: --output is now -o/--out" in r.err
     assert np.load(tmp_path / "c.npy").shape == (2, 3, 8, 8)
@@ -183,7 +183,7 @@ def test_renamed_options_still_work_with_a_note(tiny_checkpoint, tmp_path, capsy
     r = run("fdm-train", capsys, monkeypatch, "slim", tiny_checkpoint, "--output", tmp_path / "slim.safetensors")
     assert r.code == 0 and "--output is now -o/--out" in r.err
     assert read_checkpoint(tmp_path / "slim.safetensors")[0] == preset("tiny-32")
-    r = run("fdm-infer", capsys, monkeypatch, "bench", "--preset", "tiny-32", "--batch", 1, "--variant", "fused",
+    r = run("fdm-infer", capsys, monkeypatch, "bench", "--preset", "tiny-32", "--batch-size", 1, "--variant", "fused",
             "--no-sampling", "--no-plain", "--repeats", 3, "--budget", 0.1, "--out-dir", tmp_path / "bench", "-q")
     assert r.code == 0 and r.err_lines == ["fdm-infer bench: note: --out-dir is now -o/--out"], r.err
     assert json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"][0]["status"] == "ok"

@@ -39,7 +39,7 @@ def test_prepare_data_cache_has_the_folders_pixels_and_trains_identically(tmp_pa
     folder = with_bad_files(tmp_path / "images")
     cache = tmp_path / "cache" / "faces16.npy"
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        result = CliRunner().invoke(main_group, ["prepare-data", str(folder), "-o", str(cache), "--size", "16",
+        result = CliRunner().invoke(main_group, ["prepare-data", str(folder), "-o", str(cache), "--image-size", "16",
                                                  "--workers", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "5 images of 16x16" in result.output and "2 unreadable skipped" in result.output
@@ -72,7 +72,7 @@ def test_cache_errors_are_one_line(tmp_path):
     folder = tmp_path / "images"
     write_images(folder, 3)
     cache = tmp_path / "c.npy"
-    CliRunner().invoke(main_group, ["prepare-data", str(folder), "-o", str(cache), "--size", "16", "--workers", "1"],
+    CliRunner().invoke(main_group, ["prepare-data", str(folder), "-o", str(cache), "--image-size", "16", "--workers", "1"],
                        catch_exceptions=False)
     with pytest.raises(DataError, match="holds 16x16 images, the model wants 32x32"):
         ImageCache(cache, 32)

@@ -408,7 +408,7 @@ def test_kmeans_ddpm_pipeline_on_a_tiny_plain_model(lfw_subset, tmp_path, capsys
     plain = tmp_path / "plain.safetensors"
     make_checkpoint(plain, variant="plain")
     out = tmp_path / "km"
-    r = run_infer(capsys, monkeypatch, "baseline", "kmeans-ddpm", "--checkpoint", plain, "--images",
+    r = run_infer(capsys, monkeypatch, "baseline", "kmeans-ddpm", "--plain-model", plain, "--images",
                   root / "images", "--out", out, "--t", "50", "--t", "150", "--pixels-per-image", "16",
                   "--device", "cpu", "-q")
     assert r.code == 0, r.err
@@ -423,7 +423,7 @@ def test_kmeans_ddpm_pipeline_on_a_tiny_plain_model(lfw_subset, tmp_path, capsys
     # a factorized checkpoint is refused with one line
     fact = tmp_path / "fact.safetensors"
     make_checkpoint(fact)
-    r = run_infer(capsys, monkeypatch, "baseline", "kmeans-ddpm", "--checkpoint", fact, "--images",
+    r = run_infer(capsys, monkeypatch, "baseline", "kmeans-ddpm", "--plain-model", fact, "--images",
                   root / "images", "--out", tmp_path / "km2", "-q")
     assert r.code == 1 and "plain U-Net" in r.err and len(r.err_lines) == 1
 

@@ -419,7 +419,7 @@ def test_unwritable_outputs_are_one_line(checkpoint, data, tmp_path, capsys, mon
     assert_one_line_error(run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, blocker / "run")),
                           "cannot use", "as the run folder")
     assert_one_line_error(run_tool(capsys, monkeypatch, "fdm-train", "prepare-data", data, "-o",
-                                   blocker / "c.npy", "--size", 16, "--workers", 1), "cannot write")
+                                   blocker / "c.npy", "--image-size", 16, "--workers", 1), "cannot write")
 
 
 @pytest.mark.parametrize("args, words", [
@@ -741,7 +741,8 @@ def test_resuming_a_complete_run_says_so(data, tmp_path, capsys, monkeypatch):
                                                                   "--save-every", 3)).code == 0
     r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--resume", "auto", "--iterations", 2))
     assert r.code == 0, r.err
-    assert "already complete: step 3" in r.out and "nan" not in r.out, r.out
+    said = r.out + r.err
+    assert "the run is finished (step 3" in said and "nan" not in said, said
 
 
 def test_a_run_that_cannot_start_leaves_no_folder(checkpoint, data, tmp_path, capsys, monkeypatch):

@@ -162,11 +162,11 @@ def test_synth_command_writes_scenes_and_labels(tmp_path):
     from fdm_train.cli import main_group
 
     out = tmp_path / "b.npy"
-    result = CliRunner().invoke(main_group, ["synth", "-o", str(out), "--kind", "b", "--count", "6", "--size", "16"])
+    result = CliRunner().invoke(main_group, ["synth", "-o", str(out), "--kind", "b", "--count", "6", "--image-size", "16"])
     assert result.exit_code == 0, result.output
     images, labels = make_scenes("b", 6, 16, seed=0)
     assert np.array_equal(np.load(out), images) and np.array_equal(np.load(masks_path(out)), labels)
-    huge = CliRunner().invoke(main_group, ["synth", "-o", str(out), "--count", "10000000", "--size", "1024"])
+    huge = CliRunner().invoke(main_group, ["synth", "-o", str(out), "--count", "10000000", "--image-size", "1024"])
     assert huge.exit_code == 2 and "GiB" in huge.output
 
 

@@ -73,7 +73,7 @@ class Reference:
         if not stats.is_file():
             cache = work / "lfw32.npy"
             if not cache.is_file():
-                raise SystemExit(f"{cache}: make it with `fdm-train prepare-data {LFW / 'train'} -o {cache} --size 32`")
+                raise SystemExit(f"{cache}: make it with `fdm-train prepare-data {LFW / 'train'} -o {cache} --image-size 32`")
             mu, sigma, n = source_statistics(ImageSource.open(cache), REFERENCE_N, seed=0, size=None, model=self.model,
                                              batch_size=50, device="cpu")
             np.savez(stats, mu=mu, sigma=sigma, n=n)

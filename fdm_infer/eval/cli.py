@@ -15,7 +15,7 @@ from fdm_infer.options import (
     warn_line,
 )
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
-from fdm_train.cli_options import quiet_option, threads_option
+from fdm_train.cli_options import RenamingCommand, quiet_option, threads_option
 
 
 @click.command()
@@ -30,7 +30,7 @@ from fdm_train.cli_options import quiet_option, threads_option
                    "matching over the set; all: both.")
 @click.option("--predictions", type=click.Path(file_okay=False), default=None,
               help="Score label maps from any method instead of a model: <name>.png or <name>_labels.png "
-                   "(values 0..K-1, or 0/255) per image.")
+                   "(values 0..K-1, or 0/255) per image [default: none, the model's].")
 @click.option("--size-mode", type=click.Choice(["upsample", "downsample"]), default="upsample", show_default=True,
               help="upsample: predictions to the masks' resolution (soft masks bilinear, label maps nearest); "
                    "downsample: masks to the predictions' resolution (nearest).")
@@ -38,7 +38,7 @@ from fdm_train.cli_options import quiet_option, threads_option
               help="Labels of the ground truth [default: the largest label in the masks + 1].")
 @click.option("--num-channels", type=click.IntRange(2, 256), default=None,
               help="With --predictions: the K of the method [default: its largest label + 1].")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Score the first N images only (in sorted order).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Score the first N images only (in sorted order) [default: all].")
 @click.option("--prior-from", type=click.Path(file_okay=False), default=None,
               help="Also score the position prior of these labelled development masks (*.png, recursive; e.g. "
                    "LFW val's): per pixel the label most frequent over them (foreground: where the non-zero labels "
@@ -122,20 +122,22 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     click.echo(f"-> {json_path}, {md_path}")
 
 
-@click.command()
+@click.command(cls=RenamingCommand,
+               renamed={"--checkpoint": "--plain-model", "-K": "--clusters", "--iterations": "--grabcut-rounds"})
 @click.argument("method", type=click.Choice(["grabcut", "rectangle", "kmeans-ddpm"]))
 @click.option("--images", "images", required=True, multiple=True, type=click.Path(readable=False),
               help="Image files or folders (recursive); repeatable.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Output folder (created) for the label maps <relative path>.png (for `evaluate --predictions`).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="kmeans-ddpm: a plain U-Net DDPM checkpoint (--variant plain).")
+@click.option("--plain-model", "checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="kmeans-ddpm: a plain U-Net DDPM checkpoint (--variant plain) [default: none].")
 @click.option("--margin", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True,
               help="grabcut: the initial rectangle leaves this fraction of width/height on each side.")
-@click.option("--iterations", type=click.IntRange(1), default=5, show_default=True, help="grabcut: iterations.")
+@click.option("--grabcut-rounds", "iterations", type=click.IntRange(1), default=5, show_default=True,
+              help="grabcut: rounds of GrabCut's estimation.")
 @click.option("--t", "ts", type=click.IntRange(0, 999), multiple=True,
               help="kmeans-ddpm: noise level(s) of the feature passes, repeatable [default: 50, 150, 250].")
-@click.option("-K", "k", type=click.IntRange(2), default=3, show_default=True, help="kmeans-ddpm: clusters.")
+@click.option("--clusters", "k", type=click.IntRange(2), default=3, show_default=True, help="kmeans-ddpm: K-means clusters.")
 @click.option("--stage", "stages", type=int, multiple=True,
               help="kmeans-ddpm: decoder stage index(es) whose outputs are used [default: all].")
 @click.option("--pixels-per-image", type=click.IntRange(1), default=64, show_default=True,
@@ -145,7 +147,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
 @click.option("--device", default="auto", show_default=True, help="kmeans-ddpm: auto, cpu, cuda, cuda:1, ...")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of grabcut's color models / of kmeans-ddpm's noise, pixel sample and K-means.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images (in sorted order).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images (in sorted order) [default: all].")
 @threads_option
 @quiet_option
 def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages, pixels_per_image, batch_size,
@@ -160,9 +162,9 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
     set_threads(threads)
 
     if method != "kmeans-ddpm" and (checkpoint or ts or stages):
-        raise click.UsageError("--checkpoint / --t / --stage belong to kmeans-ddpm")
+        raise click.UsageError("--plain-model / --t / --stage belong to kmeans-ddpm")
     if method == "kmeans-ddpm" and not checkpoint:
-        raise click.UsageError("kmeans-ddpm needs --checkpoint (a plain U-Net DDPM)")
+        raise click.UsageError("kmeans-ddpm needs --plain-model (a plain U-Net DDPM checkpoint)")
     total = len(find_inputs(images, Path(out), limit))
     if method in ("grabcut", "rectangle"):
         with progress_bar(total, method, quiet) as bar:
@@ -181,14 +183,14 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
     exit_if_failed(report)
 
 
-@click.command()
+@click.command(cls=RenamingCommand, renamed={"-n": "--limit"})
 @click.option("--generated", required=True, type=click.Path(exists=True),
               help="Generated images: a folder (fdm-infer generate's label maps and grids are left out) or a "
                    "uint8 .npy [N, 3, S, S].")
 @click.option("--reference", required=True, type=click.Path(exists=True),
               help="Reference (training) images: a folder, a uint8 .npy (e.g. a prepare-data cache), or a .npz "
                    "of statistics (mu, sigma, n) from --save-reference-stats.")
-@click.option("-n", "--limit", "n", type=click.IntRange(2), default=None,
+@click.option("--limit", "n", type=click.IntRange(2), default=None,
               help="Generated images used (the first N, sorted) [default: all].")
 @click.option("--reference-n", type=click.IntRange(0), default=None,
               help="Reference images used (a seeded random subset; 0 = all) [default: as many as generated].")
@@ -196,13 +198,13 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
               help="Bring reference images to SxS as training does (shorter side, center crop) before the "
                    "299 resize: 'auto' = the generated images' size, an integer, or 'none'.")
 @click.option("--save-reference-stats", type=click.Path(dir_okay=False), default=None,
-              help="Also write the reference statistics (.npz) for later runs.")
+              help="Also write the reference statistics (.npz) for later runs [default: none].")
 @click.option("--batch-size", type=click.IntRange(1), default=50, show_default=True,
               help="Images per Inception forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the reference subset.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
-              help="Output file: also write the result as JSON.")
+              help="Output file: also write the result as JSON [default: none].")
 @threads_option
 @quiet_option
 def fid(generated, reference, n, reference_n, reference_size, save_reference_stats, batch_size, device, seed, out,
