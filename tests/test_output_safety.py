@@ -103,7 +103,7 @@ def train_case(tmp, ck):
 
 def prepare_data_case(tmp, ck):
     write_images(tmp / "d", 2, size=20)
-    return "fdm-train", ["prepare-data", tmp / "d", "-o", tmp / "d" / "img001.png", "--size", 16, "--workers", 1,
+    return "fdm-train", ["prepare-data", tmp / "d", "-o", tmp / "d" / "img001.png", "--image-size", 16, "--workers", 1,
                          "-q"], tmp / "d" / "img001.png"
 
 

@@ -652,7 +652,7 @@ def test_synth_checks_its_output_before_drawing_the_scenes(tmp_path, capsys, mon
     monkeypatch.setattr(synth, "make_scenes", lambda *a: pytest.fail("scenes drawn before the output was checked"))
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
-    r = run_tool(capsys, monkeypatch, "fdm-train", "synth", "-o", blocker / "s.npy", "--count", 4, "--size", 8)
+    r = run_tool(capsys, monkeypatch, "fdm-train", "synth", "-o", blocker / "s.npy", "--count", 4, "--image-size", 8)
     assert_one_line_error(r, "cannot write", str(blocker / "s.npy"), code=1)
 
 
@@ -671,8 +671,8 @@ def test_bench_checks_its_outputs_and_numbers_first(tmp_path, capsys, monkeypatc
 
 
 def test_prepare_data_bounds_the_size(data, tmp_path, capsys, monkeypatch):
-    r = run_tool(capsys, monkeypatch, "fdm-train", "prepare-data", data, "-o", tmp_path / "c.npy", "--size", 30000)
-    assert_one_line_error(r, "--size", "8<=x<=2048", code=2)
+    r = run_tool(capsys, monkeypatch, "fdm-train", "prepare-data", data, "-o", tmp_path / "c.npy", "--image-size", 30000)
+    assert_one_line_error(r, "--image-size", "8<=x<=2048", code=2)
 
 
 # ----- the Python API answers bad input with UserError -----
