@@ -792,3 +792,26 @@ def test_the_sample_grid_shows_a_bounded_number_of_samples(tmp_path):
     assert len(list(tmp_path.glob("sample_*_labels.png"))) == n
     rows = -(-GRID_SAMPLES // 8) * 2  # image rows and mask rows of 8 tiles of 64 pixels (8x8 enlarged)
     assert Image.open(tmp_path / "grid.png").height == rows * (64 + 2) + 2
+
+
+def test_generate_refuses_a_batch_larger_than_the_memory(checkpoint, tmp_path, capsys, monkeypatch):
+    """The batch's memory estimate against the device's: with 1 GiB, a tiny model's batch of 256 is refused
+    before sampling, naming a batch that fits; a batch of 8 runs."""
+    import importlib
+
+    generation = importlib.import_module("fdm_infer.generate")  # the module; fdm_infer.generate is the API's
+
+    monkeypatch.setattr(generation, "device_memory", lambda device: 2**30)
+    r = run_infer(capsys, monkeypatch, "generate", "--model", checkpoint, "-n", 256, "--batch-size", 256,
+                  "--steps", 2, "-o", tmp_path / "g")
+    assert_one_line_error(r, "a batch of 256 samples needs about", "--batch-size", code=1)
+    most = int(r.err.split("--batch-size ")[1].split()[0])
+    assert 8 <= most < 256
+    assert not list((tmp_path / "g").glob("sample_*"))
+    r = run_infer(capsys, monkeypatch, "generate", "--model", checkpoint, "-n", 8, "--batch-size", 8,
+                  "--steps", 2, "-o", tmp_path / "g")
+    assert r.code == 0, r.err
+    from fdm_infer import UserError, generate
+
+    with pytest.raises(UserError, match="use batch_size"):
+        generate(checkpoint, 256, steps=2, batch_size=256)
