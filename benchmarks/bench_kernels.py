@@ -43,9 +43,9 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from benchmarks.common import environment, median_ms  # noqa: E402
-from fdm_train.config import preset  # noqa: E402
-from fdm_train.diffusion import GaussianDiffusion  # noqa: E402
-from fdm_train.model import build_model, mask_pyramid  # noqa: E402
+from fdm_core.config import preset  # noqa: E402
+from fdm_core.diffusion import GaussianDiffusion  # noqa: E402
+from fdm_core.model import build_model, mask_pyramid  # noqa: E402
 from kernels import ops  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 

@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import cpu_name, random_model  # noqa: E402
+from fdm_core.checkpoint import save_checkpoint  # noqa: E402
+from fdm_core.config import preset  # noqa: E402
+from fdm_core.diffusion import GaussianDiffusion  # noqa: E402
+from fdm_core.model import count_parameters  # noqa: E402
 from fdm_export.onnx_export import export_onnx  # noqa: E402
 from fdm_infer.engines import open_engine  # noqa: E402
 from fdm_infer.engines.onnx_engine import OnnxEngine  # noqa: E402
 from fdm_infer.segment import DEFAULT_T, segment_tensor  # noqa: E402
-from fdm_train.checkpoint import save_checkpoint  # noqa: E402
-from fdm_train.config import preset  # noqa: E402
-from fdm_train.diffusion import GaussianDiffusion  # noqa: E402
-from fdm_train.model import count_parameters  # noqa: E402
 
 
 def segment_step(engine, images: torch.Tensor, diffusion: GaussianDiffusion, seed: int = 0) -> torch.Tensor:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from fdm_train.config import preset
-from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.model import build_model
+from fdm_core.config import preset
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.model import build_model
 
 VARIANTS = {
     "eager": {},

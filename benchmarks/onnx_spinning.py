@@ -32,10 +32,10 @@ def onnx_loop(seconds: float, spin: bool) -> None:
     import onnxruntime as ort
     import torch
 
+    from fdm_core.config import preset
     from fdm_infer.engines.onnx_engine import OnnxEngine, onnx_model_bytes
     from fdm_infer.measure import random_model
     from fdm_infer.segment import segment_tensor
-    from fdm_train.config import preset
 
     if spin:  # onnxruntime's own default: keep the engine from turning spinning off
         ort.SessionOptions.add_session_config_entry = lambda self, key, value: None

@@ -1,5 +1,5 @@
 """CPU threads: training and sampling speed with 1 and 2 torch threads, on an idle machine and beside a
-competing CPU-bound process, to choose the default of `--threads` (DEFAULT_THREADS in fdm_train/util.py).
+competing CPU-bound process, to choose the default of `--threads` (DEFAULT_THREADS in fdm_core/util.py).
 
     python benchmarks/threads.py                            # writes benchmarks/results/threads.md and .json
     python benchmarks/threads.py --quick       # a rehearsal (a few minutes; its figures mean nothing)
@@ -56,9 +56,9 @@ def measure_train(settings: dict) -> float:
     """images/s of training steps of tiny-32 (fixed random images, the default recipe)."""
     import torch
 
-    from fdm_train.config import preset
-    from fdm_train.diffusion import GaussianDiffusion
-    from fdm_train.model import build_model
+    from fdm_core.config import preset
+    from fdm_core.diffusion import GaussianDiffusion
+    from fdm_core.model import build_model
 
     torch.manual_seed(0)
     cfg = preset("tiny-32")
@@ -87,10 +87,10 @@ def measure_train(settings: dict) -> float:
 
 def measure_sample(settings: dict) -> float:
     """Seconds of one DDIM run (median of the repeats, after one untimed run)."""
+    from fdm_core.config import preset
     from fdm_infer.engines.torch_engine import TorchEngine
     from fdm_infer.generate import generate
     from fdm_infer.measure import random_model
-    from fdm_train.config import preset
 
     engine = TorchEngine.from_model(random_model(preset("tiny-32")), device="cpu")
 
@@ -111,10 +111,10 @@ def measure_onnx(settings: dict, threads: int) -> float:
     """Seconds per batch segmented by the onnx engine (median of the repeats, after one untimed batch)."""
     import torch
 
+    from fdm_core.config import preset
     from fdm_infer.engines.onnx_engine import OnnxEngine, onnx_model_bytes
     from fdm_infer.measure import random_model
     from fdm_infer.segment import segment_tensor
-    from fdm_train.config import preset
 
     cfg = preset("tiny-32")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,1 +1,1 @@
-import fdm_train  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+import fdm_core  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)

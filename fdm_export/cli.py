@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from fdm_train.cli_options import CONTEXT_SETTINGS, HelpGroup, overwrite_option, quiet_option, version_option
-from fdm_train.errors import FiniteFloatRange, run_cli
+from fdm_core.cli_options import CONTEXT_SETTINGS, HelpGroup, overwrite_option, quiet_option, version_option
+from fdm_core.errors import FiniteFloatRange, run_cli
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -92,8 +92,8 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
 def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose, check,
         overwrite, quiet):
     """Build a TensorRT plan from an `fdm-export onnx` file (needs TensorRT and an NVIDIA GPU)."""
+    from fdm_core.util import check_output
     from fdm_export.trt_build import build_plan, check_plan
-    from fdm_train.util import check_output
 
     out = out or str(Path(onnx_file).with_suffix(".plan"))
     check_output(out, [onnx_file, *([timing_cache] if timing_cache else [])], overwrite)

@@ -1,6 +1,6 @@
 """Checkpoint -> ONNX: the fused denoiser (x_t, t[, y]) -> (eps, masks) with a dynamic batch dimension.
 
-The graph is a trace of the model's own forward (fdm_train.model; the trace and the file's metadata are
+The graph is a trace of the model's own forward (fdm_core.model; the trace and the file's metadata are
 fdm_infer.engines.onnx_engine.onnx_model_bytes, beside the reader of the format), with the plain-torch definitions
 of the masked ops (`kernels.masked_*` take them while exporting), never a Triton kernel. Only the
 batch is dynamic: spatial sizes are fixed by the config. The model config travels in the file's
@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fdm_core.checkpoint import load_model
+from fdm_core.config import ModelConfig
+from fdm_core.errors import UserError
+from fdm_core.model import FactorizedUNet
+from fdm_core.util import DTYPES, atomic_write, check_output, one_line
 from fdm_infer.engines.base import OUTPUT_NAMES
 from fdm_infer.engines.onnx_engine import DEFAULT_OPSET, onnx_model_bytes, session_options
-from fdm_train.checkpoint import load_model
-from fdm_train.config import ModelConfig
-from fdm_train.errors import UserError
-from fdm_train.model import FactorizedUNet
-from fdm_train.util import DTYPES, atomic_write, check_output, one_line
 
 # Parity tolerance per export dtype, against eager PyTorch in float32 on the same inputs.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fdm_core.util import atomic_write
 from fdm_infer.engines.onnx_engine import read_onnx_metadata
 from fdm_infer.engines.trt_engine import PLAN_FORMAT, TensorRTError, pack_plan, require_tensorrt
-from fdm_train.util import atomic_write
 
 PRECISIONS = ("auto", "fp16", "bf16")
 

@@ -1,11 +1,11 @@
 """fdm inference: segmentation and generation with any engine, the `fdm-infer` CLI and the Python API
 (fdm_infer.api): `from fdm_infer import Segmenter, generate`."""
 
-import fdm_train  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+import fdm_core  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+from fdm_core.errors import UserError
 
 # Bound after the submodules load, so that `fdm_infer.generate` is the API's function (the sampling
 # code stays importable as before: `from fdm_infer.generate import ...`).
 from fdm_infer.api import Generation, ImageSegmentation, Segmentation, Segmenter, generate
-from fdm_train.errors import UserError
 
 __all__ = ["Generation", "ImageSegmentation", "Segmentation", "Segmenter", "UserError", "generate"]

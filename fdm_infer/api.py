@@ -39,6 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS, GaussianDiffusion, SampleResult
+from fdm_core.errors import SEED, UserError
+from fdm_core.images import MAX_PIXELS
+from fdm_core.util import DEFAULT_THREADS, check_writable_folder
+from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
 from fdm_infer.engines import open_model, placeholder_note
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import ChannelPresence
@@ -69,12 +74,6 @@ from fdm_infer.segment import (
     write_segmented,
     write_summary,
 )
-from fdm_train.data import MAX_PIXELS
-from fdm_train.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS, GaussianDiffusion, SampleResult
-from fdm_train.errors import SEED, UserError
-from fdm_train.util import DEFAULT_THREADS, check_writable_folder
-from fdm_train.visualize import colorize, grid, images_to_uint8, overlay
-
 
 # The command lines' option names in the shared checks' messages, as the API's parameters are named.
 API_NAMES = {"--t": "t", "--seed": "seed", "--smooth": "smooth", "--ensemble": "ensemble", "--batch-size": "batch_size",

@@ -10,7 +10,7 @@ of a checkpoint (`--model`). Every variant is first
 checked against the fp32 eager reference on the same inputs (max abs error of eps and of the masks),
 then timed: warm-up, CUDA events on the GPU (perf_counter on the CPU), the median of the repeats.
 The plain U-Net of the same size runs beside, checked against its own fp32 reference. TFLOP/s comes
-from the model's FLOP count (fdm_train.model.count_flops), and on CUDA as a fraction of a measured
+from the model's FLOP count (fdm_core.model.count_flops), and on CUDA as a fraction of a measured
 bf16 matmul rate. Also one sampling step, and a whole N-step DDPM run of M images on the fastest path.
 The first table puts the engines side by side: images/s and parity (the largest max abs error of eps or
 masks against the fp32 torch reference).
@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 
 import kernels
+from fdm_core.checkpoint import load_model
+from fdm_core.config import preset
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.model import count_flops
+from fdm_core.util import atomic_write, json_text, one_line, pick_device
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.measure import environment, median_ms, random_model
 from fdm_infer.segment import DEFAULT_T
-from fdm_train.checkpoint import load_model
-from fdm_train.config import preset
-from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.model import count_flops
-from fdm_train.util import atomic_write, json_text, one_line, pick_device
 from kernels.reference import ddpm_step
 
 

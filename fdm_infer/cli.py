@@ -7,7 +7,21 @@ from pathlib import Path
 
 import click
 
+from fdm_core.cli_options import (
+    CONTEXT_SETTINGS,
+    HelpGroup,
+    RenamingCommand,
+    limit_option,
+    max_pixels_option,
+    quiet_option,
+    threads_option,
+    version_option,
+)
+from fdm_core.config import PRESETS
+from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
+from fdm_core.errors import SEED, FiniteFloatRange, run_cli
 from fdm_infer.eval.cli import EVAL_COMMANDS
+from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.options import (
     describe,
     engine_options,
@@ -18,21 +32,7 @@ from fdm_infer.options import (
     segmentation_options,
     warn_line,
 )
-from fdm_train.cli_options import (
-    CONTEXT_SETTINGS,
-    HelpGroup,
-    RenamingCommand,
-    limit_option,
-    max_pixels_option,
-    quiet_option,
-    threads_option,
-    version_option,
-)
-from fdm_train.config import PRESETS
-from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.segment import DEFAULT_OUT as SEGMENT_OUT
-from fdm_train.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
-from fdm_train.errors import SEED, FiniteFloatRange, run_cli
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -127,11 +127,11 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     """Generate images together with their masks. Writes sample_NNNN.png, sample_NNNN_labels.png
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
     same images (bit-identical on the CPU)."""
+    from fdm_core.diffusion import GaussianDiffusion
+    from fdm_core.util import check_writable_folder
+    from fdm_core.visualize import mask_statistics
     from fdm_infer import api
     from fdm_infer.generate import check_steps, class_labels
-    from fdm_train.diffusion import GaussianDiffusion
-    from fdm_train.util import check_writable_folder
-    from fdm_train.visualize import mask_statistics
 
     diffusion = GaussianDiffusion()
     check_steps(diffusion, steps)
@@ -157,8 +157,8 @@ LONG_RUN_STEPS = 100  # model calls from which a generation says what it is abou
 
 def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: int) -> str:
     """What a generation is about to do; on a CPU, with a rough time."""
-    from fdm_train.model import count_flops
-    from fdm_train.util import cpu_seconds, format_seconds
+    from fdm_core.model import count_flops
+    from fdm_core.util import cpu_seconds, format_seconds
 
     device = engine.device
     text = (f"generating {count} image(s): {n_steps} {sampler} steps in batches of {min(batch_size, count)}"
@@ -200,10 +200,10 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     """Interpolate between two real images: noise both, mix, denoise (as in DDPM; the paper's
     Figure 12). Both are noised to --t with the same noise, mixed, and denoised from there. Writes interpolation.png (A, the frames, B; masks below) and
     frame_NN.png / frame_NN_labels.png."""
+    from fdm_core.diffusion import GaussianDiffusion
+    from fdm_core.util import check_writable_folder
     from fdm_infer.generate import class_labels, interpolation_start, load_pair, write_interpolation
     from fdm_infer.generate import interpolate as run
-    from fdm_train.diffusion import GaussianDiffusion
-    from fdm_train.util import check_writable_folder
 
     diffusion = GaussianDiffusion()
     t_start = interpolation_start(diffusion, steps, t)
@@ -271,8 +271,8 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     here are listed as skipped. Each measurement prints as it is made, and the results (JSON) are
     rewritten after every one; the tables are printed last, the engines side by side first (also after
     Ctrl-C, with what was measured)."""
+    from fdm_core.util import check_not_input, check_writable_file, set_threads
     from fdm_infer import bench as benchmark
-    from fdm_train.util import check_not_input, check_writable_file, set_threads
 
     set_threads(threads)
     if smoke:

@@ -1,5 +1,5 @@
 """Sampling (paper Fig. 10) and interpolation (paper Fig. 12) on top of any engine, with the one
-sampler of `fdm_train.diffusion` (DDPM ancestral by default, DDIM as the fast option)."""
+sampler of `fdm_core.diffusion` (DDPM ancestral by default, DDIM as the fast option)."""
 from __future__ import annotations
 
 import os
@@ -11,13 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fdm_core.diffusion import DEFAULT_CLIP, GaussianDiffusion, SampleResult
+from fdm_core.errors import UserError
+from fdm_core.util import check_not_input, check_writable_folder
+from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine
 from fdm_infer.images import load_for_model, save_labels, save_png
-from fdm_train.diffusion import DEFAULT_CLIP, GaussianDiffusion, SampleResult
-from fdm_train.errors import UserError
-from fdm_train.util import check_not_input, check_writable_folder
-from fdm_train.visualize import colorize, grid, images_to_uint8
-
 
 DEFAULT_OUT = "samples"  # the folder generated samples go to unless told
 
@@ -93,7 +92,7 @@ def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm"
              progress: Callable[[int], None] | None = None) -> tuple[SampleResult, torch.Tensor | None]:
     """n samples in batches of `batch_size`, all drawn from ONE generator seeded with `seed` (on the
     engine's device): the same (seed, n, batch_size, steps, sampler) gives the same images.
-    `clip`: how each step bounds its predicted x0 (fdm_train.diffusion.CLIP_MODES).
+    `clip`: how each step bounds its predicted x0 (fdm_core.diffusion.CLIP_MODES).
     Returns (SampleResult with images/masks/trajectory on the CPU, class labels or None).
     The trajectory is that of the first batch only."""
     diffusion = diffusion_for(engine)

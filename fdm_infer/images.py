@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, load_rgb, to_rgb, to_tensor
-from fdm_train.errors import UserError
-from fdm_train.util import atomic_file, input_clash, one_line
-from fdm_train.visualize import PALETTE, overlay
+from fdm_core.errors import UserError
+from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, load_rgb, to_rgb, to_tensor
+from fdm_core.util import atomic_file, input_clash, one_line
+from fdm_core.visualize import PALETTE, overlay
 
 # The palette of label PNGs: PALETTE repeated over the 256 entries, so index k shows region k's color.
 LABEL_PALETTE = np.resize(PALETTE, (256, 3)).astype(np.uint8).flatten().tolist()
@@ -241,7 +241,7 @@ def label_map(masks: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 def save_png(img: Image.Image | np.ndarray, path: Path) -> None:
-    """A PNG written atomically (fdm_train.util.atomic_file)."""
+    """A PNG written atomically (fdm_core.util.atomic_file)."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
     with atomic_file(path) as f:
@@ -263,7 +263,7 @@ def output_paths(out: Path, key: Path, kinds) -> list[Path]:
 
 
 def output_clash(out: Path, key: Path, kinds, inputs: dict[Path, Path]) -> Path | None:
-    """The first file of an image's outputs that is one of the `inputs` (fdm_train.util.resolve_inputs),
+    """The first file of an image's outputs that is one of the `inputs` (fdm_core.util.resolve_inputs),
     or None: an output never replaces an input."""
     clash = input_clash(output_paths(out, key, kinds), inputs)
     return None if clash is None else clash[0]

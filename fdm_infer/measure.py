@@ -65,7 +65,7 @@ def median_ms(fn, device: torch.device, warmup: int, repeats: int, before=None, 
 def random_model(cfg, scale: float = 0.02, seed: int = 0):
     """The model of `cfg` with every weight perturbed by N(0, scale^2): speed does not depend on the
     weights, and zero-initialised layers would flatter error checks."""
-    from fdm_train.model import build_model
+    from fdm_core.model import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg)

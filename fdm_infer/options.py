@@ -6,10 +6,10 @@ import sys
 
 import click
 
+from fdm_core.cli_options import quiet_option, threads_option
+from fdm_core.errors import SEED
 from fdm_infer.engines import ENGINES
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
-from fdm_train.cli_options import quiet_option, threads_option
-from fdm_train.errors import SEED
 
 
 def engine_options(f):
@@ -76,7 +76,7 @@ def note_line(message: str) -> None:
 
 
 def progress_bar(total: int, desc: str, quiet: bool, unit: str = "img"):
-    from fdm_train.util import progress_bar as bar
+    from fdm_core.util import progress_bar as bar
 
     return bar(total, desc, unit, enabled=not quiet)
 

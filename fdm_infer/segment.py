@@ -23,6 +23,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.errors import UserError
+from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS
+from fdm_core.util import (
+    atomic_write,
+    check_not_input,
+    check_writable_folder,
+    json_text,
+    one_line,
+    progress_bar,
+    resolve_inputs,
+)
+from fdm_core.visualize import PALETTE
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.images import (
@@ -38,19 +51,6 @@ from fdm_infer.images import (
     write_outputs,
 )
 from fdm_infer.rle import encode_labels
-from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS
-from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.errors import UserError
-from fdm_train.util import (
-    atomic_write,
-    check_not_input,
-    check_writable_folder,
-    json_text,
-    one_line,
-    progress_bar,
-    resolve_inputs,
-)
-from fdm_train.visualize import PALETTE
 
 DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
 # The window the masks are smoothed over (1: not smoothed, the paper's read-out). 3 x 3 is the measured

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from fdm_train.cli_options import (
+from fdm_core.cli_options import (
     CONTEXT_SETTINGS,
     RenamingCommand,
     limit_option,
@@ -12,7 +12,7 @@ from fdm_train.cli_options import (
     threads_option,
     version_option,
 )
-from fdm_train.config import (
+from fdm_core.config import (
     BOUNDS,
     DEFAULT_ITERATIONS,
     DEFAULT_PREDICTION,
@@ -24,7 +24,7 @@ from fdm_train.config import (
     VARIANTS,
     preset,
 )
-from fdm_train.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
+from fdm_core.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
 
 # Options renamed for the same spelling across fdm-train, fdm-export and fdm-infer.
 OUTPUT_RENAMED = {"--output": "--out"}
@@ -161,8 +161,9 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
 def prepare_data(folder, output, size, limit, workers, quiet):
     """Decode every image under FOLDER once into a uint8 [N, 3, S, S] array (shorter side to S, center
     crop, as training does), usable as `--data OUTPUT`: decoding JPEGs then never limits a GPU."""
-    from fdm_train.data import find_images, prepare_cache
-    from fdm_train.util import progress_bar
+    from fdm_core.images import find_images
+    from fdm_core.util import progress_bar
+    from fdm_train.data import prepare_cache
 
     total = len(find_images(folder)[:limit])
     with progress_bar(total, "decode", "img", enabled=not quiet) as bar:
@@ -203,7 +204,7 @@ def info(preset, variant, regions, image_size, channels, region_codes, mask_scal
     """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter)."""
     import torch
 
-    from fdm_train.model import build_model, count_flops, count_parameters
+    from fdm_core.model import build_model, count_flops, count_parameters
 
     cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale)
     with torch.device("meta"):
@@ -229,7 +230,7 @@ def info(preset, variant, regions, image_size, channels, region_codes, mask_scal
 def slim(checkpoint, output, dtype, placeholder, overwrite, quiet):
     """Keep only the EMA weights of CHECKPOINT, stored as fp16/bf16: an inference-only file about a
     quarter of the training checkpoint's size (it cannot be resumed from)."""
-    from fdm_train.checkpoint import slim_checkpoint
+    from fdm_core.checkpoint import slim_checkpoint
 
     r = slim_checkpoint(checkpoint, output, dtype, overwrite, placeholder=placeholder)
     click.echo(f"{output}: EMA weights of step {r['step']} as {dtype}, {r['bytes_out'] / 1e6:.1f} MB "
@@ -251,7 +252,7 @@ def split_region(checkpoint, output, region, noise, seed, overwrite, quiet):
     two sharing REGION's mask equally, the others unchanged. Fine-tune it with `train --init`: the channels
     then reorganize (on LFW, splitting the head channel made skin, and the rim of the head, channels of
     their own; the copy itself faded: benchmarks/emergence/RESULTS.md)."""
-    from fdm_train.checkpoint import split_checkpoint
+    from fdm_core.checkpoint import split_checkpoint
 
     r = split_checkpoint(checkpoint, output, region, noise=noise, seed=seed, overwrite=overwrite)
     click.echo(f"{output}: K={r['regions']} (region {region} split in two; new channel {r['regions'] - 1}), "

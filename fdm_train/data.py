@@ -10,75 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
-from fdm_train.errors import UserError
-from fdm_train.util import atomic_write, check_not_input, check_writable_file
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# Images larger than this are refused before they are decoded: a small file can hold a huge image, and
-# decoding costs 3 bytes per pixel and more (PIL itself refuses images above 2 x Image.MAX_IMAGE_PIXELS).
-MAX_PIXELS = 50_000_000
-
-
-class DataError(UserError):
-    """Bad input data; the message is one line meant for the user."""
-
-
-def find_images(root: str | Path) -> list[Path]:
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"no such folder: {root}")
-    if root.is_file():
-        return [root]
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-class TooManyPixels(ValueError):
-    """An image above the pixel budget (found from its header, before decoding)."""
-
-
-def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode an image fully (catches truncated files), honour EXIF rotation, convert to 8-bit RGB.
-    An image of more than `max_pixels` pixels raises TooManyPixels before it is decoded."""
-    with Image.open(path) as img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise TooManyPixels(f"{width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of "
-                                f"{max_pixels / 1e6:.1f}")
-        img.load()
-        return to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """An image of any mode as 8-bit RGB, EXIF rotation applied (16/32-bit integers scaled by their maximum,
-    alpha dropped)."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        arr = arr / max(arr.max(), 1.0) * 255.0
-        img = Image.fromarray(arr.astype(np.uint8))
-    return img.convert("RGB")
-
-
-def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` and center-crop to size x size."""
-    return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
-
-
-def to_uint8(img: Image.Image) -> torch.Tensor:
-    """RGB image -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float in [-1, 1] (on whatever device x lives: the loader ships uint8)."""
-    return x.float().div(127.5).sub(1.0)
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 RGB image -> float tensor [3, H, W] in [-1, 1]."""
-    return to_float(to_uint8(img))
+from fdm_core.images import IMAGE_EXTENSIONS, DataError, find_images, fit_square, load_rgb, to_float, to_uint8
+from fdm_core.util import atomic_write, check_not_input, check_writable_file
 
 
 class ImageFolder(torch.utils.data.Dataset):

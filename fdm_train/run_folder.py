@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from fdm_train.checkpoint import CheckpointError, atomic_write, load_training_state, read_checkpoint
-from fdm_train.errors import UserError
+from fdm_core.checkpoint import CheckpointError, atomic_write, load_training_state, read_checkpoint
+from fdm_core.errors import UserError
 
 CHECKPOINT = "checkpoint.safetensors"
 TRAINING_STATE = "train_state.pt"

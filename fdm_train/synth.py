@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fdm_train.util import atomic_file, atomic_write, check_writable_file
+from fdm_core.util import atomic_file, atomic_write, check_writable_file
 
 KINDS = {"a": 2, "b": 3, "c": 2}  # kind -> number of true regions
 # Every scene is drawn at once, float32 with its intermediates: the peak memory of make_scenes per pixel
@@ -123,7 +123,8 @@ def masks_path(cache: str | Path) -> Path:
 def write_scenes(output: str | Path, kind: str, count: int, size: int, seed: int = 0) -> dict:
     """Writes the scenes as a training cache (`output`, .npy, usable as `fdm-train --data`) with its
     manifest, and their label maps beside it (`<stem>.masks.npy`). Returns the manifest."""
-    from fdm_train.data import CACHE_FORMAT, DataError, manifest_path
+    from fdm_core.images import DataError
+    from fdm_train.data import CACHE_FORMAT, manifest_path
 
     output = Path(output)
     if output.suffix != ".npy":

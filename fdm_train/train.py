@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fdm_train.checkpoint import (
+from fdm_core.checkpoint import (
     CheckpointError,
     load_state,
     load_training_state,
@@ -44,7 +44,22 @@ from fdm_train.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_train.config import DEFAULT_ITERATIONS, DEFAULT_T_POWER, LARGEST_CPU_PRESET, PRESETS, ModelConfig
+from fdm_core.config import DEFAULT_ITERATIONS, DEFAULT_T_POWER, LARGEST_CPU_PRESET, PRESETS, ModelConfig
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.errors import UserError, raise_terminated
+from fdm_core.images import to_float
+from fdm_core.model import build_model, count_flops, count_parameters
+from fdm_core.util import (
+    DEFAULT_THREADS,
+    check_not_input,
+    cpu_seconds,
+    format_seconds,
+    json_text,
+    pick_device,
+    progress_bar,
+    set_threads,
+)
+from fdm_core.visualize import mask_statistics, sample_grid
 from fdm_train.data import (
     EpochOrder,
     ShardedBatches,
@@ -53,11 +68,7 @@ from fdm_train.data import (
     open_images,
     shard_range,
     split_sizes,
-    to_float,
 )
-from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.errors import UserError, raise_terminated
-from fdm_train.model import build_model, count_flops, count_parameters
 from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complete_checkpoints: imported from here)
     CHECKPOINT,
     LOG,
@@ -74,9 +85,6 @@ from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complet
     remove_temp_files,
     truncate_log,
 )
-from fdm_train.util import (DEFAULT_THREADS, check_not_input, cpu_seconds, format_seconds, json_text, pick_device,
-                             progress_bar, set_threads)
-from fdm_train.visualize import mask_statistics, sample_grid
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import perturb
 
-from fdm_train.checkpoint import save_checkpoint
-from fdm_train.config import preset
-from fdm_train.model import build_model
+from fdm_core.checkpoint import save_checkpoint
+from fdm_core.config import preset
+from fdm_core.model import build_model
 
 
 def make_checkpoint(path, seed: int = 0, **overrides):

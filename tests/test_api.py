@@ -13,14 +13,14 @@ from conftest import ROOT
 from infer_helpers import smoothed_reference, tiny_checkpoint_fixture
 from PIL import Image
 
+from fdm_core.checkpoint import read_checkpoint, save_checkpoint
+from fdm_core.config import preset
+from fdm_core.errors import UserError
+from fdm_core.model import build_model
 from fdm_infer import Segmenter, generate
 from fdm_infer.engines import DEFAULT_MODEL, engine_for, open_model
 from fdm_infer.generate import generate as sample
 from fdm_infer.rle import decode
-from fdm_train.checkpoint import read_checkpoint, save_checkpoint
-from fdm_train.config import preset
-from fdm_train.errors import UserError
-from fdm_train.model import build_model
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 

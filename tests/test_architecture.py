@@ -1,5 +1,6 @@
-"""The import structure: imports point one way, kernels < fdm_train < fdm_infer < fdm_export <
-benchmarks, and no two modules import each other, directly or around a loop. Imports inside functions
+"""The import structure: imports point one way, kernels < fdm_core < fdm_train < fdm_infer < fdm_export <
+benchmarks; inference and export stand on the core alone, never on training; and no two modules import
+each other, directly or around a loop. Imports inside functions
 count: a lazy import is still a dependency. Read from the source with `ast`, nothing is imported."""
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 from conftest import ROOT
 
-LAYERS = ["kernels", "fdm_train", "fdm_infer", "fdm_export", "benchmarks"]
+LAYERS = ["kernels", "fdm_core", "fdm_train", "fdm_infer", "fdm_export", "benchmarks"]
+# Beside the order: packages that must not import another one at all.
+APART = {"fdm_infer": "fdm_train", "fdm_export": "fdm_train"}
 
 
 def module_name(path: Path) -> str:
@@ -47,6 +50,11 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
                   if LAYERS.index(dst.split(".")[0]) > layer[src])
 
 
+def imports_across(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{src} imports {dst}" for src, targets in graph.items() for dst in targets
+                  if APART.get(src.split(".")[0]) == dst.split(".")[0])
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on_stack, found = {}, {}, [], set(), []
@@ -79,16 +87,18 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_checks_catch_what_they_are_for():
-    graph = {"kernels.ops": {"fdm_train.model"}, "fdm_train.model": {"kernels.ops"},
+    graph = {"kernels.ops": {"fdm_core.model"}, "fdm_core.model": {"kernels.ops"},
              "fdm_infer.a": {"fdm_infer.b"}, "fdm_infer.b": {"fdm_infer.c"}, "fdm_infer.c": {"fdm_infer.a"}}
-    assert upward_imports(graph) == ["kernels.ops imports fdm_train.model"]
-    assert sorted(cycles(graph)) == [["fdm_infer.a", "fdm_infer.b", "fdm_infer.c"], ["fdm_train.model", "kernels.ops"]]
+    assert upward_imports(graph) == ["kernels.ops imports fdm_core.model"]
+    assert imports_across({"fdm_export.cli": {"fdm_train.util", "fdm_core.util"}, "fdm_train.cli": {"fdm_core.util"}}) \
+        == ["fdm_export.cli imports fdm_train.util"]
+    assert sorted(cycles(graph)) == [["fdm_core.model", "kernels.ops"], ["fdm_infer.a", "fdm_infer.b", "fdm_infer.c"]]
 
 
 def test_the_graph_is_read_from_the_tree():
     graph = import_graph()
-    assert {"kernels", "fdm_train.model", "fdm_infer.engines.base", "fdm_export.onnx_export"} <= set(graph)
-    assert "fdm_train.model" in graph["fdm_export.onnx_export"]
+    assert {"kernels", "fdm_core.model", "fdm_infer.engines.base", "fdm_export.onnx_export"} <= set(graph)
+    assert "fdm_core.model" in graph["fdm_export.onnx_export"]
     assert "kernels.reference" in graph["kernels.ops"]  # `from kernels import reference as ref`
 
 
@@ -98,3 +108,7 @@ def test_imports_point_one_way():
 
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def test_inference_and_export_do_not_import_training():
+    assert imports_across(import_graph()) == []

@@ -12,13 +12,13 @@ import torch
 from infer_helpers import Result, tiny_checkpoint_fixture
 from PIL import Image
 
+from fdm_core.checkpoint import read_checkpoint, save_checkpoint
+from fdm_core.config import preset
+from fdm_core.model import build_model
 from fdm_export import cli as export_cli
 from fdm_infer import cli as infer_cli
 from fdm_train import cli as train_cli
-from fdm_train.checkpoint import read_checkpoint, save_checkpoint
-from fdm_train.config import preset
 from fdm_train.data import open_images
-from fdm_train.model import build_model
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 CLIS = {"fdm-train": train_cli, "fdm-export": export_cli, "fdm-infer": infer_cli}

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fdm_train.diffusion import GaussianDiffusion
+from fdm_core.diffusion import GaussianDiffusion
 
 
 def test_linear_schedule_values():
@@ -209,7 +209,7 @@ def test_the_fused_step_serves_static_and_no_clipping_only():
 
 def test_dynamic_threshold_by_hand():
     """Per sample: s = the 99.5% quantile of |x0| bounded to [1, DYNAMIC_MAX]; x0 clamped to [-s, s] and / s."""
-    from fdm_train.diffusion import DYNAMIC_MAX, dynamic_threshold
+    from fdm_core.diffusion import DYNAMIC_MAX, dynamic_threshold
 
     x0 = torch.zeros(3, 1, 20, 10)
     x0[0] = 0.5  # inside [-1, 1]: s = 1, unchanged

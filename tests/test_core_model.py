@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-
 from conftest import perturb
+
+from fdm_core.config import VARIANTS, ModelConfig, preset
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.model import build_model, count_parameters, mask_pyramid, split_region
 from fdm_train.cli import main_group
-from fdm_train.config import VARIANTS, ModelConfig, preset
-from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.model import build_model, count_parameters, mask_pyramid, split_region
 
 
 def inputs(cfg: ModelConfig, batch: int = 3, seed: int = 0):

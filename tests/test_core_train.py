@@ -3,13 +3,14 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import write_images
+
+from fdm_core.checkpoint import CheckpointError, load_model, read_checkpoint
+from fdm_core.config import preset
+from fdm_core.images import DataError
 from fdm_train import train as train_module
-from fdm_train.checkpoint import CheckpointError, load_model, read_checkpoint
 from fdm_train.cli import main_group
-from fdm_train.config import preset
-from fdm_train.data import DataError, ImageFolder
+from fdm_train.data import ImageFolder
 from fdm_train.train import TrainingError, TrainOptions, train
 
 TINY = preset("tiny-32", image_size=16)

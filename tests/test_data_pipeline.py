@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import write_images
-from fdm_train.checkpoint import read_checkpoint
+
+from fdm_core.checkpoint import read_checkpoint
+from fdm_core.config import preset
+from fdm_core.images import DataError
 from fdm_train.cli import main_group
-from fdm_train.config import preset
-from fdm_train.data import DataError, ImageCache, ImageFolder, ShardedBatches, make_loader, open_images
+from fdm_train.data import ImageCache, ImageFolder, ShardedBatches, make_loader, open_images
 from fdm_train.train import TrainOptions, train
 
 TINY = preset("tiny-32", image_size=16)

@@ -10,11 +10,11 @@ import torch
 import torch.multiprocessing as mp
 from conftest import write_images
 
-from fdm_train.checkpoint import read_checkpoint
-from fdm_train.config import preset
+from fdm_core.checkpoint import read_checkpoint
+from fdm_core.config import preset
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.model import build_model
 from fdm_train.data import EpochOrder, ShardedBatches, split_sizes
-from fdm_train.model import build_model
-from fdm_train.diffusion import GaussianDiffusion
 from fdm_train.train import NOISE_CHUNK, TrainingError, TrainOptions, _micro_batches, step_draws, train
 
 TINY = preset("tiny-32", image_size=16)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from fdm_core.config import preset
+from fdm_core.model import build_model
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.eval.scenes import generate_and_score
-from fdm_train.config import preset
-from fdm_train.model import build_model
 from fdm_train.synth import make_scenes, write_scenes
 from fdm_train.train import TrainOptions, train
 

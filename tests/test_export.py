@@ -10,20 +10,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import LFW_VAL, perturb
 from onnx import TensorProto, helper
 from PIL import Image
 
-from conftest import LFW_VAL, perturb
+from fdm_core.checkpoint import save_checkpoint
+from fdm_core.config import preset
+from fdm_core.errors import UserError
+from fdm_core.model import build_model
 from fdm_export import cli as export_cli
 from fdm_export.onnx_export import export_onnx
 from fdm_export.trt_build import build_plan
 from fdm_infer.engines import ENGINES, open_engine
 from fdm_infer.engines.onnx_engine import read_onnx_metadata
 from fdm_infer.engines.trt_engine import MAGIC, MISSING_TENSORRT, TensorRTError, pack_plan, read_plan
-from fdm_train.checkpoint import save_checkpoint
-from fdm_train.config import preset
-from fdm_train.errors import UserError
-from fdm_train.model import build_model
 
 TINY = preset("tiny-32")
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

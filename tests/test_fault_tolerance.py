@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from conftest import write_images
 from PIL import Image
 
-from fdm_train.checkpoint import read_checkpoint
+from fdm_core.checkpoint import read_checkpoint
+from fdm_core.config import preset
+from fdm_core.errors import UserError
 from fdm_train.cli import main_group
-from fdm_train.config import preset
-from fdm_train.errors import UserError
 from fdm_train.train import (
     CHECKPOINT,
     PREVIOUS_CHECKPOINT,
@@ -44,7 +44,7 @@ import torch
 torch.set_num_threads(1)
 target = os.environ.get("KILL_IN_WRITE")
 if target:
-    import fdm_train.checkpoint as ck
+    import fdm_core.checkpoint as ck
     name, nth = target.rsplit(":", 1)
     count, real = [0], ck.atomic_write
     def atomic_write(path, data):

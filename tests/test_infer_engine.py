@@ -4,12 +4,12 @@ import pytest
 import torch
 from conftest import perturb
 
+from fdm_core.checkpoint import CheckpointError, read_checkpoint, save_checkpoint, slim_checkpoint
+from fdm_core.config import preset
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.model import build_model
 from fdm_infer.engines import open_engine
 from fdm_infer.engines.torch_engine import TorchEngine
-from fdm_train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint, slim_checkpoint
-from fdm_train.config import preset
-from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.model import build_model
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -7,12 +7,12 @@ from conftest import perturb
 from infer_helpers import run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
+from fdm_core.checkpoint import save_checkpoint
+from fdm_core.config import preset
+from fdm_core.model import build_model
 from fdm_infer.engines import open_engine
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.generate import generate, interpolate
-from fdm_train.checkpoint import save_checkpoint
-from fdm_train.config import preset
-from fdm_train.model import build_model
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 

@@ -12,11 +12,11 @@ from infer_helpers import make_checkpoint, run_infer, smoothed_reference, tiny_c
 from PIL import Image
 from safetensors.torch import save_file
 
+from fdm_core.checkpoint import read_checkpoint, save_checkpoint
+from fdm_core.config import preset
+from fdm_core.model import build_model
 from fdm_infer.engines import open_engine
 from fdm_infer.segment import segment_tensor, smooth_masks
-from fdm_train.checkpoint import read_checkpoint, save_checkpoint
-from fdm_train.config import preset
-from fdm_train.model import build_model
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 

@@ -182,7 +182,7 @@ def test_ddpm_step_is_the_samplers_update(dev):
     """The fused step equals DDPM's update on the combined eps, written out from the schedule here: without
     clipping the eps form of eq. 9-10, x_prev = (x - beta / sqrt(1 - abar) eps) / sqrt(1 - beta) + sigma z;
     with it the posterior mean of q(x_prev | x_t, x0) at the clamped x0."""
-    from fdm_train.diffusion import GaussianDiffusion
+    from fdm_core.diffusion import GaussianDiffusion
 
     diffusion = GaussianDiffusion()
     abar_all = diffusion.alphas_cumprod.tolist()
@@ -547,8 +547,8 @@ def test_fused_model_matches_unfused_on_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     from conftest import perturb
 
-    from fdm_train.config import preset
-    from fdm_train.model import build_model
+    from fdm_core.config import preset
+    from fdm_core.model import build_model
 
     model = perturb(build_model(preset("tiny-32"))).cuda().eval()
     x = torch.randn(3, 3, 32, 32, device="cuda")

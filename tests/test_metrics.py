@@ -429,9 +429,9 @@ def test_kmeans_ddpm_pipeline_on_a_tiny_plain_model(lfw_subset, tmp_path, capsys
 
 
 def test_decoder_feature_hooks_leave_the_model_unchanged():
+    from fdm_core.config import preset
+    from fdm_core.model import build_model
     from fdm_infer.eval.baselines import decoder_features, decoder_stages
-    from fdm_train.config import preset
-    from fdm_train.model import build_model
 
     model = build_model(preset("tiny-32", variant="plain")).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -14,8 +14,8 @@ from infer_helpers import make_checkpoint, run_infer
 from PIL import Image
 from test_safety import run_tool, snapshot
 
+from fdm_core.errors import UserError
 from fdm_infer.images import save_labels, save_png
-from fdm_train.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,7 +188,7 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_temporary_file(tmp_path, 
 # ----- the write probe -----
 
 def test_the_write_probe_follows_no_link_and_leaves_nothing(tmp_path):
-    from fdm_train.util import check_writable_folder
+    from fdm_core.util import check_writable_folder
 
     out, victim = tmp_path / "out", tmp_path / "victim.txt"
     out.mkdir()
@@ -200,7 +200,7 @@ def test_the_write_probe_follows_no_link_and_leaves_nothing(tmp_path):
 
 
 def test_processes_probing_one_folder_do_not_trip_over_each_other(tmp_path):
-    from fdm_train.util import check_writable_folder
+    from fdm_core.util import check_writable_folder
 
     errors = []
 

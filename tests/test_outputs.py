@@ -8,8 +8,8 @@ import pytest
 from infer_helpers import run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
+from fdm_core.visualize import PALETTE
 from fdm_infer.rle import compress_counts, decode, decompress_counts, encode, encode_labels, rle_counts
-from fdm_train.visualize import PALETTE
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 

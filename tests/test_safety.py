@@ -18,13 +18,12 @@ from infer_helpers import Result, make_checkpoint, run_infer
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from fdm_train.checkpoint import CheckpointError, load_model, load_training_state
-from fdm_train.config import preset
-from fdm_train.errors import UserError
+from fdm_core.checkpoint import CheckpointError, load_model, load_training_state
+from fdm_core.config import preset
+from fdm_core.errors import UserError
+from fdm_core.util import atomic_write
 from fdm_train.run_folder import CHECKPOINT, LOCK, TRAINING_STATE, _state_id
 from fdm_train.train import TrainingError, TrainOptions, train
-from fdm_train.util import atomic_write
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -333,7 +332,7 @@ def test_a_checkpoint_config_out_of_bounds_is_one_line(checkpoint, tmp_path, cha
 
 
 def test_a_config_is_checked_against_the_weights_on_the_meta_device(checkpoint, tmp_path, monkeypatch):
-    import fdm_train.checkpoint as ck
+    import fdm_core.checkpoint as ck
 
     built_on, real_build = [], ck.build_model
     monkeypatch.setattr(ck, "build_model", lambda cfg: (built_on.append(torch.empty(0).device.type),
@@ -592,7 +591,7 @@ def test_an_onnx_model_that_drops_images_of_a_batch_is_one_line(checkpoint, data
 
 
 def test_json_never_holds_nan():
-    from fdm_train.util import json_text
+    from fdm_core.util import json_text
 
     text = json_text({"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": {"d": -float("inf")},
                       "e": np.array([1.0, np.nan])})
@@ -626,8 +625,8 @@ def test_evaluate_refuses_color_ground_truth(tmp_path, capsys, monkeypatch):
 # ----- threads, sizes and numbers are bounded -----
 
 def test_threads_are_bounded_everywhere(checkpoint, data, tmp_path, capsys, monkeypatch):
+    from fdm_core.util import MAX_THREADS
     from fdm_infer import Segmenter
-    from fdm_train.util import MAX_THREADS
 
     too_many = MAX_THREADS + 1
     for args in (["segment", data, "--model", checkpoint, "-o", tmp_path / "o"],
@@ -783,8 +782,8 @@ def test_export_bounds_the_parity_check_batches(checkpoint, tmp_path, capsys, mo
 
 
 def test_the_sample_grid_shows_a_bounded_number_of_samples(tmp_path):
+    from fdm_core.diffusion import SampleResult
     from fdm_infer.generate import GRID_SAMPLES, write_samples
-    from fdm_train.diffusion import SampleResult
 
     n = GRID_SAMPLES + 6
     result = SampleResult(torch.zeros(n, 3, 8, 8), torch.full((n, 3, 8, 8), 1 / 3), [])

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import kernels
+from fdm_core.config import preset
+from fdm_core.diffusion import CLIP_MODES, DYNAMIC_MAX, DYNAMIC_RATIO, GaussianDiffusion
 from fdm_infer.engines.base import Engine
 from fdm_infer.generate import generate
-from fdm_train.config import preset
-from fdm_train.diffusion import CLIP_MODES, DYNAMIC_MAX, DYNAMIC_RATIO, GaussianDiffusion
 
 SIZE, K = 8, 3
 DIFFUSION = GaussianDiffusion()

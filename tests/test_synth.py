@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fdm_train.config import preset
+from fdm_core.config import preset
+from fdm_core.model import build_model
 from fdm_train.data import open_images
-from fdm_train.model import build_model
 from fdm_train.synth import KINDS, make_scenes, masks_path, write_scenes
 from fdm_train.train import TrainOptions, mask_shaping, pixel_entropy
 

@@ -15,7 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import predict_masks, to_model_range  # noqa: E402
 
-from fdm_train.checkpoint import load_model  # noqa: E402
+from fdm_core.checkpoint import load_model  # noqa: E402
 from fdm_train.synth import make_scenes  # noqa: E402
 
 COLORS = np.array([[40, 40, 40], [230, 160, 40], [60, 150, 230], [200, 60, 160], [90, 200, 90]], np.uint8)

@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import predict_masks, to_model_range  # noqa: E402
 
+from fdm_core.checkpoint import load_model  # noqa: E402
 from fdm_infer.eval.metrics import confusion_matrix, parts_scores  # noqa: E402
 from fdm_infer.foreground import ChannelPresence, foreground_channels  # noqa: E402
 from fdm_infer.segment import smooth_masks  # noqa: E402
-from fdm_train.checkpoint import load_model  # noqa: E402
 from fdm_train.synth import make_scenes  # noqa: E402
 
 READOUTS = ((30, 1), (30, 3), (30, 5), (60, 1), (60, 3), (100, 1))  # (t, smoothing window)

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import score  # noqa: E402
 
-from fdm_train.config import preset  # noqa: E402
-from fdm_train.model import build_model  # noqa: E402
+from fdm_core.config import preset  # noqa: E402
+from fdm_core.model import build_model  # noqa: E402
 from fdm_train.synth import KINDS, make_scenes, write_scenes  # noqa: E402
 from fdm_train.train import TrainOptions, train  # noqa: E402
 

@@ -13,9 +13,9 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.visualize import mask_statistics
 from fdm_infer.eval.metrics import confusion_matrix, parts_scores
-from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.visualize import mask_statistics
 
 T_BINS = ((0, 100), (100, 300), (300, 600), (600, 1000))
 SEGMENT_T = 30

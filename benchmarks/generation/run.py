@@ -122,10 +122,10 @@ def cmd_floor(args) -> None:
 
 
 def cmd_scenes(args) -> None:
+    from fdm_core.checkpoint import load_model
+    from fdm_core.config import preset
+    from fdm_core.model import build_model
     from fdm_infer.engines.torch_engine import TorchEngine
-    from fdm_train.checkpoint import load_model
-    from fdm_train.config import preset
-    from fdm_train.model import build_model
     from fdm_train.synth import write_scenes
     from fdm_train.train import TrainOptions, train
 
@@ -153,8 +153,8 @@ def cmd_scenes(args) -> None:
 
 @torch.no_grad()
 def cmd_eps_error(args) -> None:
-    from fdm_train.checkpoint import load_model
-    from fdm_train.diffusion import GaussianDiffusion
+    from fdm_core.checkpoint import load_model
+    from fdm_core.diffusion import GaussianDiffusion
 
     data = torch.from_numpy(np.load(Path(args.work) / "lfw32.npy", mmap_mode="r")[:128].copy()).float() / 127.5 - 1
     for path in args.models:

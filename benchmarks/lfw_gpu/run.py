@@ -81,7 +81,7 @@ def log(message: str) -> None:
 # ----- pack (here) / unpack (there) -----
 
 def pack(args) -> None:
-    from fdm_train.data import find_images, fit_square, load_rgb
+    from fdm_core.images import find_images, fit_square, load_rgb
 
     source = Path(args.source)
     DATA.mkdir(parents=True, exist_ok=True)
@@ -113,8 +113,9 @@ def pack(args) -> None:
 
 def unpack(size: int) -> tuple[Path, Path, Path]:
     """(training cache .npy, val images folder, val masks folder) under runs/lfw_gpu/data."""
-    from fdm_train.data import CACHE_FORMAT, fit_square, manifest_path
-    from fdm_train.util import atomic_write
+    from fdm_core.images import fit_square
+    from fdm_core.util import atomic_write
+    from fdm_train.data import CACHE_FORMAT, manifest_path
 
     if not (DATA / "train.npz").is_file():
         raise SystemExit(f"{DATA}/train.npz is missing: run `python benchmarks/lfw_gpu/run.py pack` on a CPU "
@@ -158,7 +159,7 @@ def unpack(size: int) -> tuple[Path, Path, Path]:
 
 def model_config(args, variant: str):
     """fdm-train's default recipe: region codes in the factorized model's decoder (--region-codes)."""
-    from fdm_train.config import DEFAULT_REGION_CODES, ModelConfig
+    from fdm_core.config import DEFAULT_REGION_CODES, ModelConfig
 
     return ModelConfig(**(TINY if args.tiny else MODEL), variant=variant,
                        region_codes=DEFAULT_REGION_CODES and variant == "factorized")
@@ -173,7 +174,7 @@ def recipe(cfg) -> dict:
 
 
 def describe_model(cfg) -> dict:
-    from fdm_train.model import build_model, count_flops, count_parameters
+    from fdm_core.model import build_model, count_flops, count_parameters
 
     with torch.device("meta"):
         params = count_parameters(build_model(cfg))
@@ -230,7 +231,7 @@ def evaluate_checkpoint(path: Path, evalset, t: int, device: str, batch_size: in
 
 def setup(args, phase: str) -> torch.device:
     global LOG_FILE
-    from fdm_train.util import pick_device
+    from fdm_core.util import pick_device
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -305,8 +306,8 @@ def find_phase(args, name: str, checkpoint: str) -> tuple[dict, Path]:
 # ----- phase 1: the factorized model and its curve -----
 
 def train_fdm(args) -> dict:
+    from fdm_core.checkpoint import slim_checkpoint
     from fdm_infer.eval.evaluate import load_eval_set
-    from fdm_train.checkpoint import slim_checkpoint
 
     device = setup(args, "train-fdm")
     deadline = START + args.budget_s
@@ -357,7 +358,7 @@ def train_fdm(args) -> dict:
 # ----- phase 2: the plain U-Net at the same budget -----
 
 def train_plain(args) -> dict:
-    from fdm_train.checkpoint import slim_checkpoint
+    from fdm_core.checkpoint import slim_checkpoint
 
     device = setup(args, "train-plain")
     deadline = START + args.budget_s
@@ -401,9 +402,9 @@ def train_plain(args) -> dict:
 # ----- phase 3: evaluation, baseline, samples, the table -----
 
 def sample_both(args, fdm_ckpt: Path, plain_ckpt: Path, device: torch.device, out: Path, extra: Path) -> dict:
+    from fdm_core.visualize import images_to_uint8, mask_statistics
     from fdm_infer.engines.torch_engine import TorchEngine
     from fdm_infer.generate import generate, image_mask_grid
-    from fdm_train.visualize import images_to_uint8, mask_statistics
 
     res = {}
     for name, ckpt in (("fdm", fdm_ckpt), ("plain", plain_ckpt)):
@@ -423,9 +424,9 @@ def sample_both(args, fdm_ckpt: Path, plain_ckpt: Path, device: torch.device, ou
 
 
 def final(args) -> dict:
+    from fdm_core.checkpoint import load_model
     from fdm_infer.eval.baselines import fit_kmeans_ddpm, kmeans_ddpm_labels
     from fdm_infer.eval.evaluate import Predictions, load_eval_set, score
-    from fdm_train.checkpoint import load_model
 
     device = setup(args, "final")
     out = Path(args.out)

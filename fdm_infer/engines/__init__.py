@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from fdm_core.errors import UserError
+from fdm_core.util import one_line, pick_device, set_threads
 from fdm_infer.engines.base import Engine
-from fdm_train.errors import UserError
-from fdm_train.util import one_line, pick_device, set_threads
 
 ENGINES = {
     "torch": ("fdm_infer.engines.torch_engine", "TorchEngine"),

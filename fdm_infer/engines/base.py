@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from fdm_train.config import ModelConfig
-from fdm_train.errors import UserError
+from fdm_core.config import ModelConfig
+from fdm_core.errors import UserError
 
 OUTPUT_NAMES = ["eps", "masks"]
 

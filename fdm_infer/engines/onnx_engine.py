@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fdm_core.config import ModelConfig
+from fdm_core.errors import UserError
+from fdm_core.util import DTYPES, one_line
 from fdm_infer.engines.base import OUTPUT_NAMES, Engine, input_names
-from fdm_train.config import ModelConfig
-from fdm_train.errors import UserError
-from fdm_train.util import DTYPES, one_line
 
 FORMAT = "fdm-onnx-v1"
 # TensorRT 10.x parses ONNX opsets 9..20; 17 is the first with LayerNormalization and is what
@@ -31,7 +31,7 @@ DEFAULT_OPSET = 17
 
 def session_options(threads: int | None = None):
     """onnxruntime session options: quiet, `threads` intra-op threads, and threads that sleep instead of
-    spinning while they wait whenever OpenMP's are passive (fdm's default, fdm_train/__init__.py): spinning
+    spinning while they wait whenever OpenMP's are passive (fdm's default, fdm_core/__init__.py): spinning
     onnxruntime threads slow down every other busy process on a small machine, as OpenMP's do
     (benchmarks/results/threads.md)."""
     import onnxruntime as ort

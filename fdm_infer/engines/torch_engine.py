@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 
 import kernels
+from fdm_core.checkpoint import load_model
+from fdm_core.errors import UserError
+from fdm_core.util import DTYPES, pick_device
 from fdm_infer.engines.base import Engine
-from fdm_train.checkpoint import load_model
-from fdm_train.errors import UserError
-from fdm_train.util import DTYPES, pick_device
 
 # Variants whose eps is a masked sum over K decoder branches (see FactorizedUNet.forward(branches=True)).
 BRANCH_VARIANTS = ("factorized", "mask-mid")

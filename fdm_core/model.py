@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fdm_train.config import ModelConfig
+from fdm_core.config import ModelConfig
 from kernels import masked_skip, masked_sum, pool_mask
 
 

@@ -8,9 +8,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from fdm_train.data import MAX_PIXELS
-from fdm_train.errors import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
-from fdm_train.util import DEFAULT_THREADS, MAX_THREADS
+from fdm_core.errors import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
+from fdm_core.images import MAX_PIXELS
+from fdm_core.util import DEFAULT_THREADS, MAX_THREADS
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 

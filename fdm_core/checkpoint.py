@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fdm_train.config import ModelConfig
-from fdm_train.errors import UserError
-from fdm_train.model import FactorizedUNet, build_model, split_region
-from fdm_train.util import DTYPES, atomic_write, check_output, one_line
+from fdm_core.config import ModelConfig
+from fdm_core.errors import UserError
+from fdm_core.model import FactorizedUNet, build_model, split_region
+from fdm_core.util import DTYPES, atomic_write, check_output, one_line
 
 FORMAT = "fdm-checkpoint-v1"
 

@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from fdm_train.errors import UserError
+from fdm_core.errors import UserError
 
 # CPU threads torch (and onnxruntime) use when --threads is not given. None leaves torch's own choice
 # (OMP_NUM_THREADS when set, else one thread per core). benchmarks/threads.py measures the alternatives.

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 VARIANTS = ("factorized", "plain", "concat", "mask-mid", "no-share")
-PREDICTIONS = ("eps", "v")  # what the network's output means: fdm_train.diffusion
+PREDICTIONS = ("eps", "v")  # what the network's output means: fdm_core.diffusion
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class ModelConfig:
     variant: str = "factorized"
     region_codes: bool = False  # a learned per-branch code in the shared decoder's embedding
     mask_scale: int = 1  # the mask logits are averaged over mask_scale x mask_scale cells, then upsampled
-    # What the output means (fdm_train.diffusion.PREDICTIONS): the network never reads it; its trainer and
+    # What the output means (fdm_core.diffusion.PREDICTIONS): the network never reads it; its trainer and
     # samplers do. A file written without the field holds an eps-model.
     prediction: str = "eps"
 

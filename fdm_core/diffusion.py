@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fdm_train.config import PREDICTIONS
+from fdm_core.config import PREDICTIONS
 from kernels.reference import ddpm_posterior_step
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
