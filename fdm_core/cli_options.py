@@ -26,27 +26,6 @@ def version_option(f):
     return click.version_option(package_version(), "--version", message="%(prog)s %(version)s")(f)
 
 
-class RenamingCommand(click.Command):
-    """A command that still accepts the old spelling of a renamed option: `renamed` maps old -> new;
-    the old one is rewritten before parsing and a one-line note says what to write instead."""
-
-    def __init__(self, *args, renamed: dict[str, str] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.renamed = renamed or {}
-
-    def parse_args(self, ctx, args):
-        fixed = []
-        for arg in args:
-            name, eq, value = arg.partition("=")
-            if name in self.renamed:
-                new = self.renamed[name]
-                spellings = next((p.opts for p in self.params if new in p.opts), [new])
-                click.echo(f"{ctx.command_path}: note: {name} is now {'/'.join(spellings)}", err=True)
-                arg = new + eq + value
-            fixed.append(arg)
-        return super().parse_args(ctx, fixed)
-
-
 def quiet_option(f):
     return click.option("-q", "--quiet", is_flag=True,
                         help="No progress bars or progress messages (results, warnings and errors still print).")(f)

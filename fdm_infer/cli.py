@@ -10,7 +10,6 @@ import click
 from fdm_core.cli_options import (
     CONTEXT_SETTINGS,
     HelpGroup,
-    RenamingCommand,
     limit_option,
     max_pixels_option,
     quiet_option,
@@ -41,7 +40,7 @@ def main_group():
     """Segment images, generate samples and interpolate with a factorized diffusion model."""
 
 
-@main_group.command(cls=RenamingCommand, renamed={"--channels": "--save-channels"})
+@main_group.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--out", default=SEGMENT_OUT, type=click.Path(file_okay=False),
               help="Output folder (created); relative paths of images found in folders are mirrored under it. "
@@ -173,15 +172,15 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
 @main_group.command()
 @click.argument("image_a", type=click.Path())
 @click.argument("image_b", type=click.Path())
-@click.option("--t", "t", type=click.IntRange(1, 999), default=250,
+@click.option("--timestep", "t", type=click.IntRange(1, 999), default=250,
               help="Noise level both images are taken to before mixing (the largest step of the schedule at or "
                    "below it).")
-@click.option("--frames", type=click.IntRange(2), default=8,
+@click.option("--mix-steps", "frames", type=click.IntRange(2), default=8,
               help="Number of interpolated images: mixing weights evenly spaced from 0 (A) to 1 (B).")
 @click.option("--mix", type=click.Choice(["linear", "slerp"]), default="linear",
               help="How the two noisy latents are mixed (DDPM: linear).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000,
-              help="Steps of the full schedule (only those at or below --t run).")
+              help="Steps of the full schedule (only those at or below --timestep run).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic.")
 @click.option("--clip", type=click.Choice(CLIP_MODES), default=DEFAULT_CLIP, show_default=True,
@@ -198,7 +197,7 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
 def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, class_label, out, model_file, engine_kind,
                 device, threads, quiet):
     """Interpolate between two real images: noise both, mix, denoise (as in DDPM; the paper's
-    Figure 12). Both are noised to --t with the same noise, mixed, and denoised from there. Writes interpolation.png (A, the frames, B; masks below) and
+    Figure 12). Both are noised to --timestep with the same noise, mixed, and denoised from there. Writes interpolation.png (A, the frames, B; masks below) and
     frame_NN.png / frame_NN_labels.png."""
     from fdm_core.diffusion import GaussianDiffusion
     from fdm_core.util import check_writable_folder
@@ -208,8 +207,8 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     diffusion = GaussianDiffusion()
     t_start = interpolation_start(diffusion, steps, t)
     if t_start != t:
-        note_line(f"--t {t} is not a step of the {steps}-step schedule: interpolating from t={t_start}, "
-                  "its largest step at or below --t")
+        note_line(f"--timestep {t} is not a step of the {steps}-step schedule: interpolating from t={t_start}, "
+                  "its largest step at or below --timestep")
     engine, path = load_engine(engine_kind, model_file, device, threads)
     a, b = load_pair(engine, image_a, image_b)
     check_writable_folder(Path(out))
@@ -227,7 +226,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
 BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "onnx", "trt"]
 
 
-@main_group.command(cls=RenamingCommand, renamed={"--out-dir": "--out", "--batch": "--batch-size"})
+@main_group.command()
 @click.option("--preset", "presets", type=click.Choice(list(PRESETS)), multiple=True,
               help="Model preset (repeatable); random weights [default: paper-64 on a GPU, tiny-32 and small-32 "
                    "on a CPU].")
@@ -237,8 +236,8 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
               help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant [default: none].")
 @click.option("--batch-size", "batches", type=click.IntRange(1), multiple=True,
               help="Batch size (repeatable) [default: 1, 16, 128 and 256 on a GPU; 1 and 8 on a CPU].")
-@click.option("--variant", "variant_keys", type=click.Choice(BENCH_VARIANT_KEYS), multiple=True,
-              help="Variant (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
+@click.option("--inference-path", "variant_keys", type=click.Choice(BENCH_VARIANT_KEYS), multiple=True,
+              help="Inference path (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
                    "(+ channels_last), compile, graphs (CUDA graphs), triton (Triton kernels: the fast path), "
                    "onnx (onnxruntime), trt (TensorRT, with --plan).")
 @click.option("--repeats", type=click.IntRange(3), default=30, help="Timed calls at most.")
@@ -255,9 +254,9 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
                    "on the CPU].")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 @threads_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--save-json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Output file: the results as JSON [default: none, or OUT/bench.json].")
-@click.option("--md", "md_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--save-md", "md_path", type=click.Path(dir_okay=False), default=None,
               help="Output file: the tables as Markdown [default: none, or OUT/bench.md].")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder: write bench.json and bench.md into it [default: none].")

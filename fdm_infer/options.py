@@ -43,7 +43,7 @@ def segmentation_options(f):
     f = click.option("--ensemble", type=click.IntRange(1), default=1,
                      help="Average the soft masks over N seeds (seed..seed+N-1).")(f)
     f = click.option("--seed", type=SEED, default=0, help="Seed of the noise (the same for every image).")(f)
-    f = click.option("--t", "t", type=click.IntRange(0, 999), default=DEFAULT_T,
+    f = click.option("--timestep", "t", type=click.IntRange(0, 999), default=DEFAULT_T,
                      help="Noise level the images are taken to before the one forward pass.")(f)
     return f
 

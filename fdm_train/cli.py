@@ -5,7 +5,6 @@ import click
 
 from fdm_core.cli_options import (
     CONTEXT_SETTINGS,
-    RenamingCommand,
     limit_option,
     overwrite_option,
     quiet_option,
@@ -26,10 +25,6 @@ from fdm_core.config import (
 )
 from fdm_core.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
 
-# Options renamed for the same spelling across fdm-train, fdm-export and fdm-infer.
-OUTPUT_RENAMED = {"--output": "--out"}
-# --image-size, as `train` and `info` call the model's size.
-SIZE_RENAMED = {**OUTPUT_RENAMED, "--size": "--image-size"}
 
 
 def model_options(f):
@@ -43,7 +38,7 @@ def model_options(f):
     f = click.option("--region-codes/--no-region-codes", default=DEFAULT_REGION_CODES, show_default=True,
                      help="Give each decoder branch a learned code in its embedding (shared weights, branches "
                           "that can differ); --no-region-codes is the paper's decoder.")(f)
-    f = click.option("--mask-scale", type=click.IntRange(1), default=None,
+    f = click.option("--mask-downsample", "mask_scale", type=click.IntRange(1), default=None,
                      help="Make the masks at 1/N of the image size (mask logits averaged over N x N cells, then "
                           "upsampled bilinearly) [default: 1, full resolution, as in the paper].")(f)
     f = click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
@@ -111,7 +106,7 @@ def main_group():
               help="Train in the NHWC memory format (about 1.2x on a 2-core CPU, benchmarks/results/train_cpu.md).")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK).")
-@click.option("--t-power", type=FiniteFloatRange(0.1, 10), default=DEFAULT_T_POWER, show_default=True,
+@click.option("--timestep-power", "t_power", type=FiniteFloatRange(0.1, 10), default=DEFAULT_T_POWER, show_default=True,
               help="Training timesteps t = floor(T u^P), u uniform: 1 is the paper's uniform t, 2 draws half "
                    "of them below T/4, where segmentation is read.")
 @click.option("--prediction", type=click.Choice(PREDICTIONS), default=None,
@@ -149,7 +144,7 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
 
 
-@main_group.command("prepare-data", cls=RenamingCommand, renamed=SIZE_RENAMED)
+@main_group.command("prepare-data")
 @click.argument("folder", type=click.Path(exists=True))
 @click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
               help="The cache file to write (.npy); its manifest goes beside it (OUT.json).")
@@ -172,7 +167,7 @@ def prepare_data(folder, output, size, limit, workers, quiet):
                f"{len(m['skipped'])} unreadable skipped, {m['seconds']:.1f} s")
 
 
-@main_group.command(cls=RenamingCommand, renamed=SIZE_RENAMED)
+@main_group.command()
 @click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
               help="The file to write: the scenes as a training cache (.npy, usable as --data); their label maps "
                    "go beside it (<name>.masks.npy).")
@@ -216,7 +211,7 @@ def info(preset, variant, regions, image_size, channels, region_codes, mask_scal
     click.echo(f"GFLOP:      {count_flops(cfg) / 1e9:.1f} per image (forward)")
 
 
-@main_group.command(cls=RenamingCommand, renamed=OUTPUT_RENAMED)
+@main_group.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
               help="The slim checkpoint file to write (.safetensors).")
@@ -237,7 +232,7 @@ def slim(checkpoint, output, dtype, placeholder, overwrite, quiet):
                f"(from {r['bytes_in'] / 1e6:.1f} MB), max abs weight change {r['max_abs_error']:.2e}")
 
 
-@main_group.command("split-region", cls=RenamingCommand, renamed=OUTPUT_RENAMED)
+@main_group.command("split-region")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--region", required=True, type=click.IntRange(0), help="The region (mask channel) to split in two.")
 @click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),

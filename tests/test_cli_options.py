@@ -1,6 +1,6 @@
 """The options the three command lines share (-o/--out, --limit, -q, --threads, --overwrite, --max-pixels,
---version, help without arguments, defaults shown), the renamed options (the old spelling still works,
-with a note), and what a command says about its model and its --t."""
+--version, help without arguments, defaults shown), and what a command says about its model and its
+--timestep."""
 import importlib.metadata
 import json
 import sys
@@ -157,38 +157,6 @@ def test_limit_takes_the_first_images(tiny_checkpoint, tmp_path, capsys, monkeyp
     assert np.load(tmp_path / "c.npy").shape == (3, 3, 8, 8)
 
 
-# ----- renamed options -----
-
-def test_renamed_options_still_work_with_a_note(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    folder = images(tmp_path / "in", 2)
-    r = run("fdm-infer", capsys, monkeypatch, "segment", folder, "--checkpoint", tiny_checkpoint, "-o",
-            tmp_path / "seg", "--channels")
-    assert r.code == 0, r.err
-    assert r.err_lines == ["fdm-infer segment: note: --channels is now --save-channels"]
-    assert sorted(p.name for p in (tmp_path / "seg").glob("*_channels.png")) == ["im0_channels.png", "im1_channels.png"]
-    r = run("fdm-infer", capsys, monkeypatch, "segment", folder, "--model", tiny_checkpoint, "-o", tmp_path / "seg2",
-            "--save-channels")
-    assert r.code == 0 and not r.err and len(list((tmp_path / "seg2").glob("*_channels.png"))) == 2
-    for a, b in (("seg", "seg2"),):
-        for name in ("im0_labels.png", "im1_channels.png"):  # --checkpoint and --model: the same model
-            assert (tmp_path / a / name).read_bytes() == (tmp_path / b / name).read_bytes()
-
-    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "--output", tmp_path / "c.npy", "--image-size", 8,
-            "--workers", 1)
-    assert r.code == 0 and "fdm-train prepare-data: note: --output is now -o/--out" in r.err
-    assert np.load(tmp_path / "c.npy").shape == (2, 3, 8, 8)
-    r = run("fdm-train", capsys, monkeypatch, "synth", "--output=" + str(tmp_path / "s.npy"), "--count", 2,
-            "--size", 8)
-    assert r.code == 0 and "--output is now -o/--out" in r.err and (tmp_path / "s.npy").is_file()
-    r = run("fdm-train", capsys, monkeypatch, "slim", tiny_checkpoint, "--output", tmp_path / "slim.safetensors")
-    assert r.code == 0 and "--output is now -o/--out" in r.err
-    assert read_checkpoint(tmp_path / "slim.safetensors")[0] == preset("tiny-32")
-    r = run("fdm-infer", capsys, monkeypatch, "bench", "--preset", "tiny-32", "--batch-size", 1, "--variant", "fused",
-            "--no-sampling", "--no-plain", "--repeats", 3, "--budget", 0.1, "--out-dir", tmp_path / "bench", "-q")
-    assert r.code == 0 and r.err_lines == ["fdm-infer bench: note: --out-dir is now -o/--out"], r.err
-    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"][0]["status"] == "ok"
-
-
 # ----- what a command says -----
 
 def test_a_placeholder_model_says_so_in_one_line(tmp_path, capsys, monkeypatch):
@@ -221,18 +189,18 @@ def test_interpolate_says_which_t_it_used_and_refuses_one_that_denoises_nothing(
         Image.fromarray(np.random.default_rng(len(str(path))).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
     grid = np.round(np.linspace(0, 999, 40)).astype(int)  # the 40-step schedule, independently
     used = int(grid[grid <= 250].max())
-    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--t", 250, "--steps", 40, "--sampler", "ddim",
-            "--frames", 2, "--model", tiny_checkpoint, "-o", tmp_path / "i")
+    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--timestep", 250, "--steps", 40, "--sampler", "ddim",
+            "--mix-steps", 2, "--model", tiny_checkpoint, "-o", tmp_path / "i")
     assert r.code == 0, r.err
-    assert r.err_lines == [f"fdm-infer: note: --t 250 is not a step of the 40-step schedule: interpolating from "
-                           f"t={used}, its largest step at or below --t"]
+    assert r.err_lines == [f"fdm-infer: note: --timestep 250 is not a step of the 40-step schedule: interpolating from "
+                           f"t={used}, its largest step at or below --timestep"]
     assert f"from t={used} " in r.out
-    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--t", 5, "--steps", 40, "--model",
+    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--timestep", 5, "--steps", 40, "--model",
             tiny_checkpoint, "-o", tmp_path / "i")
-    assert r.code == 1 and len(r.err_lines) == 1 and r.err_lines[0].startswith("fdm-infer: error: --t 5")
-    assert f"give --t {int(grid[grid > 0].min())} or more" in r.err
-    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--t", 5, "--model", tiny_checkpoint, "-o",
-            tmp_path / "i", "--frames", 2, "--sampler", "ddim")  # 1000 steps: t=5 is a step
+    assert r.code == 1 and len(r.err_lines) == 1 and r.err_lines[0].startswith("fdm-infer: error: --timestep 5")
+    assert f"give --timestep {int(grid[grid > 0].min())} or more" in r.err
+    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--timestep", 5, "--model", tiny_checkpoint, "-o",
+            tmp_path / "i", "--mix-steps", 2, "--sampler", "ddim")  # 1000 steps: t=5 is a step
     assert r.code == 0 and not r.err and "from t=5 " in r.out
 
 

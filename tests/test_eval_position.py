@@ -121,7 +121,7 @@ def test_position_prior_leaving_maps_out():
 def test_evaluate_prior_beside_predictions(tmp_path, capsys, monkeypatch):
     _write_pairs(tmp_path, {"a": A, "b": B, "c": C})
     out = tmp_path / "r.json"
-    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", tmp_path / "masks", "--images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", tmp_path / "masks", 
                   tmp_path / "images", "--masks", tmp_path / "masks", "--prior-from", tmp_path / "masks",
                   "--fg-channel", "1", "--fg-channel", "2", "--name", "truth", "--out", out)
     assert r.code == 0, r.err
@@ -148,7 +148,7 @@ def test_evaluate_folders_recursively_with_leave_one_folder_out_prior(tmp_path, 
     figures = {}
     for leave_out in (True, False):
         out = tmp_path / f"{leave_out}.json"
-        r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", tmp_path / "masks", "--images",
+        r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", tmp_path / "masks", 
                       tmp_path / "images", "--masks", tmp_path / "masks", "--protocol", "foreground",
                       "--fg-channel", "1", "--prior-from", tmp_path / "masks", *(["--prior-leave-out-folder"] if leave_out else []),
                       "--out", out)
@@ -167,7 +167,7 @@ def test_evaluate_shift_adds_shifted_rows(tmp_path, tiny_checkpoint, capsys, mon
     maps = {f"m{i}": rng.integers(0, 3, (16, 16)).astype(np.uint8) for i in range(4)}
     _write_pairs(tmp_path, maps)
     out = tmp_path / "r.json"
-    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, "--images", tmp_path / "images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, tmp_path / "images",
                   "--masks", tmp_path / "masks", "--prior-from", tmp_path / "masks", "--shift", "0.25",
                   "--seed", "3", "--out", out, "-q")
     assert r.code == 0, r.err
@@ -183,7 +183,7 @@ def test_evaluate_shift_adds_shifted_rows(tmp_path, tiny_checkpoint, capsys, mon
     moved.mkdir()
     for i, name in enumerate(sorted(maps)):
         Image.fromarray(translate(maps[name], *shift_offset((16, 16), 0.25, 3, i))).save(moved / f"{name}.png")
-    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", tmp_path / "masks", "--images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", tmp_path / "masks", 
                   tmp_path / "images", "--masks", moved, "--prior-from", tmp_path / "masks", "--out",
                   tmp_path / "moved.json")
     assert r.code == 0, r.err
@@ -198,7 +198,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     empty.mkdir()
     background.mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(background / "a.png")
-    base = ("evaluate", "--images", tmp_path / "images", "--masks", tmp_path / "masks", "--out", tmp_path / "x.json")
+    base = ("evaluate", tmp_path / "images", "--masks", tmp_path / "masks", "--out", tmp_path / "x.json")
     cases = [((*base, "--shift", "0.7"), "--shift must be in [0, 0.5)"),
              ((*base, "--shift", "-0.1"), "--shift must be in [0, 0.5)"),
              ((*base, "--predictions", tmp_path / "masks", "--shift", "0.1"), "--predictions were made from"),

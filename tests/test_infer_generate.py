@@ -131,7 +131,7 @@ def test_interpolate_writes_its_strip(tiny_checkpoint, tmp_path, capsys, monkeyp
     for p, shape in ((a, (40, 40, 3)), (b, (64, 50, 3)), (c, (32, 32, 3))):
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(p)
     out = tmp_path / "out"
-    r = run_infer(capsys, monkeypatch, "interpolate", a, b, "--frames", 4, "--t", 250, "--steps", 40,
+    r = run_infer(capsys, monkeypatch, "interpolate", a, b, "--mix-steps", 4, "--timestep", 250, "--steps", 40,
                   "--sampler", "ddim", "--checkpoint", tiny_checkpoint, "--out", out)
     assert r.code == 0, r.err
     grid_t = int(max(v for v in np.round(np.linspace(0, 999, 40)) if v <= 250))  # 250 rounded down to the grid

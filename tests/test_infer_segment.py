@@ -214,7 +214,7 @@ def test_segment_and_evaluate_choose_the_same_foreground(tiny_checkpoint, tmp_pa
                   "--foreground")
     assert r.code == 0, r.err
     chosen = r.out.split("foreground: channels ")[1].split(" ")[0]
-    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, "--images", images,
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, images,
                   "--masks", masks, "--out", tmp_path / "eval.json")
     assert r.code == 0, r.err
     result = json.loads((tmp_path / "eval.json").read_text())

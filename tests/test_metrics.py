@@ -243,7 +243,7 @@ def lfw_subset(tmp_path_factory):
 def test_evaluate_model_json_and_markdown(lfw_subset, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     root, _names = lfw_subset
     out = tmp_path / "r.json"
-    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, "--images", root / "images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, root / "images",
                   "--masks", root / "masks", "--out", out, "-q")
     assert r.code == 0, r.err
     result = json.loads(out.read_text())
@@ -277,8 +277,8 @@ def test_evaluate_model_json_and_markdown(lfw_subset, tiny_checkpoint, tmp_path,
 def test_evaluate_downsample_mode_and_one_protocol(lfw_subset, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     root, _ = lfw_subset
     out = tmp_path / "r.json"
-    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, "--images", root / "images",
-                  "--masks", root / "masks", "--protocol", "parts", "--size-mode", "downsample", "--t", "10",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, root / "images",
+                  "--masks", root / "masks", "--protocol", "parts", "--size-mode", "downsample", "--timestep", "10",
                   "--limit", "4", "--out", out, "-q")
     assert r.code == 0, r.err
     result = json.loads(out.read_text())
@@ -297,7 +297,7 @@ def test_evaluate_with_the_onnx_engine_matches_torch(lfw_subset, tiny_checkpoint
     results = {}
     for engine, flag, path in (("torch", "--checkpoint", tiny_checkpoint), ("onnx", "--model", onnx_file)):
         out = tmp_path / f"{engine}.json"
-        r = run_infer(capsys, monkeypatch, "evaluate", "--engine", engine, flag, path, "--images", root / "images",
+        r = run_infer(capsys, monkeypatch, "evaluate", "--engine", engine, flag, path, root / "images",
                       "--masks", root / "masks", "--limit", "4", "--out", out, "-q")
         assert r.code == 0, r.err
         results[engine] = json.loads(out.read_text())
@@ -315,7 +315,7 @@ def test_evaluate_ground_truth_as_predictions_is_perfect(lfw_subset, tmp_path, c
     for i, name in enumerate(names):  # both namings: <name>.png and <name>_labels.png (fdm-infer segment)
         shutil.copy(root / "masks" / f"{name}.png", preds / (f"{name}.png" if i % 2 else f"{name}_labels.png"))
     out = tmp_path / "gt.json"
-    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", preds, "--images", root / "images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", preds, root / "images",
                   "--masks", root / "masks", "--out", out)
     assert r.code == 0, r.err
     result = json.loads(out.read_text())
@@ -331,7 +331,7 @@ def test_evaluate_ground_truth_as_predictions_is_perfect(lfw_subset, tmp_path, c
     small.mkdir()
     for name in names:
         Image.open(root / "masks" / f"{name}.png").resize((64, 64), Image.Resampling.NEAREST).save(small / f"{name}.png")
-    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", small, "--images", root / "images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", small, root / "images",
                   "--masks", root / "masks", "--out", tmp_path / "small.json")
     assert r.code == 0, r.err
     assert json.loads((tmp_path / "small.json").read_text())["parts"]["acc"] > 0.95
@@ -342,15 +342,15 @@ def test_evaluate_errors_are_one_line(lfw_subset, tiny_checkpoint, tmp_path, cap
     preds = tmp_path / "partial"
     preds.mkdir()
     shutil.copy(root / "masks" / f"{names[0]}.png", preds)
-    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", preds, "--images", root / "images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", preds, root / "images",
                   "--masks", root / "masks", "--out", tmp_path / "x.json")
     assert r.code == 1 and len(r.err_lines) == 1 and "have no label map" in r.err
-    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, "--images", root / "images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", tiny_checkpoint, root / "images",
                   "--masks", tmp_path / "nowhere", "--out", tmp_path / "x.json")
     assert r.code == 1 and len(r.err_lines) == 1 and "--masks" in r.err
     plain = tmp_path / "plain.safetensors"
     make_checkpoint(plain, variant="plain")
-    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", plain, "--images", root / "images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", plain, root / "images",
                   "--masks", root / "masks", "--out", tmp_path / "x.json", "-q")
     assert r.code == 1 and "plain U-Net" in r.err
 
@@ -361,7 +361,7 @@ def test_grabcut_smoke_on_two_images(lfw_subset, tmp_path, capsys, monkeypatch):
     pytest.importorskip("cv2")
     root, names = lfw_subset
     out = tmp_path / "gc"
-    r = run_infer(capsys, monkeypatch, "baseline", "grabcut", "--images", root / "images", "--out", out,
+    r = run_infer(capsys, monkeypatch, "baseline", "grabcut", root / "images", "--out", out,
                   "--limit", "2", "-q")
     assert r.code == 0, r.err
     files = sorted(out.glob("*.png"))
@@ -408,8 +408,8 @@ def test_kmeans_ddpm_pipeline_on_a_tiny_plain_model(lfw_subset, tmp_path, capsys
     plain = tmp_path / "plain.safetensors"
     make_checkpoint(plain, variant="plain")
     out = tmp_path / "km"
-    r = run_infer(capsys, monkeypatch, "baseline", "kmeans-ddpm", "--plain-model", plain, "--images",
-                  root / "images", "--out", out, "--t", "50", "--t", "150", "--pixels-per-image", "16",
+    r = run_infer(capsys, monkeypatch, "baseline", "kmeans-ddpm", "--plain-model", plain, 
+                  root / "images", "--out", out, "--timestep", "50", "--timestep", "150", "--pixels-per-image", "16",
                   "--device", "cpu", "-q")
     assert r.code == 0, r.err
     assert "feature_dim" in r.out
@@ -417,13 +417,13 @@ def test_kmeans_ddpm_pipeline_on_a_tiny_plain_model(lfw_subset, tmp_path, capsys
     assert len(files) == 6
     labs = np.stack([np.asarray(Image.open(f)) for f in files])
     assert labs.shape == (6, 128, 128) and labs.max() <= 2
-    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", out, "--images", root / "images",
+    r = run_infer(capsys, monkeypatch, "evaluate", "--predictions", out, root / "images",
                   "--masks", root / "masks", "--out", tmp_path / "km.json")
     assert r.code == 0, r.err
     # a factorized checkpoint is refused with one line
     fact = tmp_path / "fact.safetensors"
     make_checkpoint(fact)
-    r = run_infer(capsys, monkeypatch, "baseline", "kmeans-ddpm", "--plain-model", fact, "--images",
+    r = run_infer(capsys, monkeypatch, "baseline", "kmeans-ddpm", "--plain-model", fact, 
                   root / "images", "--out", tmp_path / "km2", "-q")
     assert r.code == 1 and "plain U-Net" in r.err and len(r.err_lines) == 1
 

@@ -57,15 +57,15 @@ def generate_case(tmp, ck):
 def interpolate_case(tmp, ck):
     write_images(tmp / "d", 2, size=20)
     a = copy_of(tmp / "d" / "img001.png", tmp / "d" / "frame_00.png")
-    return "fdm-infer", ["interpolate", a, tmp / "d" / "img000.jpg", "--model", ck, "--frames", 2, "--steps", 4,
-                         "--t", 500, "-o", tmp / "d", "--device", "cpu", "-q"], a
+    return "fdm-infer", ["interpolate", a, tmp / "d" / "img000.jpg", "--model", ck, "--mix-steps", 2, "--steps", 4,
+                         "--timestep", 500, "-o", tmp / "d", "--device", "cpu", "-q"], a
 
 
 def evaluate_case(tmp, ck):
     images = write_images(tmp / "images", 2, size=20)
     label_maps(tmp / "masks", images)
     mask = tmp / "masks" / "img000.png"
-    return "fdm-infer", ["evaluate", "--model", ck, "--images", tmp / "images", "--masks", tmp / "masks", "-o", mask,
+    return "fdm-infer", ["evaluate", "--model", ck, tmp / "images", "--masks", tmp / "masks", "-o", mask,
                          "-q"], mask
 
 
@@ -74,13 +74,13 @@ def evaluate_predictions_case(tmp, ck):
     label_maps(tmp / "masks", images)
     label_maps(tmp / "preds", images)
     prediction = tmp / "preds" / "img001.png"
-    return "fdm-infer", ["evaluate", "--predictions", tmp / "preds", "--images", tmp / "images", "--masks",
+    return "fdm-infer", ["evaluate", "--predictions", tmp / "preds", tmp / "images", "--masks",
                          tmp / "masks", "-o", prediction], prediction
 
 
 def baseline_case(tmp, ck):
     write_images(tmp / "d", 2, size=20)
-    return "fdm-infer", ["baseline", "rectangle", "--images", tmp / "d", "-o", tmp / "d", "-q"], tmp / "d" / "img001.png"
+    return "fdm-infer", ["baseline", "rectangle", tmp / "d", "-o", tmp / "d", "-q"], tmp / "d" / "img001.png"
 
 
 def fid_case(tmp, ck):
@@ -91,7 +91,7 @@ def fid_case(tmp, ck):
 
 def bench_case(tmp, ck):
     model = copy_of(ck, tmp / "ck.safetensors")
-    return "fdm-infer", ["bench", "--model", model, "--json", model, "--smoke", "--device", "cpu", "-q"], model
+    return "fdm-infer", ["bench", "--model", model, "--save-json", model, "--smoke", "--device", "cpu", "-q"], model
 
 
 def train_case(tmp, ck):

@@ -127,7 +127,7 @@ def test_label_pngs_show_colors_and_evaluate_reads_their_indices(tiny_checkpoint
     # from the label maps of files, which may differ on this untrained model.
     results = {}
     for name, source in (("model", ["--model", tiny_checkpoint]), ("files", ["--predictions", tmp_path / "seg"])):
-        r = run_infer(capsys, monkeypatch, "evaluate", *source, "--images", images, "--masks", masks, "-o",
+        r = run_infer(capsys, monkeypatch, "evaluate", *source, images, "--masks", masks, "-o",
                       tmp_path / f"{name}.json", "-q", "--fg-channel", 1, "--fg-channel", 2)
         assert r.code == 0, r.err
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())

@@ -482,7 +482,7 @@ def test_evaluate_refuses_label_maps_that_are_not_channels(tmp_path, capsys, mon
         folder.mkdir()
         for path in images.iterdir():
             Image.fromarray(np.resize(np.array(values, np.uint8), (20, 27))).save(folder / f"{path.stem}.png")
-    args = ["evaluate", "--images", images, "--masks", masks, "--predictions", preds, "--out", tmp_path / "r.json"]
+    args = ["evaluate", images, "--masks", masks, "--predictions", preds, "--out", tmp_path / "r.json"]
     r = run_infer(capsys, monkeypatch, *args)
     assert_one_line_error(r, "0, 100, 200", "--num-channels", code=1)
     assert not (tmp_path / "r.json").exists()
@@ -495,7 +495,7 @@ def test_evaluate_with_a_non_image_under_images_is_one_line(checkpoint, tmp_path
     masks.mkdir()
     for name in ("img000", "notes"):
         Image.fromarray(np.zeros((20, 27), np.uint8)).save(masks / f"{name}.png")
-    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", checkpoint, "--images", images, "--masks", masks,
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", checkpoint, images, "--masks", masks,
                   "--out", tmp_path / "r.json", "-q")
     assert_one_line_error(r, "notes.png", code=1)
 
@@ -610,7 +610,7 @@ def test_evaluate_refuses_color_ground_truth(tmp_path, capsys, monkeypatch):
         colors = np.stack([labels * 100, labels * 50, 255 - labels * 80], axis=-1).astype(np.uint8)
         Image.fromarray(colors).save(masks / f"{path.stem}.png")
         Image.fromarray(labels).save(preds / f"{path.stem}.png")
-    args = ["evaluate", "--images", images, "--masks", masks, "--predictions", preds, "--out", tmp_path / "r.json"]
+    args = ["evaluate", images, "--masks", masks, "--predictions", preds, "--out", tmp_path / "r.json"]
     r = run_infer(capsys, monkeypatch, *args)
     assert_one_line_error(r, "a label map must be one channel", "RGB", code=1)
     assert not (tmp_path / "r.json").exists()
@@ -632,7 +632,7 @@ def test_threads_are_bounded_everywhere(checkpoint, data, tmp_path, capsys, monk
     for args in (["segment", data, "--model", checkpoint, "-o", tmp_path / "o"],
                  ["generate", "--model", checkpoint, "-o", tmp_path / "g"],
                  ["bench", "--smoke"],
-                 ["baseline", "rectangle", "--images", data, "-o", tmp_path / "b"]):
+                 ["baseline", "rectangle", data, "-o", tmp_path / "b"]):
         r = run_infer(capsys, monkeypatch, *args, "--threads", too_many)
         assert_one_line_error(r, "--threads", f"1<=x<={MAX_THREADS}", code=2)
     r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--threads", too_many))

@@ -133,12 +133,12 @@ def test_a_gpu_sized_preset_on_the_cpu_warns_with_a_time(capsys):
 def bench(*args):
     from fdm_infer.cli import main_group as infer_group
 
-    return CliRunner().invoke(infer_group, ["bench", "--device", "cpu", "--variant", "fused", "--no-plain",
+    return CliRunner().invoke(infer_group, ["bench", "--device", "cpu", "--inference-path", "fused", "--no-plain",
                                             "--no-sampling", "--repeats", "3", "--budget", "0.01", *map(str, args)])
 
 
 def test_bench_on_a_cpu_plans_cpu_sized_batches_and_prints_each_row_as_measured(tmp_path):
-    result = bench("--preset", "tiny-32", "--json", tmp_path / "bench.json")
+    result = bench("--preset", "tiny-32", "--save-json", tmp_path / "bench.json")
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert lines[0].startswith("bench on cpu: tiny-32; batches 1, 8; ")
@@ -197,7 +197,7 @@ def test_interpolate_prints_its_output_path_without_a_double_slash(tmp_path):
     model = tmp_path / "tiny.safetensors"
     make_checkpoint(model)
     a, b = write_images(tmp_path / "pair", 2)
-    result = fdm_infer("interpolate", a, b, "--model", model, "--frames", "2", "--steps", "4", "--t", "500",
+    result = fdm_infer("interpolate", a, b, "--model", model, "--mix-steps", "2", "--steps", "4", "--timestep", "500",
                        "--out", f"{tmp_path}/interp/", "-q", "--threads", "1")
     assert result.exit_code == 0, result.output
     assert f"-> {tmp_path}/interp/interpolation.png" in result.output and "//" not in result.output
@@ -409,10 +409,10 @@ def test_every_shared_option_is_in_the_table_and_means_one_kind_of_value_everywh
         if spelling in remaining:
             continue
         assert kinds == {documented}, (spelling, uses[spelling])
-    # The list of what is not yet consistent stays true: each still means two things.
-    for spelling in remaining - {"--t", "--frames", "--t-power", "--mask-scale"}:
-        assert len({c for c, _ in uses[spelling]}) > 1
-    assert {kind for _, kind in uses["--json"]} == {"flag", "PATH"}
+    assert remaining == set(), "every shared name means one thing"
+    # Names that did not explain themselves are gone.
+    assert not [s for s in ("--t", "--frames", "--t-power", "--mask-scale", "--images", "--md") if s in uses]
+    assert {c for c, _ in uses["--variant"]} <= {"fdm-train train", "fdm-train info"}  # the architecture only
     # Names that meant something else in one command are gone from it.
     assert not [c for c, _ in uses["-K"] if c == "fdm-infer baseline"]
     assert not [c for c, _ in uses["-n"] if c == "fdm-infer fid"]
@@ -428,16 +428,6 @@ def test_every_option_that_takes_a_value_shows_its_default():
         if "[default: " not in option.get_help_record(ctx)[1]:
             missing.append(f"{command} {'/'.join(option.opts)}")
     assert missing == []
-
-
-def test_renamed_options_keep_their_old_spelling_with_a_note(tmp_path):
-    from fdm_train.cli import main_group
-
-    result = CliRunner().invoke(main_group, ["synth", "-o", str(tmp_path / "s.npy"), "--count", "2", "--size", "8"],
-                                prog_name="fdm-train")
-    assert result.exit_code == 0, result.output
-    assert "fdm-train synth: note: --size is now --image-size" in result.stderr
-    assert (tmp_path / "s.npy").is_file()
 
 
 # ----- the GPU script without a GPU -----

@@ -137,7 +137,7 @@ def cmd_scenes(args) -> None:
     start = time.perf_counter()
     if not (work / "run" / "checkpoint.safetensors").is_file() or args.steps:
         train(TrainOptions(data=str(data), out=str(work / "run"), model=cfg, batch_size=32, iterations=args.steps,
-                           lr=2e-4, ema_decay=0.999, t_power=args.t_power, save_every=args.steps, sample_every=0,
+                           lr=2e-4, ema_decay=0.999, t_power=args.timestep_power, save_every=args.steps, sample_every=0,
                            progress=False, workers=0, seed=args.seed, overwrite=True))
     train_seconds = time.perf_counter() - start
     trained, _, _ = load_model(work / "run" / "checkpoint.safetensors", weights="ema")
@@ -145,10 +145,10 @@ def cmd_scenes(args) -> None:
         engine = TorchEngine.from_model(model.eval(), device="cpu")
         scores = generate_and_score(engine, args.n, clip=args.clip)
         suffix = "" if args.prediction == "eps" else f"/{args.prediction}"
-        record(f"scenes/a{args.size}/{name}/steps{args.steps}/tpow{args.t_power}/seed{args.seed}/{args.clip}{suffix}",
+        record(f"scenes/a{args.size}/{name}/steps{args.steps}/tpow{args.timestep_power}/seed{args.seed}/{args.clip}{suffix}",
                {**scores, "prediction": args.prediction, "train_steps": args.steps if name == "trained" else 0,
                 "train_seconds": round(train_seconds, 1) if name == "trained" else 0, "sampler": "ddim50",
-                "clip": args.clip, "t_power": args.t_power})
+                "clip": args.clip, "t_power": args.timestep_power})
 
 
 @torch.no_grad()
@@ -214,7 +214,7 @@ def main() -> None:
     p = sub.add_parser("scenes")
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--t-power", type=float, default=2.0)
+    p.add_argument("--timestep-power", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", default="static")
     p.add_argument("--prediction", default="eps", choices=["eps", "v"])

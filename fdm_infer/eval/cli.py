@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from fdm_core.cli_options import RenamingCommand, quiet_option, threads_option
+from fdm_core.cli_options import quiet_option, threads_option
 from fdm_infer.options import (
     describe,
     engine_options,
@@ -21,7 +21,7 @@ from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
 @click.command()
 @engine_options
 @segmentation_options
-@click.option("--images", required=True, type=click.Path(file_okay=False), help="Folder of images (recursive).")
+@click.argument("images", type=click.Path(file_okay=False))
 @click.option("--masks", required=True, type=click.Path(file_okay=False),
               help="Folder of ground-truth label maps, <relative path of the image>.png: 0 = background, "
                    "1..L-1 = parts (LFW: 1 skin, 2 hair); a 0/255 mask reads as 0/1.")
@@ -122,11 +122,9 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     click.echo(f"-> {json_path}, {md_path}")
 
 
-@click.command(cls=RenamingCommand,
-               renamed={"--checkpoint": "--plain-model", "-K": "--clusters", "--iterations": "--grabcut-rounds"})
+@click.command()
 @click.argument("method", type=click.Choice(["grabcut", "rectangle", "kmeans-ddpm"]))
-@click.option("--images", "images", required=True, multiple=True, type=click.Path(readable=False),
-              help="Image files or folders (recursive); repeatable.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Output folder (created) for the label maps <relative path>.png (for `evaluate --predictions`).")
 @click.option("--plain-model", "checkpoint", type=click.Path(dir_okay=False), default=None,
@@ -135,7 +133,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
               help="grabcut: the initial rectangle leaves this fraction of width/height on each side.")
 @click.option("--grabcut-rounds", "iterations", type=click.IntRange(1), default=5, show_default=True,
               help="grabcut: rounds of GrabCut's estimation.")
-@click.option("--t", "ts", type=click.IntRange(0, 999), multiple=True,
+@click.option("--timestep", "ts", type=click.IntRange(0, 999), multiple=True,
               help="kmeans-ddpm: noise level(s) of the feature passes, repeatable [default: 50, 150, 250].")
 @click.option("--clusters", "k", type=click.IntRange(2), default=3, show_default=True, help="kmeans-ddpm: K-means clusters.")
 @click.option("--stage", "stages", type=int, multiple=True,
@@ -162,7 +160,7 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
     set_threads(threads)
 
     if method != "kmeans-ddpm" and (checkpoint or ts or stages):
-        raise click.UsageError("--plain-model / --t / --stage belong to kmeans-ddpm")
+        raise click.UsageError("--plain-model / --timestep / --stage belong to kmeans-ddpm")
     if method == "kmeans-ddpm" and not checkpoint:
         raise click.UsageError("kmeans-ddpm needs --plain-model (a plain U-Net DDPM checkpoint)")
     total = len(find_inputs(images, Path(out), limit))
@@ -183,7 +181,7 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
     exit_if_failed(report)
 
 
-@click.command(cls=RenamingCommand, renamed={"-n": "--limit"})
+@click.command()
 @click.option("--generated", required=True, type=click.Path(exists=True),
               help="Generated images: a folder (fdm-infer generate's label maps and grids are left out) or a "
                    "uint8 .npy [N, 3, S, S].")
