@@ -4,6 +4,7 @@ Also the parameter types that keep numbers no run can use out of the command lin
 from __future__ import annotations
 
 import math
+import re
 import signal
 import sys
 import threading
@@ -12,7 +13,44 @@ import click
 
 
 class UserError(Exception):
-    pass
+    """An error in the user's input. Its message names the parameters it is about by their Python names
+    (`params` lists them), as a caller of the library wrote them; a command line shows its options there
+    instead (`Command`)."""
+
+    def __init__(self, message: str = "", params: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.params = tuple(params)
+
+
+# Parameters whose option is not --name-with-dashes in the command that reports them.
+OPTION_SPELLINGS = {"classes": "--class", "class_label": "--class", "n": "-n", "model": "--model"}
+
+
+def in_option_words(exc: UserError, params: list[click.Parameter]) -> UserError:
+    """`exc` with each parameter it names written as the command's option (or argument) for it."""
+    spelled = {}
+    for p in params:
+        if isinstance(p, click.Option):
+            spelled[p.name] = next((o for o in p.opts if o.startswith("--")), p.opts[0])
+        elif isinstance(p, click.Argument):
+            spelled[p.name] = p.human_readable_name
+    text = str(exc)
+    for name in exc.params:
+        option = spelled.get(name) or OPTION_SPELLINGS.get(name) or "--" + name.replace("_", "-")
+        text = re.sub(rf"(?<![\w'`-]){re.escape(name)}(?![\w'-])", option, text)
+    exc.args = (text,)
+    return exc
+
+
+class Command(click.Command):
+    """A command whose user errors name its options where the library named its parameters."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            in_option_words(exc, ctx.command.params)
+            raise
 
 
 class Terminated(KeyboardInterrupt):
@@ -73,7 +111,10 @@ def _stop(prog: str, interrupt: KeyboardInterrupt):
 
 
 class HelpGroup(click.Group):
-    """A group that prints its help (exit status 0) when run without arguments."""
+    """A group that prints its help (exit status 0) when run without arguments; its commands name
+    their options in errors (`Command`)."""
+
+    command_class = Command
 
     def parse_args(self, ctx, args):
         if not args and not ctx.resilient_parsing:

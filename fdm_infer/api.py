@@ -25,16 +25,13 @@ fdm_infer.UserError, whose message names the API's parameters.
 """
 from __future__ import annotations
 
-import functools
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 from PIL import Image
@@ -48,7 +45,7 @@ from fdm_infer.engines import open_model, placeholder_note
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import ChannelPresence
 from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
-from fdm_infer.generate import check_steps, write_samples
+from fdm_infer.generate import check_steps, diffusion_for, write_samples
 from fdm_infer.generate import generate as sample
 from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs
 from fdm_infer.segment import DEFAULT_OUT as SEGMENT_OUT
@@ -74,31 +71,6 @@ from fdm_infer.segment import (
     write_segmented,
     write_summary,
 )
-
-# The command lines' option names in the shared checks' messages, as the API's parameters are named.
-API_NAMES = {"--t": "t", "--seed": "seed", "--smooth": "smooth", "--ensemble": "ensemble", "--batch-size": "batch_size",
-             "--fg-channel": "fg_channels", "--foreground": "foreground", "--rle": "rle", "--steps": "steps",
-             "--sampler": "sampler", "--clip": "clip", "--model": "model", "--out": "out", "--max-pixels": "max_pixels"}
-
-
-def in_api_words(class_name: str):
-    """Decorates an API function: a UserError it raises names the API's parameters, not the command
-    lines' options (`class_name`: the parameter that takes the class, --class on the command line);
-    under a command line (a click context), the options' names stay."""
-    names = {**API_NAMES, "--class": class_name}
-
-    def decorate(f):
-        @functools.wraps(f)
-        def wrapper(*args, **kwargs):
-            try:
-                return f(*args, **kwargs)
-            except UserError as exc:
-                if click.get_current_context(silent=True) is not None:
-                    raise
-                exc.args = (re.sub(r"--[a-z][a-z-]*", lambda m: names.get(m.group(0), m.group(0)), str(exc)),)
-                raise
-        return wrapper
-    return decorate
 
 
 def note_on_stderr(message: str) -> None:
@@ -140,7 +112,6 @@ class Segmenter:
     refused before it is decoded, and a batch stops growing once it holds that many full-resolution
     pixels)."""
 
-    @in_api_words("class_label")
     def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
                  max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, load_seconds: float = 0.0):
@@ -157,7 +128,6 @@ class Segmenter:
         self.load_seconds = load_seconds
 
     @classmethod
-    @in_api_words("class_label")
     def load(cls, model: str | Path | Engine | None = None, engine: str | None = None, device: str = "auto", *,
              threads: int | None = DEFAULT_THREADS, notify: Callable[[str], None] | None = None,
              **settings) -> Segmenter:
@@ -178,7 +148,6 @@ class Segmenter:
                 "image_size": cfg.image_size, "regions": self.engine.num_regions, "device": str(self.engine.device),
                 "seconds": {"load": round(self.load_seconds, 3)}}
 
-    @in_api_words("class_label")
     def __call__(self, images, *, fg_channels: list[int] | None = None, progress: bool = False) -> Segmentation:
         """Segment one image or a list: file paths (a folder: every image in it, sorted), PIL images, numpy
         arrays [H, W] / [H, W, 3|4] or torch tensors [H, W] / [1|3|4, H, W] (uint8, or float in [0, 1]; a 4-D
@@ -206,7 +175,6 @@ class Segmenter:
         return Segmentation(items, chosen, presence, bool(fg_channels), self.run_info(), self.settings,
                             time.perf_counter() - start)
 
-    @in_api_words("class_label")
     def segment_files(self, paths: list[str | Path], out: str | Path, options: OutputOptions | None = None, *,
                       fg_channels: list[int] | None = None, limit: int | None = None,
                       warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
@@ -272,7 +240,6 @@ class Segmentation:
                                image_share=self.image_share)
         return summary(self._run, self._settings, report, len(self.border_share), self._given)
 
-    @in_api_words("class_label")
     def to_json(self, rle: str | None = None) -> str:
         """summary.json's content (without output files): the run, and per image its input, size, region
         shares and foreground; with `rle` ("compressed" or "uncompressed"), every label's COCO RLE."""
@@ -283,7 +250,6 @@ class Segmentation:
             add_foreground(entries[-1], self.fg_channels, None, Path())
         return summary_json(self._summary(entries))
 
-    @in_api_words("class_label")
     def save(self, out: str | Path = SEGMENT_OUT, *, save_soft: bool = False, save_channels: bool = False,
              foreground: bool = False, rle: str | None = None) -> Path:
         """Writes the files of `fdm-infer segment` into `out` (<key>_labels.png, <key>_overlay.png, and as
@@ -335,7 +301,6 @@ class ImageSegmentation:
         """The image, the overlay and the colored label map side by side."""
         return grid([np.stack([self.image, np.asarray(self.overlay()), colorize(self.labels)])])
 
-    @in_api_words("class_label")
     def save(self, out: str | Path = SEGMENT_OUT) -> dict[str, Path]:
         """Writes <name>_labels.png and <name>_overlay.png into `out`; returns the files by kind. A file it
         would write that is its input is an error, before anything is written."""
@@ -391,7 +356,6 @@ class Generation:
                              inputs=[self.model])
 
 
-@in_api_words("classes")
 def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: str | None = None, device: str = "auto",
              threads: int | None = DEFAULT_THREADS, steps: int = 1000, sampler: str = "ddpm",
              clip: str = DEFAULT_CLIP, seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory: bool = False,
@@ -406,12 +370,12 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     check_steps(diffusion, steps)
     check_seed(seed)
     if not (n >= 1 and batch_size >= 1):
-        raise UserError(f"n and batch_size must be at least 1, got {n} and {batch_size}")
+        raise UserError(f"n and batch_size must be at least 1, got {n} and {batch_size}", ("n", "batch_size"))
     for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     opened, path, _ = load_engine(model, engine, device, threads, notify)
-    every = max(1, len(diffusion.timesteps(steps, sampler)) // 10) if trajectory else 0
+    every = max(1, len(diffusion_for(opened).timesteps(steps, sampler)) // 10) if trajectory else 0
     start = time.perf_counter()
     result, y = sample(opened, n, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size, classes=classes,
                        trajectory_every=every, progress=progress)

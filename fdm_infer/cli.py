@@ -126,17 +126,14 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     """Generate images together with their masks. Writes sample_NNNN.png, sample_NNNN_labels.png
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
     same images (bit-identical on the CPU)."""
-    from fdm_core.diffusion import GaussianDiffusion
     from fdm_core.util import check_writable_folder
     from fdm_core.visualize import mask_statistics
     from fdm_infer import api
-    from fdm_infer.generate import check_steps, class_labels
+    from fdm_infer.generate import class_labels, diffusion_for
 
-    diffusion = GaussianDiffusion()
-    check_steps(diffusion, steps)
     engine, path = load_engine(engine_kind, model_file, device, threads)
     check_writable_folder(Path(out))
-    n_steps = len(diffusion.timesteps(steps, sampler))
+    n_steps = len(diffusion_for(engine).timesteps(steps, sampler))
     batches = -(-count // batch_size)
     class_labels(engine, count, list(classes))  # a wrong --class stops here, before the plan
     if not quiet and n_steps * batches >= LONG_RUN_STEPS:

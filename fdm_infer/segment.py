@@ -71,7 +71,7 @@ def segmentation_noise(shape: tuple[int, ...], seed: int, device: torch.device |
 
 def check_smooth(smooth: int) -> None:
     if smooth < 1 or smooth % 2 == 0:
-        raise UserError(f"--smooth must be an odd number of pixels (1: no smoothing), got {smooth}")
+        raise UserError(f"smooth must be an odd number of pixels (1: no smoothing), got {smooth}", ("smooth",))
 
 
 def smooth_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
@@ -93,16 +93,16 @@ def segment_tensor(engine: Engine, images: torch.Tensor, t: int = DEFAULT_T, see
     they are smoothed over a `smooth` x `smooth` window (`smooth_masks`; 1: as the model gives them)."""
     diffusion = diffusion or GaussianDiffusion()
     if not 0 <= t < diffusion.num_timesteps:
-        raise UserError(f"--t must be between 0 and {diffusion.num_timesteps - 1}, got {t}")
+        raise UserError(f"t must be between 0 and {diffusion.num_timesteps - 1}, got {t}", ("t",))
     if ensemble < 1:
-        raise UserError(f"--ensemble must be at least 1, got {ensemble}")
+        raise UserError(f"ensemble must be at least 1, got {ensemble}", ("ensemble",))
     check_smooth(smooth)
     cfg = engine.config
     if images.dim() != 4 or tuple(images.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"images must be [B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
                          f"got {list(images.shape)}")
     if cfg.num_classes and y is None:
-        raise UserError("this model is class-conditional: give the images' class (--class)")
+        raise UserError("this model is class-conditional: give the images' class (class_label)", ("class_label",))
     x0 = images.to(engine.device, torch.float32)
     tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=engine.device)
     total = None
@@ -117,17 +117,17 @@ def check_class(engine: Engine, class_label: int | None) -> None:
     """A class label is given exactly when the model is class-conditional, and is one of its classes."""
     n = engine.config.num_classes
     if n and class_label is None:
-        raise UserError(f"this model is class-conditional ({n} classes): give --class")
+        raise UserError(f"this model is class-conditional ({n} classes): give class_label", ("class_label",))
     if class_label is not None and not n:
-        raise UserError("--class: this model is not class-conditional")
+        raise UserError("class_label: this model is not class-conditional", ("class_label",))
     if class_label is not None and not 0 <= class_label < n:
-        raise UserError(f"--class must be between 0 and {n - 1} for this model, got {class_label}")
+        raise UserError(f"class_label must be between 0 and {n - 1} for this model, got {class_label}", ("class_label",))
 
 
 def check_channels(channels: list[int] | None, k: int) -> None:
     for c in channels or ():
         if not 0 <= c < k:
-            raise UserError(f"--fg-channel must be between 0 and {k - 1} (K={k}), got {c}")
+            raise UserError(f"fg_channels must be between 0 and {k - 1} (K={k}), got {c}", ("fg_channels",))
 
 
 # ----- images of any size -----
@@ -333,9 +333,9 @@ def write_summary(out: Path, document: dict) -> Path:
 def check_outputs(options: OutputOptions, fg_channels: list[int] | None, k: int) -> None:
     check_channels(fg_channels, k)
     if fg_channels and not options.foreground:
-        raise UserError("--fg-channel goes with --foreground")
+        raise UserError("fg_channels goes with foreground", ("fg_channels", "foreground"))
     if options.rle not in (None, *RLE_FORMATS):
-        raise UserError(f"--rle must be one of {', '.join(RLE_FORMATS)}, got {options.rle!r}")
+        raise UserError(f"rle must be one of {', '.join(RLE_FORMATS)}, got {options.rle!r}", ("rle",))
 
 
 # ----- a run over files -----

@@ -26,7 +26,6 @@ from fdm_core.config import (
 from fdm_core.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
 
 
-
 def model_options(f):
     f = click.option("--variant", type=click.Choice(VARIANTS), default=None,
                      help="Architecture: the factorized model, the plain U-Net baseline, or a Table-6 ablation "

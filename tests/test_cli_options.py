@@ -12,7 +12,7 @@ import torch
 from infer_helpers import Result, tiny_checkpoint_fixture
 from PIL import Image
 
-from fdm_core.checkpoint import read_checkpoint, save_checkpoint
+from fdm_core.checkpoint import save_checkpoint
 from fdm_core.config import preset
 from fdm_core.model import build_model
 from fdm_export import cli as export_cli

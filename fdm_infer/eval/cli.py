@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from fdm_core.cli_options import quiet_option, threads_option
+from fdm_core.errors import Command
 from fdm_infer.options import (
     describe,
     engine_options,
@@ -18,7 +19,7 @@ from fdm_infer.options import (
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
 
 
-@click.command()
+@click.command(cls=Command)
 @engine_options
 @segmentation_options
 @click.argument("images", type=click.Path(file_okay=False))
@@ -122,7 +123,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     click.echo(f"-> {json_path}, {md_path}")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("method", type=click.Choice(["grabcut", "rectangle", "kmeans-ddpm"]))
 @click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
@@ -181,7 +182,7 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
     exit_if_failed(report)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--generated", required=True, type=click.Path(exists=True),
               help="Generated images: a folder (fdm-infer generate's label maps and grids are left out) or a "
                    "uint8 .npy [N, 3, S, S].")
