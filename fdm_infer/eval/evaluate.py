@@ -478,7 +478,7 @@ def summary_figures(result: dict) -> dict:
 
 def describe_result(r: dict) -> str:
     """A few lines for the terminal."""
-    lines = [(f"{r.get("name", "evaluation")}: {r['images']} image(s), K={r['num_channels']}, "
+    lines = [(f"{r.get('name', 'evaluation')}: {r['images']} image(s), K={r['num_channels']}, "
              f"scored at {r['scored_at']} ({r['size_mode']})")]
     if "foreground" in r:
         f, b = r["foreground"], r["foreground"]["best_of_inverse"]
