@@ -1,6 +1,8 @@
 """`fdm-train`: train a factorized diffusion model on a folder of images, or inspect a preset."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from fdm_core.cli_options import (
@@ -17,13 +19,16 @@ from fdm_core.config import (
     DEFAULT_PREDICTION,
     DEFAULT_PRESET,
     DEFAULT_REGION_CODES,
-    DEFAULT_T_POWER,
     PREDICTIONS,
     PRESETS,
     VARIANTS,
     preset,
 )
 from fdm_core.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
+from fdm_train.options import TrainOptions
+
+# The defaults of `train`, written once in TrainOptions; its values are checked there too.
+TRAIN = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
 
 
 def model_options(f):
@@ -63,34 +68,34 @@ def main_group():
 @click.option("--data", required=True, type=click.Path(),
               help="Folder of training images (searched recursively), or a .npy cache from `prepare-data`.")
 @limit_option("images of --data")
-@click.option("-o", "--out", default="runs/fdm", show_default=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", default=TRAIN["out"], show_default=True, type=click.Path(file_okay=False),
               help="Run folder (created): checkpoint.safetensors, train_state.pt, log.jsonl, samples/.")
 @model_options
 @click.option("--dropout", type=FiniteFloatRange(0, 1), default=None, help="ResBlock dropout [default: the preset's, 0].")
 @click.option("--class-cond", is_flag=True, help="Condition on classes: one top-level subfolder per class.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--batch-size", type=int, default=TRAIN["batch_size"], show_default=True,
               help="Global batch: split over the devices of a torchrun launch (and over micro-batches).")
-@click.option("--micro-batch", type=click.IntRange(1), default=None,
+@click.option("--micro-batch", type=int, default=TRAIN["micro_batch"],
               help="At most this many images per forward pass and device; gradient accumulation makes up "
                    "the global batch [default: the device's whole share].")
-@click.option("--grad-accum", type=click.IntRange(1), default=None,
+@click.option("--grad-accum", type=int, default=TRAIN["grad_accum"],
               help="Or: micro-batches per device and step (gradient accumulation) [default: 1].")
-@click.option("--iterations", type=click.IntRange(1), default=None,
+@click.option("--iterations", type=int, default=TRAIN["iterations"],
               help=f"The step training stops at [default: {DEFAULT_ITERATIONS:,}; a resumed run: its own target].")
-@click.option("--lr", type=FiniteFloatRange(0, min_open=True), default=1e-4, show_default=True, help="Adam learning rate.")
-@click.option("--ema-decay", type=FiniteFloatRange(0, 1, max_open=True), default=0.9999, show_default=True,
+@click.option("--lr", type=float, default=TRAIN["lr"], show_default=True, help="Adam learning rate.")
+@click.option("--ema-decay", type=float, default=TRAIN["ema_decay"], show_default=True,
               help="EMA rate (with warm-up min(decay, (1+n)/(10+n))).")
-@click.option("--seed", type=SEED, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=TRAIN["seed"], show_default=True,
               help="Seed of the initial weights, the data order, and every step's noise and timesteps.")
-@click.option("--save-every", type=click.IntRange(1), default=1000, show_default=True,
+@click.option("--save-every", type=int, default=TRAIN["save_every"], show_default=True,
               help="Write the checkpoint pair every N steps (and at the end): a run killed resumes from there.")
-@click.option("--sample-every", type=click.IntRange(0), default=1000, show_default=True,
+@click.option("--sample-every", type=int, default=TRAIN["sample_every"], show_default=True,
               help="Write a grid of samples and masks every N steps (0: never).")
-@click.option("--sample-steps", type=click.IntRange(1, 1000), default=100, show_default=True,
+@click.option("--sample-steps", type=int, default=TRAIN["sample_steps"], show_default=True,
               help="DDPM steps for the sample grids.")
-@click.option("--log-every", type=click.IntRange(1), default=10, show_default=True,
+@click.option("--log-every", type=int, default=TRAIN["log_every"], show_default=True,
               help="Append loss, images/s and mask statistics to log.jsonl every N steps.")
-@click.option("--init", type=click.Path(dir_okay=False), default=None,
+@click.option("--init", type=click.Path(dir_okay=False), default=TRAIN["init"],
               help="Start from this checkpoint's EMA weights (its config wins over model flags; Adam starts "
                    "afresh), e.g. one written by `split-region` [default: none, random weights].")
 @click.option("--resume", type=click.Choice(["yes", "auto", "no"]), is_flag=False, flag_value="yes", default="no",
@@ -98,32 +103,32 @@ def main_group():
                    "continue from its last complete checkpoint if there is one, else start fresh.")
 @overwrite_option("Start a new run in an --out that holds an earlier run: the earlier run is deleted once the "
                   "new run's first checkpoint is written.")
-@click.option("--workers", type=click.IntRange(0), default=None,
+@click.option("--workers", type=int, default=TRAIN["workers"],
               help="DataLoader worker processes per device [default: CPUs per device - 1, at most 8].")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--channels-last", is_flag=True,
               help="Train in the NHWC memory format (about 1.2x on a 2-core CPU, benchmarks/results/train_cpu.md).")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--device", default=TRAIN["device"], show_default=True,
               help="auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK).")
-@click.option("--timestep-power", "t_power", type=FiniteFloatRange(0.1, 10), default=DEFAULT_T_POWER, show_default=True,
+@click.option("--timestep-power", "t_power", type=float, default=TRAIN["t_power"], show_default=True,
               help="Training timesteps t = floor(T u^P), u uniform: 1 is the paper's uniform t, 2 draws half "
                    "of them below T/4, where segmentation is read.")
 @click.option("--prediction", type=click.Choice(PREDICTIONS), default=None,
               help=f"What the network predicts: eps, the noise (the paper), or v = sqrt(abar) eps - sqrt(1 - abar) x0, "
                    f"whose x0 at high t is not its error times up to 157 [default: {DEFAULT_PREDICTION}; with --init, "
                    "the checkpoint's]. A resumed run keeps its own.")
-@click.option("--mask-shaping-steps", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--mask-shaping-steps", type=int, default=TRAIN["mask_shaping_steps"], show_default=True,
               help="Steps over which the mask shaping below anneals linearly to the plain recipe.")
-@click.option("--mask-entropy", type=FiniteFloatRange(0), default=0.0, show_default=True,
+@click.option("--mask-entropy", type=float, default=TRAIN["mask_entropy"], show_default=True,
               help="Weight of a per-pixel mask entropy penalty (sharper masks), annealed to 0.")
-@click.option("--mask-temperature", type=FiniteFloatRange(0.01, 100), default=1.0, show_default=True,
+@click.option("--mask-temperature", type=float, default=TRAIN["mask_temperature"], show_default=True,
               help="Mask softmax temperature at step 0, annealed to 1.")
 @click.option("--hard-masks", is_flag=True, help="Straight-through Gumbel one-hot masks while shaping.")
 @click.option("--freeze-masks", is_flag=True,
               help="Train the decoder only: the embeddings, encoder, middle block and mask generator keep the "
                    "weights they start with (from --init), so the masks and segmentation stay as they are, e.g. "
                    "to fine-tune a model's generation with --prediction v.")
-@click.option("--mask-init-scale", type=FiniteFloatRange(0), default=1.0, show_default=True,
+@click.option("--mask-init-scale", type=float, default=TRAIN["mask_init_scale"], show_default=True,
               help="Scale of the mask head's initial last-layer weights.")
 @threads_option
 @quiet_option
@@ -131,7 +136,6 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
           resume, compile_, quiet, prediction, **kwargs):
     """Train on every jpg/png/webp under --data with the plain denoising loss.
     Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
-    from fdm_train.train import TrainOptions
     from fdm_train.train import train as run_training
 
     cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, dropout=dropout,

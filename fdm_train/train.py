@@ -20,9 +20,7 @@ by step (`_train_step`), writing the log line, checkpoint pair and sample grid w
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -44,18 +42,16 @@ from fdm_core.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_core.config import DEFAULT_ITERATIONS, DEFAULT_T_POWER, LARGEST_CPU_PRESET, PRESETS, ModelConfig
+from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError, raise_terminated
 from fdm_core.images import to_float
 from fdm_core.model import build_model, count_flops, count_parameters
 from fdm_core.util import (
-    DEFAULT_THREADS,
     check_not_input,
     cpu_seconds,
     format_seconds,
     json_text,
-    pick_device,
     progress_bar,
     set_threads,
 )
@@ -69,69 +65,26 @@ from fdm_train.data import (
     shard_range,
     split_sizes,
 )
-from fdm_train.run_folder import (  # noqa: F401 (PREVIOUS_*, _state_id, complete_checkpoints: imported from here)
+from fdm_train.distributed import (
+    Distributed,
+    default_workers,
+    derived_seed,
+    setup_distributed,
+    step_draws,
+)
+from fdm_train.options import TrainingError, TrainOptions, check_options, resume_mode
+from fdm_train.run_folder import (
     CHECKPOINT,
     LOG,
     PAIR_FILES,
-    PREVIOUS_CHECKPOINT,
-    PREVIOUS_STATE,
     TRAINING_STATE,
     RunFolder,
     RunLock,
-    _state_id,
     choose_resume,
-    complete_checkpoints,
     earlier_run,
     remove_temp_files,
     truncate_log,
 )
-
-NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
-
-
-class TrainingError(UserError):
-    """Training cannot go on; the message is one line meant for the user."""
-
-
-@dataclass
-class TrainOptions:
-    data: str  # a folder of images, or a .npy cache written by `fdm-train prepare-data`
-    out: str = "runs/fdm"
-    model: ModelConfig | None = None
-    batch_size: int = 64  # the global batch, over all devices and micro-batches
-    iterations: int | None = None  # the run's target step; None: DEFAULT_ITERATIONS, or a resumed run's own
-    lr: float = 1e-4
-    ema_decay: float = 0.9999
-    seed: int = 0
-    save_every: int = 1000
-    sample_every: int = 1000
-    sample_count: int = 8
-    sample_steps: int = 100
-    log_every: int = 10
-    resume: bool | str = False  # True: continue the run in `out` (error if none); "auto": if there is one
-    overwrite: bool = False  # a fresh start may replace an earlier run in `out` (once its first pair is written)
-    device: str = "auto"
-    class_cond: bool = False
-    progress: bool = True
-    micro_batch: int | None = None  # most images per forward pass on one device (gradient accumulation)
-    grad_accum: int | None = None  # or: the number of micro-batches per device and step
-    workers: int | None = None  # DataLoader worker processes per device (None: from the CPU count)
-    compile: bool = False  # torch.compile the model
-    channels_last: bool = False  # train in the NHWC memory format (faster convolutions on CPUs and GPUs)
-    # The recipe for making masks emerge (the mask shaping is off by default).
-    t_power: float = DEFAULT_T_POWER  # training t = floor(T u^p): 1 = uniform (the paper), >1 favours low t
-    mask_shaping_steps: int = 0  # steps over which the shaping below anneals away
-    mask_entropy: float = 0.0  # weight of the per-pixel mask entropy penalty, annealed to 0
-    mask_temperature: float = 1.0  # softmax temperature at step 0, annealed to 1
-    hard_masks: bool = False  # straight-through Gumbel one-hot masks while shaping
-    mask_init_scale: float = 1.0  # scales the initial weights of the mask head's last layer
-    freeze_masks: bool = False  # train the decoder only (FactorizedUNet.freeze_masks): the masks do not move
-    limit: int | None = None  # train on the first N images of `data` only
-    init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)
-    # What a fresh run's network predicts (PREDICTIONS), over the model config's or --init's; None: theirs.
-    # A resumed run keeps its own.
-    prediction: str | None = None
-    threads: int | None = DEFAULT_THREADS  # torch's CPU threads (None: torch's own choice)
 
 
 def ema_rate(decay: float, step: int) -> float:
@@ -143,102 +96,6 @@ def ema_rate(decay: float, step: int) -> float:
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach().float(), 1 - rate)
-
-
-# ----- distributed context -----
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-    owns_group: bool = False  # this call created the process group (and destroys it)
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Joins the process group torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR...),
-    env:// rendezvous, NCCL on GPUs and gloo on CPUs; a single process when not launched so."""
-    initialized = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed(), pick_device(device_name)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    else:
-        device = pick_device(device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    owns = False
-    if not initialized:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        device_id = device if device.type == "cuda" else None
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            rank = int(os.environ["RANK"])
-            dist.init_process_group(backend, store=_attempt_store(world), rank=rank, world_size=world,
-                                    device_id=device_id)
-        else:
-            dist.init_process_group(backend, init_method="env://", device_id=device_id)
-        owns = True
-    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, local_world, owns), device
-
-
-def _attempt_store(world: int):
-    """The store of torchrun's agent, with this restart attempt's keys kept apart. torchrun (torch >= 2.4)
-    shares its rendezvous TCPStore with the workers and keeps it across restarts, so a restarted group
-    would otherwise read the previous attempt's addresses and fail to connect (pytorch/pytorch#135712).
-    TORCHELASTIC_RESTART_COUNT agrees on all workers of one node; for elastic restarts over several nodes
-    set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt; then this is not used)."""
-    from torch.distributed.constants import default_pg_timeout
-
-    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                         timeout=default_pg_timeout)
-    return dist.PrefixStore(f"fdm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
-
-
-def default_workers(local_world: int) -> int:
-    """DataLoader workers per device: the CPUs this process may use, shared by the local ranks,
-    one left for the training process itself; at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus // max(local_world, 1) - 1))
-
-
-# ----- the noise of a step -----
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def step_draws(seed: int, step: int, start: int, stop: int, shape: tuple[int, ...], diffusion: GaussianDiffusion,
-               device: torch.device, generator: torch.Generator | None = None,
-               t_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t [stop-start], noise [stop-start, *shape]) for rows [start, stop) of step `step`'s global batch.
-
-    Row i depends only on (seed, step, i): the global batch's rows are drawn in chunks of NOISE_CHUNK
-    from generators seeded by (seed, step, chunk), and each device draws only the chunks it needs. So
-    any split of the global batch over devices and micro-batches sees the same noise."""
-    g = generator or torch.Generator(device=device)
-    first, last = start // NOISE_CHUNK, (stop - 1) // NOISE_CHUNK
-    ts, noises = [], []
-    for chunk in range(first, last + 1):
-        g.manual_seed(_seed("noise", seed, step, chunk))
-        ts.append(diffusion.sample_timesteps(NOISE_CHUNK, device, g, t_power))
-        noises.append(torch.randn((NOISE_CHUNK, *shape), device=device, generator=g))
-    lo, hi = start - first * NOISE_CHUNK, stop - first * NOISE_CHUNK
-    return torch.cat(ts)[lo:hi], torch.cat(noises)[lo:hi]
 
 
 def mask_shaping(opts: TrainOptions, step: int) -> tuple[float, float, bool]:
@@ -256,26 +113,6 @@ def pixel_entropy(masks: torch.Tensor) -> torch.Tensor:
 
 
 # ----- options -----
-
-def _resume_mode(resume: bool | str) -> bool | str:
-    if isinstance(resume, str):
-        mode = {"auto": "auto", "yes": True, "true": True, "no": False, "false": False, "": False}.get(resume.lower())
-        if mode is None:
-            raise TrainingError(f"resume must be yes, no or auto, got {resume!r}")
-        resume = mode
-    # torchrun restarting a failed worker group: go on from the last complete checkpoint by itself.
-    if resume is False and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
-        return "auto"
-    return resume
-
-
-def _check_options(opts: TrainOptions) -> None:
-    if not (math.isfinite(opts.lr) and opts.lr > 0):
-        raise TrainingError(f"the learning rate must be a positive number, got {opts.lr}")
-    if not 0 <= opts.ema_decay < 1:
-        raise TrainingError(f"the EMA decay must be at least 0 and below 1, got {opts.ema_decay}")
-    check_not_input([Path(opts.out) / name for name in (*PAIR_FILES, LOG)], [opts.init, opts.data])
-
 
 def _micro_batches(opts: TrainOptions, world: int) -> int:
     g = opts.batch_size
@@ -309,8 +146,9 @@ def train(opts: TrainOptions) -> dict:
 
 
 def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device) -> dict:
-    mode = _resume_mode(opts.resume)
-    _check_options(opts)
+    mode = resume_mode(opts.resume)
+    check_options(opts)
+    check_not_input([Path(opts.out) / name for name in (*PAIR_FILES, LOG)], [opts.init, opts.data])
     n_micro = _micro_batches(opts, ctx.world)
     with _folder_lock(out, ctx):
         return _train_in_folder(opts, out, ctx, device, mode, n_micro)
@@ -710,7 +548,7 @@ def _forward_backward(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor | None
     (`step_draws`) and the mask-shaping terms of the step; returns (the summed loss of the share's rows,
     the last micro-batch's masks)."""
     opts, device = run.opts, run.device
-    torch.manual_seed(_seed("dropout", run.data_seed, run.step, run.ctx.rank))  # stateless: nothing to store
+    torch.manual_seed(derived_seed("dropout", run.data_seed, run.step, run.ctx.rank))  # stateless: nothing to store
     loss_sum = torch.zeros((), device=device)
     entropy_weight, run.model.mask_temperature, run.model.hard_masks = mask_shaping(opts, run.step)
     offset = 0

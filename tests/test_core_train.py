@@ -11,7 +11,8 @@ from fdm_core.images import DataError
 from fdm_train import train as train_module
 from fdm_train.cli import main_group
 from fdm_train.data import ImageFolder
-from fdm_train.train import TrainingError, TrainOptions, train
+from fdm_train.options import TrainingError, TrainOptions
+from fdm_train.train import train
 
 TINY = preset("tiny-32", image_size=16)
 

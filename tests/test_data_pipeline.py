@@ -13,7 +13,8 @@ from fdm_core.config import preset
 from fdm_core.images import DataError
 from fdm_train.cli import main_group
 from fdm_train.data import ImageCache, ImageFolder, ShardedBatches, make_loader, open_images
-from fdm_train.train import TrainOptions, train
+from fdm_train.options import TrainOptions
+from fdm_train.train import train
 
 TINY = preset("tiny-32", image_size=16)
 

@@ -15,7 +15,9 @@ from fdm_core.config import preset
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.model import build_model
 from fdm_train.data import EpochOrder, ShardedBatches, split_sizes
-from fdm_train.train import NOISE_CHUNK, TrainingError, TrainOptions, _micro_batches, step_draws, train
+from fdm_train.distributed import NOISE_CHUNK, step_draws
+from fdm_train.options import TrainingError, TrainOptions
+from fdm_train.train import _micro_batches, train
 
 TINY = preset("tiny-32", image_size=16)
 

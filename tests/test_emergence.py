@@ -17,8 +17,9 @@ from fdm_core.config import preset
 from fdm_core.model import build_model
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.eval.scenes import generate_and_score
+from fdm_train.options import TrainOptions
 from fdm_train.synth import make_scenes, write_scenes
-from fdm_train.train import TrainOptions, train
+from fdm_train.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "emergence"))
 from score import score

@@ -21,16 +21,16 @@ from fdm_core.checkpoint import read_checkpoint
 from fdm_core.config import preset
 from fdm_core.errors import UserError
 from fdm_train.cli import main_group
-from fdm_train.train import (
+from fdm_train.options import TrainOptions
+from fdm_train.run_folder import (
     CHECKPOINT,
     PREVIOUS_CHECKPOINT,
     PREVIOUS_STATE,
     TRAINING_STATE,
-    TrainOptions,
     _state_id,
     complete_checkpoints,
-    train,
 )
+from fdm_train.train import train
 
 ITERATIONS, SAVE_EVERY = 12, 3
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")

@@ -22,8 +22,9 @@ from fdm_core.checkpoint import CheckpointError, load_model, load_training_state
 from fdm_core.config import preset
 from fdm_core.errors import UserError
 from fdm_core.util import atomic_write
+from fdm_train.options import TrainingError, TrainOptions
 from fdm_train.run_folder import CHECKPOINT, LOCK, TRAINING_STATE, _state_id
-from fdm_train.train import TrainingError, TrainOptions, train
+from fdm_train.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,9 @@ import torch
 from fdm_core.config import preset
 from fdm_core.model import build_model
 from fdm_train.data import open_images
+from fdm_train.options import TrainOptions
 from fdm_train.synth import KINDS, make_scenes, masks_path, write_scenes
-from fdm_train.train import TrainOptions, mask_shaping, pixel_entropy
+from fdm_train.train import mask_shaping, pixel_entropy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "emergence"))
 from score import predict_masks, score, to_model_range, uniform_masks  # noqa: E402

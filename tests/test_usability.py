@@ -117,7 +117,8 @@ def test_training_says_its_device_precision_and_threads(tmp_path):
 
 def test_a_gpu_sized_preset_on_the_cpu_warns_with_a_time(capsys):
     from fdm_core.config import PRESETS
-    from fdm_train.train import TrainOptions, _announce
+    from fdm_train.options import TrainOptions
+    from fdm_train.train import _announce
 
     options = TrainOptions(data="unused", iterations=10_000, batch_size=64, progress=False)
     _announce(options, PRESETS["paper-64"], torch.device("cpu"), step=0)
@@ -459,7 +460,8 @@ def test_usage_errors_and_the_tools_own_errors_read_alike(tmp_path, capsys, monk
 def test_training_a_finished_run_through_the_api_returns_its_weights(tmp_path):
     from fdm_core.checkpoint import read_checkpoint
     from fdm_core.config import preset
-    from fdm_train.train import TrainOptions, train
+    from fdm_train.options import TrainOptions
+    from fdm_train.train import train
 
     data = tmp_path / "images"
     write_images(data, 4)

@@ -23,8 +23,9 @@ from score import score  # noqa: E402
 
 from fdm_core.config import preset  # noqa: E402
 from fdm_core.model import build_model  # noqa: E402
+from fdm_train.options import TrainOptions
 from fdm_train.synth import KINDS, make_scenes, write_scenes  # noqa: E402
-from fdm_train.train import TrainOptions, train  # noqa: E402
+from fdm_train.train import train  # noqa: E402
 
 # name -> (model config overrides, training options), each explicit about region codes and t-power so that
 # a change of fdm-train's defaults does not change a recipe. Learning rate and batch are the study's base.

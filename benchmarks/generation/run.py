@@ -126,8 +126,9 @@ def cmd_scenes(args) -> None:
     from fdm_core.config import preset
     from fdm_core.model import build_model
     from fdm_infer.engines.torch_engine import TorchEngine
+    from fdm_train.options import TrainOptions
     from fdm_train.synth import write_scenes
-    from fdm_train.train import TrainOptions, train
+    from fdm_train.train import train
 
     work = Path(args.work) / f"scenes_a{args.size}_s{args.seed}_{args.prediction}"
     data = work / "scenes.npy"

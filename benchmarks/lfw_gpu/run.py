@@ -167,7 +167,7 @@ def model_config(args, variant: str):
 
 def recipe(cfg) -> dict:
     """The training recipe of this run: fdm-train's defaults (train_options sets none of them)."""
-    from fdm_train.train import TrainOptions
+    from fdm_train.options import TrainOptions
 
     return {"recipe": "fdm-train default", "region_codes": cfg.region_codes, "t_power": TrainOptions.t_power,
             "mask_shaping_steps": TrainOptions.mask_shaping_steps}
@@ -191,7 +191,7 @@ def device_info(device: torch.device) -> dict:
 
 
 def train_options(args, data: Path, run_dir: Path, cfg, iterations: int):
-    from fdm_train.train import TrainOptions
+    from fdm_train.options import TrainOptions
 
     return TrainOptions(data=str(data), out=str(run_dir), model=cfg, batch_size=args.batch_size,
                         iterations=iterations, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,

@@ -1,0 +1,106 @@
+"""What a training run is asked to do: `TrainOptions`, every default written once here (the command line
+takes its defaults from it), and the one check of the values, in the parameters' own names."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+
+from fdm_core.config import DEFAULT_T_POWER, ModelConfig
+from fdm_core.errors import UserError
+from fdm_core.util import DEFAULT_THREADS, MAX_THREADS
+
+
+class TrainingError(UserError):
+    """Training cannot go on; the message is one line meant for the user."""
+
+
+@dataclass
+class TrainOptions:
+    data: str  # a folder of images, or a .npy cache written by `fdm-train prepare-data`
+    out: str = "runs/fdm"
+    model: ModelConfig | None = None
+    batch_size: int = 64  # the global batch, over all devices and micro-batches
+    iterations: int | None = None  # the run's target step; None: DEFAULT_ITERATIONS, or a resumed run's own
+    lr: float = 1e-4
+    ema_decay: float = 0.9999
+    seed: int = 0
+    save_every: int = 1000
+    sample_every: int = 1000
+    sample_count: int = 8
+    sample_steps: int = 100
+    log_every: int = 10
+    resume: bool | str = False  # True: continue the run in `out` (error if none); "auto": if there is one
+    overwrite: bool = False  # a fresh start may replace an earlier run in `out` (once its first pair is written)
+    device: str = "auto"
+    class_cond: bool = False
+    progress: bool = True
+    micro_batch: int | None = None  # most images per forward pass on one device (gradient accumulation)
+    grad_accum: int | None = None  # or: the number of micro-batches per device and step
+    workers: int | None = None  # DataLoader worker processes per device (None: from the CPU count)
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = False  # train in the NHWC memory format (faster convolutions on CPUs and GPUs)
+    # The recipe for making masks emerge (the mask shaping is off by default).
+    t_power: float = DEFAULT_T_POWER  # training t = floor(T u^p): 1 = uniform (the paper), >1 favours low t
+    mask_shaping_steps: int = 0  # steps over which the shaping below anneals away
+    mask_entropy: float = 0.0  # weight of the per-pixel mask entropy penalty, annealed to 0
+    mask_temperature: float = 1.0  # softmax temperature at step 0, annealed to 1
+    hard_masks: bool = False  # straight-through Gumbel one-hot masks while shaping
+    mask_init_scale: float = 1.0  # scales the initial weights of the mask head's last layer
+    freeze_masks: bool = False  # train the decoder only (FactorizedUNet.freeze_masks): the masks do not move
+    limit: int | None = None  # train on the first N images of `data` only
+    init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)
+    # What a fresh run's network predicts (PREDICTIONS), over the model config's or --init's; None: theirs.
+    # A resumed run keeps its own.
+    prediction: str | None = None
+    threads: int | None = DEFAULT_THREADS  # torch's CPU threads (None: torch's own choice)
+
+
+# The values a run can use: field -> (lowest, highest), either None for no bound; a bound in a list is
+# excluded ([0] means above 0). None as the value is allowed where the field's default is None.
+BOUNDS = {
+    "batch_size": (1, None), "iterations": (1, None), "lr": ([0], None), "ema_decay": (0, [1]),
+    "save_every": (1, None), "sample_every": (0, None), "sample_count": (1, None), "sample_steps": (1, 1000),
+    "log_every": (1, None), "micro_batch": (1, None), "grad_accum": (1, None), "workers": (0, None),
+    "t_power": (0.1, 10), "mask_shaping_steps": (0, None), "mask_entropy": (0, None),
+    "mask_temperature": (0.01, 100), "mask_init_scale": (0, None), "limit": (1, None), "threads": (1, MAX_THREADS),
+}
+
+
+def check_options(opts: TrainOptions) -> None:
+    """Every bounded value of `opts` within its bounds (and finite), else a TrainingError naming the field."""
+    for f in fields(opts):
+        if f.name not in BOUNDS:
+            continue
+        value = getattr(opts, f.name)
+        if value is None and f.default is None:
+            continue
+        low, high = BOUNDS[f.name]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low[0] if isinstance(low, list) else value >= low
+        if ok and high is not None:
+            ok = value < high[0] if isinstance(high, list) else value <= high
+        if not ok:
+            raise TrainingError(f"{f.name} must be {_describe(low, high)}, got {value!r}", (f.name,))
+
+
+def _describe(low, high) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"above {low[0]}" if isinstance(low, list) else f"at least {low}")
+    if high is not None:
+        parts.append(f"below {high[0]}" if isinstance(high, list) else f"at most {high}")
+    return "a number " + " and ".join(parts)
+
+
+def resume_mode(resume: bool | str) -> bool | str:
+    if isinstance(resume, str):
+        mode = {"auto": "auto", "yes": True, "true": True, "no": False, "false": False, "": False}.get(resume.lower())
+        if mode is None:
+            raise TrainingError(f"resume must be yes, no or auto, got {resume!r}")
+        resume = mode
+    # torchrun restarting a failed worker group: go on from the last complete checkpoint by itself.
+    if resume is False and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return "auto"
+    return resume
