@@ -1,7 +1,7 @@
 """Benchmark of the masked ops: each Triton kernel against its plain-torch reference and
 against torch.compile of that same reference expression, at the skip shapes of the paper presets.
 
-On a GPU machine (what benchmarks/gpu_kernels.sh runs):
+On a GPU machine (benchmarks/gpu/run.sh runs it on paper-64; `--sweep` tries the launch heuristics):
 
     python benchmarks/bench_kernels.py --out out/kernels.json --md out/kernels.md
 

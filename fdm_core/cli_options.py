@@ -1,7 +1,6 @@
 """What the three command lines (fdm-train, fdm-export, fdm-infer) share, so that an option means the
 same everywhere: the context settings (-h, defaults shown), --version, a bare command printing its
-help, -q/--quiet, --threads, --limit, --overwrite, --max-pixels, and options that were renamed (the
-old spelling still works, with a note)."""
+help, -q/--quiet, --threads, --limit, --overwrite and --max-pixels (docs/options.md: the whole vocabulary)."""
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version

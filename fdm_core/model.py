@@ -241,13 +241,17 @@ class FactorizedUNet(nn.Module):
             emb = emb + self.region_codes.weight.to(emb.dtype).repeat(emb.shape[0] // k, 1)
         return emb
 
+    def trunk(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        """What every variant computes first: the embedding, the encoder's skips and the middle block's output."""
+        emb = self.embed(t, y)
+        skips = self.encoder(x, emb)
+        return emb, skips, self.middle(skips[-1], emb)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, branches: bool = False):
         """Returns eps [B,C,H,W] and the full-resolution soft masks [B,K,H,W] (ones for 'plain').
         With `branches` ('factorized' and 'mask-mid' only) eps is left per branch, [B*K,C,H,W], for a
         sampler that fuses the masked sum into its update."""
-        emb = self.embed(t, y)
-        skips = self.encoder(x, emb)
-        h_mid = self.middle(skips[-1], emb)
+        emb, skips, h_mid = self.trunk(x, t, y)
         variant = self.cfg.variant
         if branches and variant not in ("factorized", "mask-mid"):
             raise ValueError(f"the {variant!r} variant has no per-branch eps")
@@ -284,9 +288,7 @@ class FactorizedUNet(nn.Module):
     def forward_unfused(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
         """Reference for the 'factorized' variant: K separate decoder calls, masks pooled directly."""
         assert self.cfg.variant == "factorized"
-        emb = self.embed(t, y)
-        skips = self.encoder(x, emb)
-        h_mid = self.middle(skips[-1], emb)
+        emb, skips, h_mid = self.trunk(x, t, y)
         masks = self.masks_from_logits(self.mask_generator(h_mid, skips, emb))
         eps = 0
         for i in range(masks.shape[1]):

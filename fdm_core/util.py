@@ -178,8 +178,8 @@ def one_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-# FLOP/s of one CPU thread in this project's models: training tiny-32 at 33 images/s on 2 threads
-# (benchmarks/results/train_cpu.md) is 80 GFLOP/s a thread, paper-64 at 0.1 images/s 37; a rough middle.
+# FLOP/s of one CPU thread in this project's models, a rough middle of the small and the large presets'
+# training speeds (benchmarks/results/train_cpu.md): for estimates of a run's time, not for promises.
 CPU_FLOPS_PER_THREAD = 50e9
 
 

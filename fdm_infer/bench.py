@@ -35,7 +35,6 @@ from fdm_core.util import atomic_write, json_text, one_line, pick_device
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.measure import environment, median_ms, random_model
 from fdm_infer.segment import DEFAULT_T
-from kernels.reference import ddpm_step
 
 
 @dataclass(frozen=True)
@@ -205,18 +204,10 @@ def measure(engine, variant: Variant, model, batches, device, repeats, budget_s,
 
 
 def sampler_step(engine, diffusion: GaussianDiffusion, images: int, cfg, device):
-    """One step of the DDPM sampler as `sample` runs it (the engine's fused step where it has one)."""
+    """One DDPM step of `diffusion.sample`, the code generation runs (the engine's fused step where it
+    has one)."""
     x = torch.randn(images, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
-    t = torch.full((images,), 500, device=device, dtype=torch.long)
-    _, coefs, _ = diffusion.step_table([500, 499], device)
-    z = torch.randn_like(x)
-
-    def step():
-        if engine.ddpm_step is not None:
-            return engine.ddpm_step(x, t, None, coefs[0], z)
-        eps, masks = engine.denoise(x, t)
-        return ddpm_step(x.to(eps.device), eps, coefs[0].to(eps.device), z.to(eps.device)), masks
-    return step
+    return lambda: diffusion.sample(engine.denoise, x.shape, steps=1, x_T=x, device=device, step=engine.ddpm_step)
 
 
 def sampling_entries(name, model, chosen: list[Variant], device, repeats, budget_s, images, steps, log,

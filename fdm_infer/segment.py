@@ -54,8 +54,7 @@ from fdm_infer.rle import encode_labels
 
 DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
 # The window the masks are smoothed over (1: not smoothed, the paper's read-out). 3 x 3 is the measured
-# choice: LFW val foreground IoU 64.1 -> 66.9 for the bundled model, within about 0.03 either way on the
-# synthetic scenes (benchmarks/emergence/RESULTS.md, "How the masks are read").
+# choice (benchmarks/emergence/RESULTS.md, "How the masks are read").
 DEFAULT_SMOOTH = 3
 
 

@@ -51,8 +51,8 @@ def test_bench_smoke_checks_every_variant_that_runs(tmp_path):
 
 
 def test_the_script_runs_the_command(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_latency.py"), "--smoke", "--variant",
-                           "fused", "--no-sampling", "--no-plain", "--json", str(tmp_path / "latency.json")],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_latency.py"), "--smoke", "--inference-path",
+                           "fused", "--no-sampling", "--no-plain", "--save-json", str(tmp_path / "latency.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "latency.json").read_text())["rows"]

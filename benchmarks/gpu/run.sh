@@ -100,8 +100,8 @@ stage tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py 
 stage kernels64 90 "$PY" benchmarks/bench_kernels.py $kernel_smoke --presets $p64 --batches $kernel_batches \
     --out "$results_dir/kernels64.json" --md "$results_dir/kernels64.md"
 stage bench64 270 "$PY" -m fdm_infer.cli bench --preset $p64 "${batches64[@]}" "${timing[@]}" "${sampling[@]}" \
-    --json "$results_dir/bench64.json" --md "$results_dir/bench64.md"
+    --save-json "$results_dir/bench64.json" --save-md "$results_dir/bench64.md"
 stage bench128 240 "$PY" -m fdm_infer.cli bench --preset $p128 "${batches128[@]}" "${timing[@]}" --no-sampling \
-    --variant naive --variant fused --variant bf16 --variant triton --json "$results_dir/bench128.json" --md "$results_dir/bench128.md"
+    --inference-path naive --inference-path fused --inference-path bf16 --inference-path triton --save-json "$results_dir/bench128.json" --save-md "$results_dir/bench128.md"
 "$PY" benchmarks/gpu/summary.py "$results_dir" | tee "$results_dir/summary.md"
 exit $status
