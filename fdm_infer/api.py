@@ -39,7 +39,7 @@ from PIL import Image
 from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS, GaussianDiffusion, SampleResult
 from fdm_core.errors import SEED, UserError
 from fdm_core.images import MAX_PIXELS
-from fdm_core.util import DEFAULT_THREADS, check_writable_folder
+from fdm_core.util import DEFAULT_THREADS
 from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
 from fdm_infer.engines import open_model, placeholder_note
 from fdm_infer.engines.base import Engine
@@ -48,28 +48,27 @@ from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.generate import check_steps, diffusion_for, write_samples
 from fdm_infer.generate import generate as sample
 from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs
-from fdm_infer.segment import DEFAULT_OUT as SEGMENT_OUT
-from fdm_infer.segment import (
-    DEFAULT_SMOOTH,
-    DEFAULT_T,
+from fdm_infer.outputs import DEFAULT_OUT as SEGMENT_OUT
+from fdm_infer.outputs import (
+    OutputFolder,
     OutputOptions,
-    Segmented,
     SegmentReport,
-    SegmentSettings,
     add_foreground,
-    check_channels,
-    check_not_inputs,
     check_outputs,
-    check_smooth,
     image_entry,
     region_statistics,
-    segment_batches,
     segment_files,
     summary,
     summary_json,
-    write_foreground_mask,
-    write_segmented,
-    write_summary,
+)
+from fdm_infer.segment import (
+    DEFAULT_SMOOTH,
+    DEFAULT_T,
+    Segmented,
+    SegmentSettings,
+    check_channels,
+    check_smooth,
+    segment_batches,
 )
 
 
@@ -255,17 +254,14 @@ class Segmentation:
         """Writes the files of `fdm-infer segment` into `out` (<key>_labels.png, <key>_overlay.png, and as
         asked _soft.npz, _channels.png, _fg.png) and summary.json; returns summary.json's path. A file it
         would write that is one of the input files is an error, before anything is written."""
-        out = Path(out)
         options = OutputOptions(save_soft, save_channels, foreground, rle)
         check_outputs(options, None, len(self.border_share))
-        check_not_inputs(out, self.items, options)
-        check_writable_folder(out)
+        folder = OutputFolder(out, options, (item.path for item in self.items), self.items)
         entries = []
         for item in self.items:
-            entries.append(write_segmented(out, item, options))
-            fg_file = write_foreground_mask(out, item.key, item.labels, self.fg_channels) if foreground else None
-            add_foreground(entries[-1], self.fg_channels, fg_file, out)
-        return write_summary(out, self._summary(entries))
+            entries.append(folder.write(item))
+            folder.add_foreground(entries[-1], item.key, item.labels, self.fg_channels)
+        return folder.write_summary(self._summary(entries))
 
 
 class ImageSegmentation:
@@ -304,11 +300,9 @@ class ImageSegmentation:
     def save(self, out: str | Path = SEGMENT_OUT) -> dict[str, Path]:
         """Writes <name>_labels.png and <name>_overlay.png into `out`; returns the files by kind. A file it
         would write that is its input is an error, before anything is written."""
-        out = Path(out)
-        check_not_inputs(out, [self._item], OutputOptions())
-        check_writable_folder(out)
-        entry = write_segmented(out, self._item, OutputOptions())
-        return {kind: out / name for kind, name in entry["outputs"].items()}
+        folder = OutputFolder(out, OutputOptions(), [self._item.path], [self._item])
+        entry = folder.write(self._item)
+        return {kind: folder.out / name for kind, name in entry["outputs"].items()}
 
 
 # ----- generation -----

@@ -31,7 +31,7 @@ from fdm_infer.options import (
     segmentation_options,
     warn_line,
 )
-from fdm_infer.segment import DEFAULT_OUT as SEGMENT_OUT
+from fdm_infer.outputs import DEFAULT_OUT as SEGMENT_OUT
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -71,7 +71,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
     counts decoding, the model and writing, not loading the model."""
     from fdm_infer.api import Segmenter
     from fdm_infer.images import label_legend
-    from fdm_infer.segment import SUMMARY, OutputOptions, summary_json
+    from fdm_infer.outputs import SUMMARY, OutputOptions, summary_json
 
     if fg_channels and not foreground:
         raise click.UsageError("--fg-channel goes with --foreground")
