@@ -1,4 +1,4 @@
-"""The foreground of a K-channel segmentation, chosen without labels (DESIGN.md, "Evaluation").
+"""The foreground of a K-channel segmentation, chosen without labels (docs/design.md, "Evaluation").
 
 The rule: over the whole set, the background is the channel most present on the image border, together
 with every other channel that is more present on the border than in the image as a whole; the
@@ -9,7 +9,8 @@ max(1, min(H, W) // 16) pixels along the image's edges.
 Why a channel over-represented on the border is background: on faces with K = 3 the channels are
 background, face and shoulders/clothes; the clothes sit on the lower border and the ground truth counts
 them as background, while skin and hair are both far less present on the border than in the image. The
-DESIGN.md rule (only the channel most on the border is background) counted the clothes as foreground.
+first rule (only the channel most on the border is background; docs/design.md) counted the clothes as
+foreground.
 Measured in benchmarks/emergence/RESULTS.md: LFW val foreground IoU 59.5 -> 64.1 for the bundled
 model; on the synthetic scenes the two rules agree for most runs and differ either way on weak ones.
 
