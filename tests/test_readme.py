@@ -101,13 +101,18 @@ def test_runnable_blocks_run_as_written(page, tmp_path):
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
     env.setdefault("OMP_NUM_THREADS", "1")
-    before = sorted(os.listdir(ROOT))
+    before = visible_entries()
     for line, lang, code in runnable(page):
         r = subprocess.run(RUNNERS[lang] + [code], cwd=work, env=env, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, (f"{rel(page)}:{line}: the {lang} block failed (exit {r.returncode}):\n{code}\n"
                                    f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}")
-    assert sorted(os.listdir(ROOT)) == before, "a runnable block wrote into the repository"
+    assert visible_entries() == before, "a runnable block wrote into the repository"
+
+
+def visible_entries() -> list[str]:
+    """The repository's top-level names, without dot-files (pytest keeps its cache there)."""
+    return sorted(n for n in os.listdir(ROOT) if not n.startswith("."))
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
