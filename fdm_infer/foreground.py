@@ -1,4 +1,4 @@
-"""The foreground of a K-channel segmentation, chosen without labels (docs/design.md).
+"""The foreground of a K-channel segmentation, chosen without labels (docs/design.md, "Evaluation").
 
 The rule: over the whole set, the background is the channel most present on the image border, together
 with every other channel that is more present on the border than in the image as a whole; the

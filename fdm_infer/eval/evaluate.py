@@ -1,4 +1,4 @@
-"""Evaluation of segmentations against ground-truth masks (paper §4; DESIGN.md "Evaluation").
+"""Evaluation of segmentations against ground-truth masks (paper §4; docs/design.md "Evaluation").
 
 Two sources of predictions, one scorer:
 * a model (any engine): each image is resized whole to the model's S x S, noised to t (30) with the
