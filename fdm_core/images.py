@@ -45,14 +45,20 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """An image of any mode as 8-bit RGB, EXIF rotation applied (16/32-bit integers scaled by their maximum,
-    alpha dropped)."""
+    """An image of any mode as 8-bit RGB, EXIF rotation applied (integer modes by `integers_to_uint8`),
+    alpha dropped."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        arr = arr / max(arr.max(), 1.0) * 255.0
-        img = Image.fromarray(arr.astype(np.uint8))
+        img = Image.fromarray(integers_to_uint8(np.asarray(img)))
     return img.convert("RGB")
+
+
+def integers_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Integer pixels as uint8: as they are when they fit in 0..255, else scaled by their maximum (16- and
+    32-bit images); negative values are 0."""
+    arr = np.clip(arr, 0, None)
+    top = int(arr.max(initial=0))
+    return (arr if top <= 255 else arr.astype(np.float64) / top * 255).round().astype(np.uint8)
 
 
 def fit_square(img: Image.Image, size: int) -> Image.Image:

@@ -23,6 +23,7 @@ from fdm_core.images import (
     MAX_PIXELS,
     TooManyPixels,
     find_images,
+    integers_to_uint8,
     load_rgb,
     to_rgb,
     to_tensor,
@@ -210,9 +211,7 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == bool or np.issubdtype(arr.dtype, np.floating):
         return (np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 1) * 255).round().astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
-        arr = np.clip(arr, 0, None)
-        top = int(arr.max())
-        return (arr if top <= 255 else arr.astype(np.float64) / top * 255).round().astype(np.uint8)
+        return integers_to_uint8(arr)
     raise UserError(f"cannot read an image from an array of {arr.dtype}")
 
 
