@@ -146,6 +146,18 @@ def trajectory_picture(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]],
     return grid(rows)
 
 
+def save_pictures(pairs: list[tuple[Path, Path]], images: torch.Tensor, masks: torch.Tensor
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Each image [C, S, S] in [-1, 1] and the label map of its masks into its (picture, label map) paths;
+    returns both as uint8 arrays."""
+    pics = images_to_uint8(images)
+    labels = masks.argmax(1).numpy().astype(np.uint8)
+    for (picture, label_file), pic, lab in zip(pairs, pics, labels):
+        save_png(pic, picture)
+        save_labels(lab, label_file)
+    return pics, labels
+
+
 def write_samples(out: Path, result: SampleResult, y: torch.Tensor | None = None, save_trajectory: bool = False,
                   inputs: list[Path] = ()) -> list[Path]:
     """sample_NNNN.png (image at model resolution), sample_NNNN_labels.png (uint8 labels 0..K-1),
@@ -157,11 +169,7 @@ def write_samples(out: Path, result: SampleResult, y: torch.Tensor | None = None
     written = [path for pair in pairs for path in pair] + extra
     check_not_input(written, inputs)
     check_writable_folder(out)
-    pics = images_to_uint8(result.images)
-    labels = result.masks.argmax(1).numpy().astype(np.uint8)
-    for (picture, label_file), pic, lab in zip(pairs, pics, labels):
-        save_png(pic, picture)
-        save_labels(lab, label_file)
+    pics, labels = save_pictures(pairs, result.images, result.masks)
     save_png(image_mask_grid(result.images[:GRID_SAMPLES], result.masks[:GRID_SAMPLES]), out / "grid.png")
     if len(extra) > 1:
         save_png(trajectory_picture(result.trajectory), out / "trajectory.png")
@@ -238,11 +246,7 @@ def write_interpolation(out: Path, result: Interpolation, inputs: list[Path] = (
     written = [path for pair in pairs for path in pair]
     check_not_input([*written, out / "interpolation.png"], inputs)
     check_writable_folder(out)
-    pics = images_to_uint8(result.images)
-    labels = result.masks.argmax(1).numpy().astype(np.uint8)
-    for (picture, label_file), pic, lab in zip(pairs, pics, labels):
-        save_png(pic, picture)
-        save_labels(lab, label_file)
+    pics, labels = save_pictures(pairs, result.images, result.masks)
     src = images_to_uint8(result.sources)
     top = tiles(np.concatenate([src[:1], pics, src[1:]]))
     blank = np.full_like(src[:1], 255)
