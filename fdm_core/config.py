@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 VARIANTS = ("factorized", "plain", "concat", "mask-mid", "no-share")
 PREDICTIONS = ("eps", "v")  # what the network's output means: fdm_core.diffusion
+# How the 3x3 convolutions fill the border: "zeros" (the paper's) lets the network tell where the border
+# is from any feature map, so masks can follow position; "replicate" and "reflect" repeat the image.
+PADDINGS = ("zeros", "replicate", "reflect")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class ModelConfig:
     # What the output means (fdm_core.diffusion.PREDICTIONS): the network never reads it; its trainer and
     # samplers do. A file written without the field holds an eps-model.
     prediction: str = "eps"
+    padding: str = "zeros"  # PADDINGS; a file written without the field pads with zeros
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -35,6 +39,8 @@ class ModelConfig:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"unknown padding {self.padding!r}; choose one of {', '.join(PADDINGS)}")
         _check_bounds(self)
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(

@@ -79,3 +79,22 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """uint8 RGB image -> float tensor [3, H, W] in [-1, 1]."""
     return to_float(to_uint8(img))
+
+
+# ----- moving an image: the shifted evaluation, and training that moves its images -----
+
+def shift_offset(size: tuple[int, int], max_fraction: float, seed: int, index: int) -> tuple[int, int]:
+    """(dy, dx): integers drawn uniformly from [-round(f H), round(f H)] and [-round(f W), round(f W)],
+    f = `max_fraction`, by a generator seeded with (seed, index): the same image gets the same offset."""
+    rng = np.random.default_rng([seed, index])
+    limit_y, limit_x = round(max_fraction * size[0]), round(max_fraction * size[1])
+    return int(rng.integers(-limit_y, limit_y, endpoint=True)), int(rng.integers(-limit_x, limit_x, endpoint=True))
+
+
+def translate(array: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """`array` [H, W, ...] moved down by dy and right by dx pixels (negative: up / left); the pixels
+    uncovered repeat the nearest edge pixel of the original (replicate padding)."""
+    h, w = array.shape[:2]
+    rows = np.clip(np.arange(h) - dy, 0, h - 1)
+    cols = np.clip(np.arange(w) - dx, 0, w - 1)
+    return array[rows[:, None], cols]

@@ -199,6 +199,9 @@ class FactorizedUNet(nn.Module):
         self.region_codes = nn.Embedding(k, emb_dim) if cfg.region_codes and cfg.variant == "factorized" else None
         self.mask_temperature = 1.0  # training-time mask shaping (see masks_from_logits)
         self.hard_masks = False
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d) and conv.padding != (0, 0):
+                conv.padding_mode = cfg.padding  # Conv2d pads by F.pad in this mode, then convolves
 
     @property
     def num_regions(self) -> int:

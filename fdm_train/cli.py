@@ -19,6 +19,7 @@ from fdm_core.config import (
     DEFAULT_PREDICTION,
     DEFAULT_PRESET,
     DEFAULT_REGION_CODES,
+    PADDINGS,
     PREDICTIONS,
     PRESETS,
     VARIANTS,
@@ -45,15 +46,20 @@ def model_options(f):
     f = click.option("--mask-downsample", "mask_scale", type=click.IntRange(1), default=None,
                      help="Make the masks at 1/N of the image size (mask logits averaged over N x N cells, then "
                           "upsampled bilinearly) [default: 1, full resolution, as in the paper].")(f)
+    f = click.option("--padding", type=click.Choice(PADDINGS), default=None,
+                     help="How the convolutions fill the image border: zeros (the paper's) let the network tell "
+                          "where the border is, replicate and reflect repeat the image [default: zeros].")(f)
     f = click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
                      help="Model size: paper-64/paper-128 as in the paper, small-*/tiny-* for CPUs.")(f)
     return f
 
 
-def config_from(preset_name, variant, regions, image_size, channels, region_codes=None, mask_scale=None, **extra):
+def config_from(preset_name, variant, regions, image_size, channels, region_codes=None, mask_scale=None, padding=None,
+                **extra):
     try:
         return preset(preset_name, variant=variant, num_regions=regions, image_size=image_size,
-                      base_channels=channels, region_codes=region_codes, mask_scale=mask_scale, **extra)
+                      base_channels=channels, region_codes=region_codes, mask_scale=mask_scale, padding=padding,
+                      **extra)
     except ValueError as exc:  # a size the model cannot have, e.g. not divisible by 2^(stages-1)
         raise click.UsageError(f"model options: {exc}") from None
 
@@ -124,6 +130,10 @@ def main_group():
 @click.option("--mask-temperature", type=float, default=TRAIN["mask_temperature"], show_default=True,
               help="Mask softmax temperature at step 0, annealed to 1.")
 @click.option("--hard-masks", is_flag=True, help="Straight-through Gumbel one-hot masks while shaping.")
+@click.option("--shift-augment", type=float, default=TRAIN["shift_augment"], show_default=True,
+              help="Move every training image by a random offset of up to this fraction of its size (seeded "
+                   "per image and step), edges replicated, as `evaluate --shift` does: objects anywhere, so the "
+                   "masks cannot lean on position. 0: off.")
 @click.option("--freeze-masks", is_flag=True,
               help="Train the decoder only: the embeddings, encoder, middle block and mask generator keep the "
                    "weights they start with (from --init), so the masks and segmentation stay as they are, e.g. "
@@ -132,13 +142,13 @@ def main_group():
               help="Scale of the mask head's initial last-layer weights.")
 @threads_option
 @quiet_option
-def train(data, out, preset, variant, regions, image_size, channels, region_codes, mask_scale, dropout, class_cond,
+def train(data, out, preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, dropout, class_cond,
           resume, compile_, quiet, prediction, **kwargs):
     """Train on every jpg/png/webp under --data with the plain denoising loss.
     Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
     from fdm_train.train import train as run_training
 
-    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, dropout=dropout,
+    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, dropout=dropout,
                       prediction=prediction or DEFAULT_PREDICTION)
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
@@ -198,13 +208,13 @@ def synth(output, kind, count, size, seed, quiet):
 
 @main_group.command()
 @model_options
-def info(preset, variant, regions, image_size, channels, region_codes, mask_scale):
+def info(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding):
     """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter)."""
     import torch
 
     from fdm_core.model import build_model, count_flops, count_parameters
 
-    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale)
+    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding)
     with torch.device("meta"):
         params = count_parameters(build_model(cfg))
     click.echo(f"preset:     {preset} ({cfg.variant}, K={cfg.mask_channels}, "

@@ -12,8 +12,29 @@ import numpy as np
 import torch
 from PIL import ImageOps
 
-from fdm_core.images import IMAGE_EXTENSIONS, DataError, find_images, fit_square, load_rgb, to_float, to_uint8
+from fdm_core.images import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    find_images,
+    fit_square,
+    load_rgb,
+    shift_offset,
+    to_float,
+    to_uint8,
+    translate,
+)
 from fdm_core.util import atomic_write, check_not_input, check_writable_file
+
+
+def shifted_batch(images: torch.Tensor, max_fraction: float, seed: int, first_row: int) -> torch.Tensor:
+    """uint8 images [B, 3, S, S], rows first_row.. of a global batch, each moved by its own offset
+    (`shift_offset`, seeded by (seed, row)), edges replicated: a row gets the same offset whichever device
+    holds it and after any resume."""
+    out = images.clone()
+    for i in range(images.shape[0]):
+        dy, dx = shift_offset(tuple(images.shape[-2:]), max_fraction, seed, first_row + i)
+        out[i] = torch.from_numpy(translate(images[i].permute(1, 2, 0).numpy(), dy, dx)).permute(2, 0, 1)
+    return out
 
 
 class ImageFolder(torch.utils.data.Dataset):

@@ -9,8 +9,9 @@ import pytest
 from infer_helpers import run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
+from fdm_core.images import shift_offset, translate
 from fdm_infer.eval.baselines import position_prior
-from fdm_infer.eval.evaluate import load_eval_set, shift_offset, translate
+from fdm_infer.eval.evaluate import load_eval_set
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 

@@ -32,7 +32,7 @@ from PIL import Image
 
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError
-from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images
+from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images, shift_offset, translate
 from fdm_core.util import atomic_write, json_text, one_line
 from fdm_core.visualize import mask_statistics
 from fdm_infer.eval.metrics import ForegroundAccumulator, PartsAccumulator
@@ -104,23 +104,6 @@ class EvalSet:
 def check_shift(max_fraction: float) -> None:
     if not 0 <= max_fraction < 0.5:
         raise UserError(f"shift must be in [0, 0.5) (a fraction of the image size), got {max_fraction}", ("shift",))
-
-
-def shift_offset(size: tuple[int, int], max_fraction: float, seed: int, index: int) -> tuple[int, int]:
-    """(dy, dx): integers drawn uniformly from [-round(f H), round(f H)] and [-round(f W), round(f W)],
-    f = `max_fraction`, by a generator seeded with (seed, index): the same image gets the same offset."""
-    rng = np.random.default_rng([seed, index])
-    limit_y, limit_x = round(max_fraction * size[0]), round(max_fraction * size[1])
-    return int(rng.integers(-limit_y, limit_y, endpoint=True)), int(rng.integers(-limit_x, limit_x, endpoint=True))
-
-
-def translate(array: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """`array` [H, W, ...] moved down by dy and right by dx pixels (negative: up / left); the pixels
-    uncovered repeat the nearest edge pixel of the original (replicate padding)."""
-    h, w = array.shape[:2]
-    rows = np.clip(np.arange(h) - dy, 0, h - 1)
-    cols = np.clip(np.arange(w) - dx, 0, w - 1)
-    return array[rows[:, None], cols]
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -583,8 +566,6 @@ __all__ = [
     "read_label_maps",
     "read_mask",
     "score",
-    "shift_offset",
     "summary_figures",
-    "translate",
     "write_reports",
 ]
