@@ -67,7 +67,7 @@ from fdm_infer.segment import (
     Segmented,
     SegmentSettings,
     check_channels,
-    check_smooth,
+    check_settings,
     segment_batches,
 )
 
@@ -114,14 +114,11 @@ class Segmenter:
     def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
                  max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, load_seconds: float = 0.0):
-        steps = GaussianDiffusion().num_timesteps
-        if not 0 <= t < steps:
-            raise UserError(f"t must be between 0 and {steps - 1}, got {t}")
-        if not (ensemble >= 1 and batch_size >= 1 and max_pixels >= 1):  # `not >=`: NaN is refused too
-            raise UserError(f"ensemble, batch_size and max_pixels must be at least 1, got {ensemble}, {batch_size} "
-                            f"and {max_pixels}")
+        check_settings(t, ensemble, smooth, GaussianDiffusion().num_timesteps)
+        if not (batch_size >= 1 and max_pixels >= 1):  # `not >=`: NaN is refused too
+            raise UserError(f"batch_size and max_pixels must be at least 1, got {batch_size} and {max_pixels}",
+                            ("batch_size", "max_pixels"))
         check_seed(seed)
-        check_smooth(smooth)
         self.engine, self.model = engine, model
         self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label, max_pixels, smooth)
         self.load_seconds = load_seconds

@@ -49,7 +49,12 @@ def segmentation_noise(shape: tuple[int, ...], seed: int, device: torch.device |
     return noise.expand(shape).to(device)
 
 
-def check_smooth(smooth: int) -> None:
+def check_settings(t: int, ensemble: int, smooth: int, num_timesteps: int) -> None:
+    """The settings of a segmentation pass, each a one-line error in the parameters' names."""
+    if not 0 <= t < num_timesteps:
+        raise UserError(f"t must be between 0 and {num_timesteps - 1}, got {t}", ("t",))
+    if not ensemble >= 1:  # `not >=`: NaN is refused too
+        raise UserError(f"ensemble must be at least 1, got {ensemble}", ("ensemble",))
     if smooth < 1 or smooth % 2 == 0:
         raise UserError(f"smooth must be an odd number of pixels (1: no smoothing), got {smooth}", ("smooth",))
 
@@ -72,11 +77,7 @@ def segment_tensor(engine: Engine, images: torch.Tensor, t: int = DEFAULT_T, see
     [B, C, S, S] in [-1, 1]. With `ensemble` N > 1 the masks of seeds seed..seed+N-1 are averaged; then
     they are smoothed over a `smooth` x `smooth` window (`smooth_masks`; 1: as the model gives them)."""
     diffusion = diffusion or GaussianDiffusion()
-    if not 0 <= t < diffusion.num_timesteps:
-        raise UserError(f"t must be between 0 and {diffusion.num_timesteps - 1}, got {t}", ("t",))
-    if ensemble < 1:
-        raise UserError(f"ensemble must be at least 1, got {ensemble}", ("ensemble",))
-    check_smooth(smooth)
+    check_settings(t, ensemble, smooth, diffusion.num_timesteps)
     cfg = engine.config
     if images.dim() != 4 or tuple(images.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"images must be [B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
