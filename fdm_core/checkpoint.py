@@ -69,7 +69,7 @@ def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16", overw
                 for k, v in states["ema"].items())
     if not error < float("inf"):
         Path(dst).unlink()
-        raise CheckpointError(f"{src}: a weight does not fit in {dtype} (overflow); try dtype bf16", ("dtype",))
+        raise CheckpointError(f"{src}: a weight does not fit in {dtype} (overflow); try `dtype` bf16", ("dtype",))
     return {"step": step, "bytes_in": Path(src).stat().st_size, "bytes_out": Path(dst).stat().st_size,
             "max_abs_error": error}
 

@@ -4,7 +4,6 @@ Also the parameter types that keep numbers no run can use out of the command lin
 from __future__ import annotations
 
 import math
-import re
 import signal
 import sys
 import threading
@@ -13,13 +12,20 @@ import click
 
 
 class UserError(Exception):
-    """An error in the user's input. Its message names the parameters it is about by their Python names
-    (`params` lists them), as a caller of the library wrote them; a command line shows its options there
-    instead (`Command`)."""
+    """An error in the user's input. Its message names the parameters it is about in backquotes, as
+    `name`, each listed in `params`: the library shows them by their Python names, a command line as its
+    options (`Command`)."""
 
     def __init__(self, message: str = "", params: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.params = tuple(params)
+        self.template, self.params = message, tuple(params)
+        super().__init__(self.spelled(lambda name: name))
+
+    def spelled(self, spell) -> str:
+        """The message with each parameter written as spell(name)."""
+        text = self.template
+        for name in self.params:
+            text = text.replace(f"`{name}`", spell(name))
+        return text
 
 
 # Parameters whose option is not --name-with-dashes in the command that reports them.
@@ -34,11 +40,8 @@ def in_option_words(exc: UserError, params: list[click.Parameter]) -> UserError:
             spelled[p.name] = next((o for o in p.opts if o.startswith("--")), p.opts[0])
         elif isinstance(p, click.Argument):
             spelled[p.name] = p.human_readable_name
-    text = str(exc)
-    for name in exc.params:
-        option = spelled.get(name) or OPTION_SPELLINGS.get(name) or "--" + name.replace("_", "-")
-        text = re.sub(rf"(?<![\w'`-]){re.escape(name)}(?![\w'-])", option, text)
-    exc.args = (text,)
+    exc.args = (exc.spelled(lambda name: spelled.get(name) or OPTION_SPELLINGS.get(name)
+                            or "--" + name.replace("_", "-")),)
     return exc
 
 

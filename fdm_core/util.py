@@ -40,7 +40,7 @@ def pick_device(name: str) -> torch.device:
     try:
         torch.empty(0, device=device)
     except Exception as exc:  # noqa: BLE001  (torch raises several types for a device it cannot use)
-        raise UserError(f"device {name!r} is not available here ({one_line(exc)}); use device cpu", ("device",)) from None
+        raise UserError(f"device {name!r} is not available here ({one_line(exc)}); use `device` cpu", ("device",)) from None
     return device
 
 
@@ -151,7 +151,7 @@ def check_output(output: str | Path, inputs: list[str | Path], overwrite: bool =
     unless `overwrite`: a command never replaces a file it did not write unless asked."""
     check_not_input([output], inputs)
     if Path(output).exists() and not overwrite:
-        raise UserError(f"{output} exists; pass overwrite to replace it", ("overwrite",))
+        raise UserError(f"{output} exists; pass `overwrite` to replace it", ("overwrite",))
 
 
 def json_text(document, **kwargs) -> str:

@@ -38,7 +38,7 @@ def build_plan(onnx_path: str | Path, out: str | Path, *, min_batch: int = 1, op
                max_batch: int = 32, precision: str = "auto", timing_cache: str | Path | None = None,
                workspace_mib: int | None = None, tf32: bool = True, verbose: bool = False) -> BuildResult:
     if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise TensorRTError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, "
+        raise TensorRTError(f"need 1 <= `min_batch` <= `opt_batch` <= `max_batch`, got {min_batch}, {opt_batch}, "
                             f"{max_batch}", ("min_batch", "opt_batch", "max_batch"))
     if precision not in PRECISIONS:
         raise TensorRTError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")

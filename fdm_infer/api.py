@@ -361,7 +361,7 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     check_steps(diffusion, steps)
     check_seed(seed)
     if not (n >= 1 and batch_size >= 1):
-        raise UserError(f"n and batch_size must be at least 1, got {n} and {batch_size}", ("n", "batch_size"))
+        raise UserError(f"`n` and `batch_size` must be at least 1, got {n} and {batch_size}", ("n", "batch_size"))
     for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -28,7 +28,7 @@ def diffusion_for(engine: Engine) -> GaussianDiffusion:
 
 def check_steps(diffusion: GaussianDiffusion, steps: int) -> None:
     if not 1 <= steps <= diffusion.num_timesteps:
-        raise UserError(f"steps must be between 1 and {diffusion.num_timesteps}, got {steps}", ("steps",))
+        raise UserError(f"`steps` must be between 1 and {diffusion.num_timesteps}, got {steps}", ("steps",))
 
 
 def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int:
@@ -37,14 +37,14 @@ def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int
     nothing denoised."""
     check_steps(diffusion, steps)
     if not 0 < t < diffusion.num_timesteps:
-        raise UserError(f"t must be between 1 and {diffusion.num_timesteps - 1}, got {t}", ("t",))
+        raise UserError(f"`t` must be between 1 and {diffusion.num_timesteps - 1}, got {t}", ("t",))
     seq = diffusion.timesteps(steps)
     start = max(s for s in seq if s <= t)
     if start == 0:
         above = [s for s in seq if s > 0]
-        fix = f"give t {min(above)} or more, or more steps" if above else "give more steps"
-        raise UserError(f"t {t} with steps {steps} starts from step 0 (the schedule's largest step at or below "
-                        f"t), where nothing is left to denoise: {fix}", ("t", "steps"))
+        fix = f"give `t` {min(above)} or more, or more `steps`" if above else "give more `steps`"
+        raise UserError(f"`t` {t} with `steps` {steps} starts from step 0 (the schedule's largest step at or below "
+                        f"`t`), where nothing is left to denoise: {fix}", ("t", "steps"))
     return start
 
 
@@ -54,11 +54,11 @@ def class_labels(engine: Engine, n: int, classes: list[int] | None) -> torch.Ten
     c = engine.config.num_classes
     if not c:
         if classes:
-            raise UserError("classes: this model is not class-conditional", ("classes",))
+            raise UserError("`classes`: this model is not class-conditional", ("classes",))
         return None
     for v in classes or []:
         if not 0 <= v < c:
-            raise UserError(f"classes must be between 0 and {c - 1} for this model, got {v}", ("classes",))
+            raise UserError(f"`classes` must be between 0 and {c - 1} for this model, got {v}", ("classes",))
     pool = classes or list(range(c))
     return torch.tensor([pool[i % len(pool)] for i in range(n)], dtype=torch.long)
 
@@ -84,7 +84,7 @@ def check_batch_memory(engine: Engine, batch: int) -> None:
     if need > MEMORY_SHARE * have:
         most = max(1, int(MEMORY_SHARE * have // (need // batch)))
         raise UserError(f"a batch of {batch} samples needs about {need / 2**30:.1f} GiB, more than half of the "
-                        f"{have / 2**30:.1f} GiB here: use batch_size {most} or less", ("batch_size",))
+                        f"{have / 2**30:.1f} GiB here: use `batch_size` {most} or less", ("batch_size",))
 
 
 def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
@@ -206,9 +206,9 @@ def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 25
     a and b. `t` is rounded down to the sampler's step grid (`interpolation_start`)."""
     diffusion = diffusion_for(engine)
     if frames < 2:
-        raise UserError(f"frames must be at least 2, got {frames}", ("frames",))
+        raise UserError(f"`frames` must be at least 2, got {frames}", ("frames",))
     if mix not in ("linear", "slerp"):
-        raise UserError(f"mix must be linear or slerp, got {mix!r}", ("mix",))
+        raise UserError(f"`mix` must be linear or slerp, got {mix!r}", ("mix",))
     if sampler not in ("ddpm", "ddim"):
         raise UserError(f"interpolation samples with ddpm or ddim, got {sampler!r}")
     t_start = interpolation_start(diffusion, steps, t)  # checks steps and t

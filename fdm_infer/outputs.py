@@ -119,9 +119,9 @@ def summary_json(document: dict) -> str:
 def check_outputs(options: OutputOptions, fg_channels: list[int] | None, k: int) -> None:
     check_channels(fg_channels, k)
     if fg_channels and not options.foreground:
-        raise UserError("fg_channels goes with foreground", ("fg_channels", "foreground"))
+        raise UserError("`fg_channels` goes with `foreground`", ("fg_channels", "foreground"))
     if options.rle not in (None, *RLE_FORMATS):
-        raise UserError(f"rle must be one of {', '.join(RLE_FORMATS)}, got {options.rle!r}", ("rle",))
+        raise UserError(f"`rle` must be one of {', '.join(RLE_FORMATS)}, got {options.rle!r}", ("rle",))
 
 
 class OutputFolder:

@@ -52,11 +52,11 @@ def segmentation_noise(shape: tuple[int, ...], seed: int, device: torch.device |
 def check_settings(t: int, ensemble: int, smooth: int, num_timesteps: int) -> None:
     """The settings of a segmentation pass, each a one-line error in the parameters' names."""
     if not 0 <= t < num_timesteps:
-        raise UserError(f"t must be between 0 and {num_timesteps - 1}, got {t}", ("t",))
+        raise UserError(f"`t` must be between 0 and {num_timesteps - 1}, got {t}", ("t",))
     if not ensemble >= 1:  # `not >=`: NaN is refused too
-        raise UserError(f"ensemble must be at least 1, got {ensemble}", ("ensemble",))
+        raise UserError(f"`ensemble` must be at least 1, got {ensemble}", ("ensemble",))
     if smooth < 1 or smooth % 2 == 0:
-        raise UserError(f"smooth must be an odd number of pixels (1: no smoothing), got {smooth}", ("smooth",))
+        raise UserError(f"`smooth` must be an odd number of pixels (1: no smoothing), got {smooth}", ("smooth",))
 
 
 def smooth_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ def segment_tensor(engine: Engine, images: torch.Tensor, t: int = DEFAULT_T, see
         raise ValueError(f"images must be [B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
                          f"got {list(images.shape)}")
     if cfg.num_classes and y is None:
-        raise UserError("this model is class-conditional: give the images' class (class_label)", ("class_label",))
+        raise UserError("this model is class-conditional: give the images' class (`class_label`)", ("class_label",))
     x0 = images.to(engine.device, torch.float32)
     tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=engine.device)
     total = None
@@ -98,17 +98,17 @@ def check_class(engine: Engine, class_label: int | None) -> None:
     """A class label is given exactly when the model is class-conditional, and is one of its classes."""
     n = engine.config.num_classes
     if n and class_label is None:
-        raise UserError(f"this model is class-conditional ({n} classes): give class_label", ("class_label",))
+        raise UserError(f"this model is class-conditional ({n} classes): give `class_label`", ("class_label",))
     if class_label is not None and not n:
-        raise UserError("class_label: this model is not class-conditional", ("class_label",))
+        raise UserError("`class_label`: this model is not class-conditional", ("class_label",))
     if class_label is not None and not 0 <= class_label < n:
-        raise UserError(f"class_label must be between 0 and {n - 1} for this model, got {class_label}", ("class_label",))
+        raise UserError(f"`class_label` must be between 0 and {n - 1} for this model, got {class_label}", ("class_label",))
 
 
 def check_channels(channels: list[int] | None, k: int) -> None:
     for c in channels or ():
         if not 0 <= c < k:
-            raise UserError(f"fg_channels must be between 0 and {k - 1} (K={k}), got {c}", ("fg_channels",))
+            raise UserError(f"`fg_channels` must be between 0 and {k - 1} (K={k}), got {c}", ("fg_channels",))
 
 
 # ----- images of any size -----

@@ -85,7 +85,7 @@ def check_options(opts: TrainOptions) -> None:
         if ok and high is not None:
             ok = value < high[0] if isinstance(high, list) else value <= high
         if not ok:
-            raise TrainingError(f"{f.name} must be {_describe(low, high)}, got {value!r}", (f.name,))
+            raise TrainingError(f"`{f.name}` must be {_describe(low, high)}, got {value!r}", (f.name,))
 
 
 def _describe(low, high) -> str:

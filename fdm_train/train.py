@@ -120,7 +120,7 @@ def _micro_batches(opts: TrainOptions, world: int) -> int:
     if g < world:
         raise TrainingError(f"the global batch ({g}) is smaller than the number of devices ({world})")
     if opts.micro_batch and opts.grad_accum:
-        raise TrainingError("give micro_batch or grad_accum, not both", ("micro_batch", "grad_accum"))
+        raise TrainingError("give `micro_batch` or `grad_accum`, not both", ("micro_batch", "grad_accum"))
     share_max, share_min = -(-g // world), g // world
     n = opts.grad_accum or (-(-share_max // opts.micro_batch) if opts.micro_batch else 1)
     if n > share_min:

@@ -182,7 +182,7 @@ def test_each_engine_opened_by_its_file(tiny_checkpoint, tmp_path):
     # An unknown suffix runs only when the engine is named; a known suffix must match the named engine.
     renamed = tmp_path / "weights.bin"
     shutil.copy(tiny_checkpoint, renamed)
-    with pytest.raises(UserError, match="cannot tell which engine runs weights.bin"):
+    with pytest.raises(UserError, match="cannot tell which of the engines runs weights.bin"):
         Segmenter.load(renamed)
     assert Segmenter.load(renamed, engine="torch").engine.name == "torch"
     with pytest.raises(UserError, match="the onnx engine cannot run tiny.safetensors"):

@@ -209,7 +209,7 @@ def test_unknown_model_suffix_is_one_line(tmp_path, capsys, monkeypatch):
     r = run("fdm-infer", capsys, monkeypatch, "segment", images(tmp_path / "in", 1), "--model", tmp_path / "model.pt",
             "-o", tmp_path / "out")
     assert r.code == 1 and len(r.err_lines) == 1
-    assert r.err_lines[0].startswith("fdm-infer: error: cannot tell which engine runs model.pt")
+    assert r.err_lines[0].startswith("fdm-infer: error: cannot tell which of the engines runs model.pt")
     assert "--engine" in r.err_lines[0]
 
 

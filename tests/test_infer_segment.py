@@ -174,7 +174,7 @@ def test_foreground_and_channel_view(tiny_checkpoint, tmp_path, capsys, monkeypa
         Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f"i{i}.png")
     out = tmp_path / "out"
     r = run_infer(capsys, monkeypatch, "segment", folder, "--checkpoint", tiny_checkpoint, "--out", out,
-                  "--foreground", "--channels", "--save-soft", "--batch-size", 2)
+                  "--foreground", "--save-channels", "--save-soft", "--batch-size", 2)
     assert r.code == 0, r.err
     # Independent choice: the background is the channel with the most soft mask on the 2-pixel border
     # ring (S=32) and every channel with more of its mask on the ring than in the image (if that leaves

@@ -662,7 +662,7 @@ def test_bench_checks_its_outputs_and_numbers_first(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the outputs were checked"))
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
-    r = run_infer(capsys, monkeypatch, "bench", "--smoke", "--json", blocker / "b.json")
+    r = run_infer(capsys, monkeypatch, "bench", "--smoke", "--save-json", blocker / "b.json")
     assert_one_line_error(r, "cannot write", str(blocker / "b.json"), code=1)
     for args, words in ((["--preset", "bogus"], "--preset"), (["--budget", "nan"], "--budget"),
                         (["--budget", -5], "--budget"), (["--budget", 0], "--budget")):
@@ -761,7 +761,7 @@ def test_interpolate_names_no_option_it_does_not_have(checkpoint, tmp_path, caps
     monkeypatch.setattr(images.load_for_model, "__defaults__", (100,))  # a budget the 20x27 images exceed
     a, b = sorted((tmp_path / "in").iterdir())
     r = run_infer(capsys, monkeypatch, "interpolate", a, b, "--model", checkpoint, "-o", tmp_path / "o",
-                  "--device", "cpu", "--steps", 4, "--t", 333, "--frames", 2)
+                  "--device", "cpu", "--steps", 4, "--timestep", 333, "--mix-steps", 2)
     assert_one_line_error(r, "over the limit", code=1)
     assert "--max-pixels" not in r.err
 

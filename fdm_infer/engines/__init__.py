@@ -27,8 +27,8 @@ def engine_for(path: str | Path) -> str:
     kind = ENGINE_BY_SUFFIX.get(Path(path).suffix.lower())
     if kind is None:
         known = ", ".join(f"{suffix} ({kind})" for suffix, kind in ENGINE_BY_SUFFIX.items())
-        raise UserError(f"cannot tell which engine runs {Path(path).name}: the model file must end in {known}, "
-                        "or name the engine (engine torch|onnx|trt)", ("engine",))
+        raise UserError(f"cannot tell which of the engines runs {Path(path).name}: the model file must end in "
+                        f"{known}, or name one (`engine` torch|onnx|trt)", ("engine",))
     return kind
 
 
@@ -51,10 +51,10 @@ def open_model(model: str | Path | None = None, engine: str | None = None, devic
     given, else the one the file's suffix names. Every failure is a one-line UserError."""
     if model is None:
         if engine not in (None, "torch"):
-            raise UserError(f"the {engine} engine runs an exported file: give model, the file made by "
+            raise UserError(f"the {engine} engine runs an exported file: give `model`, the file made by "
                             f"`fdm-export {engine}`", ("model",))
         if not DEFAULT_MODEL.is_file():
-            raise UserError(f"the bundled default checkpoint is missing ({DEFAULT_MODEL}); give model, a model file", ("model",))
+            raise UserError(f"the bundled default checkpoint is missing ({DEFAULT_MODEL}); give `model`, a model file", ("model",))
         model = DEFAULT_MODEL
     path = Path(model)
     kind = engine or engine_for(path)

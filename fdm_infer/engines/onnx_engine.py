@@ -141,9 +141,9 @@ class OnnxEngine(Engine):
         if self.device.type == "cuda":
             if not has_cuda_ep:
                 raise UserError("onnxruntime here has no CUDAExecutionProvider: install onnxruntime-gpu "
-                                "(in place of onnxruntime) or use device cpu", ("device",))
+                                "(in place of onnxruntime) or use `device` cpu", ("device",))
             if not torch.cuda.is_available():
-                raise UserError("device cuda asked for, but torch sees no CUDA device", ("device",))
+                raise UserError("`device` cuda asked for, but torch sees no CUDA device", ("device",))
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", index)
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]

@@ -103,7 +103,7 @@ class EvalSet:
 
 def check_shift(max_fraction: float) -> None:
     if not 0 <= max_fraction < 0.5:
-        raise UserError(f"shift must be in [0, 0.5) (a fraction of the image size), got {max_fraction}", ("shift",))
+        raise UserError(f"`shift` must be in [0, 0.5) (a fraction of the image size), got {max_fraction}", ("shift",))
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -147,9 +147,9 @@ def load_eval_set(images: str | Path, masks: str | Path, limit: int | None = Non
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     images, masks = Path(images), Path(masks)
     if not images.is_dir():
-        raise UserError(f"images: no such folder: {images}", ("images",))
+        raise UserError(f"`images`: no such folder: {images}", ("images",))
     if not masks.is_dir():
-        raise UserError(f"masks: no such folder: {masks}", ("masks",))
+        raise UserError(f"`masks`: no such folder: {masks}", ("masks",))
     keys, paths, maps, skipped = [], [], [], []
     for path in find_images(images):
         key = path.relative_to(images).with_suffix("").as_posix()
@@ -197,7 +197,7 @@ def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: i
     cfg = engine.config
     if cfg.variant == "plain":
         raise UserError("this checkpoint is a plain U-Net (no masks): evaluate its K-means baseline with "
-                        "`fdm-infer baseline kmeans-ddpm` and predictions", ("predictions",))
+                        "`fdm-infer baseline kmeans-ddpm` and `predictions`", ("predictions",))
     k = engine.num_regions
     size = cfg.image_size
     diffusion = GaussianDiffusion()
@@ -232,7 +232,7 @@ def load_predictions(folder: str | Path, evalset: EvalSet, num_channels: int | N
     """The label maps of `folder` for every image of `evalset` (<key>.png or <key>_labels.png)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"predictions: no such folder: {folder}", ("predictions",))
+        raise UserError(f"`predictions`: no such folder: {folder}", ("predictions",))
     start = time.perf_counter()
     labels, missing = [], []
     for key in evalset.keys:
@@ -242,17 +242,17 @@ def load_predictions(folder: str | Path, evalset: EvalSet, num_channels: int | N
             continue
         labels.append(read_mask(path))
     if missing:
-        raise UserError(f"predictions: {len(missing)} of {len(evalset)} image(s) have no label map in {folder} "
+        raise UserError(f"`predictions`: {len(missing)} of {len(evalset)} image(s) have no label map in {folder} "
                         f"(looked for <name>.png and <name>_labels.png; first missing: {missing[0]})", ("predictions",))
     values = sorted(set().union(*(np.unique(m).tolist() for m in labels)))
     top = values[-1] + 1
     if num_channels is None and (top > MAX_CHANNELS or values != list(range(top))):
         shown = ", ".join(map(str, values[:6])) + (", ..." if len(values) > 6 else "")
-        raise UserError(f"predictions: the label maps hold the values {shown}, not channels 0..K-1 (K at most "
-                        f"{MAX_CHANNELS}); if they are, give K with num_channels", ("predictions", "num_channels"))
+        raise UserError(f"`predictions`: the label maps hold the values {shown}, not channels 0..K-1 (K at most "
+                        f"{MAX_CHANNELS}); if they are, give K with `num_channels`", ("predictions", "num_channels"))
     k = num_channels or max(top, 2)
     if top > k:
-        raise UserError(f"predictions: labels go up to {top - 1}, more than num_channels {k} allows", ("predictions", "num_channels"))
+        raise UserError(f"`predictions`: labels go up to {top - 1}, more than `num_channels` {k} allows", ("predictions", "num_channels"))
     return Predictions(labels, k, seconds=time.perf_counter() - start, source={"predictions": str(folder)})
 
 
@@ -307,7 +307,7 @@ def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode
         acc = PartsAccumulator(k, num_labels)
         for p, g in pairs:
             if g.max(initial=0) >= num_labels:
-                raise UserError(f"a ground-truth mask holds label {int(g.max())}; num_labels is {num_labels}", ("num_labels",))
+                raise UserError(f"a ground-truth mask holds label {int(g.max())}; `num_labels` is {num_labels}", ("num_labels",))
             acc.update(p, g)
         result["parts"] = acc.result()
     return result
@@ -319,13 +319,13 @@ def read_label_maps(folder: str | Path) -> tuple[list[str], list[np.ndarray]]:
     """Every label map `<folder>/<key>.png` (recursively, sorted): (keys, maps)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"prior_from: no such folder: {folder}", ("prior_from",))
+        raise UserError(f"`prior_from`: no such folder: {folder}", ("prior_from",))
     paths = sorted(folder.rglob("*.png"))
     if not paths:
-        raise UserError(f"prior_from: no label maps (.png) under {folder}", ("prior_from",))
+        raise UserError(f"`prior_from`: no label maps (.png) under {folder}", ("prior_from",))
     maps = [read_mask(p) for p in paths]
     if not any(m.any() for m in maps):
-        raise UserError(f"prior_from: the {len(maps)} label map(s) under {folder} hold no label but 0 (background)", ("prior_from",))
+        raise UserError(f"`prior_from`: the {len(maps)} label map(s) under {folder} hold no label but 0 (background)", ("prior_from",))
     return [p.relative_to(folder).with_suffix("").as_posix() for p in paths], maps
 
 

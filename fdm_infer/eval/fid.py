@@ -261,7 +261,7 @@ def compute_fid(generated: str | Path, reference: str | Path, *, n: int | None =
     gen = ImageSource.open(generated)
     ref = ImageSource.open(reference)
     if gen.kind == "stats":
-        raise UserError("generated must hold images (a folder or a .npy array)", ("generated",))
+        raise UserError("`generated` must hold images (a folder or a .npy array)", ("generated",))
     gen_idx = gen.select(n, None)
     ref_n = reference_n if reference_n is not None else len(gen_idx)
     size = None
