@@ -42,6 +42,9 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "temperature": (PAPER[0], {**PAPER[1], "mask_temperature": 0.25, "mask_shaping_steps": 1500}),
     "no-share": ({"variant": "no-share"}, {"t_power": 1.0}),
     "codes-t2-entropy": ({"region_codes": True}, {"t_power": 2.0, "mask_entropy": 0.05, "mask_shaping_steps": 1500}),
+    "codes-t2-replicate": ({"region_codes": True, "padding": "replicate"}, {"t_power": 2.0}),
+    "codes-t2-shift": ({"region_codes": True}, {"t_power": 2.0, "shift_augment": 0.2}),
+    "codes-t2-replicate-shift": ({"region_codes": True, "padding": "replicate"}, {"t_power": 2.0, "shift_augment": 0.2}),
 }
 
 
