@@ -46,7 +46,7 @@ from benchmarks.common import environment, median_ms  # noqa: E402
 from fdm_core.config import preset  # noqa: E402
 from fdm_core.diffusion import GaussianDiffusion  # noqa: E402
 from fdm_core.model import build_model, mask_pyramid  # noqa: E402
-from kernels import ops  # noqa: E402
+from kernels import interpreter, ops  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 
 IMPLS = ("triton", "torch", "compile")
@@ -240,7 +240,7 @@ def bench_one(case, impl, name, batch, timer, expected, interp, copy_gbps):
         return None
     if impl == "compile":
         fn = torch.compile(fn, dynamic=False)
-    ctx = ops.cpu_interpreter() if (impl == "triton" and interp) else _null()
+    ctx = interpreter.cpu_interpreter() if (impl == "triton" and interp) else _null()
     with ctx:
         try:
             got = fn(*case["args"])

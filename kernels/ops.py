@@ -12,8 +12,9 @@ fake tensors of those) they run the plain-torch reference of `kernels.reference`
 the same names are plain custom ops over the reference. masked_skip and masked_sum have autograd
 formulas (the backward runs these same ops); masked_sum_ddpm_step is for sampling (no autograd).
 
-CPU interpreter: with TRITON_INTERPRET=1 in the environment, or inside `cpu_interpreter()`, CPU
-tensors also go through the Triton kernels, run by Triton's interpreter (slow, for tests).
+CPU interpreter: with TRITON_INTERPRET=1 in the environment, or inside
+`kernels.interpreter.cpu_interpreter()`, CPU tensors also go through the Triton kernels, run by Triton's
+interpreter (slow: for the tests and the GPU script's CPU rehearsal).
 
 Memory formats: contiguous (NCHW) and channels_last (NHWC) inputs are used in place, via their
 strides (see kernels/triton_kernels.py), and outputs take the memory format of h / eps / x_t, as
@@ -21,13 +22,12 @@ torch's elementwise ops do; any other strides are copied to contiguous first.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
+from kernels import interpreter
 from kernels import reference as ref
 from kernels.triton_kernels import HAS_TRITON
 
@@ -49,38 +49,16 @@ class Tuning:
 
 
 TUNING = Tuning()
-_state = {"cpu_interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1"}
-
-
-@contextlib.contextmanager
-def cpu_interpreter(enabled: bool = True):
-    """Run the Triton kernels on CPU tensors with Triton's interpreter (tests)."""
-    if enabled and not HAS_TRITON:
-        raise RuntimeError("the Triton interpreter needs triton: pip install 'triton>=3.3'")
-    old = _state["cpu_interpreter"]
-    _state["cpu_interpreter"] = enabled
-    try:
-        yield
-    finally:
-        _state["cpu_interpreter"] = old
-
-
 def uses_triton(t: torch.Tensor) -> bool:
     """Whether the registered ops run the Triton kernels for tensors on t's device."""
     if not HAS_TRITON:
         return False
-    return t.device.type == "cuda" or _interpret(t)
-
-
-def _interpret(t: torch.Tensor) -> bool:
-    """Real CPU tensors under cpu_interpreter(). Traced ones (fake/functional tensors: opcheck,
-    torch.compile on CPU) take the reference, which has the same output shape and strides."""
-    return (_state["cpu_interpreter"] and t.device.type == "cpu"
-            and type(t) in (torch.Tensor, torch.nn.Parameter))
+    return t.device.type == "cuda" or interpreter.runs(t)
 
 
 # ----------------------------------------------------------------------------------- helpers
 _empty = torch.empty  # every output buffer of the launchers (the tests poison it with NaN)
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -148,86 +126,6 @@ def _channel_split(c: int, block_c: int, programs: int, target: int) -> int:
 
 
 
-_INTERPRETED: dict[int, tuple] = {}  # id(JITFunction) -> InterpretedFunction (JITFunction hashing compiles)
-
-
-def _interpreted_fn(kernel):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(kernel, InterpretedFunction):
-        return kernel
-    if id(kernel) not in _INTERPRETED:
-        _INTERPRETED[id(kernel)] = (kernel, InterpretedFunction(kernel.fn))
-    return _INTERPRETED[id(kernel)][1]
-
-
-class _Interpreted:
-    """`kernel[grid](...)` run by Triton's interpreter in a process where triton was imported
-    without TRITON_INTERPRET=1, so that CUDA kernels and interpreted ones can coexist (e.g. the
-    whole test suite in one process on a GPU machine). Two things make that work:
-      - the library functions written in Triton (tl.zeros, tl.sum, ...) are JIT functions: they
-        are swapped for interpreted ones for the duration of the launch;
-      - the interpreter patches triton.language for each launch and for each call of such a
-        function inside the kernel, and does not undo the latter: every patch made during the
-        launch is undone at its end, newest first, so that the compiler finds triton.language
-        intact afterwards."""
-
-    def __init__(self, kernel):
-        self.fn = _interpreted_fn(kernel)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            with _interpreted_triton_language():
-                return self.fn[grid](*args, **kwargs)
-        return launch
-
-
-class _DeferredScope:
-    def restore(self):  # undone by _interpreted_triton_language, newest first
-        pass
-
-
-@contextlib.contextmanager
-def _interpreted_triton_language():
-    import sys
-    import types
-
-    from triton.runtime import interpreter
-    from triton.runtime.jit import JITFunction
-
-    try:  # imported lazily by the interpreter's argument handling: import it before the swap
-        import triton.experimental.gluon  # noqa: F401
-    except ImportError:
-        pass
-    swapped = []
-    for name, mod in list(sys.modules.items()):
-        if name.startswith("triton.language") and isinstance(mod, types.ModuleType):
-            for attr, value in list(vars(mod).items()):
-                if isinstance(value, JITFunction):
-                    swapped.append((mod, attr, value))
-                    setattr(mod, attr, _interpreted_fn(value))
-    scopes = []
-    patch_lang = interpreter._patch_lang
-
-    def recording_patch_lang(fn):
-        scopes.append(patch_lang(fn))
-        return _DeferredScope()
-
-    interpreter._patch_lang = recording_patch_lang
-    try:
-        yield
-    finally:
-        interpreter._patch_lang = patch_lang
-        for scope in reversed(scopes):
-            scope.restore()
-        for mod, attr, value in swapped:
-            setattr(mod, attr, value)
-
-
-def _interpreted(kernel):
-    return _Interpreted(kernel)
-
-
 def _check_skip(h: torch.Tensor, m: torch.Tensor) -> None:
     torch._check(h.dim() == 4 and m.dim() == 4, lambda: "masked_skip: h and m must be 4-D")
     torch._check(m.shape[0] == h.shape[0], lambda: f"masked_skip: batch of m {tuple(m.shape)} != h {tuple(h.shape)}")
@@ -262,7 +160,7 @@ def _masked_skip_triton(h, m):
     n_hw = triton.cdiv(hh * ww, block_hw)
     c_per = _channel_split(c, block_c, n_hw * b, _target_programs(h))
     grid = (n_hw, triton.cdiv(c, c_per), b)
-    kernel = _interpreted(masked_skip_kernel) if _interpret(h) else wrap_triton(masked_skip_kernel)
+    kernel = interpreter.launcher(masked_skip_kernel) if interpreter.runs(h) else wrap_triton(masked_skip_kernel)
     kernel[grid](h, m, out, c, hh * ww, hh, ww, h0, w0, k,
                  s_hb, s_hc, s_hhw, s_mb, s_mk, s_mh, s_mw, s_ob, s_oc, s_ohw, c_per,
                  K_BLOCK=k_block, BLOCK_C=block_c, BLOCK_HW=block_hw, SAME_SIZE=same, WIN_H=win_h, WIN_W=win_w,
@@ -289,7 +187,7 @@ def _masked_sum_triton(eps, m, x_t=None, coef=None, z=None):
         s_coef = len(ref.DDPM_COEF_NAMES) if coef.dim() == 2 else 0
     k_block, block_c, block_hw = _blocks(k, c, hh * ww, _is_nhwc((s_eb, s_ec, s_ehw), c))
     grid = (triton.cdiv(hh * ww, block_hw), triton.cdiv(c, block_c), b)
-    kernel = _interpreted(masked_sum_kernel) if _interpret(eps) else wrap_triton(masked_sum_kernel)
+    kernel = interpreter.launcher(masked_sum_kernel) if interpreter.runs(eps) else wrap_triton(masked_sum_kernel)
     kernel[grid](eps, m, out, x_t if fused else out, z if z is not None else out, coef if fused else out,
                  c, hh * ww, k, s_eb, s_ec, s_ehw, s_mb, s_mk, s_mhw, s_ob, s_oc, s_ohw, *xs, *zs, s_coef,
                  K_BLOCK=k_block, BLOCK_C=block_c, BLOCK_HW=block_hw, FUSED=fused, HAS_Z=z is not None,
@@ -307,7 +205,7 @@ def _masked_dot_triton(a, x):
     c_per = _channel_split(c, block_c, n_hw * b, _target_programs(x))
     split = triton.cdiv(c, c_per)
     out = _empty((split, b, k, hh, ww), dtype=torch.float32, device=x.device)
-    kernel = _interpreted(masked_dot_kernel) if _interpret(x) else wrap_triton(masked_dot_kernel)
+    kernel = interpreter.launcher(masked_dot_kernel) if interpreter.runs(x) else wrap_triton(masked_dot_kernel)
     kernel[(n_hw, split, b)](a, x, out, c, hh * ww, k, b, s_ab, s_ac, s_ahw, s_xb, s_xc, s_xhw, c_per,
                              K_BLOCK=k_block, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=TUNING.num_warps)
     return out[0] if split == 1 else out.sum(0)

@@ -3,7 +3,7 @@
 Every kernel test runs on two backends:
   - "interp": CPU tensors through Triton's interpreter (the one TRITON_INTERPRET=1 selects); it
     needs triton installed (the project's dev extra) and is skipped, with the reason, without it.
-    The interpreter is entered per call (kernels.ops.cpu_interpreter), so this module also works
+    The interpreter is entered per call (kernels.interpreter.cpu_interpreter), so this module also works
     when the whole suite runs in one process, CUDA kernels included; running the module under
     TRITON_INTERPRET=1 works as well.
   - "cuda": the compiled kernels on a GPU, marked `gpu` and skipped without CUDA.
@@ -24,7 +24,7 @@ import torch
 from conftest import ROOT
 
 import kernels
-from kernels import ops
+from kernels import interpreter, ops
 from kernels import reference as ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -43,7 +43,7 @@ def dev(request, monkeypatch):
             pytest.skip("triton is not installed (pip install 'triton>=3.3'): no Triton interpreter")
         # tiny blocks: many programs, channel splits and partial tiles even on these small shapes
         monkeypatch.setattr(ops, "TUNING", replace(ops.TUNING, max_block_hw=16, tile_elems=256, max_block_c=4))
-        with ops.cpu_interpreter():
+        with interpreter.cpu_interpreter():
             yield "cpu"
     else:
         if not HAS_CUDA:
@@ -422,7 +422,7 @@ def test_interpreter_leaves_triton_language_intact(monkeypatch, tmp_path):
     if not ops.HAS_TRITON:
         pytest.skip("triton is not installed")
     eps, m = rand((6, 5, 3, 4), "cpu", 37), masks(2, 3, 3, 4, "cpu", 38)
-    with ops.cpu_interpreter():
+    with interpreter.cpu_interpreter():
         check(torch.ops.fdm.masked_dot(eps, rand((2, 5, 3, 4), "cpu", 39)),
               ref.masked_dot(eps, rand((2, 5, 3, 4), "cpu", 39)), torch.float32, 10.0)
         check(torch.ops.fdm.masked_sum(eps, m), ref.masked_sum(eps, m), torch.float32, 10.0)
