@@ -12,6 +12,7 @@ LFW_VAL = SHARED / "data" / "lfw" / "val"
 LFW_TRAIN = SHARED / "data" / "lfw" / "train"
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+pytest.register_assert_rewrite("helpers")  # the checks in helpers.py report their values as a test's own do
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:

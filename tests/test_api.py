@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
-from infer_helpers import smoothed_reference, tiny_checkpoint_fixture
+from helpers import smoothed_reference, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_core.checkpoint import read_checkpoint, save_checkpoint

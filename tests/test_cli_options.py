@@ -9,7 +9,7 @@ import click
 import numpy as np
 import pytest
 import torch
-from infer_helpers import Result, tiny_checkpoint_fixture
+from helpers import run_tool, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_core.checkpoint import save_checkpoint
@@ -22,20 +22,6 @@ from fdm_train.data import open_images
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 CLIS = {"fdm-train": train_cli, "fdm-export": export_cli, "fdm-infer": infer_cli}
-
-
-def run(prog, capsys, monkeypatch, *args) -> Result:
-    """A command line in-process through its console-script entry point (exit codes and one-line errors
-    as a user sees them)."""
-    monkeypatch.setattr(sys, "argv", [prog, *map(str, args)])
-    capsys.readouterr()
-    code = 0
-    try:
-        CLIS[prog].main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
 
 
 def images(folder, n, size=(20, 30)):
@@ -60,9 +46,9 @@ def options(command) -> dict[str, click.Option]:
 
 @pytest.mark.parametrize("prog", CLIS)
 def test_version_and_help_without_arguments(prog, capsys, monkeypatch):
-    r = run(prog, capsys, monkeypatch, "--version")
+    r = run_tool(capsys, monkeypatch, prog, "--version")
     assert r.code == 0 and r.out.strip() == f"{prog} {importlib.metadata.version('fdm')}"
-    r = run(prog, capsys, monkeypatch)
+    r = run_tool(capsys, monkeypatch, prog)
     assert r.code == 0 and r.out.startswith(f"Usage: {prog} ") and "Commands:" in r.out and not r.err
 
 
@@ -96,7 +82,7 @@ def test_every_command_spells_the_shared_options_the_same():
 
 
 def test_training_options_have_help_and_show_their_defaults(capsys, monkeypatch):
-    r = run("fdm-train", capsys, monkeypatch, "train", "--help")
+    r = run_tool(capsys, monkeypatch, "fdm-train", "train", "--help")
     assert r.code == 0
     text = " ".join(r.out.split())
     for fragment in ("--seed INTEGER Seed of the initial weights", "[default: 0; 0<=x<2^63]", "--save-every",
@@ -115,8 +101,8 @@ def test_train_passes_limit_threads_and_quiet_to_the_run(monkeypatch, capsys, tm
         return {"rank": 0, "step": 1, "steps_run": 1, "loss": 0.0, "checkpoint": "x"}
 
     monkeypatch.setattr(fdm_train.train, "train", fake_train)
-    r = run("fdm-train", capsys, monkeypatch, "--data", tmp_path, "-o", tmp_path / "run", "--limit", 3,
-            "--threads", 1, "-q")
+    r = run_tool(capsys, monkeypatch, "fdm-train", "--data", tmp_path, "-o", tmp_path / "run", "--limit", 3,
+                 "--threads", 1, "-q")
     assert r.code == 0, r.err
     opts = seen["opts"]
     assert (opts.limit, opts.threads, opts.progress, opts.out) == (3, 1, False, str(tmp_path / "run"))
@@ -132,8 +118,8 @@ def test_threads_reach_torch_and_onnxruntime(tiny_checkpoint, tmp_path, capsys, 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        r = run("fdm-infer", capsys, monkeypatch, "segment", images(tmp_path / "in", 1), "--model", tiny_checkpoint,
-                "-o", tmp_path / "out", "--threads", 1)
+        r = run_tool(capsys, monkeypatch, "fdm-infer", "segment", images(tmp_path / "in", 1), "--model",
+                     tiny_checkpoint, "-o", tmp_path / "out", "--threads", 1)
         assert r.code == 0, r.err
         assert torch.get_num_threads() == 1
         assert json.loads((tmp_path / "out" / "summary.json").read_text())["run"]["threads"] == 1
@@ -146,13 +132,13 @@ def test_threads_reach_torch_and_onnxruntime(tiny_checkpoint, tmp_path, capsys, 
 
 def test_limit_takes_the_first_images(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     folder = images(tmp_path / "in", 5)
-    r = run("fdm-infer", capsys, monkeypatch, "segment", folder, "--model", tiny_checkpoint, "-o", tmp_path / "out",
-            "--limit", 2)
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "segment", folder, "--model", tiny_checkpoint, "-o",
+                 tmp_path / "out", "--limit", 2)
     assert r.code == 0 and "segmented 2 image(s)" in r.out, r.err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [e["input"] for e in summary["images"]] == [str(folder / "im0.png"), str(folder / "im1.png")]
-    r = run("fdm-train", capsys, monkeypatch, "prepare-data", folder, "-o", tmp_path / "c.npy", "--image-size", 8,
-            "--limit", 3, "--workers", 1)
+    r = run_tool(capsys, monkeypatch, "fdm-train", "prepare-data", folder, "-o", tmp_path / "c.npy",
+                 "--image-size", 8, "--limit", 3, "--workers", 1)
     assert r.code == 0, r.err
     assert np.load(tmp_path / "c.npy").shape == (3, 3, 8, 8)
 
@@ -163,22 +149,24 @@ def test_a_placeholder_model_says_so_in_one_line(tmp_path, capsys, monkeypatch):
     cfg = preset("tiny-32")
     full = tmp_path / "full.safetensors"
     save_checkpoint(full, cfg, build_model(cfg).state_dict(), None, step=0)
-    r = run("fdm-train", capsys, monkeypatch, "slim", full, "-o", tmp_path / "p.safetensors", "--placeholder",
-            "untrained weights, the masks mean nothing")
+    r = run_tool(capsys, monkeypatch, "fdm-train", "slim", full, "-o", tmp_path / "p.safetensors",
+                 "--placeholder", "untrained weights, the masks mean nothing")
     assert r.code == 0, r.err
-    r = run("fdm-infer", capsys, monkeypatch, "segment", images(tmp_path / "in", 1), "--model",
-            tmp_path / "p.safetensors", "-o", tmp_path / "out")
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "segment", images(tmp_path / "in", 1), "--model",
+                 tmp_path / "p.safetensors", "-o", tmp_path / "out")
     assert r.code == 0
     assert r.err_lines == ["fdm-infer: note: p.safetensors is a placeholder model: untrained weights, the masks "
                            "mean nothing"]
-    r = run("fdm-export", capsys, monkeypatch, "onnx", tmp_path / "p.safetensors", "-o", tmp_path / "p.onnx", "-q")
+    r = run_tool(capsys, monkeypatch, "fdm-export", "onnx", tmp_path / "p.safetensors", "-o",
+                 tmp_path / "p.onnx", "-q")
     assert r.code == 0 and "parity" not in r.out, r.out
-    r = run("fdm-infer", capsys, monkeypatch, "generate", "-n", 1, "--steps", 2, "--model", tmp_path / "p.onnx",
-            "-o", tmp_path / "gen")
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "generate", "-n", 1, "--steps", 2, "--model",
+                 tmp_path / "p.onnx", "-o", tmp_path / "gen")
     assert r.code == 0 and r.err_lines == ["fdm-infer: note: p.onnx is a placeholder model: untrained weights, the "
                                            "masks mean nothing"]
     # Without the mark, nothing is said (the bundled default has none: see test_api).
-    r = run("fdm-infer", capsys, monkeypatch, "segment", tmp_path / "in", "--model", full, "-o", tmp_path / "o2")
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "segment", tmp_path / "in", "--model", full, "-o",
+                 tmp_path / "o2")
     assert r.code == 0 and not r.err
 
 
@@ -189,25 +177,26 @@ def test_interpolate_says_which_t_it_used_and_refuses_one_that_denoises_nothing(
         Image.fromarray(np.random.default_rng(len(str(path))).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
     grid = np.round(np.linspace(0, 999, 40)).astype(int)  # the 40-step schedule, independently
     used = int(grid[grid <= 250].max())
-    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--timestep", 250, "--steps", 40, "--sampler", "ddim",
-            "--mix-steps", 2, "--model", tiny_checkpoint, "-o", tmp_path / "i")
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "interpolate", a, b, "--timestep", 250, "--steps", 40,
+                 "--sampler", "ddim", "--mix-steps", 2, "--model", tiny_checkpoint, "-o", tmp_path / "i")
     assert r.code == 0, r.err
     assert r.err_lines == [f"fdm-infer: note: --timestep 250 is not a step of the 40-step schedule: interpolating from "
                            f"t={used}, its largest step at or below --timestep"]
     assert f"from t={used} " in r.out
-    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--timestep", 5, "--steps", 40, "--model",
-            tiny_checkpoint, "-o", tmp_path / "i")
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "interpolate", a, b, "--timestep", 5, "--steps", 40,
+                 "--model", tiny_checkpoint, "-o", tmp_path / "i")
     assert r.code == 1 and len(r.err_lines) == 1 and r.err_lines[0].startswith("fdm-infer: error: --timestep 5")
     assert f"give --timestep {int(grid[grid > 0].min())} or more" in r.err
-    r = run("fdm-infer", capsys, monkeypatch, "interpolate", a, b, "--timestep", 5, "--model", tiny_checkpoint, "-o",
-            tmp_path / "i", "--mix-steps", 2, "--sampler", "ddim")  # 1000 steps: t=5 is a step
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "interpolate", a, b, "--timestep", 5, "--model",
+                 tiny_checkpoint, "-o", tmp_path / "i", "--mix-steps", 2,
+                 "--sampler", "ddim")  # 1000 steps: t=5 is a step
     assert r.code == 0 and not r.err and "from t=5 " in r.out
 
 
 def test_unknown_model_suffix_is_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "model.pt").write_bytes(b"x")
-    r = run("fdm-infer", capsys, monkeypatch, "segment", images(tmp_path / "in", 1), "--model", tmp_path / "model.pt",
-            "-o", tmp_path / "out")
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "segment", images(tmp_path / "in", 1), "--model",
+                 tmp_path / "model.pt", "-o", tmp_path / "out")
     assert r.code == 1 and len(r.err_lines) == 1
     assert r.err_lines[0].startswith("fdm-infer: error: cannot tell which of the engines runs model.pt")
     assert "--engine" in r.err_lines[0]

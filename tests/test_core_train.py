@@ -1,27 +1,21 @@
 import json
+from functools import partial
 
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import write_images
+from helpers import TINY, train_options
 
 from fdm_core.checkpoint import CheckpointError, load_model, read_checkpoint
-from fdm_core.config import preset
 from fdm_core.images import DataError
 from fdm_train import train as train_module
 from fdm_train.cli import main_group
 from fdm_train.data import ImageFolder
-from fdm_train.options import TrainingError, TrainOptions
+from fdm_train.options import TrainingError
 from fdm_train.train import train
 
-TINY = preset("tiny-32", image_size=16)
-
-
-def options(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model=TINY, batch_size=4, iterations=6, save_every=100,
-                sample_every=0, log_every=2, seed=7, progress=False)
-    base.update(kw)
-    return TrainOptions(**base)
+options = partial(train_options, batch_size=4, iterations=6, save_every=100, log_every=2, seed=7)
 
 
 def states(path):

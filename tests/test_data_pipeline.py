@@ -1,32 +1,26 @@
 """The input pipeline: DataLoader workers (same batches, bad files still counted) and the pre-decoded
 uint8 cache of `fdm-train prepare-data` (same pixels, same training run as the JPEG/PNG folder)."""
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import write_images
+from helpers import train_options
 
 from fdm_core.checkpoint import read_checkpoint
-from fdm_core.config import preset
 from fdm_core.images import DataError
 from fdm_train.cli import main_group
 from fdm_train.data import ImageCache, ImageFolder, ShardedBatches, make_loader, open_images
-from fdm_train.options import TrainOptions
 from fdm_train.train import train
-
-TINY = preset("tiny-32", image_size=16)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def options(data, out, **kw):
-    base = {"data": str(data), "out": str(out), "model": TINY, "batch_size": 4, "iterations": 4, "save_every": 100,
-            "sample_every": 0, "log_every": 2, "seed": 3, "progress": False, "workers": 0, "device": "cpu"}
-    base.update(kw)
-    return TrainOptions(**base)
+options = partial(train_options, batch_size=4, iterations=4, save_every=100, log_every=2, seed=3, workers=0,
+                  device="cpu")
 
 
 def with_bad_files(folder):

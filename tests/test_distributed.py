@@ -3,30 +3,24 @@ against single-process references with the same global batch and seed."""
 import json
 import os
 import socket
-from contextlib import contextmanager
+from functools import partial
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import write_images
+from helpers import TINY, train_options
 
 from fdm_core.checkpoint import read_checkpoint
-from fdm_core.config import preset
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.model import build_model
 from fdm_train.data import EpochOrder, ShardedBatches, split_sizes
 from fdm_train.distributed import NOISE_CHUNK, step_draws
-from fdm_train.options import TrainingError, TrainOptions
+from fdm_train.options import TrainingError
 from fdm_train.train import _micro_batches, train
 
-TINY = preset("tiny-32", image_size=16)
-
-
-def options(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model=TINY, batch_size=8, iterations=4, save_every=100,
-                sample_every=0, log_every=1, seed=11, lr=1e-3, progress=False, workers=0, device="cpu")
-    base.update(kw)
-    return TrainOptions(**base)
+options = partial(train_options, batch_size=8, iterations=4, save_every=100, log_every=1, seed=11, lr=1e-3,
+                  workers=0, device="cpu")
 
 
 def free_port() -> int:
@@ -35,23 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def threads(n: int):
-    """torchrun runs each worker with OMP_NUM_THREADS=1; a reference meant to agree bit for bit does too."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every process here computes single-threaded, as torchrun's workers do (OMP_NUM_THREADS=1): on a
-    busy 2-core machine, 2-thread CPU kernels are slower by far, and equal thread counts give equal bits."""
-    with threads(1):
-        yield
+# Every process here computes single-threaded, as torchrun's workers do (OMP_NUM_THREADS=1): on a busy 2-core
+# machine, 2-thread CPU kernels are slower by far, and equal thread counts give equal bits.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rank_main(rank, world, runs):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from infer_helpers import run_infer, tiny_checkpoint_fixture
+from helpers import run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_core.images import shift_offset, translate

@@ -4,20 +4,21 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import LFW_VAL, perturb
+from conftest import LFW_VAL
+from helpers import Result, make_checkpoint
+from helpers import assert_one_line_error as one_line_error
 from onnx import TensorProto, helper
 from PIL import Image
 
-from fdm_core.checkpoint import save_checkpoint
 from fdm_core.config import preset
 from fdm_core.errors import UserError
-from fdm_core.model import build_model
 from fdm_export import cli as export_cli
 from fdm_export.onnx_export import export_onnx
 from fdm_export.trt_build import build_plan
@@ -30,11 +31,9 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA = torch.cuda.is_available()
 
 
-def make_checkpoint(path: Path, cfg, seed=0):
-    torch.manual_seed(seed)
-    model = perturb(build_model(cfg), seed=seed).eval()
-    save_checkpoint(path, cfg, model.state_dict(), None, step=11)
-    return model
+def checkpoint(path: Path, cfg, seed=0):
+    """A checkpoint of step 11 whose initial weights depend on `seed` alone."""
+    return make_checkpoint(path, seed, config=cfg, step=11, seed_torch=True)
 
 
 def inputs(cfg, batch, seed):
@@ -50,13 +49,13 @@ def tiny(tmp_path_factory):
     """A tiny-32 checkpoint with random non-zero weights and its fp32 ONNX export (parity check off:
     the tests below do their own)."""
     folder = tmp_path_factory.mktemp("export")
-    model = make_checkpoint(folder / "tiny.safetensors", TINY)
+    model = checkpoint(folder / "tiny.safetensors", TINY)
     export_onnx(folder / "tiny.safetensors", folder / "tiny.onnx", check=False)
     return model, folder / "tiny.safetensors", folder / "tiny.onnx"
 
 
 def run_cli(argv, capsys):
-    """fdm-export in-process, through its run_cli wrapper: (exit code, stdout, stderr)."""
+    """fdm-export in-process, through its run_cli wrapper: a Result (exit code, stdout, stderr)."""
     old = sys.argv
     sys.argv = ["fdm-export", *map(str, argv)]
     try:
@@ -67,16 +66,10 @@ def run_cli(argv, capsys):
     finally:
         sys.argv = old
     out = capsys.readouterr()
-    return code, out.out, out.err
+    return Result(code, out.out, out.err)
 
 
-def assert_one_line_error(code, err, *needles):
-    assert code == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fdm-export: error:"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0]
+assert_one_line_error = partial(one_line_error, code=1, prog="fdm-export")
 
 
 # ------------------------------------------------------------------------------------------ ONNX parity
@@ -124,7 +117,7 @@ def test_config_travels_in_onnx_metadata(tiny):
 ], ids=["K2-16-classes", "K2-32", "mask-mid", "concat", "no-share", "plain", "region-codes", "mask-scale"])
 def test_non_default_configs_export_without_flags(tmp_path, capsys, overrides):
     cfg = TINY.replace(**overrides)
-    model = make_checkpoint(tmp_path / "m.safetensors", cfg, seed=3)
+    model = checkpoint(tmp_path / "m.safetensors", cfg, seed=3)
     code, out, err = run_cli(["onnx", tmp_path / "m.safetensors", "-o", tmp_path / "m.onnx"], capsys)
     assert code == 0, err
     assert "parity (onnxruntime CPU vs PyTorch fp32, max abs error): batch 1: eps" in out
@@ -173,8 +166,8 @@ def test_fp16_export_is_close_and_bf16_is_written_unchecked(tiny, tmp_path, caps
 def test_parity_check_failure_writes_nothing(tiny, tmp_path, capsys):
     _, ckpt, _ = tiny
     # An impossible tolerance makes the built-in check fail: one line, exit 1, no file.
-    code, out, err = run_cli(["onnx", ckpt, "-o", tmp_path / "x.onnx", "--tolerance", "1e-12"], capsys)
-    assert_one_line_error(code, err, "parity check failed")
+    r = run_cli(["onnx", ckpt, "-o", tmp_path / "x.onnx", "--tolerance", "1e-12"], capsys)
+    assert_one_line_error(r, "parity check failed")
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -211,8 +204,7 @@ def test_corrupt_or_foreign_onnx_is_a_one_line_error(tiny, tmp_path, capsys, nam
     if name == "foreign.onnx":
         assert "not an fdm ONNX export" in message
     # through the CLI: building a plan from it
-    code, _, err = run_cli(["trt", path, "-o", tmp_path / "x.plan"], capsys)
-    assert_one_line_error(code, err, str(path))
+    assert_one_line_error(run_cli(["trt", path, "-o", tmp_path / "x.plan"], capsys), str(path))
     assert not (tmp_path / "x.plan").exists()
 
 
@@ -246,10 +238,9 @@ def _write(path, data):
 
 def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 100)
-    code, _, err = run_cli(["onnx", tmp_path / "bad.safetensors", "-o", tmp_path / "x.onnx"], capsys)
-    assert_one_line_error(code, err, "bad.safetensors")
-    code, _, err = run_cli(["onnx", tmp_path / "missing.safetensors"], capsys)
-    assert_one_line_error(code, err, "checkpoint not found")
+    r = run_cli(["onnx", tmp_path / "bad.safetensors", "-o", tmp_path / "x.onnx"], capsys)
+    assert_one_line_error(r, "bad.safetensors")
+    assert_one_line_error(run_cli(["onnx", tmp_path / "missing.safetensors"], capsys), "checkpoint not found")
 
 
 def test_console_script_prints_one_line_for_a_corrupt_file(tmp_path):
@@ -265,10 +256,10 @@ def test_console_script_prints_one_line_for_a_corrupt_file(tmp_path):
 
 def test_missing_tensorrt_is_a_one_line_error(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
-    code, _, err = run_cli(["trt", tiny[2], "-o", tmp_path / "m.plan"], capsys)
-    assert_one_line_error(code, err, "pip install tensorrt")
-    assert MISSING_TENSORRT in err and not (tmp_path / "m.plan").exists()
-    assert "--engine" not in err and "fdm-infer" in err  # fdm-infer's options are named as fdm-infer's
+    r = run_cli(["trt", tiny[2], "-o", tmp_path / "m.plan"], capsys)
+    assert_one_line_error(r, "pip install tensorrt")
+    assert MISSING_TENSORRT in r.err and not (tmp_path / "m.plan").exists()
+    assert "--engine" not in r.err and "fdm-infer" in r.err  # fdm-infer's options are named as fdm-infer's
     # A well-formed plan file: the engine gets as far as needing TensorRT, and says so.
     plan = _write(tmp_path / "m.plan", pack_plan({"format": "fdm-trt-v1", "config": TINY.to_json()}, b"engine"))
     with pytest.raises(TensorRTError, match="pip install tensorrt"):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import write_images
+from helpers import make_checkpoint, train_options
 from PIL import Image
 
 from fdm_core.checkpoint import read_checkpoint
-from fdm_core.config import preset
 from fdm_core.errors import UserError
 from fdm_train.cli import main_group
-from fdm_train.options import TrainOptions
 from fdm_train.run_folder import (
     CHECKPOINT,
     PREVIOUS_CHECKPOINT,
@@ -187,46 +187,41 @@ def test_sigkill_during_a_checkpoint_write_then_resume_auto(data, reference, tmp
     assert logged_steps(out) == list(range(1, ITERATIONS + 1))
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_resume_modes_and_broken_files(data, tmp_path):
-    small = dict(model=preset("tiny-32", image_size=16), batch_size=4, iterations=2, save_every=1,
-                 sample_every=0, progress=False, workers=0, device="cpu", seed=5)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        # auto on a folder without a run starts one
-        fresh = train(TrainOptions(data=str(data), out=str(tmp_path / "a"), resume="auto", **small))
-        assert fresh["step"] == 2
-        names = sorted(p.name for p in (tmp_path / "a").iterdir())
-        assert {CHECKPOINT, TRAINING_STATE, PREVIOUS_CHECKPOINT, PREVIOUS_STATE} <= set(names)
-        assert [p[0] for p in complete_checkpoints(tmp_path / "a")] == [2, 1]
+    small = partial(train_options, data, batch_size=4, iterations=2, save_every=1, workers=0, device="cpu",
+                    seed=5)
+    # auto on a folder without a run starts one
+    fresh = train(small(tmp_path / "a", resume="auto"))
+    assert fresh["step"] == 2
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert {CHECKPOINT, TRAINING_STATE, PREVIOUS_CHECKPOINT, PREVIOUS_STATE} <= set(names)
+    assert [p[0] for p in complete_checkpoints(tmp_path / "a")] == [2, 1]
 
-        # A truncated latest checkpoint (as a non-atomic copy leaves it) is passed over for the previous pair.
-        blob = (tmp_path / "a" / CHECKPOINT).read_bytes()
-        (tmp_path / "a" / CHECKPOINT).write_bytes(blob[: len(blob) // 2])
-        assert [p[0] for p in complete_checkpoints(tmp_path / "a")] == [1]
-        again = train(TrainOptions(data=str(data), out=str(tmp_path / "a"), resume="auto",
-                                   **dict(small, iterations=3)))
-        assert again["step"] == 3 and weights(tmp_path / "a")[1] == 3
+    # A truncated latest checkpoint (as a non-atomic copy leaves it) is passed over for the previous pair.
+    blob = (tmp_path / "a" / CHECKPOINT).read_bytes()
+    (tmp_path / "a" / CHECKPOINT).write_bytes(blob[: len(blob) // 2])
+    assert [p[0] for p in complete_checkpoints(tmp_path / "a")] == [1]
+    again = train(small(tmp_path / "a", resume="auto", iterations=3))
+    assert again["step"] == 3 and weights(tmp_path / "a")[1] == 3
 
-        # Files of two different saves never make a pair, even at the same step.
-        train(TrainOptions(data=str(data), out=str(tmp_path / "b"), **small))
-        train(TrainOptions(data=str(data), out=str(tmp_path / "c"), **dict(small, lr=1e-2)))
-        for name in (PREVIOUS_CHECKPOINT, PREVIOUS_STATE):
-            (tmp_path / "b" / name).unlink()
-        (tmp_path / "b" / TRAINING_STATE).write_bytes((tmp_path / "c" / TRAINING_STATE).read_bytes())
-        assert complete_checkpoints(tmp_path / "b") == []
-        with pytest.raises(UserError, match="disagree"):
-            train(TrainOptions(data=str(data), out=str(tmp_path / "b"), resume=True, **small))
-        # ... and so does --resume auto, deleting nothing; --overwrite starts a new run there.
-        before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()}
-        with pytest.raises(UserError, match="disagree"):
-            train(TrainOptions(data=str(data), out=str(tmp_path / "b"), resume="auto", **small))
-        assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()} == before
-        renewed = train(TrainOptions(data=str(data), out=str(tmp_path / "b"), resume="auto", overwrite=True, **small))
-        assert renewed["step"] == 2
-        assert [p[0] for p in complete_checkpoints(tmp_path / "b")] == [2, 1]
-    finally:
-        torch.set_num_threads(old)
+    # Files of two different saves never make a pair, even at the same step.
+    train(small(tmp_path / "b"))
+    train(small(tmp_path / "c", lr=1e-2))
+    for name in (PREVIOUS_CHECKPOINT, PREVIOUS_STATE):
+        (tmp_path / "b" / name).unlink()
+    (tmp_path / "b" / TRAINING_STATE).write_bytes((tmp_path / "c" / TRAINING_STATE).read_bytes())
+    assert complete_checkpoints(tmp_path / "b") == []
+    with pytest.raises(UserError, match="disagree"):
+        train(small(tmp_path / "b", resume=True))
+    # ... and so does --resume auto, deleting nothing; --overwrite starts a new run there.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="disagree"):
+        train(small(tmp_path / "b", resume="auto"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()} == before
+    renewed = train(small(tmp_path / "b", resume="auto", overwrite=True))
+    assert renewed["step"] == 2
+    assert [p[0] for p in complete_checkpoints(tmp_path / "b")] == [2, 1]
 
 
 def _children(pid: int) -> list[int]:
@@ -346,8 +341,6 @@ def decodes(path: Path) -> bool:
 
 
 def test_sigkill_while_segment_rewrites_a_complete_folder(tmp_path):
-    from infer_helpers import make_checkpoint
-
     images, out, model = tmp_path / "in", tmp_path / "out", tmp_path / "ck.safetensors"
     write_images(images, 4, size=48)
     make_checkpoint(model)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import perturb
-from infer_helpers import run_infer, tiny_checkpoint_fixture
+from helpers import run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_core.checkpoint import save_checkpoint

@@ -1,6 +1,7 @@
 """`fdm-infer segment` and the segmentation core: against an independent reference, on the LFW val
 images, on every image mode, and on the bad input a new user would try."""
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import LFW_VAL, ROOT
-from infer_helpers import make_checkpoint, run_infer, smoothed_reference, tiny_checkpoint_fixture
+from helpers import assert_one_line_error as one_line_error
+from helpers import images_and_masks, make_checkpoint, run_infer, smoothed_reference, tiny_checkpoint_fixture
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -203,13 +205,7 @@ def test_foreground_and_channel_view(tiny_checkpoint, tmp_path, capsys, monkeypa
 
 
 def test_segment_and_evaluate_choose_the_same_foreground(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    rng = np.random.default_rng(5)
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"i{i}.png")
-        Image.fromarray(rng.integers(0, 3, (32, 32), dtype=np.uint8)).save(masks / f"i{i}.png")
+    images, masks = images_and_masks(tmp_path, 6)
     r = run_infer(capsys, monkeypatch, "segment", images, "--checkpoint", tiny_checkpoint, "--out", tmp_path / "seg",
                   "--foreground")
     assert r.code == 0, r.err
@@ -234,12 +230,7 @@ def good_images(folder: Path, n: int = 3) -> list[Path]:
     return paths
 
 
-def assert_one_line_error(r, *fragments):
-    assert r.code == 1, (r.code, r.err)
-    assert len(r.err_lines) == 1, r.err
-    assert r.err_lines[0].startswith("fdm-infer: error:") and "Traceback" not in r.err
-    for fragment in fragments:
-        assert fragment in r.err_lines[0], r.err
+assert_one_line_error = partial(one_line_error, code=1, prog="fdm-infer")
 
 
 def test_bad_files_are_skipped_with_a_warning_and_the_rest_written(tiny_checkpoint, tmp_path, capsys, monkeypatch):

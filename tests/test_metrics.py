@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import LFW_VAL
-from infer_helpers import make_checkpoint, run_infer, tiny_checkpoint_fixture
+from helpers import make_checkpoint, run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_infer.eval.metrics import (

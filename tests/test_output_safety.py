@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_images
-from infer_helpers import make_checkpoint, run_infer
+from helpers import make_checkpoint, run_infer, run_tool, snapshot
 from PIL import Image
-from test_safety import run_tool, snapshot
 
 from fdm_core.errors import UserError
 from fdm_infer.images import save_labels, save_png

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from infer_helpers import run_infer, tiny_checkpoint_fixture
+from helpers import images_and_masks, run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_core.visualize import PALETTE
@@ -101,13 +101,7 @@ def test_json_summary_maps_every_input_to_its_files(tiny_checkpoint, tmp_path, c
 
 
 def test_label_pngs_show_colors_and_evaluate_reads_their_indices(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    rng = np.random.default_rng(5)
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"i{i}.png")
-        Image.fromarray(rng.integers(0, 3, (32, 32), dtype=np.uint8)).save(masks / f"i{i}.png")
+    images, masks = images_and_masks(tmp_path, 5)
     r = run_infer(capsys, monkeypatch, "segment", images, "--model", tiny_checkpoint, "-o", tmp_path / "seg",
                   "--save-soft")
     assert r.code == 0, r.err

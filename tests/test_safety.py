@@ -4,25 +4,25 @@ input with a traceback."""
 import dataclasses
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import write_images
-from infer_helpers import Result, make_checkpoint, run_infer
+from helpers import assert_one_line_error as one_line_error
+from helpers import make_checkpoint, run_infer, run_tool, snapshot, train_options
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fdm_core.checkpoint import CheckpointError, load_model, load_training_state
-from fdm_core.config import preset
 from fdm_core.errors import UserError
 from fdm_core.util import atomic_write
-from fdm_train.options import TrainingError, TrainOptions
+from fdm_train.options import TrainingError
 from fdm_train.run_folder import CHECKPOINT, LOCK, TRAINING_STATE, _state_id
 from fdm_train.train import train
 
@@ -43,45 +43,16 @@ def checkpoint(tmp_path):
     return path
 
 
-def run_tool(capsys, monkeypatch, prog: str, *args) -> Result:
-    """A command line of fdm-train / fdm-export through its real entry point (one-line errors, exit codes)."""
-    from fdm_export.cli import main as export_main
-    from fdm_train.cli import main as train_main
-
-    monkeypatch.setattr(sys, "argv", [prog, *map(str, args)])
-    capsys.readouterr()
-    code = 0
-    try:
-        {"fdm-train": train_main, "fdm-export": export_main}[prog]()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
-
-
 def train_args(data, out, *extra):
     return ["--data", data, "--out", out, "--preset", "tiny-32", "--image-size", 16, "--batch-size", 2,
             "--iterations", 2, "--save-every", 2, "--sample-every", 0, "--workers", 0, "--device", "cpu", *extra]
 
 
-def options(data, out, **kw):
-    base = {"data": str(data), "out": str(out), "model": preset("tiny-32", image_size=16), "batch_size": 2,
-            "iterations": 2, "save_every": 2, "sample_every": 0, "progress": False, "workers": 0, "device": "cpu"}
-    return TrainOptions(**{**base, **kw})
+options = partial(train_options, batch_size=2, iterations=2, save_every=2, workers=0, device="cpu")
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_one_line_error(r: Result, *words: str, code: int | None = None) -> None:
-    """A nonzero exit and one line of error: the tool's own, or Click's usage error (after its usage lines)."""
-    assert r.code != 0 and (code is None or r.code == code), (r.code, r.err)
-    progress = re.compile(r"\d+/\d+ \[")  # a progress bar the command had started
-    lines = [line for line in r.err_lines if not line.startswith(("Usage:", "Try '")) and not progress.search(line)]
-    assert "Traceback" not in r.err and len(lines) == 1, r.err
-    for word in words:
-        assert word in lines[0], r.err
+# A nonzero exit and one line of error: the tool's own, or Click's usage error (after its usage lines).
+assert_one_line_error = partial(one_line_error, usage=True)
 
 
 # ----- nothing unpickles code -----

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 from conftest import write_images
-from infer_helpers import make_checkpoint, run_infer
+from helpers import make_checkpoint, run_infer, train_options
 
 from fdm_train.cli import main_group as train_group
 from fdm_train.run_folder import TRAINING_STATE
@@ -459,14 +459,12 @@ def test_usage_errors_and_the_tools_own_errors_read_alike(tmp_path, capsys, monk
 
 def test_training_a_finished_run_through_the_api_returns_its_weights(tmp_path):
     from fdm_core.checkpoint import read_checkpoint
-    from fdm_core.config import preset
     from fdm_train.options import TrainOptions
     from fdm_train.train import train
 
     data = tmp_path / "images"
     write_images(data, 4)
-    options = TrainOptions(data=str(data), out=str(tmp_path / "run"), model=preset("tiny-32", image_size=16),
-                           batch_size=4, iterations=1, sample_every=0, progress=False, workers=0)
+    options = train_options(data, tmp_path / "run", batch_size=4, iterations=1, workers=0)
     first = train(options)
     again = train(TrainOptions(**{**options.__dict__, "resume": "auto", "iterations": None}))
     assert again["finished_before"] and again["step"] == 1 and again["parameters"] == first["parameters"]
