@@ -89,8 +89,8 @@ def measure_sample(settings: dict) -> float:
     """Seconds of one DDIM run (median of the repeats, after one untimed run)."""
     from fdm_core.config import preset
     from fdm_infer.engines.torch_engine import TorchEngine
-    from fdm_infer.generate import generate
     from fdm_infer.measure import random_model
+    from fdm_infer.sampling import generate
 
     engine = TorchEngine.from_model(random_model(preset("tiny-32")), device="cpu")
 

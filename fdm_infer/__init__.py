@@ -3,9 +3,6 @@
 
 import fdm_core  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
 from fdm_core.errors import UserError
-
-# Bound after the submodules load, so that `fdm_infer.generate` is the API's function (the sampling
-# code stays importable as before: `from fdm_infer.generate import ...`).
 from fdm_infer.api import Generation, ImageSegmentation, Segmentation, Segmenter, generate
 
 __all__ = ["Generation", "ImageSegmentation", "Segmentation", "Segmenter", "UserError", "generate"]

@@ -44,9 +44,6 @@ from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
 from fdm_infer.engines import open_model, placeholder_note
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import ChannelPresence
-from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
-from fdm_infer.generate import check_steps, diffusion_for, write_samples
-from fdm_infer.generate import generate as sample
 from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs
 from fdm_infer.outputs import DEFAULT_OUT as SEGMENT_OUT
 from fdm_infer.outputs import (
@@ -61,6 +58,9 @@ from fdm_infer.outputs import (
     summary,
     summary_json,
 )
+from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
+from fdm_infer.sampling import check_steps, diffusion_for, write_samples
+from fdm_infer.sampling import generate as sample
 from fdm_infer.segment import (
     DEFAULT_SMOOTH,
     DEFAULT_T,

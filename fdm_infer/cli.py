@@ -21,7 +21,6 @@ from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
 from fdm_core.errors import SEED, FiniteFloatRange, run_cli
 from fdm_infer.bench import VARIANTS
 from fdm_infer.eval.cli import EVAL_COMMANDS
-from fdm_infer.generate import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.options import (
     describe,
     engine_options,
@@ -33,6 +32,7 @@ from fdm_infer.options import (
     warn_line,
 )
 from fdm_infer.outputs import DEFAULT_OUT as SEGMENT_OUT
+from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -130,7 +130,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     from fdm_core.util import check_writable_folder
     from fdm_core.visualize import mask_statistics
     from fdm_infer import api
-    from fdm_infer.generate import class_labels, diffusion_for
+    from fdm_infer.sampling import class_labels, diffusion_for
 
     engine, path = load_engine(engine_kind, model_file, device, threads)
     check_writable_folder(Path(out))
@@ -199,8 +199,8 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     frame_NN.png / frame_NN_labels.png."""
     from fdm_core.diffusion import GaussianDiffusion
     from fdm_core.util import check_writable_folder
-    from fdm_infer.generate import class_labels, interpolation_start, load_pair, write_interpolation
-    from fdm_infer.generate import interpolate as run
+    from fdm_infer.sampling import class_labels, interpolation_start, load_pair, write_interpolation
+    from fdm_infer.sampling import interpolate as run
 
     diffusion = GaussianDiffusion()
     t_start = interpolation_start(diffusion, steps, t)

@@ -19,8 +19,8 @@ from fdm_core.errors import UserError
 from fdm_core.model import build_model
 from fdm_infer import Segmenter, generate
 from fdm_infer.engines import DEFAULT_MODEL, engine_for, open_model
-from fdm_infer.generate import generate as sample
 from fdm_infer.rle import decode
+from fdm_infer.sampling import generate as sample
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 

@@ -2,22 +2,22 @@
 image (`--padding`) and training images moved by random offsets (`--shift-augment`), each checked
 against a hand-written reference."""
 import dataclasses
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import TINY, train_options
 
 from fdm_core.checkpoint import load_model, save_checkpoint
-from fdm_core.config import ModelConfig, preset
+from fdm_core.config import ModelConfig
 from fdm_core.images import shift_offset
 from fdm_core.model import build_model
 from fdm_train.data import shifted_batch
-from fdm_train.options import TrainingError, TrainOptions
+from fdm_train.options import TrainingError
 from fdm_train.train import train
-
-TINY = preset("tiny-32", image_size=16)
 
 
 @pytest.mark.parametrize("mode", ["replicate", "reflect"])
@@ -66,10 +66,7 @@ def test_shifted_batch_moves_each_row_by_its_own_offset():
     assert torch.equal(shifted_batch(images, 0.3, 11, 20)[2:], shifted_batch(images[2:], 0.3, 11, 22))
 
 
-def options(data, out, **kw):
-    base = dict(data=str(data), out=str(out), model=TINY, batch_size=4, iterations=4, save_every=100,
-                sample_every=0, log_every=2, seed=3, progress=False, shift_augment=0.25)
-    return TrainOptions(**{**base, **kw})
+options = partial(train_options, batch_size=4, iterations=4, save_every=100, log_every=2, seed=3, shift_augment=0.25)
 
 
 def test_training_with_moved_images_resumes_exactly(image_folder, tmp_path, one_thread):

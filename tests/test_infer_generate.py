@@ -12,7 +12,7 @@ from fdm_core.config import preset
 from fdm_core.model import build_model
 from fdm_infer.engines import open_engine
 from fdm_infer.engines.torch_engine import TorchEngine
-from fdm_infer.generate import generate, interpolate
+from fdm_infer.sampling import generate, interpolate
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 
@@ -145,7 +145,7 @@ def test_interpolate_writes_its_strip(tiny_checkpoint, tmp_path, capsys, monkeyp
     # Frame 0 (lambda = 0) depends on A alone, the last frame on B alone: swapping the other end
     # changes neither. Checked on the tensors, without the PNG rounding.
     engine = open_engine("torch", tiny_checkpoint, device="cpu")
-    from fdm_infer.generate import load_pair
+    from fdm_infer.sampling import load_pair
     xa, xb = load_pair(engine, a, b)
     _, xc = load_pair(engine, a, c)
     for mix in ("linear", "slerp"):

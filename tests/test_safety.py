@@ -755,7 +755,7 @@ def test_export_bounds_the_parity_check_batches(checkpoint, tmp_path, capsys, mo
 
 def test_the_sample_grid_shows_a_bounded_number_of_samples(tmp_path):
     from fdm_core.diffusion import SampleResult
-    from fdm_infer.generate import GRID_SAMPLES, write_samples
+    from fdm_infer.sampling import GRID_SAMPLES, write_samples
 
     n = GRID_SAMPLES + 6
     result = SampleResult(torch.zeros(n, 3, 8, 8), torch.full((n, 3, 8, 8), 1 / 3), [])
@@ -768,9 +768,7 @@ def test_the_sample_grid_shows_a_bounded_number_of_samples(tmp_path):
 def test_generate_refuses_a_batch_larger_than_the_memory(checkpoint, tmp_path, capsys, monkeypatch):
     """The batch's memory estimate against the device's: with 1 GiB, a tiny model's batch of 256 is refused
     before sampling, naming a batch that fits; a batch of 8 runs."""
-    import importlib
-
-    generation = importlib.import_module("fdm_infer.generate")  # the module; fdm_infer.generate is the API's
+    from fdm_infer import sampling as generation
 
     monkeypatch.setattr(generation, "device_memory", lambda device: 2**30)
     r = run_infer(capsys, monkeypatch, "generate", "--model", checkpoint, "-n", 256, "--batch-size", 256,

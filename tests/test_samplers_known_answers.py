@@ -1,7 +1,7 @@
 """The samplers on known answers, independent of any trained model.
 
 1. Analytic denoisers. For data whose distribution is known, the optimal eps-prediction E[eps | x_t] has a
-   closed form at every t. Fed to `fdm_infer.generate.generate` (the code path of `fdm-infer generate`)
+   closed form at every t. Fed to `fdm_infer.sampling.generate` (the code path of `fdm-infer generate`)
    through an engine whose K decoder branches are combined by the masked sum (one-hot masks, every branch
    wrong outside its own region), the samples must have the data's statistics.
 2. diffusers. The same denoiser, noise and timesteps through diffusers' DDPMScheduler / DDIMScheduler give
@@ -18,7 +18,7 @@ import kernels
 from fdm_core.config import preset
 from fdm_core.diffusion import CLIP_MODES, DYNAMIC_MAX, DYNAMIC_RATIO, GaussianDiffusion
 from fdm_infer.engines.base import Engine
-from fdm_infer.generate import generate
+from fdm_infer.sampling import generate
 
 SIZE, K = 8, 3
 DIFFUSION = GaussianDiffusion()

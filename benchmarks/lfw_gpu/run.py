@@ -404,7 +404,7 @@ def train_plain(args) -> dict:
 def sample_both(args, fdm_ckpt: Path, plain_ckpt: Path, device: torch.device, out: Path, extra: Path) -> dict:
     from fdm_core.visualize import images_to_uint8, mask_statistics
     from fdm_infer.engines.torch_engine import TorchEngine
-    from fdm_infer.generate import generate, image_mask_grid
+    from fdm_infer.sampling import generate, image_mask_grid
 
     res = {}
     for name, ckpt in (("fdm", fdm_ckpt), ("plain", plain_ckpt)):

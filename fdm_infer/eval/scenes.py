@@ -106,7 +106,7 @@ def generation_scores(images: np.ndarray, labels: np.ndarray, readout: np.ndarra
 def generate_and_score(engine, n: int = 64, *, clip: str = "static", seed: int = 0) -> dict:
     """`generation_scores` of n scenes the engine's model generates (DDIM 50 steps), read out as `segment` does."""
     from fdm_core.visualize import images_to_uint8
-    from fdm_infer.generate import generate
+    from fdm_infer.sampling import generate
     from fdm_infer.segment import segment_tensor
 
     result, _ = generate(engine, n, steps=50, sampler="ddim", clip=clip, seed=seed, batch_size=64)
