@@ -418,7 +418,7 @@ def test_bad_numbers_elsewhere_are_one_line(checkpoint, data, tmp_path, capsys, 
 
     with pytest.raises(ExportError, match="positive number"):
         export_onnx(checkpoint, tmp_path / "m.onnx", tolerance=float("nan"))
-    with pytest.raises(TrainingError, match="EMA decay"):
+    with pytest.raises(TrainingError, match=r"^ema_decay must be a number at least 0 and below 1, got -5$"):
         train(options(data, tmp_path / "run", ema_decay=-5))
     for device, words in (("bogus", "unknown device 'bogus'"), ("cuda:999", "not available here")):
         r = run_infer(capsys, monkeypatch, "segment", data, "--checkpoint", checkpoint, "--out", tmp_path / "o",

@@ -76,7 +76,7 @@ def test_piped_generate_prints_plain_progress_lines_with_rate_and_eta(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("generate (ddpm): ")]
     assert "\r" not in proc.stderr
     # The first step's line, with the rate and the time left; the last line, all steps done.
-    assert re.fullmatch(r"generate \(ddpm\): 1/100 step \(1%\), [0-9.e+]+ step/s, ETA \d+s", lines[0]), lines
+    assert re.fullmatch(r"generate \(ddpm\): 1/100 step \(1%\), [0-9.e+]+ step/s, ETA (\d+h)?(\d+m)?\d+s", lines[0]), lines
     assert re.fullmatch(r"generate \(ddpm\): 100/100 step \(100%\), [0-9.e+]+ step/s, \d+s in all", lines[-1]), lines
 
 
