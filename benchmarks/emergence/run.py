@@ -45,6 +45,9 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "codes-t2-replicate": ({"region_codes": True, "padding": "replicate"}, {"t_power": 2.0}),
     "codes-t2-shift": ({"region_codes": True}, {"t_power": 2.0, "shift_augment": 0.2}),
     "codes-t2-replicate-shift": ({"region_codes": True, "padding": "replicate"}, {"t_power": 2.0, "shift_augment": 0.2}),
+    "codes-t2-scale2-replicate": ({"region_codes": True, "mask_scale": 2, "padding": "replicate"}, {"t_power": 2.0}),
+    "codes-t2-scale2-replicate-shift": ({"region_codes": True, "mask_scale": 2, "padding": "replicate"},
+                                        {"t_power": 2.0, "shift_augment": 0.2}),
 }
 
 
@@ -62,18 +65,19 @@ def main(argv=None) -> None:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--train-scenes", type=int, default=20_000)
     p.add_argument("--val-scenes", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed (weights, noise, batches); the scenes are the same for every seed")
     p.add_argument("--out", default="runs/emergence")
     a = p.parse_args(argv)
 
     overrides, options = RECIPES[a.recipe]
     regions = KINDS[a.kind]
     cfg = preset(a.preset, image_size=a.size, num_regions=regions, **overrides)
-    run = Path(a.out) / f"{a.kind}{a.size}-{a.recipe}"
+    run = Path(a.out) / (f"{a.kind}{a.size}-{a.recipe}" + (f"-seed{a.seed}" if a.seed else ""))
     data = Path(a.out) / f"scenes-{a.kind}{a.size}.npy"
     if not data.exists():
-        write_scenes(data, a.kind, a.train_scenes, a.size, seed=a.seed)
-    val_images, val_labels = make_scenes(a.kind, a.val_scenes, a.size, seed=a.seed + 1000)
+        write_scenes(data, a.kind, a.train_scenes, a.size, seed=0)
+    val_images, val_labels = make_scenes(a.kind, a.val_scenes, a.size, seed=1000)
     curve_path = run / "curve.jsonl"
     trained = 0.0
     step = 0
@@ -82,7 +86,7 @@ def main(argv=None) -> None:
         trained, step = last["train_seconds"], last["step"]
     recipe = {"recipe": a.recipe, "kind": a.kind, "size": a.size, "preset": a.preset, "config": overrides,
               "options": options, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
-              "threads": torch.get_num_threads()}
+              "seed": a.seed, "threads": torch.get_num_threads()}
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     model = build_model(cfg)
