@@ -19,6 +19,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[t
 DDPMStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor,
                      "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
+NUM_TIMESTEPS = 1000  # T: the length of the forward process every model here is trained for
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 # PREDICTIONS, what the network predicts: the noise eps (the paper, eq. 8) or v = sqrt(abar) eps -
 # sqrt(1 - abar) x0 (Salimans & Ho 2022). At t near T an eps-model's x0 = (x_t - sqrt(1 - abar) eps) /
@@ -38,7 +39,7 @@ class SampleResult:
 
 
 class GaussianDiffusion:
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+    def __init__(self, num_timesteps: int = NUM_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02,
                  prediction: str = "eps"):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS, GaussianDiffusion, SampleResult
+from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, NUM_TIMESTEPS, SAMPLERS, SampleResult
 from fdm_core.errors import SEED, UserError
 from fdm_core.images import MAX_PIXELS
 from fdm_core.util import DEFAULT_THREADS
@@ -114,7 +114,7 @@ class Segmenter:
     def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
                  max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, load_seconds: float = 0.0):
-        check_settings(t, ensemble, smooth, GaussianDiffusion().num_timesteps)
+        check_settings(t, ensemble, smooth, NUM_TIMESTEPS)
         if not (batch_size >= 1 and max_pixels >= 1):  # `not >=`: NaN is refused too
             raise UserError(f"batch_size and max_pixels must be at least 1, got {batch_size} and {max_pixels}",
                             ("batch_size", "max_pixels"))
@@ -357,8 +357,7 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     The same seed, n, batch_size, steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record
     the predicted images and masks along the reverse process (saved as trajectory.png). `progress` is
     called with 1 after every step."""
-    diffusion = GaussianDiffusion()
-    check_steps(diffusion, steps)
+    check_steps(steps)
     check_seed(seed)
     if not (n >= 1 and batch_size >= 1):
         raise UserError(f"`n` and `batch_size` must be at least 1, got {n} and {batch_size}", ("n", "batch_size"))

@@ -29,7 +29,7 @@ import torch
 import kernels
 from fdm_core.checkpoint import load_model
 from fdm_core.config import preset
-from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.diffusion import DEFAULT_CLIP, GaussianDiffusion
 from fdm_core.model import count_flops
 from fdm_core.util import atomic_write, json_text, one_line, pick_device
 from fdm_infer.engines.torch_engine import TorchEngine
@@ -203,14 +203,15 @@ def measure(engine, variant: Variant, model, batches, device, repeats, budget_s,
         emit(row)
 
 
-def sampler_step(engine, diffusion: GaussianDiffusion, images: int, cfg, device):
+def sampler_step(engine, diffusion: GaussianDiffusion, images: int, cfg, device, clip: str):
     """One DDPM step of `diffusion.sample`, the code generation runs (the engine's fused step where it
-    has one)."""
+    has one and `clip` allows it: static or none; dynamic thresholding steps unfused)."""
     x = torch.randn(images, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
-    return lambda: diffusion.sample(engine.denoise, x.shape, steps=1, x_T=x, device=device, step=engine.ddpm_step)
+    return lambda: diffusion.sample(engine.denoise, x.shape, steps=1, x_T=x, device=device, step=engine.ddpm_step,
+                                    clip=clip)
 
 
-def sampling_entries(name, model, chosen: list[Variant], device, repeats, budget_s, images, steps, log,
+def sampling_entries(name, model, chosen: list[Variant], device, repeats, budget_s, images, steps, clip, log,
                      engines: dict) -> list[dict]:
     """One sampling step of the fused fp32 and of the fastest variant; a whole run on the fastest.
     `engines`: those of the measurements, by variant key, used again (compiled and captured already)."""
@@ -221,19 +222,20 @@ def sampling_entries(name, model, chosen: list[Variant], device, repeats, budget
     picks = [] if fast is None else [v for v in chosen if v.key == "fused" or v is fast]
     entries = []
     for variant in picks:
-        entry = {"preset": name, "variant": variant.label, "images": images, "steps": steps}
+        entry = {"preset": name, "variant": variant.label, "images": images, "steps": steps, "clip": clip}
         try:
             engine = engines.get(variant.key) or open_variant(variant, model, device)
-            entry["step_ms"] = median_ms(sampler_step(engine, diffusion, images, cfg, device), device, warmup=2,
+            entry["step_ms"] = median_ms(sampler_step(engine, diffusion, images, cfg, device, clip), device, warmup=2,
                                          repeats=max(3, repeats // 4), budget_s=budget_s)
             if variant is picks[-1]:
                 # captures and compiles the shapes of the run (noise and last, noiseless step) beforehand
-                diffusion.sample(engine.denoise, shape, steps=2, device=device, step=engine.ddpm_step)
+                diffusion.sample(engine.denoise, shape, steps=2, device=device, step=engine.ddpm_step, clip=clip)
                 g = torch.Generator(device=device).manual_seed(0)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                diffusion.sample(engine.denoise, shape, steps=steps, device=device, generator=g, step=engine.ddpm_step)
+                diffusion.sample(engine.denoise, shape, steps=steps, device=device, generator=g, step=engine.ddpm_step,
+                                 clip=clip)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 entry["total_s"] = time.perf_counter() - start
@@ -297,7 +299,7 @@ def describe_plan(device: torch.device, plan: dict, chosen: list[Variant], budge
 
 def run(preset_names: list[str] | None = None, batches: list[int] | None = None, variant_keys: list[str] | None = None,
         device: str = "auto", repeats: int = 30, budget_s: float = 10.0, sample_images: int | None = None,
-        sample_steps: int | None = None, sampling: bool = True, plain: bool = True, onnx_max_batch: int | None = None,
+        sample_steps: int | None = None, clip: str = DEFAULT_CLIP, sampling: bool = True, plain: bool = True, onnx_max_batch: int | None = None,
         log=print, on_update=None, checkpoint: str | Path | None = None, plan: str | Path | None = None) -> dict:
     """The benchmark; `on_update(result)` after every measurement (so that a run cut short keeps its rows).
     Presets, batches and the whole run's images and steps not given are the device's (PLANS). Ctrl-C (or
@@ -315,7 +317,8 @@ def run(preset_names: list[str] | None = None, batches: list[int] | None = None,
               "settings": {"presets": preset_names, "model": None if checkpoint is None else str(checkpoint),
                            "plan": None if plan is None else str(plan), "batches": batches,
                            "variants": [v.key for v in chosen], "repeats": repeats, "budget_s": budget_s,
-                           "sample_images": sample_images, "sample_steps": sample_steps},
+                           "sample_images": sample_images, "sample_steps": sample_steps,
+                           "clip": clip},
               "rows": [], "sampling": []}
     update = on_update or (lambda r: None)
     log(describe_plan(device, planned, chosen, budget_s, sampling, checkpoint, None if plan is None else Path(plan)))
@@ -330,14 +333,14 @@ def run(preset_names: list[str] | None = None, batches: list[int] | None = None,
                    plan=None if plan is None else Path(plan), emit=emit)
     try:
         _measure_all(result, preset_names, checkpoint, plain, chosen, device, context, sampling, repeats, budget_s,
-                     sample_images, sample_steps, log, update)
+                     sample_images, sample_steps, clip, log, update)
     except KeyboardInterrupt:
         result["interrupted"] = True
     return result
 
 
 def _measure_all(result, preset_names, checkpoint, plain, chosen, device, context, sampling, repeats, budget_s,
-                 sample_images, sample_steps, log, update) -> None:
+                 sample_images, sample_steps, clip, log, update) -> None:
     for name, models in models_to_measure(preset_names, checkpoint, plain):
         kept = {}  # the main model's engines that the sampling runs again
         keep = {"fused", getattr(fastest(chosen, device), "key", None)}
@@ -351,7 +354,7 @@ def _measure_all(result, preset_names, checkpoint, plain, chosen, device, contex
                     engine.close()
             if sampling and index == 0:  # before the plain U-Net: a run cut short keeps it
                 result["sampling"] += sampling_entries(name, model, chosen, device, repeats, budget_s,
-                                                       sample_images, sample_steps, log, kept)
+                                                       sample_images, sample_steps, clip, log, kept)
                 update(result)
             kept.clear()
         del models, kept
@@ -422,7 +425,10 @@ def markdown(result: dict) -> str:
                      f"{_num(r.get('err_eps'), '.1e')} | {_num(r.get('err_masks'), '.1e')} | "
                      f"{_num(r.get('peak_mem_mb'), '.0f')} | {r['status']} |")
     if result["sampling"]:
-        lines += ["", "| preset | variant | images | ms / step | seconds for the run | images/s | status |",
+        clip = result["settings"].get("clip", DEFAULT_CLIP)
+        lines += ["", f"DDPM sampling, x0 bounded by `--clip {clip}`"
+                      f"{' (steps unfused)' if clip == 'dynamic' else ''}:", "",
+                  "| preset | variant | images | ms / step | seconds for the run | images/s | status |",
                   "|---|---|---|---|---|---|---|"]
         for s in result["sampling"]:
             if "total_s" in s:

@@ -17,11 +17,12 @@ from fdm_core.cli_options import (
     version_option,
 )
 from fdm_core.config import PRESETS
-from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
+from fdm_core.diffusion import SAMPLERS
 from fdm_core.errors import SEED, FiniteFloatRange, run_cli
 from fdm_infer.bench import VARIANTS
 from fdm_infer.eval.cli import EVAL_COMMANDS
 from fdm_infer.options import (
+    clip_option,
     describe,
     engine_options,
     exit_if_failed,
@@ -107,10 +108,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic, e.g. with --steps 50; dpm++: "
                    "DPM-Solver++(2M), deterministic and second order, e.g. with --steps 20.")
-@click.option("--clip", type=click.Choice(CLIP_MODES), default=DEFAULT_CLIP, show_default=True,
-              help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: "
-                   "dynamic thresholds it per sample (Imagen; the lowest FID measured), static clamps it (as the "
-                   "original DDPM code), none leaves it as predicted (samples can run out of range and saturate).")
+@clip_option
 @click.option("--seed", type=SEED, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
                                                   "--steps and --sampler give the same images.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Samples per forward pass.")
@@ -181,10 +179,7 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
               help="Steps of the full schedule (only those at or below --timestep run).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic.")
-@click.option("--clip", type=click.Choice(CLIP_MODES), default=DEFAULT_CLIP, show_default=True,
-              help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: "
-                   "dynamic thresholds it per sample (Imagen; the lowest FID measured), static clamps it (as the "
-                   "original DDPM code), none leaves it as predicted (samples can run out of range and saturate).")
+@clip_option
 @click.option("--seed", type=SEED, default=0, help="Seed of the forward noise and of the reverse process.")
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
               help="Class, for class-conditional models [default: none].")
@@ -244,6 +239,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
               help="Images of the whole DDPM run [default: 64 on a GPU, 4 on a CPU].")
 @click.option("--sample-steps", type=click.IntRange(1, 1000), default=None,
               help="Steps of the whole DDPM run [default: 1000 on a GPU, 50 on a CPU].")
+@clip_option
 @click.option("--no-sampling", is_flag=True, help="No sampling step and no whole run.")
 @click.option("--no-plain", is_flag=True, help="Without the plain U-Net beside.")
 @click.option("--onnx-max-batch", type=click.IntRange(1), default=None,
@@ -259,7 +255,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
               help="Output folder: write bench.json and bench.md into it [default: none].")
 @click.option("--smoke", is_flag=True, help="tiny-32, batches 1 and 2, 3 repeats, 2 images x 5 sampling steps.")
 @quiet_option
-def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, sample_images, sample_steps,
+def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, sample_images, sample_steps, clip,
           no_sampling, no_plain, onnx_max_batch, device, threads, json_path, md_path, out_dir, smoke, quiet):
     """Latency and throughput of the inference variants, from naive eager fp32 (K decoder calls) to
     bf16 + torch.compile + CUDA graphs + Triton kernels, onnxruntime and TensorRT (--plan); each checked
@@ -281,7 +277,7 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     for output in outputs:  # before the measurements, not after
         check_writable_file(output)
     result = benchmark.run(list(presets) or None, list(batches) or None, list(variant_keys) or None, device=device, repeats=repeats,
-                           budget_s=budget_s, sample_images=sample_images, sample_steps=sample_steps,
+                           budget_s=budget_s, sample_images=sample_images, sample_steps=sample_steps, clip=clip,
                            sampling=not no_sampling, plain=not no_plain, onnx_max_batch=onnx_max_batch,
                            log=lambda line: None if quiet else click.echo(line, err=True), checkpoint=checkpoint,
                            plan=plan,

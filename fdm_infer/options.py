@@ -7,6 +7,7 @@ import sys
 import click
 
 from fdm_core.cli_options import quiet_option, threads_option
+from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP
 from fdm_core.errors import SEED
 from fdm_infer.engines import ENGINES
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
@@ -24,6 +25,13 @@ def engine_options(f):
                           ".plan/.engine) [default: the bundled LFW 32x32 checkpoint]. --checkpoint is another "
                           "name for it.")(f)
     return f
+
+
+clip_option = click.option(
+    "--clip", type=click.Choice(CLIP_MODES), default=DEFAULT_CLIP, show_default=True,
+    help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: dynamic "
+         "thresholds it per sample (Imagen; the lowest FID measured), static clamps it (as the original DDPM "
+         "code), none leaves it as predicted (samples can run out of range and saturate).")
 
 
 def segmentation_options(f):

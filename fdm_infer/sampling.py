@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdm_core.diffusion import DEFAULT_CLIP, GaussianDiffusion, SampleResult
+from fdm_core.diffusion import DEFAULT_CLIP, NUM_TIMESTEPS, GaussianDiffusion, SampleResult
 from fdm_core.errors import UserError
 from fdm_core.util import check_not_input, check_writable_folder
 from fdm_core.visualize import colorize, grid, images_to_uint8
@@ -26,16 +26,16 @@ def diffusion_for(engine: Engine) -> GaussianDiffusion:
     return GaussianDiffusion(prediction=engine.config.prediction)
 
 
-def check_steps(diffusion: GaussianDiffusion, steps: int) -> None:
-    if not 1 <= steps <= diffusion.num_timesteps:
-        raise UserError(f"`steps` must be between 1 and {diffusion.num_timesteps}, got {steps}", ("steps",))
+def check_steps(steps: int) -> None:
+    if not 1 <= steps <= NUM_TIMESTEPS:
+        raise UserError(f"`steps` must be between 1 and {NUM_TIMESTEPS}, got {steps}", ("steps",))
 
 
 def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int:
     """The step an interpolation to noise level t starts from: the largest step of the `steps`-step
     schedule at or below t. One line when that is 0: the images would be mixed without noise and
     nothing denoised."""
-    check_steps(diffusion, steps)
+    check_steps(steps)
     if not 0 < t < diffusion.num_timesteps:
         raise UserError(f"`t` must be between 1 and {diffusion.num_timesteps - 1}, got {t}", ("t",))
     seq = diffusion.timesteps(steps)

@@ -21,20 +21,21 @@ from fdm_core.images import (
     shift_offset,
     to_float,
     to_uint8,
-    translate,
 )
 from fdm_core.util import atomic_write, check_not_input, check_writable_file
 
 
 def shifted_batch(images: torch.Tensor, max_fraction: float, seed: int, first_row: int) -> torch.Tensor:
-    """uint8 images [B, 3, S, S], rows first_row.. of a global batch, each moved by its own offset
-    (`shift_offset`, seeded by (seed, row)), edges replicated: a row gets the same offset whichever device
-    holds it and after any resume."""
-    out = images.clone()
-    for i in range(images.shape[0]):
-        dy, dx = shift_offset(tuple(images.shape[-2:]), max_fraction, seed, first_row + i)
-        out[i] = torch.from_numpy(translate(images[i].permute(1, 2, 0).numpy(), dy, dx)).permute(2, 0, 1)
-    return out
+    """Images [B, C, H, W], rows first_row.. of a global batch, each moved by its own offset
+    (`shift_offset`, seeded by (seed, row)) as `translate` moves one, edges replicated: a row gets the same
+    offset whichever device holds it and after any resume. One gather on the images' device."""
+    b, c, h, w = images.shape
+    dev = images.device
+    offsets = torch.tensor([shift_offset((h, w), max_fraction, seed, first_row + i) for i in range(b)], device=dev)
+    rows = (torch.arange(h, device=dev) - offsets[:, :1]).clamp(0, h - 1)
+    cols = (torch.arange(w, device=dev) - offsets[:, 1:]).clamp(0, w - 1)
+    return images[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
 
 
 class ImageFolder(torch.utils.data.Dataset):

@@ -495,10 +495,11 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
             window.wait += time.perf_counter() - wait_start
             bad.add(new_bad)
             run.order.next_batch(opts.batch_size)
+            x_u8 = x_u8.to(run.device, non_blocking=True)
             if opts.shift_augment:
                 x_u8 = shifted_batch(x_u8, opts.shift_augment, derived_seed("shift", run.data_seed, run.step),
                                      run.rank_start)
-            x_all = to_float(x_u8.to(run.device, non_blocking=True))
+            x_all = to_float(x_u8)
             y_all = y_all.to(run.device, non_blocking=True) if run.cfg.num_classes else None
             last_loss, masks = _train_step(run, x_all, y_all)
             window.images += opts.batch_size

@@ -82,3 +82,30 @@ def test_threads_benchmark_measures_in_a_process_with_the_threads_asked():
                               "configurations": [(1, "default")], "rows": rows})
     assert "| train | 1 | default | 20.00 images/s | 4.00 images/s | 5.0x slower |" in table
     assert "| sample | 1 | default | 0.100 s | 1.500 s | 15.0x slower |" in table
+
+
+def test_sampling_step_is_fused_unless_dynamic_thresholding_needs_the_quantile():
+    from types import SimpleNamespace
+
+    from fdm_core.config import preset
+    from fdm_core.diffusion import GaussianDiffusion
+    from fdm_infer.bench import sampler_step
+
+    cfg = preset("tiny-32")
+    calls = {"denoise": 0, "step": 0}
+
+    def denoise(x, t, y):
+        calls["denoise"] += 1
+        return torch.zeros_like(x), torch.ones(x.shape[0], 2, *x.shape[2:])
+
+    def ddpm_step(x, t, y, coef, z):
+        calls["step"] += 1
+        return x, torch.ones(x.shape[0], 2, *x.shape[2:])
+
+    engine = SimpleNamespace(denoise=denoise, ddpm_step=ddpm_step)
+    expected = {"static": {"denoise": 0, "step": 1}, "none": {"denoise": 0, "step": 1},
+                "dynamic": {"denoise": 1, "step": 0}}
+    for clip, counts in expected.items():
+        calls.update(denoise=0, step=0)
+        sampler_step(engine, GaussianDiffusion(), 2, cfg, torch.device("cpu"), clip)()
+        assert calls == counts, clip

@@ -2,6 +2,8 @@
 
     python benchmarks/emergence/report.py --runs runs/emergence --out benchmarks/emergence
 writes results.json (every run's recipe and curve), curves_<kind><size>.png and prints the Markdown table.
+Runs already in OUT/results.json and absent from RUNS are kept (a run folder need not outlive its machine);
+a run in RUNS replaces the stored one of the same name.
 """
 from __future__ import annotations
 
@@ -73,10 +75,13 @@ def main(argv=None) -> None:
     p.add_argument("--runs", default="runs/emergence")
     p.add_argument("--out", default="benchmarks/emergence")
     a = p.parse_args(argv)
-    runs = load_runs(Path(a.runs))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(runs, indent=1) + "\n")
+    stored = out / "results.json"
+    runs = {r["name"]: r for r in (json.loads(stored.read_text()) if stored.exists() else [])}
+    runs.update({r["name"]: r for r in load_runs(Path(a.runs))})
+    runs = [runs[name] for name in sorted(runs)]
+    stored.write_text(json.dumps(runs, indent=1) + "\n")
     plot(runs, out)
     print(table(runs))
 
