@@ -48,7 +48,8 @@ def model_options(f):
                           "upsampled bilinearly) [default: 1, full resolution, as in the paper].")(f)
     f = click.option("--padding", type=click.Choice(PADDINGS), default=None,
                      help="How the convolutions fill the image border: zeros (the paper's) let the network tell "
-                          "where the border is, replicate and reflect repeat the image [default: zeros].")(f)
+                          "where the border is, replicate and reflect repeat the image [default: zeros; with "
+                          "--init, the checkpoint's].")(f)
     f = click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
                      help="Model size: paper-64/paper-128 as in the paper, small-*/tiny-* for CPUs.")(f)
     return f
@@ -152,7 +153,8 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
                       prediction=prediction or DEFAULT_PREDICTION)
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
-                                        compile=compile_, progress=not quiet, prediction=prediction, **kwargs))
+                                        compile=compile_, progress=not quiet, prediction=prediction,
+                                        padding=padding, **kwargs))
     if summary["rank"] == 0 and not summary.get("finished_before"):
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
 

@@ -258,7 +258,8 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
             cfg = (opts.model or ModelConfig()).replace(prediction=opts.prediction)
             return _Start(cfg, replaces=replaces, data_seed=opts.seed)
         cfg, states, _ = read_checkpoint(opts.init)
-        return _Start(cfg.replace(prediction=opts.prediction), replaces=replaces, data_seed=opts.seed,
+        cfg = cfg.replace(prediction=opts.prediction, padding=opts.padding)
+        return _Start(cfg, replaces=replaces, data_seed=opts.seed,
                       init=states["ema"])
     if ctx.main:
         _, _, cfg, states, meta, state = found

@@ -66,6 +66,17 @@ def test_shifted_batch_moves_each_row_by_its_own_offset():
     assert torch.equal(shifted_batch(images, 0.3, 11, 20)[2:], shifted_batch(images[2:], 0.3, 11, 22))
 
 
+def test_a_fine_tune_can_switch_a_zero_padded_model_to_replicate_padding(image_folder, tmp_path, one_thread):
+    from fdm_core.checkpoint import read_checkpoint
+
+    save_checkpoint(tmp_path / "zeros.safetensors", TINY, build_model(TINY).state_dict(), None, step=0)
+    for padding, expected in ((None, "zeros"), ("replicate", "replicate")):
+        out = tmp_path / f"fine-{padding}"
+        train(train_options(image_folder, out, init=str(tmp_path / "zeros.safetensors"), padding=padding,
+                            batch_size=2, iterations=1, save_every=100))
+        assert read_checkpoint(out / "checkpoint.safetensors")[0].padding == expected
+
+
 options = partial(train_options, batch_size=4, iterations=4, save_every=100, log_every=2, seed=3, shift_augment=0.25)
 
 

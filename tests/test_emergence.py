@@ -17,6 +17,7 @@ from fdm_core.config import preset
 from fdm_core.model import build_model
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.eval.scenes import generate_and_score
+from fdm_train.data import shifted_batch
 from fdm_train.options import TrainOptions
 from fdm_train.synth import make_scenes, write_scenes
 from fdm_train.train import train
@@ -61,6 +62,30 @@ def test_masks_follow_the_object_after_a_short_training(scenes_model):
     result = score(model, images, labels, with_usefulness=False)
     assert result["iou"][1] >= MIN_OBJECT_IOU, result
     assert result["mask_entropy"] < 0.95, result
+
+
+def test_masks_follow_the_object_when_the_scenes_move(scenes_model):
+    """The same scenes, each image and its labels moved by up to a quarter of the image (edges replicated,
+    as `evaluate --shift` and `--shift-augment` move them): masks read from the content keep their score; the
+    scenes' position prior (each pixel's most frequent training label, the same mask for every image) cannot
+    find an object that can be anywhere."""
+    images, labels = make_scenes("a", 256, SIZE, seed=1000)
+    moved = shifted_batch(torch.from_numpy(images), 0.25, seed=7, first_row=0).numpy()
+    moved_labels = shifted_batch(torch.from_numpy(labels)[:, None], 0.25, seed=7, first_row=0)[:, 0].numpy()
+    assert (moved_labels != labels).mean() > 0.05  # the objects did move
+    result = score(scenes_model, moved, moved_labels, with_usefulness=False)
+    assert result["iou"][1] >= MIN_OBJECT_IOU, result
+
+    _, train_labels = make_scenes("a", 2000, SIZE, seed=0)
+    prior = torch.from_numpy(np.stack([(train_labels == c).mean(0) for c in range(2)]).argmax(0))
+
+    class PositionPrior(torch.nn.Module):
+        def forward(self, x, t, y=None):
+            return torch.zeros_like(x), torch.nn.functional.one_hot(prior, 2).permute(2, 0, 1).float().expand(
+                len(x), 2, SIZE, SIZE)
+
+    fixed = score(PositionPrior(), moved, moved_labels, with_usefulness=False)
+    assert fixed["iou"][1] < MIN_OBJECT_IOU - 0.2, fixed
 
 
 def test_a_blind_split_scores_low():
