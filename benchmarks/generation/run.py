@@ -130,11 +130,18 @@ def cmd_scenes(args) -> None:
     from fdm_train.synth import write_scenes
     from fdm_train.train import train
 
-    work = Path(args.work) / f"scenes_a{args.size}_s{args.seed}_{args.prediction}"
+    sys.path.insert(0, str(ROOT / "benchmarks" / "emergence"))
+    from score import score
+
+    from fdm_train.synth import make_scenes
+
+    shape = "" if (args.padding, args.mask_downsample) == ("zeros", 1) else f"_{args.padding}_m{args.mask_downsample}"
+    work = Path(args.work) / f"scenes_a{args.size}_s{args.seed}_{args.prediction}{shape}"
     data = work / "scenes.npy"
     if not data.is_file():
         write_scenes(data, "a", 20_000, args.size, seed=args.seed)
-    cfg = preset("tiny-32", image_size=args.size, num_regions=2, region_codes=True, prediction=args.prediction)
+    cfg = preset("tiny-32", image_size=args.size, num_regions=2, region_codes=True, prediction=args.prediction,
+                 padding=args.padding, mask_scale=args.mask_downsample)
     start = time.perf_counter()
     if not (work / "run" / "checkpoint.safetensors").is_file() or args.steps:
         train(TrainOptions(data=str(data), out=str(work / "run"), model=cfg, batch_size=32, iterations=args.steps,
@@ -142,14 +149,18 @@ def cmd_scenes(args) -> None:
                            progress=False, workers=0, seed=args.seed, overwrite=True))
     train_seconds = time.perf_counter() - start
     trained, _, _ = load_model(work / "run" / "checkpoint.safetensors", weights="ema")
+    val_images, val_labels = make_scenes("a", 256, args.size, seed=1000)
     for name, model in (("trained", trained), ("untrained", build_model(cfg))):
         engine = TorchEngine.from_model(model.eval(), device="cpu")
         scores = generate_and_score(engine, args.n, clip=args.clip)
-        suffix = "" if args.prediction == "eps" else f"/{args.prediction}"
+        # the other half: the same model segmenting held-out real scenes (the emergence study's figure)
+        scores["segmentation_object_iou"] = score(model, val_images, val_labels, with_usefulness=False)["iou"][1]
+        suffix = ("" if args.prediction == "eps" else f"/{args.prediction}") + shape.replace("_", "/")
         record(f"scenes/a{args.size}/{name}/steps{args.steps}/tpow{args.timestep_power}/seed{args.seed}/{args.clip}{suffix}",
                {**scores, "prediction": args.prediction, "train_steps": args.steps if name == "trained" else 0,
                 "train_seconds": round(train_seconds, 1) if name == "trained" else 0, "sampler": "ddim50",
-                "clip": args.clip, "t_power": args.timestep_power})
+                "clip": args.clip, "t_power": args.timestep_power, "padding": args.padding,
+                "mask_downsample": args.mask_downsample})
 
 
 @torch.no_grad()
@@ -219,6 +230,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", default="static")
     p.add_argument("--prediction", default="eps", choices=["eps", "v"])
+    p.add_argument("--padding", default="zeros", choices=["zeros", "replicate", "reflect"])
+    p.add_argument("--mask-downsample", type=int, default=1)
     p.add_argument("-n", type=int, default=128)
     p.set_defaults(fn=cmd_scenes)
     p = sub.add_parser("eps-error")
