@@ -299,7 +299,8 @@ def describe_plan(device: torch.device, plan: dict, chosen: list[Variant], budge
 
 def run(preset_names: list[str] | None = None, batches: list[int] | None = None, variant_keys: list[str] | None = None,
         device: str = "auto", repeats: int = 30, budget_s: float = 10.0, sample_images: int | None = None,
-        sample_steps: int | None = None, clip: str = DEFAULT_CLIP, sampling: bool = True, plain: bool = True, onnx_max_batch: int | None = None,
+        sample_steps: int | None = None, clip: str = DEFAULT_CLIP, sampling: bool = True, plain: bool = True,
+        onnx_max_batch: int | None = None,
         log=print, on_update=None, checkpoint: str | Path | None = None, plan: str | Path | None = None) -> dict:
     """The benchmark; `on_update(result)` after every measurement (so that a run cut short keeps its rows).
     Presets, batches and the whole run's images and steps not given are the device's (PLANS). Ctrl-C (or

@@ -56,8 +56,8 @@ class TrainOptions:
     # What a fresh run's network predicts (PREDICTIONS), over the model config's or --init's; None: theirs.
     # A resumed run keeps its own.
     prediction: str | None = None
-    # How a fresh run from --init fills the convolutions' border (PADDINGS), over the checkpoint's config: the
-    # weights are the same, so a zero-padded model can be fine-tuned to replicate padding. None: its own.
+    # How a fresh run's convolutions fill the border (PADDINGS), over the model config's or --init's: the
+    # weights are the same, so a zero-padded model can be fine-tuned to replicate padding. None: theirs.
     padding: str | None = None
     threads: int | None = DEFAULT_THREADS  # torch's CPU threads (None: torch's own choice)
 

@@ -254,13 +254,12 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
     if error is not None:
         raise error
     if choice is None:
+        # prediction and padding change no weight's shape: a fresh run may set them over the config or --init's
+        overrides = dict(prediction=opts.prediction, padding=opts.padding)
         if opts.init is None:
-            cfg = (opts.model or ModelConfig()).replace(prediction=opts.prediction)
-            return _Start(cfg, replaces=replaces, data_seed=opts.seed)
+            return _Start((opts.model or ModelConfig()).replace(**overrides), replaces=replaces, data_seed=opts.seed)
         cfg, states, _ = read_checkpoint(opts.init)
-        cfg = cfg.replace(prediction=opts.prediction, padding=opts.padding)
-        return _Start(cfg, replaces=replaces, data_seed=opts.seed,
-                      init=states["ema"])
+        return _Start(cfg.replace(**overrides), replaces=replaces, data_seed=opts.seed, init=states["ema"])
     if ctx.main:
         _, _, cfg, states, meta, state = found
     else:

@@ -135,8 +135,9 @@ def cmd_scenes(args) -> None:
 
     from fdm_train.synth import make_scenes
 
-    shape = "" if (args.padding, args.mask_downsample) == ("zeros", 1) else f"_{args.padding}_m{args.mask_downsample}"
-    work = Path(args.work) / f"scenes_a{args.size}_s{args.seed}_{args.prediction}{shape}"
+    # the model's layout, named in the work folder and the record's key only where it is not the default
+    layout = [] if (args.padding, args.mask_downsample) == ("zeros", 1) else [args.padding, f"m{args.mask_downsample}"]
+    work = Path(args.work) / "_".join([f"scenes_a{args.size}", f"s{args.seed}", args.prediction, *layout])
     data = work / "scenes.npy"
     if not data.is_file():
         write_scenes(data, "a", 20_000, args.size, seed=args.seed)
@@ -155,7 +156,7 @@ def cmd_scenes(args) -> None:
         scores = generate_and_score(engine, args.n, clip=args.clip)
         # the other half: the same model segmenting held-out real scenes (the emergence study's figure)
         scores["segmentation_object_iou"] = score(model, val_images, val_labels, with_usefulness=False)["iou"][1]
-        suffix = ("" if args.prediction == "eps" else f"/{args.prediction}") + shape.replace("_", "/")
+        suffix = "".join(f"/{part}" for part in ([] if args.prediction == "eps" else [args.prediction]) + layout)
         record(f"scenes/a{args.size}/{name}/steps{args.steps}/tpow{args.timestep_power}/seed{args.seed}/{args.clip}{suffix}",
                {**scores, "prediction": args.prediction, "train_steps": args.steps if name == "trained" else 0,
                 "train_seconds": round(train_seconds, 1) if name == "trained" else 0, "sampler": "ddim50",
