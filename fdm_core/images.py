@@ -91,10 +91,14 @@ def shift_offset(size: tuple[int, int], max_fraction: float, seed: int, index: i
     return int(rng.integers(-limit_y, limit_y, endpoint=True)), int(rng.integers(-limit_x, limit_x, endpoint=True))
 
 
+def source_pixels(positions, offset, size: int):
+    """For each output position (numpy or torch integers) of a line moved by `offset` pixels, the source
+    position it copies: positions uncovered by the move repeat the nearest edge pixel (replicate padding)."""
+    return (positions - offset).clip(0, size - 1)
+
+
 def translate(array: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """`array` [H, W, ...] moved down by dy and right by dx pixels (negative: up / left); the pixels
     uncovered repeat the nearest edge pixel of the original (replicate padding)."""
     h, w = array.shape[:2]
-    rows = np.clip(np.arange(h) - dy, 0, h - 1)
-    cols = np.clip(np.arange(w) - dx, 0, w - 1)
-    return array[rows[:, None], cols]
+    return array[source_pixels(np.arange(h), dy, h)[:, None], source_pixels(np.arange(w), dx, w)]

@@ -19,6 +19,7 @@ from fdm_core.images import (
     fit_square,
     load_rgb,
     shift_offset,
+    source_pixels,
     to_float,
     to_uint8,
 )
@@ -32,8 +33,8 @@ def shifted_batch(images: torch.Tensor, max_fraction: float, seed: int, first_ro
     b, c, h, w = images.shape
     dev = images.device
     offsets = torch.tensor([shift_offset((h, w), max_fraction, seed, first_row + i) for i in range(b)], device=dev)
-    rows = (torch.arange(h, device=dev) - offsets[:, :1]).clamp(0, h - 1)
-    cols = (torch.arange(w, device=dev) - offsets[:, 1:]).clamp(0, w - 1)
+    rows = source_pixels(torch.arange(h, device=dev), offsets[:, :1], h)
+    cols = source_pixels(torch.arange(w, device=dev), offsets[:, 1:], w)
     return images[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
 
