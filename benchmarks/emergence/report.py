@@ -27,6 +27,11 @@ def object_iou(point: dict) -> float:
     return sum(point["iou"][1:]) / len(point["iou"][1:])
 
 
+def label(run: dict) -> str:
+    """The recipe, and the training seed where it is not 0."""
+    return run["recipe"] + (f" (seed {run['seed']})" if run.get("seed") else "")
+
+
 def table(runs: list[dict]) -> str:
     lines = ["| scenes | recipe | steps | images | train min | object IoU | best | mIoU | entropy | shares | "
              "usefulness t<100 / 100-300 / 300-600 / 600+ |",
@@ -36,7 +41,7 @@ def table(runs: list[dict]) -> str:
         best = max(object_iou(p) for p in r["curve"])
         use = " / ".join(f"{v:+.4f}" for v in last["usefulness"].values())
         shares = "/".join(f"{s:.2f}" for s in last["region_share"])
-        lines.append(f"| {r['kind']}{r['size']} | {r['recipe']} | {last['step']} | {last['images']:,} | "
+        lines.append(f"| {r['kind']}{r['size']} | {label(r)} | {last['step']} | {last['images']:,} | "
                      f"{last['train_seconds'] / 60:.1f} | {object_iou(last):.3f} | {best:.3f} | {last['miou']:.3f} | "
                      f"{last['mask_entropy']:.3f} | {shares} | {use} |")
     return "\n".join(lines)
@@ -54,8 +59,8 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
         fig, (ax_iou, ax_h) = plt.subplots(1, 2, figsize=(10, 3.6))
         for r in group:
             x = [p["images"] / 1000 for p in r["curve"]]
-            ax_iou.plot(x, [object_iou(p) for p in r["curve"]], marker=".", label=r["recipe"])
-            ax_h.plot(x, [p["mask_entropy"] for p in r["curve"]], marker=".", label=r["recipe"])
+            ax_iou.plot(x, [object_iou(p) for p in r["curve"]], marker=".", label=label(r))
+            ax_h.plot(x, [p["mask_entropy"] for p in r["curve"]], marker=".", label=label(r))
         ax_iou.set(xlabel="images seen (thousands)", ylabel="object IoU (EMA, t=30)", ylim=(0, 1),
                    title=f"scenes {scenes}")
         ax_h.set(xlabel="images seen (thousands)", ylabel="mask entropy / log K", ylim=(0, 1))
