@@ -195,8 +195,11 @@ def prepare_data(folder, output, size, limit, workers, quiet):
 @click.option("--image-size", "size", type=click.IntRange(8, 1024), default=32, show_default=True,
               help="Image size S (S x S).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="The scenes are a function of the seed.")
+@click.option("--empty", type=FiniteFloatRange(0, 1), default=0.0, show_default=True,
+              help="Probability that a scene has no object (its background alone, labels 0): training data "
+                   "on which a model can learn that not every image holds an object.")
 @quiet_option
-def synth(output, kind, count, size, seed, quiet):
+def synth(output, kind, count, size, seed, empty, quiet):
     """Write seeded synthetic scenes with known region masks: data on which segmentation must emerge and
     can be scored (benchmarks/emergence)."""
     from fdm_train.synth import MAX_DRAW_BYTES, masks_path, peak_bytes, write_scenes
@@ -204,8 +207,9 @@ def synth(output, kind, count, size, seed, quiet):
     if peak_bytes(count, size) > MAX_DRAW_BYTES:
         raise click.UsageError(f"{count} scenes of {size}x{size} need about {peak_bytes(count, size) / 1e9:.1f} GB "
                                f"while drawn, over {MAX_DRAW_BYTES >> 30} GiB; write fewer")
-    write_scenes(output, kind, count, size, seed)
-    click.echo(f"{output}: {count} scenes of kind {kind}, {size}x{size}; labels in {masks_path(output)}")
+    write_scenes(output, kind, count, size, seed, empty)
+    click.echo(f"{output}: {count} scenes of kind {kind}, {size}x{size}" + (f", {empty:.0%} without objects" if empty else "")
+               + f"; labels in {masks_path(output)}")
 
 
 @main_group.command()

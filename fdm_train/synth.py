@@ -87,10 +87,15 @@ def _two_tone(pattern: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray
     return c0 + (c1 - c0) * pattern[:, None].astype(np.float32)
 
 
-def make_scenes(kind: str, count: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, 3, S, S], labels uint8 [N, S, S]) of one kind, a function of the arguments only."""
+def make_scenes(kind: str, count: int, size: int = 32, seed: int = 0,
+                empty: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 3, S, S], labels uint8 [N, S, S]) of one kind, a function of the arguments only.
+    `empty`: the probability that a scene is drawn without its objects (its background alone, labels 0);
+    the other scenes are those of empty=0, whatever `empty` is."""
     if kind not in KINDS:
         raise ValueError(f"unknown scene kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not 0 <= empty <= 1:
+        raise ValueError(f"empty must be a probability in [0, 1], got {empty}")
     rng = np.random.default_rng([seed, size, ord(kind)])
     yy, xx = _grid(count, size)
     labels = np.zeros((count, size, size), dtype=np.uint8)
@@ -104,6 +109,7 @@ def make_scenes(kind: str, count: int, size: int = 32, seed: int = 0) -> tuple[n
         stripes = mean + amp * (2 * _stripes(rng, yy, xx)[:, None] - 1)
     else:
         image = _gradient(rng, yy, xx)
+    background = image if empty else None  # kept only when needed: it adds to the peak memory
     image = np.where(ellipse[:, None], stripes, image)
     labels[ellipse] = 1
     if kind == "b":
@@ -111,6 +117,10 @@ def make_scenes(kind: str, count: int, size: int = 32, seed: int = 0) -> tuple[n
         checker = _two_tone(_checker(rng, yy, xx, size), _col(rng, count), _col(rng, count))
         image = np.where(rect[:, None], checker, image)
         labels[rect] = 2
+    if empty:  # drawn by a generator of their own, so that the scenes with objects stay the same
+        without = np.random.default_rng([seed, size, ord(kind), 1]).random(count) < empty
+        image = np.where(without[:, None, None, None], background, image)
+        labels[without] = 0
     images = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
     return images, labels
 
@@ -120,9 +130,9 @@ def masks_path(cache: str | Path) -> Path:
     return cache.with_name(cache.stem + ".masks.npy")
 
 
-def write_scenes(output: str | Path, kind: str, count: int, size: int, seed: int = 0) -> dict:
-    """Writes the scenes as a training cache (`output`, .npy, usable as `fdm-train --data`) with its
-    manifest, and their label maps beside it (`<stem>.masks.npy`). Returns the manifest."""
+def write_scenes(output: str | Path, kind: str, count: int, size: int, seed: int = 0, empty: float = 0.0) -> dict:
+    """Writes the scenes (`make_scenes`) as a training cache (`output`, .npy, usable as `fdm-train --data`)
+    with its manifest, and their label maps beside it (`<stem>.masks.npy`). Returns the manifest."""
     from fdm_core.images import DataError
     from fdm_train.data import CACHE_FORMAT, manifest_path
 
@@ -130,13 +140,13 @@ def write_scenes(output: str | Path, kind: str, count: int, size: int, seed: int
     if output.suffix != ".npy":
         raise DataError(f"the scenes are written as a .npy cache, got {output}")
     check_writable_file(output)  # before the scenes are drawn
-    images, labels = make_scenes(kind, count, size, seed)
+    images, labels = make_scenes(kind, count, size, seed, empty)
     for path, array in ((output, images), (masks_path(output), labels)):
         with atomic_file(path) as f:
             np.save(f, array)
     manifest = {"format": CACHE_FORMAT, "source": f"synthetic scenes kind={kind} seed={seed}", "image_size": size,
                 "count": count, "layout": "NCHW uint8 RGB", "files": [f"scene{i:06d}" for i in range(count)],
-                "skipped": [], "scenes": {"kind": kind, "seed": seed, "regions": KINDS[kind],
+                "skipped": [], "scenes": {"kind": kind, "seed": seed, "empty": empty, "regions": KINDS[kind],
                                           "masks": masks_path(output).name}}
     atomic_write(manifest_path(output), (json.dumps(manifest) + "\n").encode())
     return manifest

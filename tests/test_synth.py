@@ -144,6 +144,39 @@ def test_scorer_on_known_answers():
     assert result["miou"] == 1.0 and result["iou"] == [1.0, 1.0, 1.0] and result["mask_entropy"] == 0.0
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_scenes_without_objects_leave_the_others_unchanged(kind):
+    images, labels = make_scenes(kind, 64, 32, seed=5)
+    mixed, mixed_labels = make_scenes(kind, 64, 32, seed=5, empty=0.25)
+    without = (mixed_labels == 0).all(axis=(1, 2))
+    assert 4 <= without.sum() <= 32
+    assert np.array_equal(mixed[~without], images[~without]) and np.array_equal(mixed_labels[~without], labels[~without])
+    changed = (mixed[without] != images[without]).any(axis=1)  # only the objects' pixels changed
+    inside = labels[without] > 0
+    assert not changed[~inside].any() and changed[inside].mean() > 0.5
+    none, none_labels = make_scenes(kind, 64, 32, seed=5, empty=1.0)
+    assert not none_labels.any() and np.array_equal(none[without], mixed[without])
+    with pytest.raises(ValueError, match="probability"):
+        make_scenes(kind, 4, 32, empty=1.5)
+
+
+def test_scorer_counts_the_background_found_in_empty_scenes():
+    images, labels = make_scenes("a", 8, 32, seed=0)
+    empty, _ = make_scenes("a", 8, 32, seed=0, empty=1.0)
+
+    class Square(torch.nn.Module):
+        """Channel 1 on a fixed 8x8 square, channel 0 elsewhere, whatever the image."""
+
+        def forward(self, x, t, y=None):
+            masks = torch.zeros(len(x), 2, 32, 32)
+            masks[:, 0] = 1
+            masks[:, :, 12:20, 12:20] = torch.tensor([0.0, 1.0])[:, None, None]
+            return torch.zeros_like(x), masks
+
+    result = score(Square(), images, labels, with_usefulness=False, empty=empty)
+    assert result["empty_background"] == pytest.approx(1 - 64 / 1024)
+
+
 def test_uniform_masks_and_usefulness():
     torch.manual_seed(0)
     model = build_model(preset("tiny-32", num_regions=2)).eval()

@@ -28,8 +28,9 @@ def object_iou(point: dict) -> float:
 
 
 def label(run: dict) -> str:
-    """The recipe, and the training seed where it is not 0."""
-    return run["recipe"] + (f" (seed {run['seed']})" if run.get("seed") else "")
+    """The recipe, the share of training scenes without objects and the training seed, where not 0."""
+    extras = [f"{run['empty']:.0%} empty scenes"] * bool(run.get("empty")) + [f"seed {run['seed']}"] * bool(run.get("seed"))
+    return run["recipe"] + (f" ({', '.join(extras)})" if extras else "")
 
 
 def table(runs: list[dict]) -> str:

@@ -68,17 +68,21 @@ def main(argv=None) -> None:
     p.add_argument("--val-scenes", type=int, default=256)
     p.add_argument("--seed", type=int, default=0,
                    help="training seed (weights, noise, batches); the scenes are the same for every seed")
+    p.add_argument("--empty", type=float, default=0.0,
+                   help="share of training scenes drawn without objects (the held-out scenes all have them)")
     p.add_argument("--out", default="runs/emergence")
     a = p.parse_args(argv)
 
     overrides, options = RECIPES[a.recipe]
     regions = KINDS[a.kind]
     cfg = preset(a.preset, image_size=a.size, num_regions=regions, **overrides)
-    run = Path(a.out) / (f"{a.kind}{a.size}-{a.recipe}" + (f"-seed{a.seed}" if a.seed else ""))
-    data = Path(a.out) / f"scenes-{a.kind}{a.size}.npy"
+    empty = f"-empty{a.empty:g}" if a.empty else ""
+    run = Path(a.out) / (f"{a.kind}{a.size}-{a.recipe}{empty}" + (f"-seed{a.seed}" if a.seed else ""))
+    data = Path(a.out) / f"scenes-{a.kind}{a.size}{empty}.npy"
     if not data.exists():
-        write_scenes(data, a.kind, a.train_scenes, a.size, seed=0)
+        write_scenes(data, a.kind, a.train_scenes, a.size, seed=0, empty=a.empty)
     val_images, val_labels = make_scenes(a.kind, a.val_scenes, a.size, seed=1000)
+    val_empty, _ = make_scenes(a.kind, a.val_scenes, a.size, seed=1000, empty=1.0)
     curve_path = run / "curve.jsonl"
     trained = 0.0
     step = 0
@@ -86,7 +90,7 @@ def main(argv=None) -> None:
         last = json.loads(curve_path.read_text().splitlines()[-1])
         trained, step = last["train_seconds"], last["step"]
     recipe = {"recipe": a.recipe, "kind": a.kind, "size": a.size, "preset": a.preset, "config": overrides,
-              "options": options, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
+              "options": options, "empty": a.empty, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
               "seed": a.seed, "threads": torch.get_num_threads()}
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
@@ -100,7 +104,7 @@ def main(argv=None) -> None:
             resume="auto", progress=False, workers=0, **options))
         trained += time.perf_counter() - start
         model.load_state_dict(summary["weights"]["ema"])
-        figures = score(model, val_images, val_labels)
+        figures = score(model, val_images, val_labels, empty=val_empty)
         record = {"step": step, "images": step * a.batch_size, "train_seconds": round(trained, 1),
                   "loss": round(summary["loss"], 5), **figures}
         with curve_path.open("a") as f:

@@ -3,6 +3,8 @@
 * IoU per true region after matching the K mask channels to the regions (Hungarian over the whole set,
   `fdm_infer.eval.metrics.parts_scores`), and their mean;
 * mask entropy as a fraction of log K (1 = uniform) and each channel's share;
+* on scenes with nothing in them (their backgrounds alone), the share of pixels whose mask is the channel
+  matched to the background: 1 when the model finds no object where there is none;
 * mask usefulness: the denoising loss on fixed noise with the masks replaced by uniform 1/K, minus the
   loss with the model's own masks, per t-bin. Near zero when the model does not rely on its masks.
 """
@@ -71,8 +73,9 @@ def usefulness(model, images: torch.Tensor, seed: int = 0, batch: int = 128) -> 
 
 
 def score(model, images: np.ndarray, labels: np.ndarray, *, t: int = SEGMENT_T, seed: int = 0,
-          with_usefulness: bool = True) -> dict:
-    """All figures for one model on one set of scenes (uint8 images [N,3,S,S], labels [N,S,S])."""
+          with_usefulness: bool = True, empty: np.ndarray | None = None) -> dict:
+    """All figures for one model on one set of scenes (uint8 images [N,3,S,S], labels [N,S,S]); with
+    `empty` (uint8 scenes without objects), the share of their pixels given the background's channel."""
     was_training = model.training
     model.eval()
     x = to_model_range(images)
@@ -82,6 +85,10 @@ def score(model, images: np.ndarray, labels: np.ndarray, *, t: int = SEGMENT_T, 
     parts = parts_scores(conf)
     result = {"miou": round(parts["miou"], 4), "iou": [round(v, 4) for v in parts["iou_per_label"]],
               "acc": round(parts["acc"], 4), **mask_statistics(masks)}
+    if empty is not None:
+        background = parts["match"].get("0")
+        empty_labels = predict_masks(model, to_model_range(empty), t, seed).argmax(1)
+        result["empty_background"] = round(float((empty_labels == background).float().mean()), 4)
     if with_usefulness:
         result["usefulness"] = usefulness(model, x, seed)
     model.train(was_training)
