@@ -135,6 +135,10 @@ def main_group():
               help="Move every training image by a random offset of up to this fraction of its size (seeded "
                    "per image and step), edges replicated, as `evaluate --shift` does: objects anywhere, so the "
                    "masks cannot lean on position. 0: off.")
+@click.option("--empty-images", type=float, default=TRAIN["empty_images"], show_default=True,
+              help="Replace this share of the training images (seeded per image and step) by smooth images with "
+                   "nothing in them (a 3x3 grid of random colors, upsampled): the model sees that not every "
+                   "image holds an object, so its masks need not find one everywhere. 0: off.")
 @click.option("--freeze-masks", is_flag=True,
               help="Train the decoder only: the embeddings, encoder, middle block and mask generator keep the "
                    "weights they start with (from --init), so the masks and segmentation stay as they are, e.g. "

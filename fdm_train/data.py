@@ -39,6 +39,22 @@ def shifted_batch(images: torch.Tensor, max_fraction: float, seed: int, first_ro
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def with_empty_images(images: torch.Tensor, share: float, seed: int, first_row: int) -> torch.Tensor:
+    """uint8 images [B, C, H, W], rows first_row.. of a global batch, where each row, with probability
+    `share` (drawn by a generator seeded with (seed, row), as `shift_offset` draws), is replaced by a smooth
+    image with nothing in it: a 3x3 grid of random colors upsampled bilinearly (corner to corner)."""
+    b, c, h, w = images.shape
+    draws = [np.random.default_rng([seed, first_row + i]) for i in range(b)]
+    rows = [i for i, rng in enumerate(draws) if rng.random() < share]
+    if not rows:
+        return images
+    grids = torch.tensor(np.stack([draws[i].integers(0, 256, (c, 3, 3)) for i in rows]), dtype=torch.float32)
+    smooth = torch.nn.functional.interpolate(grids, size=(h, w), mode="bilinear", align_corners=True)
+    out = images.clone()
+    out[rows] = smooth.round().to(torch.uint8).to(images.device)
+    return out
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """All images under `root`, as [-1, 1] tensors of image_size x image_size.
 

@@ -50,6 +50,9 @@ class TrainOptions:
     # Move every training image by a random offset up to this fraction of its size, edges replicated (as
     # the shifted evaluation does): objects anywhere, so that masks cannot lean on position. 0: off.
     shift_augment: float = 0.0
+    # The share of training images replaced by smooth images with nothing in them (`with_empty_images`):
+    # not every image holds an object, so the masks need not find one everywhere. 0: off.
+    empty_images: float = 0.0
     freeze_masks: bool = False  # train the decoder only (FactorizedUNet.freeze_masks): the masks do not move
     limit: int | None = None  # train on the first N images of `data` only
     init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)
@@ -69,7 +72,7 @@ BOUNDS = {
     "save_every": (1, None), "sample_every": (0, None), "sample_count": (1, None), "sample_steps": (1, 1000),
     "log_every": (1, None), "micro_batch": (1, None), "grad_accum": (1, None), "workers": (0, None),
     "t_power": (0.1, 10), "mask_shaping_steps": (0, None), "mask_entropy": (0, None),
-    "mask_temperature": (0.01, 100), "mask_init_scale": (0, None), "shift_augment": (0, [0.5]), "limit": (1, None), "threads": (1, MAX_THREADS),
+    "mask_temperature": (0.01, 100), "mask_init_scale": (0, None), "shift_augment": (0, [0.5]), "empty_images": (0, 1), "limit": (1, None), "threads": (1, MAX_THREADS),
 }
 
 

@@ -65,6 +65,7 @@ from fdm_train.data import (
     shard_range,
     shifted_batch,
     split_sizes,
+    with_empty_images,
 )
 from fdm_train.distributed import (
     Distributed,
@@ -499,6 +500,9 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
             if opts.shift_augment:
                 x_u8 = shifted_batch(x_u8, opts.shift_augment, derived_seed("shift", run.data_seed, run.step),
                                      run.rank_start)
+            if opts.empty_images:
+                x_u8 = with_empty_images(x_u8, opts.empty_images, derived_seed("empty", run.data_seed, run.step),
+                                         run.rank_start)
             x_all = to_float(x_u8)
             y_all = y_all.to(run.device, non_blocking=True) if run.cfg.num_classes else None
             last_loss, masks = _train_step(run, x_all, y_all)

@@ -15,7 +15,7 @@ from fdm_core.checkpoint import load_model, save_checkpoint
 from fdm_core.config import ModelConfig
 from fdm_core.images import shift_offset
 from fdm_core.model import build_model
-from fdm_train.data import shifted_batch
+from fdm_train.data import shifted_batch, with_empty_images
 from fdm_train.options import TrainingError
 from fdm_train.train import train
 
@@ -66,6 +66,24 @@ def test_shifted_batch_moves_each_row_by_its_own_offset():
     assert torch.equal(shifted_batch(images, 0.3, 11, 20)[2:], shifted_batch(images[2:], 0.3, 11, 22))
 
 
+def test_empty_images_replace_rows_by_smooth_grids():
+    rng = np.random.default_rng(2)
+    images = torch.from_numpy(rng.integers(0, 256, (16, 3, 9, 9), dtype=np.uint8))
+    assert torch.equal(with_empty_images(images, 0.0, seed=4, first_row=8), images)
+    out = with_empty_images(images, 0.5, seed=4, first_row=8)
+    replaced = [i for i in range(16) if not torch.equal(out[i], images[i])]
+    assert 2 <= len(replaced) <= 14  # 16 draws of probability 1/2
+    for i in range(16):
+        kept = np.random.default_rng([4, 8 + i]).random() >= 0.5
+        assert (i not in replaced) == kept
+    for i in replaced:  # 9 = 2 * 4 + 1: every 4th pixel is a grid color, the others the mean of their two
+        grid = out[i, :, ::4, ::4].double()
+        assert torch.equal(out[i, :, 2::4, ::4].double(), ((grid[:, :-1] + grid[:, 1:]) / 2).round())
+        assert torch.equal(out[i, :, ::4, 2::4].double(), ((grid[..., :-1] + grid[..., 1:]) / 2).round())
+    assert torch.equal(with_empty_images(images[3:], 0.5, 4, 11), out[3:])  # per row, whatever the split
+    assert (with_empty_images(images, 1.0, 4, 8) != images).any(dim=(1, 2, 3)).all()
+
+
 def test_a_fine_tune_can_switch_a_zero_padded_model_to_replicate_padding(image_folder, tmp_path, one_thread):
     from fdm_core.checkpoint import read_checkpoint
 
@@ -91,6 +109,25 @@ def test_training_with_moved_images_resumes_exactly(image_folder, tmp_path, one_
                           for name in ("full", "split", "still"))
     assert all(torch.equal(full[name], split[name]) for name in full)
     assert not all(torch.equal(full[name], still[name]) for name in full)  # the images did move
+
+
+def test_training_with_empty_images_resumes_exactly(image_folder, tmp_path, one_thread):
+    from fdm_core.checkpoint import read_checkpoint
+
+    empty = partial(options, shift_augment=0.0, empty_images=0.5)
+    train(empty(image_folder, tmp_path / "full"))
+    train(empty(image_folder, tmp_path / "split", iterations=2))
+    train(empty(image_folder, tmp_path / "split", resume=True))
+    train(empty(image_folder, tmp_path / "none", empty_images=0.0))
+    full, split, none = (read_checkpoint(tmp_path / name / "checkpoint.safetensors")[1]["ema"]
+                         for name in ("full", "split", "none"))
+    assert all(torch.equal(full[name], split[name]) for name in full)
+    assert not all(torch.equal(full[name], none[name]) for name in full)  # some images were replaced
+    from fdm_train.cli import main_group
+
+    result = CliRunner().invoke(main_group, ["--data", str(image_folder), "--out", str(tmp_path / "c"),
+                                             "--empty-images", "1.5", "--iterations", "1"], prog_name="fdm-train")
+    assert str(result.exception) == "--empty-images must be a number at least 0 and at most 1, got 1.5"
 
 
 def test_shift_augment_bounds_and_flags(image_folder, tmp_path):
