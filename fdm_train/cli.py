@@ -139,6 +139,10 @@ def main_group():
               help="Replace this share of the training images (seeded per image and step) by smooth images with "
                    "nothing in them (a 3x3 grid of random colors, upsampled): the model sees that not every "
                    "image holds an object, so its masks need not find one everywhere. 0: off.")
+@click.option("--region-cost", type=float, default=TRAIN["region_cost"], show_default=True,
+              help="Weight of a cost on the mask mass outside region 0 (mean over pixels), never annealed: a "
+                   "pixel leaves region 0 only where another region lowers the denoising loss by more, so the "
+                   "masks of an image with nothing in it fall back to one region. 0: off.")
 @click.option("--freeze-masks", is_flag=True,
               help="Train the decoder only: the embeddings, encoder, middle block and mask generator keep the "
                    "weights they start with (from --init), so the masks and segmentation stay as they are, e.g. "

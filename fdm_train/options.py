@@ -53,6 +53,9 @@ class TrainOptions:
     # The share of training images replaced by smooth images with nothing in them (`with_empty_images`):
     # not every image holds an object, so the masks need not find one everywhere. 0: off.
     empty_images: float = 0.0
+    # Weight of a cost on the mask mass outside region 0 (`outside_first_region`), never annealed: where the
+    # masks do not help the denoising (an image with nothing in it), they fall back to region 0. 0: off.
+    region_cost: float = 0.0
     freeze_masks: bool = False  # train the decoder only (FactorizedUNet.freeze_masks): the masks do not move
     limit: int | None = None  # train on the first N images of `data` only
     init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)
@@ -72,7 +75,7 @@ BOUNDS = {
     "save_every": (1, None), "sample_every": (0, None), "sample_count": (1, None), "sample_steps": (1, 1000),
     "log_every": (1, None), "micro_batch": (1, None), "grad_accum": (1, None), "workers": (0, None),
     "t_power": (0.1, 10), "mask_shaping_steps": (0, None), "mask_entropy": (0, None),
-    "mask_temperature": (0.01, 100), "mask_init_scale": (0, None), "shift_augment": (0, [0.5]), "empty_images": (0, 1), "limit": (1, None), "threads": (1, MAX_THREADS),
+    "mask_temperature": (0.01, 100), "mask_init_scale": (0, None), "shift_augment": (0, [0.5]), "empty_images": (0, 1), "region_cost": (0, None), "limit": (1, None), "threads": (1, MAX_THREADS),
 }
 
 

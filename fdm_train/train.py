@@ -109,6 +109,12 @@ def mask_shaping(opts: TrainOptions, step: int) -> tuple[float, float, bool]:
     return opts.mask_entropy * left, 1 + (opts.mask_temperature - 1) * left, opts.hard_masks
 
 
+def outside_first_region(masks: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of the mask mass outside channel 0 [B, K, H, W]: what `--region-cost` charges, so
+    that a pixel leaves the first region only where another region lowers the denoising loss by more."""
+    return 1 - masks[:, 0].float().mean()
+
+
 def pixel_entropy(masks: torch.Tensor) -> torch.Tensor:
     """Mean over pixels of the entropy of the soft masks [B, K, H, W] (nats)."""
     return -(masks * masks.clamp_min(1e-12).log()).sum(1).mean()
@@ -572,6 +578,8 @@ def _forward_backward(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor | None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, masks = run.diffusion.loss(run.train_model, x0, t, noise, y)
             objective = loss + entropy_weight * pixel_entropy(masks) if entropy_weight else loss
+            if opts.region_cost:
+                objective = objective + opts.region_cost * outside_first_region(masks)
             # DDP averages over ranks; this weighting makes the step the mean over the global batch.
             (objective * (size * run.ctx.world / opts.batch_size)).backward()
         loss_sum += loss.detach().float() * size

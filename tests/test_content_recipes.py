@@ -17,7 +17,7 @@ from fdm_core.images import shift_offset
 from fdm_core.model import build_model
 from fdm_train.data import shifted_batch, with_empty_images
 from fdm_train.options import TrainingError
-from fdm_train.train import train
+from fdm_train.train import outside_first_region, train
 
 
 @pytest.mark.parametrize("mode", ["replicate", "reflect"])
@@ -128,6 +128,27 @@ def test_training_with_empty_images_resumes_exactly(image_folder, tmp_path, one_
     result = CliRunner().invoke(main_group, ["--data", str(image_folder), "--out", str(tmp_path / "c"),
                                              "--empty-images", "1.5", "--iterations", "1"], prog_name="fdm-train")
     assert str(result.exception) == "--empty-images must be a number at least 0 and at most 1, got 1.5"
+
+
+def test_outside_first_region_by_hand():
+    masks = torch.tensor([[[[1.0, 0.25]], [[0.0, 0.75]]]])  # [1, 2, 1, 2]: region 0 holds 1 and 0.25
+    assert outside_first_region(masks).item() == pytest.approx(1 - (1.0 + 0.25) / 2)
+
+
+def test_region_cost_moves_the_masks_to_the_first_region(image_folder, tmp_path, one_thread):
+    costly = partial(options, shift_augment=0.0, lr=1e-3, iterations=3)
+    train(costly(image_folder, tmp_path / "free"))
+    train(costly(image_folder, tmp_path / "cost", region_cost=100.0))
+    x = torch.rand(4, 3, TINY.image_size, TINY.image_size) * 2 - 1
+    t = torch.full((4,), 30)
+    first = {}
+    for name in ("free", "cost"):
+        model, _, _ = load_model(tmp_path / name / "checkpoint.safetensors", weights="model")
+        with torch.no_grad():
+            first[name] = model(x, t)[1][:, 0].mean().item()
+    assert first["cost"] > first["free"] + 0.05
+    with pytest.raises(TrainingError, match="region_cost must be a number at least 0"):
+        train(costly(image_folder, tmp_path / "bad", region_cost=-1.0))
 
 
 def test_shift_augment_bounds_and_flags(image_folder, tmp_path):
