@@ -29,22 +29,27 @@ def object_iou(point: dict) -> float:
 
 def label(run: dict) -> str:
     """The recipe, the share of training scenes without objects and the training seed, where not 0."""
-    extras = [f"{run['empty']:.0%} empty scenes"] * bool(run.get("empty")) + [f"seed {run['seed']}"] * bool(run.get("seed"))
+    extras = []
+    if run.get("empty"):
+        extras.append(f"{run['empty']:.0%} empty scenes")
+    if run.get("seed"):
+        extras.append(f"seed {run['seed']}")
     return run["recipe"] + (f" ({', '.join(extras)})" if extras else "")
 
 
 def table(runs: list[dict]) -> str:
     lines = ["| scenes | recipe | steps | images | train min | object IoU | best | mIoU | entropy | shares | "
-             "usefulness t<100 / 100-300 / 300-600 / 600+ |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "usefulness t<100 / 100-300 / 300-600 / 600+ | empty scenes: background |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         last = r["curve"][-1]
         best = max(object_iou(p) for p in r["curve"])
         use = " / ".join(f"{v:+.4f}" for v in last["usefulness"].values())
         shares = "/".join(f"{s:.2f}" for s in last["region_share"])
+        empty = f"{last['empty_background']:.3f}" if "empty_background" in last else "–"
         lines.append(f"| {r['kind']}{r['size']} | {label(r)} | {last['step']} | {last['images']:,} | "
                      f"{last['train_seconds'] / 60:.1f} | {object_iou(last):.3f} | {best:.3f} | {last['miou']:.3f} | "
-                     f"{last['mask_entropy']:.3f} | {shares} | {use} |")
+                     f"{last['mask_entropy']:.3f} | {shares} | {use} | {empty} |")
     return "\n".join(lines)
 
 
