@@ -98,32 +98,30 @@ def test_a_fine_tune_can_switch_a_zero_padded_model_to_replicate_padding(image_f
 options = partial(train_options, batch_size=4, iterations=4, save_every=100, log_every=2, seed=3, shift_augment=0.25)
 
 
-def test_training_with_moved_images_resumes_exactly(image_folder, tmp_path, one_thread):
+def assert_resumes_exactly_and_matters(run, folder, image_folder, **off):
+    """`run` (a partial of `options`) trained in one go equals it trained in two resumed parts, and differs
+    from the same run with the options `off` (so the option under test changed the images)."""
     from fdm_core.checkpoint import read_checkpoint
 
-    train(options(image_folder, tmp_path / "full"))
-    train(options(image_folder, tmp_path / "split", iterations=2))
-    train(options(image_folder, tmp_path / "split", resume=True))
-    train(options(image_folder, tmp_path / "still", shift_augment=0.0))
-    full, split, still = (read_checkpoint(tmp_path / name / "checkpoint.safetensors")[1]["ema"]
-                          for name in ("full", "split", "still"))
+    train(run(image_folder, folder / "full"))
+    train(run(image_folder, folder / "split", iterations=2))
+    train(run(image_folder, folder / "split", resume=True))
+    train(run(image_folder, folder / "off", **off))
+    full, split, other = (read_checkpoint(folder / name / "checkpoint.safetensors")[1]["ema"]
+                          for name in ("full", "split", "off"))
     assert all(torch.equal(full[name], split[name]) for name in full)
-    assert not all(torch.equal(full[name], still[name]) for name in full)  # the images did move
+    assert not all(torch.equal(full[name], other[name]) for name in full)
+
+
+def test_training_with_moved_images_resumes_exactly(image_folder, tmp_path, one_thread):
+    assert_resumes_exactly_and_matters(options, tmp_path, image_folder, shift_augment=0.0)
 
 
 def test_training_with_empty_images_resumes_exactly(image_folder, tmp_path, one_thread):
-    from fdm_core.checkpoint import read_checkpoint
+    from fdm_train.cli import main_group
 
     empty = partial(options, shift_augment=0.0, empty_images=0.5)
-    train(empty(image_folder, tmp_path / "full"))
-    train(empty(image_folder, tmp_path / "split", iterations=2))
-    train(empty(image_folder, tmp_path / "split", resume=True))
-    train(empty(image_folder, tmp_path / "none", empty_images=0.0))
-    full, split, none = (read_checkpoint(tmp_path / name / "checkpoint.safetensors")[1]["ema"]
-                         for name in ("full", "split", "none"))
-    assert all(torch.equal(full[name], split[name]) for name in full)
-    assert not all(torch.equal(full[name], none[name]) for name in full)  # some images were replaced
-    from fdm_train.cli import main_group
+    assert_resumes_exactly_and_matters(empty, tmp_path, image_folder, empty_images=0.0)
 
     result = CliRunner().invoke(main_group, ["--data", str(image_folder), "--out", str(tmp_path / "c"),
                                              "--empty-images", "1.5", "--iterations", "1"], prog_name="fdm-train")
