@@ -143,6 +143,9 @@ def main_group():
               help="Weight of a cost on the mask mass outside region 0 (mean over pixels), never annealed: a "
                    "pixel leaves region 0 only where another region lowers the denoising loss by more, so the "
                    "masks of an image with nothing in it fall back to one region. 0: off.")
+@click.option("--first-region-logit", type=float, default=TRAIN["first_region_logit"], show_default=True,
+              help="Added to region 0's mask logit at a fresh random start, so that region 0 starts holding most of "
+                   "every image; with --region-cost, the other regions then have to earn their pixels from it.")
 @click.option("--freeze-masks", is_flag=True,
               help="Train the decoder only: the embeddings, encoder, middle block and mask generator keep the "
                    "weights they start with (from --init), so the masks and segmentation stay as they are, e.g. "

@@ -56,6 +56,9 @@ class TrainOptions:
     # Weight of a cost on the mask mass outside region 0 (`outside_first_region`), never annealed: where the
     # masks do not help the denoising (an image with nothing in it), they fall back to region 0. 0: off.
     region_cost: float = 0.0
+    # Added to region 0's logit (the mask head's last bias) at a fresh random start: region 0 starts holding
+    # most of every image, so that with `region_cost` it stays the region of what no other region explains.
+    first_region_logit: float = 0.0
     freeze_masks: bool = False  # train the decoder only (FactorizedUNet.freeze_masks): the masks do not move
     limit: int | None = None  # train on the first N images of `data` only
     init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)

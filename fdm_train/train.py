@@ -115,6 +115,17 @@ def outside_first_region(masks: torch.Tensor) -> torch.Tensor:
     return 1 - masks[:, 0].float().mean()
 
 
+def mask_terms(masks: torch.Tensor, entropy_weight: float, region_cost: float) -> torch.Tensor | float:
+    """What a step adds to the denoising loss on the masks: the (annealed) entropy penalty and the region
+    cost; 0 when both weights are 0, so that the plain recipe computes nothing extra."""
+    terms = 0.0
+    if entropy_weight:
+        terms = terms + entropy_weight * pixel_entropy(masks)
+    if region_cost:
+        terms = terms + region_cost * outside_first_region(masks)
+    return terms
+
+
 def pixel_entropy(masks: torch.Tensor) -> torch.Tensor:
     """Mean over pixels of the entropy of the soft masks [B, K, H, W] (nats)."""
     return -(masks * masks.clamp_min(1e-12).log()).sum(1).mean()
@@ -342,17 +353,19 @@ def _open_data(opts: TrainOptions, start: _Start):
 
 def _build(cfg: ModelConfig, opts: TrainOptions, device: torch.device, start: _Start, out: Path):
     """(model, EMA, Adam): the same initial weights on every rank: --init's weights, or random ones with
-    the mask head's last layer scaled by `mask_init_scale`; a resumed run's weights and optimizer state
+    the mask head's last layer scaled by `mask_init_scale` and `first_region_logit` added to region 0's bias; a resumed run's weights and optimizer state
     loaded."""
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
     model = build_model(cfg)
     if start.init is not None:
         load_state(model, start.init, opts.init)
         start.init = None
-    elif opts.mask_init_scale != 1.0 and cfg.variant != "plain":
+    elif cfg.variant != "plain":
         with torch.no_grad():
-            for p in model.mask_generator.out[-1].parameters():
+            head = model.mask_generator.out[-1]
+            for p in head.parameters():
                 p.mul_(opts.mask_init_scale)
+            head.bias[0] += opts.first_region_logit
     if opts.freeze_masks:
         model.freeze_masks()  # Adam skips the frozen weights (no gradient); its state keeps the same layout
     model = model.to(device)
@@ -577,9 +590,7 @@ def _forward_backward(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor | None
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, masks = run.diffusion.loss(run.train_model, x0, t, noise, y)
-            objective = loss + entropy_weight * pixel_entropy(masks) if entropy_weight else loss
-            if opts.region_cost:
-                objective = objective + opts.region_cost * outside_first_region(masks)
+            objective = loss + mask_terms(masks, entropy_weight, opts.region_cost)
             # DDP averages over ranks; this weighting makes the step the mean over the global batch.
             (objective * (size * run.ctx.world / opts.batch_size)).backward()
         loss_sum += loss.detach().float() * size

@@ -149,6 +149,21 @@ def test_region_cost_moves_the_masks_to_the_first_region(image_folder, tmp_path,
         train(costly(image_folder, tmp_path / "bad", region_cost=-1.0))
 
 
+def test_first_region_logit_raises_region_zero_at_the_start_only(image_folder, tmp_path, one_thread):
+    # One step at a learning rate too small to move a weight: what is left is the initialization.
+    start = partial(options, shift_augment=0.0, lr=1e-12, iterations=1)
+    train(start(image_folder, tmp_path / "plain"))
+    train(start(image_folder, tmp_path / "raised", first_region_logit=2.5))
+    weights = {name: load_model(tmp_path / name / "checkpoint.safetensors", weights="model")[0].state_dict()
+               for name in ("plain", "raised")}
+    bias = "mask_generator.out.2.bias"
+    difference = weights["raised"][bias] - weights["plain"][bias]
+    assert difference.tolist() == pytest.approx([2.5] + [0.0] * (TINY.num_regions - 1), abs=1e-6)
+    for key, value in weights["plain"].items():
+        if key != bias:
+            assert torch.allclose(value, weights["raised"][key], atol=1e-6), key
+
+
 def test_shift_augment_bounds_and_flags(image_folder, tmp_path):
     with pytest.raises(TrainingError, match=r"shift_augment must be a number at least 0 and below 0.5"):
         train(options(image_folder, tmp_path / "r", shift_augment=0.5))

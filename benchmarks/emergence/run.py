@@ -49,6 +49,8 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "codes-t2-scale4-replicate": ({"region_codes": True, "mask_scale": 4, "padding": "replicate"}, {"t_power": 2.0}),
     "codes-t2-scale2-replicate-cost": ({"region_codes": True, "mask_scale": 2, "padding": "replicate"},
                                        {"t_power": 2.0, "region_cost": 0.01}),
+    "codes-t2-scale2-replicate-cost-start": ({"region_codes": True, "mask_scale": 2, "padding": "replicate"},
+                                             {"t_power": 2.0, "region_cost": 0.01, "first_region_logit": 2.0}),
     "codes-t2-scale2-replicate-shift": ({"region_codes": True, "mask_scale": 2, "padding": "replicate"},
                                         {"t_power": 2.0, "shift_augment": 0.2}),
 }
