@@ -83,10 +83,15 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 # ----- moving an image: the shifted evaluation, and training that moves its images -----
 
+def row_generator(seed: int, index: int) -> np.random.Generator:
+    """The generator of image `index`'s draws under `seed`: the same image gets the same draws, in any batch."""
+    return np.random.default_rng([seed, index])
+
+
 def shift_offset(size: tuple[int, int], max_fraction: float, seed: int, index: int) -> tuple[int, int]:
     """(dy, dx): integers drawn uniformly from [-round(f H), round(f H)] and [-round(f W), round(f W)],
-    f = `max_fraction`, by a generator seeded with (seed, index): the same image gets the same offset."""
-    rng = np.random.default_rng([seed, index])
+    f = `max_fraction`, by `row_generator(seed, index)`."""
+    rng = row_generator(seed, index)
     limit_y, limit_x = round(max_fraction * size[0]), round(max_fraction * size[1])
     return int(rng.integers(-limit_y, limit_y, endpoint=True)), int(rng.integers(-limit_x, limit_x, endpoint=True))
 
