@@ -42,8 +42,8 @@ def shifted_batch(images: torch.Tensor, max_fraction: float, seed: int, first_ro
 
 def with_empty_images(images: torch.Tensor, share: float, seed: int, first_row: int) -> torch.Tensor:
     """uint8 images [B, C, H, W], rows first_row.. of a global batch, where each row, with probability
-    `share` (drawn by `row_generator(seed, row)`), is replaced by a smooth
-    image with nothing in it: a 3x3 grid of random colors upsampled bilinearly (corner to corner)."""
+    `share` (drawn by `row_generator(seed, row)`), is replaced by a smooth image with nothing in it: a 3x3
+    grid of random colors upsampled bilinearly (corner to corner)."""
     b, c, h, w = images.shape
     draws = [row_generator(seed, first_row + i) for i in range(b)]
     rows = [i for i, rng in enumerate(draws) if rng.random() < share]

@@ -353,8 +353,8 @@ def _open_data(opts: TrainOptions, start: _Start):
 
 def _build(cfg: ModelConfig, opts: TrainOptions, device: torch.device, start: _Start, out: Path):
     """(model, EMA, Adam): the same initial weights on every rank: --init's weights, or random ones with
-    the mask head's last layer scaled by `mask_init_scale` and `first_region_logit` added to region 0's bias; a resumed run's weights and optimizer state
-    loaded."""
+    the mask head's last layer scaled by `mask_init_scale` and `first_region_logit` added to region 0's bias;
+    a resumed run's weights and optimizer state loaded."""
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
     model = build_model(cfg)
     if start.init is not None:
