@@ -8,8 +8,10 @@ from dataclasses import dataclass
 VARIANTS = ("factorized", "plain", "concat", "mask-mid", "no-share")
 PREDICTIONS = ("eps", "v")  # what the network's output means: fdm_core.diffusion
 # How the 3x3 convolutions fill the border: "zeros" (the paper's) lets the network tell where the border
-# is from any feature map, so masks can follow position; "replicate" and "reflect" repeat the image.
-PADDINGS = ("zeros", "replicate", "reflect")
+# is from any feature map, so masks can follow position; "replicate" and "reflect" repeat the image;
+# "circular" wraps it around, so that the network commutes with circular shifts by multiples of its total
+# stride and cannot tell where anything is.
+PADDINGS = ("zeros", "replicate", "reflect", "circular")
 
 
 @dataclass(frozen=True)

@@ -96,10 +96,11 @@ def shift_offset(size: tuple[int, int], max_fraction: float, seed: int, index: i
     return int(rng.integers(-limit_y, limit_y, endpoint=True)), int(rng.integers(-limit_x, limit_x, endpoint=True))
 
 
-def source_pixels(positions, offset, size: int):
+def source_pixels(positions, offset, size: int, wrap: bool = False):
     """For each output position (numpy or torch integers) of a line moved by `offset` pixels, the source
-    position it copies: positions uncovered by the move repeat the nearest edge pixel (replicate padding)."""
-    return (positions - offset).clip(0, size - 1)
+    position it copies: positions uncovered by the move repeat the nearest edge pixel (replicate padding),
+    or with `wrap` the pixels that left at the other end (a circular shift)."""
+    return (positions - offset) % size if wrap else (positions - offset).clip(0, size - 1)
 
 
 def translate(array: np.ndarray, dy: int, dx: int) -> np.ndarray:

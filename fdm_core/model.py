@@ -250,12 +250,18 @@ class FactorizedUNet(nn.Module):
         skips = self.encoder(x, emb)
         return emb, skips, self.middle(skips[-1], emb)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, branches: bool = False):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, branches: bool = False,
+                masks_only: bool = False):
         """Returns eps [B,C,H,W] and the full-resolution soft masks [B,K,H,W] (ones for 'plain').
         With `branches` ('factorized' and 'mask-mid' only) eps is left per branch, [B*K,C,H,W], for a
-        sampler that fuses the masked sum into its update."""
+        sampler that fuses the masked sum into its update. With `masks_only`, the masks alone: no decoder
+        runs (a training term on the masks of other inputs)."""
         emb, skips, h_mid = self.trunk(x, t, y)
         variant = self.cfg.variant
+        if masks_only:
+            if variant == "plain":
+                return torch.ones_like(x[:, :1])
+            return self.masks_from_logits(self.mask_generator(h_mid, skips, emb))
         if branches and variant not in ("factorized", "mask-mid"):
             raise ValueError(f"the {variant!r} variant has no per-branch eps")
         if variant == "plain":

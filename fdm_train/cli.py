@@ -26,7 +26,7 @@ from fdm_core.config import (
     preset,
 )
 from fdm_core.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
-from fdm_train.options import TrainOptions
+from fdm_train.options import SHIFT_EDGES, TrainOptions
 
 # The defaults of `train`, written once in TrainOptions; its values are checked there too.
 TRAIN = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
@@ -146,6 +146,19 @@ def main_group():
 @click.option("--first-region-logit", type=float, default=TRAIN["first_region_logit"], show_default=True,
               help="Added to region 0's mask logit at a fresh random start, so that region 0 starts holding most of "
                    "every image; with --region-cost, the other regions then have to earn their pixels from it.")
+@click.option("--mask-equivariance", type=float, default=TRAIN["mask_equivariance"], show_default=True,
+              help="Weight of the mask equivariance loss: each noisy training image is also moved by a random "
+                   "circular shift and mirrored at random, and its masks must equal its own masks moved the same "
+                   "way, so that masks follow what is in the image, not where. Costs one more pass of the mask "
+                   "generator (no decoder) per step. 0: off.")
+@click.option("--equivariance-shift", type=float, default=TRAIN["equivariance_shift"], show_default=True,
+              help="The largest shift of --mask-equivariance, as a fraction of the image size.")
+@click.option("--mask-boundary", type=float, default=TRAIN["mask_boundary"], show_default=True,
+              help="Weight of a cost on the regions' boundary length (the soft masks' total variation): compact "
+                   "regions rather than pixels sorted by color. 0: off.")
+@click.option("--shift-edges", type=click.Choice(SHIFT_EDGES), default=TRAIN["shift_edges"], show_default=True,
+              help="How --shift-augment fills what a move uncovers: replicate the edge, or circular (wrap the "
+                   "image around, which --padding circular commutes with exactly).")
 @click.option("--freeze-masks", is_flag=True,
               help="Train the decoder only: the embeddings, encoder, middle block and mask generator keep the "
                    "weights they start with (from --init), so the masks and segmentation stay as they are, e.g. "

@@ -27,15 +27,26 @@ from fdm_core.images import (
 from fdm_core.util import atomic_write, check_not_input, check_writable_file
 
 
-def shifted_batch(images: torch.Tensor, max_fraction: float, seed: int, first_row: int) -> torch.Tensor:
+def shifted_batch(images: torch.Tensor, max_fraction: float, seed: int, first_row: int,
+                  wrap: bool = False) -> torch.Tensor:
     """Images [B, C, H, W], rows first_row.. of a global batch, each moved by its own offset
-    (`shift_offset`, seeded by (seed, row)) as `translate` moves one, edges replicated: a row gets the same
-    offset whichever device holds it and after any resume. One gather on the images' device."""
+    (`shift_offset`, seeded by (seed, row)) as `translate` moves one, edges replicated (with `wrap`: a
+    circular shift): a row gets the same offset whichever device holds it and after any resume."""
+    h, w = images.shape[-2:]
+    offsets = [shift_offset((h, w), max_fraction, seed, first_row + i) for i in range(images.shape[0])]
+    return moved_rows(images, torch.tensor(offsets, device=images.device), wrap)
+
+
+def moved_rows(images: torch.Tensor, offsets: torch.Tensor, wrap: bool,
+               flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row of `images` [B, C, H, W] moved down and right by its `offsets` [B, 2] (`source_pixels`:
+    edges replicated, or wrapped around), then mirrored left-right where `flips` [B] is true. One gather."""
     b, c, h, w = images.shape
     dev = images.device
-    offsets = torch.tensor([shift_offset((h, w), max_fraction, seed, first_row + i) for i in range(b)], device=dev)
-    rows = source_pixels(torch.arange(h, device=dev), offsets[:, :1], h)
-    cols = source_pixels(torch.arange(w, device=dev), offsets[:, 1:], w)
+    rows = source_pixels(torch.arange(h, device=dev), offsets[:, :1], h, wrap)
+    cols = source_pixels(torch.arange(w, device=dev), offsets[:, 1:], w, wrap)
+    if flips is not None:
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
     return images[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
 

@@ -59,6 +59,17 @@ class TrainOptions:
     # Added to region 0's logit (the mask head's last bias) at a fresh random start: region 0 starts holding
     # most of every image, so that with `region_cost` it stays the region of what no other region explains.
     first_region_logit: float = 0.0
+    # Weight of the mask equivariance loss (`equivariance_loss`): the masks of each noisy training image moved
+    # by a random circular shift (up to `equivariance_shift` of its size) and flipped at random must equal
+    # its own masks moved the same way. A mask that keeps its place whatever the image does pays. 0: off.
+    mask_equivariance: float = 0.0
+    equivariance_shift: float = 0.25
+    # Weight of a cost on the regions' boundary length (`boundary_length`: the soft masks' total variation):
+    # compact regions rather than pixels sorted by color. 0: off.
+    mask_boundary: float = 0.0
+    # How --shift-augment fills the pixels a move uncovers: "replicate" repeats the nearest edge pixel (as the
+    # shifted evaluation does); "circular" wraps the image around, exactly what circular padding commutes with.
+    shift_edges: str = "replicate"
     freeze_masks: bool = False  # train the decoder only (FactorizedUNet.freeze_masks): the masks do not move
     limit: int | None = None  # train on the first N images of `data` only
     init: str | None = None  # a fresh run starts from this checkpoint's EMA weights and config (fresh Adam)
@@ -71,6 +82,8 @@ class TrainOptions:
     threads: int | None = DEFAULT_THREADS  # torch's CPU threads (None: torch's own choice)
 
 
+SHIFT_EDGES = ("replicate", "circular")
+
 # The values a run can use: field -> (lowest, highest), either None for no bound; a bound in a list is
 # excluded ([0] means above 0). None as the value is allowed where the field's default is None.
 BOUNDS = {
@@ -78,7 +91,8 @@ BOUNDS = {
     "save_every": (1, None), "sample_every": (0, None), "sample_count": (1, None), "sample_steps": (1, 1000),
     "log_every": (1, None), "micro_batch": (1, None), "grad_accum": (1, None), "workers": (0, None),
     "t_power": (0.1, 10), "mask_shaping_steps": (0, None), "mask_entropy": (0, None),
-    "mask_temperature": (0.01, 100), "mask_init_scale": (0, None), "shift_augment": (0, [0.5]), "empty_images": (0, 1), "region_cost": (0, None), "limit": (1, None), "threads": (1, MAX_THREADS),
+    "mask_temperature": (0.01, 100), "mask_init_scale": (0, None), "shift_augment": (0, [0.5]), "empty_images": (0, 1), "region_cost": (0, None),
+    "mask_equivariance": (0, None), "equivariance_shift": (0, [0.5]), "mask_boundary": (0, None), "limit": (1, None), "threads": (1, MAX_THREADS),
 }
 
 
@@ -98,6 +112,9 @@ def check_options(opts: TrainOptions) -> None:
             ok = value < high[0] if isinstance(high, list) else value <= high
         if not ok:
             raise TrainingError(f"`{f.name}` must be {_describe(low, high)}, got {value!r}", (f.name,))
+    if opts.shift_edges not in SHIFT_EDGES:
+        raise TrainingError(f"`shift_edges` must be one of {', '.join(SHIFT_EDGES)}, got {opts.shift_edges!r}",
+                            ("shift_edges",))
 
 
 def _describe(low, high) -> str:

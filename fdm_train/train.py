@@ -45,7 +45,7 @@ from fdm_core.checkpoint import (
 from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError, raise_terminated
-from fdm_core.images import to_float
+from fdm_core.images import row_generator, shift_offset, to_float
 from fdm_core.model import build_model, count_flops, count_parameters
 from fdm_core.util import (
     check_not_input,
@@ -61,6 +61,7 @@ from fdm_train.data import (
     ShardedBatches,
     is_cache,
     make_loader,
+    moved_rows,
     open_images,
     shard_range,
     shifted_batch,
@@ -115,15 +116,49 @@ def outside_first_region(masks: torch.Tensor) -> torch.Tensor:
     return 1 - masks[:, 0].float().mean()
 
 
-def mask_terms(masks: torch.Tensor, entropy_weight: float, region_cost: float) -> torch.Tensor | float:
-    """What a step adds to the denoising loss on the masks: the (annealed) entropy penalty and the region
-    cost; 0 when both weights are 0, so that the plain recipe computes nothing extra."""
+def mask_terms(masks: torch.Tensor, entropy_weight: float, region_cost: float,
+               boundary_weight: float = 0.0) -> torch.Tensor | float:
+    """What a step adds to the denoising loss on its own masks: the (annealed) entropy penalty, the region
+    cost and the boundary cost; 0 when every weight is 0, so that the plain recipe computes nothing extra."""
     terms = 0.0
     if entropy_weight:
         terms = terms + entropy_weight * pixel_entropy(masks)
     if region_cost:
         terms = terms + region_cost * outside_first_region(masks)
+    if boundary_weight:
+        terms = terms + boundary_weight * boundary_length(masks)
     return terms
+
+
+def boundary_length(masks: torch.Tensor) -> torch.Tensor:
+    """The regions' boundary length of the soft masks [B, K, H, W], what `--mask-boundary` charges: half the
+    summed |m_k(p) - m_k(q)| over the K regions, averaged over all pairs of neighbouring pixels (p, q) of
+    each direction, then over the two directions. For hard masks: the share of neighbouring pairs that
+    cross a boundary. A region costs its perimeter, so compact regions pay less than scattered pixels."""
+    masks = masks.float()
+    down = (masks[:, :, 1:] - masks[:, :, :-1]).abs().sum(1).mean()
+    right = (masks[..., 1:] - masks[..., :-1]).abs().sum(1).mean()
+    return (down + right) / 4
+
+
+def equivariance_loss(masks_of, x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor,
+                      flips: torch.Tensor) -> torch.Tensor:
+    """What `--mask-equivariance` charges: each input row of `x` [B, C, H, W] moved by a circular shift of
+    `offsets` [B, 2] and mirrored where `flips` [B], its masks computed by `masks_of`, against the row's own
+    `masks` [B, K, H, W] moved the same way: the squared difference summed over K, averaged over pixels.
+    Zero for masks that move with the image; a fixed mask pays for every pixel the move changes."""
+    moved = masks_of(moved_rows(x, offsets, True, flips))
+    return (moved.float() - moved_rows(masks, offsets, True, flips).float()).pow(2).sum(1).mean()
+
+
+def equivariance_moves(size: tuple[int, int], max_fraction: float, seed: int, first_row: int, rows: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets [rows, 2], flips [rows]) of rows first_row.. of a step's global batch for the equivariance
+    loss: the same move for a row on any device and after any resume."""
+    offsets = [shift_offset(size, max_fraction, seed, first_row + i) for i in range(rows)]
+    flip_seed = derived_seed("flip", seed)
+    flips = [row_generator(flip_seed, first_row + i).random() < 0.5 for i in range(rows)]
+    return torch.tensor(offsets, device=device), torch.tensor(flips, device=device)
 
 
 def pixel_entropy(masks: torch.Tensor) -> torch.Tensor:
@@ -518,7 +553,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
             x_u8 = x_u8.to(run.device, non_blocking=True)
             if opts.shift_augment:
                 x_u8 = shifted_batch(x_u8, opts.shift_augment, derived_seed("shift", run.data_seed, run.step),
-                                     run.rank_start)
+                                     run.rank_start, wrap=opts.shift_edges == "circular")
             if opts.empty_images:
                 x_u8 = with_empty_images(x_u8, opts.empty_images, derived_seed("empty", run.data_seed, run.step),
                                          run.rank_start)
@@ -590,12 +625,25 @@ def _forward_backward(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor | None
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, masks = run.diffusion.loss(run.train_model, x0, t, noise, y)
-            objective = loss + mask_terms(masks, entropy_weight, opts.region_cost)
+                objective = loss + mask_terms(masks, entropy_weight, opts.region_cost, opts.mask_boundary)
+                if opts.mask_equivariance:
+                    objective = objective + opts.mask_equivariance * _equivariance_term(run, x0, t, noise, y, masks, lo)
             # DDP averages over ranks; this weighting makes the step the mean over the global batch.
             (objective * (size * run.ctx.world / opts.batch_size)).backward()
         loss_sum += loss.detach().float() * size
         offset += size
     return loss_sum, masks
+
+
+def _equivariance_term(run: _Run, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None,
+                       masks: torch.Tensor, first_row: int) -> torch.Tensor:
+    """The equivariance loss of a micro-batch: its noisy images (the same x_t the denoising loss saw) moved
+    by the step's seeded moves of its rows."""
+    offsets, flips = equivariance_moves(x0.shape[-2:], run.opts.equivariance_shift,
+                                        derived_seed("equivariance", run.data_seed, run.step), first_row,
+                                        x0.shape[0], x0.device)
+    x_t = run.diffusion.q_sample(x0, t, noise.to(x0.dtype))
+    return equivariance_loss(lambda moved: run.train_model(moved, t, y, masks_only=True), x_t, masks, offsets, flips)
 
 
 def _log_record(run: _Run, loss: float, window: _Window, bad: _BadFiles, masks: torch.Tensor) -> dict:

@@ -15,12 +15,12 @@ from fdm_core.checkpoint import load_model, save_checkpoint
 from fdm_core.config import ModelConfig
 from fdm_core.images import shift_offset
 from fdm_core.model import build_model
-from fdm_train.data import shifted_batch, with_empty_images
+from fdm_train.data import moved_rows, shifted_batch, with_empty_images
 from fdm_train.options import TrainingError
-from fdm_train.train import outside_first_region, train
+from fdm_train.train import boundary_length, equivariance_loss, equivariance_moves, outside_first_region, train
 
 
-@pytest.mark.parametrize("mode", ["replicate", "reflect"])
+@pytest.mark.parametrize("mode", ["replicate", "reflect", "circular"])
 def test_every_padded_convolution_repeats_the_image(mode):
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(TINY, padding=mode))
@@ -47,7 +47,7 @@ def test_padding_is_kept_by_a_checkpoint_and_old_files_pad_with_zeros(tmp_path):
     old = {k: v for k, v in dataclasses.asdict(TINY).items() if k != "padding"}
     assert ModelConfig(**old).padding == "zeros"
     with pytest.raises(ValueError, match="unknown padding"):
-        dataclasses.replace(TINY, padding="circular")
+        dataclasses.replace(TINY, padding="toroidal")
 
 
 def test_shifted_batch_moves_each_row_by_its_own_offset():
@@ -175,3 +175,96 @@ def test_shift_augment_bounds_and_flags(image_folder, tmp_path):
     assert str(result.exception) == "--shift-augment must be a number at least 0 and below 0.5, got 0.6"
     result = CliRunner().invoke(main_group, ["info", "--preset", "tiny-32", "--padding", "reflect"])
     assert result.exit_code == 0, result.output
+
+
+def test_circular_padding_commutes_with_circular_shifts_by_the_stride():
+    """A random network with circular padding: moving the input around by a multiple of its total stride (2
+    for one halving) moves eps and masks the same way, exactly up to float error; an odd move, or zero
+    padding, does not."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, padding="circular")
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # a trained-looking network: the zero-initialized layers get weights too
+            p.add_(torch.randn_like(p) * 0.05)
+        zeros = build_model(TINY).eval()
+        zeros.load_state_dict(model.state_dict())
+        x, t = torch.randn(2, 3, 16, 16), torch.tensor([300, 30])
+
+        def moved_outputs(net, dy, dx):
+            eps, masks = net(torch.roll(x, (dy, dx), (2, 3)), t)
+            ref_eps, ref_masks = net(x, t)
+            return (eps - torch.roll(ref_eps, (dy, dx), (2, 3))).abs().max(), \
+                (masks - torch.roll(ref_masks, (dy, dx), (2, 3))).abs().max()
+
+        for dy, dx in ((2, 4), (-6, 2)):
+            assert max(moved_outputs(model, dy, dx)) < 1e-4
+        assert max(moved_outputs(model, 1, 3)) > 1e-3  # a move the stride cannot follow
+        assert max(moved_outputs(zeros, 2, 4)) > 1e-3  # zero padding tells where the border is
+
+
+def test_moved_rows_by_hand():
+    images = torch.arange(2 * 1 * 3 * 4).reshape(2, 1, 3, 4)
+    offsets = torch.tensor([[1, -1], [0, 2]])
+    wrapped = moved_rows(images, offsets, True, torch.tensor([False, True]))
+    assert torch.equal(wrapped[0, 0], torch.roll(images[0, 0], (1, -1), (0, 1)))
+    assert torch.equal(wrapped[1, 0], torch.roll(images[1, 0], (0, 2), (0, 1)).flip(1))
+    edges = moved_rows(images, offsets, False)
+    assert edges[0, 0].tolist() == [[1, 2, 3, 3], [1, 2, 3, 3], [5, 6, 7, 7]]
+
+
+def test_equivariance_loss_is_zero_for_masks_that_move_with_the_image_and_positive_for_a_fixed_mask():
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 12, 12)
+    offsets, flips = equivariance_moves((12, 12), 0.25, seed=5, first_row=0, rows=6, device=torch.device("cpu"))
+    assert flips.any() and not flips.all() and (offsets != 0).any()
+    mixer = torch.randn(4, 3)
+
+    def per_pixel(image):  # masks from each pixel's color alone: they move with the image, whatever the move
+        return torch.einsum("kc,bchw->bkhw", mixer, image).softmax(1)
+
+    assert equivariance_loss(per_pixel, x, per_pixel(x), offsets, flips).item() < 1e-12
+    fixed = torch.zeros(1, 4, 12, 12)
+    fixed[:, 0, :6], fixed[:, 1, 6:] = 1, 1  # top half region 0, bottom half region 1: where, not what
+
+    def in_place(image):
+        return fixed.expand(image.shape[0], -1, -1, -1)
+
+    loss = equivariance_loss(in_place, x, in_place(x), offsets, flips)
+    # a row moved by dy rows changes 2 |dy| rows of 12 from one region to the other: 2 per changed pixel
+    expected = sum(2 * 2 * min(abs(int(dy)) % 12, 12 - abs(int(dy)) % 12) / 12 for dy in offsets[:, 0]) / 6
+    assert loss.item() == pytest.approx(expected)
+    assert loss.item() > 0.1
+    # the moves of a row do not depend on the rows beside it (any device split, any resume)
+    later = equivariance_moves((12, 12), 0.25, seed=5, first_row=2, rows=4, device=torch.device("cpu"))
+    assert torch.equal(later[0], offsets[2:]) and torch.equal(later[1], flips[2:])
+
+
+def test_boundary_length_by_hand():
+    half = torch.zeros(1, 2, 4, 4)
+    half[:, 0, :, :2], half[:, 1, :, 2:] = 1, 1  # a left and a right region: 4 of the 12 right-pairs cross
+    assert boundary_length(half).item() == pytest.approx((4 / 12 + 0) / 2)
+    assert boundary_length(torch.full((2, 3, 5, 5), 1 / 3)).item() == 0
+    speckle = (torch.arange(16).reshape(4, 4) + torch.arange(4)[:, None]) % 2  # a checkerboard: every pair
+    checker = torch.stack([speckle, 1 - speckle]).float()[None]
+    assert boundary_length(checker).item() == pytest.approx(1.0)
+
+
+def test_training_with_the_equivariance_loss_resumes_exactly(image_folder, tmp_path, one_thread):
+    moved = partial(options, shift_augment=0.0, mask_equivariance=5.0, mask_boundary=0.5)
+    assert_resumes_exactly_and_matters(moved, tmp_path, image_folder, mask_equivariance=0.0)
+
+
+def test_circular_shifts_in_training_wrap_the_image():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).reshape(2, 3, 8, 8)
+    out = shifted_batch(images, 0.4, seed=3, first_row=0, wrap=True)
+    for i in range(2):
+        dy, dx = shift_offset((8, 8), 0.4, 3, i)
+        assert torch.equal(out[i], torch.roll(images[i], (dy, dx), (1, 2)))
+
+
+def test_content_options_are_checked(image_folder, tmp_path):
+    with pytest.raises(TrainingError, match="mask_equivariance must be a number at least 0"):
+        train(options(image_folder, tmp_path / "e", mask_equivariance=-1.0))
+    with pytest.raises(TrainingError, match="shift_edges must be one of replicate, circular"):
+        train(options(image_folder, tmp_path / "s", shift_edges="mirror"))
