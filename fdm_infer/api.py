@@ -61,6 +61,7 @@ from fdm_infer.outputs import (
 from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.sampling import check_steps, diffusion_for, write_samples
 from fdm_infer.sampling import generate as sample
+from fdm_infer.refine import DEFAULT_REFINE
 from fdm_infer.segment import (
     DEFAULT_SMOOTH,
     DEFAULT_T,
@@ -113,14 +114,15 @@ class Segmenter:
 
     def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
-                 max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, load_seconds: float = 0.0):
-        check_settings(t, ensemble, smooth, NUM_TIMESTEPS)
+                 max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, refine: str = DEFAULT_REFINE,
+                 load_seconds: float = 0.0):
+        check_settings(t, ensemble, smooth, NUM_TIMESTEPS, refine)
         if not (batch_size >= 1 and max_pixels >= 1):  # `not >=`: NaN is refused too
             raise UserError(f"batch_size and max_pixels must be at least 1, got {batch_size} and {max_pixels}",
                             ("batch_size", "max_pixels"))
         check_seed(seed)
         self.engine, self.model = engine, model
-        self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label, max_pixels, smooth)
+        self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label, max_pixels, smooth, refine)
         self.load_seconds = load_seconds
 
     @classmethod
@@ -130,7 +132,7 @@ class Segmenter:
         """The model of a file (.safetensors: torch, .onnx: onnxruntime, .plan/.engine: TensorRT; `engine`
         forces one), or the bundled default when `model` is None. `threads`: CPU threads of torch (for the
         whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label, max_pixels,
-        smooth."""
+        smooth, refine."""
         opened, path, seconds = load_engine(model, engine, device, threads, notify)
         return cls(opened, path, load_seconds=seconds, **settings)
 

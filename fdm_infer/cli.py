@@ -63,7 +63,7 @@ def main_group():
                                  "as pycocotools writes them; `--rle uncompressed`: a list of counts) [default: no RLE].")
 @click.option("--json", "as_json", is_flag=True,
               help="Print summary.json to stdout (the summary lines go to stderr).")
-def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, smooth,
+def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, refine, smooth,
             batch_size, fg_channels, class_label, quiet, save_soft, save_channels, foreground, rle, as_json):
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (label map
     0..K-1 at the image's own resolution, a palette PNG: its pixel values are the labels, its colors
@@ -80,12 +80,12 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
     reused = (Path(out) / SUMMARY).exists()
     segmenter = Segmenter.load(model_file, engine_kind, device, threads=threads, notify=note_line, t=t, seed=seed,
                                ensemble=ensemble, batch_size=batch_size, class_label=class_label, max_pixels=max_pixels,
-                               smooth=smooth)
+                               smooth=smooth, refine=refine)
     report = segmenter.segment_files(list(paths), out, OutputOptions(save_soft, save_channels, foreground, rle),
                                      fg_channels=list(fg_channels), limit=limit, warn=warn_line, progress=not quiet)
     click.echo(f"segmented {report.written} image(s) in {report.seconds:.1f} s "
                f"({report.images_per_s:.1f} images/s) with {segmenter.describe()}, t={t}, seed {seed}"
-               + (f", ensemble {ensemble}" if ensemble > 1 else "") + f", smooth {smooth}"
+               + (f", ensemble {ensemble}" if ensemble > 1 else "") + f", smooth {smooth}" + (f", refine {refine}" if refine != "none" else "")
                + f" -> {out} (summary.json)", err=as_json)
     click.echo(f"labels: {label_legend(segmenter.engine.num_regions)}", err=as_json)
     if foreground and report.foreground is not None:

@@ -10,6 +10,7 @@ from fdm_core.cli_options import quiet_option, threads_option
 from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP
 from fdm_core.errors import SEED
 from fdm_infer.engines import ENGINES
+from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
 
 
@@ -48,6 +49,9 @@ def segmentation_options(f):
     f = click.option("--smooth", type=click.IntRange(1), default=DEFAULT_SMOOTH,
                      help="Smooth the masks over an N x N pixel window of the model's resolution (odd; 1: the "
                           "masks as the model gives them, the paper's read-out).")(f)
+    f = click.option("--refine", type=click.Choice(REFINE_MODES), default=DEFAULT_REFINE, show_default=True,
+                     help="Snap the soft masks to the image's edges at the image's own resolution: guided (the "
+                          "guided filter with the image's colors as guide; a few ms per image), or none.")(f)
     f = click.option("--ensemble", type=click.IntRange(1), default=1,
                      help="Average the soft masks over N seeds (seed..seed+N-1).")(f)
     f = click.option("--seed", type=SEED, default=0, help="Seed of the noise (the same for every image).")(f)

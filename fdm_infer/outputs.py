@@ -101,7 +101,7 @@ def summary(run: dict, settings: SegmentSettings, report: SegmentReport, num_reg
         foreground = {"channels": report.foreground, "border_share": report.border_share,
                       "image_share": report.image_share, "chosen": "given" if given_channels else RULE}
     run = {**run, "t": settings.t, "seed": settings.seed, "ensemble": settings.ensemble, "smooth": settings.smooth,
-           "class": settings.class_label, "threads": torch.get_num_threads(),
+           "refine": settings.refine, "class": settings.class_label, "threads": torch.get_num_threads(),
            "label_colors": [PALETTE[k % len(PALETTE)].tolist() for k in range(num_regions)],
            "foreground": foreground, "images": report.written,
            "failed": [{"input": path, "reason": reason} for path, reason in report.failed],

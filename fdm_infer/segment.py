@@ -25,6 +25,7 @@ from fdm_core.util import (
     progress_bar,
 )
 from fdm_infer.engines.base import Engine
+from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES, refine_masks
 from fdm_infer.images import (
     InputImage,
     UnreadableImage,
@@ -49,8 +50,10 @@ def segmentation_noise(shape: tuple[int, ...], seed: int, device: torch.device |
     return noise.expand(shape).to(device)
 
 
-def check_settings(t: int, ensemble: int, smooth: int, num_timesteps: int) -> None:
+def check_settings(t: int, ensemble: int, smooth: int, num_timesteps: int, refine: str = DEFAULT_REFINE) -> None:
     """The settings of a segmentation pass, each a one-line error in the parameters' names."""
+    if refine not in REFINE_MODES:
+        raise UserError(f"`refine` must be one of {', '.join(REFINE_MODES)}, got {refine!r}", ("refine",))
     if not 0 <= t < num_timesteps:
         raise UserError(f"`t` must be between 0 and {num_timesteps - 1}, got {t}", ("t",))
     if not ensemble >= 1:  # `not >=`: NaN is refused too
@@ -123,6 +126,7 @@ class SegmentSettings:
     class_label: int | None = None
     max_pixels: int = MAX_PIXELS  # files above it are skipped; a batch holds about this many pixels at most
     smooth: int = DEFAULT_SMOOTH
+    refine: str = DEFAULT_REFINE  # how the masks are snapped to the image's edges at its resolution (fdm_infer.refine)
 
 
 @dataclass
@@ -132,19 +136,34 @@ class Segmented:
     source: str  # the input file, or <image_NNNN> for an image given in memory
     image: np.ndarray  # RGB uint8 [H, W, 3], the input as read
     masks: torch.Tensor  # soft masks [K, S, S] at the model's resolution (float32, CPU)
-    labels: np.ndarray  # uint8 [H, W]: argmax of the masks resized (bilinear) to the input's resolution
+    labels: np.ndarray  # uint8 [H, W]: argmax of `soft`
     path: Path | None = None  # the input file (None for an image given in memory)
+    refine: str = DEFAULT_REFINE
 
     @property
     def soft(self) -> np.ndarray:
-        """Soft masks [K, H, W] (float32) at the input's resolution; they sum to 1 over K."""
-        return resize_masks(self.masks, self.labels.shape).numpy()
+        """Soft masks [K, H, W] (float32) at the input's resolution, refined with the image (`refine`); they
+        sum to 1 over K."""
+        return image_masks(self.masks, self.image, self.refine).numpy()
 
     def region_share(self) -> list[float]:
         """Each label's share of the pixels."""
         k = self.masks.shape[0]
         counts = np.bincount(self.labels.ravel(), minlength=k)[:k]
         return [round(float(c) / self.labels.size, 4) for c in counts]
+
+
+def image_masks(masks: torch.Tensor, image: np.ndarray, refine: str) -> torch.Tensor:
+    """Soft masks [K, S, S] resized (bilinear) to the RGB image [H, W, 3] (uint8) and refined with it."""
+    soft = resize_masks(masks, image.shape[:2])
+    return refine_masks(soft, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), refine)
+
+
+def read_labels(masks: torch.Tensor, image: np.ndarray, refine: str) -> np.ndarray:
+    """uint8 [H, W]: the label map of soft masks [K, S, S] at the image's resolution (`image_masks`)."""
+    if refine == "none":  # one channel at a time: a large image never holds K float copies of itself
+        return label_map(masks, image.shape[:2])
+    return image_masks(masks, image, refine).argmax(0).to(torch.uint8).numpy()
 
 
 def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentSettings,
@@ -163,8 +182,8 @@ def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentS
             masks = segment_tensor(engine, torch.stack(tensors), t=settings.t, seed=settings.seed,
                                    ensemble=settings.ensemble, y=y, diffusion=diffusion,
                                    smooth=settings.smooth).cpu()
-            segmented = [Segmented(item.key, item.name, image, m, label_map(m, image.shape[:2]), item.path)
-                         for item, image, m in zip(batch, images, masks)]
+            segmented = [Segmented(item.key, item.name, image, m, read_labels(m, image, settings.refine), item.path,
+                                   settings.refine) for item, image, m in zip(batch, images, masks)]
             images.clear()  # held by the Segmented images alone, which a run over files drops once written
             yield segmented
             bar.update(len(batch))

@@ -53,6 +53,10 @@ RECIPES: dict[str, tuple[dict, dict]] = {
                                              {"t_power": 2.0, "region_cost": 0.01, "first_region_logit": 2.0}),
     "codes-t2-scale2-replicate-shift": ({"region_codes": True, "mask_scale": 2, "padding": "replicate"},
                                         {"t_power": 2.0, "shift_augment": 0.2}),
+    "codes-t2-equivariance": ({"region_codes": True}, {"t_power": 2.0, "mask_equivariance": 1.0}),
+    "codes-t2-boundary": ({"region_codes": True}, {"t_power": 2.0, "mask_boundary": 0.1}),
+    "codes-t2-circular": ({"region_codes": True, "padding": "circular"},
+                          {"t_power": 2.0, "shift_augment": 0.2, "shift_edges": "circular"}),
 }
 
 
@@ -74,6 +78,7 @@ def main(argv=None) -> None:
                    help="training seed (weights, noise, batches); the scenes are the same for every seed")
     p.add_argument("--empty", type=float, default=0.0,
                    help="share of training scenes drawn without objects (the held-out scenes all have them)")
+    p.add_argument("--channels-last", action="store_true", help="train in NHWC (faster on CPUs; same recipe)")
     p.add_argument("--out", default="runs/emergence")
     a = p.parse_args(argv)
 
@@ -105,7 +110,7 @@ def main(argv=None) -> None:
         summary = train(TrainOptions(
             data=str(data), out=str(run), model=cfg, batch_size=a.batch_size, iterations=step, lr=a.lr,
             ema_decay=a.ema_decay, seed=a.seed, save_every=a.eval_every, sample_every=0, log_every=50,
-            resume="auto", progress=False, workers=0, **options))
+            resume="auto", progress=False, workers=0, channels_last=a.channels_last, **options))
         trained += time.perf_counter() - start
         model.load_state_dict(summary["weights"]["ema"])
         figures = score(model, val_images, val_labels, empty=val_empty)

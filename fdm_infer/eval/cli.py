@@ -16,6 +16,7 @@ from fdm_infer.options import (
     segmentation_options,
     warn_line,
 )
+from fdm_infer.refine import DEFAULT_REFINE
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
 
 
@@ -55,7 +56,8 @@ from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
 @click.option("--name", default=None, help="Row name in the table [default: the model's / folder's name].")
 @click.option("-o", "--out", "out", default="results.json", type=click.Path(dir_okay=False),
               help="Output file: the JSON results; the Markdown table goes beside it (.md).")
-def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, predictions, t, seed, ensemble, smooth,
+def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, predictions, t, seed, ensemble, refine,
+             smooth,
              size_mode, fg_channels, num_labels, num_channels, limit, prior_from, prior_leave_out_folder, shift,
              batch_size, class_label, name, out, quiet):
     """Score a model's segmentation of real images (or any method's label maps) against ground-truth
@@ -79,9 +81,10 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
     if predictions and (model_file or engine_kind):
         raise click.UsageError("give --predictions or a model (--model / --engine), not both")
-    if predictions and (t != DEFAULT_T or ensemble != 1 or smooth != DEFAULT_SMOOTH or class_label is not None):
-        raise click.UsageError("--t / --ensemble / --smooth / --class set how a model segments; --predictions are "
-                               "scored as given")
+    if predictions and (t != DEFAULT_T or ensemble != 1 or smooth != DEFAULT_SMOOTH or refine != DEFAULT_REFINE
+                        or class_label is not None):
+        raise click.UsageError("--t / --ensemble / --smooth / --refine / --class set how a model segments; "
+                               "--predictions are scored as given")
     if num_channels is not None and not predictions:
         raise click.UsageError("--num-channels goes with --predictions (a model knows its K)")
     if prior_leave_out_folder and not prior_from:
@@ -107,7 +110,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
         else:
             with progress_bar(len(evalset), f"evaluate (t={t}{suffix})", quiet) as bar:
                 result = run(evalset, engine=engine, protocols=protocols, t=t, seed=seed, ensemble=ensemble,
-                             smooth=smooth, batch_size=batch_size, size_mode=size_mode,
+                             smooth=smooth, refine=refine, batch_size=batch_size, size_mode=size_mode,
                              fg_channels=list(fg_channels) or None, num_labels=num_labels,
                              class_label=class_label, name=(name or path.stem) + suffix, progress=bar.update)
             result["model"] = describe(engine, path)

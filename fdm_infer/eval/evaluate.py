@@ -38,7 +38,8 @@ from fdm_core.visualize import mask_statistics
 from fdm_infer.eval.metrics import ForegroundAccumulator, PartsAccumulator
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.images import model_input, read_image, resize_labels
-from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_channels, segment_tensor
+from fdm_infer.refine import DEFAULT_REFINE
+from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_channels, read_labels, segment_tensor
 
 PROTOCOLS = ("foreground", "parts")
 SIZE_MODES = ("upsample", "downsample")
@@ -81,15 +82,18 @@ class EvalSet:
     def model_inputs(self, size: int) -> torch.Tensor:
         """All images as model inputs [N, 3, S, S] in [-1, 1] (decoded once per size, then cached)."""
         if size not in self._inputs:
-            inputs = []
-            for i, path in enumerate(self.image_paths):
-                image = np.asarray(read_image(path), dtype=np.uint8)
-                if self.offsets:
-                    (dy, dx), (h, w) = self.offsets[i], self.masks[i].shape
-                    image = translate(image, round(dy * image.shape[0] / h), round(dx * image.shape[1] / w))
-                inputs.append(model_input(image, size))
-            self._inputs[size] = torch.stack(inputs)
+            self._inputs[size] = torch.stack([model_input(self.image(i), size) for i in range(len(self))])
         return self._inputs[size]
+
+    def image(self, i: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Image i as RGB uint8 [H, W, 3], moved as its mask is in a shifted set; resized to `size` (H, W)."""
+        image = np.asarray(read_image(self.image_paths[i]), dtype=np.uint8)
+        if self.offsets:
+            (dy, dx), (h, w) = self.offsets[i], self.masks[i].shape
+            image = translate(image, round(dy * image.shape[0] / h), round(dx * image.shape[1] / w))
+        if size is not None and image.shape[:2] != tuple(size):
+            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+        return image
 
     def shifted(self, max_fraction: float, seed: int = 0) -> EvalSet:
         """The set with each image and its mask translated by one offset (`shift_offset`, seeded by `seed`
@@ -187,11 +191,12 @@ class Predictions:
 
 @torch.no_grad()
 def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1,
-                        smooth: int = DEFAULT_SMOOTH,
+                        smooth: int = DEFAULT_SMOOTH, refine: str = DEFAULT_REFINE,
                         batch_size: int = 16, size_mode: str = "upsample", class_label: int | None = None,
                         progress: Callable[[int], None] | None = None) -> Predictions:
     """Segments every image of `evalset` with `engine` (fdm_infer.segment.segment_tensor: the image
-    resized whole to S x S, noised to t with the seeded noise, one forward pass)."""
+    resized whole to S x S, noised to t with the seeded noise, one forward pass); with `refine`, the masks
+    are refined at each ground-truth mask's size with the image at that size (fdm_infer.refine)."""
     if size_mode not in SIZE_MODES:
         raise UserError(f"size mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}")
     cfg = engine.config
@@ -216,6 +221,9 @@ def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: i
         if size_mode == "upsample":
             for i, m in enumerate(masks):
                 gt_size = evalset.masks[first + i].shape
+                if refine != "none":
+                    labels.append(read_labels(m.cpu(), evalset.image(first + i, gt_size), refine))
+                    continue
                 if tuple(m.shape[-2:]) != tuple(gt_size):
                     m = F.interpolate(m[None], size=gt_size, mode="bilinear", align_corners=False)[0]
                 labels.append(m.argmax(0).to(torch.uint8).cpu().numpy())
@@ -518,7 +526,7 @@ def _json_default(value):
 
 def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = None, protocols=PROTOCOLS,
              t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1, smooth: int = DEFAULT_SMOOTH,
-             batch_size: int = 16, size_mode: str = "upsample",
+             refine: str = DEFAULT_REFINE, batch_size: int = 16, size_mode: str = "upsample",
              fg_channels: list[int] | None = None, num_labels: int | None = None, num_channels: int | None = None,
              class_label: int | None = None, name: str | None = None,
              progress: Callable[[int], None] | None = None) -> dict:
@@ -526,10 +534,10 @@ def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = 
     if (engine is None) == (predictions is None):
         raise ValueError("give an engine or a predictions folder")
     if engine is not None:
-        pred = predict_with_engine(engine, evalset, t=t, seed=seed, ensemble=ensemble, smooth=smooth,
+        pred = predict_with_engine(engine, evalset, t=t, seed=seed, ensemble=ensemble, smooth=smooth, refine=refine,
                                    batch_size=batch_size, size_mode=size_mode, class_label=class_label, progress=progress)
         source = {"engine": getattr(engine, "name", "?"), "t": t, "seed": seed, "ensemble": ensemble, "smooth": smooth,
-                  "model_size": pred.model_size, "variant": engine.config.variant,
+                  "refine": refine, "model_size": pred.model_size, "variant": engine.config.variant,
                   "resize": ("soft masks bilinear to the mask size, then argmax" if size_mode == "upsample"
                              else "ground truth nearest to the model size")}
     else:
