@@ -156,7 +156,7 @@ class Segmented:
 def image_masks(masks: torch.Tensor, image: np.ndarray, refine: str) -> torch.Tensor:
     """Soft masks [K, S, S] resized (bilinear) to the RGB image [H, W, 3] (uint8) and refined with it."""
     soft = resize_masks(masks, image.shape[:2])
-    return refine_masks(soft, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), refine)
+    return refine_masks(soft, torch.tensor(image).permute(2, 0, 1), refine)
 
 
 def read_labels(masks: torch.Tensor, image: np.ndarray, refine: str) -> np.ndarray:
