@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from fdm_infer.api import Segmenter  # noqa: E402
 from fdm_infer.eval.baselines import position_prior  # noqa: E402
 from fdm_infer.eval.evaluate import read_label_maps  # noqa: E402
+from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES  # noqa: E402
 
 LFW_VAL = ROOT.parent / "shared" / "data" / "lfw" / "val"
 
@@ -52,11 +53,12 @@ def main(argv=None) -> None:
     p.add_argument("-n", type=int, default=64, help="gradients")
     p.add_argument("--size", type=int, default=64, help="their size in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine", default=DEFAULT_REFINE, choices=REFINE_MODES, help="read-out refinement")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "position"))
     a = p.parse_args(argv)
 
     images = gradients(a.n, a.size, a.seed)
-    seg = Segmenter.load(a.model)
+    seg = Segmenter.load(a.model, refine=a.refine)
     alone = [float(seg([image])[0].foreground.mean()) for image in images]
     face_channels = seg([LFW_VAL / "images"]).fg_channels
     with_face_channels = [float(r.foreground.mean()) for r in seg(images, fg_channels=face_channels)]
@@ -66,7 +68,7 @@ def main(argv=None) -> None:
         return {"mean": round(100 * float(np.mean(values)), 1), "max": round(100 * float(np.max(values)), 1),
                 "share_over_5": round(100 * float(np.mean(np.asarray(values) > 0.05)), 1)}
 
-    result = {"model": a.model or "bundled default", "label": a.label, "gradients": a.n, "size": a.size,
+    result = {"model": a.model or "bundled default", "label": a.label, "refine": a.refine, "gradients": a.n, "size": a.size,
               "seed": a.seed, "face_channels": face_channels, "alone": figures(alone),
               "face_channels_on_gradients": figures(with_face_channels), "position_prior": round(100 * prior, 1)}
     table = "\n".join([

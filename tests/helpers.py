@@ -142,3 +142,37 @@ def smoothed_reference(masks, size: int = 3) -> np.ndarray:
             out[:, :, i, j] = log_p[:, :, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].mean(axis=(2, 3))
     out = np.exp(out - out.max(axis=1, keepdims=True))
     return out / out.sum(axis=1, keepdims=True)
+
+
+def direct_guided_filter(masks, image, r, eps):
+    """He et al.'s definition written out: per window, ridge least squares of each mask on (colors, 1);
+    each pixel averages the fits of the windows that hold it (windows cut at the border)."""
+    k, h, w = masks.shape
+    a = np.zeros((h, w, 3, k))
+    b = np.zeros((h, w, k))
+    for y in range(h):
+        for x in range(w):
+            win = (slice(max(y - r, 0), y + r + 1), slice(max(x - r, 0), x + r + 1))
+            colors = image[:, win[0], win[1]].reshape(3, -1).T
+            values = masks[:, win[0], win[1]].reshape(k, -1).T
+            mu, pm = colors.mean(0), values.mean(0)
+            cov = (colors - mu).T @ (colors - mu) / len(colors)
+            cross = (colors - mu).T @ (values - pm) / len(colors)
+            a[y, x] = np.linalg.solve(cov + eps * np.eye(3), cross)
+            b[y, x] = pm - mu @ a[y, x]
+    out = np.zeros((k, h, w))
+    for y in range(h):
+        for x in range(w):
+            win = (slice(max(y - r, 0), y + r + 1), slice(max(x - r, 0), x + r + 1))
+            out[:, y, x] = image[:, y, x] @ a[win].reshape(-1, 3, k).mean(0) + b[win].reshape(-1, k).mean(0)
+    out = np.clip(out, 0, None)
+    return out / out.sum(0, keepdims=True)
+
+
+def refined_reference(soft: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """The default read-out's refinement of soft masks [K, H, W] with the RGB uint8 image [H, W, 3], as
+    docs/inference.md states it: radius 1/32 of the shorter side (at least 1), eps 0.01, for images whose
+    shorter side is under 128 pixels (above it the filter works at a lower resolution)."""
+    assert min(rgb.shape[:2]) < 128
+    radius = max(1, round(min(rgb.shape[:2]) / 32))
+    return direct_guided_filter(soft.astype(np.float64), rgb.transpose(2, 0, 1) / 255.0, radius, 0.01)

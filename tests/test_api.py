@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
-from helpers import smoothed_reference, tiny_checkpoint_fixture
+from helpers import refined_reference, smoothed_reference, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_core.checkpoint import read_checkpoint, save_checkpoint
@@ -27,7 +27,7 @@ tiny_checkpoint = tiny_checkpoint_fixture()
 
 def reference_labels(tiny_checkpoint, rgb: np.ndarray, t: int = 30, seed: int = 0):
     """Labels and soft masks computed without fdm_infer: PIL bicubic to 32x32, the schedule from numpy, the
-    model's K separate decoder calls, bilinear back to the input's size."""
+    model's K separate decoder calls, bilinear back to the input's size, the guided filter written out."""
     cfg, states, _ = read_checkpoint(tiny_checkpoint)
     model = build_model(cfg)
     model.load_state_dict(states["ema"])
@@ -40,7 +40,8 @@ def reference_labels(tiny_checkpoint, rgb: np.ndarray, t: int = 30, seed: int = 
         masks = model.forward_unfused((abar ** 0.5 * x + (1 - abar) ** 0.5 * noise).float(), torch.full((1,), t))[1]
     masks = torch.from_numpy(smoothed_reference(masks)).float()  # the default read-out: 3 x 3 smoothing
     soft = F.interpolate(masks, size=rgb.shape[:2], mode="bilinear", align_corners=False)[0]
-    return soft.argmax(0).numpy(), soft.numpy()
+    soft = refined_reference(soft.numpy(), rgb)  # the default read-out: snapped to the image's edges
+    return soft.argmax(0), soft
 
 
 def assert_labels_match(labels: np.ndarray, ref_labels: np.ndarray, ref_soft: np.ndarray):

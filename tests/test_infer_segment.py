@@ -18,6 +18,7 @@ from fdm_core.checkpoint import read_checkpoint, save_checkpoint
 from fdm_core.config import preset
 from fdm_core.model import build_model
 from fdm_infer.engines import open_engine
+from fdm_infer.refine import refine_masks
 from fdm_infer.segment import segment_tensor, smooth_masks
 
 tiny_checkpoint = tiny_checkpoint_fixture()
@@ -90,11 +91,13 @@ def test_segment_lfw_val_images(tiny_checkpoint, tmp_path, capsys, monkeypatch):
         soft = np.load(out / f"{f.stem}_soft.npz")
         assert soft["masks"].shape == (3, 32, 32) and tuple(soft["image_size"]) == (src.size[1], src.size[0])
         np.testing.assert_allclose(soft["masks"].astype(np.float32).sum(0), 1, atol=3e-3)
-        # The labels are the argmax of the masks resized (bilinear) to the image's size.
+        # The labels are the argmax of the masks resized (bilinear) to the image's size and refined.
         x = torch.from_numpy(np.array(src.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)))
         x = x.permute(2, 0, 1).float()[None] / 127.5 - 1
         m = segment_tensor(engine, x, t=30, seed=0)  # batch of 1 here, of 5 in the CLI
         up = F.interpolate(m, size=lab.shape, mode="bilinear", align_corners=False)[0]
+        # then snapped to the image's edges (the default read-out; the filter has its own reference test)
+        up = refine_masks(up, torch.from_numpy(np.array(src.convert("RGB"))).permute(2, 0, 1), "guided")
         top2 = up.topk(2, dim=0).values
         differ = lab != up.argmax(0).numpy()
         # Equal up to float noise between batch sizes: any difference lies on a near-tie.

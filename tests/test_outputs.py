@@ -103,7 +103,7 @@ def test_json_summary_maps_every_input_to_its_files(tiny_checkpoint, tmp_path, c
 def test_label_pngs_show_colors_and_evaluate_reads_their_indices(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     images, masks = images_and_masks(tmp_path, 5)
     r = run_infer(capsys, monkeypatch, "segment", images, "--model", tiny_checkpoint, "-o", tmp_path / "seg",
-                  "--save-soft")
+                  "--save-soft", "--refine", "none")  # the stored masks are the model's, before refinement
     assert r.code == 0, r.err
     for i in range(5):
         png = Image.open(tmp_path / "seg" / f"i{i}_labels.png")
@@ -120,7 +120,8 @@ def test_label_pngs_show_colors_and_evaluate_reads_their_indices(tiny_checkpoint
     # foreground channels are given: chosen without labels, they come from the soft masks of a model but
     # from the label maps of files, which may differ on this untrained model.
     results = {}
-    for name, source in (("model", ["--model", tiny_checkpoint]), ("files", ["--predictions", tmp_path / "seg"])):
+    for name, source in (("model", ["--model", tiny_checkpoint, "--refine", "none"]),
+                             ("files", ["--predictions", tmp_path / "seg"])):
         r = run_infer(capsys, monkeypatch, "evaluate", *source, images, "--masks", masks, "-o",
                       tmp_path / f"{name}.json", "-q", "--fg-channel", 1, "--fg-channel", 2)
         assert r.code == 0, r.err

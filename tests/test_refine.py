@@ -5,37 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import run_infer, tiny_checkpoint_fixture
+from helpers import direct_guided_filter, run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_infer.refine import guided_filter, refine_masks
 
 tiny_checkpoint = tiny_checkpoint_fixture()
-
-
-def direct_guided_filter(masks, image, r, eps):
-    """He et al.'s definition written out: per window, ridge least squares of each mask on (colors, 1);
-    each pixel averages the fits of the windows that hold it (windows cut at the border)."""
-    k, h, w = masks.shape
-    a = np.zeros((h, w, 3, k))
-    b = np.zeros((h, w, k))
-    for y in range(h):
-        for x in range(w):
-            win = (slice(max(y - r, 0), y + r + 1), slice(max(x - r, 0), x + r + 1))
-            colors = image[:, win[0], win[1]].reshape(3, -1).T
-            values = masks[:, win[0], win[1]].reshape(k, -1).T
-            mu, pm = colors.mean(0), values.mean(0)
-            cov = (colors - mu).T @ (colors - mu) / len(colors)
-            cross = (colors - mu).T @ (values - pm) / len(colors)
-            a[y, x] = np.linalg.solve(cov + eps * np.eye(3), cross)
-            b[y, x] = pm - mu @ a[y, x]
-    out = np.zeros((k, h, w))
-    for y in range(h):
-        for x in range(w):
-            win = (slice(max(y - r, 0), y + r + 1), slice(max(x - r, 0), x + r + 1))
-            out[:, y, x] = image[:, y, x] @ a[win].reshape(-1, 3, k).mean(0) + b[win].reshape(-1, k).mean(0)
-    out = np.clip(out, 0, None)
-    return out / out.sum(0, keepdims=True)
 
 
 def test_guided_filter_matches_the_direct_fit():
@@ -93,7 +68,7 @@ def test_segment_refine_writes_the_argmax_of_the_refined_soft_masks(tiny_checkpo
         assert r.code == 0, r.err
         assert json.loads((tmp_path / refine / "summary.json").read_text())["run"]["refine"] == refine
     seg = Segmenter.load(tiny_checkpoint, refine="guided")(folder / "a.png")[0]
-    plain = Segmenter.load(tiny_checkpoint)(folder / "a.png")[0]
+    plain = Segmenter.load(tiny_checkpoint, refine="none")(folder / "a.png")[0]
     written = np.asarray(Image.open(tmp_path / "guided" / "a_labels.png"))
     assert np.array_equal(written, seg.labels)
     assert np.array_equal(seg.labels, seg.soft.argmax(0))

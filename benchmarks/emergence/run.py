@@ -54,6 +54,7 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "codes-t2-scale2-replicate-shift": ({"region_codes": True, "mask_scale": 2, "padding": "replicate"},
                                         {"t_power": 2.0, "shift_augment": 0.2}),
     "codes-t2-equivariance": ({"region_codes": True}, {"t_power": 2.0, "mask_equivariance": 1.0}),
+    "paper-equivariance": (PAPER[0], {**PAPER[1], "mask_equivariance": 1.0}),
     "codes-t2-boundary": ({"region_codes": True}, {"t_power": 2.0, "mask_boundary": 0.1}),
     "codes-t2-circular": ({"region_codes": True, "padding": "circular"},
                           {"t_power": 2.0, "shift_augment": 0.2, "shift_edges": "circular"}),
