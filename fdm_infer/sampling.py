@@ -39,7 +39,7 @@ def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int
     if not 0 < t < diffusion.num_timesteps:
         raise UserError(f"`t` must be between 1 and {diffusion.num_timesteps - 1}, got {t}", ("t",))
     seq = diffusion.timesteps(steps)
-    start = max(s for s in seq if s <= t)
+    start = max((s for s in seq if s <= t), default=0)
     if start == 0:
         above = [s for s in seq if s > 0]
         fix = f"give `t` {min(above)} or more, or more `steps`" if above else "give more `steps`"
