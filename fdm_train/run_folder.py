@@ -31,6 +31,7 @@ import torch
 
 from fdm_core.checkpoint import CheckpointError, atomic_write, load_training_state, read_checkpoint
 from fdm_core.errors import UserError
+from fdm_core.util import atomic_create, atomic_file, own_file_bytes
 
 CHECKPOINT = "checkpoint.safetensors"
 TRAINING_STATE = "train_state.pt"
@@ -221,10 +222,11 @@ def remove_temp_files(out: Path) -> None:
 
 def truncate_log(path: Path, step: int) -> None:
     """Drops the log lines of steps after `step` (written before a kill, redone after the resume)."""
-    if not path.is_file():
+    text = own_file_bytes(path).decode(errors="replace")
+    if not text:
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line)["step"] <= step:
                 keep.append(line)
@@ -278,13 +280,7 @@ class RunLock:
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    return True
+    return atomic_create(path, text.encode())
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -339,15 +335,19 @@ def _describe(holder: dict) -> str:
 # ----- file system -----
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """dst becomes the same content as src, atomically (a hard link where the file system has them)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+    """dst becomes the same content as src, atomically (a hard link where the file system has them, else a
+    copy written by `atomic_file`); a symlink at dst is replaced, never written through."""
+    while True:
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.link")
+        try:
+            os.link(src, tmp)
+            break
+        except FileExistsError:
+            continue
+        except OSError:
+            with open(src, "rb") as f, atomic_file(dst) as g:
+                shutil.copyfileobj(f, g)
+            return
     os.replace(tmp, dst)
 
 

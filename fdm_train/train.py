@@ -48,11 +48,14 @@ from fdm_core.errors import UserError, raise_terminated
 from fdm_core.images import to_float
 from fdm_core.model import build_model, count_flops, count_parameters
 from fdm_core.util import (
+    atomic_append,
+    atomic_file,
     check_not_input,
     cpu_seconds,
     format_seconds,
     json_text,
     progress_bar,
+    replace_link_with_folder,
     set_threads,
 )
 from fdm_core.visualize import mask_statistics, sample_grid
@@ -388,7 +391,7 @@ def _prepare_folder(out: Path, ctx: Distributed, start: _Start, mode: bool | str
     folder = RunFolder(out, start.pair, replaces=start.replaces)
     if ctx.main:
         remove_temp_files(out)
-        folder.samples.mkdir(exist_ok=True)
+        replace_link_with_folder(folder.samples)
         if start.state is not None:
             truncate_log(out / LOG, start.step)
             if start.pair != (CHECKPOINT, TRAINING_STATE) or mode == "auto":
@@ -504,7 +507,6 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
     opts, ctx = run.opts, run.ctx
     bad = _BadFiles(ctx)
     batches = iter(loader)
-    log = run.folder.log_path.open("a") if ctx.main else None
     bar = progress_bar(opts.iterations, "train", "step", enabled=opts.progress and ctx.main, initial=run.step)
     window = _Window()
     last_loss = float("nan")
@@ -532,8 +534,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
                 bad.collect()
                 if ctx.main:
                     record = _log_record(run, last_loss, window, bad, masks)
-                    log.write(json_text(record) + "\n")
-                    log.flush()
+                    atomic_append(run.folder.log_path, (json_text(record) + "\n").encode())
                     bar.set_postfix(loss=f"{last_loss:.4f}", images_per_s=f"{record['images_per_s']:.1f}",
                                     mask_entropy=record["mask_entropy"])
                 window = _Window()
@@ -546,8 +547,6 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
             dist.barrier()  # the final checkpoint is on disk when train() returns on any rank
     finally:
         bar.close()
-        if log is not None:
-            log.close()
         del batches  # stops the loader's workers
     return last_loss, bad
 
@@ -632,4 +631,5 @@ def _write_samples(run: _Run) -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         result = run.diffusion.sample(run.ema, (opts.sample_count, *run.sample_shape), steps=opts.sample_steps,
                                       y=y, device=device, generator=g)
-    sample_grid(result.images, result.masks).save(run.folder.samples / f"step{run.step:07d}.png")
+    with atomic_file(run.folder.samples / f"step{run.step:07d}.png") as f:
+        sample_grid(result.images, result.masks).save(f, format="PNG")

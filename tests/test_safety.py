@@ -164,6 +164,53 @@ def test_a_fresh_run_that_fails_before_its_first_checkpoint_leaves_no_run_behind
     assert train(options(data, out))["step"] == 2  # no --overwrite needed: there was no run
 
 
+# ----- a run writes its own files, never through a link -----
+
+def test_a_run_replaces_links_at_its_files_and_leaves_their_targets(data, tmp_path):
+    """Samples, log, checkpoint pair and lock are written beside their names and renamed over them: a link
+    planted at any of them (or at the samples folder) is replaced, and what it points to is not touched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.png").write_bytes(b"precious")
+    out = tmp_path / "run"
+    train(options(data, out, iterations=2, save_every=1, sample_every=1, log_every=1, sample_steps=2,
+                  sample_count=1))
+    # a resumed run writes samples at step 3 and 4, and its log and pair
+    (out / "samples" / "step0000003.png").symlink_to(outside / "victim.png")
+    (out / "samples" / "step0000004.png").symlink_to(outside / "new4.png")  # a dangling link
+    log_target = outside / "log.jsonl"
+    log_target.write_bytes(b"precious log\n")
+    (out / "log.jsonl").rename(outside / "real-log.jsonl")
+    (out / "log.jsonl").symlink_to(log_target)
+    (out / "checkpoint.previous.safetensors").unlink()
+    (out / "checkpoint.previous.safetensors").symlink_to(outside / "previous.safetensors")
+    before = snapshot(outside)
+    train(options(data, out, iterations=4, save_every=1, sample_every=1, log_every=1, sample_steps=2,
+                  sample_count=1, resume="auto"))
+    assert snapshot(outside) == before and sorted(p.name for p in outside.iterdir()) == [
+        "log.jsonl", "real-log.jsonl", "victim.png"]
+    for name in ("samples/step0000003.png", "samples/step0000004.png", "log.jsonl",
+                 "checkpoint.previous.safetensors"):
+        assert not (out / name).is_symlink() and (out / name).is_file(), name
+    assert Image.open(out / "samples" / "step0000004.png").size[0] > 0
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [3, 4]
+
+    # A fresh run: links at its log and samples folder, dangling (no earlier run) or to a folder elsewhere.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "log.jsonl").symlink_to(outside / "fresh-log.jsonl")
+    (outside / "empty").mkdir()
+    (fresh / "samples").symlink_to(outside / "empty")
+    (fresh / LOCK).symlink_to(outside / "fresh-lock")
+    with pytest.raises(UserError, match="in use by another run"):  # a lock that cannot be read is never guessed at
+        train(options(data, fresh, sample_every=1, sample_steps=2, sample_count=1))
+    (fresh / LOCK).unlink()
+    train(options(data, fresh, sample_every=1, sample_steps=2, sample_count=1))
+    assert snapshot(outside) == before and not any((outside / "empty").iterdir())
+    assert not (fresh / "samples").is_symlink() and (fresh / "samples" / "step0000002.png").is_file()
+    assert not (fresh / "log.jsonl").is_symlink() and (fresh / "log.jsonl").is_file()
+
+
 # ----- the run-folder lock -----
 
 def write_lock(out: Path, pid: int, host: str | None = None) -> None:
