@@ -253,12 +253,12 @@ class Segmentation:
         would write that is one of the input files is an error, before anything is written."""
         options = OutputOptions(save_soft, save_channels, foreground, rle)
         check_outputs(options, None, len(self.border_share))
-        folder = OutputFolder(out, options, (item.path for item in self.items), self.items)
-        entries = []
-        for item in self.items:
-            entries.append(folder.write(item))
-            folder.add_foreground(entries[-1], item.key, item.labels, self.fg_channels)
-        return folder.write_summary(self._summary(entries))
+        with OutputFolder(out, options, (item.path for item in self.items), self.items) as folder:
+            entries = []
+            for item in self.items:
+                entries.append(folder.write(item))
+                folder.add_foreground(entries[-1], item.key, item.labels, self.fg_channels)
+            return folder.write_summary(self._summary(entries))
 
 
 class ImageSegmentation:
@@ -297,8 +297,8 @@ class ImageSegmentation:
     def save(self, out: str | Path = SEGMENT_OUT) -> dict[str, Path]:
         """Writes <name>_labels.png and <name>_overlay.png into `out`; returns the files by kind. A file it
         would write that is its input is an error, before anything is written."""
-        folder = OutputFolder(out, OutputOptions(), [self._item.path], [self._item])
-        entry = folder.write(self._item)
+        with OutputFolder(out, OutputOptions(), [self._item.path], [self._item]) as folder:
+            entry = folder.write(self._item)
         return {kind: folder.out / name for kind, name in entry["outputs"].items()}
 
 

@@ -253,6 +253,33 @@ def test_the_lock_is_held_while_the_run_owns_the_folder(data, tmp_path, monkeypa
     assert not (out / LOCK).exists()
 
 
+def test_one_writer_per_output_folder(checkpoint, data, tmp_path, capsys, monkeypatch):
+    """segment (the command and the API's save) holds its output folder's lock, as training does: a second
+    writer stops with one line before it writes anything, and the lock is freed at the end."""
+    from fdm_infer import Segmenter
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        write_lock(out, holder.pid)
+        r = run_infer(capsys, monkeypatch, "segment", data, "--checkpoint", checkpoint, "--out", out,
+                      "--device", "cpu")
+        assert_one_line_error(r, f"pid {holder.pid}", "in use by another run", str(out / LOCK), code=1)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+        result = Segmenter.load(checkpoint, device="cpu")([data])
+        with pytest.raises(UserError, match="in use by another run"):
+            result.save(out)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+    finally:
+        holder.kill()
+        holder.wait()
+    r = run_infer(capsys, monkeypatch, "segment", data, "--checkpoint", checkpoint, "--out", out, "--device", "cpu")
+    assert r.code == 0 and "taking over the lock" in r.err, r.err
+    assert not (out / LOCK).exists() and len(json.loads((out / "summary.json").read_text())["images"]) == 4
+    result.save(out)
+    assert not (out / LOCK).exists()
+
+
 # ----- outputs never replace inputs -----
 
 def test_export_and_slim_never_write_over_their_input(checkpoint, tmp_path, capsys, monkeypatch):
@@ -731,7 +758,7 @@ def test_a_lock_left_by_an_earlier_process_of_the_same_pid_is_stale(data, tmp_pa
 
 
 def test_a_lock_whose_pid_now_names_another_process_is_stale(data, tmp_path, capsys, monkeypatch):
-    from fdm_train.run_folder import _boot_id, _process_start
+    from fdm_core.lock import _boot_id, _process_start
 
     out = tmp_path / "run"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
