@@ -145,7 +145,7 @@ class OutputFolder:
                 raise UserError(f"{item.source}: its output {clash} would replace an input; write to another folder")
         check_writable_folder(self.out)
 
-    def __enter__(self) -> OutputFolder:
+    def __enter__(self) -> OutputFolder:  # noqa: PYI034  (Python 3.10 has no typing.Self)
         self._lock = RunLock.acquire(self.out, self.warn)
         return self
 

@@ -79,6 +79,8 @@ BOUNDS = {
     "log_every": (1, None), "micro_batch": (1, None), "grad_accum": (1, None), "workers": (0, None),
     "t_power": (0.1, 10), "mask_shaping_steps": (0, None), "mask_entropy": (0, None),
     "mask_temperature": (0.01, 100), "mask_init_scale": (0, None), "shift_augment": (0, [0.5]), "empty_images": (0, 1), "region_cost": (0, None), "limit": (1, None), "threads": (1, MAX_THREADS),
+    # a logit of 100 already gives region 0 every pixel (e^-100 for the others)
+    "first_region_logit": (-100, 100),
 }
 
 

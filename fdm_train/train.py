@@ -275,6 +275,7 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
     if error is not None:
         raise error
     if choice is None:
+        _check_frozen_masks(opts, None, out)
         # prediction and padding change no weight's shape: a fresh run may set them over the config or --init's
         overrides = dict(prediction=opts.prediction, padding=opts.padding)
         if opts.init is None:
@@ -286,10 +287,24 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
     else:
         cfg, states, meta = read_checkpoint(out / choice[0])
         state = load_training_state(out / choice[1])
+    _check_frozen_masks(opts, state, out)
     if int(meta["step"]) != state["step"]:  # a pair is matched on step and save id; belt and braces
         raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
                               f"(step {state['step']}) disagree")
     return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]))
+
+
+def _check_frozen_masks(opts: TrainOptions, state: dict | None, out: Path) -> None:
+    """--freeze-masks keeps the masks a run starts with: those of --init, or of a resumed run that froze
+    them; frozen random masks (a fresh start without --init) would never segment anything."""
+    if not opts.freeze_masks:
+        return
+    if state is None and opts.init is None:
+        raise TrainingError("`freeze_masks` keeps the masks of `init`; a fresh random start would freeze random "
+                            "masks: give `init` a trained checkpoint", ("freeze_masks", "init"))
+    if state is not None and not state.get("options", {}).get("freeze_masks"):
+        raise TrainingError(f"the run in {out} was not trained with `freeze_masks`; to freeze its masks, start a "
+                            f"new run with `init` {out / CHECKPOINT}", ("freeze_masks", "init"))
 
 
 def _announce(opts: TrainOptions, cfg: ModelConfig, device: torch.device, step: int) -> None:

@@ -482,6 +482,36 @@ def test_bad_training_flags_are_one_line(data, tmp_path, capsys, monkeypatch, ar
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e39", "-101"])
+def test_the_first_region_logit_is_a_bounded_number(data, tmp_path, capsys, monkeypatch, value):
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--first-region-logit", value))
+    assert_one_line_error(r, "--first-region-logit", "at least -100 and at most 100")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TrainingError, match="^`?first_region_logit`? must be"):
+        train(options(data, tmp_path / "run", first_region_logit=float(value)))
+
+
+def test_frozen_masks_are_those_of_a_trained_start(data, checkpoint, tmp_path, capsys, monkeypatch):
+    """--freeze-masks without --init would train around random masks: refused in one line, before any
+    file is written; with --init, or resuming a run that froze its masks, it trains."""
+    out = tmp_path / "run"
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--freeze-masks"))
+    assert_one_line_error(r, "--freeze-masks", "--init", code=1)
+    assert not out.exists()
+    scratch = tmp_path / "scratch"
+    assert train(options(data, scratch))["step"] == 2
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, scratch, "--freeze-masks", "--resume", "auto",
+                                                                "--iterations", 3))
+    assert_one_line_error(r, "not trained with --freeze-masks", f"--init {scratch / CHECKPOINT}", code=1)
+
+    make_checkpoint(checkpoint, config=options(data, out).model)
+    first = train(options(data, out, init=str(checkpoint), freeze_masks=True))
+    resumed = train(options(data, out, freeze_masks=True, resume="auto", iterations=3))
+    assert first["step"] == 2 and resumed["step"] == 3
+    head = "mask_generator.out.2.bias"
+    assert torch.equal(resumed["weights"]["model"][head], load_file(checkpoint)[f"ema.{head}"])
+
+
 def test_bad_numbers_elsewhere_are_one_line(checkpoint, data, tmp_path, capsys, monkeypatch):
     r = run_tool(capsys, monkeypatch, "fdm-train", "info", "--image-size", 100_000)
     assert_one_line_error(r, "image_size must be an integer from 8 to 2048", code=2)
