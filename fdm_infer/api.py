@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, NUM_TIMESTEPS, SAMPLERS, SampleResult
-from fdm_core.errors import SEED, UserError
+from fdm_core.errors import SEED, UserError, check_int
 from fdm_core.images import MAX_PIXELS
 from fdm_core.util import DEFAULT_THREADS
 from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
@@ -93,8 +93,7 @@ def load_engine(model=None, engine: str | None = None, device: str = "auto", thr
 
 def check_seed(seed: int) -> None:
     """Seeds are what the command lines take (SEED): 0..2^63-1."""
-    if not SEED.min <= seed <= SEED.max:
-        raise UserError(f"seed must be between {SEED.min} and 2**63 - 1, got {seed}")
+    check_int("seed", seed, SEED.min, SEED.max)
 
 
 def describe(engine: Engine, path: Path | None) -> str:
@@ -115,9 +114,8 @@ class Segmenter:
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
                  max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, load_seconds: float = 0.0):
         check_settings(t, ensemble, smooth, NUM_TIMESTEPS)
-        if not (batch_size >= 1 and max_pixels >= 1):  # `not >=`: NaN is refused too
-            raise UserError(f"batch_size and max_pixels must be at least 1, got {batch_size} and {max_pixels}",
-                            ("batch_size", "max_pixels"))
+        check_int("batch_size", batch_size, 1)
+        check_int("max_pixels", max_pixels, 1)
         check_seed(seed)
         self.engine, self.model = engine, model
         self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label, max_pixels, smooth)
@@ -359,8 +357,8 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     called with 1 after every step."""
     check_steps(steps)
     check_seed(seed)
-    if not (n >= 1 and batch_size >= 1):
-        raise UserError(f"`n` and `batch_size` must be at least 1, got {n} and {batch_size}", ("n", "batch_size"))
+    check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1)
     for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fdm_core.diffusion import DEFAULT_CLIP, NUM_TIMESTEPS, GaussianDiffusion, SampleResult
-from fdm_core.errors import UserError
+from fdm_core.errors import UserError, check_int
 from fdm_core.util import check_not_input, check_writable_folder
 from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine
@@ -27,8 +27,7 @@ def diffusion_for(engine: Engine) -> GaussianDiffusion:
 
 
 def check_steps(steps: int) -> None:
-    if not 1 <= steps <= NUM_TIMESTEPS:
-        raise UserError(f"`steps` must be between 1 and {NUM_TIMESTEPS}, got {steps}", ("steps",))
+    check_int("steps", steps, 1, NUM_TIMESTEPS)
 
 
 def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int:
@@ -36,8 +35,7 @@ def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int
     schedule at or below t. One line when that is 0: the images would be mixed without noise and
     nothing denoised."""
     check_steps(steps)
-    if not 0 < t < diffusion.num_timesteps:
-        raise UserError(f"`t` must be between 1 and {diffusion.num_timesteps - 1}, got {t}", ("t",))
+    check_int("t", t, 1, diffusion.num_timesteps - 1)
     seq = diffusion.timesteps(steps)
     start = max((s for s in seq if s <= t), default=0)
     if start == 0:

@@ -775,6 +775,40 @@ def test_the_python_api_raises_user_error_in_its_own_words(checkpoint):
             Segmenter.load(checkpoint, device="cpu", max_pixels=budget)
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda ck: Segmenter_load(ck, smooth=float("nan")), "smooth"),
+    (lambda ck: Segmenter_load(ck, smooth=3.0), "smooth"),
+    (lambda ck: Segmenter_load(ck, ensemble=float("inf")), "ensemble"),
+    (lambda ck: Segmenter_load(ck, ensemble=2.0), "ensemble"),
+    (lambda ck: Segmenter_load(ck, t=30.5), "t"),
+    (lambda ck: Segmenter_load(ck, seed=1.5), "seed"),
+    (lambda ck: Segmenter_load(ck, batch_size=float("inf")), "batch_size"),
+    (lambda ck: Segmenter_load(ck, max_pixels=True), "max_pixels"),
+    (lambda ck: api_generate(ck, n=2.5), "n"),
+    (lambda ck: api_generate(ck, steps=2.5), "steps"),
+    (lambda ck: api_generate(ck, batch_size=float("inf")), "batch_size"),
+    (lambda ck: api_generate(ck, seed=1.5), "seed"),
+    (lambda ck: api_generate(ck, seed=float("nan")), "seed"),
+])
+def test_the_python_api_checks_the_type_of_every_number(checkpoint, call, name):
+    """A count, size or seed of the wrong type (a float, NaN, inf, a bool) is a UserError naming it, as
+    docs/safety.md promises, never a TypeError or RuntimeError from deeper down."""
+    with pytest.raises(UserError, match=f"^{name} must be a whole number, got "):
+        call(checkpoint)
+
+
+def Segmenter_load(checkpoint, **settings):
+    from fdm_infer import Segmenter
+
+    return Segmenter.load(checkpoint, device="cpu", **settings)(np.zeros((20, 20, 3), np.uint8))
+
+
+def api_generate(checkpoint, **settings):
+    from fdm_infer import generate
+
+    return generate(checkpoint, **{"n": 1, "steps": 2, "device": "cpu", **settings})
+
+
 # ----- run locks in containers -----
 
 def test_a_lock_left_by_an_earlier_process_of_the_same_pid_is_stale(data, tmp_path, capsys, monkeypatch):
