@@ -98,6 +98,22 @@ def _check_bounds(cfg: ModelConfig) -> None:
     check_int("mask_scale", cfg.mask_scale, 1, cfg.image_size)
     if cfg.image_size % cfg.mask_scale:
         raise ValueError(f"mask_scale {cfg.mask_scale} must divide image_size {cfg.image_size}")
+    for width in attention_widths(cfg):  # each attention block splits its width into equal heads
+        heads = max(1, width // cfg.head_channels)
+        if width % heads:
+            raise ValueError(f"base_channels {cfg.base_channels} gives an attention block of {width} channels, which "
+                             f"does not split into {heads} heads (head_channels {cfg.head_channels}): use a "
+                             f"multiple of {cfg.head_channels}")
+
+
+def attention_widths(cfg: ModelConfig) -> set[int]:
+    """The channel counts of the model's attention blocks (fdm_core.model): the stages whose feature-map size
+    is in attention_resolutions, and the middle block."""
+    widths = {cfg.base_channels * cfg.channel_mult[-1]}
+    for level, mult in enumerate(cfg.channel_mult):
+        if cfg.image_size // 2 ** level in cfg.attention_resolutions:
+            widths.add(cfg.base_channels * mult)
+    return widths
 
 
 PRESETS: dict[str, ModelConfig] = {

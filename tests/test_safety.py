@@ -377,6 +377,49 @@ def test_a_checkpoint_config_out_of_bounds_is_one_line(checkpoint, tmp_path, cha
         load_model(bad)
 
 
+def unchecked_config(**changes):
+    """A ModelConfig of tiny-32 with `changes`, made without its checks."""
+    from fdm_core.config import ModelConfig, preset
+
+    cfg = object.__new__(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        object.__setattr__(cfg, f.name, changes.get(f.name, getattr(preset("tiny-32"), f.name)))
+    return cfg
+
+
+def test_the_width_is_checked_against_the_attention_heads(checkpoint, data, tmp_path, capsys, monkeypatch):
+    """A config is refused exactly where its model cannot run (the reference: building it without the checks
+    and running it), as a flag, a checkpoint, and --init, in one line."""
+    from fdm_core.config import preset
+    from fdm_core.model import build_model
+
+    for base in (3, 24, 32, 48, 96, 100):
+        for head in (3, 16, 32, 64):
+            changes = dict(image_size=16, base_channels=base, head_channels=head, attention_resolutions=(16, 8))
+            try:
+                preset("tiny-32", **changes)
+                accepted = True
+            except ValueError as exc:
+                accepted = False
+                assert "does not split into" in str(exc)
+            try:
+                with torch.no_grad():
+                    build_model(unchecked_config(**changes)).eval()(torch.zeros(1, 3, 16, 16), torch.zeros(1).long())
+                runs = True
+            except RuntimeError:
+                runs = False
+            assert accepted == runs, (base, head)
+    assert_one_line_error(run_tool(capsys, monkeypatch, "fdm-train", "info", "--preset", "tiny-32", "--channels", 100),
+                          "does not split into", code=2)
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--channels", 100))
+    assert_one_line_error(r, "does not split into", code=2)
+    bad = with_config(checkpoint, tmp_path / "bad.safetensors", head_channels=3)
+    r = run_infer(capsys, monkeypatch, "segment", data, "--checkpoint", bad, "--out", tmp_path / "o", "--device", "cpu")
+    assert_one_line_error(r, "bad.safetensors", "does not split into", code=1)
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--init", bad))
+    assert_one_line_error(r, "bad.safetensors", "does not split into", code=1)
+
+
 def test_a_config_is_checked_against_the_weights_on_the_meta_device(checkpoint, tmp_path, monkeypatch):
     import fdm_core.checkpoint as ck
 
