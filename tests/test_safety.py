@@ -965,3 +965,196 @@ def test_generate_refuses_a_batch_larger_than_the_memory(checkpoint, tmp_path, c
 
     with pytest.raises(UserError, match="use batch_size"):
         generate(checkpoint, 256, steps=2, batch_size=256)
+
+
+# ----- FID statistics files and options -----
+
+def npy_bytes(array: np.ndarray, shape=None) -> bytes:
+    """An .npy file of `array`, its header claiming `shape` where given."""
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    data = buffer.getvalue()
+    if shape is None:
+        return data
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": shape}
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, header)
+    return b"\x93NUMPY\x01\x00" + head.getvalue()[8:] + array.tobytes()
+
+
+def stats_file(path: Path, members: dict, deflate: bool = False) -> Path:
+    """A .npz written member by member: each value an array, or (array, claimed shape), or raw bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as z:
+        for name, value in members.items():
+            data = value if isinstance(value, bytes) else npy_bytes(*value) if isinstance(value, tuple) \
+                else npy_bytes(value)
+            z.writestr(f"{name}.npy", data)
+    return path
+
+
+def good_stats() -> dict:
+    return {"mu": np.zeros(2048), "sigma": np.eye(2048, dtype=np.float32), "n": np.array(10)}
+
+
+def bad_stats(kind: str, tmp: Path) -> Path:
+    path = tmp / f"{kind}.npz"
+    g = good_stats()
+    if kind == "huge sigma":  # deflated: a 64 MB stream of zeros claiming 16000 x 16000 (2 GB)
+        import zipfile
+
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("mu.npy", npy_bytes(g["mu"]))
+            with z.open("sigma.npy", "w") as f:
+                f.write(npy_bytes(np.zeros(0), shape=(16000, 16000)))
+                chunk = bytes(1 << 20)
+                for _ in range(64):
+                    f.write(chunk)
+        return path
+    if kind == "nan sigma":
+        g["sigma"] = g["sigma"].copy()
+        g["sigma"][3, 5] = np.nan
+    elif kind == "inf mu":
+        g["mu"] = g["mu"].copy()
+        g["mu"][0] = np.inf
+    elif kind == "object mu":
+        g["mu"] = np.array([object()] * 2048, dtype=object)
+    elif kind == "string n":
+        g["n"] = np.array("ten")
+    elif kind == "vector n":
+        g["n"] = np.arange(3)
+    elif kind == "short sigma":  # the header claims more than the file holds
+        g["sigma"] = (np.zeros(100, np.float32), (2048, 2048))
+    elif kind == "small dimension":
+        g = {"mu": np.zeros(64), "sigma": np.eye(64)}
+    elif kind == "pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps({"mu": np.zeros(2048)}))
+        return path
+    return stats_file(path, g)
+
+
+STATS_CASES = ["huge sigma", "nan sigma", "inf mu", "object mu", "string n", "vector n", "short sigma",
+               "small dimension", "pickle"]
+
+
+@pytest.mark.parametrize("kind", STATS_CASES)
+def test_a_bad_statistics_file_is_one_line_and_read_no_further_than_its_headers(kind, tmp_path, capsys,
+                                                                               monkeypatch):
+    """fid --reference STATS.npz: every way a statistics file can be wrong (shapes, types, NaN or inf, a
+    pickle, a header that lies) is one line naming the file, before any image is scored, and a file cannot
+    make the command read more than one matrix of the right shape."""
+    import tracemalloc
+
+    import fdm_infer.eval.fid as fid_module
+
+    bad = bad_stats(kind, tmp_path)
+    generated = tmp_path / "gen"
+    write_images(generated, 2, size=20)
+    monkeypatch.setattr(fid_module, "load_inception", lambda *a, **k: pytest.fail("scored images first"))
+    tracemalloc.start()
+    try:
+        r = run_infer(capsys, monkeypatch, "fid", "--generated", generated, "--reference", bad, "--device", "cpu",
+                      "-q")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_one_line_error(r, str(bad), code=1)
+    assert peak < 100 << 20, peak  # sigma itself is 16 MB here (32 MB as float64); the lie is 2 GB
+
+
+def test_good_statistics_load_and_round_trip(tmp_path):
+    from fdm_infer.eval.fid import Statistics, load_statistics, save_statistics
+
+    path = stats_file(tmp_path / "good.npz", good_stats())
+    stats = load_statistics(path)
+    assert stats.n == 10 and stats.sigma.dtype == np.float64 and np.array_equal(stats.sigma, np.eye(2048))
+    save_statistics(tmp_path / "again.npz", Statistics(stats.mu + 1, stats.sigma, 7))
+    again = load_statistics(tmp_path / "again.npz")
+    assert again.n == 7 and np.array_equal(again.mu, stats.mu + 1)
+
+
+def test_frechet_distance_refuses_non_finite_statistics_at_once():
+    from fdm_infer.eval.fid import frechet_distance
+
+    s = np.eye(4)
+    nan = s.copy()
+    nan[1, 2] = np.nan
+    for args in ((np.zeros(4), nan, np.zeros(4), s), (np.full(4, np.inf), s, np.zeros(4), s)):
+        with pytest.raises(UserError, match="not finite"):
+            frechet_distance(*args)
+
+
+def test_the_matrix_square_root_leaves_the_command_interruptible(tmp_path):
+    """A SIGTERM while the square root runs (here a native call that never returns, as LAPACK's did on a
+    NaN) stops fid at once with its one line and status 143."""
+    import signal
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import ctypes, signal, numpy as np, scipy.linalg, fdm_infer.eval.fid as fid\n"
+        "from fdm_core.errors import run_cli\n"
+        "import click\n"
+        "def stuck(*args, **kwargs):\n"
+        "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"  # a native loop that never looks
+        "    while True:\n"
+        "        ctypes.CDLL(None).sleep(1000)\n"
+        "scipy.linalg.sqrtm = stuck\n"
+        "@click.group()\n"
+        "def group(): pass\n"
+        "@group.command()\n"
+        "def go():\n"
+        "    print('started', flush=True)\n"
+        "    fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))\n"
+        "run_cli(group, 'fid-test')\n")
+    proc = subprocess.Popen([sys.executable, str(script), "go"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("fid did not stop on SIGTERM")
+    assert proc.returncode == 143 and "terminated" in err, err
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "20000", "7"])
+def test_fid_bounds_the_reference_size(size, tmp_path, capsys, monkeypatch):
+    import fdm_infer.eval.fid as fid_module
+
+    write_images(tmp_path / "gen", 2, size=20)
+    monkeypatch.setattr(fid_module, "load_inception", lambda *a, **k: pytest.fail("scored images first"))
+    r = run_infer(capsys, monkeypatch, "fid", "--generated", tmp_path / "gen", "--reference", tmp_path / "gen",
+                  "--reference-size", size, "--device", "cpu", "-q")
+    assert_one_line_error(r, "--reference-size", "between 8 and 2048")
+
+
+def test_fid_and_evaluate_check_their_output_before_the_work(checkpoint, tmp_path, capsys, monkeypatch):
+    import fdm_infer.eval.evaluate as evaluate_module
+    import fdm_infer.eval.fid as fid_module
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    images = write_images(tmp_path / "images", 2, size=20)
+    (tmp_path / "masks").mkdir()
+    for image in images:
+        Image.fromarray(np.zeros((20, 27), np.uint8)).save(tmp_path / "masks" / f"{image.stem}.png")
+    monkeypatch.setattr(fid_module, "load_inception", lambda *a, **k: pytest.fail("scored images first"))
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("segmented images first"))
+    r = run_infer(capsys, monkeypatch, "fid", "--generated", tmp_path / "images", "--reference", tmp_path / "images",
+                  "-o", blocker / "f.json", "--device", "cpu", "-q")
+    assert_one_line_error(r, f"cannot write {blocker / 'f.json'}", code=1)
+    r = run_infer(capsys, monkeypatch, "fid", "--generated", tmp_path / "images", "--reference", tmp_path / "images",
+                  "--save-reference-stats", blocker / "s.npz", "--device", "cpu", "-q")
+    assert_one_line_error(r, f"cannot write {blocker / 's.npz'}", code=1)
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", checkpoint, tmp_path / "images", "--masks",
+                  tmp_path / "masks", "-o", blocker / "r.json", "-q")
+    assert_one_line_error(r, f"cannot write {blocker / 'r.json'}", code=1)
