@@ -116,6 +116,20 @@ def attention_widths(cfg: ModelConfig) -> set[int]:
     return widths
 
 
+# Bytes one sample holds in a forward pass, in units of 4 K C S^2 (fp32 activations of the K decoder branches
+# at the base width and full size): denoising (measured peaks of tiny-32, small-32 and small-64: 17-22
+# units), and a training step's forward and backward pass (tiny-32 and small-32 at 16 to 64 images:
+# 64-108 units).
+ACTIVATION_UNITS = {"denoise": 24, "train": 112}
+
+
+def memory_per_sample(cfg: ModelConfig, training: bool = False) -> int:
+    """The bytes a sample of `cfg` holds while denoised (or trained on): for the estimates that refuse a
+    batch too large for the device's memory (fdm_core.util.check_memory)."""
+    unit = 4 * cfg.mask_channels * cfg.base_channels * cfg.image_size ** 2
+    return ACTIVATION_UNITS["train" if training else "denoise"] * unit
+
+
 PRESETS: dict[str, ModelConfig] = {
     # Paper §4: 64x64, four stages [C,2C,3C,4C] with 3 ResBlocks each; C=128, K=3.
     "paper-64": ModelConfig(),

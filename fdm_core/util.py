@@ -57,6 +57,27 @@ def check_threads(threads: int | None) -> None:
         raise UserError(f"threads must be from 1 to {MAX_THREADS} (4 per core), got {threads}")
 
 
+MEMORY_SHARE = 0.5  # the most of the device's memory one batch may plan to use
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of the device: a GPU's own, or the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(batch: int, per_sample: int, device: torch.device, what: str, option: str) -> None:
+    """Refuses (one line, naming `option` and the largest batch that fits) a batch of `batch` `what` of
+    `per_sample` bytes each (fdm_core.config.memory_per_sample) that would need more than MEMORY_SHARE of
+    the device's memory: before the work, where the allocator would fail halfway."""
+    need, have = batch * per_sample, device_memory(device)
+    if need > MEMORY_SHARE * have:
+        most = max(1, int(MEMORY_SHARE * have // per_sample))
+        raise UserError(f"a batch of {batch} {what} needs about {need / 2**30:.1f} GiB, more than half of the "
+                        f"{have / 2**30:.1f} GiB here: use `{option}` {most} or less", (option,))
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (see `atomic_file`)."""
     with atomic_file(path) as f:

@@ -42,7 +42,7 @@ from fdm_core.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig
+from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig, memory_per_sample
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError, raise_terminated
 from fdm_core.images import to_float
@@ -50,6 +50,7 @@ from fdm_core.model import build_model, count_flops, count_parameters
 from fdm_core.util import (
     atomic_append,
     atomic_file,
+    check_memory,
     check_not_input,
     cpu_seconds,
     format_seconds,
@@ -180,6 +181,8 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
                      n_micro: int) -> dict:
     start = _resolve_start(opts, out, ctx, mode)
     opts = replace(opts, iterations=_target(opts, start))
+    micro = -(-(-(-opts.batch_size // ctx.world)) // n_micro)  # the most images of one forward pass
+    check_memory(micro, memory_per_sample(start.cfg, training=True), device, "training images", "micro_batch")
     if start.step >= opts.iterations:
         if ctx.main:
             _echo(f"{out}: the run is finished (step {start.step} of {opts.iterations}); nothing to do "

@@ -946,12 +946,45 @@ def test_the_sample_grid_shows_a_bounded_number_of_samples(tmp_path):
     assert Image.open(tmp_path / "grid.png").height == rows * (64 + 2) + 2
 
 
+def test_training_refuses_a_batch_larger_than_the_memory(data, tmp_path, capsys, monkeypatch):
+    """The same estimate for a training step's forward and backward pass: with 256 MiB, a batch of 3000 is
+    refused before the data or the model, naming a --micro-batch that fits; the micro-batch it names trains.
+    The estimate is checked against a measured step: peak resident memory over 32 images of tiny-32."""
+    import fdm_core.util
+    from fdm_core.config import memory_per_sample
+
+    monkeypatch.setattr(fdm_core.util, "device_memory", lambda device: 2**28)
+    out = tmp_path / "run"
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--batch-size", 3000))
+    assert_one_line_error(r, "a batch of 3000 training images needs about", "--micro-batch", code=1)
+    most = int(r.err.split("--micro-batch ")[1].split()[0])
+    assert 1 <= most < 3000 and not out.exists()
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--batch-size", 8, "--micro-batch",
+                                                               min(most, 4)))
+    assert r.code == 0, r.err
+
+    script = (
+        "import resource, torch\n"
+        "from fdm_core.config import preset, memory_per_sample\n"
+        "from fdm_core.model import build_model\n"
+        "from fdm_core.diffusion import GaussianDiffusion\n"
+        "cfg = preset('tiny-32'); model = build_model(cfg); x = torch.randn(32, 3, 32, 32)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "GaussianDiffusion().loss(model, x, torch.randint(0, 1000, (32,)), torch.randn_like(x), None)[0].backward()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / 32)\n")
+    measured = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
+    from fdm_core.config import preset
+
+    assert measured < memory_per_sample(preset("tiny-32"), training=True) < 3 * measured
+
+
 def test_generate_refuses_a_batch_larger_than_the_memory(checkpoint, tmp_path, capsys, monkeypatch):
     """The batch's memory estimate against the device's: with 1 GiB, a tiny model's batch of 256 is refused
     before sampling, naming a batch that fits; a batch of 8 runs."""
-    from fdm_infer import sampling as generation
+    import fdm_core.util
 
-    monkeypatch.setattr(generation, "device_memory", lambda device: 2**30)
+    monkeypatch.setattr(fdm_core.util, "device_memory", lambda device: 2**30)
     r = run_infer(capsys, monkeypatch, "generate", "--model", checkpoint, "-n", 256, "--batch-size", 256,
                   "--steps", 2, "-o", tmp_path / "g")
     assert_one_line_error(r, "a batch of 256 samples needs about", "--batch-size", code=1)
