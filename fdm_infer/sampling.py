@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fdm_core.config import memory_per_sample
 from fdm_core.diffusion import DEFAULT_CLIP, NUM_TIMESTEPS, GaussianDiffusion, SampleResult
 from fdm_core.errors import UserError, check_int
-from fdm_core.config import memory_per_sample
 from fdm_core.util import check_memory, check_not_input, check_writable_folder
 from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine

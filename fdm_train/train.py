@@ -181,7 +181,8 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
                      n_micro: int) -> dict:
     start = _resolve_start(opts, out, ctx, mode)
     opts = replace(opts, iterations=_target(opts, start))
-    micro = -(-(-(-opts.batch_size // ctx.world)) // n_micro)  # the most images of one forward pass
+    share = -(-opts.batch_size // ctx.world)  # the most images of a device
+    micro = -(-share // n_micro)  # the most images of one forward pass
     check_memory(micro, memory_per_sample(start.cfg, training=True), device, "training images", "micro_batch")
     if start.step >= opts.iterations:
         if ctx.main:
