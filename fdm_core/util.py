@@ -161,13 +161,13 @@ def replace_link_with_folder(path: str | Path) -> Path:
 
 
 def create_unique(folder: Path, prefix: str, suffix: str) -> tuple[Path, int]:
-    """A new file `PREFIX.RANDOM SUFFIX` in `folder`, opened for writing. O_EXCL: never an existing file
+    """A new file `PREFIX.RANDOM SUFFIX` in `folder`, opened for reading and writing. O_EXCL: never an existing file
     or a symlink, and never one another process made. Mode 0o666 so that the umask applies
     (tempfile.mkstemp would make it 0600)."""
     while True:
         tmp = folder / f"{prefix}.{secrets.token_hex(6)}{suffix}"
         try:
-            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
 

@@ -788,6 +788,31 @@ def test_bench_checks_its_outputs_and_numbers_first(tmp_path, capsys, monkeypatc
         assert_one_line_error(r, words, code=2)
 
 
+def test_prepare_data_writes_through_no_planted_link(data, tmp_path):
+    """The cache's temporary files are created exclusively under unguessable names: links planted at the
+    names a pid would give (the full map, and the packed one that a skipped file calls for) are neither
+    written through nor become the cache; the cache is a file of its own."""
+    from fdm_train.data import prepare_cache
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for image in data.iterdir():
+        (source / image.name).write_bytes(image.read_bytes())
+    (source / "broken.png").write_text("not an image")
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out" / "c.npy"
+    out.parent.mkdir()
+    for suffix in ("tmp.npy", "tmp2.npy"):
+        (out.parent / f".c.npy.{os.getpid()}.{suffix}").symlink_to(victim)
+    manifest = prepare_cache(source, out, 16, workers=1)
+    assert victim.read_bytes() == b"precious"
+    assert manifest["count"] == 4 and not out.is_symlink()
+    cache = np.load(out)
+    assert cache.shape == (4, 3, 16, 16) and cache.dtype == np.uint8 and cache.any()
+    assert sorted(p.name for p in out.parent.iterdir() if not p.is_symlink()) == ["c.npy", "c.npy.json"]
+
+
 def test_prepare_data_bounds_the_size(data, tmp_path, capsys, monkeypatch):
     r = run_tool(capsys, monkeypatch, "fdm-train", "prepare-data", data, "-o", tmp_path / "c.npy", "--image-size", 30000)
     assert_one_line_error(r, "--image-size", "8<=x<=2048", code=2)
