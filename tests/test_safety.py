@@ -692,6 +692,34 @@ def test_an_onnx_model_whose_outputs_are_not_finite_is_one_line(checkpoint, data
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
+def test_an_onnx_model_with_a_fixed_batch_runs_in_batches_of_its_size(checkpoint, data, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A file whose graph takes exactly one image: segment runs it one image at a time (and generate in
+    batches of any size), with the results of the same model exported with a free batch."""
+    from fdm_export.onnx_export import export_onnx
+    from fdm_infer import Segmenter, generate
+
+    def batch_of_one(proto):
+        for value in (*proto.graph.input, *proto.graph.output):
+            dim = value.type.tensor_type.shape.dim[0]
+            dim.ClearField("dim_param")
+            dim.dim_value = 1
+
+    fixed = onnx_with(checkpoint, tmp_path / "one.onnx", batch_of_one)
+    free = tmp_path / "free.onnx"
+    export_onnx(checkpoint, free, check=False)
+    r = run_infer(capsys, monkeypatch, "segment", data, "--model", fixed, "-o", tmp_path / "o", "--device", "cpu")
+    assert r.code == 0, r.err
+    assert len(json.loads((tmp_path / "o" / "summary.json").read_text())["images"]) == 4
+    ours = Segmenter.load(fixed, device="cpu", batch_size=3)([data])
+    theirs = Segmenter.load(free, device="cpu", batch_size=3)([data])
+    for a, b in zip(ours.labels, theirs.labels):
+        assert np.array_equal(a, b)
+    a = generate(fixed, 3, steps=2, batch_size=3, device="cpu").images
+    b = generate(free, 3, steps=2, batch_size=3, device="cpu").images
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 def test_an_onnx_model_that_drops_images_of_a_batch_is_one_line(checkpoint, data, tmp_path, capsys, monkeypatch):
     from onnx import helper
 
