@@ -208,11 +208,14 @@ def earlier_run(out: Path) -> str | None:
 
 
 def remove_temp_files(out: Path) -> None:
-    """Deletes what writes cut short left: temp files of the pair, the staging log and samples."""
+    """Deletes what writes cut short left: temp files of the pair, the log and the samples, the staging
+    log and samples."""
     if out.is_dir():
         for name in PAIR_FILES:
             for leftover in out.glob(f".{name}.*"):
                 leftover.unlink(missing_ok=True)
+        for leftover in (*out.glob(f".{LOG}.*.tmp"), *out.glob(f"{SAMPLES}/.*.tmp")):
+            leftover.unlink(missing_ok=True)
         (out / STAGED[LOG]).unlink(missing_ok=True)
         shutil.rmtree(out / STAGED[SAMPLES], ignore_errors=True)
 

@@ -160,6 +160,57 @@ def test_sigkill_at_a_random_step_then_resume_auto(data, reference, tmp_path):
     assert logged_steps(out) == list(range(1, ITERATIONS + 1)), f"killed after step {killed_at}"
 
 
+def test_sigkill_at_random_moments_with_samples_and_logs_then_resume_auto(data, tmp_path):
+    """A run that logs every step and samples every other one is killed twice at random moments
+    (a random step, then a random delay: inside a step, a log append, a sample grid or a save) and resumed
+    with --resume auto each time: it ends on the weights, log and last sample grid of the same run never
+    interrupted, and no file outside its folder is touched, not even through links planted in it."""
+    sandbox = tmp_path / "sandbox"
+    images = sandbox / "images"
+    images.mkdir(parents=True)
+    for image in sorted(data.iterdir())[:6]:
+        (images / image.name).write_bytes(image.read_bytes())
+    args = ["--sample-every", "2", "--sample-steps", "2"]
+    reference = sandbox / "reference"
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main_group, train_args(images, reference, *args), catch_exceptions=False)
+    finally:
+        torch.set_num_threads(old)
+    assert result.exit_code == 0, result.output
+
+    out = sandbox / "run"
+    out.mkdir()
+    for name in ("log.jsonl", PREVIOUS_CHECKPOINT, PREVIOUS_STATE):
+        (out / name).symlink_to(sandbox / f"outside-{name}")  # dangling: must never be created
+    before = {p: p.read_bytes() for p in sandbox.rglob("*") if p.is_file() and out not in p.parents}
+    rng = random.Random()
+    kills = []
+    for _ in range(2):
+        proc = fdm_train(train_args(images, out, *args, "--resume", "auto"))
+        done = max(logged_steps(out), default=0)
+        if done >= ITERATIONS - 1:
+            proc.kill()
+            break
+        wait_for_step(proc, out, rng.randint(done + 1, ITERATIONS - 1))
+        time.sleep(rng.uniform(0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        kills.append(max(logged_steps(out), default=0))
+    finish(train_args(images, out, *args, "--resume", "auto"))
+
+    assert_same_weights(out, reference)
+    assert logged_steps(out) == list(range(1, ITERATIONS + 1)), f"killed after steps {kills}"
+    last = f"samples/step{ITERATIONS:07d}.png"
+    assert (out / last).read_bytes() == (reference / last).read_bytes()
+    after = {p: p.read_bytes() for p in sandbox.rglob("*") if p.is_file() and out not in p.parents}
+    assert after == before, f"killed after steps {kills}"
+    assert not [p for p in sandbox.iterdir() if p.name.startswith("outside-")]
+    assert not [p for p in out.rglob("*") if p.is_symlink()]
+    assert not list(out.rglob(".*.tmp")), "leftover temporary files are cleaned up on resume"
+
+
 @pytest.mark.parametrize("fault, state_step, resumes_from", [
     # The 2nd save (step 6) dies writing its checkpoint, after its training state: the latest pair is
     # torn (state 6, checkpoint 3) and the previous pair (step 3) is the one to resume from.
