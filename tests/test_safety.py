@@ -833,7 +833,8 @@ def test_prepare_data_writes_through_no_planted_link(data, tmp_path):
     out.parent.mkdir()
     for suffix in ("tmp.npy", "tmp2.npy"):
         (out.parent / f".c.npy.{os.getpid()}.{suffix}").symlink_to(victim)
-    manifest = prepare_cache(source, out, 16, workers=1)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        manifest = prepare_cache(source, out, 16, workers=1)
     assert victim.read_bytes() == b"precious"
     assert manifest["count"] == 4 and not out.is_symlink()
     cache = np.load(out)
