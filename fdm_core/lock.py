@@ -8,8 +8,6 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from fdm_core.errors import UserError
@@ -107,13 +105,3 @@ def _process_start(pid: int) -> int | None:
 
 def _describe(holder: dict) -> str:
     return f"pid {holder['pid']} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-
-
-@contextmanager
-def folder_lock(out: str | Path, warn: Callable[[str], None]) -> Iterator[RunLock]:
-    """Holds `out`'s lock (`RunLock`) for the block; a folder in use is a one-line `RunLocked`."""
-    lock = RunLock.acquire(Path(out), warn)
-    try:
-        yield lock
-    finally:
-        lock.release()
