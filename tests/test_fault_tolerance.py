@@ -21,6 +21,7 @@ from PIL import Image
 
 from fdm_core.checkpoint import read_checkpoint
 from fdm_core.errors import UserError
+from fdm_core.lock import LOCK
 from fdm_train.cli import main_group
 from fdm_train.run_folder import (
     CHECKPOINT,
@@ -425,12 +426,14 @@ def test_sigkill_while_segment_rewrites_a_complete_folder(tmp_path):
             assert broken == [], (kills, broken)
             assert (out / "notes.txt").read_text() == "mine"
             assert {p.name: p.read_bytes() for p in images.iterdir()} == inputs_before
-            others = {p.name for p in out.iterdir()} - names - {"summary.json", "notes.txt"}
+            # a killed run leaves its lock, which the next run takes over
+            others = {p.name for p in out.iterdir()} - names - {"summary.json", "notes.txt", LOCK}
             assert all(n.startswith(".") and n.endswith(".tmp") for n in others), others  # killed writes
             if kills == 20:
                 break
         assert kills == 20
         assert run(120) == "finished"
+        assert not (out / LOCK).exists()  # a run that ends frees its folder
     finally:
         launcher.stdin.close()
         launcher.wait(timeout=60)
