@@ -395,7 +395,7 @@ def test_the_width_is_checked_against_the_attention_heads(checkpoint, data, tmp_
 
     for base in (3, 24, 32, 48, 96, 100):
         for head in (3, 16, 32, 64):
-            changes = dict(image_size=16, base_channels=base, head_channels=head, attention_resolutions=(16, 8))
+            changes = {"image_size": 16, "base_channels": base, "head_channels": head, "attention_resolutions": (16, 8)}
             try:
                 preset("tiny-32", **changes)
                 accepted = True
