@@ -100,6 +100,36 @@ def _check_bounds(cfg: ModelConfig) -> None:
     check_int("mask_scale", cfg.mask_scale, 1, cfg.image_size)
     if cfg.image_size % cfg.mask_scale:
         raise ValueError(f"mask_scale {cfg.mask_scale} must divide image_size {cfg.image_size}")
+    for width in attention_widths(cfg):  # each attention block splits its width into equal heads
+        heads = max(1, width // cfg.head_channels)
+        if width % heads:
+            raise ValueError(f"base_channels {cfg.base_channels} gives an attention block of {width} channels, which "
+                             f"does not split into {heads} heads (head_channels {cfg.head_channels}): use a "
+                             f"multiple of {cfg.head_channels}")
+
+
+def attention_widths(cfg: ModelConfig) -> set[int]:
+    """The channel counts of the model's attention blocks (fdm_core.model): the stages whose feature-map size
+    is in attention_resolutions, and the middle block."""
+    widths = {cfg.base_channels * cfg.channel_mult[-1]}
+    for level, mult in enumerate(cfg.channel_mult):
+        if cfg.image_size // 2 ** level in cfg.attention_resolutions:
+            widths.add(cfg.base_channels * mult)
+    return widths
+
+
+# Bytes one sample holds in a forward pass, in units of 4 K C S^2 (fp32 activations of the K decoder branches
+# at the base width and full size): denoising (measured peaks of tiny-32, small-32 and small-64: 17-22
+# units), and a training step's forward and backward pass (tiny-32 and small-32 at 16 to 64 images:
+# 64-108 units).
+ACTIVATION_UNITS = {"denoise": 24, "train": 112}
+
+
+def memory_per_sample(cfg: ModelConfig, training: bool = False) -> int:
+    """The bytes a sample of `cfg` holds while denoised (or trained on): for the estimates that refuse a
+    batch too large for the device's memory (fdm_core.util.check_memory)."""
+    unit = 4 * cfg.mask_channels * cfg.base_channels * cfg.image_size ** 2
+    return ACTIVATION_UNITS["train" if training else "denoise"] * unit
 
 
 PRESETS: dict[str, ModelConfig] = {

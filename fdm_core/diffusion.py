@@ -96,6 +96,8 @@ class GaussianDiffusion:
             return list(dict.fromkeys(nearest))
         if steps == self.num_timesteps:
             return list(range(self.num_timesteps - 1, -1, -1))
+        if steps == 1:  # one step starts from pure noise too: t = T-1 (linspace would give [0])
+            return [self.num_timesteps - 1]
         seq = torch.linspace(0, self.num_timesteps - 1, steps).round().long().unique().tolist()
         return seq[::-1]
 

@@ -28,6 +28,22 @@ class UserError(Exception):
         return text
 
 
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """`value` as a whole number from `low` to `high` (None: unbounded), else a one-line UserError naming the
+    parameter `name`: the one check of a count, size or seed that the library takes (a float, even 3.0, a
+    bool, NaN and inf are refused, so no bad value gets as far as torch)."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise UserError(f"`{name}` must be a whole number, got {value!r}", (name,))
+    value = value.__index__()
+    if low is not None and high is not None and not low <= value <= high:
+        raise UserError(f"`{name}` must be between {low} and {high}, got {value}", (name,))
+    if low is not None and value < low:
+        raise UserError(f"`{name}` must be at least {low}, got {value}", (name,))
+    if high is not None and value > high:
+        raise UserError(f"`{name}` must be at most {high}, got {value}", (name,))
+    return value
+
+
 # Parameters whose option is not --name-with-dashes in the command that reports them.
 OPTION_SPELLINGS = {"classes": "--class", "class_label": "--class", "n": "-n", "model": "--model"}
 

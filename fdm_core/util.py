@@ -57,6 +57,27 @@ def check_threads(threads: int | None) -> None:
         raise UserError(f"threads must be from 1 to {MAX_THREADS} (4 per core), got {threads}")
 
 
+MEMORY_SHARE = 0.5  # the most of the device's memory one batch may plan to use
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of the device: a GPU's own, or the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(batch: int, per_sample: int, device: torch.device, what: str, option: str) -> None:
+    """Refuses (one line, naming `option` and the largest batch that fits) a batch of `batch` `what` of
+    `per_sample` bytes each (fdm_core.config.memory_per_sample) that would need more than MEMORY_SHARE of
+    the device's memory: before the work, where the allocator would fail halfway."""
+    need, have = batch * per_sample, device_memory(device)
+    if need > MEMORY_SHARE * have:
+        most = max(1, int(MEMORY_SHARE * have // per_sample))
+        raise UserError(f"a batch of {batch} {what} needs about {need / 2**30:.1f} GiB, more than half of the "
+                        f"{have / 2**30:.1f} GiB here: use `{option}` {most} or less", (option,))
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (see `atomic_file`)."""
     with atomic_file(path) as f:
@@ -87,14 +108,66 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
+def atomic_append(path: str | Path, data: bytes) -> None:
+    """`data` added at the end of the file at `path`, by writing the whole new file atomically
+    (`atomic_file`): a reader sees the file before or after the append, and a symlink at `path` is replaced
+    by a file holding `data` alone (its target is neither read nor written)."""
+    atomic_write(path, own_file_bytes(path) + data)
+
+
+def own_file_bytes(path: str | Path) -> bytes:
+    """The bytes of the regular file at `path`; b"" where there is none, or where `path` is a symlink (a file
+    a command writes is its own, never the target of a link someone put there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except (FileNotFoundError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError) or os.path.islink(path):
+            return b""
+        raise UserError(f"cannot read {path}: {exc.strerror or one_line(exc)}") from None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def atomic_create(path: str | Path, data: bytes) -> bool:
+    """A new file at `path` holding `data`, complete from the moment it appears, made only if nothing (no
+    file, no symlink) is there: False where something is. Written as `atomic_file` writes, then hard-linked
+    to its name (a link never replaces a name)."""
+    path = Path(path)
+    try:
+        tmp, fd = create_unique(path.parent, f".{path.name}", ".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or one_line(exc)}") from None
+    return True
+
+
+def replace_link_with_folder(path: str | Path) -> Path:
+    """`path` made a folder of its own: a symlink there is removed first (never followed into a folder
+    elsewhere)."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def create_unique(folder: Path, prefix: str, suffix: str) -> tuple[Path, int]:
-    """A new file `PREFIX.RANDOM SUFFIX` in `folder`, opened for writing. O_EXCL: never an existing file
+    """A new file `PREFIX.RANDOM SUFFIX` in `folder`, opened for reading and writing. O_EXCL: never an existing file
     or a symlink, and never one another process made. Mode 0o666 so that the umask applies
     (tempfile.mkstemp would make it 0600)."""
     while True:
         tmp = folder / f"{prefix}.{secrets.token_hex(6)}{suffix}"
         try:
-            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
 

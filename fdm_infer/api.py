@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, NUM_TIMESTEPS, SAMPLERS, SampleResult
-from fdm_core.errors import SEED, UserError
+from fdm_core.errors import SEED, UserError, check_int
 from fdm_core.images import MAX_PIXELS
 from fdm_core.util import DEFAULT_THREADS
 from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
@@ -94,8 +94,7 @@ def load_engine(model=None, engine: str | None = None, device: str = "auto", thr
 
 def check_seed(seed: int) -> None:
     """Seeds are what the command lines take (SEED): 0..2^63-1."""
-    if not SEED.min <= seed <= SEED.max:
-        raise UserError(f"seed must be between {SEED.min} and 2**63 - 1, got {seed}")
+    check_int("seed", seed, SEED.min, SEED.max)
 
 
 def describe(engine: Engine, path: Path | None) -> str:
@@ -117,9 +116,8 @@ class Segmenter:
                  max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, refine: str = DEFAULT_REFINE,
                  load_seconds: float = 0.0):
         check_settings(t, ensemble, smooth, NUM_TIMESTEPS, refine)
-        if not (batch_size >= 1 and max_pixels >= 1):  # `not >=`: NaN is refused too
-            raise UserError(f"batch_size and max_pixels must be at least 1, got {batch_size} and {max_pixels}",
-                            ("batch_size", "max_pixels"))
+        check_int("batch_size", batch_size, 1)
+        check_int("max_pixels", max_pixels, 1)
         check_seed(seed)
         self.engine, self.model = engine, model
         self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label, max_pixels, smooth, refine)
@@ -255,12 +253,12 @@ class Segmentation:
         would write that is one of the input files is an error, before anything is written."""
         options = OutputOptions(save_soft, save_channels, foreground, rle)
         check_outputs(options, None, len(self.border_share))
-        folder = OutputFolder(out, options, (item.path for item in self.items), self.items)
-        entries = []
-        for item in self.items:
-            entries.append(folder.write(item))
-            folder.add_foreground(entries[-1], item.key, item.labels, self.fg_channels)
-        return folder.write_summary(self._summary(entries))
+        with OutputFolder(out, options, (item.path for item in self.items), self.items) as folder:
+            entries = []
+            for item in self.items:
+                entries.append(folder.write(item))
+                folder.add_foreground(entries[-1], item.key, item.labels, self.fg_channels)
+            return folder.write_summary(self._summary(entries))
 
 
 class ImageSegmentation:
@@ -299,8 +297,8 @@ class ImageSegmentation:
     def save(self, out: str | Path = SEGMENT_OUT) -> dict[str, Path]:
         """Writes <name>_labels.png and <name>_overlay.png into `out`; returns the files by kind. A file it
         would write that is its input is an error, before anything is written."""
-        folder = OutputFolder(out, OutputOptions(), [self._item.path], [self._item])
-        entry = folder.write(self._item)
+        with OutputFolder(out, OutputOptions(), [self._item.path], [self._item]) as folder:
+            entry = folder.write(self._item)
         return {kind: folder.out / name for kind, name in entry["outputs"].items()}
 
 
@@ -361,8 +359,8 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     called with 1 after every step."""
     check_steps(steps)
     check_seed(seed)
-    if not (n >= 1 and batch_size >= 1):
-        raise UserError(f"`n` and `batch_size` must be at least 1, got {n} and {batch_size}", ("n", "batch_size"))
+    check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1)
     for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

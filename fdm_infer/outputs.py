@@ -17,6 +17,7 @@ from PIL import Image
 
 from fdm_core.errors import UserError
 from fdm_core.images import IMAGE_EXTENSIONS
+from fdm_core.lock import RunLock
 from fdm_core.util import (
     atomic_write,
     check_not_input,
@@ -127,10 +128,14 @@ def check_outputs(options: OutputOptions, fg_channels: list[int] | None, k: int)
 class OutputFolder:
     """The files of a segmentation in `out`, as `options` asks; `inputs` (the images' paths) are never
     replaced: not by summary.json nor by the files of `items` (both refused here, before anything is
-    written), nor by those of an image written later (`clash`)."""
+    written), nor by those of an image written later (`clash`). Used as a context manager, which holds the
+    folder's lock (`fdm_core.lock`): one writer per folder, and a second is refused in one line."""
 
-    def __init__(self, out: str | Path, options: OutputOptions, inputs, items: list[Segmented] = ()):
+    def __init__(self, out: str | Path, options: OutputOptions, inputs, items: list[Segmented] = (),
+                 warn: Callable[[str], None] | None = None):
         self.out, self.options = Path(out), options
+        self.warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+        self._lock = None
         self.inputs = resolve_inputs(inputs)
         self.kinds = output_kinds(options)
         check_not_input([self.out / SUMMARY], self.inputs.values())
@@ -139,6 +144,13 @@ class OutputFolder:
             if clash is not None:
                 raise UserError(f"{item.source}: its output {clash} would replace an input; write to another folder")
         check_writable_folder(self.out)
+
+    def __enter__(self) -> OutputFolder:  # noqa: PYI034  (Python 3.10 has no typing.Self)
+        self._lock = RunLock.acquire(self.out, self.warn)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
 
     def clash(self, item: Segmented) -> Path | None:
         """The input one of `item`'s files would replace, if any."""
@@ -190,33 +202,33 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(str(p) for p in paths)}")
     for message in skipped:
         warn(message)
-    folder = OutputFolder(out, options, (item.path for item in found))
-    presence = ChannelPresence(engine.num_regions)
-    kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
-    start = time.perf_counter()
-    for batch in segment_batches(engine, inputs, settings, lambda item, why: report.fail(item.path, why, warn),
-                                 progress):
-        presence.add_masks(torch.stack([item.masks for item in batch]))
-        while batch:
-            item = batch.pop(0)  # dropped once written: a large image is not held longer
-            clash = folder.clash(item)
-            if clash is not None:
-                report.fail(item.source, f"its output {clash} would replace an input; choose another --out", warn)
-                continue
-            try:
-                kept.append((item.key, item.source, folder.write(item)))
-            except UserError as exc:  # a file that cannot be written (atomic_file)
-                report.fail(item.source, str(exc), warn)
-    report.written = len(kept)
-    if kept:
-        report.border_share, report.image_share = presence.border_share, presence.image_share
-        report.foreground = sorted(set(fg_channels)) if fg_channels else presence.foreground()
-        kept = _with_foreground(folder, kept, report, warn)
-    report.entries = [entry for _, _, entry in kept]
-    report.seconds = time.perf_counter() - start
-    report.summary = summary(run or {}, settings, report, engine.num_regions, bool(fg_channels))
-    folder.write_summary(report.summary)
-    return report
+    with OutputFolder(out, options, (item.path for item in found), warn=warn) as folder:
+        presence = ChannelPresence(engine.num_regions)
+        kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
+        start = time.perf_counter()
+        for batch in segment_batches(engine, inputs, settings, lambda item, why: report.fail(item.path, why, warn),
+                                     progress):
+            presence.add_masks(torch.stack([item.masks for item in batch]))
+            while batch:
+                item = batch.pop(0)  # dropped once written: a large image is not held longer
+                clash = folder.clash(item)
+                if clash is not None:
+                    report.fail(item.source, f"its output {clash} would replace an input; choose another --out", warn)
+                    continue
+                try:
+                    kept.append((item.key, item.source, folder.write(item)))
+                except UserError as exc:  # a file that cannot be written (atomic_file)
+                    report.fail(item.source, str(exc), warn)
+        report.written = len(kept)
+        if kept:
+            report.border_share, report.image_share = presence.border_share, presence.image_share
+            report.foreground = sorted(set(fg_channels)) if fg_channels else presence.foreground()
+            kept = _with_foreground(folder, kept, report, warn)
+        report.entries = [entry for _, _, entry in kept]
+        report.seconds = time.perf_counter() - start
+        report.summary = summary(run or {}, settings, report, engine.num_regions, bool(fg_channels))
+        folder.write_summary(report.summary)
+        return report
 
 
 def _with_foreground(folder: OutputFolder, kept, report: SegmentReport, warn) -> list:

@@ -2,7 +2,6 @@
 sampler of `fdm_core.diffusion` (DDPM ancestral by default, DDIM as the fast option)."""
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fdm_core.config import memory_per_sample
 from fdm_core.diffusion import DEFAULT_CLIP, NUM_TIMESTEPS, GaussianDiffusion, SampleResult
-from fdm_core.errors import UserError
-from fdm_core.util import check_not_input, check_writable_folder
+from fdm_core.errors import UserError, check_int
+from fdm_core.util import check_memory, check_not_input, check_writable_folder
 from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine
 from fdm_infer.images import load_for_model, save_labels, save_png
@@ -27,8 +27,7 @@ def diffusion_for(engine: Engine) -> GaussianDiffusion:
 
 
 def check_steps(steps: int) -> None:
-    if not 1 <= steps <= NUM_TIMESTEPS:
-        raise UserError(f"`steps` must be between 1 and {NUM_TIMESTEPS}, got {steps}", ("steps",))
+    check_int("steps", steps, 1, NUM_TIMESTEPS)
 
 
 def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int:
@@ -36,10 +35,9 @@ def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int
     schedule at or below t. One line when that is 0: the images would be mixed without noise and
     nothing denoised."""
     check_steps(steps)
-    if not 0 < t < diffusion.num_timesteps:
-        raise UserError(f"`t` must be between 1 and {diffusion.num_timesteps - 1}, got {t}", ("t",))
+    check_int("t", t, 1, diffusion.num_timesteps - 1)
     seq = diffusion.timesteps(steps)
-    start = max(s for s in seq if s <= t)
+    start = max((s for s in seq if s <= t), default=0)
     if start == 0:
         above = [s for s in seq if s > 0]
         fix = f"give `t` {min(above)} or more, or more `steps`" if above else "give more `steps`"
@@ -63,28 +61,9 @@ def class_labels(engine: Engine, n: int, classes: list[int] | None) -> torch.Ten
     return torch.tensor([pool[i % len(pool)] for i in range(n)], dtype=torch.long)
 
 
-# Bytes a denoising call holds per sample, in units of 4 K C S^2 (fp32 activations of the K decoder branches
-# at the base width and full size): measured peaks of tiny-32, small-32 and small-64 are 17-22 units.
-ACTIVATION_UNITS = 24
-MEMORY_SHARE = 0.5  # the most of the device's memory one batch may plan to use
-
-
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory of the device: a GPU's own, or the machine's physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_batch_memory(engine: Engine, batch: int) -> None:
     """Refuses a batch whose denoising calls would need more than MEMORY_SHARE of the device's memory."""
-    cfg = engine.config
-    need = batch * ACTIVATION_UNITS * 4 * cfg.mask_channels * cfg.base_channels * cfg.image_size ** 2
-    have = device_memory(torch.device(engine.device))
-    if need > MEMORY_SHARE * have:
-        most = max(1, int(MEMORY_SHARE * have // (need // batch)))
-        raise UserError(f"a batch of {batch} samples needs about {need / 2**30:.1f} GiB, more than half of the "
-                        f"{have / 2**30:.1f} GiB here: use `batch_size` {most} or less", ("batch_size",))
+    check_memory(batch, memory_per_sample(engine.config), torch.device(engine.device), "samples", "batch_size")
 
 
 def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,

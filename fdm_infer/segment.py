@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fdm_core.diffusion import GaussianDiffusion
-from fdm_core.errors import UserError
+from fdm_core.errors import UserError, check_int
 from fdm_core.images import MAX_PIXELS
 from fdm_core.util import (
     progress_bar,
@@ -54,11 +54,9 @@ def check_settings(t: int, ensemble: int, smooth: int, num_timesteps: int, refin
     """The settings of a segmentation pass, each a one-line error in the parameters' names."""
     if refine not in REFINE_MODES:
         raise UserError(f"`refine` must be one of {', '.join(REFINE_MODES)}, got {refine!r}", ("refine",))
-    if not 0 <= t < num_timesteps:
-        raise UserError(f"`t` must be between 0 and {num_timesteps - 1}, got {t}", ("t",))
-    if not ensemble >= 1:  # `not >=`: NaN is refused too
-        raise UserError(f"`ensemble` must be at least 1, got {ensemble}", ("ensemble",))
-    if smooth < 1 or smooth % 2 == 0:
+    check_int("t", t, 0, num_timesteps - 1)
+    check_int("ensemble", ensemble, 1)
+    if check_int("smooth", smooth) < 1 or smooth % 2 == 0:
         raise UserError(f"`smooth` must be an odd number of pixels (1: no smoothing), got {smooth}", ("smooth",))
 
 

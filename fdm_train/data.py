@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -24,7 +25,7 @@ from fdm_core.images import (
     to_float,
     to_uint8,
 )
-from fdm_core.util import atomic_write, check_not_input, check_writable_file
+from fdm_core.util import atomic_write, check_not_input, check_writable_file, create_unique
 
 
 def shifted_batch(images: torch.Tensor, max_fraction: float, seed: int, first_row: int,
@@ -348,6 +349,19 @@ def _decode_for_cache(args) -> tuple[int, np.ndarray | None, str]:
         return i, None, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _new_array_file(output: Path, shape: tuple[int, ...], made: list[Path]) -> tuple[Path, np.memmap]:
+    """A new .npy file of uint8 `shape` beside `output`, created exclusively (`create_unique`: never an
+    existing file or a link someone put there) and mapped for writing through the descriptor that made it;
+    its path is added to `made`."""
+    tmp, fd = create_unique(output.parent, f".{output.name}", ".tmp.npy")
+    made.append(tmp)
+    with os.fdopen(fd, "w+b") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        offset = f.tell()
+        f.truncate(offset + math.prod(shape))
+        return tmp, np.memmap(f, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
+
+
 def prepare_cache(source: str | Path, output: str | Path, size: int, workers: int | None = None,
                   progress=None, limit: int | None = None) -> dict:
     """Decode every image under `source` once (RGB, EXIF rotation, shorter side to `size`, center crop)
@@ -363,14 +377,14 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
     check_not_input([output, manifest_path(output)], [source, *files])
     check_writable_file(output)
     workers = workers or min(32, os.cpu_count() or 1)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp.npy")
     start = time.perf_counter()
     good: list[int] = []
     skipped: list[dict] = []
+    temporary: list[Path] = []
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         # Decode into a temporary full-size map, then compact the good rows into the final array.
-        scratch = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
+        tmp, scratch = _new_array_file(output, (len(files), 3, size, size), temporary)
         jobs = [(i, str(p), size) for i, p in enumerate(files)]
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
@@ -381,9 +395,7 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
         if not good:
             raise DataError(f"none of the {len(files)} files under {source} could be decoded as an image")
         if len(good) < len(files):
-            final_tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp2.npy")
-            packed = np.lib.format.open_memmap(final_tmp, mode="w+", dtype=np.uint8,
-                                               shape=(len(good), 3, size, size))
+            final_tmp, packed = _new_array_file(output, (len(good), 3, size, size), temporary)
             for row, i in enumerate(good):
                 packed[row] = scratch[i]
             packed.flush()
@@ -401,9 +413,8 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
                     "seconds": round(time.perf_counter() - start, 2)}
         os.replace(tmp, output)
     except BaseException as exc:
-        if output.parent.is_dir():
-            for leftover in output.parent.glob(f".{output.name}.{os.getpid()}.tmp*.npy"):
-                leftover.unlink(missing_ok=True)
+        for leftover in temporary:
+            leftover.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise DataError(f"cannot write {output}: {exc.strerror or exc}") from None
         raise

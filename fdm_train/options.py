@@ -93,6 +93,8 @@ BOUNDS = {
     "t_power": (0.1, 10), "mask_shaping_steps": (0, None), "mask_entropy": (0, None),
     "mask_temperature": (0.01, 100), "mask_init_scale": (0, None), "shift_augment": (0, [0.5]), "empty_images": (0, 1), "region_cost": (0, None),
     "mask_equivariance": (0, None), "equivariance_shift": (0, [0.5]), "mask_boundary": (0, None), "limit": (1, None), "threads": (1, MAX_THREADS),
+    # a logit of 100 already gives region 0 every pixel (e^-100 for the others)
+    "first_region_logit": (-100, 100),
 }
 
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +28,8 @@ from pathlib import Path
 import torch
 
 from fdm_core.checkpoint import CheckpointError, atomic_write, load_training_state, read_checkpoint
-from fdm_core.errors import UserError
+from fdm_core.lock import LOCK, RunLock, RunLocked  # noqa: F401  (the run folder's lock)
+from fdm_core.util import atomic_file, own_file_bytes
 
 CHECKPOINT = "checkpoint.safetensors"
 TRAINING_STATE = "train_state.pt"
@@ -39,7 +38,6 @@ PREVIOUS_STATE = "train_state.previous.pt"
 LOG = "log.jsonl"
 SAMPLES = "samples"
 PAIR_FILES = (CHECKPOINT, TRAINING_STATE, PREVIOUS_CHECKPOINT, PREVIOUS_STATE)
-LOCK = "run.lock"
 # Where a run that replaces an earlier one logs and samples until its first pair is written.
 STAGED = {LOG: ".log.new.jsonl", SAMPLES: ".samples.new"}
 
@@ -210,21 +208,25 @@ def earlier_run(out: Path) -> str | None:
 
 
 def remove_temp_files(out: Path) -> None:
-    """Deletes what writes cut short left: temp files of the pair, the staging log and samples."""
+    """Deletes what writes cut short left: temp files of the pair, the log and the samples, the staging
+    log and samples."""
     if out.is_dir():
         for name in PAIR_FILES:
             for leftover in out.glob(f".{name}.*"):
                 leftover.unlink(missing_ok=True)
+        for leftover in (*out.glob(f".{LOG}.*.tmp"), *out.glob(f"{SAMPLES}/.*.tmp")):
+            leftover.unlink(missing_ok=True)
         (out / STAGED[LOG]).unlink(missing_ok=True)
         shutil.rmtree(out / STAGED[SAMPLES], ignore_errors=True)
 
 
 def truncate_log(path: Path, step: int) -> None:
     """Drops the log lines of steps after `step` (written before a kill, redone after the resume)."""
-    if not path.is_file():
+    text = own_file_bytes(path).decode(errors="replace")
+    if not text:
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line)["step"] <= step:
                 keep.append(line)
@@ -233,121 +235,22 @@ def truncate_log(path: Path, step: int) -> None:
     atomic_write(path, "".join(line + "\n" for line in keep).encode())
 
 
-# ----- the lock -----
-
-class RunLocked(UserError):
-    """Another run owns the folder; the message names it."""
-
-
-class RunLock:
-    """`out`/run.lock, created exclusively, naming the process that owns the folder. A lock whose process
-    is gone from this host is stale and taken over (with `warn`); one from another host cannot be
-    checked, and is only ever removed by hand. The pid alone does not identify the process: in a PID
-    namespace (a container) a run killed and restarted has the same pid, so the lock also holds the boot
-    id and the process's start time, and a pid that now names another process (or this one) is gone."""
-
-    def __init__(self, path: Path, owner: dict):
-        self.path, self.owner = path, owner
-
-    @classmethod
-    def acquire(cls, out: Path, warn) -> RunLock:
-        path = out / LOCK
-        owner = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "boot_id": _boot_id(),
-                 "pid_start": _process_start(os.getpid())}
-        out.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            if _create_exclusive(path, json.dumps(owner) + "\n"):
-                return cls(path, owner)
-            holder = _read_lock(path)
-            if holder is None:  # being written, or just removed: look again
-                time.sleep(0.2)
-                continue
-            if not _is_stale(holder):
-                break
-            warn(f"taking over the lock of a run that is gone: {_describe(holder)} ({path})")
-            if _read_lock(path) == holder:
-                path.unlink(missing_ok=True)
-        holder = _read_lock(path)
-        raise RunLocked(f"{out} is in use by another run ({_describe(holder) if holder else 'unreadable lock'}); "
-                        f"if no run is using it, delete {path}")
-
-    def release(self) -> None:
-        if _read_lock(self.path) == self.owner:
-            self.path.unlink(missing_ok=True)
-
-
-def _create_exclusive(path: Path, text: str) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    return True
-
-
-def _read_lock(path: Path) -> dict | None:
-    try:
-        holder = json.loads(path.read_text())
-        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _is_stale(holder: dict) -> bool:
-    """Whether the process a lock names is gone: a lock of another host cannot be checked (False)."""
-    if holder.get("host") != socket.gethostname():
-        return False
-    pid = holder["pid"]
-    if holder.get("boot_id") and holder["boot_id"] != _boot_id():
-        return True  # written before the machine last started
-    if pid == os.getpid():
-        return True  # this process does not hold it: an earlier one of the same pid (a PID namespace) did
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):  # a process of another user, or no pid at all
-        pass
-    started = holder.get("pid_start")
-    return started is not None and _process_start(pid) not in (None, started)
-
-
-def _boot_id() -> str | None:
-    """The kernel's id of this boot (Linux), or None."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _process_start(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot (Linux), or None: with the pid, it names one
-    process, where the pid alone may be reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _describe(holder: dict) -> str:
-    return f"pid {holder['pid']} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-
-
 # ----- file system -----
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """dst becomes the same content as src, atomically (a hard link where the file system has them)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+    """dst becomes the same content as src, atomically (a hard link where the file system has them, else a
+    copy written by `atomic_file`); a symlink at dst is replaced, never written through."""
+    while True:
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.link")
+        try:
+            os.link(src, tmp)
+            break
+        except FileExistsError:
+            continue
+        except OSError:
+            with open(src, "rb") as f, atomic_file(dst) as g:
+                shutil.copyfileobj(f, g)
+            return
     os.replace(tmp, dst)
 
 

@@ -42,17 +42,21 @@ from fdm_core.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig
+from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig, memory_per_sample
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError, raise_terminated
 from fdm_core.images import row_generator, shift_offset, to_float
 from fdm_core.model import build_model, count_flops, count_parameters
 from fdm_core.util import (
+    atomic_append,
+    atomic_file,
+    check_memory,
     check_not_input,
     cpu_seconds,
     format_seconds,
     json_text,
     progress_bar,
+    replace_link_with_folder,
     set_threads,
 )
 from fdm_core.visualize import mask_statistics, sample_grid
@@ -212,6 +216,9 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
                      n_micro: int) -> dict:
     start = _resolve_start(opts, out, ctx, mode)
     opts = replace(opts, iterations=_target(opts, start))
+    share = -(-opts.batch_size // ctx.world)  # the most images of a device
+    micro = -(-share // n_micro)  # the most images of one forward pass
+    check_memory(micro, memory_per_sample(start.cfg, training=True), device, "training images", "micro_batch")
     if start.step >= opts.iterations:
         if ctx.main:
             _echo(f"{out}: the run is finished (step {start.step} of {opts.iterations}); nothing to do "
@@ -307,6 +314,7 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
     if error is not None:
         raise error
     if choice is None:
+        _check_frozen_masks(opts, None, out)
         # prediction and padding change no weight's shape: a fresh run may set them over the config or --init's
         overrides = dict(prediction=opts.prediction, padding=opts.padding)
         if opts.init is None:
@@ -318,10 +326,24 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
     else:
         cfg, states, meta = read_checkpoint(out / choice[0])
         state = load_training_state(out / choice[1])
+    _check_frozen_masks(opts, state, out)
     if int(meta["step"]) != state["step"]:  # a pair is matched on step and save id; belt and braces
         raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
                               f"(step {state['step']}) disagree")
     return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]))
+
+
+def _check_frozen_masks(opts: TrainOptions, state: dict | None, out: Path) -> None:
+    """--freeze-masks keeps the masks a run starts with: those of --init, or of a resumed run that froze
+    them; frozen random masks (a fresh start without --init) would never segment anything."""
+    if not opts.freeze_masks:
+        return
+    if state is None and opts.init is None:
+        raise TrainingError("`freeze_masks` keeps the masks of `init`; a fresh random start would freeze random "
+                            "masks: give `init` a trained checkpoint", ("freeze_masks", "init"))
+    if state is not None and not state.get("options", {}).get("freeze_masks"):
+        raise TrainingError(f"the run in {out} was not trained with `freeze_masks`; to freeze its masks, start a "
+                            f"new run with `init` {out / CHECKPOINT}", ("freeze_masks", "init"))
 
 
 def _announce(opts: TrainOptions, cfg: ModelConfig, device: torch.device, step: int) -> None:
@@ -423,7 +445,7 @@ def _prepare_folder(out: Path, ctx: Distributed, start: _Start, mode: bool | str
     folder = RunFolder(out, start.pair, replaces=start.replaces)
     if ctx.main:
         remove_temp_files(out)
-        folder.samples.mkdir(exist_ok=True)
+        replace_link_with_folder(folder.samples)
         if start.state is not None:
             truncate_log(out / LOG, start.step)
             if start.pair != (CHECKPOINT, TRAINING_STATE) or mode == "auto":
@@ -539,7 +561,6 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
     opts, ctx = run.opts, run.ctx
     bad = _BadFiles(ctx)
     batches = iter(loader)
-    log = run.folder.log_path.open("a") if ctx.main else None
     bar = progress_bar(opts.iterations, "train", "step", enabled=opts.progress and ctx.main, initial=run.step)
     window = _Window()
     last_loss = float("nan")
@@ -567,8 +588,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
                 bad.collect()
                 if ctx.main:
                     record = _log_record(run, last_loss, window, bad, masks)
-                    log.write(json_text(record) + "\n")
-                    log.flush()
+                    atomic_append(run.folder.log_path, (json_text(record) + "\n").encode())
                     bar.set_postfix(loss=f"{last_loss:.4f}", images_per_s=f"{record['images_per_s']:.1f}",
                                     mask_entropy=record["mask_entropy"])
                 window = _Window()
@@ -581,8 +601,6 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
             dist.barrier()  # the final checkpoint is on disk when train() returns on any rank
     finally:
         bar.close()
-        if log is not None:
-            log.close()
         del batches  # stops the loader's workers
     return last_loss, bad
 
@@ -680,4 +698,5 @@ def _write_samples(run: _Run) -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         result = run.diffusion.sample(run.ema, (opts.sample_count, *run.sample_shape), steps=opts.sample_steps,
                                       y=y, device=device, generator=g)
-    sample_grid(result.images, result.masks).save(run.folder.samples / f"step{run.step:07d}.png")
+    with atomic_file(run.folder.samples / f"step{run.step:07d}.png") as f:
+        sample_grid(result.images, result.masks).save(f, format="PNG")

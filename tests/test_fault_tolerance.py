@@ -21,6 +21,7 @@ from PIL import Image
 
 from fdm_core.checkpoint import read_checkpoint
 from fdm_core.errors import UserError
+from fdm_core.lock import LOCK
 from fdm_train.cli import main_group
 from fdm_train.run_folder import (
     CHECKPOINT,
@@ -158,6 +159,57 @@ def test_sigkill_at_a_random_step_then_resume_auto(data, reference, tmp_path):
     assert_same_weights(out, reference)
     # The resumed run redid the lost steps; the log holds every step exactly once.
     assert logged_steps(out) == list(range(1, ITERATIONS + 1)), f"killed after step {killed_at}"
+
+
+def test_sigkill_at_random_moments_with_samples_and_logs_then_resume_auto(data, tmp_path):
+    """A run that logs every step and samples every other one is killed twice at random moments
+    (a random step, then a random delay: inside a step, a log append, a sample grid or a save) and resumed
+    with --resume auto each time: it ends on the weights, log and last sample grid of the same run never
+    interrupted, and no file outside its folder is touched, not even through links planted in it."""
+    sandbox = tmp_path / "sandbox"
+    images = sandbox / "images"
+    images.mkdir(parents=True)
+    for image in sorted(data.iterdir())[:6]:
+        (images / image.name).write_bytes(image.read_bytes())
+    args = ["--sample-every", "2", "--sample-steps", "2"]
+    reference = sandbox / "reference"
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main_group, train_args(images, reference, *args), catch_exceptions=False)
+    finally:
+        torch.set_num_threads(old)
+    assert result.exit_code == 0, result.output
+
+    out = sandbox / "run"
+    out.mkdir()
+    for name in ("log.jsonl", PREVIOUS_CHECKPOINT, PREVIOUS_STATE):
+        (out / name).symlink_to(sandbox / f"outside-{name}")  # dangling: must never be created
+    before = {p: p.read_bytes() for p in sandbox.rglob("*") if p.is_file() and out not in p.parents}
+    rng = random.Random()
+    kills = []
+    for _ in range(2):
+        proc = fdm_train(train_args(images, out, *args, "--resume", "auto"))
+        done = max(logged_steps(out), default=0)
+        if done >= ITERATIONS - 1:
+            proc.kill()
+            break
+        wait_for_step(proc, out, rng.randint(done + 1, ITERATIONS - 1))
+        time.sleep(rng.uniform(0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        kills.append(max(logged_steps(out), default=0))
+    finish(train_args(images, out, *args, "--resume", "auto"))
+
+    assert_same_weights(out, reference)
+    assert logged_steps(out) == list(range(1, ITERATIONS + 1)), f"killed after steps {kills}"
+    last = f"samples/step{ITERATIONS:07d}.png"
+    assert (out / last).read_bytes() == (reference / last).read_bytes()
+    after = {p: p.read_bytes() for p in sandbox.rglob("*") if p.is_file() and out not in p.parents}
+    assert after == before, f"killed after steps {kills}"
+    assert not [p for p in sandbox.iterdir() if p.name.startswith("outside-")]
+    assert not [p for p in out.rglob("*") if p.is_symlink()]
+    assert not list(out.rglob(".*.tmp")), "leftover temporary files are cleaned up on resume"
 
 
 @pytest.mark.parametrize("fault, state_step, resumes_from", [
@@ -374,12 +426,14 @@ def test_sigkill_while_segment_rewrites_a_complete_folder(tmp_path):
             assert broken == [], (kills, broken)
             assert (out / "notes.txt").read_text() == "mine"
             assert {p.name: p.read_bytes() for p in images.iterdir()} == inputs_before
-            others = {p.name for p in out.iterdir()} - names - {"summary.json", "notes.txt"}
+            # a killed run leaves its lock, which the next run takes over
+            others = {p.name for p in out.iterdir()} - names - {"summary.json", "notes.txt", LOCK}
             assert all(n.startswith(".") and n.endswith(".tmp") for n in others), others  # killed writes
             if kills == 20:
                 break
         assert kills == 20
         assert run(120) == "finished"
+        assert not (out / LOCK).exists()  # a run that ends frees its folder
     finally:
         launcher.stdin.close()
         launcher.wait(timeout=60)

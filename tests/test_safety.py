@@ -164,6 +164,53 @@ def test_a_fresh_run_that_fails_before_its_first_checkpoint_leaves_no_run_behind
     assert train(options(data, out))["step"] == 2  # no --overwrite needed: there was no run
 
 
+# ----- a run writes its own files, never through a link -----
+
+def test_a_run_replaces_links_at_its_files_and_leaves_their_targets(data, tmp_path):
+    """Samples, log, checkpoint pair and lock are written beside their names and renamed over them: a link
+    planted at any of them (or at the samples folder) is replaced, and what it points to is not touched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.png").write_bytes(b"precious")
+    out = tmp_path / "run"
+    train(options(data, out, iterations=2, save_every=1, sample_every=1, log_every=1, sample_steps=2,
+                  sample_count=1))
+    # a resumed run writes samples at step 3 and 4, and its log and pair
+    (out / "samples" / "step0000003.png").symlink_to(outside / "victim.png")
+    (out / "samples" / "step0000004.png").symlink_to(outside / "new4.png")  # a dangling link
+    log_target = outside / "log.jsonl"
+    log_target.write_bytes(b"precious log\n")
+    (out / "log.jsonl").rename(outside / "real-log.jsonl")
+    (out / "log.jsonl").symlink_to(log_target)
+    (out / "checkpoint.previous.safetensors").unlink()
+    (out / "checkpoint.previous.safetensors").symlink_to(outside / "previous.safetensors")
+    before = snapshot(outside)
+    train(options(data, out, iterations=4, save_every=1, sample_every=1, log_every=1, sample_steps=2,
+                  sample_count=1, resume="auto"))
+    assert snapshot(outside) == before and sorted(p.name for p in outside.iterdir()) == [
+        "log.jsonl", "real-log.jsonl", "victim.png"]
+    for name in ("samples/step0000003.png", "samples/step0000004.png", "log.jsonl",
+                 "checkpoint.previous.safetensors"):
+        assert not (out / name).is_symlink() and (out / name).is_file(), name
+    assert Image.open(out / "samples" / "step0000004.png").size[0] > 0
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [3, 4]
+
+    # A fresh run: links at its log and samples folder, dangling (no earlier run) or to a folder elsewhere.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "log.jsonl").symlink_to(outside / "fresh-log.jsonl")
+    (outside / "empty").mkdir()
+    (fresh / "samples").symlink_to(outside / "empty")
+    (fresh / LOCK).symlink_to(outside / "fresh-lock")
+    with pytest.raises(UserError, match="in use by another run"):  # a lock that cannot be read is never guessed at
+        train(options(data, fresh, sample_every=1, sample_steps=2, sample_count=1))
+    (fresh / LOCK).unlink()
+    train(options(data, fresh, sample_every=1, sample_steps=2, sample_count=1))
+    assert snapshot(outside) == before and not any((outside / "empty").iterdir())
+    assert not (fresh / "samples").is_symlink() and (fresh / "samples" / "step0000002.png").is_file()
+    assert not (fresh / "log.jsonl").is_symlink() and (fresh / "log.jsonl").is_file()
+
+
 # ----- the run-folder lock -----
 
 def write_lock(out: Path, pid: int, host: str | None = None) -> None:
@@ -203,6 +250,33 @@ def test_the_lock_is_held_while_the_run_owns_the_folder(data, tmp_path, monkeypa
                                                             real_save(run)))
     train(options(data, out))
     assert seen and seen[0]["pid"] == os.getpid() and seen[0]["host"] == socket.gethostname()
+    assert not (out / LOCK).exists()
+
+
+def test_one_writer_per_output_folder(checkpoint, data, tmp_path, capsys, monkeypatch):
+    """segment (the command and the API's save) holds its output folder's lock, as training does: a second
+    writer stops with one line before it writes anything, and the lock is freed at the end."""
+    from fdm_infer import Segmenter
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        write_lock(out, holder.pid)
+        r = run_infer(capsys, monkeypatch, "segment", data, "--checkpoint", checkpoint, "--out", out,
+                      "--device", "cpu")
+        assert_one_line_error(r, f"pid {holder.pid}", "in use by another run", str(out / LOCK), code=1)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+        result = Segmenter.load(checkpoint, device="cpu")([data])
+        with pytest.raises(UserError, match="in use by another run"):
+            result.save(out)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+    finally:
+        holder.kill()
+        holder.wait()
+    r = run_infer(capsys, monkeypatch, "segment", data, "--checkpoint", checkpoint, "--out", out, "--device", "cpu")
+    assert r.code == 0 and "taking over the lock" in r.err, r.err
+    assert not (out / LOCK).exists() and len(json.loads((out / "summary.json").read_text())["images"]) == 4
+    result.save(out)
     assert not (out / LOCK).exists()
 
 
@@ -301,6 +375,49 @@ def test_a_checkpoint_config_out_of_bounds_is_one_line(checkpoint, tmp_path, cha
     bad = with_config(checkpoint, tmp_path / "bad.safetensors", **changes)
     with pytest.raises(CheckpointError, match=words):
         load_model(bad)
+
+
+def unchecked_config(**changes):
+    """A ModelConfig of tiny-32 with `changes`, made without its checks."""
+    from fdm_core.config import ModelConfig, preset
+
+    cfg = object.__new__(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        object.__setattr__(cfg, f.name, changes.get(f.name, getattr(preset("tiny-32"), f.name)))
+    return cfg
+
+
+def test_the_width_is_checked_against_the_attention_heads(checkpoint, data, tmp_path, capsys, monkeypatch):
+    """A config is refused exactly where its model cannot run (the reference: building it without the checks
+    and running it), as a flag, a checkpoint, and --init, in one line."""
+    from fdm_core.config import preset
+    from fdm_core.model import build_model
+
+    for base in (3, 24, 32, 48, 96, 100):
+        for head in (3, 16, 32, 64):
+            changes = {"image_size": 16, "base_channels": base, "head_channels": head, "attention_resolutions": (16, 8)}
+            try:
+                preset("tiny-32", **changes)
+                accepted = True
+            except ValueError as exc:
+                accepted = False
+                assert "does not split into" in str(exc)
+            try:
+                with torch.no_grad():
+                    build_model(unchecked_config(**changes)).eval()(torch.zeros(1, 3, 16, 16), torch.zeros(1).long())
+                runs = True
+            except RuntimeError:
+                runs = False
+            assert accepted == runs, (base, head)
+    assert_one_line_error(run_tool(capsys, monkeypatch, "fdm-train", "info", "--preset", "tiny-32", "--channels", 100),
+                          "does not split into", code=2)
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--channels", 100))
+    assert_one_line_error(r, "does not split into", code=2)
+    bad = with_config(checkpoint, tmp_path / "bad.safetensors", head_channels=3)
+    r = run_infer(capsys, monkeypatch, "segment", data, "--checkpoint", bad, "--out", tmp_path / "o", "--device", "cpu")
+    assert_one_line_error(r, "bad.safetensors", "does not split into", code=1)
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--init", bad))
+    assert_one_line_error(r, "bad.safetensors", "does not split into", code=1)
 
 
 def test_a_config_is_checked_against_the_weights_on_the_meta_device(checkpoint, tmp_path, monkeypatch):
@@ -406,6 +523,36 @@ def test_bad_training_flags_are_one_line(data, tmp_path, capsys, monkeypatch, ar
     r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", *args))
     assert_one_line_error(r, words)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e39", "-101"])
+def test_the_first_region_logit_is_a_bounded_number(data, tmp_path, capsys, monkeypatch, value):
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, tmp_path / "run", "--first-region-logit", value))
+    assert_one_line_error(r, "--first-region-logit", "at least -100 and at most 100")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TrainingError, match="^`?first_region_logit`? must be"):
+        train(options(data, tmp_path / "run", first_region_logit=float(value)))
+
+
+def test_frozen_masks_are_those_of_a_trained_start(data, checkpoint, tmp_path, capsys, monkeypatch):
+    """--freeze-masks without --init would train around random masks: refused in one line, before any
+    file is written; with --init, or resuming a run that froze its masks, it trains."""
+    out = tmp_path / "run"
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--freeze-masks"))
+    assert_one_line_error(r, "--freeze-masks", "--init", code=1)
+    assert not out.exists()
+    scratch = tmp_path / "scratch"
+    assert train(options(data, scratch))["step"] == 2
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, scratch, "--freeze-masks", "--resume", "auto",
+                                                                "--iterations", 3))
+    assert_one_line_error(r, "not trained with --freeze-masks", f"--init {scratch / CHECKPOINT}", code=1)
+
+    make_checkpoint(checkpoint, config=options(data, out).model)
+    first = train(options(data, out, init=str(checkpoint), freeze_masks=True))
+    resumed = train(options(data, out, freeze_masks=True, resume="auto", iterations=3))
+    assert first["step"] == 2 and resumed["step"] == 3
+    head = "mask_generator.out.2.bias"
+    assert torch.equal(resumed["weights"]["model"][head], load_file(checkpoint)[f"ema.{head}"])
 
 
 def test_bad_numbers_elsewhere_are_one_line(checkpoint, data, tmp_path, capsys, monkeypatch):
@@ -545,6 +692,34 @@ def test_an_onnx_model_whose_outputs_are_not_finite_is_one_line(checkpoint, data
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
+def test_an_onnx_model_with_a_fixed_batch_runs_in_batches_of_its_size(checkpoint, data, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A file whose graph takes exactly one image: segment runs it one image at a time (and generate in
+    batches of any size), with the results of the same model exported with a free batch."""
+    from fdm_export.onnx_export import export_onnx
+    from fdm_infer import Segmenter, generate
+
+    def batch_of_one(proto):
+        for value in (*proto.graph.input, *proto.graph.output):
+            dim = value.type.tensor_type.shape.dim[0]
+            dim.ClearField("dim_param")
+            dim.dim_value = 1
+
+    fixed = onnx_with(checkpoint, tmp_path / "one.onnx", batch_of_one)
+    free = tmp_path / "free.onnx"
+    export_onnx(checkpoint, free, check=False)
+    r = run_infer(capsys, monkeypatch, "segment", data, "--model", fixed, "-o", tmp_path / "o", "--device", "cpu")
+    assert r.code == 0, r.err
+    assert len(json.loads((tmp_path / "o" / "summary.json").read_text())["images"]) == 4
+    ours = Segmenter.load(fixed, device="cpu", batch_size=3)([data])
+    theirs = Segmenter.load(free, device="cpu", batch_size=3)([data])
+    for a, b in zip(ours.labels, theirs.labels):
+        assert np.array_equal(a, b)
+    a = generate(fixed, 3, steps=2, batch_size=3, device="cpu").images
+    b = generate(free, 3, steps=2, batch_size=3, device="cpu").images
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 def test_an_onnx_model_that_drops_images_of_a_batch_is_one_line(checkpoint, data, tmp_path, capsys, monkeypatch):
     from onnx import helper
 
@@ -641,6 +816,32 @@ def test_bench_checks_its_outputs_and_numbers_first(tmp_path, capsys, monkeypatc
         assert_one_line_error(r, words, code=2)
 
 
+def test_prepare_data_writes_through_no_planted_link(data, tmp_path):
+    """The cache's temporary files are created exclusively under unguessable names: links planted at the
+    names a pid would give (the full map, and the packed one that a skipped file calls for) are neither
+    written through nor become the cache; the cache is a file of its own."""
+    from fdm_train.data import prepare_cache
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for image in data.iterdir():
+        (source / image.name).write_bytes(image.read_bytes())
+    (source / "broken.png").write_text("not an image")
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out" / "c.npy"
+    out.parent.mkdir()
+    for suffix in ("tmp.npy", "tmp2.npy"):
+        (out.parent / f".c.npy.{os.getpid()}.{suffix}").symlink_to(victim)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        manifest = prepare_cache(source, out, 16, workers=1)
+    assert victim.read_bytes() == b"precious"
+    assert manifest["count"] == 4 and not out.is_symlink()
+    cache = np.load(out)
+    assert cache.shape == (4, 3, 16, 16) and cache.dtype == np.uint8 and cache.any()
+    assert sorted(p.name for p in out.parent.iterdir() if not p.is_symlink()) == ["c.npy", "c.npy.json"]
+
+
 def test_prepare_data_bounds_the_size(data, tmp_path, capsys, monkeypatch):
     r = run_tool(capsys, monkeypatch, "fdm-train", "prepare-data", data, "-o", tmp_path / "c.npy", "--image-size", 30000)
     assert_one_line_error(r, "--image-size", "8<=x<=2048", code=2)
@@ -671,6 +872,40 @@ def test_the_python_api_raises_user_error_in_its_own_words(checkpoint):
             Segmenter.load(checkpoint, device="cpu", max_pixels=budget)
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda ck: Segmenter_load(ck, smooth=float("nan")), "smooth"),
+    (lambda ck: Segmenter_load(ck, smooth=3.0), "smooth"),
+    (lambda ck: Segmenter_load(ck, ensemble=float("inf")), "ensemble"),
+    (lambda ck: Segmenter_load(ck, ensemble=2.0), "ensemble"),
+    (lambda ck: Segmenter_load(ck, t=30.5), "t"),
+    (lambda ck: Segmenter_load(ck, seed=1.5), "seed"),
+    (lambda ck: Segmenter_load(ck, batch_size=float("inf")), "batch_size"),
+    (lambda ck: Segmenter_load(ck, max_pixels=True), "max_pixels"),
+    (lambda ck: api_generate(ck, n=2.5), "n"),
+    (lambda ck: api_generate(ck, steps=2.5), "steps"),
+    (lambda ck: api_generate(ck, batch_size=float("inf")), "batch_size"),
+    (lambda ck: api_generate(ck, seed=1.5), "seed"),
+    (lambda ck: api_generate(ck, seed=float("nan")), "seed"),
+])
+def test_the_python_api_checks_the_type_of_every_number(checkpoint, call, name):
+    """A count, size or seed of the wrong type (a float, NaN, inf, a bool) is a UserError naming it, as
+    docs/safety.md promises, never a TypeError or RuntimeError from deeper down."""
+    with pytest.raises(UserError, match=f"^{name} must be a whole number, got "):
+        call(checkpoint)
+
+
+def Segmenter_load(checkpoint, **settings):
+    from fdm_infer import Segmenter
+
+    return Segmenter.load(checkpoint, device="cpu", **settings)(np.zeros((20, 20, 3), np.uint8))
+
+
+def api_generate(checkpoint, **settings):
+    from fdm_infer import generate
+
+    return generate(checkpoint, **{"n": 1, "steps": 2, "device": "cpu", **settings})
+
+
 # ----- run locks in containers -----
 
 def test_a_lock_left_by_an_earlier_process_of_the_same_pid_is_stale(data, tmp_path, capsys, monkeypatch):
@@ -684,7 +919,7 @@ def test_a_lock_left_by_an_earlier_process_of_the_same_pid_is_stale(data, tmp_pa
 
 
 def test_a_lock_whose_pid_now_names_another_process_is_stale(data, tmp_path, capsys, monkeypatch):
-    from fdm_train.run_folder import _boot_id, _process_start
+    from fdm_core.lock import _boot_id, _process_start
 
     out = tmp_path / "run"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -765,12 +1000,45 @@ def test_the_sample_grid_shows_a_bounded_number_of_samples(tmp_path):
     assert Image.open(tmp_path / "grid.png").height == rows * (64 + 2) + 2
 
 
+def test_training_refuses_a_batch_larger_than_the_memory(data, tmp_path, capsys, monkeypatch):
+    """The same estimate for a training step's forward and backward pass: with 256 MiB, a batch of 3000 is
+    refused before the data or the model, naming a --micro-batch that fits; the micro-batch it names trains.
+    The estimate is checked against a measured step: peak resident memory over 32 images of tiny-32."""
+    import fdm_core.util
+    from fdm_core.config import memory_per_sample
+
+    monkeypatch.setattr(fdm_core.util, "device_memory", lambda device: 2**28)
+    out = tmp_path / "run"
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--batch-size", 3000))
+    assert_one_line_error(r, "a batch of 3000 training images needs about", "--micro-batch", code=1)
+    most = int(r.err.split("--micro-batch ")[1].split()[0])
+    assert 1 <= most < 3000 and not out.exists()
+    r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--batch-size", 8, "--micro-batch",
+                                                               min(most, 4)))
+    assert r.code == 0, r.err
+
+    script = (
+        "import resource, torch\n"
+        "from fdm_core.config import preset, memory_per_sample\n"
+        "from fdm_core.model import build_model\n"
+        "from fdm_core.diffusion import GaussianDiffusion\n"
+        "cfg = preset('tiny-32'); model = build_model(cfg); x = torch.randn(32, 3, 32, 32)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "GaussianDiffusion().loss(model, x, torch.randint(0, 1000, (32,)), torch.randn_like(x), None)[0].backward()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / 32)\n")
+    measured = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
+    from fdm_core.config import preset
+
+    assert measured < memory_per_sample(preset("tiny-32"), training=True) < 3 * measured
+
+
 def test_generate_refuses_a_batch_larger_than_the_memory(checkpoint, tmp_path, capsys, monkeypatch):
     """The batch's memory estimate against the device's: with 1 GiB, a tiny model's batch of 256 is refused
     before sampling, naming a batch that fits; a batch of 8 runs."""
-    from fdm_infer import sampling as generation
+    import fdm_core.util
 
-    monkeypatch.setattr(generation, "device_memory", lambda device: 2**30)
+    monkeypatch.setattr(fdm_core.util, "device_memory", lambda device: 2**30)
     r = run_infer(capsys, monkeypatch, "generate", "--model", checkpoint, "-n", 256, "--batch-size", 256,
                   "--steps", 2, "-o", tmp_path / "g")
     assert_one_line_error(r, "a batch of 256 samples needs about", "--batch-size", code=1)
@@ -784,3 +1052,196 @@ def test_generate_refuses_a_batch_larger_than_the_memory(checkpoint, tmp_path, c
 
     with pytest.raises(UserError, match="use batch_size"):
         generate(checkpoint, 256, steps=2, batch_size=256)
+
+
+# ----- FID statistics files and options -----
+
+def npy_bytes(array: np.ndarray, shape=None) -> bytes:
+    """An .npy file of `array`, its header claiming `shape` where given."""
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    data = buffer.getvalue()
+    if shape is None:
+        return data
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": shape}
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, header)
+    return b"\x93NUMPY\x01\x00" + head.getvalue()[8:] + array.tobytes()
+
+
+def stats_file(path: Path, members: dict, deflate: bool = False) -> Path:
+    """A .npz written member by member: each value an array, or (array, claimed shape), or raw bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as z:
+        for name, value in members.items():
+            data = value if isinstance(value, bytes) else npy_bytes(*value) if isinstance(value, tuple) \
+                else npy_bytes(value)
+            z.writestr(f"{name}.npy", data)
+    return path
+
+
+def good_stats() -> dict:
+    return {"mu": np.zeros(2048), "sigma": np.eye(2048, dtype=np.float32), "n": np.array(10)}
+
+
+def bad_stats(kind: str, tmp: Path) -> Path:
+    path = tmp / f"{kind}.npz"
+    g = good_stats()
+    if kind == "huge sigma":  # deflated: a 64 MB stream of zeros claiming 16000 x 16000 (2 GB)
+        import zipfile
+
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("mu.npy", npy_bytes(g["mu"]))
+            with z.open("sigma.npy", "w") as f:
+                f.write(npy_bytes(np.zeros(0), shape=(16000, 16000)))
+                chunk = bytes(1 << 20)
+                for _ in range(64):
+                    f.write(chunk)
+        return path
+    if kind == "nan sigma":
+        g["sigma"] = g["sigma"].copy()
+        g["sigma"][3, 5] = np.nan
+    elif kind == "inf mu":
+        g["mu"] = g["mu"].copy()
+        g["mu"][0] = np.inf
+    elif kind == "object mu":
+        g["mu"] = np.array([object()] * 2048, dtype=object)
+    elif kind == "string n":
+        g["n"] = np.array("ten")
+    elif kind == "vector n":
+        g["n"] = np.arange(3)
+    elif kind == "short sigma":  # the header claims more than the file holds
+        g["sigma"] = (np.zeros(100, np.float32), (2048, 2048))
+    elif kind == "small dimension":
+        g = {"mu": np.zeros(64), "sigma": np.eye(64)}
+    elif kind == "pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps({"mu": np.zeros(2048)}))
+        return path
+    return stats_file(path, g)
+
+
+STATS_CASES = ["huge sigma", "nan sigma", "inf mu", "object mu", "string n", "vector n", "short sigma",
+               "small dimension", "pickle"]
+
+
+@pytest.mark.parametrize("kind", STATS_CASES)
+def test_a_bad_statistics_file_is_one_line_and_read_no_further_than_its_headers(kind, tmp_path, capsys,
+                                                                               monkeypatch):
+    """fid --reference STATS.npz: every way a statistics file can be wrong (shapes, types, NaN or inf, a
+    pickle, a header that lies) is one line naming the file, before any image is scored, and a file cannot
+    make the command read more than one matrix of the right shape."""
+    import tracemalloc
+
+    import fdm_infer.eval.fid as fid_module
+
+    bad = bad_stats(kind, tmp_path)
+    generated = tmp_path / "gen"
+    write_images(generated, 2, size=20)
+    monkeypatch.setattr(fid_module, "load_inception", lambda *a, **k: pytest.fail("scored images first"))
+    tracemalloc.start()
+    try:
+        r = run_infer(capsys, monkeypatch, "fid", "--generated", generated, "--reference", bad, "--device", "cpu",
+                      "-q")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_one_line_error(r, str(bad), code=1)
+    assert peak < 100 << 20, peak  # sigma itself is 16 MB here (32 MB as float64); the lie is 2 GB
+
+
+def test_good_statistics_load_and_round_trip(tmp_path):
+    from fdm_infer.eval.fid import Statistics, load_statistics, save_statistics
+
+    path = stats_file(tmp_path / "good.npz", good_stats())
+    stats = load_statistics(path)
+    assert stats.n == 10 and stats.sigma.dtype == np.float64 and np.array_equal(stats.sigma, np.eye(2048))
+    save_statistics(tmp_path / "again.npz", Statistics(stats.mu + 1, stats.sigma, 7))
+    again = load_statistics(tmp_path / "again.npz")
+    assert again.n == 7 and np.array_equal(again.mu, stats.mu + 1)
+
+
+def test_frechet_distance_refuses_non_finite_statistics_at_once():
+    from fdm_infer.eval.fid import frechet_distance
+
+    s = np.eye(4)
+    nan = s.copy()
+    nan[1, 2] = np.nan
+    for args in ((np.zeros(4), nan, np.zeros(4), s), (np.full(4, np.inf), s, np.zeros(4), s)):
+        with pytest.raises(UserError, match="not finite"):
+            frechet_distance(*args)
+
+
+def test_the_matrix_square_root_leaves_the_command_interruptible(tmp_path):
+    """A SIGTERM while the square root runs (here a native call that never returns, as LAPACK's did on a
+    NaN) stops fid at once with its one line and status 143."""
+    import signal
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import ctypes, signal, numpy as np, scipy.linalg, fdm_infer.eval.fid as fid\n"
+        "from fdm_core.errors import run_cli\n"
+        "import click\n"
+        "def stuck(*args, **kwargs):\n"
+        "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"  # a native loop that never looks
+        "    while True:\n"
+        "        ctypes.CDLL(None).sleep(1000)\n"
+        "scipy.linalg.sqrtm = stuck\n"
+        "@click.group()\n"
+        "def group(): pass\n"
+        "@group.command()\n"
+        "def go():\n"
+        "    print('started', flush=True)\n"
+        "    fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))\n"
+        "run_cli(group, 'fid-test')\n")
+    proc = subprocess.Popen([sys.executable, str(script), "go"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("fid did not stop on SIGTERM")
+    assert proc.returncode == 143 and "terminated" in err, err
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "20000", "7"])
+def test_fid_bounds_the_reference_size(size, tmp_path, capsys, monkeypatch):
+    import fdm_infer.eval.fid as fid_module
+
+    write_images(tmp_path / "gen", 2, size=20)
+    monkeypatch.setattr(fid_module, "load_inception", lambda *a, **k: pytest.fail("scored images first"))
+    r = run_infer(capsys, monkeypatch, "fid", "--generated", tmp_path / "gen", "--reference", tmp_path / "gen",
+                  "--reference-size", size, "--device", "cpu", "-q")
+    assert_one_line_error(r, "--reference-size", "between 8 and 2048")
+
+
+def test_fid_and_evaluate_check_their_output_before_the_work(checkpoint, tmp_path, capsys, monkeypatch):
+    import fdm_infer.eval.evaluate as evaluate_module
+    import fdm_infer.eval.fid as fid_module
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    images = write_images(tmp_path / "images", 2, size=20)
+    (tmp_path / "masks").mkdir()
+    for image in images:
+        Image.fromarray(np.zeros((20, 27), np.uint8)).save(tmp_path / "masks" / f"{image.stem}.png")
+    monkeypatch.setattr(fid_module, "load_inception", lambda *a, **k: pytest.fail("scored images first"))
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("segmented images first"))
+    r = run_infer(capsys, monkeypatch, "fid", "--generated", tmp_path / "images", "--reference", tmp_path / "images",
+                  "-o", blocker / "f.json", "--device", "cpu", "-q")
+    assert_one_line_error(r, f"cannot write {blocker / 'f.json'}", code=1)
+    r = run_infer(capsys, monkeypatch, "fid", "--generated", tmp_path / "images", "--reference", tmp_path / "images",
+                  "--save-reference-stats", blocker / "s.npz", "--device", "cpu", "-q")
+    assert_one_line_error(r, f"cannot write {blocker / 's.npz'}", code=1)
+    r = run_infer(capsys, monkeypatch, "evaluate", "--checkpoint", checkpoint, tmp_path / "images", "--masks",
+                  tmp_path / "masks", "-o", blocker / "r.json", "-q")
+    assert_one_line_error(r, f"cannot write {blocker / 'r.json'}", code=1)

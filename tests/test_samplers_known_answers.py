@@ -323,3 +323,42 @@ def test_the_v_loss_target_is_diffusers_velocity():
         assert loss.item() < 1e-10
         wrong, _ = GaussianDiffusion(prediction=prediction).loss(lambda x, tt, y: (target + 0.1, None), x0, t, noise)
         assert wrong.item() == pytest.approx(0.01, rel=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+@pytest.mark.parametrize("steps, visited", [(1, [999]), (2, [999, 0]), (3, [999, 500, 0])])
+def test_few_steps_start_from_noise_and_give_the_known_answer(sampler, steps, visited):
+    """Any number of steps starts at t = T-1 (pure noise) and ends at 0. With one step from T-1 the optimal
+    denoiser of N(mu, s^2) data returns about mu everywhere (E[x0 | x_T]: the data's mean); a step from t = 0
+    would return its noise unchanged (std 1). At 1, 2 and 3 steps the samples have the statistics written out
+    in `exact_gaussian_answer` for the timesteps given here."""
+    timesteps = DIFFUSION.timesteps(steps, sampler)
+    assert timesteps[0] == 999 and timesteps[-1] == 0 or steps == 1
+    if sampler != "dpm++":  # dpm++ spaces its steps in lambda, not evenly in t
+        assert timesteps == visited
+    mu, s = 0.3, 0.2
+    result, _ = generate(AnalyticEngine(gaussian_eps(mu, s)), N, steps=steps, sampler=sampler, clip="none", seed=1,
+                         batch_size=N)
+    x = result.images.double()
+    if steps == 1:
+        assert timesteps == [999]
+        assert abs(x.mean().item() - mu) < 0.01 and x.std().item() < 0.05, (x.mean(), x.std())
+    if sampler != "dpm++":
+        # few DDPM steps add noise of variance near 1 (beta of the step from T-1), so the returned images,
+        # clamped to the data range [-1, 1], are a clamped Gaussian: its moments by numerical integration
+        want_mean, want_std = clamped_moments(*exact_gaussian_answer(mu, s, sampler, visited))
+        mean_tol, std_tol = tolerance(want_std)
+        assert abs(x.mean().item() - want_mean) < mean_tol, (x.mean(), want_mean)
+        assert abs(x.std().item() - want_std) < std_tol, (x.std(), want_std)
+
+
+def clamped_moments(mean: float, std: float) -> tuple[float, float]:
+    """Mean and std of clamp(X, -1, 1) for X ~ N(mean, std^2), integrated on a fine grid in float64."""
+    import numpy as np
+
+    x = np.linspace(mean - 12 * std, mean + 12 * std, 400_001)
+    p = np.exp(-0.5 * ((x - mean) / std) ** 2)
+    p /= p.sum()
+    y = np.clip(x, -1, 1)
+    m = float((y * p).sum())
+    return m, float(np.sqrt(((y - m) ** 2 * p).sum()))

@@ -40,9 +40,12 @@ from fdm_infer.api import Segmenter, generate
 from fdm_infer.eval.evaluate import evaluate, load_eval_set, summary_figures
 from fdm_infer.eval.fid import (
     ImageSource,
+    Statistics,
     frechet_distance,
     inception_features,
     load_inception,
+    load_statistics,
+    save_statistics,
     source_statistics,
     statistics,
 )
@@ -76,9 +79,9 @@ class Reference:
                 raise SystemExit(f"{cache}: make it with `fdm-train prepare-data {LFW / 'train'} -o {cache} --image-size 32`")
             mu, sigma, n = source_statistics(ImageSource.open(cache), REFERENCE_N, seed=0, size=None, model=self.model,
                                              batch_size=50, device="cpu")
-            np.savez(stats, mu=mu, sigma=sigma, n=n)
-        with np.load(stats) as z:
-            self.mu, self.sigma = z["mu"], z["sigma"]
+            save_statistics(stats, Statistics(mu, sigma, n))
+        reference = load_statistics(stats)
+        self.mu, self.sigma = reference.mu, reference.sigma
 
     def fid(self, images_nchw: np.ndarray) -> float:
         mu, sigma = statistics(inception_features(self.model, torch.from_numpy(images_nchw)))

@@ -169,6 +169,9 @@ class OnnxEngine(Engine):
             raise UserError(f"{path}: graph inputs {self.input_names} / outputs {outputs} do not match its "
                             f"metadata (expected {expected} -> {OUTPUT_NAMES})")
         self._check_graph_shapes(path)
+        # A file exported with a fixed batch (its x_t's first dimension a number) runs in batches of that size.
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
 
     def _check_graph_shapes(self, path: Path) -> None:
         """The graph's x_t, eps and masks have the sizes the metadata's config gives (the batch aside)."""
@@ -194,6 +197,21 @@ class OnnxEngine(Engine):
 
     def denoise(self, x_t, t, y=None):
         self._check(x_t, y)
+        n, b = self.fixed_batch, x_t.shape[0]
+        if n is None or b == n:
+            return self._denoise(x_t, t, y)
+        # A fixed-batch graph: runs of n images, the last filled up with copies of its last image.
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(-1)
+        eps, masks = [], []
+        for first in range(0, b, n):
+            rows = torch.arange(first, first + n).clamp_(max=b - 1)
+            e, m = self._denoise(x_t[rows], t[rows], None if y is None else y.reshape(-1)[rows])
+            keep = min(n, b - first)
+            eps.append(e[:keep])
+            masks.append(m[:keep])
+        return torch.cat(eps), torch.cat(masks)
+
+    def _denoise(self, x_t, t, y):
         if self.device.type == "cuda":
             return self._denoise_cuda(x_t, t, y)
         feeds = {"x_t": x_t.detach().to("cpu", torch.float32).contiguous().numpy(),

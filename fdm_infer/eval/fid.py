@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_core.errors import UserError
+from fdm_core.config import BOUNDS
+from fdm_core.errors import UserError, check_int
 from fdm_core.images import find_images, fit_square, load_rgb
 from fdm_core.util import atomic_file, one_line, pick_device
 from fdm_infer.images import OUTPUT_SUFFIXES
@@ -123,27 +126,114 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> tuple[float, dict]:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), as pytorch-fid computes it. Returns (fid, notes)."""
-    from scipy import linalg
-
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), as pytorch-fid computes it. Returns (fid, notes).
+    Statistics that differ in dimension or hold a number that is not finite are a UserError (a NaN can keep
+    the matrix square root from ever returning); the square root runs beside the main thread, so a Ctrl-C
+    or SIGTERM stops the command at once."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise UserError("the two sides' statistics differ in dimension")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise UserError("FID statistics hold a number that is not finite (NaN or infinite)")
     diff = mu1 - mu2
     notes: dict = {"eps_added": False, "max_imaginary": 0.0}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns about singular products at small N
-        covmean = linalg.sqrtm(sigma1.dot(sigma2))
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-            notes["eps_added"] = True
+    covmean = interruptible(_sqrtm, sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = interruptible(_sqrtm, (sigma1 + offset).dot(sigma2 + offset))
+        notes["eps_added"] = True
     if np.iscomplexobj(covmean):
         notes["max_imaginary"] = float(np.max(np.abs(covmean.imag)))
         covmean = covmean.real
     value = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
     return value, notes
+
+
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    from scipy import linalg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns about singular products at small N
+        return linalg.sqrtm(matrix)
+
+
+def interruptible(fn, *args):
+    """fn(*args) in a worker thread while the main thread waits in short steps: a signal (Ctrl-C, SIGTERM)
+    is handled at once even while fn is inside a long native call, which would hold the main thread."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001  (raised again in the caller's thread)
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# ----- statistics files -----
+
+@dataclass
+class Statistics:
+    mu: np.ndarray  # float64 [FEATURE_DIM]
+    sigma: np.ndarray  # float64 [FEATURE_DIM, FEATURE_DIM]
+    n: int  # the images they were computed from; -1 where the file does not say
+
+
+def load_statistics(path: str | Path) -> Statistics:
+    """The one reader of FID statistics (.npz with mu [2048], sigma [2048, 2048] and optionally n, as
+    --save-reference-stats writes them). Every array's header is checked (a float type, the feature
+    dimension) before its data is read, so a file cannot make it read more than one 2048 x 2048 matrix;
+    nothing is unpickled; mu and sigma must be finite and n a whole number of at least 2. Anything else is
+    a one-line UserError naming the file."""
+    path = Path(path)
+    want = {"mu": (FEATURE_DIM,), "sigma": (FEATURE_DIM, FEATURE_DIM), "n": ()}
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {name.removesuffix(".npy"): name for name in z.namelist()}
+            if not {"mu", "sigma"} <= set(members):
+                raise UserError(f"{path}: FID statistics need arrays mu and sigma")
+            for key, shape in want.items():
+                if key not in members:
+                    continue
+                with z.open(members[key]) as f:
+                    version = np.lib.format.read_magic(f)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)(f)
+                    if header[0] != shape:
+                        raise UserError(f"{path}: {key} must have shape {list(shape)} (FID features are "
+                                        f"{FEATURE_DIM}-d), got {list(header[0])}")
+                    kinds = "iu" if key == "n" else "f"
+                    if header[2].kind not in kinds or header[2].hasobject:
+                        raise UserError(f"{path}: {key} must be {'an integer' if key == 'n' else 'floating point'}, "
+                                        f"got {header[2]}")
+                with z.open(members[key]) as f:
+                    arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise UserError(f"{path}: not a file of FID statistics ({one_line(exc)})") from None
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: mu and sigma must be finite; the file holds NaN or infinite values")
+    n = int(arrays["n"]) if "n" in arrays else -1
+    if "n" in arrays and n < 2:
+        raise UserError(f"{path}: n must be at least 2 (the images the statistics are of), got {n}")
+    return Statistics(mu, sigma, n)
+
+
+def save_statistics(path: str | Path, stats: Statistics) -> None:
+    """The file `load_statistics` reads, written atomically."""
+    with atomic_file(path) as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=stats.n)
 
 
 # ----- image sources -----
@@ -165,6 +255,7 @@ class ImageSource:
     path: Path
     kind: str  # "folder", "array" or "stats"
     count: int
+    stats: Statistics | None = None  # kind "stats": the file's statistics (load_statistics)
 
     @classmethod
     def open(cls, path: str | Path) -> ImageSource:
@@ -177,11 +268,8 @@ class ImageSource:
                 raise UserError(f"{path}: expected uint8 images [N, 3, H, W], got {arr.dtype} {arr.shape}")
             return cls(path, "array", arr.shape[0])
         if path.suffix == ".npz" and path.is_file():
-            with np.load(path) as z:
-                if not {"mu", "sigma"} <= set(z.files):
-                    raise UserError(f"{path}: FID statistics need arrays mu and sigma")
-                n = int(z["n"]) if "n" in z.files else -1
-            return cls(path, "stats", n)
+            stats = load_statistics(path)
+            return cls(path, "stats", stats.n, stats)
         raise UserError(f"{path}: not a folder of images, a uint8 .npy array or a .npz of FID statistics")
 
     def files(self) -> list[Path]:
@@ -236,8 +324,7 @@ class ImageSource:
 def source_statistics(source: ImageSource, n: int | None, *, seed: int | None, size: int | None, model,
                       batch_size: int, device, progress=None) -> tuple[np.ndarray, np.ndarray, int]:
     if source.kind == "stats":
-        with np.load(source.path) as z:
-            return z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else -1
+        return source.stats.mu, source.stats.sigma, source.stats.n
     indices = source.select(n, seed)
     if len(indices) < 2:
         raise UserError(f"{source.path}: FID needs at least 2 images, found {len(indices)}")
@@ -257,6 +344,8 @@ def compute_fid(generated: str | Path, reference: str | Path, *, n: int | None =
     random `reference_n`, default: as many as generated). `reference_size` "auto": reference images
     are brought to the generated images' square size as training does (shorter side, center crop) before
     the 299 resize; an int: that size; None: as they are."""
+    if reference_size not in ("auto", None):
+        check_int("reference_size", reference_size, *BOUNDS["image_size"])
     dev = pick_device(device)
     gen = ImageSource.open(generated)
     ref = ImageSource.open(reference)
@@ -268,7 +357,7 @@ def compute_fid(generated: str | Path, reference: str | Path, *, n: int | None =
     if reference_size == "auto":
         size = gen.image_size(gen_idx) if ref.kind != "stats" else None
     elif reference_size is not None:
-        size = int(reference_size)
+        size = reference_size
     start = time.perf_counter()
     model = load_inception(dev)
     mu_g, sigma_g, n_g = source_statistics(gen, n, seed=None, size=None, model=model, batch_size=batch_size,
@@ -276,13 +365,12 @@ def compute_fid(generated: str | Path, reference: str | Path, *, n: int | None =
     mu_r, sigma_r, n_r = source_statistics(ref, ref_n or None, seed=seed, size=size, model=model,
                                            batch_size=batch_size, device=dev, progress=progress)
     if save_reference_stats:
-        with atomic_file(save_reference_stats) as f:
-            np.savez(f, mu=mu_r, sigma=sigma_r, n=n_r)
+        save_statistics(save_reference_stats, Statistics(mu_r, sigma_r, n_r))
     value, notes = frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
     return {"fid": value, "n_generated": n_g, "n_reference": n_r, "generated": str(generated),
             "reference": str(reference), "reference_size": size, "seed": seed, "network": str(inception_path()),
             "seconds": round(time.perf_counter() - start, 1), **notes}
 
 
-__all__ = ["ImageSource", "compute_fid", "frechet_distance", "inception_features", "inception_path",
-           "load_inception", "preprocess", "statistics"]
+__all__ = ["ImageSource", "Statistics", "compute_fid", "frechet_distance", "inception_features", "inception_path",
+           "load_inception", "load_statistics", "preprocess", "save_statistics", "statistics"]
