@@ -29,7 +29,13 @@ class UserError(Exception):
 
 
 # Parameters whose option is not --name-with-dashes in the command that reports them.
-OPTION_SPELLINGS = {"classes": "--class", "class_label": "--class", "n": "-n", "model": "--model"}
+OPTION_SPELLINGS = {"classes": "--class", "class_label": "--class", "n": "-n", "model": "--model",
+                    "t_power": "--timestep-power", "progress": "--quiet"}
+
+
+def option_spelling(name: str) -> str:
+    """The command-line option of the parameter `name` where no command is at hand to ask."""
+    return OPTION_SPELLINGS.get(name) or "--" + name.replace("_", "-")
 
 
 def in_option_words(exc: UserError, params: list[click.Parameter]) -> UserError:
@@ -40,8 +46,7 @@ def in_option_words(exc: UserError, params: list[click.Parameter]) -> UserError:
             spelled[p.name] = next((o for o in p.opts if o.startswith("--")), p.opts[0])
         elif isinstance(p, click.Argument):
             spelled[p.name] = p.human_readable_name
-    exc.args = (exc.spelled(lambda name: spelled.get(name) or OPTION_SPELLINGS.get(name)
-                            or "--" + name.replace("_", "-")),)
+    exc.args = (exc.spelled(lambda name: spelled.get(name) or option_spelling(name)),)
     return exc
 
 

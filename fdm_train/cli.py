@@ -72,8 +72,9 @@ def main_group():
 
 
 @main_group.command()
-@click.option("--data", required=True, type=click.Path(),
-              help="Folder of training images (searched recursively), or a .npy cache from `prepare-data`.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Folder of training images (searched recursively), or a .npy cache from `prepare-data` "
+                   "[default: a resumed run's own; a new run needs it].")
 @limit_option("images of --data")
 @click.option("-o", "--out", default=TRAIN["out"], show_default=True, type=click.Path(file_okay=False),
               help="Run folder (created): checkpoint.safetensors, train_state.pt, log.jsonl, samples/.")
@@ -107,7 +108,12 @@ def main_group():
                    "afresh), e.g. one written by `split-region` [default: none, random weights].")
 @click.option("--resume", type=click.Choice(["yes", "auto", "no"]), is_flag=False, flag_value="yes", default="no",
               help="`--resume`: continue the run in --out (its config wins over model flags); `--resume auto`: "
-                   "continue from its last complete checkpoint if there is one, else start fresh.")
+                   "continue from its last complete checkpoint if there is one, else start fresh. A resumed run "
+                   "keeps every option it was started with (--data and --limit included) but those given anew, "
+                   "and says which those are.")
+@click.option("--allow-changes", is_flag=True,
+              help="Let a resumed run change options that make it differ from a run never stopped (--batch-size, "
+                   "--lr, --data, --seed, ...); without it such a change is refused.")
 @overwrite_option("Start a new run in an --out that holds an earlier run: the earlier run is deleted once the "
                   "new run's first checkpoint is written.")
 @click.option("--workers", type=int, default=TRAIN["workers"],
@@ -165,9 +171,22 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
                                         compile=compile_, progress=not quiet, prediction=prediction,
-                                        padding=padding, **kwargs))
+                                        padding=padding, given=given_options(click.get_current_context()),
+                                        **kwargs))
     if summary["rank"] == 0 and not summary.get("finished_before"):
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
+
+
+# Parameters of `train` whose TrainOptions field has another name.
+FIELD_OF_PARAMETER = {"compile_": "compile", "quiet": "progress"}
+
+
+def given_options(ctx: click.Context) -> tuple[str, ...]:
+    """The TrainOptions fields the command line set (not left at their defaults)."""
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    given = (FIELD_OF_PARAMETER.get(p, p) for p in ctx.params
+             if ctx.get_parameter_source(p) not in (click.core.ParameterSource.DEFAULT, None))
+    return tuple(name for name in given if name in names)
 
 
 @main_group.command("prepare-data")

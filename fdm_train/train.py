@@ -44,7 +44,7 @@ from fdm_core.checkpoint import (
 )
 from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig
 from fdm_core.diffusion import GaussianDiffusion
-from fdm_core.errors import UserError, raise_terminated
+from fdm_core.errors import UserError, option_spelling, raise_terminated
 from fdm_core.images import to_float
 from fdm_core.model import build_model, count_flops, count_parameters
 from fdm_core.util import (
@@ -74,7 +74,7 @@ from fdm_train.distributed import (
     setup_distributed,
     step_draws,
 )
-from fdm_train.options import TrainingError, TrainOptions, check_options, resume_mode
+from fdm_train.options import TrainingError, TrainOptions, check_options, resume_mode, resumed_options
 from fdm_train.run_folder import (
     CHECKPOINT,
     LOG,
@@ -168,14 +168,19 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
     mode = resume_mode(opts.resume)
     check_options(opts)
     check_not_input([Path(opts.out) / name for name in (*PAIR_FILES, LOG)], [opts.init, opts.data])
-    n_micro = _micro_batches(opts, ctx.world)
+    if not mode:
+        _micro_batches(opts, ctx.world)  # a fresh run's options are all known: refused before the folder is touched
     with _folder_lock(out, ctx):
-        return _train_in_folder(opts, out, ctx, device, mode, n_micro)
+        return _train_in_folder(opts, out, ctx, device, mode)
 
 
-def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device, mode: bool | str,
-                     n_micro: int) -> dict:
+def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device, mode: bool | str) -> dict:
     start = _resolve_start(opts, out, ctx, mode)
+    if start.state is not None:
+        opts = _resumed(opts, start, out, ctx)
+    elif opts.data is None:
+        raise TrainingError("`data` is needed to start a run (a resumed run takes its own)", ("data",))
+    n_micro = _micro_batches(opts, ctx.world)
     opts = replace(opts, iterations=_target(opts, start))
     if start.step >= opts.iterations:
         if ctx.main:
@@ -195,7 +200,8 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
         run = _Run(opts=opts, cfg=cfg, ctx=ctx, device=device, folder=folder, model=model, ema=ema,
                    optimizer=optimizer, train_model=train_model, ddp=ddp, step=start.step,
                    data_seed=start.data_seed, order=EpochOrder(len(dataset), start.data_seed, *start.position),
-                   rank_start=rank_start, micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
+                   rank_start=rank_start, images_seen=start.images_seen,
+                   micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
         last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
     if bad.seen and ctx.main:
         _echo(f"skipped {len(bad.seen)} unreadable image(s) of {len(dataset)}")
@@ -252,6 +258,7 @@ class _Start:
     position: tuple[int, int] = (0, 0)  # (epoch, offset) in the data order
     replaces: bool = False  # a fresh start over an earlier run's files (known on rank 0)
     init: dict | None = None  # a fresh start's initial weights (from --init); dropped once loaded
+    images_seen: int = 0  # training images taken before this start
 
 
 def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool | str) -> _Start:
@@ -286,7 +293,21 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
     if int(meta["step"]) != state["step"]:  # a pair is matched on step and save id; belt and braces
         raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
                               f"(step {state['step']}) disagree")
-    return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]))
+    # a training state written before images_seen was stored: every step took the run's batch
+    seen = state.get("images_seen", state["step"] * int(state.get("options", {}).get("batch_size") or 0))
+    return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]),
+                  images_seen=seen)
+
+
+def _resumed(opts: TrainOptions, start: _Start, out: Path, ctx: Distributed) -> TrainOptions:
+    """A resumed run's options: its own, but for those the user set (`resumed_options`); rank 0 says which
+    of them change."""
+    opts, changed = resumed_options(opts, start.state.get("options", {}))
+    check_options(opts)
+    if ctx.main and changed:
+        listed = ", ".join(f"{option_spelling(name)} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        _echo(f"resuming {out} with the run's own options but for: {listed}")
+    return opts
 
 
 def _announce(opts: TrainOptions, cfg: ModelConfig, device: torch.device, step: int) -> None:
@@ -451,6 +472,7 @@ class _Run:
     data_seed: int
     order: EpochOrder  # mirrors the loader: the data position a checkpoint stores
     rank_start: int  # the first row of this rank's share of the global batch
+    images_seen: int  # training images the run has taken, over all its steps and batch sizes
     micro_sizes: list[int]  # this rank's micro-batches
     diffusion: GaussianDiffusion = field(init=False)
     noise_gen: torch.Generator = field(init=False)
@@ -526,6 +548,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
             y_all = y_all.to(run.device, non_blocking=True) if run.cfg.num_classes else None
             last_loss, masks = _train_step(run, x_all, y_all)
             window.images += opts.batch_size
+            run.images_seen += opts.batch_size
             bar.update(1)
             final = run.step == opts.iterations
             if run.step % opts.log_every == 0 or final:
@@ -615,12 +638,12 @@ def _save(run: _Run) -> None:
     with run.folder.new_pair() as save_id:
         save_training_state(out / TRAINING_STATE, {
             "step": run.step, "save_id": save_id, "seed": run.order.seed, "data_position": run.order.position,
-            "optimizer": run.optimizer.state_dict(), "world_size": run.ctx.world,
+            "optimizer": run.optimizer.state_dict(), "world_size": run.ctx.world, "images_seen": run.images_seen,
             "options": {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
-                        for k, v in asdict(opts).items() if k != "model"},  # plain values: loaded weights_only
+                        for k, v in asdict(opts).items() if k not in ("model", "given")},  # plain values: loaded weights_only
         })
         save_checkpoint(out / CHECKPOINT, run.cfg, run.ema.state_dict(), run.model.state_dict(), run.step,
-                        extra={"data": str(opts.data), "images_seen": run.step * opts.batch_size,
+                        extra={"data": str(opts.data), "images_seen": run.images_seen,
                                "save_id": save_id})
 
 
