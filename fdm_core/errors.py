@@ -111,10 +111,11 @@ def _stop(prog: str, interrupt: KeyboardInterrupt):
     # shut down on the way out.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    said = f" {interrupt}" if str(interrupt) else ""  # e.g. where a training stopped and saved
     if isinstance(interrupt, Terminated):
-        click.echo(f"{prog}: terminated", err=True)
+        click.echo(f"{prog}: terminated{said}", err=True)
         sys.exit(128 + signal.SIGTERM)
-    click.echo(f"{prog}: interrupted", err=True)
+    click.echo(f"{prog}: interrupted{said}", err=True)
     sys.exit(130)
 
 

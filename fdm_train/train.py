@@ -44,7 +44,7 @@ from fdm_core.checkpoint import (
 )
 from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig
 from fdm_core.diffusion import GaussianDiffusion
-from fdm_core.errors import UserError, option_spelling, raise_terminated
+from fdm_core.errors import Terminated, UserError, option_spelling, raise_terminated
 from fdm_core.images import to_float
 from fdm_core.model import build_model, count_flops, count_parameters
 from fdm_core.util import (
@@ -201,6 +201,7 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
                    optimizer=optimizer, train_model=train_model, ddp=ddp, step=start.step,
                    data_seed=start.data_seed, order=EpochOrder(len(dataset), start.data_seed, *start.position),
                    rank_start=rank_start, images_seen=start.images_seen,
+                   last_saved=start.step if start.state is not None else None,
                    micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
         last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
     if bad.seen and ctx.main:
@@ -473,6 +474,7 @@ class _Run:
     order: EpochOrder  # mirrors the loader: the data position a checkpoint stores
     rank_start: int  # the first row of this rank's share of the global batch
     images_seen: int  # training images the run has taken, over all its steps and batch sizes
+    last_saved: int | None  # the step of the newest checkpoint pair in the folder (None: none yet)
     micro_sizes: list[int]  # this rank's micro-batches
     diffusion: GaussianDiffusion = field(init=False)
     noise_gen: torch.Generator = field(init=False)
@@ -530,8 +532,9 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
     bar = progress_bar(opts.iterations, "train", "step", enabled=opts.progress and ctx.main, initial=run.step)
     window = _Window()
     last_loss = float("nan")
+    stop = _StopRequest(enabled=not ctx.active)
     try:
-        while run.step < opts.iterations:
+        while run.step < opts.iterations and not stop.signal:
             wait_start = time.perf_counter()
             x_u8, y_all, new_bad = next(batches)
             window.wait += time.perf_counter() - wait_start
@@ -567,12 +570,56 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
                 window = _Window()
         if ctx.active:
             dist.barrier()  # the final checkpoint is on disk when train() returns on any rank
+    except Exception:
+        if not stop.signal:
+            raise
+        # raised by the same Ctrl-C, e.g. a data worker it stopped: the last step is complete all the same
     finally:
+        stop.restore()
         bar.close()
         if log is not None:
             log.close()
         del batches  # stops the loader's workers
+    if stop.signal:
+        _save_on_stop(run, stop.signal)
     return last_loss, bad
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM during the loop of a single-process run: the step under way is finished,
+    then the run saves its checkpoint pair and stops (`_save_on_stop`). A second signal stops at once."""
+
+    def __init__(self, enabled: bool):
+        self.signal = None
+        self.previous = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._request)
+
+    def _request(self, signum, frame):
+        if self.signal is not None:
+            self.restore()
+            raise_terminated(signum, frame) if signum == signal.SIGTERM else signal.default_int_handler(signum, frame)
+        self.signal = signum
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+def _save_on_stop(run: _Run, signum: int) -> None:
+    """After a stop request: the pair of the last complete step (unless the last save wrote it), then the
+    interruption itself, whose message says where the run goes on from."""
+    out = run.folder.path
+    if run.last_saved is not None and run.last_saved == run.step:
+        message = f"at step {run.step}, checkpoint in {out} (continue with --resume auto)"
+    elif run.step > 0:
+        _save(run)
+        message = f"at step {run.step}, saved {out / CHECKPOINT} (continue with --resume auto)"
+    else:
+        message = "before the first step: no checkpoint written"
+    raise Terminated(message) if signum == signal.SIGTERM else KeyboardInterrupt(message)
 
 
 def _train_step(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor | None) -> tuple[float, torch.Tensor]:
@@ -635,6 +682,7 @@ def _log_record(run: _Run, loss: float, window: _Window, bad: _BadFiles, masks: 
 def _save(run: _Run) -> None:
     """Writes the checkpoint pair of run.step; the folder keeps the previous pair until it is complete."""
     opts, out = run.opts, run.folder.path
+    run.last_saved = run.step
     with run.folder.new_pair() as save_id:
         save_training_state(out / TRAINING_STATE, {
             "step": run.step, "save_id": save_id, "seed": run.order.seed, "data_position": run.order.position,

@@ -75,3 +75,58 @@ def test_a_resume_keeps_every_option_says_what_changed_and_refuses_inexact_chang
     # A new run still needs its data.
     fresh = train_cli(capsys, monkeypatch, "--out", tmp_path / "new", *TINY)
     assert_one_line_error(fresh, "--data", prog="fdm-train")
+
+
+# ----- Ctrl-C keeps the work -----
+
+def logged_steps(run: Path) -> list[int]:
+    lines = (run / "log.jsonl").read_text().splitlines() if (run / "log.jsonl").exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def test_ctrl_c_in_training_saves_a_checkpoint_that_resumes_to_the_uninterrupted_weights(tmp_path, capsys,
+                                                                                         monkeypatch, one_thread):
+    data = tmp_path / "images"
+    write_images(data, 7)
+    steps = "60"
+    args = ["--data", data, "--batch-size", "2", "--save-every", "1000", "--seed", "3", *TINY]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    assert train_cli(capsys, monkeypatch, *args, "--out", whole, "--iterations", steps, "-q").code == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "fdm_train", *map(str, args), "--out", str(run),
+                             "--iterations", steps], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while max(logged_steps(run), default=0) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fdm-train: interrupted at step ") and "saved" in last and "--resume auto" in last, err
+    stopped = final_weights(run)[1]
+    assert 3 <= stopped < int(steps)
+
+    r = train_cli(capsys, monkeypatch, "--out", run, "--resume", "auto", "-q", "--threads", "1")
+    assert r.code == 0, r.err
+    assert_same_weights(run, whole, int(steps))
+    assert logged_steps(run) == list(range(1, int(steps) + 1))
+
+
+def test_ctrl_c_before_the_first_step_says_that_nothing_was_saved(tmp_path, monkeypatch):
+    import fdm_train.train as train_module
+    from fdm_train.options import TrainOptions
+
+    data = tmp_path / "images"
+    write_images(data, 2)
+
+    def interrupted_step(run, x, y):
+        os.kill(os.getpid(), signal.SIGINT)  # caught: the step goes on, and the run stops after it
+        raise RuntimeError("a step that never completes")
+
+    monkeypatch.setattr(train_module, "_train_step", interrupted_step)
+    opts = TrainOptions(data=str(data), out=str(tmp_path / "run"), batch_size=2, iterations=3, progress=False,
+                        workers=0, sample_every=0, model=None)
+    with pytest.raises(KeyboardInterrupt, match="before the first step: no checkpoint written"):
+        train_module.train(opts)
+    assert not (tmp_path / "run").exists()
