@@ -29,17 +29,26 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, NUM_TIMESTEPS, SAMPLERS, SampleResult
+from fdm_core.diffusion import (
+    CLIP_MODES,
+    DEFAULT_CLIP,
+    DEFAULT_SAMPLER,
+    NUM_TIMESTEPS,
+    SAMPLERS,
+    SampleResult,
+    sampler_steps,
+)
 from fdm_core.errors import SEED, UserError
 from fdm_core.images import MAX_PIXELS
-from fdm_core.util import DEFAULT_THREADS
+from fdm_core.util import DEFAULT_THREADS, progress_bar
 from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
 from fdm_infer.engines import open_model, placeholder_note
 from fdm_infer.engines.base import Engine
@@ -311,6 +320,7 @@ class Generation:
     classes: torch.Tensor | None  # the class of each sample (class-conditional models)
     seconds: float
     model: Path | None = None  # the model file, which no output may replace
+    settings: dict = field(default_factory=dict)  # sampler, steps, clip, seed, batch_size
 
     @property
     def images(self) -> np.ndarray:
@@ -348,25 +358,44 @@ class Generation:
 
 
 def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: str | None = None, device: str = "auto",
-             threads: int | None = DEFAULT_THREADS, steps: int = 1000, sampler: str = "ddpm",
-             clip: str = DEFAULT_CLIP, seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory: bool = False,
-             progress: Callable[[int], None] | None = None, notify: Callable[[str], None] | None = None) -> Generation:
-    """n samples with their masks from a model file (as `Segmenter.load` opens it; None: the bundled
-    default): DDPM ancestral sampling with `steps` steps, or DDIM (`sampler="ddim"`); every step bounds its
-    predicted image to [-1, 1] (`clip`: "dynamic" thresholding, the default; "static" clamping; "none").
-    The same seed, n, batch_size, steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record
-    the predicted images and masks along the reverse process (saved as trajectory.png). `progress` is
-    called with 1 after every step."""
+             threads: int | None = DEFAULT_THREADS, steps: int | None = None, sampler: str = DEFAULT_SAMPLER,
+             clip: str = DEFAULT_CLIP, seed: int = 0, batch_size: int = 16, classes: list[int] | None = None,
+             trajectory: bool = False, progress: bool | Callable[[int], None] = False,
+             notify: Callable[[str], None] | None = None) -> Generation:
+    """n samples with their masks from a model file (as `Segmenter.load` opens it; None or "default": the
+    bundled model): DDIM with 50 steps by default (`sampler`: "ddim", "ddpm" ancestral sampling, "dpm++";
+    `steps`: None for the sampler's own, SAMPLER_STEPS); every step bounds its predicted image to [-1, 1]
+    (`clip`: "dynamic" thresholding, the default; "static" clamping; "none"). The same seed, n, batch_size,
+    steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record the predicted
+    images and masks along the reverse process (saved as trajectory.png). `progress`: True shows a progress
+    bar on stderr; a function is called with 1 after every step."""
+    for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
+        if value not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    steps = sampler_steps(sampler, steps)
     check_steps(steps)
     check_seed(seed)
     if not (n >= 1 and batch_size >= 1):
         raise UserError(f"`n` and `batch_size` must be at least 1, got {n} and {batch_size}", ("n", "batch_size"))
-    for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
-        if value not in choices:
-            raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     opened, path, _ = load_engine(model, engine, device, threads, notify)
-    every = max(1, len(diffusion_for(opened).timesteps(steps, sampler)) // 10) if trajectory else 0
+    n_steps = len(diffusion_for(opened).timesteps(steps, sampler))
+    every = max(1, n_steps // 10) if trajectory else 0
     start = time.perf_counter()
-    result, y = sample(opened, n, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size, classes=classes,
-                       trajectory_every=every, progress=progress)
-    return Generation(result, y, time.perf_counter() - start, path)
+    with _progress(progress, n_steps * -(-n // batch_size), f"generate ({sampler})") as update:
+        result, y = sample(opened, n, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size,
+                           classes=classes, trajectory_every=every, progress=update)
+    return Generation(result, y, time.perf_counter() - start, path,
+                      {"sampler": sampler, "steps": steps, "clip": clip, "seed": seed, "batch_size": batch_size})
+
+
+@contextmanager
+def _progress(progress: bool | Callable[[int], None], total: int, desc: str):
+    """The function a run calls after every step: a progress bar's for `progress=True`, `progress` itself
+    where it is one, else None."""
+    if callable(progress):
+        yield progress
+    elif progress:
+        with progress_bar(total, desc, "step") as bar:
+            yield bar.update
+    else:
+        yield None

@@ -17,7 +17,7 @@ from fdm_core.cli_options import (
     version_option,
 )
 from fdm_core.config import PRESETS
-from fdm_core.diffusion import SAMPLERS
+from fdm_core.diffusion import DEFAULT_SAMPLER, SAMPLER_STEPS, SAMPLERS, sampler_steps
 from fdm_core.errors import SEED, FiniteFloatRange, run_cli
 from fdm_infer.bench import VARIANTS
 from fdm_infer.eval.cli import EVAL_COMMANDS
@@ -34,6 +34,8 @@ from fdm_infer.options import (
 )
 from fdm_infer.outputs import DEFAULT_OUT as SEGMENT_OUT
 from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
+
+STEPS_HELP = ", ".join(f"{name} {n}" for name, n in SAMPLER_STEPS.items())
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -103,11 +105,13 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 
 @main_group.command()
 @click.option("-n", "count", type=click.IntRange(1), default=8, help="Number of samples.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=1000,
-              help="Reverse-process steps (1000 = full DDPM; fewer = an evenly respaced schedule).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
-              help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic, e.g. with --steps 50; dpm++: "
-                   "DPM-Solver++(2M), deterministic and second order, e.g. with --steps 20.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help=f"Reverse-process steps (1000: the whole schedule; fewer: an evenly respaced one) [default: "
+                   f"the sampler's own: {STEPS_HELP}].")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=DEFAULT_SAMPLER,
+              help="ddim: deterministic (50 steps: the setting measured, FID 112.6 on the bundled model); ddpm: "
+                   "ancestral (paper eq. 9-10), 1000 steps, about 20x slower; dpm++: DPM-Solver++(2M), "
+                   "deterministic and second order, 20 steps.")
 @clip_option
 @click.option("--seed", type=SEED, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
                                                   "--steps and --sampler give the same images.")
@@ -130,6 +134,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     from fdm_infer import api
     from fdm_infer.sampling import class_labels, diffusion_for
 
+    steps = sampler_steps(sampler, steps)
     engine, path = load_engine(engine_kind, model_file, device, threads)
     check_writable_folder(Path(out))
     n_steps = len(diffusion_for(engine).timesteps(steps, sampler))
@@ -175,8 +180,9 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
               help="Number of interpolated images: mixing weights evenly spaced from 0 (A) to 1 (B).")
 @click.option("--mix", type=click.Choice(["linear", "slerp"]), default="linear",
               help="How the two noisy latents are mixed (DDPM: linear).")
-@click.option("--steps", type=click.IntRange(1, 1000), default=1000,
-              help="Steps of the full schedule (only those at or below --timestep run).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="Steps of the full schedule (only those at or below --timestep run) [default: the sampler's "
+                   "own: ddpm 1000, ddim 50].")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic.")
 @clip_option
@@ -197,6 +203,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     from fdm_infer.sampling import class_labels, interpolation_start, load_pair, write_interpolation
     from fdm_infer.sampling import interpolate as run
 
+    steps = sampler_steps(sampler, steps)
     diffusion = GaussianDiffusion()
     t_start = interpolation_start(diffusion, steps, t)
     if t_start != t:

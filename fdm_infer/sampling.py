@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdm_core.diffusion import DEFAULT_CLIP, NUM_TIMESTEPS, GaussianDiffusion, SampleResult
+from fdm_core.diffusion import (
+    DEFAULT_CLIP,
+    DEFAULT_SAMPLER,
+    NUM_TIMESTEPS,
+    GaussianDiffusion,
+    SampleResult,
+    sampler_steps,
+)
 from fdm_core.errors import UserError
 from fdm_core.util import check_not_input, check_writable_folder
 from fdm_core.visualize import colorize, grid, images_to_uint8
@@ -87,7 +94,8 @@ def check_batch_memory(engine: Engine, batch: int) -> None:
                         f"{have / 2**30:.1f} GiB here: use `batch_size` {most} or less", ("batch_size",))
 
 
-def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
+def generate(engine: Engine, n: int, *, steps: int | None = None, sampler: str = DEFAULT_SAMPLER,
+             clip: str = DEFAULT_CLIP,
              seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory_every: int = 0,
              progress: Callable[[int], None] | None = None) -> tuple[SampleResult, torch.Tensor | None]:
     """n samples in batches of `batch_size`, all drawn from ONE generator seeded with `seed` (on the
@@ -96,6 +104,7 @@ def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm"
     Returns (SampleResult with images/masks/trajectory on the CPU, class labels or None).
     The trajectory is that of the first batch only."""
     diffusion = diffusion_for(engine)
+    steps = sampler_steps(sampler, steps)
     check_batch_memory(engine, min(batch_size, n))
     cfg = engine.config
     y_all = class_labels(engine, n, classes)
@@ -198,7 +207,8 @@ class Interpolation:
 
 
 def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 250, frames: int = 8,
-                mix: str = "linear", steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP, seed: int = 0,
+                mix: str = "linear", steps: int | None = None, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
+                seed: int = 0,
                 y: int | None = None, progress: Callable[[int], None] | None = None) -> Interpolation:
     """Noise images a, b ([C, S, S] in [-1, 1]) to t with the SAME noise, mix the latents with
     lambda = 0..1 (`linear`, as in DDPM, or `slerp`), and denoise each mix from t. Every frame uses
@@ -211,6 +221,7 @@ def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 25
         raise UserError(f"`mix` must be linear or slerp, got {mix!r}", ("mix",))
     if sampler not in ("ddpm", "ddim"):
         raise UserError(f"interpolation samples with ddpm or ddim, got {sampler!r}")
+    steps = sampler_steps(sampler, steps)
     t_start = interpolation_start(diffusion, steps, t)  # checks steps and t
     dev = engine.device
     gen = torch.Generator(device=dev)

@@ -130,3 +130,43 @@ def test_ctrl_c_before_the_first_step_says_that_nothing_was_saved(tmp_path, monk
     with pytest.raises(KeyboardInterrupt, match="before the first step: no checkpoint written"):
         train_module.train(opts)
     assert not (tmp_path / "run").exists()
+
+
+# ----- fast defaults -----
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    from helpers import make_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "small.safetensors"
+    make_checkpoint(path, image_size=16)
+    return path
+
+
+def test_generate_defaults_to_ddim_50_and_each_sampler_takes_its_own_steps(small_model, capsys, monkeypatch):
+    from fdm_core.diffusion import SAMPLER_STEPS
+    from fdm_infer import generate
+
+    calls = []
+    default = generate(small_model, n=1, progress=lambda k: calls.append(k))
+    assert len(calls) == 50
+    named = generate(small_model, n=1, steps=50, sampler="ddim")
+    assert np.array_equal(np.asarray(default.images[0]), np.asarray(named.images[0]))
+    for sampler, steps in (("dpm++", 20),):
+        calls.clear()
+        generate(small_model, n=1, sampler=sampler, progress=lambda k: calls.append(k))
+        assert len(calls) == steps == SAMPLER_STEPS[sampler]
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    capsys.readouterr()
+    generate(small_model, n=1, sampler="dpm++", progress=True)
+    assert "20/20" in capsys.readouterr().err
+    generate(small_model, n=1, sampler="dpm++")
+    assert capsys.readouterr().err == ""
+
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "generate", "--model", small_model, "-n", "1", "-q", "-o",
+                 Path(str(small_model)).parent / "cli")
+    assert r.code == 0 and "ddim, 50 steps" in r.out, r.err
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "generate", "--model", small_model, "-n", "1", "-q", "-o",
+                 Path(str(small_model)).parent / "cli-dpm", "--sampler", "dpm++")
+    assert r.code == 0 and "dpm++, 20 steps" in r.out, r.err
