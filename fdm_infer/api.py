@@ -351,10 +351,13 @@ class Generation:
     def __iter__(self):
         return iter(self.pil)
 
-    def save(self, out: str | Path = SAMPLES_OUT) -> list[Path]:
-        """sample_NNNN.png, sample_NNNN_labels.png, grid.png (and trajectory.png when recorded)."""
+    def save(self, out: str | Path = SAMPLES_OUT, *, overwrite: bool = False) -> list[Path]:
+        """sample_NNNN.png, sample_NNNN_labels.png, grid.png (and trajectory.png when recorded) and summary.json
+        (the model, sampler, steps, clip, seed and every sample's files; the PNGs carry them as text fields).
+        A folder that holds an earlier generation is refused unless `overwrite`, which replaces it."""
+        run = {"model": None if self.model is None else str(self.model), **self.settings}
         return write_samples(Path(out), self.result, self.classes, save_trajectory=bool(self.result.trajectory),
-                             inputs=[self.model])
+                             inputs=[self.model], run=run, overwrite=overwrite)
 
 
 def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: str | None = None, device: str = "auto",

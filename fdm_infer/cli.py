@@ -12,6 +12,7 @@ from fdm_core.cli_options import (
     HelpGroup,
     limit_option,
     max_pixels_option,
+    overwrite_option,
     quiet_option,
     threads_option,
     version_option,
@@ -122,21 +123,22 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @click.option("--save-trajectory", is_flag=True,
               help="Also write trajectory.png: predicted images and masks along the reverse process "
                    "(paper Fig. 10), for the first 4 samples.")
+@overwrite_option("Replace the samples of an earlier generation in --out (its sample_*.png, grid.png, "
+                  "trajectory.png and summary.json are removed); without it such a folder is refused.")
 @engine_options
 @quiet_option
-def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_trajectory, model_file, engine_kind, device,
-             threads, quiet):
+def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_trajectory, overwrite, model_file,
+             engine_kind, device, threads, quiet):
     """Generate images together with their masks. Writes sample_NNNN.png, sample_NNNN_labels.png
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
     same images (bit-identical on the CPU)."""
-    from fdm_core.util import check_writable_folder
     from fdm_core.visualize import mask_statistics
     from fdm_infer import api
-    from fdm_infer.sampling import class_labels, diffusion_for
+    from fdm_infer.sampling import check_samples_folder, class_labels, diffusion_for
 
     steps = sampler_steps(sampler, steps)
+    check_samples_folder(Path(out), overwrite)
     engine, path = load_engine(engine_kind, model_file, device, threads)
-    check_writable_folder(Path(out))
     n_steps = len(diffusion_for(engine).timesteps(steps, sampler))
     batches = -(-count // batch_size)
     class_labels(engine, count, list(classes))  # a wrong --class stops here, before the plan
@@ -145,7 +147,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     with progress_bar(n_steps * batches, f"generate ({sampler})", quiet, unit="step") as bar:
         samples = api.generate(engine, count, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size,
                                classes=list(classes) or None, trajectory=save_trajectory, progress=bar.update)
-    samples.save(out)
+    samples.save(out, overwrite=overwrite)
     stats = mask_statistics(samples.result.masks)
     click.echo(f"generated {count} image(s) in {samples.seconds:.1f} s ({count / samples.seconds:.2f} images/s; "
                f"{sampler}, {n_steps} steps, clip {clip}, seed {seed}) with {describe(engine, path)} -> {out} "

@@ -246,21 +246,28 @@ def label_map(masks: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return labels.numpy()
 
 
-def save_png(img: Image.Image | np.ndarray, path: Path) -> None:
-    """A PNG written atomically (fdm_core.util.atomic_file)."""
+def save_png(img: Image.Image | np.ndarray, path: Path, text: dict | None = None) -> None:
+    """A PNG written atomically (fdm_core.util.atomic_file), with `text` as its text fields (tEXt chunks)."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, str(value))
     with atomic_file(path) as f:
-        img.save(f, format="PNG", optimize=False)
+        img.save(f, format="PNG", optimize=False, pnginfo=info)
 
 
-def save_labels(labels: np.ndarray, path: Path) -> None:
+def save_labels(labels: np.ndarray, path: Path, text: dict | None = None) -> None:
     """A uint8 label map as a palette PNG, its folder made if needed: the pixel values are the labels
     (what numpy and `evaluate --predictions` read), the palette gives each label its region color (what an
     image viewer shows)."""
     img = Image.fromarray(np.asarray(labels, dtype=np.uint8)).convert("P")  # L -> P keeps the values
     img.putpalette(LABEL_PALETTE)
-    save_png(img, path)
+    save_png(img, path, text)
 
 
 def output_paths(out: Path, key: Path, kinds) -> list[Path]:

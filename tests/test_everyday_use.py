@@ -170,3 +170,31 @@ def test_generate_defaults_to_ddim_50_and_each_sampler_takes_its_own_steps(small
     r = run_tool(capsys, monkeypatch, "fdm-infer", "generate", "--model", small_model, "-n", "1", "-q", "-o",
                  Path(str(small_model)).parent / "cli-dpm", "--sampler", "dpm++")
     assert r.code == 0 and "dpm++, 20 steps" in r.out, r.err
+
+
+# ----- a generated folder holds one generation -----
+
+def test_generate_refuses_a_folder_of_an_earlier_generation_and_overwrite_replaces_it(small_model, tmp_path, capsys,
+                                                                                        monkeypatch):
+    from PIL import Image
+
+    out = tmp_path / "gen"
+    base = ["generate", "--model", small_model, "--steps", "2", "-q", "-o", out]
+    assert run_tool(capsys, monkeypatch, "fdm-infer", *base, "-n", "3", "--seed", "0").code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len([n for n in before if n.startswith("sample_")]) == 6
+
+    refused = run_tool(capsys, monkeypatch, "fdm-infer", *base, "-n", "2", "--seed", "1")
+    assert_one_line_error(refused, "earlier generation", "--overwrite", prog="fdm-infer")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    assert run_tool(capsys, monkeypatch, "fdm-infer", *base, "-n", "2", "--seed", "1", "--overwrite").code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["grid.png", "sample_0000.png", "sample_0000_labels.png", "sample_0001.png",
+                     "sample_0001_labels.png", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 1 and summary["steps"] == 2 and summary["sampler"] == "ddim"
+    assert summary["clip"] == "dynamic" and summary["model"].endswith("small.safetensors")
+    assert [s["image"] for s in summary["samples"]] == ["sample_0000.png", "sample_0001.png"]
+    text = json.loads(Image.open(out / "sample_0001.png").text["fdm"])
+    assert text["seed"] == 1 and text["sample"] == 1 and text["sampler"] == "ddim"
