@@ -52,11 +52,16 @@ def parity_line(result) -> str:
 @overwrite_option("Replace the output file if it exists (never the checkpoint).")
 @quiet_option
 def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance, overwrite, quiet):
-    """Export CHECKPOINT's denoiser (x_t, t[, y]) -> (eps, masks) to ONNX with a dynamic batch."""
+    """Export CHECKPOINT's denoiser (x_t, t[, y]) -> (eps, masks) to ONNX with a dynamic batch. CHECKPOINT
+    `default` is the bundled model (written to default.onnx unless -o says otherwise).
+
+    Example: fdm-export onnx default -o model.onnx"""
     from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
 
+    from fdm_infer.engines import model_file
+
     out = out or str(Path(checkpoint).with_suffix(".onnx"))
-    result = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
+    result = export_onnx(model_file(checkpoint), out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
                          check_batches=check_batches, weights=weights, tolerance=tolerance, overwrite=overwrite)
     cfg = result.config
     cond = f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional"

@@ -232,7 +232,8 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
               help="Model preset (repeatable); random weights [default: paper-64 on a GPU, tiny-32 and small-32 "
                    "on a CPU].")
 @click.option("--model", "--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="Measure this checkpoint's model (.safetensors) instead of the presets' [default: none].")
+              help="Measure this checkpoint's model (.safetensors; `default`: the bundled one) instead of the "
+                   "presets' [default: none].")
 @click.option("--plan", type=click.Path(dir_okay=False), default=None,
               help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant [default: none].")
 @click.option("--batch-size", "batches", type=click.IntRange(1), multiple=True,

@@ -244,16 +244,33 @@ def synth(output, kind, count, size, seed, empty, quiet):
 
 @main_group.command()
 @model_options
-def info(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding):
-    """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter)."""
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
+              help="Describe this checkpoint's model instead of a preset's; `default` is the bundled model "
+                   "[default: none, the preset].")
+def info(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, model_path):
+    """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter): a preset's, or a
+    checkpoint's (--model).
+
+    Example: fdm-train info --model default"""
     import torch
 
     from fdm_core.model import build_model, count_flops, count_parameters
 
-    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding)
+    if model_path is not None:
+        from fdm_core.checkpoint import read_checkpoint
+        from fdm_infer.engines import model_file
+
+        path = model_file(model_path)
+        cfg, _, meta = read_checkpoint(path)
+        name = f"{path.name} (step {meta.get('step')}; "
+    else:
+        cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding)
+        name = f"preset:     {preset} ("
     with torch.device("meta"):
         params = count_parameters(build_model(cfg))
-    click.echo(f"preset:     {preset} ({cfg.variant}, K={cfg.mask_channels}, "
+    if model_path is not None:
+        name = "model:      " + name
+    click.echo(f"{name}{cfg.variant}, K={cfg.mask_channels}, "
                f"{cfg.image_size}x{cfg.image_size}, C={cfg.base_channels}, mult={list(cfg.channel_mult)}, "
                f"blocks={cfg.num_res_blocks})")
     click.echo(f"parameters: {params:,} ({params / 1e6:.1f} M)")

@@ -198,3 +198,28 @@ def test_generate_refuses_a_folder_of_an_earlier_generation_and_overwrite_replac
     assert [s["image"] for s in summary["samples"]] == ["sample_0000.png", "sample_0001.png"]
     text = json.loads(Image.open(out / "sample_0001.png").text["fdm"])
     assert text["seed"] == 1 and text["sample"] == 1 and text["sampler"] == "ddim"
+
+
+# ----- the bundled model by name -----
+
+def test_the_bundled_model_is_named_default_wherever_a_model_is_taken(tmp_path, capsys, monkeypatch):
+    import onnxruntime as ort
+    from safetensors import safe_open
+
+    from fdm_infer import Segmenter
+    from fdm_infer.bench import models_to_measure
+    from fdm_infer.engines import DEFAULT_MODEL
+
+    with safe_open(str(DEFAULT_MODEL), "pt") as f:
+        parameters = sum(f.get_tensor(k).numel() for k in f.keys() if k.startswith("ema."))
+    info = run_tool(capsys, monkeypatch, "fdm-train", "info", "--model", "default")
+    assert info.code == 0 and f"parameters: {parameters:,}" in info.out and "default.safetensors" in info.out
+
+    assert Segmenter.load("default").model == Segmenter.load().model == DEFAULT_MODEL
+    [(name, models)] = models_to_measure([], "default", plain=False)
+    assert name == DEFAULT_MODEL.name
+
+    out = tmp_path / "bundled.onnx"
+    r = run_tool(capsys, monkeypatch, "fdm-export", "onnx", "default", "-o", out, "--check-batches", "1")
+    assert r.code == 0, r.err
+    assert [i.name for i in ort.InferenceSession(str(out)).get_inputs()][:2] == ["x_t", "t"]

@@ -22,6 +22,20 @@ ENGINE_BY_SUFFIX = {".safetensors": "torch", ".onnx": "onnx", ".plan": "trt", ".
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.safetensors"
 
 
+DEFAULT_NAME = "default"  # the name of the bundled model, wherever a model file is taken
+
+
+def model_file(model: str | Path | None) -> Path:
+    """The model file a command or function takes: None or "default" is the bundled checkpoint, anything else
+    the file it names."""
+    if model is None or str(model) == DEFAULT_NAME:
+        if not DEFAULT_MODEL.is_file():
+            raise UserError(f"the bundled default checkpoint is missing ({DEFAULT_MODEL}); give `model`, a model file",
+                            ("model",))
+        return DEFAULT_MODEL
+    return Path(model)
+
+
 def engine_for(path: str | Path) -> str:
     """The engine that runs a model file, from its suffix; a one-line error for an unknown suffix."""
     kind = ENGINE_BY_SUFFIX.get(Path(path).suffix.lower())
@@ -47,16 +61,12 @@ def open_engine(kind: str, path: str | Path, device: str = "auto", threads: int 
 
 def open_model(model: str | Path | None = None, engine: str | None = None, device: str = "auto",
                threads: int | None = None) -> tuple[Engine, Path]:
-    """(engine, model file): `model` None is the bundled default checkpoint; the engine is `engine` when
+    """(engine, model file): `model` None or "default" is the bundled checkpoint (`model_file`); the engine is `engine` when
     given, else the one the file's suffix names. Every failure is a one-line UserError."""
-    if model is None:
-        if engine not in (None, "torch"):
-            raise UserError(f"the {engine} engine runs an exported file: give `model`, the file made by "
-                            f"`fdm-export {engine}`", ("model",))
-        if not DEFAULT_MODEL.is_file():
-            raise UserError(f"the bundled default checkpoint is missing ({DEFAULT_MODEL}); give `model`, a model file", ("model",))
-        model = DEFAULT_MODEL
-    path = Path(model)
+    path = model_file(model)
+    if path == DEFAULT_MODEL and engine not in (None, "torch"):
+        raise UserError(f"the {engine} engine runs an exported file: give `model`, the file made by "
+                        f"`fdm-export {engine} default`", ("model",))
     kind = engine or engine_for(path)
     named = ENGINE_BY_SUFFIX.get(path.suffix.lower())
     if named is not None and named != kind:  # --engine only decides for files whose suffix says nothing
