@@ -223,3 +223,19 @@ def test_the_bundled_model_is_named_default_wherever_a_model_is_taken(tmp_path, 
     r = run_tool(capsys, monkeypatch, "fdm-export", "onnx", "default", "-o", out, "--check-batches", "1")
     assert r.code == 0, r.err
     assert [i.name for i in ort.InferenceSession(str(out)).get_inputs()][:2] == ["x_t", "t"]
+
+
+# ----- float images -----
+
+def test_a_float_image_in_0_255_is_refused_and_one_in_0_1_equals_its_uint8(small_model):
+    from fdm_core.errors import UserError
+    from fdm_infer import Segmenter
+
+    seg = Segmenter.load(small_model)
+    image = np.random.default_rng(0).integers(0, 256, (20, 24, 3)).astype(np.uint8)
+    with pytest.raises(UserError, match=r"values in \[0, 1\], got 0 to 255: divide by 255"):
+        seg(image.astype(np.float32))
+    with pytest.raises(UserError, match=r"values in \[0, 1\]"):
+        seg(torch.from_numpy(image).permute(2, 0, 1).float())
+    as_float = seg(image.astype(np.float32) / 255).labels[0]
+    assert np.array_equal(as_float, seg(image).labels[0])
