@@ -216,7 +216,7 @@ def test_generate_returns_images_and_masks(tiny_checkpoint, tmp_path):
     assert torch.equal(samples.result.images, direct.images)
     written = samples.save(tmp_path / "s")
     assert sorted(p.name for p in written) == sorted(
-        [f"sample_{i:04d}{s}" for i in range(3) for s in (".png", "_labels.png")] + ["grid.png"])
+        [f"sample_{i:04d}{s}" for i in range(3) for s in (".png", "_labels.png")] + ["grid.png", "summary.json"])
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "s" / "sample_0002_labels.png")), samples.labels[2])
 
 
