@@ -239,3 +239,22 @@ def test_a_float_image_in_0_255_is_refused_and_one_in_0_1_equals_its_uint8(small
         seg(torch.from_numpy(image).permute(2, 0, 1).float())
     as_float = seg(image.astype(np.float32) / 255).labels[0]
     assert np.array_equal(as_float, seg(image).labels[0])
+
+
+# ----- start-up -----
+
+def test_importing_the_api_loads_neither_torchs_compiler_nor_triton():
+    code = ("import sys, fdm_infer, fdm_train.cli, fdm_export.cli; "
+            "print([m for m in ('torch._inductor', 'triton') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_ctrl_c_while_a_command_starts_prints_one_line():
+    # What the console script does, with a Ctrl-C arriving while the command's modules load.
+    launcher = ("import os, signal, sys; sys.argv[0] = 'fdm-infer'; import fdm_core; "
+                "os.kill(os.getpid(), signal.SIGINT); from fdm_infer.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", launcher, "segment", "--help"], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stderr.strip() == "fdm-infer: interrupted" and proc.stdout == ""
+    assert proc.returncode != 0
