@@ -16,8 +16,8 @@
     res.to_json()       # summary.json's content, without the files
 
     samples = generate(n=4, steps=50, sampler="ddim")
-    samples[0]          # a PIL image (also: for image in samples, len(samples), samples.pil)
-    samples.images, samples.soft, samples.labels       # numpy arrays
+    samples[0]          # a PIL image (also: for image in samples, len(samples), samples[1:3], samples.show())
+    samples.images      # PIL images; samples.array, samples.soft, samples.labels: numpy arrays
     samples.save()      # into samples/ (or the folder given)
 
 Every error caused by the arguments or the input (a file, a parameter, a model) raises
@@ -25,9 +25,11 @@ fdm_infer.UserError, whose message names the API's parameters.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,7 +70,7 @@ from fdm_infer.outputs import (
     summary_json,
 )
 from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
-from fdm_infer.sampling import check_steps, diffusion_for, write_samples
+from fdm_infer.sampling import GRID_SAMPLES, check_steps, diffusion_for, image_mask_grid, write_samples
 from fdm_infer.sampling import generate as sample
 from fdm_infer.segment import (
     DEFAULT_SMOOTH,
@@ -120,10 +122,16 @@ class Segmenter:
     refused before it is decoded, and a batch stops growing once it holds that many full-resolution
     pixels)."""
 
-    def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
+    def __init__(self, engine: Engine, model: Path | None = None, *, timestep: int = DEFAULT_T, seed: int = 0,
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
-                 max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, load_seconds: float = 0.0):
-        check_settings(t, ensemble, smooth, NUM_TIMESTEPS)
+                 max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, load_seconds: float = 0.0,
+                 t: int | None = None):
+        if t is not None:  # the earlier name of `timestep`
+            warnings.warn("Segmenter: `t` is now `timestep`, as the command line's --timestep", DeprecationWarning,
+                          stacklevel=3)
+            timestep = t
+        t = timestep
+        check_settings(t, ensemble, smooth, NUM_TIMESTEPS, t_name="timestep")
         if not (batch_size >= 1 and max_pixels >= 1):  # `not >=`: NaN is refused too
             raise UserError(f"batch_size and max_pixels must be at least 1, got {batch_size} and {max_pixels}",
                             ("batch_size", "max_pixels"))
@@ -138,13 +146,18 @@ class Segmenter:
              **settings) -> Segmenter:
         """The model of a file (.safetensors: torch, .onnx: onnxruntime, .plan/.engine: TensorRT; `engine`
         forces one), or the bundled default when `model` is None. `threads`: CPU threads of torch (for the
-        whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label, max_pixels,
-        smooth."""
+        whole process) and onnxruntime. `settings`: timestep, seed, ensemble, batch_size, class_label,
+        max_pixels, smooth (the command line's --timestep, --seed, ...)."""
         opened, path, seconds = load_engine(model, engine, device, threads, notify)
         return cls(opened, path, load_seconds=seconds, **settings)
 
     def describe(self) -> str:
         return describe(self.engine, self.model)
+
+    def __repr__(self) -> str:
+        st = self.settings
+        return (f"<Segmenter {self.describe()}, timestep {st.t}, seed {st.seed}, ensemble {st.ensemble}, "
+                f"smooth {st.smooth}>")
 
     def run_info(self) -> dict:
         """What summary.json says about the engine and model."""
@@ -218,11 +231,20 @@ class Segmentation:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> ImageSegmentation:
+    def __getitem__(self, index: int | slice) -> ImageSegmentation | Segmentation:
+        """One image's result, or a Segmentation of a slice of them (the same foreground channels)."""
+        if isinstance(index, slice):
+            part = copy.copy(self)
+            part.items = self.items[index]
+            return part
         return ImageSegmentation(self.items[index], self.fg_channels)
 
     def __iter__(self):
         return (ImageSegmentation(item, self.fg_channels) for item in self.items)
+
+    def __repr__(self) -> str:
+        return (f"<Segmentation of {len(self.items)} image(s), K={len(self.border_share)}, foreground channels "
+                f"{self.fg_channels}>")
 
     @property
     def labels(self) -> list[np.ndarray]:
@@ -303,6 +325,17 @@ class ImageSegmentation:
         """The image, the overlay and the colored label map side by side."""
         return grid([np.stack([self.image, np.asarray(self.overlay()), colorize(self.labels)])])
 
+    def show(self) -> Image.Image:
+        """Shows `plot()` in the system's image viewer (PIL's Image.show); returns it."""
+        picture = self.plot()
+        picture.show()
+        return picture
+
+    def __repr__(self) -> str:
+        height, width = self.labels.shape
+        present = sorted(int(v) for v in np.unique(self.labels))
+        return f"<ImageSegmentation {self.source} {width}x{height}, labels present {present}>"
+
     def save(self, out: str | Path = SEGMENT_OUT) -> dict[str, Path]:
         """Writes <name>_labels.png and <name>_overlay.png into `out`; returns the files by kind. A file it
         would write that is its input is an error, before anything is written."""
@@ -313,9 +346,10 @@ class ImageSegmentation:
 
 # ----- generation -----
 
-@dataclass
+@dataclass(repr=False)
 class Generation:
-    """Generated images with their masks (at the model's resolution)."""
+    """Generated images with their masks (at the model's resolution): `images` (PIL), `array`, `soft`,
+    `labels`; `len`, indexing (a PIL image), slicing (a Generation), iteration (PIL images)."""
     result: SampleResult  # the sampler's tensors: images [N, C, S, S] in [-1, 1], masks [N, K, S, S]
     classes: torch.Tensor | None  # the class of each sample (class-conditional models)
     seconds: float
@@ -323,8 +357,18 @@ class Generation:
     settings: dict = field(default_factory=dict)  # sampler, steps, clip, seed, batch_size
 
     @property
-    def images(self) -> np.ndarray:
-        """uint8 [N, S, S, 3]."""
+    def images(self) -> list[Image.Image]:
+        """The samples as PIL images (RGB)."""
+        return [Image.fromarray(image) for image in self.array]
+
+    @property
+    def pil(self) -> list[Image.Image]:
+        """The same as `images`."""
+        return self.images
+
+    @property
+    def array(self) -> np.ndarray:
+        """The samples as one uint8 array [N, S, S, 3]."""
         return images_to_uint8(self.result.images)
 
     @property
@@ -337,19 +381,37 @@ class Generation:
         """uint8 [N, S, S]."""
         return self.result.masks.argmax(1).numpy().astype(np.uint8)
 
-    @property
-    def pil(self) -> list[Image.Image]:
-        """The samples as PIL images."""
-        return [Image.fromarray(image) for image in self.images]
-
     def __len__(self) -> int:
         return self.result.images.shape[0]
 
-    def __getitem__(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index])
+    def __getitem__(self, index: int | slice) -> Image.Image | Generation:
+        """One sample as a PIL image, or a Generation of a slice of them."""
+        if isinstance(index, slice):
+            trajectory = [(t, x[index], m[index]) for t, x, m in self.result.trajectory] if self.result.trajectory else []
+            part = SampleResult(self.result.images[index], self.result.masks[index], trajectory)
+            return Generation(part, None if self.classes is None else self.classes[index], self.seconds, self.model,
+                              dict(self.settings))
+        return Image.fromarray(images_to_uint8(self.result.images[index][None])[0])
 
     def __iter__(self):
-        return iter(self.pil)
+        return iter(self.images)
+
+    def grid(self) -> Image.Image:
+        """The samples above their colored masks (as grid.png)."""
+        return image_mask_grid(self.result.images[:GRID_SAMPLES], self.result.masks[:GRID_SAMPLES])
+
+    def show(self) -> Image.Image:
+        """Shows `grid()` in the system's image viewer (PIL's Image.show); returns it."""
+        picture = self.grid()
+        picture.show()
+        return picture
+
+    def __repr__(self) -> str:
+        _, _, size, _ = self.result.images.shape
+        st = self.settings
+        how = f", {st['sampler']} {st['steps']} steps, seed {st['seed']}" if st else ""
+        return (f"<Generation of {len(self)} image(s), {size}x{size}, K={self.result.masks.shape[1]}{how}, "
+                f"{self.seconds:.1f} s>")
 
     def save(self, out: str | Path = SAMPLES_OUT, *, overwrite: bool = False) -> list[Path]:
         """sample_NNNN.png, sample_NNNN_labels.png, grid.png (and trajectory.png when recorded) and summary.json

@@ -81,7 +81,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
     if fg_channels and not foreground:
         raise click.UsageError("--fg-channel goes with --foreground")
     reused = (Path(out) / SUMMARY).exists()
-    segmenter = Segmenter.load(model_file, engine_kind, device, threads=threads, notify=note_line, t=t, seed=seed,
+    segmenter = Segmenter.load(model_file, engine_kind, device, threads=threads, notify=note_line, timestep=t, seed=seed,
                                ensemble=ensemble, batch_size=batch_size, class_label=class_label, max_pixels=max_pixels,
                                smooth=smooth)
     report = segmenter.segment_files(list(paths), out, OutputOptions(save_soft, save_channels, foreground, rle),

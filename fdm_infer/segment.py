@@ -49,10 +49,11 @@ def segmentation_noise(shape: tuple[int, ...], seed: int, device: torch.device |
     return noise.expand(shape).to(device)
 
 
-def check_settings(t: int, ensemble: int, smooth: int, num_timesteps: int) -> None:
-    """The settings of a segmentation pass, each a one-line error in the parameters' names."""
+def check_settings(t: int, ensemble: int, smooth: int, num_timesteps: int, t_name: str = "t") -> None:
+    """The settings of a segmentation pass, each a one-line error in the parameters' names (`t_name`: the
+    caller's name for t)."""
     if not 0 <= t < num_timesteps:
-        raise UserError(f"`t` must be between 0 and {num_timesteps - 1}, got {t}", ("t",))
+        raise UserError(f"`{t_name}` must be between 0 and {num_timesteps - 1}, got {t}", (t_name,))
     if not ensemble >= 1:  # `not >=`: NaN is refused too
         raise UserError(f"`ensemble` must be at least 1, got {ensemble}", ("ensemble",))
     if smooth < 1 or smooth % 2 == 0:

@@ -258,3 +258,41 @@ def test_ctrl_c_while_a_command_starts_prints_one_line():
                           text=True, timeout=120)
     assert proc.stderr.strip() == "fdm-infer: interrupted" and proc.stdout == ""
     assert proc.returncode != 0
+
+
+# ----- the API's habits -----
+
+def test_generation_results_are_pil_images_sliceable_with_short_reprs(small_model, tmp_path):
+    from PIL import Image
+
+    from fdm_infer import generate
+
+    samples = generate(small_model, n=3, steps=2, seed=4)
+    assert all(isinstance(image, Image.Image) for image in samples.images)
+    samples.images[0].save(tmp_path / "first.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "first.png")), samples.array[0])
+    assert samples.array.shape == (3, 16, 16, 3) and samples.array.dtype == np.uint8
+    part = samples[1:3]
+    assert len(part) == 2 and np.array_equal(part.array, samples.array[1:3])
+    assert np.array_equal(part.labels, samples.labels[1:3]) and np.array_equal(np.asarray(samples[-1]), samples.array[2])
+    text = repr(samples)
+    assert len(text) < 200 and "3 image(s)" in text and "ddim 2 steps" in text and "seed 4" in text
+
+
+def test_segmenter_takes_the_command_lines_names_and_results_slice(small_model, tmp_path):
+    from fdm_core.errors import UserError
+    from fdm_infer import Segmenter
+
+    images = [np.random.default_rng(i).integers(0, 256, (20, 24, 3)).astype(np.uint8) for i in range(3)]
+    seg = Segmenter.load(small_model, timestep=50)
+    assert seg.settings.t == 50 and "timestep 50" in repr(seg) and len(repr(seg)) < 200
+    with pytest.warns(DeprecationWarning, match="timestep"):
+        old = Segmenter.load(small_model, t=50)
+    res = seg(images)
+    assert np.array_equal(old(images).labels[1], res.labels[1])
+    with pytest.raises(UserError, match="timestep must be between 0 and 999"):
+        Segmenter.load(small_model, timestep=1000)
+    part = res[1:]
+    assert len(part) == 2 and all(np.array_equal(a, b) for a, b in zip(part.labels, res.labels[1:]))
+    assert "3 image(s)" in repr(res) and len(repr(res)) < 200
+    assert "20" in repr(res[0]) and "24x20" in repr(res[0]) and len(repr(res[0])) < 200

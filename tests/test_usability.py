@@ -70,7 +70,7 @@ def test_piped_generate_prints_plain_progress_lines_with_rate_and_eta(tmp_path):
     model = tmp_path / "tiny.safetensors"
     make_checkpoint(model)
     proc = piped("generate", "--model", model, "-n", "2", "--steps", "100", "--out", tmp_path / "samples",
-                 "--threads", "1")
+                 "--threads", "1", "--sampler", "ddpm")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.startswith("generating 2 image(s): 100 ddpm steps in batches of 2 on cpu; roughly ")
     lines = [line for line in proc.stderr.splitlines() if line.startswith("generate (ddpm): ")]
@@ -323,7 +323,7 @@ def test_generate_returns_pil_images_that_save_to_a_default_folder(tmp_path, mon
     make_checkpoint(model)
     samples = generate(model, 2, steps=2, threads=1)
     assert len(samples) == 2 and all(isinstance(image, Image.Image) for image in samples)
-    assert np.array_equal(np.asarray(samples[1]), samples.images[1])
+    assert np.array_equal(np.asarray(samples[1]), samples.array[1])
     monkeypatch.chdir(tmp_path)
     assert Path("samples") / "sample_0000.png" in samples.save()
 
