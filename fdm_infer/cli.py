@@ -10,6 +10,7 @@ import click
 from fdm_core.cli_options import (
     CONTEXT_SETTINGS,
     HelpGroup,
+    json_option,
     limit_option,
     max_pixels_option,
     overwrite_option,
@@ -35,6 +36,7 @@ from fdm_infer.options import (
 )
 from fdm_infer.outputs import DEFAULT_OUT as SEGMENT_OUT
 from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
+from fdm_infer.sampling import SUMMARY as SAMPLES_SUMMARY
 
 STEPS_HELP = ", ".join(f"{name} {n}" for name, n in SAMPLER_STEPS.items())
 
@@ -64,8 +66,7 @@ def main_group():
 @click.option("--rle", type=click.Choice(["compressed", "uncompressed"]), is_flag=False, flag_value="compressed",
               default=None, help="Add every region's COCO RLE mask to summary.json (`--rle`: compressed counts, "
                                  "as pycocotools writes them; `--rle uncompressed`: a list of counts) [default: no RLE].")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print summary.json to stdout (the summary lines go to stderr).")
+@json_option
 def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, smooth,
             batch_size, fg_channels, class_label, quiet, save_soft, save_channels, foreground, rle, as_json):
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (label map
@@ -127,8 +128,9 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
                   "trajectory.png and summary.json are removed); without it such a folder is refused.")
 @engine_options
 @quiet_option
+@json_option
 def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_trajectory, overwrite, model_file,
-             engine_kind, device, threads, quiet):
+             engine_kind, device, threads, quiet, as_json):
     """Generate images together with their masks. Writes sample_NNNN.png, sample_NNNN_labels.png
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
     same images (bit-identical on the CPU)."""
@@ -151,7 +153,9 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     stats = mask_statistics(samples.result.masks)
     click.echo(f"generated {count} image(s) in {samples.seconds:.1f} s ({count / samples.seconds:.2f} images/s; "
                f"{sampler}, {n_steps} steps, clip {clip}, seed {seed}) with {describe(engine, path)} -> {out} "
-               f"(mask entropy {stats['mask_entropy']}, region shares {stats['region_share']})")
+               f"(mask entropy {stats['mask_entropy']}, region shares {stats['region_share']})", err=as_json)
+    if as_json:
+        click.echo((Path(out) / SAMPLES_SUMMARY).read_text(), nl=False)
 
 
 LONG_RUN_STEPS = 100  # model calls from which a generation says what it is about to do
@@ -182,9 +186,8 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
               help="Number of interpolated images: mixing weights evenly spaced from 0 (A) to 1 (B).")
 @click.option("--mix", type=click.Choice(["linear", "slerp"]), default="linear",
               help="How the two noisy latents are mixed (DDPM: linear).")
-@click.option("--steps", type=click.IntRange(1, 1000), default=None,
-              help="Steps of the full schedule (only those at or below --timestep run) [default: the sampler's "
-                   "own: ddpm 1000, ddim 50].")
+@click.option("--steps", type=click.IntRange(1, 1000), default=1000,
+              help="Steps of the full schedule (only those at or below --timestep run).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
               help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic.")
 @clip_option
@@ -195,8 +198,9 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
               help="Output folder (created).")
 @engine_options
 @quiet_option
+@json_option
 def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, class_label, out, model_file, engine_kind,
-                device, threads, quiet):
+                device, threads, quiet, as_json):
     """Interpolate between two real images: noise both, mix, denoise (as in DDPM; the paper's
     Figure 12). Both are noised to --timestep with the same noise, mixed, and denoised from there. Writes interpolation.png (A, the frames, B; masks below) and
     frame_NN.png / frame_NN_labels.png."""
@@ -205,7 +209,6 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     from fdm_infer.sampling import class_labels, interpolation_start, load_pair, write_interpolation
     from fdm_infer.sampling import interpolate as run
 
-    steps = sampler_steps(sampler, steps)
     diffusion = GaussianDiffusion()
     t_start = interpolation_start(diffusion, steps, t)
     if t_start != t:
@@ -220,9 +223,16 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     with progress_bar(per_frame * frames, "interpolate", quiet, unit="step") as bar:
         result = run(engine, a, b, t=t, frames=frames, mix=mix, steps=steps, sampler=sampler, clip=clip, seed=seed,
                      y=None if y is None else int(y[0]), progress=bar.update)
-    write_interpolation(Path(out), result, inputs=[image_a, image_b, path])
+    written = write_interpolation(Path(out), result, inputs=[image_a, image_b, path])
     click.echo(f"interpolated {frames} frame(s) from t={result.t} ({mix}, {sampler}) in "
-               f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {Path(out) / 'interpolation.png'}")
+               f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {Path(out) / 'interpolation.png'}",
+               err=as_json)
+    if as_json:
+        from fdm_core.util import json_text
+
+        click.echo(json_text({"model": str(path), "images": [image_a, image_b], "t": result.t, "mix": mix,
+                              "sampler": sampler, "steps": steps, "clip": clip, "seed": seed, "lambdas": result.lambdas,
+                              "files": [str(p) for p in written]}, indent=1))
 
 
 
@@ -265,8 +275,9 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
               help="Output folder: write bench.json and bench.md into it [default: none].")
 @click.option("--smoke", is_flag=True, help="tiny-32, batches 1 and 2, 3 repeats, 2 images x 5 sampling steps.")
 @quiet_option
+@json_option
 def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, sample_images, sample_steps, clip,
-          no_sampling, no_plain, onnx_max_batch, device, threads, json_path, md_path, out_dir, smoke, quiet):
+          no_sampling, no_plain, onnx_max_batch, device, threads, json_path, md_path, out_dir, smoke, quiet, as_json):
     """Latency and throughput of the inference variants, from naive eager fp32 (K decoder calls) to
     bf16 + torch.compile + CUDA graphs + Triton kernels, onnxruntime and TensorRT (--plan); each checked
     against the fp32 torch reference first (max abs error, the parity column). Variants that cannot run
@@ -293,7 +304,11 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
                            plan=plan,
                            on_update=lambda r: benchmark.write(r, json_path, None))
     benchmark.write(result, json_path, md_path)
-    click.echo(benchmark.markdown(result), nl=False)
+    click.echo(benchmark.markdown(result), nl=False, err=as_json)
+    if as_json:
+        from fdm_core.util import json_text
+
+        click.echo(json_text(result, indent=1))
     if result.get("interrupted"):
         click.echo("fdm-infer: interrupted; the measurements made are above", err=True)
         sys.exit(130)

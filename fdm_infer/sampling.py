@@ -243,7 +243,7 @@ class Interpolation:
 
 
 def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 250, frames: int = 8,
-                mix: str = "linear", steps: int | None = None, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
+                mix: str = "linear", steps: int = NUM_TIMESTEPS, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
                 seed: int = 0,
                 y: int | None = None, progress: Callable[[int], None] | None = None) -> Interpolation:
     """Noise images a, b ([C, S, S] in [-1, 1]) to t with the SAME noise, mix the latents with
@@ -257,7 +257,6 @@ def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 25
         raise UserError(f"`mix` must be linear or slerp, got {mix!r}", ("mix",))
     if sampler not in ("ddpm", "ddim"):
         raise UserError(f"interpolation samples with ddpm or ddim, got {sampler!r}")
-    steps = sampler_steps(sampler, steps)
     t_start = interpolation_start(diffusion, steps, t)  # checks steps and t
     dev = engine.device
     gen = torch.Generator(device=dev)

@@ -296,3 +296,26 @@ def test_segmenter_takes_the_command_lines_names_and_results_slice(small_model, 
     assert len(part) == 2 and all(np.array_equal(a, b) for a, b in zip(part.labels, res.labels[1:]))
     assert "3 image(s)" in repr(res) and len(repr(res)) < 200
     assert "20" in repr(res[0]) and "24x20" in repr(res[0]) and len(repr(res[0])) < 200
+
+
+# ----- one way to get JSON -----
+
+def test_every_command_with_results_prints_them_as_json_with_json(small_model, tmp_path, capsys, monkeypatch):
+    images = tmp_path / "images"
+    write_images(images, 2)
+    a, b = sorted(images.iterdir())
+    runs = {
+        "segment": ["segment", images, "--model", small_model, "-o", tmp_path / "seg", "-q"],
+        "generate": ["generate", "--model", small_model, "-n", "2", "--steps", "2", "-o", tmp_path / "gen", "-q"],
+        "interpolate": ["interpolate", a, b, "--model", small_model, "--steps", "4", "--mix-steps", "2",
+                        "--timestep", "500", "-o", tmp_path / "interp", "-q"],
+        "bench": ["bench", "--model", small_model, "--smoke", "--no-plain", "--no-sampling", "--inference-path",
+                  "fused", "-q"],
+    }
+    for name, args in runs.items():
+        r = run_tool(capsys, monkeypatch, "fdm-infer", *args, "--json")
+        assert r.code == 0, (name, r.err)
+        document = json.loads(r.out)  # stdout is the JSON and nothing else
+        assert document, name
+    assert json.loads(run_tool(capsys, monkeypatch, "fdm-infer", *runs["generate"], "--json", "--overwrite").out)[
+        "samples"][1]["image"] == "sample_0001.png"
