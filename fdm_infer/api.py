@@ -195,12 +195,15 @@ class Segmenter:
 
     def segment_files(self, paths: list[str | Path], out: str | Path, options: OutputOptions | None = None, *,
                       fg_channels: list[int] | None = None, limit: int | None = None,
-                      warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
+                      warn: Callable[[str], None] | None = None, progress: bool = True,
+                      skip_existing: bool = False) -> SegmentReport:
         """A run over files that writes each image's files as it goes (nothing kept in memory), then
         summary.json: what `fdm-infer segment` does. Unreadable files, files of more than `max_pixels`
-        pixels and images whose output would replace an input are skipped with a warning."""
+        pixels and images whose output would replace an input are skipped with a warning. `skip_existing`:
+        images an earlier run's summary.json in `out` lists with all their files are not segmented again.
+        Interrupted, it writes the summary of the images done first."""
         return segment_files(self.engine, paths, out, self.settings, options, fg_channels=fg_channels, limit=limit,
-                             run=self.run_info(), warn=warn, progress=progress)
+                             run=self.run_info(), warn=warn, progress=progress, skip_existing=skip_existing)
 
 
 def as_list(images) -> list:

@@ -66,9 +66,13 @@ def main_group():
 @click.option("--rle", type=click.Choice(["compressed", "uncompressed"]), is_flag=False, flag_value="compressed",
               default=None, help="Add every region's COCO RLE mask to summary.json (`--rle`: compressed counts, "
                                  "as pycocotools writes them; `--rle uncompressed`: a list of counts) [default: no RLE].")
+@click.option("--skip-existing", is_flag=True,
+              help="Do not segment again the images that the summary.json in --out lists with all their files (an "
+                   "interrupted run's, say); the new summary.json lists them too.")
 @json_option
 def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, smooth,
-            batch_size, fg_channels, class_label, quiet, save_soft, save_channels, foreground, rle, as_json):
+            batch_size, fg_channels, class_label, quiet, save_soft, save_channels, foreground, rle, skip_existing,
+            as_json):
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (label map
     0..K-1 at the image's own resolution, a palette PNG: its pixel values are the labels, its colors
     those of the overlay) and <name>_overlay.png; summary.json lists every input with its files. The
@@ -86,7 +90,8 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
                                ensemble=ensemble, batch_size=batch_size, class_label=class_label, max_pixels=max_pixels,
                                smooth=smooth)
     report = segmenter.segment_files(list(paths), out, OutputOptions(save_soft, save_channels, foreground, rle),
-                                     fg_channels=list(fg_channels), limit=limit, warn=warn_line, progress=not quiet)
+                                     fg_channels=list(fg_channels), limit=limit, warn=warn_line, progress=not quiet,
+                                     skip_existing=skip_existing)
     click.echo(f"segmented {report.written} image(s) in {report.seconds:.1f} s "
                f"({report.images_per_s:.1f} images/s) with {segmenter.describe()}, t={t}, seed {seed}"
                + (f", ensemble {ensemble}" if ensemble > 1 else "") + f", smooth {smooth}"
@@ -97,7 +102,9 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
         how = "given" if fg_channels else "not background"
         click.echo(f"foreground: channels {'+'.join(map(str, report.foreground))} ({how}; border/image shares {shares})",
                    err=as_json)
-    if reused:
+    if skip_existing and report.summary["run"]["skipped_existing"]:
+        click.echo(f"skipped {report.summary['run']['skipped_existing']} image(s) segmented before", err=as_json)
+    elif reused:
         note_line(f"{out} holds an earlier run's files too (kept); {SUMMARY} lists this run's {report.written} "
                   "image(s) only: a new --out gives a folder of this run alone")
     if as_json:

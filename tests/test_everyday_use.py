@@ -319,3 +319,41 @@ def test_every_command_with_results_prints_them_as_json_with_json(small_model, t
         assert document, name
     assert json.loads(run_tool(capsys, monkeypatch, "fdm-infer", *runs["generate"], "--json", "--overwrite").out)[
         "samples"][1]["image"] == "sample_0001.png"
+
+
+# ----- an interrupted segment -----
+
+def test_an_interrupted_segment_writes_its_summary_and_skip_existing_goes_on(small_model, tmp_path, monkeypatch):
+    from fdm_infer import Segmenter
+    from fdm_infer.outputs import OutputFolder
+
+    images = tmp_path / "images"
+    write_images(images, 4)
+    seg = Segmenter.load(small_model, batch_size=1)
+    whole = seg.segment_files([images], tmp_path / "whole", progress=False)
+
+    real_write, written = OutputFolder.write, []
+
+    def write(self, item):
+        if len(written) == 2 and os.environ.get("STOP_AT_THIRD"):
+            raise KeyboardInterrupt
+        written.append(item.source)
+        return real_write(self, item)
+
+    monkeypatch.setattr(OutputFolder, "write", write)
+    monkeypatch.setenv("STOP_AT_THIRD", "1")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt, match="after 2 of 4 images"):
+        seg.segment_files([images], out, progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["input"] for e in summary["images"]] == written and summary["run"]["interrupted"] == {"done": 2, "of": 4}
+
+    monkeypatch.delenv("STOP_AT_THIRD")
+    written.clear()
+    report = seg.segment_files([images], out, progress=False, skip_existing=True)
+    assert len(written) == 2 and report.summary["run"]["skipped_existing"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["input"] for e in summary["images"]] == [e["input"] for e in whole.summary["images"]]
+    for entry in whole.summary["images"]:
+        name = entry["outputs"]["labels"]
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
