@@ -162,7 +162,7 @@ def main_group():
 @quiet_option
 def train(data, out, preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, dropout, class_cond,
           resume, compile_, quiet, prediction, **kwargs):
-    """Train on every jpg/png/webp under --data with the plain denoising loss.
+    """Train on every jpg/png/webp/bmp/tif/gif under --data with the plain denoising loss.
     Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
     from fdm_train.train import train as run_training
 

@@ -316,8 +316,9 @@ def _announce(opts: TrainOptions, cfg: ModelConfig, device: torch.device, step: 
     a CPU; a warning where a model sized for GPUs would train on the CPU."""
     precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
     steps = opts.iterations - step
-    plan = (f"training on {device} ({precision}, {torch.get_num_threads()} CPU threads): steps {step + 1:,} to "
-            f"{opts.iterations:,} of {opts.batch_size} images, {cfg.image_size}x{cfg.image_size}")
+    threads = torch.get_num_threads()
+    plan = (f"training on {device} ({precision}, {threads} CPU thread{'s' if threads != 1 else ''}): steps "
+            f"{step + 1:,} to {opts.iterations:,}, {opts.batch_size} images per step, {cfg.image_size}x{cfg.image_size}")
     if device.type != "cpu":
         if opts.progress:
             _echo(plan)

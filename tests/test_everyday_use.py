@@ -357,3 +357,37 @@ def test_an_interrupted_segment_writes_its_summary_and_skip_existing_goes_on(sma
     for entry in whole.summary["images"]:
         name = entry["outputs"]["labels"]
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+# ----- consistency -----
+
+def test_a_region_that_is_no_pixels_label_is_not_a_foreground_channel():
+    from fdm_infer.foreground import ChannelPresence, foreground_channels
+
+    masks = torch.zeros(2, 3, 16, 16)
+    masks[:, 0] = 1.0  # the background around a centre square
+    masks[:, 0, 4:12, 4:12] = 0.0
+    masks[:, 1, 4:12, 4:12] = 0.55
+    masks[:, 2, 4:12, 4:12] = 0.45  # present inside, never the label
+    presence = ChannelPresence(3)
+    presence.add_masks(masks)
+    assert foreground_channels(presence.border, presence.whole) == [1, 2]  # the rule alone keeps it
+    assert presence.foreground() == [1]
+
+
+def test_tiff_and_gif_images_in_a_folder_are_segmented_as_when_named(small_model, tmp_path):
+    from PIL import Image
+
+    from fdm_infer import Segmenter
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(folder / "a.tif")
+    Image.fromarray(pixels).save(folder / "b.png")
+    Image.fromarray(pixels).convert("P").save(folder / "c.gif")
+    seg = Segmenter.load(small_model)
+    res = seg([folder])
+    assert sorted(Path(r.source).name for r in res) == ["a.tif", "b.png", "c.gif"]
+    named = seg([folder / "a.tif"])
+    assert np.array_equal(res[0].labels, named.labels[0])
