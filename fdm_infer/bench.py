@@ -259,7 +259,7 @@ def models_to_measure(preset_names: list[str], checkpoint: str | Path | None, pl
     """(name, {model name: model}) per preset with random weights, or once for a checkpoint's model; the
     first model is the one measured in full, the plain U-Net of the same size (random weights) beside."""
     if checkpoint is not None:
-        from fdm_infer.engines import model_file
+        from fdm_core.checkpoint import model_file
 
         checkpoint = model_file(checkpoint)
         model, cfg, _ = load_model(checkpoint, weights="ema")

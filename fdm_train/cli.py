@@ -258,7 +258,7 @@ def info(preset, variant, regions, image_size, channels, region_codes, mask_scal
 
     if model_path is not None:
         from fdm_core.checkpoint import read_checkpoint
-        from fdm_infer.engines import model_file
+        from fdm_core.checkpoint import model_file
 
         path = model_file(model_path)
         cfg, _, meta = read_checkpoint(path)

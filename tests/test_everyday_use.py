@@ -391,3 +391,33 @@ def test_tiff_and_gif_images_in_a_folder_are_segmented_as_when_named(small_model
     assert sorted(Path(r.source).name for r in res) == ["a.tif", "b.png", "c.gif"]
     named = seg([folder / "a.tif"])
     assert np.array_equal(res[0].labels, named.labels[0])
+
+
+# ----- the whole segmentation as one ONNX file -----
+
+def test_the_exported_segmentation_runs_in_plain_onnxruntime_and_matches_segment(small_model, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import onnxruntime as ort
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(images / f"im{i}.png")
+    out = tmp_path / "seg.onnx"
+    r = run_tool(capsys, monkeypatch, "fdm-export", "segmentation", small_model, "-o", out, "--timestep", "40")
+    assert r.code == 0, r.err
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "segment", images, "--model", small_model, "--timestep", "40",
+                 "--seed", "7", "-o", tmp_path / "out", "-q")
+    assert r.code == 0, r.err
+    expected = np.stack([np.asarray(Image.open(tmp_path / "out" / f"im{i}_labels.png")) for i in range(3)])
+
+    # The noise `segment --seed 7` gives every image, drawn as the file's metadata says.
+    noise = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(7)).expand(3, 3, 16, 16).numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    labels, masks = session.run(["labels", "masks"], {"image": pixels, "noise": noise})
+    assert labels.dtype == np.uint8 and labels.shape == (3, 16, 16) and masks.shape == (3, 3, 16, 16)
+    np.testing.assert_allclose(masks.sum(1), 1, atol=1e-5)
+    assert np.array_equal(labels, expected)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from fdm_core.checkpoint import DEFAULT_MODEL, DEFAULT_NAME, model_file  # noqa: F401  (the bundled model, by name)
 from fdm_core.errors import UserError
 from fdm_core.util import one_line, pick_device, set_threads
 from fdm_infer.engines.base import Engine
@@ -19,21 +20,6 @@ ENGINES = {
     "trt": ("fdm_infer.engines.trt_engine", "TrtEngine"),
 }
 ENGINE_BY_SUFFIX = {".safetensors": "torch", ".onnx": "onnx", ".plan": "trt", ".engine": "trt"}
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.safetensors"
-
-
-DEFAULT_NAME = "default"  # the name of the bundled model, wherever a model file is taken
-
-
-def model_file(model: str | Path | None) -> Path:
-    """The model file a command or function takes: None or "default" is the bundled checkpoint, anything else
-    the file it names."""
-    if model is None or str(model) == DEFAULT_NAME:
-        if not DEFAULT_MODEL.is_file():
-            raise UserError(f"the bundled default checkpoint is missing ({DEFAULT_MODEL}); give `model`, a model file",
-                            ("model",))
-        return DEFAULT_MODEL
-    return Path(model)
 
 
 def engine_for(path: str | Path) -> str:
