@@ -75,6 +75,7 @@ from fdm_infer.sampling import generate as sample
 from fdm_infer.segment import (
     DEFAULT_SMOOTH,
     DEFAULT_T,
+    PriorLikeness,
     Segmented,
     SegmentSettings,
     check_channels,
@@ -186,9 +187,13 @@ class Segmenter:
         start = time.perf_counter()
         items: list[Segmented] = []
         presence = ChannelPresence(k)
+        likeness = PriorLikeness(self.engine, self.settings)
         for batch in segment_batches(self.engine, inputs, self.settings, unreadable, progress):
             presence.add_masks(torch.stack([item.masks for item in batch]))
+            likeness.add(torch.stack([item.masks for item in batch]))
             items += batch
+        if likeness.warning():
+            warnings.warn(likeness.warning(), stacklevel=2)
         chosen = sorted(set(fg_channels)) if fg_channels else presence.foreground() if items else []
         return Segmentation(items, chosen, presence, bool(fg_channels), self.run_info(), self.settings,
                             time.perf_counter() - start)

@@ -32,7 +32,14 @@ from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.images import FileReport, collect_inputs, output_clash, save_png, write_outputs
 from fdm_infer.rle import encode_labels
-from fdm_infer.segment import Segmented, SegmentSettings, check_channels, check_class, segment_batches
+from fdm_infer.segment import (
+    PriorLikeness,
+    Segmented,
+    SegmentSettings,
+    check_channels,
+    check_class,
+    segment_batches,
+)
 
 SUMMARY = "summary.json"
 DEFAULT_OUT = "out"  # the folder segmentation results go to unless told
@@ -200,6 +207,7 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
     carried = done_before(folder, inputs) if skip_existing else {}
     todo = [item for item in inputs if item.name not in carried]
     presence = ChannelPresence(engine.num_regions)
+    likeness = PriorLikeness(engine, settings)
     kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
     start = time.perf_counter()
     interrupted = None
@@ -207,6 +215,7 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
         for batch in segment_batches(engine, todo, settings, lambda item, why: report.fail(item.path, why, warn),
                                      progress):
             presence.add_masks(torch.stack([item.masks for item in batch]))
+            likeness.add(torch.stack([item.masks for item in batch]))
             while batch:
                 item = batch.pop(0)  # dropped once written: a large image is not held longer
                 clash = folder.clash(item)
@@ -230,6 +239,9 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
     report.seconds = time.perf_counter() - start
     report.summary = summary(run or {}, settings, report, engine.num_regions, bool(fg_channels))
     report.summary["run"]["skipped_existing"] = len(carried)
+    report.summary["run"]["like_mean_mask"] = likeness.like
+    if likeness.warning():
+        warn(likeness.warning())
     if interrupted is not None:
         report.summary["run"]["interrupted"] = {"done": len(report.entries), "of": len(inputs)}
     folder.write_summary(report.summary)
