@@ -125,6 +125,14 @@ class HelpGroup(click.Group):
 
     command_class = Command
 
+    def format_commands(self, ctx, formatter):
+        """The commands with the whole first sentence of their help, wrapped (click cuts it to the width)."""
+        rows = [(name, command.get_short_help_str(limit=1_000)) for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def parse_args(self, ctx, args):
         if not args and not ctx.resilient_parsing:
             click.echo(ctx.get_help())

@@ -78,7 +78,9 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
     those of the overlay) and <name>_overlay.png; summary.json lists every input with its files. The
     whole image is resized to the model's size (no crop), and the masks back to the image's size.
     Exit status 1 if any input failed (each is reported as a warning). The images/s of the summary
-    counts decoding, the model and writing, not loading the model."""
+    counts decoding, the model and writing, not loading the model.
+
+    Example: fdm-infer segment photos/ -o out/ --foreground"""
     from fdm_infer.api import Segmenter
     from fdm_infer.images import label_legend
     from fdm_infer.outputs import SUMMARY, OutputOptions, summary_json
@@ -140,7 +142,9 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
              engine_kind, device, threads, quiet, as_json):
     """Generate images together with their masks. Writes sample_NNNN.png, sample_NNNN_labels.png
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
-    same images (bit-identical on the CPU)."""
+    same images (bit-identical on the CPU).
+
+    Example: fdm-infer generate -n 16 -o samples/"""
     from fdm_core.visualize import mask_statistics
     from fdm_infer import api
     from fdm_infer.sampling import check_samples_folder, class_labels, diffusion_for
@@ -210,7 +214,9 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
                 device, threads, quiet, as_json):
     """Interpolate between two real images: noise both, mix, denoise (as in DDPM; the paper's
     Figure 12). Both are noised to --timestep with the same noise, mixed, and denoised from there. Writes interpolation.png (A, the frames, B; masks below) and
-    frame_NN.png / frame_NN_labels.png."""
+    frame_NN.png / frame_NN_labels.png.
+
+    Example: fdm-infer interpolate a.jpg b.jpg --mix-steps 8 -o interp/"""
     from fdm_core.diffusion import GaussianDiffusion
     from fdm_core.util import check_writable_folder
     from fdm_infer.sampling import class_labels, interpolation_start, load_pair, write_interpolation

