@@ -233,7 +233,8 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     y = class_labels(engine, 1, [class_label] if class_label is not None else None)
     per_frame = len([s for s in diffusion.timesteps(steps) if s <= t])
     start = time.perf_counter()
-    with progress_bar(per_frame * frames, "interpolate", quiet, unit="step") as bar:
+    with progress_bar(per_frame * frames, f"interpolate ({frames} frames x {per_frame} steps)", quiet,
+                      unit="step") as bar:
         result = run(engine, a, b, t=t, frames=frames, mix=mix, steps=steps, sampler=sampler, clip=clip, seed=seed,
                      y=None if y is None else int(y[0]), progress=bar.update)
     written = write_interpolation(Path(out), result, inputs=[image_a, image_b, path])
