@@ -58,9 +58,8 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
     `default` is the bundled model (written to default.onnx unless -o says otherwise).
 
     Example: fdm-export onnx default -o model.onnx"""
-    from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
-
     from fdm_core.checkpoint import model_file
+    from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
 
     out = out or str(Path(checkpoint).with_suffix(".onnx"))
     result = export_onnx(model_file(checkpoint), out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
@@ -94,9 +93,9 @@ def segmentation(checkpoint, out, t, smooth, opset, check, overwrite, quiet):
     metadata says how), its labels are segment's for images of the model's size.
 
     Example: fdm-export segmentation default -o segment.onnx"""
+    from fdm_core.checkpoint import model_file
     from fdm_export.onnx_export import DEFAULT_OPSET
     from fdm_export.segmentation_export import export_segmentation
-    from fdm_core.checkpoint import model_file
 
     out = out or str(Path(checkpoint).with_suffix(".segment.onnx"))
     result = export_segmentation(model_file(checkpoint), out, t=t, smooth=smooth, opset=opset or DEFAULT_OPSET,

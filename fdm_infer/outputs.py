@@ -5,7 +5,6 @@ and the Python API (fdm_infer.api) write through it."""
 from __future__ import annotations
 
 import json
-
 import re
 import time
 import warnings

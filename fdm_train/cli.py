@@ -259,8 +259,7 @@ def info(preset, variant, regions, image_size, channels, region_codes, mask_scal
     from fdm_core.model import build_model, count_flops, count_parameters
 
     if model_path is not None:
-        from fdm_core.checkpoint import read_checkpoint
-        from fdm_core.checkpoint import model_file
+        from fdm_core.checkpoint import model_file, read_checkpoint
 
         path = model_file(model_path)
         cfg, _, meta = read_checkpoint(path)

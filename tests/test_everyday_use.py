@@ -211,12 +211,12 @@ def test_the_bundled_model_is_named_default_wherever_a_model_is_taken(tmp_path, 
     from fdm_infer.engines import DEFAULT_MODEL
 
     with safe_open(str(DEFAULT_MODEL), "pt") as f:
-        parameters = sum(f.get_tensor(k).numel() for k in f.keys() if k.startswith("ema."))
+        parameters = sum(f.get_tensor(k).numel() for k in f.keys() if k.startswith("ema."))  # noqa: SIM118
     info = run_tool(capsys, monkeypatch, "fdm-train", "info", "--model", "default")
     assert info.code == 0 and f"parameters: {parameters:,}" in info.out and "default.safetensors" in info.out
 
     assert Segmenter.load("default").model == Segmenter.load().model == DEFAULT_MODEL
-    [(name, models)] = models_to_measure([], "default", plain=False)
+    [(name, _)] = models_to_measure([], "default", plain=False)
     assert name == DEFAULT_MODEL.name
 
     out = tmp_path / "bundled.onnx"
@@ -255,7 +255,7 @@ def test_ctrl_c_while_a_command_starts_prints_one_line():
     launcher = ("import os, signal, sys; sys.argv[0] = 'fdm-infer'; import fdm_core; "
                 "os.kill(os.getpid(), signal.SIGINT); from fdm_infer.cli import main; main()")
     proc = subprocess.run([sys.executable, "-c", launcher, "segment", "--help"], env=ENV, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
     assert proc.stderr.strip() == "fdm-infer: interrupted" and proc.stdout == ""
     assert proc.returncode != 0
 
