@@ -24,6 +24,22 @@ class CheckpointError(UserError):
     """A missing, corrupt or mismatched checkpoint; the message is one line naming the file."""
 
 
+# The bundled model (a file of the fdm_infer package) and its name wherever a model file is taken.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "fdm_infer" / "assets" / "default.safetensors"
+DEFAULT_NAME = "default"
+
+
+def model_file(model: str | Path | None) -> Path:
+    """The model file a command or function takes: None or "default" is the bundled checkpoint, anything else
+    the file it names."""
+    if model is None or str(model) == DEFAULT_NAME:
+        if not DEFAULT_MODEL.is_file():
+            raise UserError(f"the bundled default checkpoint is missing ({DEFAULT_MODEL}); give `model`, a model file",
+                            ("model",))
+        return DEFAULT_MODEL
+    return Path(model)
+
+
 def save_checkpoint(path: str | Path, cfg: ModelConfig, ema: dict[str, torch.Tensor],
                     raw: dict[str, torch.Tensor] | None, step: int, extra: dict | None = None,
                     dtype: str = "fp32", placeholder: str | None = None) -> None:

@@ -56,3 +56,9 @@ def max_pixels_option(f):
     return click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS,
                         help="Skip (with a warning) images of more pixels than this, found before decoding "
                              "them.")(f)
+
+
+def json_option(f):
+    """--json: the command's results as JSON on stdout; its summary lines go to stderr."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the results as JSON to stdout (the summary lines go to stderr).")(f)

@@ -45,7 +45,13 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
 
 
 # Parameters whose option is not --name-with-dashes in the command that reports them.
-OPTION_SPELLINGS = {"classes": "--class", "class_label": "--class", "n": "-n", "model": "--model"}
+OPTION_SPELLINGS = {"classes": "--class", "class_label": "--class", "n": "-n", "model": "--model",
+                    "t_power": "--timestep-power", "progress": "--quiet"}
+
+
+def option_spelling(name: str) -> str:
+    """The command-line option of the parameter `name` where no command is at hand to ask."""
+    return OPTION_SPELLINGS.get(name) or "--" + name.replace("_", "-")
 
 
 def in_option_words(exc: UserError, params: list[click.Parameter]) -> UserError:
@@ -56,8 +62,7 @@ def in_option_words(exc: UserError, params: list[click.Parameter]) -> UserError:
             spelled[p.name] = next((o for o in p.opts if o.startswith("--")), p.opts[0])
         elif isinstance(p, click.Argument):
             spelled[p.name] = p.human_readable_name
-    exc.args = (exc.spelled(lambda name: spelled.get(name) or OPTION_SPELLINGS.get(name)
-                            or "--" + name.replace("_", "-")),)
+    exc.args = (exc.spelled(lambda name: spelled.get(name) or option_spelling(name)),)
     return exc
 
 
@@ -122,10 +127,11 @@ def _stop(prog: str, interrupt: KeyboardInterrupt):
     # shut down on the way out.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    said = f" {interrupt}" if str(interrupt) else ""  # e.g. where a training stopped and saved
     if isinstance(interrupt, Terminated):
-        click.echo(f"{prog}: terminated", err=True)
+        click.echo(f"{prog}: terminated{said}", err=True)
         sys.exit(128 + signal.SIGTERM)
-    click.echo(f"{prog}: interrupted", err=True)
+    click.echo(f"{prog}: interrupted{said}", err=True)
     sys.exit(130)
 
 
@@ -134,6 +140,14 @@ class HelpGroup(click.Group):
     their options in errors (`Command`)."""
 
     command_class = Command
+
+    def format_commands(self, ctx, formatter):
+        """The commands with the whole first sentence of their help, wrapped (click cuts it to the width)."""
+        rows = [(name, command.get_short_help_str(limit=1_000)) for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def parse_args(self, ctx, args):
         if not args and not ctx.resilient_parsing:

@@ -7,12 +7,14 @@ import click
 
 from fdm_core.cli_options import CONTEXT_SETTINGS, HelpGroup, overwrite_option, quiet_option, version_option
 from fdm_core.errors import FiniteFloatRange, run_cli
+from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
 @version_option
 def main_group():
-    """Export fdm models: `onnx` (checkpoint -> .onnx) and `trt` (.onnx -> TensorRT .plan)."""
+    """Export fdm models: `onnx` (checkpoint -> .onnx denoiser), `segmentation` (checkpoint -> .onnx of the
+    whole segmentation) and `trt` (.onnx -> TensorRT .plan)."""
 
 
 def _batches(ctx, param, value: str) -> tuple[int, ...]:
@@ -52,11 +54,15 @@ def parity_line(result) -> str:
 @overwrite_option("Replace the output file if it exists (never the checkpoint).")
 @quiet_option
 def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance, overwrite, quiet):
-    """Export CHECKPOINT's denoiser (x_t, t[, y]) -> (eps, masks) to ONNX with a dynamic batch."""
+    """Export CHECKPOINT's denoiser (x_t, t[, y]) -> (eps, masks) to ONNX with a dynamic batch. CHECKPOINT
+    `default` is the bundled model (written to default.onnx unless -o says otherwise).
+
+    Example: fdm-export onnx default -o model.onnx"""
+    from fdm_core.checkpoint import model_file
     from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
 
     out = out or str(Path(checkpoint).with_suffix(".onnx"))
-    result = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
+    result = export_onnx(model_file(checkpoint), out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
                          check_batches=check_batches, weights=weights, tolerance=tolerance, overwrite=overwrite)
     cfg = result.config
     cond = f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional"
@@ -65,6 +71,40 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
     click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.dtype}, opset {result.opset}; "
                f"{cfg.variant}, K={cfg.num_regions}, {cfg.image_size}x{cfg.image_size}, {cond}) "
                f"in {result.seconds:.1f} s")
+
+
+@main_group.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="Output file (.onnx) [default: the checkpoint's path with .segment.onnx].")
+@click.option("--timestep", "t", type=click.IntRange(0, 999), default=DEFAULT_T,
+              help="Noise level the images are taken to before the one forward pass (baked into the file).")
+@click.option("--smooth", type=click.IntRange(1), default=DEFAULT_SMOOTH,
+              help="Smooth the masks over an N x N window (odd; 1: the masks as the model gives them).")
+@click.option("--opset", type=click.IntRange(14, 20), default=None, help="ONNX opset [default: 17].")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare onnxruntime with PyTorch on random images before writing the file.")
+@overwrite_option("Replace the output file if it exists (never the checkpoint).")
+@quiet_option
+def segmentation(checkpoint, out, t, smooth, opset, check, overwrite, quiet):
+    """Export CHECKPOINT's whole segmentation to ONNX: image (uint8 [B, S, S, 3] at the model's size) and
+    noise (float32 [B, 3, S, S]) in; labels (uint8 [B, S, S]) and soft masks (float32 [B, K, S, S]) out.
+    It runs in any onnxruntime, without fdm; with the noise `fdm-infer segment --seed N` draws (the file's
+    metadata says how), its labels are segment's for images of the model's size.
+
+    Example: fdm-export segmentation default -o segment.onnx"""
+    from fdm_core.checkpoint import model_file
+    from fdm_export.onnx_export import DEFAULT_OPSET
+    from fdm_export.segmentation_export import export_segmentation
+
+    out = out or str(Path(checkpoint).with_suffix(".segment.onnx"))
+    result = export_segmentation(model_file(checkpoint), out, t=t, smooth=smooth, opset=opset or DEFAULT_OPSET,
+                                 check=check, overwrite=overwrite)
+    cfg = result.config
+    if not quiet:
+        click.echo(f"parity: {result.note}")
+    click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset}; {cfg.variant}, "
+               f"K={cfg.num_regions}, {cfg.image_size}x{cfg.image_size}, t={t}, smooth {smooth}) in {result.seconds:.1f} s")
 
 
 @main_group.command()

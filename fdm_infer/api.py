@@ -16,8 +16,8 @@
     res.to_json()       # summary.json's content, without the files
 
     samples = generate(n=4, steps=50, sampler="ddim")
-    samples[0]          # a PIL image (also: for image in samples, len(samples), samples.pil)
-    samples.images, samples.soft, samples.labels       # numpy arrays
+    samples[0]          # a PIL image (also: for image in samples, len(samples), samples[1:3], samples.show())
+    samples.images      # PIL images; samples.array, samples.soft, samples.labels: numpy arrays
     samples.save()      # into samples/ (or the folder given)
 
 Every error caused by the arguments or the input (a file, a parameter, a model) raises
@@ -25,21 +25,32 @@ fdm_infer.UserError, whose message names the API's parameters.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP, NUM_TIMESTEPS, SAMPLERS, SampleResult
+from fdm_core.diffusion import (
+    CLIP_MODES,
+    DEFAULT_CLIP,
+    DEFAULT_SAMPLER,
+    NUM_TIMESTEPS,
+    SAMPLERS,
+    SampleResult,
+    sampler_steps,
+)
 from fdm_core.errors import SEED, UserError, check_int
 from fdm_core.images import MAX_PIXELS
-from fdm_core.util import DEFAULT_THREADS
+from fdm_core.util import DEFAULT_THREADS, progress_bar
 from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
 from fdm_infer.engines import open_model, placeholder_note
 from fdm_infer.engines.base import Engine
@@ -59,12 +70,13 @@ from fdm_infer.outputs import (
     summary_json,
 )
 from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
-from fdm_infer.sampling import check_steps, diffusion_for, write_samples
+from fdm_infer.sampling import GRID_SAMPLES, check_steps, diffusion_for, image_mask_grid, write_samples
 from fdm_infer.sampling import generate as sample
 from fdm_infer.refine import DEFAULT_REFINE
 from fdm_infer.segment import (
     DEFAULT_SMOOTH,
     DEFAULT_T,
+    PriorLikeness,
     Segmented,
     SegmentSettings,
     check_channels,
@@ -111,11 +123,16 @@ class Segmenter:
     refused before it is decoded, and a batch stops growing once it holds that many full-resolution
     pixels)."""
 
-    def __init__(self, engine: Engine, model: Path | None = None, *, t: int = DEFAULT_T, seed: int = 0,
+    def __init__(self, engine: Engine, model: Path | None = None, *, timestep: int = DEFAULT_T, seed: int = 0,
                  ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
                  max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, refine: str = DEFAULT_REFINE,
-                 load_seconds: float = 0.0):
-        check_settings(t, ensemble, smooth, NUM_TIMESTEPS, refine)
+                 load_seconds: float = 0.0, t: int | None = None):
+        if t is not None:  # the earlier name of `timestep`
+            warnings.warn("Segmenter: `t` is now `timestep`, as the command line's --timestep", DeprecationWarning,
+                          stacklevel=3)
+            timestep = t
+        t = timestep
+        check_settings(t, ensemble, smooth, NUM_TIMESTEPS, refine, t_name="timestep")
         check_int("batch_size", batch_size, 1)
         check_int("max_pixels", max_pixels, 1)
         check_seed(seed)
@@ -129,13 +146,18 @@ class Segmenter:
              **settings) -> Segmenter:
         """The model of a file (.safetensors: torch, .onnx: onnxruntime, .plan/.engine: TensorRT; `engine`
         forces one), or the bundled default when `model` is None. `threads`: CPU threads of torch (for the
-        whole process) and onnxruntime. `settings`: t, seed, ensemble, batch_size, class_label, max_pixels,
-        smooth, refine."""
+        whole process) and onnxruntime. `settings`: timestep, seed, ensemble, batch_size, class_label,
+        max_pixels, smooth, refine (the command line's --timestep, --seed, ...)."""
         opened, path, seconds = load_engine(model, engine, device, threads, notify)
         return cls(opened, path, load_seconds=seconds, **settings)
 
     def describe(self) -> str:
         return describe(self.engine, self.model)
+
+    def __repr__(self) -> str:
+        st = self.settings
+        return (f"<Segmenter {self.describe()}, timestep {st.t}, seed {st.seed}, ensemble {st.ensemble}, "
+                f"smooth {st.smooth}>")
 
     def run_info(self) -> dict:
         """What summary.json says about the engine and model."""
@@ -164,21 +186,28 @@ class Segmenter:
         start = time.perf_counter()
         items: list[Segmented] = []
         presence = ChannelPresence(k)
+        likeness = PriorLikeness(self.engine, self.settings)
         for batch in segment_batches(self.engine, inputs, self.settings, unreadable, progress):
             presence.add_masks(torch.stack([item.masks for item in batch]))
+            likeness.add(torch.stack([item.masks for item in batch]))
             items += batch
+        if likeness.warning():
+            warnings.warn(likeness.warning(), stacklevel=2)
         chosen = sorted(set(fg_channels)) if fg_channels else presence.foreground() if items else []
         return Segmentation(items, chosen, presence, bool(fg_channels), self.run_info(), self.settings,
                             time.perf_counter() - start)
 
     def segment_files(self, paths: list[str | Path], out: str | Path, options: OutputOptions | None = None, *,
                       fg_channels: list[int] | None = None, limit: int | None = None,
-                      warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
+                      warn: Callable[[str], None] | None = None, progress: bool = True,
+                      skip_existing: bool = False) -> SegmentReport:
         """A run over files that writes each image's files as it goes (nothing kept in memory), then
         summary.json: what `fdm-infer segment` does. Unreadable files, files of more than `max_pixels`
-        pixels and images whose output would replace an input are skipped with a warning."""
+        pixels and images whose output would replace an input are skipped with a warning. `skip_existing`:
+        images an earlier run's summary.json in `out` lists with all their files are not segmented again.
+        Interrupted, it writes the summary of the images done first."""
         return segment_files(self.engine, paths, out, self.settings, options, fg_channels=fg_channels, limit=limit,
-                             run=self.run_info(), warn=warn, progress=progress)
+                             run=self.run_info(), warn=warn, progress=progress, skip_existing=skip_existing)
 
 
 def as_list(images) -> list:
@@ -209,11 +238,20 @@ class Segmentation:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> ImageSegmentation:
+    def __getitem__(self, index: int | slice) -> ImageSegmentation | Segmentation:
+        """One image's result, or a Segmentation of a slice of them (the same foreground channels)."""
+        if isinstance(index, slice):
+            part = copy.copy(self)
+            part.items = self.items[index]
+            return part
         return ImageSegmentation(self.items[index], self.fg_channels)
 
     def __iter__(self):
         return (ImageSegmentation(item, self.fg_channels) for item in self.items)
+
+    def __repr__(self) -> str:
+        return (f"<Segmentation of {len(self.items)} image(s), K={len(self.border_share)}, foreground channels "
+                f"{self.fg_channels}>")
 
     @property
     def labels(self) -> list[np.ndarray]:
@@ -294,6 +332,17 @@ class ImageSegmentation:
         """The image, the overlay and the colored label map side by side."""
         return grid([np.stack([self.image, np.asarray(self.overlay()), colorize(self.labels)])])
 
+    def show(self) -> Image.Image:
+        """Shows `plot()` in the system's image viewer (PIL's Image.show); returns it."""
+        picture = self.plot()
+        picture.show()
+        return picture
+
+    def __repr__(self) -> str:
+        height, width = self.labels.shape
+        present = sorted(int(v) for v in np.unique(self.labels))
+        return f"<ImageSegmentation {self.source} {width}x{height}, labels present {present}>"
+
     def save(self, out: str | Path = SEGMENT_OUT) -> dict[str, Path]:
         """Writes <name>_labels.png and <name>_overlay.png into `out`; returns the files by kind. A file it
         would write that is its input is an error, before anything is written."""
@@ -304,17 +353,29 @@ class ImageSegmentation:
 
 # ----- generation -----
 
-@dataclass
+@dataclass(repr=False)
 class Generation:
-    """Generated images with their masks (at the model's resolution)."""
+    """Generated images with their masks (at the model's resolution): `images` (PIL), `array`, `soft`,
+    `labels`; `len`, indexing (a PIL image), slicing (a Generation), iteration (PIL images)."""
     result: SampleResult  # the sampler's tensors: images [N, C, S, S] in [-1, 1], masks [N, K, S, S]
     classes: torch.Tensor | None  # the class of each sample (class-conditional models)
     seconds: float
     model: Path | None = None  # the model file, which no output may replace
+    settings: dict = field(default_factory=dict)  # sampler, steps, clip, seed, batch_size
 
     @property
-    def images(self) -> np.ndarray:
-        """uint8 [N, S, S, 3]."""
+    def images(self) -> list[Image.Image]:
+        """The samples as PIL images (RGB)."""
+        return [Image.fromarray(image) for image in self.array]
+
+    @property
+    def pil(self) -> list[Image.Image]:
+        """The same as `images`."""
+        return self.images
+
+    @property
+    def array(self) -> np.ndarray:
+        """The samples as one uint8 array [N, S, S, 3]."""
         return images_to_uint8(self.result.images)
 
     @property
@@ -327,46 +388,86 @@ class Generation:
         """uint8 [N, S, S]."""
         return self.result.masks.argmax(1).numpy().astype(np.uint8)
 
-    @property
-    def pil(self) -> list[Image.Image]:
-        """The samples as PIL images."""
-        return [Image.fromarray(image) for image in self.images]
-
     def __len__(self) -> int:
         return self.result.images.shape[0]
 
-    def __getitem__(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index])
+    def __getitem__(self, index: int | slice) -> Image.Image | Generation:
+        """One sample as a PIL image, or a Generation of a slice of them."""
+        if isinstance(index, slice):
+            trajectory = [(t, x[index], m[index]) for t, x, m in self.result.trajectory] if self.result.trajectory else []
+            part = SampleResult(self.result.images[index], self.result.masks[index], trajectory)
+            return Generation(part, None if self.classes is None else self.classes[index], self.seconds, self.model,
+                              dict(self.settings))
+        return Image.fromarray(images_to_uint8(self.result.images[index][None])[0])
 
     def __iter__(self):
-        return iter(self.pil)
+        return iter(self.images)
 
-    def save(self, out: str | Path = SAMPLES_OUT) -> list[Path]:
-        """sample_NNNN.png, sample_NNNN_labels.png, grid.png (and trajectory.png when recorded)."""
+    def grid(self) -> Image.Image:
+        """The samples above their colored masks (as grid.png)."""
+        return image_mask_grid(self.result.images[:GRID_SAMPLES], self.result.masks[:GRID_SAMPLES])
+
+    def show(self) -> Image.Image:
+        """Shows `grid()` in the system's image viewer (PIL's Image.show); returns it."""
+        picture = self.grid()
+        picture.show()
+        return picture
+
+    def __repr__(self) -> str:
+        _, _, size, _ = self.result.images.shape
+        st = self.settings
+        how = f", {st['sampler']} {st['steps']} steps, seed {st['seed']}" if st else ""
+        return (f"<Generation of {len(self)} image(s), {size}x{size}, K={self.result.masks.shape[1]}{how}, "
+                f"{self.seconds:.1f} s>")
+
+    def save(self, out: str | Path = SAMPLES_OUT, *, overwrite: bool = False) -> list[Path]:
+        """sample_NNNN.png, sample_NNNN_labels.png, grid.png (and trajectory.png when recorded) and summary.json
+        (the model, sampler, steps, clip, seed and every sample's files; the PNGs carry them as text fields).
+        A folder that holds an earlier generation is refused unless `overwrite`, which replaces it."""
+        run = {"model": None if self.model is None else str(self.model), **self.settings}
         return write_samples(Path(out), self.result, self.classes, save_trajectory=bool(self.result.trajectory),
-                             inputs=[self.model])
+                             inputs=[self.model], run=run, overwrite=overwrite)
 
 
 def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: str | None = None, device: str = "auto",
-             threads: int | None = DEFAULT_THREADS, steps: int = 1000, sampler: str = "ddpm",
-             clip: str = DEFAULT_CLIP, seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory: bool = False,
-             progress: Callable[[int], None] | None = None, notify: Callable[[str], None] | None = None) -> Generation:
-    """n samples with their masks from a model file (as `Segmenter.load` opens it; None: the bundled
-    default): DDPM ancestral sampling with `steps` steps, or DDIM (`sampler="ddim"`); every step bounds its
-    predicted image to [-1, 1] (`clip`: "dynamic" thresholding, the default; "static" clamping; "none").
-    The same seed, n, batch_size, steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record
-    the predicted images and masks along the reverse process (saved as trajectory.png). `progress` is
-    called with 1 after every step."""
+             threads: int | None = DEFAULT_THREADS, steps: int | None = None, sampler: str = DEFAULT_SAMPLER,
+             clip: str = DEFAULT_CLIP, seed: int = 0, batch_size: int = 16, classes: list[int] | None = None,
+             trajectory: bool = False, progress: bool | Callable[[int], None] = False,
+             notify: Callable[[str], None] | None = None) -> Generation:
+    """n samples with their masks from a model file (as `Segmenter.load` opens it; None or "default": the
+    bundled model): DDIM with 50 steps by default (`sampler`: "ddim", "ddpm" ancestral sampling, "dpm++";
+    `steps`: None for the sampler's own, SAMPLER_STEPS); every step bounds its predicted image to [-1, 1]
+    (`clip`: "dynamic" thresholding, the default; "static" clamping; "none"). The same seed, n, batch_size,
+    steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record the predicted
+    images and masks along the reverse process (saved as trajectory.png). `progress`: True shows a progress
+    bar on stderr; a function is called with 1 after every step."""
+    for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
+        if value not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    steps = sampler_steps(sampler, steps)
     check_steps(steps)
     check_seed(seed)
     check_int("n", n, 1)
     check_int("batch_size", batch_size, 1)
-    for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
-        if value not in choices:
-            raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     opened, path, _ = load_engine(model, engine, device, threads, notify)
-    every = max(1, len(diffusion_for(opened).timesteps(steps, sampler)) // 10) if trajectory else 0
+    n_steps = len(diffusion_for(opened).timesteps(steps, sampler))
+    every = max(1, n_steps // 10) if trajectory else 0
     start = time.perf_counter()
-    result, y = sample(opened, n, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size, classes=classes,
-                       trajectory_every=every, progress=progress)
-    return Generation(result, y, time.perf_counter() - start, path)
+    with _progress(progress, n_steps * -(-n // batch_size), f"generate ({sampler})") as update:
+        result, y = sample(opened, n, steps=steps, sampler=sampler, clip=clip, seed=seed, batch_size=batch_size,
+                           classes=classes, trajectory_every=every, progress=update)
+    return Generation(result, y, time.perf_counter() - start, path,
+                      {"sampler": sampler, "steps": steps, "clip": clip, "seed": seed, "batch_size": batch_size})
+
+
+@contextmanager
+def _progress(progress: bool | Callable[[int], None], total: int, desc: str):
+    """The function a run calls after every step: a progress bar's for `progress=True`, `progress` itself
+    where it is one, else None."""
+    if callable(progress):
+        yield progress
+    elif progress:
+        with progress_bar(total, desc, "step") as bar:
+            yield bar.update
+    else:
+        yield None

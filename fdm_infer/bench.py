@@ -259,8 +259,11 @@ def models_to_measure(preset_names: list[str], checkpoint: str | Path | None, pl
     """(name, {model name: model}) per preset with random weights, or once for a checkpoint's model; the
     first model is the one measured in full, the plain U-Net of the same size (random weights) beside."""
     if checkpoint is not None:
+        from fdm_core.checkpoint import model_file
+
+        checkpoint = model_file(checkpoint)
         model, cfg, _ = load_model(checkpoint, weights="ema")
-        named = [(Path(checkpoint).name, cfg, model)]
+        named = [(checkpoint.name, cfg, model)]
     else:
         named = [(name, preset(name), random_model(preset(name))) for name in preset_names]
     for name, cfg, model in named:

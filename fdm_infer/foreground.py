@@ -54,12 +54,15 @@ class ChannelPresence:
     def __init__(self, num_channels: int):
         self.border = np.zeros(num_channels)
         self.whole = np.zeros(num_channels)
+        self.won = np.zeros(num_channels)  # pixels where each channel is the label
         self.images = 0
 
     def add_masks(self, masks: torch.Tensor) -> None:
         ring = torch.from_numpy(border_ring(*masks.shape[-2:])).to(masks.device)
         self.border += masks[..., ring].double().mean(dim=2).sum(dim=0).cpu().numpy()
         self.whole += masks.double().mean(dim=(2, 3)).sum(dim=0).cpu().numpy()
+        k = self.won.shape[0]
+        self.won += torch.bincount(masks.argmax(1).flatten(), minlength=k)[:k].cpu().numpy()
         self.images += masks.shape[0]
 
     def add_labels(self, labels: np.ndarray) -> None:
@@ -71,10 +74,14 @@ class ChannelPresence:
         for row in labels:
             self.border += np.bincount(row[ring].ravel(), minlength=k)[:k] / ring.sum()
             self.whole += np.bincount(row.ravel(), minlength=k)[:k] / row.size
+            self.won += np.bincount(row.ravel(), minlength=k)[:k]
         self.images += labels.shape[0]
 
     def foreground(self) -> list[int]:
-        return foreground_channels(self.border, self.whole)
+        """`foreground_channels`, less the channels that are no pixel's label in any image (they hold no
+        foreground), unless that leaves none."""
+        channels = foreground_channels(self.border, self.whole)
+        return [c for c in channels if self.won[c] > 0] or channels
 
     @property
     def border_share(self) -> list[float]:

@@ -174,7 +174,8 @@ def model_input(image: np.ndarray, size: int) -> torch.Tensor:
 
 def rgb_array(image) -> np.ndarray:
     """An in-memory image as RGB uint8 [H, W, 3]. A PIL image of any mode; a numpy array [H, W] or
-    [H, W, 1|3|4]; a torch tensor [H, W] or [1|3|4, H, W]. uint8 as is; float in [0, 1] (clipped); other
+    [H, W, 1|3|4]; a torch tensor [H, W] or [1|3|4, H, W]. uint8 as is; float in [0, 1] (values further than
+    FLOAT_SLACK outside it are an error: a float image in 0..255 is not guessed at); bool as 0/255; other
     integers as is when they fit in 0..255, else scaled by their maximum (16-bit images). Alpha is dropped."""
     if isinstance(image, Image.Image):
         if image.width * image.height == 0:
@@ -205,11 +206,23 @@ def rgb_array(image) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
+# How far outside [0, 1] a float image may stray (rounding of a computation) before it is refused: less than half
+# a step of 8 bits, so that clipping it changes no pixel's 8-bit value by more than rounding does.
+FLOAT_SLACK = 1 / 512
+
+
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
-    if arr.dtype == bool or np.issubdtype(arr.dtype, np.floating):
-        return (np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 1) * 255).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        values = np.nan_to_num(arr.astype(np.float64))
+        low, high = float(values.min()), float(values.max())
+        if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
+            hint = ": divide by 255, or give uint8" if high > 1 + FLOAT_SLACK and high <= 255 else ""
+            raise UserError(f"a float image must hold values in [0, 1], got {low:g} to {high:g}{hint}")
+        return (np.clip(values, 0, 1) * 255).round().astype(np.uint8)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
     if np.issubdtype(arr.dtype, np.integer):
         return integers_to_uint8(arr)
     raise UserError(f"cannot read an image from an array of {arr.dtype}")
@@ -246,21 +259,28 @@ def label_map(masks: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return labels.numpy()
 
 
-def save_png(img: Image.Image | np.ndarray, path: Path) -> None:
-    """A PNG written atomically (fdm_core.util.atomic_file)."""
+def save_png(img: Image.Image | np.ndarray, path: Path, text: dict | None = None) -> None:
+    """A PNG written atomically (fdm_core.util.atomic_file), with `text` as its text fields (tEXt chunks)."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, str(value))
     with atomic_file(path) as f:
-        img.save(f, format="PNG", optimize=False)
+        img.save(f, format="PNG", optimize=False, pnginfo=info)
 
 
-def save_labels(labels: np.ndarray, path: Path) -> None:
+def save_labels(labels: np.ndarray, path: Path, text: dict | None = None) -> None:
     """A uint8 label map as a palette PNG, its folder made if needed: the pixel values are the labels
     (what numpy and `evaluate --predictions` read), the palette gives each label its region color (what an
     image viewer shows)."""
     img = Image.fromarray(np.asarray(labels, dtype=np.uint8)).convert("P")  # L -> P keeps the values
     img.putpalette(LABEL_PALETTE)
-    save_png(img, path)
+    save_png(img, path, text)
 
 
 def output_paths(out: Path, key: Path, kinds) -> list[Path]:

@@ -23,8 +23,8 @@ def engine_options(f):
                           ".onnx onnxruntime, .plan/.engine TensorRT].")(f)
     f = click.option("--model", "--checkpoint", "model_file", type=click.Path(dir_okay=False), default=None,
                      help="Model file: a checkpoint (.safetensors), or an export of one by fdm-export (.onnx, "
-                          ".plan/.engine) [default: the bundled LFW 32x32 checkpoint]. --checkpoint is another "
-                          "name for it.")(f)
+                          ".plan/.engine), or `default`: the bundled LFW 32x32 checkpoint [default: default]. "
+                          "--checkpoint is another name for it.")(f)
     return f
 
 

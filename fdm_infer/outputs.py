@@ -4,6 +4,7 @@ summary.json; no file it writes replaces an input. Both the run over files (`seg
 and the Python API (fdm_infer.api) write through it."""
 from __future__ import annotations
 
+import json
 import re
 import time
 import warnings
@@ -31,7 +32,14 @@ from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.images import FileReport, collect_inputs, output_clash, save_png, write_outputs
 from fdm_infer.rle import encode_labels
-from fdm_infer.segment import Segmented, SegmentSettings, check_channels, check_class, segment_batches
+from fdm_infer.segment import (
+    PriorLikeness,
+    Segmented,
+    SegmentSettings,
+    check_channels,
+    check_class,
+    segment_batches,
+)
 
 SUMMARY = "summary.json"
 DEFAULT_OUT = "out"  # the folder segmentation results go to unless told
@@ -183,11 +191,15 @@ class OutputFolder:
 def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
                   settings: SegmentSettings | None = None, options: OutputOptions | None = None, *,
                   fg_channels: list[int] | None = None, limit: int | None = None, run: dict | None = None,
-                  warn: Callable[[str], None] | None = None, progress: bool = True) -> SegmentReport:
+                  warn: Callable[[str], None] | None = None, progress: bool = True,
+                  skip_existing: bool = False) -> SegmentReport:
     """Segment every image under `paths` (the first `limit`), writing each one's files into `out` as it
     goes, then the foreground masks and summary.json (`run`: what it says about the engine and model).
     A file that cannot be read or written is skipped with a warning and reported in `failed`, and so is
-    one of more than `settings.max_pixels` pixels, or whose output would replace one of the inputs."""
+    one of more than `settings.max_pixels` pixels, or whose output would replace one of the inputs.
+    `skip_existing`: an image that the summary.json in `out` lists, with all its files there, is not
+    segmented again; its entry is carried over. Interrupted (Ctrl-C, SIGTERM), the run writes the summary
+    of the images done, then raises the interruption with a message saying so."""
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     settings, options = settings or SegmentSettings(), options or OutputOptions()
     check_outputs(options, fg_channels, engine.num_regions)
@@ -203,12 +215,26 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
     for message in skipped:
         warn(message)
     with OutputFolder(out, options, (item.path for item in found), warn=warn) as folder:
-        presence = ChannelPresence(engine.num_regions)
-        kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
-        start = time.perf_counter()
-        for batch in segment_batches(engine, inputs, settings, lambda item, why: report.fail(item.path, why, warn),
+        return _segment_into(folder, engine, inputs, settings, report, fg_channels, run, warn, progress,
+                             done_before(folder, inputs) if skip_existing else {})
+
+
+def _segment_into(folder: OutputFolder, engine: Engine, inputs: list, settings: SegmentSettings,
+                  report: SegmentReport, fg_channels: list[int] | None, run: dict | None, warn, progress: bool,
+                  carried: dict[str, dict]) -> SegmentReport:
+    """segment_files' work once it holds the output folder: the images not `carried` over from an
+    earlier run segmented and written, then the foreground masks and summary.json."""
+    todo = [item for item in inputs if item.name not in carried]
+    presence = ChannelPresence(engine.num_regions)
+    likeness = PriorLikeness(engine, settings)
+    kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
+    start = time.perf_counter()
+    interrupted = None
+    try:
+        for batch in segment_batches(engine, todo, settings, lambda item, why: report.fail(item.path, why, warn),
                                      progress):
             presence.add_masks(torch.stack([item.masks for item in batch]))
+            likeness.add(torch.stack([item.masks for item in batch]))
             while batch:
                 item = batch.pop(0)  # dropped once written: a large image is not held longer
                 clash = folder.clash(item)
@@ -219,16 +245,47 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
                     kept.append((item.key, item.source, folder.write(item)))
                 except UserError as exc:  # a file that cannot be written (atomic_file)
                     report.fail(item.source, str(exc), warn)
-        report.written = len(kept)
-        if kept:
-            report.border_share, report.image_share = presence.border_share, presence.image_share
-            report.foreground = sorted(set(fg_channels)) if fg_channels else presence.foreground()
-            kept = _with_foreground(folder, kept, report, warn)
-        report.entries = [entry for _, _, entry in kept]
-        report.seconds = time.perf_counter() - start
-        report.summary = summary(run or {}, settings, report, engine.num_regions, bool(fg_channels))
-        folder.write_summary(report.summary)
-        return report
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the summary of what was done, then stop
+        interrupted = exc
+    report.written = len(kept)
+    if kept:
+        report.border_share, report.image_share = presence.border_share, presence.image_share
+        report.foreground = sorted(set(fg_channels)) if fg_channels else presence.foreground()
+        kept = _with_foreground(folder, kept, report, warn)
+    report.entries = [entry for _, _, entry in kept]
+    by_input = {entry["input"]: entry for entry in report.entries} | carried
+    report.entries = [by_input[item.name] for item in inputs if item.name in by_input]
+    report.seconds = time.perf_counter() - start
+    report.summary = summary(run or {}, settings, report, engine.num_regions, bool(fg_channels))
+    report.summary["run"]["skipped_existing"] = len(carried)
+    report.summary["run"]["like_mean_mask"] = likeness.like
+    if likeness.warning():
+        warn(likeness.warning())
+    if interrupted is not None:
+        report.summary["run"]["interrupted"] = {"done": len(report.entries), "of": len(inputs)}
+    folder.write_summary(report.summary)
+    if interrupted is not None:
+        raise type(interrupted)(f"after {len(report.entries)} of {len(inputs)} images; {folder.out / SUMMARY} lists "
+                                "them (--skip-existing goes on from there)")
+    return report
+
+
+def done_before(folder: OutputFolder, inputs: list) -> dict[str, dict]:
+    """The summary.json entries, by input, of the `inputs` an earlier run in the folder segmented: listed in
+    its summary.json with every file this run would write there."""
+    try:
+        earlier = json.loads((folder.out / SUMMARY).read_text())["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    wanted = {item.name for item in inputs}
+    needed = {kind for kind in folder.kinds if kind != "fg"} | ({"foreground"} if folder.options.foreground else set())
+    done = {}
+    for entry in earlier:
+        outputs = entry.get("outputs", {}) if isinstance(entry, dict) else {}
+        files = [folder.out / name for name in outputs.values()]
+        if entry.get("input") in wanted and needed <= set(outputs) and all(f.is_file() for f in files):
+            done[entry["input"]] = entry
+    return done
 
 
 def _with_foreground(folder: OutputFolder, kept, report: SegmentReport, warn) -> list:

@@ -11,9 +11,16 @@ import torch
 from PIL import Image
 
 from fdm_core.config import memory_per_sample
-from fdm_core.diffusion import DEFAULT_CLIP, NUM_TIMESTEPS, GaussianDiffusion, SampleResult
+from fdm_core.diffusion import (
+    DEFAULT_CLIP,
+    DEFAULT_SAMPLER,
+    NUM_TIMESTEPS,
+    GaussianDiffusion,
+    SampleResult,
+    sampler_steps,
+)
 from fdm_core.errors import UserError, check_int
-from fdm_core.util import check_memory, check_not_input, check_writable_folder
+from fdm_core.util import atomic_write, check_memory, check_not_input, check_writable_folder, json_text
 from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine
 from fdm_infer.images import load_for_model, save_labels, save_png
@@ -66,7 +73,8 @@ def check_batch_memory(engine: Engine, batch: int) -> None:
     check_memory(batch, memory_per_sample(engine.config), torch.device(engine.device), "samples", "batch_size")
 
 
-def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
+def generate(engine: Engine, n: int, *, steps: int | None = None, sampler: str = DEFAULT_SAMPLER,
+             clip: str = DEFAULT_CLIP,
              seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory_every: int = 0,
              progress: Callable[[int], None] | None = None) -> tuple[SampleResult, torch.Tensor | None]:
     """n samples in batches of `batch_size`, all drawn from ONE generator seeded with `seed` (on the
@@ -75,6 +83,7 @@ def generate(engine: Engine, n: int, *, steps: int = 1000, sampler: str = "ddpm"
     Returns (SampleResult with images/masks/trajectory on the CPU, class labels or None).
     The trajectory is that of the first batch only."""
     diffusion = diffusion_for(engine)
+    steps = sampler_steps(sampler, steps)
     check_batch_memory(engine, min(batch_size, n))
     cfg = engine.config
     y_all = class_labels(engine, n, classes)
@@ -125,33 +134,69 @@ def trajectory_picture(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]],
     return grid(rows)
 
 
-def save_pictures(pairs: list[tuple[Path, Path]], images: torch.Tensor, masks: torch.Tensor
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Each image [C, S, S] in [-1, 1] and the label map of its masks into its (picture, label map) paths;
-    returns both as uint8 arrays."""
+def save_pictures(pairs: list[tuple[Path, Path]], images: torch.Tensor, masks: torch.Tensor,
+                  texts: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each image [C, S, S] in [-1, 1] and the label map of its masks into its (picture, label map) paths,
+    with its PNG text fields (`texts`); returns both as uint8 arrays."""
     pics = images_to_uint8(images)
     labels = masks.argmax(1).numpy().astype(np.uint8)
-    for (picture, label_file), pic, lab in zip(pairs, pics, labels):
-        save_png(pic, picture)
-        save_labels(lab, label_file)
+    for i, ((picture, label_file), pic, lab) in enumerate(zip(pairs, pics, labels)):
+        text = texts[i] if texts else None
+        save_png(pic, picture, text)
+        save_labels(lab, label_file, text)
     return pics, labels
 
 
+SUMMARY = "summary.json"
+SUMMARY_FORMAT = "fdm-generate-v1"
+# What a generation writes into its folder: the files of an earlier one are these.
+SAMPLE_FILES = ("sample_*.png", "grid.png", "trajectory.png", SUMMARY)
+
+
+def earlier_samples(out: Path) -> list[Path]:
+    """The files of an earlier generation in `out`."""
+    if not out.is_dir():
+        return []
+    return sorted({p for pattern in SAMPLE_FILES for p in out.glob(pattern) if p.is_file()})
+
+
+def check_samples_folder(out: Path, overwrite: bool = False) -> None:
+    """A generation never mixes its samples with an earlier one's: a folder that holds one is refused unless
+    `overwrite` (the earlier files are then removed when the new ones are written)."""
+    earlier = earlier_samples(out)
+    if earlier and not overwrite:
+        raise UserError(f"{out} holds an earlier generation ({len(earlier)} files, e.g. {earlier[0].name}): write to "
+                        "another folder, or pass `overwrite` to replace it", ("overwrite",))
+    check_writable_folder(out)
+
+
 def write_samples(out: Path, result: SampleResult, y: torch.Tensor | None = None, save_trajectory: bool = False,
-                  inputs: list[Path] = ()) -> list[Path]:
+                  inputs: list[Path] = (), run: dict | None = None, overwrite: bool = False) -> list[Path]:
     """sample_NNNN.png (image at model resolution), sample_NNNN_labels.png (uint8 labels 0..K-1),
-    grid.png (the first GRID_SAMPLES images above their colored masks), trajectory.png (if asked). Returns the paths written. None of
-    them may be one of `inputs` (the model file)."""
+    grid.png (the first GRID_SAMPLES images above their colored masks), trajectory.png (if asked) and
+    summary.json (`run`: the model and sampler settings, and every sample's files; the PNGs carry them as
+    text fields). Returns the paths written. None of them may be one of `inputs` (the model file); a folder
+    of an earlier generation is refused unless `overwrite`, which removes its files first."""
     names = [f"sample_{i:04d}" + (f"_class{int(y[i])}" if y is not None else "") for i in range(len(result.images))]
     pairs = [(out / f"{name}.png", out / f"{name}_labels.png") for name in names]
     extra = [out / "grid.png", *([out / "trajectory.png"] if save_trajectory and result.trajectory else [])]
-    written = [path for pair in pairs for path in pair] + extra
+    written = [path for pair in pairs for path in pair] + extra + [out / SUMMARY]
     check_not_input(written, inputs)
-    check_writable_folder(out)
-    pics, labels = save_pictures(pairs, result.images, result.masks)
+    check_samples_folder(out, overwrite)
+    for path in earlier_samples(out):
+        path.unlink()
+    run = dict(run or {})
+    texts = [{"fdm": json_text({**run, "sample": i, **({"class": int(y[i])} if y is not None else {})})}
+             for i in range(len(names))]
+    save_pictures(pairs, result.images, result.masks, texts)
     save_png(image_mask_grid(result.images[:GRID_SAMPLES], result.masks[:GRID_SAMPLES]), out / "grid.png")
     if len(extra) > 1:
         save_png(trajectory_picture(result.trajectory), out / "trajectory.png")
+    samples = [{"image": picture.name, "labels": labels.name, **({"class": int(y[i])} if y is not None else {})}
+               for i, (picture, labels) in enumerate(pairs)]
+    document = {"format": SUMMARY_FORMAT, **run, "count": len(names), "samples": samples,
+                "grid": "grid.png", **({"trajectory": "trajectory.png"} if len(extra) > 1 else {})}
+    atomic_write(out / SUMMARY, (json_text(document, indent=1) + "\n").encode())
     return written
 
 
@@ -177,7 +222,8 @@ class Interpolation:
 
 
 def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 250, frames: int = 8,
-                mix: str = "linear", steps: int = 1000, sampler: str = "ddpm", clip: str = DEFAULT_CLIP, seed: int = 0,
+                mix: str = "linear", steps: int = NUM_TIMESTEPS, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
+                seed: int = 0,
                 y: int | None = None, progress: Callable[[int], None] | None = None) -> Interpolation:
     """Noise images a, b ([C, S, S] in [-1, 1]) to t with the SAME noise, mix the latents with
     lambda = 0..1 (`linear`, as in DDPM, or `slerp`), and denoise each mix from t. Every frame uses

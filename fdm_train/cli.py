@@ -72,8 +72,9 @@ def main_group():
 
 
 @main_group.command()
-@click.option("--data", required=True, type=click.Path(),
-              help="Folder of training images (searched recursively), or a .npy cache from `prepare-data`.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Folder of training images (searched recursively), or a .npy cache from `prepare-data` "
+                   "[default: a resumed run's own; a new run needs it].")
 @limit_option("images of --data")
 @click.option("-o", "--out", default=TRAIN["out"], show_default=True, type=click.Path(file_okay=False),
               help="Run folder (created): checkpoint.safetensors, train_state.pt, log.jsonl, samples/.")
@@ -107,7 +108,12 @@ def main_group():
                    "afresh), e.g. one written by `split-region` [default: none, random weights].")
 @click.option("--resume", type=click.Choice(["yes", "auto", "no"]), is_flag=False, flag_value="yes", default="no",
               help="`--resume`: continue the run in --out (its config wins over model flags); `--resume auto`: "
-                   "continue from its last complete checkpoint if there is one, else start fresh.")
+                   "continue from its last complete checkpoint if there is one, else start fresh. A resumed run "
+                   "keeps every option it was started with (--data and --limit included) but those given anew, "
+                   "and says which those are.")
+@click.option("--allow-changes", is_flag=True,
+              help="Let a resumed run change options that make it differ from a run never stopped (--batch-size, "
+                   "--lr, --data, --seed, ...); without it such a change is refused.")
 @overwrite_option("Start a new run in an --out that holds an earlier run: the earlier run is deleted once the "
                   "new run's first checkpoint is written.")
 @click.option("--workers", type=int, default=TRAIN["workers"],
@@ -169,8 +175,10 @@ def main_group():
 @quiet_option
 def train(data, out, preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, dropout, class_cond,
           resume, compile_, quiet, prediction, **kwargs):
-    """Train on every jpg/png/webp under --data with the plain denoising loss.
-    Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs)."""
+    """Train on every jpg/png/webp/bmp/tif/gif under --data with the plain denoising loss.
+    Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs).
+
+    Example: fdm-train --data photos/ --preset tiny-32 --out runs/try --iterations 2000"""
     from fdm_train.train import train as run_training
 
     cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, dropout=dropout,
@@ -178,9 +186,22 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
                                         compile=compile_, progress=not quiet, prediction=prediction,
-                                        padding=padding, **kwargs))
+                                        padding=padding, given=given_options(click.get_current_context()),
+                                        **kwargs))
     if summary["rank"] == 0 and not summary.get("finished_before"):
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
+
+
+# Parameters of `train` whose TrainOptions field has another name.
+FIELD_OF_PARAMETER = {"compile_": "compile", "quiet": "progress"}
+
+
+def given_options(ctx: click.Context) -> tuple[str, ...]:
+    """The TrainOptions fields the command line set (not left at their defaults)."""
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    given = (FIELD_OF_PARAMETER.get(p, p) for p in ctx.params
+             if ctx.get_parameter_source(p) not in (click.core.ParameterSource.DEFAULT, None))
+    return tuple(name for name in given if name in names)
 
 
 @main_group.command("prepare-data")
@@ -238,16 +259,32 @@ def synth(output, kind, count, size, seed, empty, quiet):
 
 @main_group.command()
 @model_options
-def info(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding):
-    """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter)."""
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
+              help="Describe this checkpoint's model instead of a preset's; `default` is the bundled model "
+                   "[default: none, the preset].")
+def info(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, model_path):
+    """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter): a preset's, or a
+    checkpoint's (--model).
+
+    Example: fdm-train info --model default"""
     import torch
 
     from fdm_core.model import build_model, count_flops, count_parameters
 
-    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding)
+    if model_path is not None:
+        from fdm_core.checkpoint import model_file, read_checkpoint
+
+        path = model_file(model_path)
+        cfg, _, meta = read_checkpoint(path)
+        name = f"{path.name} (step {meta.get('step')}; "
+    else:
+        cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding)
+        name = f"preset:     {preset} ("
     with torch.device("meta"):
         params = count_parameters(build_model(cfg))
-    click.echo(f"preset:     {preset} ({cfg.variant}, K={cfg.mask_channels}, "
+    if model_path is not None:
+        name = "model:      " + name
+    click.echo(f"{name}{cfg.variant}, K={cfg.mask_channels}, "
                f"{cfg.image_size}x{cfg.image_size}, C={cfg.base_channels}, mult={list(cfg.channel_mult)}, "
                f"blocks={cfg.num_res_blocks})")
     click.echo(f"parameters: {params:,} ({params / 1e6:.1f} M)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from fdm_core.config import DEFAULT_T_POWER, ModelConfig
 from fdm_core.errors import UserError
@@ -17,7 +17,8 @@ class TrainingError(UserError):
 
 @dataclass
 class TrainOptions:
-    data: str  # a folder of images, or a .npy cache written by `fdm-train prepare-data`
+    data: str | None = None  # a folder of images, or a .npy cache written by `fdm-train prepare-data`; a resumed
+    # run: its own unless given
     out: str = "runs/fdm"
     model: ModelConfig | None = None
     batch_size: int = 64  # the global batch, over all devices and micro-batches
@@ -80,6 +81,54 @@ class TrainOptions:
     # weights are the same, so a zero-padded model can be fine-tuned to replicate padding. None: theirs.
     padding: str | None = None
     threads: int | None = DEFAULT_THREADS  # torch's CPU threads (None: torch's own choice)
+    # The options the user set (field names). A resumed run keeps its own value of every other option
+    # (`resumed_options`). None: the fields whose value differs from their default.
+    given: tuple[str, ...] | None = None
+    allow_changes: bool = False  # a resumed run may change options that make it differ from an uninterrupted one
+
+
+# Fields that are not options of the run itself: a resume never takes them from the training state.
+NOT_STORED = ("out", "model", "resume", "overwrite", "progress", "given", "allow_changes", "init", "prediction",
+              "padding")
+# Options a resumed run may change without changing its weights: how long it runs, what it writes, where and how
+# fast it computes. Changing any other option needs `allow_changes`.
+EXACT_SAFE = ("iterations", "save_every", "sample_every", "sample_count", "sample_steps", "log_every", "workers",
+              "device", "threads", "compile", "channels_last", "micro_batch", "grad_accum")
+
+
+def given_fields(opts: TrainOptions) -> set[str]:
+    """The options the user set: `opts.given`, or the fields whose value differs from their default."""
+    if opts.given is not None:
+        return set(opts.given)
+    return {f.name for f in fields(opts) if getattr(opts, f.name) != f.default}
+
+
+def resumed_options(opts: TrainOptions, stored: dict) -> tuple[TrainOptions, dict]:
+    """The options of a resumed run: the run's own (`stored`, from its training state) for every option the
+    user did not set, theirs for those they did; and {name: (run's value, new value)} of the changes. A change
+    that makes the run differ from an uninterrupted one is a TrainingError unless `allow_changes`."""
+    given = given_fields(opts)
+    kept, changed = {}, {}
+    for f in fields(opts):
+        if f.name in NOT_STORED or f.name not in stored:
+            continue
+        value = getattr(opts, f.name)
+        if f.name not in given:
+            kept[f.name] = stored[f.name]
+        elif not _same(f.name, value, stored[f.name]):
+            changed[f.name] = (stored[f.name], value)
+    breaking = [name for name in changed if name not in EXACT_SAFE]
+    if breaking and not opts.allow_changes:
+        listed = ", ".join(f"`{name}` ({changed[name][0]!r} -> {changed[name][1]!r})" for name in breaking)
+        raise TrainingError(f"resuming with {listed} would make the run differ from one never stopped: leave them "
+                            "out to keep the run's own, or give `allow_changes` to change them", (*breaking, "allow_changes"))
+    return replace(opts, **kept), changed
+
+
+def _same(name: str, a, b) -> bool:
+    if name == "data" and a is not None and b is not None:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
 
 
 SHIFT_EDGES = ("replicate", "circular")

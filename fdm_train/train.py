@@ -44,7 +44,7 @@ from fdm_core.checkpoint import (
 )
 from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig, memory_per_sample
 from fdm_core.diffusion import GaussianDiffusion
-from fdm_core.errors import UserError, raise_terminated
+from fdm_core.errors import Terminated, UserError, option_spelling, raise_terminated
 from fdm_core.images import row_generator, shift_offset, to_float
 from fdm_core.model import build_model, count_flops, count_parameters
 from fdm_core.util import (
@@ -79,7 +79,7 @@ from fdm_train.distributed import (
     setup_distributed,
     step_draws,
 )
-from fdm_train.options import TrainingError, TrainOptions, check_options, resume_mode
+from fdm_train.options import TrainingError, TrainOptions, check_options, resume_mode, resumed_options
 from fdm_train.run_folder import (
     CHECKPOINT,
     LOG,
@@ -207,14 +207,19 @@ def _train(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device
     mode = resume_mode(opts.resume)
     check_options(opts)
     check_not_input([Path(opts.out) / name for name in (*PAIR_FILES, LOG)], [opts.init, opts.data])
-    n_micro = _micro_batches(opts, ctx.world)
+    if not mode:
+        _micro_batches(opts, ctx.world)  # a fresh run's options are all known: refused before the folder is touched
     with _folder_lock(out, ctx):
-        return _train_in_folder(opts, out, ctx, device, mode, n_micro)
+        return _train_in_folder(opts, out, ctx, device, mode)
 
 
-def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device, mode: bool | str,
-                     n_micro: int) -> dict:
+def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: torch.device, mode: bool | str) -> dict:
     start = _resolve_start(opts, out, ctx, mode)
+    if start.state is not None:
+        opts = _resumed(opts, start, out, ctx)
+    elif opts.data is None:
+        raise TrainingError("`data` is needed to start a run (a resumed run takes its own)", ("data",))
+    n_micro = _micro_batches(opts, ctx.world)
     opts = replace(opts, iterations=_target(opts, start))
     share = -(-opts.batch_size // ctx.world)  # the most images of a device
     micro = -(-share // n_micro)  # the most images of one forward pass
@@ -237,7 +242,9 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
         run = _Run(opts=opts, cfg=cfg, ctx=ctx, device=device, folder=folder, model=model, ema=ema,
                    optimizer=optimizer, train_model=train_model, ddp=ddp, step=start.step,
                    data_seed=start.data_seed, order=EpochOrder(len(dataset), start.data_seed, *start.position),
-                   rank_start=rank_start, micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
+                   rank_start=rank_start, images_seen=start.images_seen,
+                   last_saved=start.step if start.state is not None else None,
+                   micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
         last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
     if bad.seen and ctx.main:
         _echo(f"skipped {len(bad.seen)} unreadable image(s) of {len(dataset)}")
@@ -294,6 +301,7 @@ class _Start:
     position: tuple[int, int] = (0, 0)  # (epoch, offset) in the data order
     replaces: bool = False  # a fresh start over an earlier run's files (known on rank 0)
     init: dict | None = None  # a fresh start's initial weights (from --init); dropped once loaded
+    images_seen: int = 0  # training images taken before this start
 
 
 def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool | str) -> _Start:
@@ -330,7 +338,21 @@ def _resolve_start(opts: TrainOptions, out: Path, ctx: Distributed, mode: bool |
     if int(meta["step"]) != state["step"]:  # a pair is matched on step and save id; belt and braces
         raise CheckpointError(f"{out}: checkpoint (step {meta['step']}) and training state "
                               f"(step {state['step']}) disagree")
-    return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]))
+    # a training state written before images_seen was stored: every step took the run's batch
+    seen = state.get("images_seen", state["step"] * int(state.get("options", {}).get("batch_size") or 0))
+    return _Start(cfg, choice, states, state, state["step"], state["seed"], tuple(state["data_position"]),
+                  images_seen=seen)
+
+
+def _resumed(opts: TrainOptions, start: _Start, out: Path, ctx: Distributed) -> TrainOptions:
+    """A resumed run's options: its own, but for those the user set (`resumed_options`); rank 0 says which
+    of them change."""
+    opts, changed = resumed_options(opts, start.state.get("options", {}))
+    check_options(opts)
+    if ctx.main and changed:
+        listed = ", ".join(f"{option_spelling(name)} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        _echo(f"resuming {out} with the run's own options but for: {listed}")
+    return opts
 
 
 def _check_frozen_masks(opts: TrainOptions, state: dict | None, out: Path) -> None:
@@ -351,8 +373,9 @@ def _announce(opts: TrainOptions, cfg: ModelConfig, device: torch.device, step: 
     a CPU; a warning where a model sized for GPUs would train on the CPU."""
     precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
     steps = opts.iterations - step
-    plan = (f"training on {device} ({precision}, {torch.get_num_threads()} CPU threads): steps {step + 1:,} to "
-            f"{opts.iterations:,} of {opts.batch_size} images, {cfg.image_size}x{cfg.image_size}")
+    threads = torch.get_num_threads()
+    plan = (f"training on {device} ({precision}, {threads} CPU thread{'s' if threads != 1 else ''}): steps "
+            f"{step + 1:,} to {opts.iterations:,}, {opts.batch_size} images per step, {cfg.image_size}x{cfg.image_size}")
     if device.type != "cpu":
         if opts.progress:
             _echo(plan)
@@ -508,6 +531,8 @@ class _Run:
     data_seed: int
     order: EpochOrder  # mirrors the loader: the data position a checkpoint stores
     rank_start: int  # the first row of this rank's share of the global batch
+    images_seen: int  # training images the run has taken, over all its steps and batch sizes
+    last_saved: int | None  # the step of the newest checkpoint pair in the folder (None: none yet)
     micro_sizes: list[int]  # this rank's micro-batches
     diffusion: GaussianDiffusion = field(init=False)
     noise_gen: torch.Generator = field(init=False)
@@ -564,8 +589,9 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
     bar = progress_bar(opts.iterations, "train", "step", enabled=opts.progress and ctx.main, initial=run.step)
     window = _Window()
     last_loss = float("nan")
+    stop = _StopRequest(enabled=not ctx.active)
     try:
-        while run.step < opts.iterations:
+        while run.step < opts.iterations and not stop.signal:
             wait_start = time.perf_counter()
             x_u8, y_all, new_bad = next(batches)
             window.wait += time.perf_counter() - wait_start
@@ -582,6 +608,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
             y_all = y_all.to(run.device, non_blocking=True) if run.cfg.num_classes else None
             last_loss, masks = _train_step(run, x_all, y_all)
             window.images += opts.batch_size
+            run.images_seen += opts.batch_size
             bar.update(1)
             final = run.step == opts.iterations
             if run.step % opts.log_every == 0 or final:
@@ -599,10 +626,54 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
                 window = _Window()
         if ctx.active:
             dist.barrier()  # the final checkpoint is on disk when train() returns on any rank
+    except Exception:
+        if not stop.signal:
+            raise
+        # raised by the same Ctrl-C, e.g. a data worker it stopped: the last step is complete all the same
     finally:
+        stop.restore()
         bar.close()
         del batches  # stops the loader's workers
+    if stop.signal:
+        _save_on_stop(run, stop.signal)
     return last_loss, bad
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM during the loop of a single-process run: the step under way is finished,
+    then the run saves its checkpoint pair and stops (`_save_on_stop`). A second signal stops at once."""
+
+    def __init__(self, enabled: bool):
+        self.signal = None
+        self.previous = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._request)
+
+    def _request(self, signum, frame):
+        if self.signal is not None:
+            self.restore()
+            raise_terminated(signum, frame) if signum == signal.SIGTERM else signal.default_int_handler(signum, frame)
+        self.signal = signum
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+def _save_on_stop(run: _Run, signum: int) -> None:
+    """After a stop request: the pair of the last complete step (unless the last save wrote it), then the
+    interruption itself, whose message says where the run goes on from."""
+    out = run.folder.path
+    if run.last_saved is not None and run.last_saved == run.step:
+        message = f"at step {run.step}, checkpoint in {out} (continue with --resume auto)"
+    elif run.step > 0:
+        _save(run)
+        message = f"at step {run.step}, saved {out / CHECKPOINT} (continue with --resume auto)"
+    else:
+        message = "before the first step: no checkpoint written"
+    raise Terminated(message) if signum == signal.SIGTERM else KeyboardInterrupt(message)
 
 
 def _train_step(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor | None) -> tuple[float, torch.Tensor]:
@@ -678,15 +749,16 @@ def _log_record(run: _Run, loss: float, window: _Window, bad: _BadFiles, masks: 
 def _save(run: _Run) -> None:
     """Writes the checkpoint pair of run.step; the folder keeps the previous pair until it is complete."""
     opts, out = run.opts, run.folder.path
+    run.last_saved = run.step
     with run.folder.new_pair() as save_id:
         save_training_state(out / TRAINING_STATE, {
             "step": run.step, "save_id": save_id, "seed": run.order.seed, "data_position": run.order.position,
-            "optimizer": run.optimizer.state_dict(), "world_size": run.ctx.world,
+            "optimizer": run.optimizer.state_dict(), "world_size": run.ctx.world, "images_seen": run.images_seen,
             "options": {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
-                        for k, v in asdict(opts).items() if k != "model"},  # plain values: loaded weights_only
+                        for k, v in asdict(opts).items() if k not in ("model", "given")},  # plain values: loaded weights_only
         })
         save_checkpoint(out / CHECKPOINT, run.cfg, run.ema.state_dict(), run.model.state_dict(), run.step,
-                        extra={"data": str(opts.data), "images_seen": run.step * opts.batch_size,
+                        extra={"data": str(opts.data), "images_seen": run.images_seen,
                                "save_id": save_id})
 
 

@@ -22,16 +22,31 @@ from kernels.reference import pool_mask
 __all__ = ["masked_skip", "masked_sum", "masked_sum_ddpm_step", "ddpm_coef", "pool_mask", "runs_triton", "triton_disabled",
            "HAS_TRITON"]
 
-try:  # registering the ops needs only torch; the kernels need triton
-    from kernels import ops as _ops
-    from kernels.triton_kernels import HAS_TRITON
-except Exception as exc:  # pragma: no cover - a broken triton install must not break the model
-    import warnings
+_loaded: dict = {}  # "ops": kernels.ops or None, "triton": whether triton is installed; filled by _registered
 
-    warnings.warn(f"kernels: registered ops unavailable ({type(exc).__name__}: {exc}); using the plain-torch "
-                  "reference", RuntimeWarning, stacklevel=2)
-    _ops = None
-    HAS_TRITON = False
+
+def _registered():
+    """kernels.ops (the registered ops), imported on first need: it imports triton and torch's compiler, which
+    take seconds and are of no use on a CPU. None where registering fails."""
+    if "ops" not in _loaded:
+        try:  # registering the ops needs only torch; the kernels need triton
+            from kernels import ops
+            from kernels.triton_kernels import HAS_TRITON as has_triton
+        except Exception as exc:  # pragma: no cover - a broken triton install must not break the model
+            import warnings
+
+            warnings.warn(f"kernels: registered ops unavailable ({type(exc).__name__}: {exc}); using the plain-torch "
+                          "reference", RuntimeWarning, stacklevel=3)
+            ops, has_triton = None, False
+        _loaded.update(ops=ops, triton=has_triton)
+    return _loaded["ops"]
+
+
+def __getattr__(name: str):
+    if name == "HAS_TRITON":  # whether triton is installed (and the kernels registered)
+        _registered()
+        return _loaded["triton"]
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
 
 
 def _exporting() -> bool:
@@ -60,7 +75,9 @@ def triton_disabled(disabled: bool = True):
 
 def runs_triton(device: torch.device | str) -> bool:
     """Whether the masked ops run as Triton kernels for tensors on `device` (CUDA with triton installed)."""
-    return _ops is not None and HAS_TRITON and _settings["triton"] and torch.device(device).type == "cuda"
+    if torch.device(device).type != "cuda" or not _settings["triton"]:
+        return False
+    return _registered() is not None and _loaded["triton"]
 
 
 def _fast(t: torch.Tensor) -> bool:

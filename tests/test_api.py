@@ -149,8 +149,8 @@ def test_bad_inputs_are_one_line_errors(tiny_checkpoint, tmp_path):
         with pytest.raises(UserError, match=re.escape(message)) as info:
             seg(images if isinstance(images, str) else [images])
         assert "\n" not in str(info.value)
-    with pytest.raises(UserError, match="t must be between 0 and 999"):
-        Segmenter.load(tiny_checkpoint, t=1000)
+    with pytest.raises(UserError, match="timestep must be between 0 and 999"):
+        Segmenter.load(tiny_checkpoint, timestep=1000)
 
 
 # ----- the engine follows the file -----
@@ -207,7 +207,7 @@ def test_placeholder_models_say_so_and_the_default_is_not_one(tmp_path):
 
 def test_generate_returns_images_and_masks(tiny_checkpoint, tmp_path):
     samples = generate(tiny_checkpoint, 3, steps=3, sampler="ddim", seed=4, batch_size=2, device="cpu")
-    assert samples.images.shape == (3, 32, 32, 3) and samples.images.dtype == np.uint8
+    assert samples.array.shape == (3, 32, 32, 3) and samples.array.dtype == np.uint8
     assert samples.soft.shape == (3, 3, 32, 32) and samples.labels.shape == (3, 32, 32)
     np.testing.assert_allclose(samples.soft.sum(1), 1, atol=1e-5)
     np.testing.assert_array_equal(samples.labels, samples.soft.argmax(1))
@@ -217,7 +217,7 @@ def test_generate_returns_images_and_masks(tiny_checkpoint, tmp_path):
     assert torch.equal(samples.result.images, direct.images)
     written = samples.save(tmp_path / "s")
     assert sorted(p.name for p in written) == sorted(
-        [f"sample_{i:04d}{s}" for i in range(3) for s in (".png", "_labels.png")] + ["grid.png"])
+        [f"sample_{i:04d}{s}" for i in range(3) for s in (".png", "_labels.png")] + ["grid.png", "summary.json"])
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "s" / "sample_0002_labels.png")), samples.labels[2])
 
 
@@ -233,4 +233,4 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert res.labels[2].shape == (37, 23)
     assert json.loads((tmp_path / "out" / "api" / "summary.json").read_text())["images"][0]["input"].startswith(
         "examples/")
-    assert (tmp_path / "out" / "samples" / "grid.png").is_file() and samples.images.shape[0] == 4
+    assert (tmp_path / "out" / "samples" / "grid.png").is_file() and samples.array.shape[0] == 4

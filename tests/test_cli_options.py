@@ -58,7 +58,7 @@ def test_every_command_spells_the_shared_options_the_same():
     threaded = {("fdm-infer", n) for n in ("segment", "generate", "interpolate", "evaluate", "bench", "baseline", "fid")}
     threaded.add(("fdm-train", "train"))
     overwriting = {("fdm-train", "train"), ("fdm-train", "slim"), ("fdm-train", "split-region"), ("fdm-export", "onnx"),
-                   ("fdm-export", "trt")}
+                   ("fdm-export", "trt"), ("fdm-export", "segmentation"), ("fdm-infer", "generate")}
     pixel_budget = {("fdm-infer", "segment")}
     for prog, name, command in commands():
         opts = options(command)

@@ -33,7 +33,7 @@ def test_generate_is_bit_identical_for_a_seed(tiny_checkpoint, tmp_path, capsys,
     a, b, c = outs
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted([f"sample_{i:04d}{s}" for i in range(3) for s in (".png", "_labels.png")]
-                           + ["grid.png", "trajectory.png"])
+                           + ["grid.png", "summary.json", "trajectory.png"])
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert not np.array_equal(read(a / "sample_0000.png"), read(c / "sample_0000.png"))
@@ -108,7 +108,7 @@ def test_generate_ddim_and_class_conditional(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").glob("sample_*_class1.png")) == [
         "sample_0000_class1.png", "sample_0001_class1.png"]
     r = run_infer(capsys, monkeypatch, "generate", "-n", 1, "--steps", 2, "--class", 3, "--checkpoint", path,
-                  "--out", tmp_path / "out")
+                  "--out", tmp_path / "out-2")
     assert r.code == 1 and len(r.err_lines) == 1 and "--class must be between 0 and 2" in r.err
 
 

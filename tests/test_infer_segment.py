@@ -323,7 +323,7 @@ def test_exported_engine_needs_a_model_file(tiny_checkpoint, tmp_path, capsys, m
                   "--out", tmp_path / "out")
     assert_one_line_error(r, "the onnx engine cannot run tiny.safetensors", "fdm-export onnx")
     r = run_infer(capsys, monkeypatch, "segment", *good, "--engine", "onnx", "--out", tmp_path / "out")
-    assert_one_line_error(r, "give --model, the file made by `fdm-export onnx`")
+    assert_one_line_error(r, "give --model, the file made by `fdm-export onnx default`")
 
 
 def test_segment_with_the_onnx_engine_matches_torch(tiny_checkpoint, tmp_path, capsys, monkeypatch):

@@ -107,7 +107,7 @@ def cmd_fid(args) -> None:
             samples = generate(model, args.n, steps=args.steps, sampler=args.sampler, clip=clip, seed=args.seed,
                                batch_size=64)
             seconds = time.perf_counter() - start
-            images = np.ascontiguousarray(samples.images.transpose(0, 3, 1, 2))
+            images = np.ascontiguousarray(samples.array.transpose(0, 3, 1, 2))
             if args.save:
                 np.save(Path(args.work) / f"samples_{label}_{args.sampler}{args.steps}_{clip}.npy", images)
             record(f"fid/{label}/{args.sampler}{args.steps}/{clip}/n{args.n}",
@@ -204,7 +204,7 @@ def cmd_speed(args) -> None:
         samples.save(Path(args.work) / f"speed_{sampler}{steps}")  # grid.png: the samples above their masks
         # FID of these 16 (the same seed for every sampler): far above its value at n = 128, but the samplers
         # compared at one n
-        fid16 = ref.fid(np.ascontiguousarray(samples.images.transpose(0, 3, 1, 2)))
+        fid16 = ref.fid(np.ascontiguousarray(samples.array.transpose(0, 3, 1, 2)))
         record(f"speed/{Path(args.model).stem}/{sampler}{steps}",
                {"seconds": round(seconds, 1), "n": 16, "sampler": sampler, "steps": steps, "fid_n16": round(fid16, 1)})
 

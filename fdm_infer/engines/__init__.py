@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from fdm_core.checkpoint import DEFAULT_MODEL, DEFAULT_NAME, model_file  # noqa: F401  (the bundled model, by name)
 from fdm_core.errors import UserError
 from fdm_core.util import one_line, pick_device, set_threads
 from fdm_infer.engines.base import Engine
@@ -19,7 +20,6 @@ ENGINES = {
     "trt": ("fdm_infer.engines.trt_engine", "TrtEngine"),
 }
 ENGINE_BY_SUFFIX = {".safetensors": "torch", ".onnx": "onnx", ".plan": "trt", ".engine": "trt"}
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.safetensors"
 
 
 def engine_for(path: str | Path) -> str:
@@ -47,16 +47,12 @@ def open_engine(kind: str, path: str | Path, device: str = "auto", threads: int 
 
 def open_model(model: str | Path | None = None, engine: str | None = None, device: str = "auto",
                threads: int | None = None) -> tuple[Engine, Path]:
-    """(engine, model file): `model` None is the bundled default checkpoint; the engine is `engine` when
+    """(engine, model file): `model` None or "default" is the bundled checkpoint (`model_file`); the engine is `engine` when
     given, else the one the file's suffix names. Every failure is a one-line UserError."""
-    if model is None:
-        if engine not in (None, "torch"):
-            raise UserError(f"the {engine} engine runs an exported file: give `model`, the file made by "
-                            f"`fdm-export {engine}`", ("model",))
-        if not DEFAULT_MODEL.is_file():
-            raise UserError(f"the bundled default checkpoint is missing ({DEFAULT_MODEL}); give `model`, a model file", ("model",))
-        model = DEFAULT_MODEL
-    path = Path(model)
+    path = model_file(model)
+    if path == DEFAULT_MODEL and engine not in (None, "torch"):
+        raise UserError(f"the {engine} engine runs an exported file: give `model`, the file made by "
+                        f"`fdm-export {engine} default`", ("model",))
     kind = engine or engine_for(path)
     named = ENGINE_BY_SUFFIX.get(path.suffix.lower())
     if named is not None and named != kind:  # --engine only decides for files whose suffix says nothing

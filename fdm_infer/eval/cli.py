@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from fdm_core.cli_options import quiet_option, threads_option
+from fdm_core.cli_options import json_option, quiet_option, threads_option
 from fdm_core.errors import Command
 from fdm_infer.options import (
     describe,
@@ -56,10 +56,11 @@ from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
 @click.option("--name", default=None, help="Row name in the table [default: the model's / folder's name].")
 @click.option("-o", "--out", "out", default="results.json", type=click.Path(dir_okay=False),
               help="Output file: the JSON results; the Markdown table goes beside it (.md).")
+@json_option
 def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, predictions, t, seed, ensemble, refine,
              smooth,
              size_mode, fg_channels, num_labels, num_channels, limit, prior_from, prior_leave_out_folder, shift,
-             batch_size, class_label, name, out, quiet):
+             batch_size, class_label, name, out, quiet, as_json):
     """Score a model's segmentation of real images (or any method's label maps) against ground-truth
     masks: foreground Acc / IoU / DICE with the foreground channels chosen without labels (plus the
     ReDO/IEM best-of-mask-and-inverse figure), and parts pixel accuracy / mIoU after Hungarian matching
@@ -124,8 +125,10 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     add_above_prior(rows)
     json_path, md_path = write_reports(rows if len(rows) > 1 else rows[0], out)
     for result in rows:
-        click.echo(describe_result(result))
-    click.echo(f"-> {json_path}, {md_path}")
+        click.echo(describe_result(result), err=as_json)
+    click.echo(f"-> {json_path}, {md_path}", err=as_json)
+    if as_json:
+        click.echo(Path(json_path).read_text(), nl=False)
 
 
 @click.command(cls=Command)
