@@ -51,7 +51,8 @@ def segmentation_options(f):
                           "masks as the model gives them, the paper's read-out).")(f)
     f = click.option("--refine", type=click.Choice(REFINE_MODES), default=DEFAULT_REFINE, show_default=True,
                      help="Snap the soft masks to the image's edges at the image's own resolution: guided (the "
-                          "guided filter with the image's colors as guide; a few ms per image), or none.")(f)
+                          "guided filter with the image's colors as guide), or none (the masks as the model gives them, "
+                          "resized).")(f)
     f = click.option("--ensemble", type=click.IntRange(1), default=1,
                      help="Average the soft masks over N seeds (seed..seed+N-1).")(f)
     f = click.option("--seed", type=SEED, default=0, help="Seed of the noise (the same for every image).")(f)

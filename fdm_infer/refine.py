@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 REFINE_MODES = ("none", "guided")
-# Measured on the bundled model (benchmarks/results/position/*default-guided*): LFW val FG IoU 71.5 -> 73.6,
-# shifted 64.6 -> 66.2, DAVIS unchanged; about a tenth of the model's time per image.
+# The default because it helps on LFW, aligned and shifted, holds on DAVIS and costs a small share of the
+# model's time (benchmarks/results/position/*default-guided*, refine_cost.md).
 DEFAULT_REFINE = "guided"
 # Window radius as a share of the image's shorter side, and the regularization: how much color change
 # counts as an edge (in [0, 1] color units, squared).
