@@ -117,6 +117,30 @@ def test_position_prior_leaving_maps_out():
     assert prior.foreground((4, 4))[0, 3] == 0 and prior.foreground((4, 4))[2, 0] == 0  # 1 of 2 is not above half
 
 
+def test_a_large_prior_map_with_a_high_label_costs_its_labels_and_the_evaluated_size(tmp_path):
+    """One 2500x2500 label map holding a single pixel of label 254: the prior counts the two labels in use at
+    the evaluated masks' size (before, 255 labels at 2500x2500 in int64: 11.9 GiB)."""
+    import tracemalloc
+
+    from fdm_infer.eval.evaluate import evaluate_prior
+
+    _write_pairs(tmp_path, {"a": A, "b": B, "c": C})
+    big = np.zeros((2500, 2500), np.uint8)
+    big[1200, 1300] = 254
+    (tmp_path / "prior").mkdir()
+    Image.fromarray(big).save(tmp_path / "prior" / "huge.png")
+    evalset = load_eval_set(tmp_path / "images", tmp_path / "masks")
+    tracemalloc.start()
+    result = evaluate_prior(evalset, tmp_path / "prior")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2 ** 20  # the map itself is 6 MB
+    assert result["prior"]["size"] == "4x4" and result["images"] == 3
+    prior = position_prior([big], (4, 4))
+    assert prior.values.tolist() == [0, 254] and prior.counts.shape == (2, 4, 4)
+    assert prior.labels((4, 4)).max() == 0 and prior.foreground((4, 4)).max() == 0
+
+
 # ----- fdm-infer evaluate end to end -----
 
 def test_evaluate_prior_beside_predictions(tmp_path, capsys, monkeypatch):

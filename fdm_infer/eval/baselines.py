@@ -139,9 +139,11 @@ def run_grabcut(paths: Sequence[str | Path], out: str | Path, *, margin: float =
 
 @dataclass
 class PositionPrior:
-    """Label counts per pixel over a set of ground-truth label maps brought to one size."""
-    counts: np.ndarray  # int [L, H, W]: how many of the maps hold label l at each pixel
+    """Label counts per pixel over a set of ground-truth label maps brought to one size, for the labels
+    the maps use (`values`, ascending): memory grows with the labels in use, not with the largest one."""
+    counts: np.ndarray  # int32 [L, H, W]: how many of the maps hold label values[l] at each pixel
     maps: int
+    values: np.ndarray  # uint8 [L]: the label of each row of counts
 
     @property
     def frequencies(self) -> np.ndarray:
@@ -149,33 +151,35 @@ class PositionPrior:
 
     def labels(self, size: tuple[int, int]) -> np.ndarray:
         """uint8 [h, w]: the most frequent label of each pixel (ties: the lower label), resized to `size`."""
-        return resize_labels(self.counts.argmax(0).astype(np.uint8), size)
+        return resize_labels(self.values[self.counts.argmax(0)], size)
 
     def foreground(self, size: tuple[int, int]) -> np.ndarray:
         """uint8 [h, w]: 1 where the non-zero labels together hold more than half of the maps."""
-        return resize_labels((2 * self.counts[1:].sum(0) > self.maps).astype(np.uint8), size)
+        return resize_labels((2 * self.counts[self.values != 0].sum(0) > self.maps).astype(np.uint8), size)
 
     def without(self, part: PositionPrior) -> PositionPrior:
-        """The prior of the maps of this one that are not in `part` (counted at the same size)."""
+        """The prior of the maps of this one that are not in `part` (counted at the same size and labels)."""
         if part.maps >= self.maps:
             raise UserError("the position prior has no label maps left once the held-out ones are removed")
-        return PositionPrior(self.counts - part.counts, self.maps - part.maps)
+        return PositionPrior(self.counts - part.counts, self.maps - part.maps, self.values)
 
 
 def position_prior(masks: Sequence[np.ndarray], size: tuple[int, int] | None = None,
-                   num_labels: int | None = None) -> PositionPrior:
+                   values: Sequence[int] | None = None) -> PositionPrior:
     """The prior of the label maps `masks` (uint8 [H, W]), each resized (nearest) to `size` [default: the
-    most common size among them], over `num_labels` labels [default: the largest label + 1]."""
+    most common size among them], over the label `values` [default: the labels the maps use]."""
     if not masks:
         raise UserError("the position prior needs at least one label map")
     size = tuple(size) if size else Counter(m.shape for m in masks).most_common(1)[0][0]
-    num_labels = num_labels or max(int(m.max()) for m in masks) + 1
-    counts = np.zeros((num_labels, *size), np.int64)
+    if values is None:
+        values = np.unique(np.concatenate([np.unique(m) for m in masks]))
+    values = np.asarray(values, dtype=np.uint8)
+    counts = np.zeros((len(values), *size), np.int32)
     for m in masks:
         m = resize_labels(m, size)
-        for label in range(num_labels):
-            counts[label] += m == label
-    return PositionPrior(counts, len(masks))
+        for row, label in enumerate(values):
+            counts[row] += m == label
+    return PositionPrior(counts, len(masks), values)
 
 
 # ----- K-means on a plain DDPM's decoder features -----

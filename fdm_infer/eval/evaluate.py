@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,18 +352,19 @@ def evaluate_prior(evalset: EvalSet, prior_from: str | Path, protocols=PROTOCOLS
 
     start = time.perf_counter()
     keys, maps = read_label_maps(prior_from)
-    total = position_prior(maps)
+    # counted at the evaluated masks' size: a huge map in `prior_from` costs its own pixels, not a huge prior
+    total = position_prior(maps, Counter(m.shape for m in evalset.masks).most_common(1)[0][0])
     priors = [total] * len(evalset)
     if leave_out_folder:
         groups: dict[str, list[np.ndarray]] = {}
         for key, m in zip(keys, maps):
             groups.setdefault(_top_folder(key), []).append(m)
-        num_labels, size = total.counts.shape[0], total.counts.shape[1:]
-        held_out = {group: total.without(position_prior(group_maps, size, num_labels))
+        size = total.counts.shape[1:]
+        held_out = {group: total.without(position_prior(group_maps, size, total.values))
                     for group, group_maps in groups.items()}
         priors = [held_out.get(_top_folder(key), total) for key in evalset.keys]
     sizes = [m.shape for m in evalset.masks]
-    parts = Predictions([p.labels(size) for p, size in zip(priors, sizes)], max(total.counts.shape[0], 2))
+    parts = Predictions([p.labels(size) for p, size in zip(priors, sizes)], max(int(total.values.max()) + 1, 2))
     in_sample = evalset.masks_dir is not None and Path(prior_from).resolve() == Path(evalset.masks_dir).resolve()
     result = {"name": name, "prior": {
         "from": str(prior_from), "maps": total.maps, "size": f"{total.counts.shape[2]}x{total.counts.shape[1]}",
