@@ -633,7 +633,10 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
     finally:
         stop.restore()
         bar.close()
-        del batches  # stops the loader's workers
+        # Stop the loader's workers now, and stop watching them: a signal that stopped them too must not
+        # fail the save that follows.
+        getattr(batches, "_shutdown_workers", lambda: None)()
+        del batches
     if stop.signal:
         _save_on_stop(run, stop.signal)
     return last_loss, bad
