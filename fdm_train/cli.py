@@ -26,7 +26,7 @@ from fdm_core.config import (
     preset,
 )
 from fdm_core.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
-from fdm_train.options import SHIFT_EDGES, TrainOptions
+from fdm_train.options import EQUIVARIANCE_MEASURES, SHIFT_EDGES, TrainOptions
 
 # The defaults of `train`, written once in TrainOptions; its values are checked there too.
 TRAIN = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
@@ -159,6 +159,11 @@ def main_group():
                    "generator (no decoder) per step. 0: off.")
 @click.option("--equivariance-shift", type=float, default=TRAIN["equivariance_shift"], show_default=True,
               help="The largest shift of --mask-equivariance, as a fraction of the image size.")
+@click.option("--equivariance-measure", type=click.Choice(EQUIVARIANCE_MEASURES),
+              default=TRAIN["equivariance_measure"], show_default=True,
+              help="How --mask-equivariance compares the masks of the moved image with the moved masks: their "
+                   "squared difference (uniform masks satisfy it), or minus the mutual information of the two "
+                   "region labels of each pixel (confident masks that agree and use every region).")
 @click.option("--mask-boundary", type=float, default=TRAIN["mask_boundary"], show_default=True,
               help="Weight of a cost on the regions' boundary length (the soft masks' total variation): compact "
                    "regions rather than pixels sorted by color. 0: off.")

@@ -65,6 +65,11 @@ class TrainOptions:
     # its own masks moved the same way. A mask that keeps its place whatever the image does pays. 0: off.
     mask_equivariance: float = 0.0
     equivariance_shift: float = 0.25
+    # How the two sets of masks are compared: "squared" (their squared difference, zero for any masks that
+    # move with the image, uniform ones included) or "information" (minus the mutual information of the
+    # regions of the same pixel in the two, as IIC does: lowest for confident masks that agree and use every
+    # region, so uniform masks no longer satisfy it).
+    equivariance_measure: str = "squared"
     # Weight of a cost on the regions' boundary length (`boundary_length`: the soft masks' total variation):
     # compact regions rather than pixels sorted by color. 0: off.
     mask_boundary: float = 0.0
@@ -132,6 +137,7 @@ def _same(name: str, a, b) -> bool:
 
 
 SHIFT_EDGES = ("replicate", "circular")
+EQUIVARIANCE_MEASURES = ("squared", "information")
 
 # The values a run can use: field -> (lowest, highest), either None for no bound; a bound in a list is
 # excluded ([0] means above 0). None as the value is allowed where the field's default is None.
@@ -163,9 +169,10 @@ def check_options(opts: TrainOptions) -> None:
             ok = value < high[0] if isinstance(high, list) else value <= high
         if not ok:
             raise TrainingError(f"`{f.name}` must be {_describe(low, high)}, got {value!r}", (f.name,))
-    if opts.shift_edges not in SHIFT_EDGES:
-        raise TrainingError(f"`shift_edges` must be one of {', '.join(SHIFT_EDGES)}, got {opts.shift_edges!r}",
-                            ("shift_edges",))
+    for name, choices in (("shift_edges", SHIFT_EDGES), ("equivariance_measure", EQUIVARIANCE_MEASURES)):
+        if getattr(opts, name) not in choices:
+            raise TrainingError(f"`{name}` must be one of {', '.join(choices)}, got {getattr(opts, name)!r}",
+                                (name,))
 
 
 def _describe(low, high) -> str:

@@ -146,13 +146,27 @@ def boundary_length(masks: torch.Tensor) -> torch.Tensor:
 
 
 def equivariance_loss(masks_of, x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor,
-                      flips: torch.Tensor) -> torch.Tensor:
+                      flips: torch.Tensor, measure: str = "squared") -> torch.Tensor:
     """What `--mask-equivariance` charges: each input row of `x` [B, C, H, W] moved by a circular shift of
     `offsets` [B, 2] and mirrored where `flips` [B], its masks computed by `masks_of`, against the row's own
-    `masks` [B, K, H, W] moved the same way: the squared difference summed over K, averaged over pixels.
-    Zero for masks that move with the image; a fixed mask pays for every pixel the move changes."""
-    moved = masks_of(moved_rows(x, offsets, True, flips))
-    return (moved.float() - moved_rows(masks, offsets, True, flips).float()).pow(2).sum(1).mean()
+    `masks` [B, K, H, W] moved the same way. "squared": the squared difference summed over K, averaged over
+    pixels; zero for masks that move with the image, and a fixed mask pays for every pixel the move changes.
+    "information": `minus_mutual_information` of the two."""
+    moved = masks_of(moved_rows(x, offsets, True, flips)).float()
+    expected = moved_rows(masks, offsets, True, flips).float()
+    if measure == "information":
+        return minus_mutual_information(moved, expected)
+    return (moved - expected).pow(2).sum(1).mean()
+
+
+def minus_mutual_information(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Minus the mutual information (nats) of the region of a pixel under masks `a` and under masks `b`
+    [B, K, H, W], from their joint distribution over all pixels, made symmetric (IIC, Ji et al. 2019):
+    0 for uniform masks, -log K for confident masks that agree everywhere and use every region equally."""
+    joint = torch.einsum("bkhw,bjhw->kj", a, b) / (a.shape[0] * a.shape[2] * a.shape[3])
+    joint = ((joint + joint.T) / 2).clamp_min(1e-12)
+    marginal = joint.sum(1)
+    return -(joint * (joint.log() - marginal.log()[:, None] - marginal.log()[None, :])).sum()
 
 
 def equivariance_moves(size: tuple[int, int], max_fraction: float, seed: int, first_row: int, rows: int,
@@ -735,7 +749,8 @@ def _equivariance_term(run: _Run, x0: torch.Tensor, t: torch.Tensor, noise: torc
                                         derived_seed("equivariance", run.data_seed, run.step), first_row,
                                         x0.shape[0], x0.device)
     x_t = run.diffusion.q_sample(x0, t, noise.to(x0.dtype))
-    return equivariance_loss(lambda moved: run.train_model(moved, t, y, masks_only=True), x_t, masks, offsets, flips)
+    return equivariance_loss(lambda moved: run.train_model(moved, t, y, masks_only=True), x_t, masks, offsets, flips,
+                             run.opts.equivariance_measure)
 
 
 def _log_record(run: _Run, loss: float, window: _Window, bad: _BadFiles, masks: torch.Tensor) -> dict:

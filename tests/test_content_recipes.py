@@ -2,6 +2,7 @@
 image (`--padding`) and training images moved by random offsets (`--shift-augment`), each checked
 against a hand-written reference."""
 import dataclasses
+import math
 from functools import partial
 
 import numpy as np
@@ -17,7 +18,8 @@ from fdm_core.images import shift_offset
 from fdm_core.model import build_model
 from fdm_train.data import moved_rows, shifted_batch, with_empty_images
 from fdm_train.options import TrainingError
-from fdm_train.train import boundary_length, equivariance_loss, equivariance_moves, outside_first_region, train
+from fdm_train.train import (boundary_length, equivariance_loss, equivariance_moves, minus_mutual_information,
+                             outside_first_region, train)
 
 
 @pytest.mark.parametrize("mode", ["replicate", "reflect", "circular"])
@@ -240,6 +242,51 @@ def test_equivariance_loss_is_zero_for_masks_that_move_with_the_image_and_positi
     assert torch.equal(later[0], offsets[2:]) and torch.equal(later[1], flips[2:])
 
 
+def test_minus_mutual_information_by_hand():
+    uniform = torch.full((2, 4, 3, 3), 0.25)
+    assert minus_mutual_information(uniform, uniform).item() == pytest.approx(0, abs=1e-6)
+    labels = torch.arange(16).reshape(1, 4, 4) % 4  # every region on a quarter of the pixels
+    hard = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    assert minus_mutual_information(hard, hard).item() == pytest.approx(-math.log(4), rel=1e-5)
+    # two regions only, agreeing: log 2; disagreeing half the time (independent labels): 0
+    two = torch.nn.functional.one_hot(labels % 2, 4).permute(0, 3, 1, 2).float()
+    assert minus_mutual_information(two, two).item() == pytest.approx(-math.log(2), rel=1e-5)
+    other = torch.nn.functional.one_hot(labels // 2 % 2, 4).permute(0, 3, 1, 2).float()
+    assert minus_mutual_information(two, other).item() == pytest.approx(0, abs=1e-6)
+    # a hand-computed joint: a 2x2 image, masks a = (1,0),(1,0),(0,1),(0,1) and b = (1,0),(0,1),(0,1),(0,1)
+    a = torch.tensor([[1., 1., 0., 0.], [0., 0., 1., 1.]]).reshape(1, 2, 2, 2)
+    b = torch.tensor([[1., 0., 0., 0.], [0., 1., 1., 1.]]).reshape(1, 2, 2, 2)
+    joint = torch.tensor([[1 / 4, 1 / 8], [1 / 8, 1 / 2]])  # (P + P^T) / 2 of P = [[1/4, 1/4], [0, 1/2]]
+    marginal = joint.sum(1)
+    mi = sum(joint[i, j] * math.log(joint[i, j] / (marginal[i] * marginal[j])) for i in range(2) for j in range(2))
+    assert minus_mutual_information(a, b).item() == pytest.approx(-float(mi), rel=1e-5)
+
+
+def test_information_measure_prefers_confident_masks_that_move_with_the_image_to_a_fixed_mask():
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 12, 12)
+    offsets, flips = equivariance_moves((12, 12), 0.25, seed=5, first_row=0, rows=6, device=torch.device("cpu"))
+    mixer = torch.randn(4, 3) * 50
+
+    def per_pixel(image):  # confident masks from each pixel's color: they move with the image
+        return torch.einsum("kc,bchw->bkhw", mixer, image).softmax(1)
+
+    fixed = torch.zeros(1, 4, 12, 12)
+    fixed[:, 0, :6], fixed[:, 1, 6:] = 1, 1
+
+    def in_place(image):
+        return fixed.expand(image.shape[0], -1, -1, -1)
+
+    moving = equivariance_loss(per_pixel, x, per_pixel(x), offsets, flips, "information")
+    masks = per_pixel(x)
+    assert moving.item() == pytest.approx(minus_mutual_information(masks, masks).item(), abs=1e-4)
+    still = equivariance_loss(in_place, x, in_place(x), offsets, flips, "information")
+    assert moving.item() < still.item() < 0
+    soft = equivariance_loss(lambda image: per_pixel(image / 50), x, per_pixel(x / 50), offsets, flips,
+                             "information")
+    assert moving.item() < soft.item()
+
+
 def test_boundary_length_by_hand():
     half = torch.zeros(1, 2, 4, 4)
     half[:, 0, :, :2], half[:, 1, :, 2:] = 1, 1  # a left and a right region: 4 of the 12 right-pairs cross
@@ -255,6 +302,11 @@ def test_training_with_the_equivariance_loss_resumes_exactly(image_folder, tmp_p
     assert_resumes_exactly_and_matters(moved, tmp_path, image_folder, mask_equivariance=0.0)
 
 
+def test_training_with_the_information_measure_resumes_exactly(image_folder, tmp_path, one_thread):
+    informed = partial(options, shift_augment=0.0, mask_equivariance=5.0, equivariance_measure="information")
+    assert_resumes_exactly_and_matters(informed, tmp_path, image_folder, equivariance_measure="squared")
+
+
 def test_circular_shifts_in_training_wrap_the_image():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).reshape(2, 3, 8, 8)
     out = shifted_batch(images, 0.4, seed=3, first_row=0, wrap=True)
@@ -268,3 +320,5 @@ def test_content_options_are_checked(image_folder, tmp_path):
         train(options(image_folder, tmp_path / "e", mask_equivariance=-1.0))
     with pytest.raises(TrainingError, match="shift_edges must be one of replicate, circular"):
         train(options(image_folder, tmp_path / "s", shift_edges="mirror"))
+    with pytest.raises(TrainingError, match="equivariance_measure must be one of squared, information"):
+        train(options(image_folder, tmp_path / "m", equivariance_measure="l1"))
