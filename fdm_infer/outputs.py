@@ -40,9 +40,10 @@ from fdm_infer.segment import (
     check_class,
     segment_batches,
 )
+from fdm_infer.settings import SEGMENT_OUT
 
 SUMMARY = "summary.json"
-DEFAULT_OUT = "out"  # the folder segmentation results go to unless told
+DEFAULT_OUT = SEGMENT_OUT  # the folder segmentation results go to unless told
 SUMMARY_FORMAT = "fdm-segment-v1"
 RLE_FORMATS = ("compressed", "uncompressed")
 

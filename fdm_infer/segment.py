@@ -25,7 +25,6 @@ from fdm_core.util import (
     progress_bar,
 )
 from fdm_infer.engines.base import Engine
-from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES, refine_masks
 from fdm_infer.images import (
     InputImage,
     UnreadableImage,
@@ -33,12 +32,8 @@ from fdm_infer.images import (
     model_input,
     resize_masks,
 )
-
-DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
-# The window the masks are smoothed over (1: not smoothed, the paper's read-out). 3 x 3 is the measured
-# choice (benchmarks/emergence/RESULTS.md, "How the masks are read").
-DEFAULT_SMOOTH = 3
-
+from fdm_infer.refine import refine_masks
+from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, REFINE_MODES
 
 # ----- the core: tensors in, soft masks out -----
 
