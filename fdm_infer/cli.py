@@ -53,7 +53,10 @@ def main_group():
 @max_pixels_option
 @engine_options
 @segmentation_options
-@click.option("--save-soft", is_flag=True, help="Also write <name>_soft.npz: soft masks [K,S,S] (float16).")
+@click.option("--save-soft", is_flag=True,
+              help="Also write <name>_soft.npz: the soft masks the labels are read from, at the image's own size "
+                   "and refined as --refine says (`masks`: float16 [K, H, W], 2K bytes per pixel before "
+                   "compression; `image_size`: [H, W]).")
 @click.option("--save-channels", is_flag=True,
               help="Also write <name>_channels.png: every mask channel on its own (paper Fig. 9).")
 @click.option("--foreground", is_flag=True,
