@@ -3,18 +3,17 @@ same everywhere: the context settings (-h, defaults shown), --version, a bare co
 help, -q/--quiet, --threads, --limit, --overwrite and --max-pixels (docs/options.md: the whole vocabulary)."""
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 import click
 
 from fdm_core.errors import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
-from fdm_core.images import MAX_PIXELS
-from fdm_core.util import DEFAULT_THREADS, MAX_THREADS
+from fdm_core.settings import DEFAULT_THREADS, MAX_PIXELS, MAX_THREADS
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
 def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # a tenth of a second: only for --version
+
     try:
         return version("fdm")
     except PackageNotFoundError:  # run from a source tree that was never installed
@@ -22,7 +21,14 @@ def package_version() -> str:
 
 
 def version_option(f):
-    return click.version_option(package_version(), "--version", message="%(prog)s %(version)s")(f)
+    """--version: prints `<command> <version>`, the version read only when asked for."""
+    def show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value and not ctx.resilient_parsing:
+            click.echo(f"{ctx.find_root().info_name} {package_version()}", color=ctx.color)
+            ctx.exit()
+
+    return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
+                        help="Show the version and exit.")(f)
 
 
 def quiet_option(f):

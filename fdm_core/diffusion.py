@@ -11,6 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from fdm_core.config import PREDICTIONS
+from fdm_core.settings import (  # noqa: F401  (the samplers' names and defaults, by this module too)
+    CLIP_MODES,
+    DEFAULT_CLIP,
+    DEFAULT_SAMPLER,
+    NUM_TIMESTEPS,
+    SAMPLER_STEPS,
+    SAMPLERS,
+    sampler_steps,
+)
 from kernels.reference import ddpm_posterior_step
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
@@ -19,24 +28,9 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[t
 DDPMStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor,
                      "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
-NUM_TIMESTEPS = 1000  # T: the length of the forward process every model here is trained for
-SAMPLERS = ("ddpm", "ddim", "dpm++")
-# Each sampler's own number of steps where none is given, and the sampler used where none is named: DDIM 50
-# is the setting measured on the bundled model (FID 112.6, 16.7 s for 16 samples on 2 cores, where DDPM 1000
-# takes 390 s; at 16 samples the two cannot be told apart: benchmarks/generation/RESULTS.md).
-SAMPLER_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}
-DEFAULT_SAMPLER = "ddim"
-
-
-def sampler_steps(sampler: str, steps: int | None) -> int:
-    """`steps`, or the sampler's own default where None."""
-    return SAMPLER_STEPS.get(sampler, NUM_TIMESTEPS) if steps is None else steps
 # PREDICTIONS, what the network predicts: the noise eps (the paper, eq. 8) or v = sqrt(abar) eps -
 # sqrt(1 - abar) x0 (Salimans & Ho 2022). At t near T an eps-model's x0 = (x_t - sqrt(1 - abar) eps) /
 # sqrt(abar) multiplies its error by up to 1 / sqrt(abar) = 157; a v-model predicts about -x0 there.
-# How a step bounds its predicted x0 to the data range [-1, 1]; see GaussianDiffusion.sample.
-CLIP_MODES = ("static", "dynamic", "none")
-DEFAULT_CLIP = "dynamic"  # measured: lower FID than static clipping on LFW (benchmarks/generation/RESULTS.md)
 DYNAMIC_RATIO = 0.995  # the quantile of |x0| that dynamic thresholding maps to 1 (Imagen's)
 DYNAMIC_MAX = 1.5
 

@@ -8,11 +8,9 @@ import torch
 from PIL import Image, ImageOps
 
 from fdm_core.errors import UserError
+from fdm_core.settings import MAX_PIXELS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
-# Images larger than this are refused before they are decoded: a small file can hold a huge image, and
-# decoding costs 3 bytes per pixel and more (PIL itself refuses images above 2 x Image.MAX_IMAGE_PIXELS).
-MAX_PIXELS = 50_000_000
 
 
 class DataError(UserError):

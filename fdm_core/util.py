@@ -16,13 +16,7 @@ import numpy as np
 import torch
 
 from fdm_core.errors import UserError
-
-# CPU threads torch (and onnxruntime) use when --threads is not given. None leaves torch's own choice
-# (OMP_NUM_THREADS when set, else one thread per core). benchmarks/threads.py measures the alternatives.
-DEFAULT_THREADS: int | None = None
-# The most threads --threads takes: more than a few per core only slows a run down, and tens of thousands
-# crash the OpenMP runtime.
-MAX_THREADS = 4 * (os.cpu_count() or 1)
+from fdm_core.settings import DEFAULT_THREADS, MAX_THREADS  # noqa: F401  (DEFAULT_THREADS: by this module too)
 
 # The floating-point types by the names the command lines use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -7,7 +7,7 @@ import click
 
 from fdm_core.cli_options import CONTEXT_SETTINGS, HelpGroup, overwrite_option, quiet_option, version_option
 from fdm_core.errors import FiniteFloatRange, run_cli
-from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
+from fdm_infer.settings import DEFAULT_SMOOTH, DEFAULT_T
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)

@@ -19,9 +19,8 @@ from fdm_core.cli_options import (
     version_option,
 )
 from fdm_core.config import PRESETS
-from fdm_core.diffusion import DEFAULT_SAMPLER, SAMPLER_STEPS, SAMPLERS, sampler_steps
 from fdm_core.errors import SEED, FiniteFloatRange, run_cli
-from fdm_infer.bench import VARIANTS
+from fdm_core.settings import DEFAULT_SAMPLER, SAMPLER_STEPS, SAMPLERS, sampler_steps
 from fdm_infer.eval.cli import EVAL_COMMANDS
 from fdm_infer.options import (
     clip_option,
@@ -34,9 +33,7 @@ from fdm_infer.options import (
     segmentation_options,
     warn_line,
 )
-from fdm_infer.outputs import DEFAULT_OUT as SEGMENT_OUT
-from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
-from fdm_infer.sampling import SUMMARY as SAMPLES_SUMMARY
+from fdm_infer.settings import INFERENCE_PATHS, SAMPLES_OUT, SEGMENT_OUT
 
 STEPS_HELP = ", ".join(f"{name} {n}" for name, n in SAMPLER_STEPS.items())
 
@@ -56,7 +53,10 @@ def main_group():
 @max_pixels_option
 @engine_options
 @segmentation_options
-@click.option("--save-soft", is_flag=True, help="Also write <name>_soft.npz: soft masks [K,S,S] (float16).")
+@click.option("--save-soft", is_flag=True,
+              help="Also write <name>_soft.npz: the soft masks the labels are read from, at the image's own size "
+                   "and refined as --refine says (`masks`: float16 [K, H, W], 2K bytes per pixel before "
+                   "compression; `image_size`: [H, W]).")
 @click.option("--save-channels", is_flag=True,
               help="Also write <name>_channels.png: every mask channel on its own (paper Fig. 9).")
 @click.option("--foreground", is_flag=True,
@@ -147,6 +147,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     Example: fdm-infer generate -n 16 -o samples/"""
     from fdm_core.visualize import mask_statistics
     from fdm_infer import api
+    from fdm_infer.sampling import SUMMARY as SAMPLES_SUMMARY
     from fdm_infer.sampling import check_samples_folder, class_labels, diffusion_for
 
     steps = sampler_steps(sampler, steps)
@@ -262,7 +263,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
               help="A TensorRT plan of --model (fdm-export onnx, then fdm-export trt): the trt variant [default: none].")
 @click.option("--batch-size", "batches", type=click.IntRange(1), multiple=True,
               help="Batch size (repeatable) [default: 1, 16, 128 and 256 on a GPU; 1 and 8 on a CPU].")
-@click.option("--inference-path", "variant_keys", type=click.Choice([v.key for v in VARIANTS]), multiple=True,
+@click.option("--inference-path", "variant_keys", type=click.Choice(INFERENCE_PATHS), multiple=True,
               help="Inference path (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
                    "(+ channels_last), compile, graphs (CUDA graphs), triton (Triton kernels: the fast path), "
                    "onnx (onnxruntime), trt (TensorRT, with --plan).")

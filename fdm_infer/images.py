@@ -296,21 +296,26 @@ def output_clash(out: Path, key: Path, kinds, inputs: dict[Path, Path]) -> Path 
 
 
 def write_outputs(out: Path, key: Path, image: np.ndarray, masks: torch.Tensor, labels: np.ndarray, *,
-                  save_soft: bool = False, channels: bool = False) -> dict[str, Path]:
-    """Writes one image's label map and overlay (and soft masks / channel view); returns the files
-    written by kind (labels, overlay, soft, channels)."""
-    h, w = image.shape[:2]
-    kinds = ["labels", "overlay", *(["soft"] if save_soft else []), *(["channels"] if channels else [])]
+                  soft: np.ndarray | None = None, channels: bool = False) -> dict[str, Path]:
+    """Writes one image's label map and overlay, and as asked its soft masks (`soft`, [K, H, W] at the
+    image's resolution: those the labels were read from) and the channel view of the model's masks
+    [K, S, S]; returns the files written by kind (labels, overlay, soft, channels)."""
+    kinds = ["labels", "overlay", *(["soft"] if soft is not None else []), *(["channels"] if channels else [])]
     files = dict(zip(kinds, output_paths(out, key, kinds)))
     save_labels(labels, files["labels"])
     save_png(overlay(image, labels), files["overlay"])
-    if save_soft:
-        with atomic_file(files["soft"]) as f:
-            np.savez_compressed(f, masks=masks.numpy().astype(np.float16),
-                                image_size=np.array([h, w], dtype=np.int32))
+    if soft is not None:
+        save_soft_masks(soft, files["soft"])
     if channels:
         save_png(channel_view(image, masks.numpy()), files["channels"])
     return files
+
+
+def save_soft_masks(soft: np.ndarray, path: Path) -> None:
+    """Soft masks [K, H, W] at an image's resolution as <name>_soft.npz: `masks`, float16 [K, H, W] (2 bytes
+    per pixel and channel before compression), and `image_size`, [H, W]."""
+    with atomic_file(path) as f:
+        np.savez_compressed(f, masks=soft.astype(np.float16), image_size=np.array(soft.shape[1:], dtype=np.int32))
 
 
 def channel_view(image: np.ndarray, masks: np.ndarray, max_height: int = 192, max_width: int = 768) -> Image.Image:

@@ -7,11 +7,9 @@ import sys
 import click
 
 from fdm_core.cli_options import quiet_option, threads_option
-from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP
 from fdm_core.errors import SEED
-from fdm_infer.engines import ENGINES
-from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES
-from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
+from fdm_core.settings import CLIP_MODES, DEFAULT_CLIP
+from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, ENGINES, REFINE_MODES
 
 
 def engine_options(f):

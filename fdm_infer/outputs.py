@@ -40,9 +40,10 @@ from fdm_infer.segment import (
     check_class,
     segment_batches,
 )
+from fdm_infer.settings import SEGMENT_OUT
 
 SUMMARY = "summary.json"
-DEFAULT_OUT = "out"  # the folder segmentation results go to unless told
+DEFAULT_OUT = SEGMENT_OUT  # the folder segmentation results go to unless told
 SUMMARY_FORMAT = "fdm-segment-v1"
 RLE_FORMATS = ("compressed", "uncompressed")
 
@@ -50,7 +51,7 @@ RLE_FORMATS = ("compressed", "uncompressed")
 @dataclass(frozen=True)
 class OutputOptions:
     """The files written per image besides <key>_labels.png and <key>_overlay.png."""
-    save_soft: bool = False  # <key>_soft.npz
+    save_soft: bool = False  # <key>_soft.npz: the soft masks the labels are read from (Segmented.soft)
     save_channels: bool = False  # <key>_channels.png
     foreground: bool = False  # <key>_fg.png
     rle: str | None = None  # COCO RLE of every region in summary.json: "compressed" or "uncompressed"
@@ -166,8 +167,9 @@ class OutputFolder:
 
     def write(self, item: Segmented) -> dict:
         """Writes one image's files; returns its entry of summary.json (without the foreground)."""
-        files = write_outputs(self.out, item.key, item.image, item.masks, item.labels,
-                              save_soft=self.options.save_soft, channels=self.options.save_channels)
+        soft, labels = item.soft_and_labels() if self.options.save_soft else (None, item.labels)
+        files = write_outputs(self.out, item.key, item.image, item.masks, labels, soft=soft,
+                              channels=self.options.save_channels)
         outputs = {kind: path.relative_to(self.out).as_posix() for kind, path in files.items()}
         return {"input": item.source, "outputs": outputs, **image_entry(item, self.options.rle)}
 
@@ -232,7 +234,7 @@ def _segment_into(folder: OutputFolder, engine: Engine, inputs: list, settings: 
     interrupted = None
     try:
         for batch in segment_batches(engine, todo, settings, lambda item, why: report.fail(item.path, why, warn),
-                                     progress):
+                                     progress, labels_now=False):
             presence.add_masks(torch.stack([item.masks for item in batch]))
             likeness.add(torch.stack([item.masks for item in batch]))
             while batch:

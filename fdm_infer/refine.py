@@ -11,10 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-REFINE_MODES = ("none", "guided")
-# The default because it helps on LFW, aligned and shifted, holds on DAVIS and costs a small share of the
-# model's time (benchmarks/results/position/*default-guided*, refine_cost.md).
-DEFAULT_REFINE = "guided"
+from fdm_infer.settings import DEFAULT_REFINE, REFINE_MODES  # noqa: F401  (DEFAULT_REFINE: by this module too)
+
 # Window radius as a share of the image's shorter side, and the regularization: how much color change
 # counts as an edge (in [0, 1] color units, squared).
 GUIDED_RADIUS = 1 / 32

@@ -24,8 +24,9 @@ from fdm_core.util import atomic_write, check_memory, check_not_input, check_wri
 from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine
 from fdm_infer.images import load_for_model, save_labels, save_png
+from fdm_infer.settings import SAMPLES_OUT
 
-DEFAULT_OUT = "samples"  # the folder generated samples go to unless told
+DEFAULT_OUT = SAMPLES_OUT  # the folder generated samples go to unless told
 
 
 def diffusion_for(engine: Engine) -> GaussianDiffusion:

@@ -11,7 +11,7 @@ run over files, is fdm_infer.outputs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ from fdm_core.util import (
     progress_bar,
 )
 from fdm_infer.engines.base import Engine
-from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES, refine_masks
 from fdm_infer.images import (
     InputImage,
     UnreadableImage,
@@ -33,12 +32,8 @@ from fdm_infer.images import (
     model_input,
     resize_masks,
 )
-
-DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
-# The window the masks are smoothed over (1: not smoothed, the paper's read-out). 3 x 3 is the measured
-# choice (benchmarks/emergence/RESULTS.md, "How the masks are read").
-DEFAULT_SMOOTH = 3
-
+from fdm_infer.refine import refine_masks
+from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, REFINE_MODES
 
 # ----- the core: tensors in, soft masks out -----
 
@@ -136,15 +131,29 @@ class Segmented:
     source: str  # the input file, or <image_NNNN> for an image given in memory
     image: np.ndarray  # RGB uint8 [H, W, 3], the input as read
     masks: torch.Tensor  # soft masks [K, S, S] at the model's resolution (float32, CPU)
-    labels: np.ndarray  # uint8 [H, W]: argmax of `soft`
     path: Path | None = None  # the input file (None for an image given in memory)
     refine: str = DEFAULT_REFINE
+    labels_read: np.ndarray | None = field(default=None, repr=False)  # the label map once read (`labels`)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """uint8 [H, W]: the argmax of `soft`, read once."""
+        if self.labels_read is None:
+            self.labels_read = read_labels(self.masks, self.image, self.refine)
+        return self.labels_read
 
     @property
     def soft(self) -> np.ndarray:
         """Soft masks [K, H, W] (float32) at the input's resolution, refined with the image (`refine`); they
         sum to 1 over K."""
         return image_masks(self.masks, self.image, self.refine).numpy()
+
+    def soft_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """`soft` and `labels`; the soft masks are made once for both where the labels are not read yet."""
+        soft = self.soft
+        if self.labels_read is None:
+            self.labels_read = soft.argmax(0).astype(np.uint8)
+        return soft, self.labels_read
 
     def region_share(self) -> list[float]:
         """Each label's share of the pixels."""
@@ -167,11 +176,12 @@ def read_labels(masks: torch.Tensor, image: np.ndarray, refine: str) -> np.ndarr
 
 
 def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentSettings,
-                    on_unreadable: Callable[[InputImage, str], None], progress: bool = False
-                    ) -> Iterator[list[Segmented]]:
+                    on_unreadable: Callable[[InputImage, str], None], progress: bool = False,
+                    labels_now: bool = True) -> Iterator[list[Segmented]]:
     """The inputs segmented, one batch at a time (see `_read_batches`); an input that cannot be read, or
     a file of more than `settings.max_pixels` pixels, goes to `on_unreadable` (which may raise) and is
-    left out. The label maps are made one image and one channel at a time."""
+    left out. The label maps are made one image and one channel at a time: in the batch (`labels_now`),
+    or where each image's are first asked for (a writer of the soft masks then makes them once)."""
     check_class(engine, settings.class_label)
     diffusion = GaussianDiffusion()
     size = engine.config.image_size
@@ -182,8 +192,9 @@ def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentS
             masks = segment_tensor(engine, torch.stack(tensors), t=settings.t, seed=settings.seed,
                                    ensemble=settings.ensemble, y=y, diffusion=diffusion,
                                    smooth=settings.smooth).cpu()
-            segmented = [Segmented(item.key, item.name, image, m, read_labels(m, image, settings.refine), item.path,
-                                   settings.refine) for item, image, m in zip(batch, images, masks)]
+            segmented = [Segmented(item.key, item.name, image, m, item.path, settings.refine,
+                                   read_labels(m, image, settings.refine) if labels_now else None)
+                         for item, image, m in zip(batch, images, masks)]
             images.clear()  # held by the Segmented images alone, which a run over files drops once written
             yield segmented
             bar.update(len(batch))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 
 from fdm_core.config import DEFAULT_T_POWER, ModelConfig
 from fdm_core.errors import UserError
-from fdm_core.util import DEFAULT_THREADS, MAX_THREADS
+from fdm_core.settings import DEFAULT_THREADS, MAX_THREADS
 
 
 class TrainingError(UserError):

@@ -50,6 +50,11 @@ def test_bench_smoke_checks_every_variant_that_runs(tmp_path):
     assert [r["batch"] for r in trt] == [1, 2] and all(r["status"].startswith("skipped: ") for r in trt)
 
 
+def test_the_inference_paths_the_command_offers_are_the_variants_it_measures():
+    option = next(p for p in main_group.commands["bench"].params if p.name == "variant_keys")
+    assert list(option.type.choices) == [v.key for v in VARIANTS]
+
+
 def test_the_script_runs_the_command(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_latency.py"), "--smoke", "--inference-path",
                            "fused", "--no-sampling", "--no-plain", "--save-json", str(tmp_path / "latency.json")],

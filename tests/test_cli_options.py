@@ -202,7 +202,8 @@ def test_unknown_model_suffix_is_one_line(tmp_path, capsys, monkeypatch):
     assert "--engine" in r.err_lines[0]
 
 
-# Records OMP_WAIT_POLICY at the moment torch is first imported (the OpenMP runtime reads it only then).
+# Records OMP_WAIT_POLICY at the moment torch is first imported (the OpenMP runtime reads it only then):
+# after the module given, which need not load torch itself (a command loads it once it runs).
 POLICY_AT_TORCH_IMPORT = """
 import importlib, os, sys
 class Spy:
@@ -212,6 +213,7 @@ class Spy:
         return None
 sys.meta_path.insert(0, Spy())
 importlib.import_module(sys.argv[1])
+import torch
 print(os.environ["POLICY_SEEN"])
 """
 

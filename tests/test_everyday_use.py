@@ -1,5 +1,6 @@
 """What a user meets in everyday use: resumed runs that keep their options, Ctrl-C that keeps the work,
 fast defaults, output folders of one run, the bundled model by name, and the API's habits."""
+import importlib.metadata
 import json
 import os
 import signal
@@ -248,6 +249,38 @@ def test_importing_the_api_loads_neither_torchs_compiler_nor_triton():
             "print([m for m in ('torch._inductor', 'triton') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# Runs, in one fresh interpreter, what a user types for help: each tool's --version, --help and every
+# command's --help, through the console script's entry point; after each, the heavy modules loaded so far.
+HELP_RUNNER = """
+import contextlib, importlib, io, json, sys
+results = []
+for prog, module in json.loads(sys.argv[1]):
+    cli = importlib.import_module(module)
+    for args in [["--version"], ["--help"], *([name, "--help"] for name in cli.main_group.commands)]:
+        sys.argv = [prog, *args]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            cli.main()
+        results.append([prog, args, out.getvalue(), [m for m in ("torch", "numpy") if m in sys.modules]])
+print(json.dumps(results))
+"""
+
+
+def test_version_and_help_load_neither_torch_nor_numpy():
+    tools = [["fdm-infer", "fdm_infer.cli"], ["fdm-train", "fdm_train.cli"], ["fdm-export", "fdm_export.cli"]]
+    proc = subprocess.run([sys.executable, "-c", HELP_RUNNER, json.dumps(tools)], env=ENV, capture_output=True,
+                          text=True, timeout=300, check=True)
+    results = json.loads(proc.stdout)
+    assert {prog for prog, *_ in results} == {"fdm-infer", "fdm-train", "fdm-export"}
+    assert ["fdm-infer", ["segment", "--help"]] in [[prog, args] for prog, args, *_ in results]
+    for prog, args, out, loaded in results:
+        if args == ["--version"]:
+            assert out.strip() == f"{prog} {importlib.metadata.version('fdm')}"
+        else:  # the help of the command asked for, not another's
+            assert out.startswith(f"Usage: {' '.join([prog, *args[:-1]])} "), (prog, args, out[:200])
+        assert loaded == [], f"`{prog} {' '.join(args)}` loaded {loaded}"
 
 
 def test_ctrl_c_while_a_command_starts_prints_one_line():

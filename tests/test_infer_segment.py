@@ -89,8 +89,9 @@ def test_segment_lfw_val_images(tiny_checkpoint, tmp_path, capsys, monkeypatch):
         assert lab.max() < 3
         assert Image.open(out / f"{f.stem}_overlay.png").size == src.size
         soft = np.load(out / f"{f.stem}_soft.npz")
-        assert soft["masks"].shape == (3, 32, 32) and tuple(soft["image_size"]) == (src.size[1], src.size[0])
+        assert soft["masks"].shape == (3, *lab.shape) and tuple(soft["image_size"]) == (src.size[1], src.size[0])
         np.testing.assert_allclose(soft["masks"].astype(np.float32).sum(0), 1, atol=3e-3)
+        assert np.array_equal(np.take_along_axis(soft["masks"], lab[None], 0)[0], soft["masks"].max(0))
         # The labels are the argmax of the masks resized (bilinear) to the image's size and refined.
         x = torch.from_numpy(np.array(src.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)))
         x = x.permute(2, 0, 1).float()[None] / 127.5 - 1
@@ -98,6 +99,7 @@ def test_segment_lfw_val_images(tiny_checkpoint, tmp_path, capsys, monkeypatch):
         up = F.interpolate(m, size=lab.shape, mode="bilinear", align_corners=False)[0]
         # then snapped to the image's edges (the default read-out; the filter has its own reference test)
         up = refine_masks(up, torch.from_numpy(np.array(src.convert("RGB"))).permute(2, 0, 1), "guided")
+        np.testing.assert_allclose(soft["masks"].astype(np.float32), up.numpy(), atol=1e-3)  # the masks stored
         top2 = up.topk(2, dim=0).values
         differ = lab != up.argmax(0).numpy()
         # Equal up to float noise between batch sizes: any difference lies on a near-tie.
@@ -182,9 +184,13 @@ def test_foreground_and_channel_view(tiny_checkpoint, tmp_path, capsys, monkeypa
                   "--foreground", "--save-channels", "--save-soft", "--batch-size", 2)
     assert r.code == 0, r.err
     # Independent choice: the background is the channel with the most soft mask on the 2-pixel border
-    # ring (S=32) and every channel with more of its mask on the ring than in the image (if that leaves
-    # no foreground, the first alone).
-    soft = [np.load(out / f"i{i}_soft.npz")["masks"].astype(np.float64) for i in range(5)]
+    # ring of the model's masks (S=32) and every channel with more of its mask on the ring than in the
+    # image (if that leaves no foreground, the first alone).
+    engine = open_engine("torch", tiny_checkpoint, device="cpu")
+    x = torch.stack([torch.from_numpy(np.array(Image.open(folder / f"i{i}.png").resize((32, 32),
+                                                                                       Image.Resampling.BICUBIC)))
+                     for i in range(5)]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    soft = segment_tensor(engine, x, t=30, seed=0).double().numpy()
     shares = sum(ring_shares(m, 2) for m in soft)
     whole = sum(m.mean(axis=(1, 2)) for m in soft)
     background = {int(np.argmax(shares))} | {c for c in range(3) if shares[c] > whole[c]}

@@ -74,6 +74,17 @@ def test_segment_refine_writes_the_argmax_of_the_refined_soft_masks(tiny_checkpo
     assert np.array_equal(seg.labels, seg.soft.argmax(0))
     expected = refine_masks(torch.from_numpy(plain.soft), torch.from_numpy(image).permute(2, 0, 1), "guided")
     assert np.allclose(seg.soft, expected.numpy(), atol=1e-5)
+    # --save-soft writes the soft masks the labels were read from: at the image's size, refined as asked
+    for refine, api in (("none", plain), ("guided", seg)):
+        saved = np.load(tmp_path / refine / "a_soft.npz")
+        assert saved["masks"].dtype == np.float16 and list(saved["image_size"]) == [40, 56]
+        assert np.array_equal(saved["masks"], api.soft.astype(np.float16))
+        labels = np.asarray(Image.open(tmp_path / refine / "a_labels.png"))
+        assert np.array_equal(labels, api.labels)
+        # float16 rounding keeps the order of the values, so every label is a largest saved mask
+        assert np.array_equal(np.take_along_axis(saved["masks"], labels[None], 0)[0], saved["masks"].max(0))
+    assert not np.array_equal(np.load(tmp_path / "none" / "a_soft.npz")["masks"],
+                              np.load(tmp_path / "guided" / "a_soft.npz")["masks"])
     r = run_infer(capsys, monkeypatch, "segment", folder, "--model", tiny_checkpoint, "-o", tmp_path / "bad",
                   "--refine", "crf")
     assert r.code != 0 and "crf" in r.err

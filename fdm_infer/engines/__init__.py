@@ -13,12 +13,8 @@ from fdm_core.checkpoint import DEFAULT_MODEL, DEFAULT_NAME, model_file  # noqa:
 from fdm_core.errors import UserError
 from fdm_core.util import one_line, pick_device, set_threads
 from fdm_infer.engines.base import Engine
+from fdm_infer.settings import ENGINES
 
-ENGINES = {
-    "torch": ("fdm_infer.engines.torch_engine", "TorchEngine"),
-    "onnx": ("fdm_infer.engines.onnx_engine", "OnnxEngine"),
-    "trt": ("fdm_infer.engines.trt_engine", "TrtEngine"),
-}
 ENGINE_BY_SUFFIX = {".safetensors": "torch", ".onnx": "onnx", ".plan": "trt", ".engine": "trt"}
 
 

@@ -16,8 +16,7 @@ from fdm_infer.options import (
     segmentation_options,
     warn_line,
 )
-from fdm_infer.refine import DEFAULT_REFINE
-from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
+from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T
 
 
 @click.command(cls=Command)
