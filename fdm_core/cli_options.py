@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from fdm_core.errors import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
+from fdm_core.command_line import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
 from fdm_core.images import MAX_PIXELS
 from fdm_core.util import DEFAULT_THREADS, MAX_THREADS
 
