@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 REFINE_MODES = ("none", "guided")
 # The default because it helps on LFW, aligned and shifted, holds on DAVIS and costs a small share of the
-# model's time (benchmarks/results/position/*default-guided*, refine_cost.md).
+# model's time (benchmarks/position/results/*default-guided*, refine_cost.md).
 DEFAULT_REFINE = "guided"
 # Window radius as a share of the image's shorter side, and the regularization: how much color change
 # counts as an edge (in [0, 1] color units, squared).
