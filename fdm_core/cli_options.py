@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from fdm_core.errors import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
+from fdm_core.command_line import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
 from fdm_core.settings import DEFAULT_THREADS, MAX_PIXELS, MAX_THREADS
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}

@@ -14,6 +14,10 @@ PREDICTIONS = ("eps", "v")  # what the network's output means: fdm_core.diffusio
 PADDINGS = ("zeros", "replicate", "reflect", "circular")
 
 
+# Fields that files written earlier name otherwise: their old name -> the field.
+RENAMED = {"mask_scale": "mask_downsample"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     image_size: int = 64
@@ -28,7 +32,7 @@ class ModelConfig:
     num_classes: int = 0  # 0 = unconditional
     variant: str = "factorized"
     region_codes: bool = False  # a learned per-branch code in the shared decoder's embedding
-    mask_scale: int = 1  # the mask logits are averaged over mask_scale x mask_scale cells, then upsampled
+    mask_downsample: int = 1  # the mask logits are averaged over N x N cells, then upsampled: masks at 1/N size
     # What the output means (fdm_core.diffusion.PREDICTIONS): the network never reads it; its trainer and
     # samplers do. A file written without the field holds an eps-model.
     prediction: str = "eps"
@@ -60,7 +64,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        values = json.loads(text)
+        values = {RENAMED.get(key, key): value for key, value in json.loads(text).items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -97,9 +101,9 @@ def _check_bounds(cfg: ModelConfig) -> None:
         raise ValueError(f"dropout must be a number from 0 to 1, got {cfg.dropout!r}")
     if type(cfg.region_codes) is not bool:
         raise ValueError(f"region_codes must be true or false, got {cfg.region_codes!r}")
-    check_int("mask_scale", cfg.mask_scale, 1, cfg.image_size)
-    if cfg.image_size % cfg.mask_scale:
-        raise ValueError(f"mask_scale {cfg.mask_scale} must divide image_size {cfg.image_size}")
+    check_int("mask_downsample", cfg.mask_downsample, 1, cfg.image_size)
+    if cfg.image_size % cfg.mask_downsample:
+        raise ValueError(f"mask_downsample {cfg.mask_downsample} must divide image_size {cfg.image_size}")
     for width in attention_widths(cfg):  # each attention block splits its width into equal heads
         heads = max(1, width // cfg.head_channels)
         if width % heads:
@@ -119,9 +123,9 @@ def attention_widths(cfg: ModelConfig) -> set[int]:
 
 
 # Bytes one sample holds in a forward pass, in units of 4 K C S^2 (fp32 activations of the K decoder branches
-# at the base width and full size): denoising (measured peaks of tiny-32, small-32 and small-64: 17-22
-# units), and a training step's forward and backward pass (tiny-32 and small-32 at 16 to 64 images:
-# 64-108 units).
+# at the base width and full size), for denoising and for a training step's forward and backward pass: a
+# little above the peaks of the small presets, so that an estimate refuses a batch before the device runs
+# out of memory rather than after (tests/test_safety.py holds the estimate to the measured peak).
 ACTIVATION_UNITS = {"denoise": 24, "train": 112}
 
 

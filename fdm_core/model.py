@@ -226,7 +226,7 @@ class FactorizedUNet(nn.Module):
         """Softmax over K at `mask_temperature`; with `hard_masks` (training only) a straight-through
         Gumbel sample: one-hot forward, the soft gradient backward."""
         logits = logits.float() if self.mask_temperature == 1.0 else logits.float() / self.mask_temperature
-        s = self.cfg.mask_scale
+        s = self.cfg.mask_downsample
         if s > 1:  # masks that cannot change faster than every s pixels (a spatial prior)
             logits = F.interpolate(F.avg_pool2d(logits, s), scale_factor=s, mode="bilinear", align_corners=False)
         soft = logits.softmax(dim=1)

@@ -9,7 +9,7 @@ import os
 # ----- threads (fdm_core.util) -----
 
 # CPU threads torch (and onnxruntime) use when --threads is not given. None leaves torch's own choice
-# (OMP_NUM_THREADS when set, else one thread per core). benchmarks/threads.py measures the alternatives.
+# (OMP_NUM_THREADS when set, else one thread per core). benchmarks/threads/ measures the alternatives.
 DEFAULT_THREADS: int | None = None
 # The most threads --threads takes: more than a few per core only slows a run down, and tens of thousands
 # crash the OpenMP runtime.

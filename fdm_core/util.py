@@ -246,7 +246,7 @@ def one_line(exc: BaseException) -> str:
 
 
 # FLOP/s of one CPU thread in this project's models, a rough middle of the small and the large presets'
-# training speeds (benchmarks/results/train_cpu.md): for estimates of a run's time, not for promises.
+# training speeds (benchmarks/train_speed/train_cpu.md): for estimates of a run's time, not for promises.
 CPU_FLOPS_PER_THREAD = 50e9
 
 

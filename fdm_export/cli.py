@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from fdm_core.cli_options import CONTEXT_SETTINGS, HelpGroup, overwrite_option, quiet_option, version_option
-from fdm_core.errors import FiniteFloatRange, run_cli
+from fdm_core.command_line import FiniteFloatRange, run_cli
 from fdm_infer.settings import DEFAULT_SMOOTH, DEFAULT_T
 
 

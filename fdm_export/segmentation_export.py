@@ -26,8 +26,8 @@ from fdm_core.checkpoint import load_model
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.images import to_float
 from fdm_core.util import atomic_write, check_output, one_line
-from fdm_export.onnx_export import TOLERANCE, ExportError, ExportResult
-from fdm_infer.engines.onnx_engine import DEFAULT_OPSET, _with_metadata, session_options
+from fdm_export.onnx_export import DEFAULT_OPSET, TOLERANCE, ExportError, ExportResult, with_metadata
+from fdm_infer.engines.onnx_engine import session_options
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_settings, smooth_masks
 
 INPUTS, OUTPUTS = ("image", "noise"), ("labels", "masks")
@@ -74,7 +74,7 @@ def export_segmentation(checkpoint: str | Path, out: str | Path, *, t: int = DEF
                               do_constant_folding=True, dynamo=False)
     except Exception as exc:
         raise ExportError(f"ONNX export of the segmentation of {checkpoint} failed: {one_line(exc)}") from exc
-    data = _with_metadata(buffer.getvalue(), {
+    data = with_metadata(buffer.getvalue(), {
         "format": "fdm-segmentation-v1", "config": cfg.to_json(), "timestep": str(t), "smooth": str(smooth),
         "inputs": ",".join(INPUTS), "outputs": ",".join(OUTPUTS), "source": str(checkpoint),
         "step": str(meta.get("step", "")), "noise": "fdm_infer.segment.segmentation_noise(seed): one "

@@ -12,6 +12,8 @@ which reads it), so one file describes its model.
 """
 from __future__ import annotations
 
+import json
+import struct
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,12 +21,18 @@ from pathlib import Path
 
 from fdm_core.util import atomic_write
 from fdm_infer.engines.onnx_engine import read_onnx_metadata
-from fdm_infer.engines.trt_engine import PLAN_FORMAT, TensorRTError, pack_plan, require_tensorrt
+from fdm_infer.engines.trt_engine import MAGIC, PLAN_FORMAT, TensorRTError, require_tensorrt
 
 PRECISIONS = ("auto", "fp16", "bf16")
 
 
 # ---------------------------------------------------------------------------------------------- build
+
+def pack_plan(meta: dict, engine_bytes: bytes) -> bytes:
+    """A plan file: MAGIC, the header's length, the header (JSON of `meta`), then TensorRT's engine."""
+    header = json.dumps(meta, sort_keys=True).encode()
+    return MAGIC + struct.pack("<Q", len(header)) + header + engine_bytes
+
 
 @dataclass
 class BuildResult:

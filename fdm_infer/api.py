@@ -48,14 +48,14 @@ from fdm_core.diffusion import (
     SampleResult,
     sampler_steps,
 )
-from fdm_core.errors import SEED, UserError, check_int
+from fdm_core.errors import SEED_MAX, UserError, check_int
 from fdm_core.images import MAX_PIXELS
 from fdm_core.util import DEFAULT_THREADS, progress_bar
 from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
-from fdm_infer.engines import open_model, placeholder_note
+from fdm_infer.engines import open_model
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import ChannelPresence
-from fdm_infer.images import FileReport, InputImage, UnreadableImage, collect_inputs
+from fdm_infer.image_files import FileReport, InputImage, UnreadableImage, collect_inputs
 from fdm_infer.outputs import DEFAULT_OUT as SEGMENT_OUT
 from fdm_infer.outputs import (
     OutputFolder,
@@ -69,10 +69,10 @@ from fdm_infer.outputs import (
     summary,
     summary_json,
 )
+from fdm_infer.refine import DEFAULT_REFINE
 from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.sampling import GRID_SAMPLES, check_steps, diffusion_for, image_mask_grid, write_samples
 from fdm_infer.sampling import generate as sample
-from fdm_infer.refine import DEFAULT_REFINE
 from fdm_infer.segment import (
     DEFAULT_SMOOTH,
     DEFAULT_T,
@@ -89,27 +89,13 @@ def note_on_stderr(message: str) -> None:
     print(f"fdm: note: {message}", file=sys.stderr)
 
 
-def load_engine(model=None, engine: str | None = None, device: str = "auto", threads: int | None = DEFAULT_THREADS,
-                notify: Callable[[str], None] | None = None) -> tuple[Engine, Path | None, float]:
-    """(engine, model file, seconds to load): `model` is a file (its suffix picks the engine unless `engine`
-    names one), None for the bundled default, or an Engine already open. A placeholder model says so
-    through `notify` (default: one line on stderr)."""
-    if isinstance(model, Engine):
-        return model, getattr(model, "path", None), 0.0
-    start = time.perf_counter()
-    opened, path = open_model(model, engine, device, threads)
-    note = placeholder_note(opened, path)
-    if note:
-        (notify or note_on_stderr)(note)
-    return opened, path, time.perf_counter() - start
-
-
 def check_seed(seed: int) -> None:
-    """Seeds are what the command lines take (SEED): 0..2^63-1."""
-    check_int("seed", seed, SEED.min, SEED.max)
+    """Seeds are what the command lines take: 0..2^63-1."""
+    check_int("seed", seed, 0, SEED_MAX)
 
 
-def describe(engine: Engine, path: Path | None) -> str:
+def describe_model(engine: Engine, path: Path | None) -> str:
+    """The model in a few words: its file's name, engine, K and size."""
     cfg = engine.config
     name = path.name if path is not None else "in-memory model"
     return f"{name} ({engine.name}, K={engine.num_regions}, {cfg.image_size}x{cfg.image_size})"
@@ -148,11 +134,12 @@ class Segmenter:
         forces one), or the bundled default when `model` is None. `threads`: CPU threads of torch (for the
         whole process) and onnxruntime. `settings`: timestep, seed, ensemble, batch_size, class_label,
         max_pixels, smooth, refine (the command line's --timestep, --seed, ...)."""
-        opened, path, seconds = load_engine(model, engine, device, threads, notify)
-        return cls(opened, path, load_seconds=seconds, **settings)
+        start = time.perf_counter()
+        opened, path = open_model(model, engine, device, threads, notify or note_on_stderr)
+        return cls(opened, path, load_seconds=time.perf_counter() - start, **settings)
 
     def describe(self) -> str:
-        return describe(self.engine, self.model)
+        return describe_model(self.engine, self.model)
 
     def __repr__(self) -> str:
         st = self.settings
@@ -449,7 +436,7 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     check_seed(seed)
     check_int("n", n, 1)
     check_int("batch_size", batch_size, 1)
-    opened, path, _ = load_engine(model, engine, device, threads, notify)
+    opened, path = open_model(model, engine, device, threads, notify or note_on_stderr)
     n_steps = len(diffusion_for(opened).timesteps(steps, sampler))
     every = max(1, n_steps // 10) if trajectory else 0
     start = time.perf_counter()

@@ -19,15 +19,13 @@ from fdm_core.cli_options import (
     version_option,
 )
 from fdm_core.config import PRESETS
-from fdm_core.errors import SEED, FiniteFloatRange, run_cli
+from fdm_core.command_line import SEED, FiniteFloatRange, run_cli
 from fdm_core.settings import DEFAULT_SAMPLER, SAMPLER_STEPS, SAMPLERS, sampler_steps
-from fdm_infer.eval.cli import EVAL_COMMANDS
+from fdm_eval.cli import EVAL_COMMANDS
 from fdm_infer.options import (
     clip_option,
-    describe,
     engine_options,
     exit_if_failed,
-    load_engine,
     note_line,
     progress_bar,
     segmentation_options,
@@ -82,7 +80,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 
     Example: fdm-infer segment photos/ -o out/ --foreground"""
     from fdm_infer.api import Segmenter
-    from fdm_infer.images import label_legend
+    from fdm_infer.image_files import label_legend
     from fdm_infer.outputs import SUMMARY, OutputOptions, summary_json
 
     if fg_channels and not foreground:
@@ -114,7 +112,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
     exit_if_failed(report)
 
 
-@main_group.command()
+@main_group.command("generate")
 @click.option("-n", "count", type=click.IntRange(1), default=8, help="Number of samples.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help=f"Reverse-process steps (1000: the whole schedule; fewer: an evenly respaced one) [default: "
@@ -138,8 +136,8 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @engine_options
 @quiet_option
 @json_option
-def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_trajectory, overwrite, model_file,
-             engine_kind, device, threads, quiet, as_json):
+def generate_command(count, steps, sampler, clip, seed, batch_size, out, classes, save_trajectory, overwrite, model_file,
+                     engine_kind, device, threads, quiet, as_json):
     """Generate images together with their masks. Writes sample_NNNN.png, sample_NNNN_labels.png
     and grid.png (images above colored masks). The same seed, -n, --batch-size and steps give the
     same images (bit-identical on the CPU).
@@ -148,11 +146,13 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     from fdm_core.visualize import mask_statistics
     from fdm_infer import api
     from fdm_infer.sampling import SUMMARY as SAMPLES_SUMMARY
+    from fdm_infer.api import describe_model
+    from fdm_infer.engines import open_model
     from fdm_infer.sampling import check_samples_folder, class_labels, diffusion_for
 
     steps = sampler_steps(sampler, steps)
     check_samples_folder(Path(out), overwrite)
-    engine, path = load_engine(engine_kind, model_file, device, threads)
+    engine, path = open_model(model_file, engine_kind, device, threads, notify=note_line)
     n_steps = len(diffusion_for(engine).timesteps(steps, sampler))
     batches = -(-count // batch_size)
     class_labels(engine, count, list(classes))  # a wrong --class stops here, before the plan
@@ -164,7 +164,7 @@ def generate(count, steps, sampler, clip, seed, batch_size, out, classes, save_t
     samples.save(out, overwrite=overwrite)
     stats = mask_statistics(samples.result.masks)
     click.echo(f"generated {count} image(s) in {samples.seconds:.1f} s ({count / samples.seconds:.2f} images/s; "
-               f"{sampler}, {n_steps} steps, clip {clip}, seed {seed}) with {describe(engine, path)} -> {out} "
+               f"{sampler}, {n_steps} steps, clip {clip}, seed {seed}) with {describe_model(engine, path)} -> {out} "
                f"(mask entropy {stats['mask_entropy']}, region shares {stats['region_share']})", err=as_json)
     if as_json:
         click.echo((Path(out) / SAMPLES_SUMMARY).read_text(), nl=False)
@@ -220,6 +220,8 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     Example: fdm-infer interpolate a.jpg b.jpg --mix-steps 8 -o interp/"""
     from fdm_core.diffusion import GaussianDiffusion
     from fdm_core.util import check_writable_folder
+    from fdm_infer.api import describe_model
+    from fdm_infer.engines import open_model
     from fdm_infer.sampling import class_labels, interpolation_start, load_pair, write_interpolation
     from fdm_infer.sampling import interpolate as run
 
@@ -228,7 +230,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     if t_start != t:
         note_line(f"--timestep {t} is not a step of the {steps}-step schedule: interpolating from t={t_start}, "
                   "its largest step at or below --timestep")
-    engine, path = load_engine(engine_kind, model_file, device, threads)
+    engine, path = open_model(model_file, engine_kind, device, threads, notify=note_line)
     a, b = load_pair(engine, image_a, image_b)
     check_writable_folder(Path(out))
     y = class_labels(engine, 1, [class_label] if class_label is not None else None)
@@ -240,7 +242,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
                      y=None if y is None else int(y[0]), progress=bar.update)
     written = write_interpolation(Path(out), result, inputs=[image_a, image_b, path])
     click.echo(f"interpolated {frames} frame(s) from t={result.t} ({mix}, {sampler}) in "
-               f"{time.perf_counter() - start:.1f} s with {describe(engine, path)} -> {Path(out) / 'interpolation.png'}",
+               f"{time.perf_counter() - start:.1f} s with {describe_model(engine, path)} -> {Path(out) / 'interpolation.png'}",
                err=as_json)
     if as_json:
         from fdm_core.util import json_text
@@ -300,7 +302,7 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     rewritten after every one; the tables are printed last, the engines side by side first (also after
     Ctrl-C, with what was measured)."""
     from fdm_core.util import check_not_input, check_writable_file, set_threads
-    from fdm_infer import bench as benchmark
+    from fdm_eval import bench as benchmark
 
     set_threads(threads)
     if smoke:

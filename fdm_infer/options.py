@@ -1,4 +1,4 @@
-"""What the fdm-infer commands share: the model options and loading, the segmentation options,
+"""What the fdm-infer commands share: the model options, the segmentation options,
 warnings and notes, progress bars and the exit status of a run over files."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import click
 
 from fdm_core.cli_options import quiet_option, threads_option
-from fdm_core.errors import SEED
+from fdm_core.command_line import SEED
 from fdm_core.settings import CLIP_MODES, DEFAULT_CLIP
 from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, ENGINES, REFINE_MODES
 
@@ -57,21 +57,6 @@ def segmentation_options(f):
     f = click.option("--timestep", "t", type=click.IntRange(0, 999), default=DEFAULT_T,
                      help="Noise level the images are taken to before the one forward pass.")(f)
     return f
-
-
-def load_engine(engine_kind: str | None, model_file: str | None, device: str, threads: int | None = None):
-    """(engine, model file) for a command: the file's suffix picks the engine unless --engine forces one;
-    a placeholder model says so in one line."""
-    from fdm_infer.api import load_engine as load
-
-    engine, path, _ = load(model_file, engine_kind, device, threads, notify=note_line)
-    return engine, path
-
-
-def describe(engine, path) -> str:
-    from fdm_infer.api import describe as describe_model
-
-    return describe_model(engine, path)
 
 
 def warn_line(message: str) -> None:

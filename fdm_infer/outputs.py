@@ -30,7 +30,7 @@ from fdm_core.util import (
 from fdm_core.visualize import PALETTE
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import RULE, ChannelPresence
-from fdm_infer.images import FileReport, collect_inputs, output_clash, save_png, write_outputs
+from fdm_infer.image_files import FileReport, collect_inputs, output_clash, save_png, write_outputs
 from fdm_infer.rle import encode_labels
 from fdm_infer.segment import (
     PriorLikeness,
@@ -82,7 +82,7 @@ def image_entry(item: Segmented, rle: str | None = None) -> dict:
 
 
 def output_kinds(options: OutputOptions) -> list[str]:
-    """The files (keys of fdm_infer.images.OUTPUT_SUFFIXES) each image gets."""
+    """The files (keys of fdm_infer.image_files.OUTPUT_SUFFIXES) each image gets."""
     return ["labels", "overlay", *(["soft"] if options.save_soft else []),
             *(["channels"] if options.save_channels else []), *(["fg"] if options.foreground else [])]
 

@@ -23,7 +23,7 @@ from fdm_core.errors import UserError, check_int
 from fdm_core.util import atomic_write, check_memory, check_not_input, check_writable_folder, json_text
 from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine
-from fdm_infer.images import load_for_model, save_labels, save_png
+from fdm_infer.image_files import load_for_model, save_labels, save_png
 from fdm_infer.settings import SAMPLES_OUT
 
 DEFAULT_OUT = SAMPLES_OUT  # the folder generated samples go to unless told

@@ -3,7 +3,7 @@ denoiser call, read the K soft masks. Written once against `Engine.denoise`, so 
 (torch, onnx, trt) segments the same way.
 
 `segment_tensor` is the core an evaluator uses; `segment_batches` segments images of any size and mode
-(files or in memory, fdm_infer.images) into `Segmented` images, label maps at each input's own
+(files or in memory, fdm_infer.image_files) into `Segmented` images, label maps at each input's own
 resolution, within a pixel budget (`max_pixels`: files above it are skipped before decoding, and a
 batch stops growing once it holds that many full-resolution pixels). What is written of them, and the
 run over files, is fdm_infer.outputs.
@@ -25,7 +25,7 @@ from fdm_core.util import (
     progress_bar,
 )
 from fdm_infer.engines.base import Engine
-from fdm_infer.images import (
+from fdm_infer.image_files import (
     InputImage,
     UnreadableImage,
     label_map,

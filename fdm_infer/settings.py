@@ -11,7 +11,7 @@ DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
 DEFAULT_SMOOTH = 3
 REFINE_MODES = ("none", "guided")
 # The default because it helps on LFW, aligned and shifted, holds on DAVIS and costs a small share of the
-# model's time (benchmarks/results/position/*default-guided*, refine_cost.md).
+# model's time (benchmarks/position/results/*default-guided*, refine_cost.md).
 DEFAULT_REFINE = "guided"
 
 # ----- engines (fdm_infer.engines): each one's module and class, imported when asked for -----
@@ -27,6 +27,6 @@ ENGINES = {
 SEGMENT_OUT = "out"  # segmentation results (fdm_infer.outputs)
 SAMPLES_OUT = "samples"  # generated samples (fdm_infer.sampling)
 
-# ----- bench: the inference paths it measures, in its order (fdm_infer.bench.VARIANTS) -----
+# ----- bench: the inference paths it measures, in its order (fdm_eval.bench.VARIANTS) -----
 
 INFERENCE_PATHS = ("naive", "fused", "bf16", "compile", "graphs", "triton", "onnx", "trt")

@@ -25,7 +25,7 @@ from fdm_core.config import (
     VARIANTS,
     preset,
 )
-from fdm_core.errors import SEED, DefaultGroup, FiniteFloatRange, run_cli
+from fdm_core.command_line import SEED, DefaultGroup, FiniteFloatRange, run_cli
 from fdm_train.options import EQUIVARIANCE_MEASURES, SHIFT_EDGES, TrainOptions
 
 # The defaults of `train`, written once in TrainOptions; its values are checked there too.
@@ -43,7 +43,7 @@ def model_options(f):
     f = click.option("--region-codes/--no-region-codes", default=DEFAULT_REGION_CODES, show_default=True,
                      help="Give each decoder branch a learned code in its embedding (shared weights, branches "
                           "that can differ); --no-region-codes is the paper's decoder.")(f)
-    f = click.option("--mask-downsample", "mask_scale", type=click.IntRange(1), default=None,
+    f = click.option("--mask-downsample", "mask_downsample", type=click.IntRange(1), default=None,
                      help="Make the masks at 1/N of the image size (mask logits averaged over N x N cells, then "
                           "upsampled bilinearly) [default: 1, full resolution, as in the paper].")(f)
     f = click.option("--padding", type=click.Choice(PADDINGS), default=None,
@@ -55,11 +55,11 @@ def model_options(f):
     return f
 
 
-def config_from(preset_name, variant, regions, image_size, channels, region_codes=None, mask_scale=None, padding=None,
+def config_from(preset_name, variant, regions, image_size, channels, region_codes=None, mask_downsample=None, padding=None,
                 **extra):
     try:
         return preset(preset_name, variant=variant, num_regions=regions, image_size=image_size,
-                      base_channels=channels, region_codes=region_codes, mask_scale=mask_scale, padding=padding,
+                      base_channels=channels, region_codes=region_codes, mask_downsample=mask_downsample, padding=padding,
                       **extra)
     except ValueError as exc:  # a size the model cannot have, e.g. not divisible by 2^(stages-1)
         raise click.UsageError(f"model options: {exc}") from None
@@ -120,7 +120,7 @@ def main_group():
               help="DataLoader worker processes per device [default: CPUs per device - 1, at most 8].")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--channels-last", is_flag=True,
-              help="Train in the NHWC memory format (about 1.2x on a 2-core CPU, benchmarks/results/train_cpu.md).")
+              help="Train in the NHWC memory format (about 1.2x on a 2-core CPU, benchmarks/train_speed/train_cpu.md).")
 @click.option("--device", default=TRAIN["device"], show_default=True,
               help="auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK).")
 @click.option("--timestep-power", "t_power", type=float, default=TRAIN["t_power"], show_default=True,
@@ -178,7 +178,7 @@ def main_group():
               help="Scale of the mask head's initial last-layer weights.")
 @threads_option
 @quiet_option
-def train(data, out, preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, dropout, class_cond,
+def train(data, out, preset, variant, regions, image_size, channels, region_codes, mask_downsample, padding, dropout, class_cond,
           resume, compile_, quiet, prediction, **kwargs):
     """Train on every jpg/png/webp/bmp/tif/gif under --data with the plain denoising loss.
     Launched by torchrun, trains data-parallel on all its processes (NCCL on GPUs, gloo on CPUs).
@@ -186,7 +186,7 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
     Example: fdm-train --data photos/ --preset tiny-32 --out runs/try --iterations 2000"""
     from fdm_train.train import train as run_training
 
-    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, dropout=dropout,
+    cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_downsample, padding, dropout=dropout,
                       prediction=prediction or DEFAULT_PREDICTION)
     resume = {"yes": True, "no": False}.get(resume, resume)
     summary = run_training(TrainOptions(data=data, out=out, model=cfg, class_cond=class_cond, resume=resume,
@@ -236,10 +236,11 @@ def prepare_data(folder, output, size, limit, workers, quiet):
 @click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False),
               help="The file to write: the scenes as a training cache (.npy, usable as --data); their label maps "
                    "go beside it (<name>.masks.npy).")
-@click.option("--kind", type=click.Choice(["a", "b", "c"]), default="a", show_default=True,
-              help="a: a striped ellipse on a smooth gradient (2 regions); b: a striped ellipse and a "
-                   "checkered rectangle (3 regions); c: a striped ellipse on speckle of the same mean color "
-                   "(2 regions, texture only).")
+@click.option("--kind", type=click.Choice(["ellipse", "two-shapes", "texture", "a", "b", "c"]), default="ellipse",
+              show_default=True,
+              help="ellipse (a): a striped ellipse on a smooth gradient (2 regions); two-shapes (b): a striped "
+                   "ellipse and a checkered rectangle (3 regions); texture (c): a striped ellipse on speckle of "
+                   "the same mean color (2 regions, texture only).")
 @click.option("--count", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True,
               help="Number of scenes.")
 @click.option("--image-size", "size", type=click.IntRange(8, 1024), default=32, show_default=True,
@@ -252,7 +253,8 @@ def prepare_data(folder, output, size, limit, workers, quiet):
 def synth(output, kind, count, size, seed, empty, quiet):
     """Write seeded synthetic scenes with known region masks: data on which segmentation must emerge and
     can be scored (benchmarks/emergence)."""
-    from fdm_train.synth import MAX_DRAW_BYTES, masks_path, peak_bytes, write_scenes
+    from fdm_core.scenes import MAX_DRAW_BYTES, peak_bytes
+    from fdm_train.synth import masks_path, write_scenes
 
     if peak_bytes(count, size) > MAX_DRAW_BYTES:
         raise click.UsageError(f"{count} scenes of {size}x{size} need about {peak_bytes(count, size) / 1e9:.1f} GB "
@@ -267,7 +269,7 @@ def synth(output, kind, count, size, seed, empty, quiet):
 @click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
               help="Describe this checkpoint's model instead of a preset's; `default` is the bundled model "
                    "[default: none, the preset].")
-def info(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding, model_path):
+def info(preset, variant, regions, image_size, channels, region_codes, mask_downsample, padding, model_path):
     """Print a model's parameter count and GFLOP per image (torch.utils.flop_counter): a preset's, or a
     checkpoint's (--model).
 
@@ -283,7 +285,7 @@ def info(preset, variant, regions, image_size, channels, region_codes, mask_scal
         cfg, _, meta = read_checkpoint(path)
         name = f"{path.name} (step {meta.get('step')}; "
     else:
-        cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_scale, padding)
+        cfg = config_from(preset, variant, regions, image_size, channels, region_codes, mask_downsample, padding)
         name = f"preset:     {preset} ("
     with torch.device("meta"):
         params = count_parameters(build_model(cfg))

@@ -1,39 +1,13 @@
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-LFW_VAL = SHARED / "data" / "lfw" / "val"
-LFW_TRAIN = SHARED / "data" / "lfw" / "train"
-
-os.environ.setdefault("TQDM_DISABLE", "1")
 pytest.register_assert_rewrite("helpers")  # the checks in helpers.py report their values as a test's own do
 
+from helpers import write_images  # noqa: E402  (after the rewrite hook, which must see it first)
 
-def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """Random non-zero weights everywhere (the zero-initialised layers would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
-def write_images(folder: Path, n: int, size: int = 40, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        arr = rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)
-        path = folder / f"img{i:03d}.{'png' if i % 2 else 'jpg'}"
-        Image.fromarray(arr).save(path)
-        paths.append(path)
-    return paths
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Shared helpers of the tests: tiny models, checkpoints and training options, an in-process runner of the
-command lines that goes through their real entry points (so exit codes and one-line errors are what a user
+"""Shared helpers of the tests: where the repository and the shared data are, random images, tiny models,
+checkpoints and training options, an in-process runner of the command lines that goes through their real entry points (so exit codes and one-line errors are what a user
 sees), and the check of a one-line error."""
 from __future__ import annotations
 
@@ -11,14 +11,39 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
-from conftest import perturb
 from PIL import Image
 
 from fdm_core.checkpoint import save_checkpoint
 from fdm_core.config import preset
 from fdm_core.model import build_model
 
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+LFW_VAL = SHARED / "data" / "lfw" / "val"
+LFW_TRAIN = SHARED / "data" / "lfw" / "train"
+
 TINY = preset("tiny-32", image_size=16)  # the model of the training tests
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Random non-zero weights everywhere (the zero-initialised layers would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def write_images(folder: Path, n: int, size: int = 40, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)
+        path = folder / f"img{i:03d}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    return paths
 
 
 def make_checkpoint(path, seed: int = 0, *, config=None, step: int = 1, seed_torch: bool = False,

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
-from helpers import refined_reference, smoothed_reference, tiny_checkpoint_fixture
+from helpers import ROOT, refined_reference, smoothed_reference, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_core.checkpoint import read_checkpoint, save_checkpoint

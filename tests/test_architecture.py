@@ -1,17 +1,22 @@
 """The import structure: imports point one way, kernels < fdm_core < fdm_train < fdm_infer < fdm_export <
-benchmarks; inference and export stand on the core alone, never on training; and no two modules import
-each other, directly or around a loop. Imports inside functions
-count: a lazy import is still a dependency. Read from the source with `ast`, nothing is imported."""
+fdm_eval < benchmarks; inference, export and evaluation stand on the core alone, never on training; nothing
+below fdm_eval imports it but a command line that offers its commands; no two modules import each other,
+directly or around a loop; and the benchmarks import the project as a package, never by editing sys.path.
+Imports inside functions count: a lazy import is still a dependency. Read from the source with `ast`,
+nothing is imported."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from conftest import ROOT
+from helpers import ROOT
 
-LAYERS = ["kernels", "fdm_core", "fdm_train", "fdm_infer", "fdm_export", "benchmarks"]
+LAYERS = ["kernels", "fdm_core", "fdm_train", "fdm_infer", "fdm_export", "fdm_eval", "benchmarks"]
 # Beside the order: packages that must not import another one at all.
-APART = {"fdm_infer": "fdm_train", "fdm_export": "fdm_train"}
+APART = {"fdm_infer": "fdm_train", "fdm_export": "fdm_train", "fdm_eval": "fdm_train"}
+# The one kind of upward import: a command line (a package's `cli` module) offering the commands of
+# evaluation and benchmarking beside its own (`fdm-infer evaluate`, `fdm-infer bench`).
+COMMANDS_FROM_ABOVE = "fdm_eval"
 
 
 def module_name(path: Path) -> str:
@@ -44,10 +49,28 @@ def import_graph() -> dict[str, set[str]]:
             for name, path in modules.items()}
 
 
+def is_command_line(module: str) -> bool:
+    return module.split(".")[-1] == "cli"
+
+
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     layer = {name: LAYERS.index(name.split(".")[0]) for name in graph}
     return sorted(f"{src} imports {dst}" for src, targets in graph.items() for dst in targets
-                  if LAYERS.index(dst.split(".")[0]) > layer[src])
+                  if LAYERS.index(dst.split(".")[0]) > layer[src]
+                  and not (is_command_line(src) and dst.split(".")[0] == COMMANDS_FROM_ABOVE))
+
+
+def path_edits(root: Path) -> list[str]:
+    """The files under `root` that change sys.path (a script that finds the project by editing it runs only
+    from where its author stood)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys"):
+                found.append(str(path.relative_to(root)))
+                break
+    return found
 
 
 def imports_across(graph: dict[str, set[str]]) -> list[str]:
@@ -90,6 +113,9 @@ def test_the_checks_catch_what_they_are_for():
     graph = {"kernels.ops": {"fdm_core.model"}, "fdm_core.model": {"kernels.ops"},
              "fdm_infer.a": {"fdm_infer.b"}, "fdm_infer.b": {"fdm_infer.c"}, "fdm_infer.c": {"fdm_infer.a"}}
     assert upward_imports(graph) == ["kernels.ops imports fdm_core.model"]
+    assert upward_imports({"fdm_infer.cli": {"fdm_eval.cli"}, "fdm_infer.api": {"fdm_eval.metrics"},
+                           "fdm_infer.engines": {"fdm_export.onnx_export"}, "fdm_eval.cli": set()}) \
+        == ["fdm_infer.api imports fdm_eval.metrics", "fdm_infer.engines imports fdm_export.onnx_export"]
     assert imports_across({"fdm_export.cli": {"fdm_train.util", "fdm_core.util"}, "fdm_train.cli": {"fdm_core.util"}}) \
         == ["fdm_export.cli imports fdm_train.util"]
     assert sorted(cycles(graph)) == [["fdm_core.model", "kernels.ops"], ["fdm_infer.a", "fdm_infer.b", "fdm_infer.c"]]
@@ -97,8 +123,10 @@ def test_the_checks_catch_what_they_are_for():
 
 def test_the_graph_is_read_from_the_tree():
     graph = import_graph()
-    assert {"kernels", "fdm_core.model", "fdm_infer.engines.base", "fdm_export.onnx_export"} <= set(graph)
+    assert {"kernels", "fdm_core.model", "fdm_infer.engines.base", "fdm_export.onnx_export", "fdm_eval.evaluate",
+            "benchmarks.emergence.run"} <= set(graph)
     assert "fdm_core.model" in graph["fdm_export.onnx_export"]
+    assert "fdm_eval.cli" in graph["fdm_infer.cli"]
     assert "kernels.reference" in graph["kernels.ops"]  # `from kernels import reference as ref`
 
 
@@ -112,3 +140,23 @@ def test_no_import_cycles():
 
 def test_inference_and_export_do_not_import_training():
     assert imports_across(import_graph()) == []
+
+
+def test_only_command_lines_and_benchmarks_import_evaluation():
+    graph = import_graph()
+    importers = sorted({src for src, targets in graph.items() for dst in targets
+                        if dst.split(".")[0] == "fdm_eval" and src.split(".")[0] not in ("fdm_eval", "benchmarks")})
+    assert importers and all(is_command_line(src) for src in importers), importers
+
+
+def test_evaluation_stands_on_the_core_and_inference():
+    graph = import_graph()
+    used = {dst.split(".")[0] for src, targets in graph.items() if src.startswith("fdm_eval") for dst in targets}
+    assert {"fdm_core", "fdm_infer"} <= used <= {"kernels", "fdm_core", "fdm_infer", "fdm_export", "fdm_eval"}
+
+
+def test_the_benchmarks_do_not_edit_sys_path(tmp_path):
+    (tmp_path / "script.py").write_text("import sys\nsys.path.insert(0, '..')\n")
+    (tmp_path / "clean.py").write_text("import sys\nprint(sys.argv)\n")
+    assert path_edits(tmp_path) == ["script.py"]
+    assert path_edits(ROOT / "benchmarks") == []

@@ -1,14 +1,10 @@
-import importlib.util
 import json
 import math
-import subprocess
-import sys
 
 import torch
 from click.testing import CliRunner
-from conftest import ROOT
 
-from fdm_infer.bench import VARIANTS
+from fdm_eval.bench import VARIANTS
 from fdm_infer.cli import main_group
 
 
@@ -55,24 +51,10 @@ def test_the_inference_paths_the_command_offers_are_the_variants_it_measures():
     assert list(option.type.choices) == [v.key for v in VARIANTS]
 
 
-def test_the_script_runs_the_command(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_latency.py"), "--smoke", "--inference-path",
-                           "fused", "--no-sampling", "--no-plain", "--save-json", str(tmp_path / "latency.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "latency.json").read_text())["rows"]
-    assert [(r["variant"], r["batch"], r["status"]) for r in rows] == [("fused fp32", 1, "ok"), ("fused fp32", 2, "ok")]
-
-
-def load_threads_script():
-    spec = importlib.util.spec_from_file_location("threads_benchmark", ROOT / "benchmarks" / "threads.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_threads_benchmark_measures_in_a_process_with_the_threads_asked():
-    threads = load_threads_script()
+    from benchmarks.threads import run as threads
+
     # A fresh process with OMP_NUM_THREADS, torch.set_num_threads at 2 and the wait policy asked (run_worker
     # refuses a process that reports anything else).
     assert threads.run_worker("sample", 2, "PASSIVE", threads.QUICK) > 0
@@ -94,7 +76,7 @@ def test_sampling_step_is_fused_unless_dynamic_thresholding_needs_the_quantile()
 
     from fdm_core.config import preset
     from fdm_core.diffusion import GaussianDiffusion
-    from fdm_infer.bench import sampler_step
+    from fdm_eval.bench import sampler_step
 
     cfg = preset("tiny-32")
     calls = {"denoise": 0, "step": 0}

@@ -18,8 +18,14 @@ from fdm_core.images import shift_offset
 from fdm_core.model import build_model
 from fdm_train.data import moved_rows, shifted_batch, with_empty_images
 from fdm_train.options import TrainingError
-from fdm_train.train import (boundary_length, equivariance_loss, equivariance_moves, minus_mutual_information,
-                             outside_first_region, train)
+from fdm_train.train import (
+    boundary_length,
+    equivariance_loss,
+    equivariance_moves,
+    minus_mutual_information,
+    outside_first_region,
+    train,
+)
 
 
 @pytest.mark.parametrize("mode", ["replicate", "reflect", "circular"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import perturb
+from helpers import perturb
 
 from fdm_core.config import VARIANTS, ModelConfig, preset
 from fdm_core.diffusion import GaussianDiffusion

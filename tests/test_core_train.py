@@ -4,8 +4,7 @@ from functools import partial
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_images
-from helpers import TINY, train_options
+from helpers import TINY, train_options, write_images
 
 from fdm_core.checkpoint import CheckpointError, load_model, read_checkpoint
 from fdm_core.images import DataError

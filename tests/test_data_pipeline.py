@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_images
-from helpers import train_options
+from helpers import train_options, write_images
 
 from fdm_core.checkpoint import read_checkpoint
 from fdm_core.images import DataError

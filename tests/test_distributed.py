@@ -8,8 +8,7 @@ from functools import partial
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import write_images
-from helpers import TINY, train_options
+from helpers import TINY, train_options, write_images
 
 from fdm_core.checkpoint import read_checkpoint
 from fdm_core.diffusion import GaussianDiffusion

@@ -10,8 +10,8 @@ from helpers import run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_core.images import shift_offset, translate
-from fdm_infer.eval.baselines import position_prior
-from fdm_infer.eval.evaluate import load_eval_set
+from fdm_eval.baselines import position_prior
+from fdm_eval.evaluate import load_eval_set
 
 tiny_checkpoint = tiny_checkpoint_fixture()
 
@@ -122,7 +122,7 @@ def test_a_large_prior_map_with_a_high_label_costs_its_labels_and_the_evaluated_
     the evaluated masks' size (before, 255 labels at 2500x2500 in int64: 11.9 GiB)."""
     import tracemalloc
 
-    from fdm_infer.eval.evaluate import evaluate_prior
+    from fdm_eval.evaluate import evaluate_prior
 
     _write_pairs(tmp_path, {"a": A, "b": B, "c": C})
     big = np.zeros((2500, 2500), np.uint8)

@@ -1,16 +1,21 @@
-"""The scene check of generated synthetic scenes (fdm_infer.eval.scenes) against scenes with known masks."""
+"""The scene check of generated synthetic scenes (fdm_eval.scene_scores) against scenes with known masks."""
 import numpy as np
 
-from fdm_infer.eval.scenes import find_object, generation_scores, is_valid_scene
-from fdm_train.synth import make_scenes
+from fdm_core.scenes import ellipse_area_range, make_scenes
+from fdm_eval.scene_scores import AREA, find_object, generation_scores, is_valid_scene
 
 
 def _iou(a, b):
     return (a & b).sum() / (a | b).sum()
 
 
+def test_the_scorer_takes_every_ellipse_the_scenes_can_draw():
+    smallest, largest = ellipse_area_range()
+    assert AREA[0] < smallest and largest < AREA[1]
+
+
 def test_true_scenes_are_valid_and_their_object_is_found():
-    images, labels = make_scenes("a", 200, 16, seed=3)
+    images, labels = make_scenes("ellipse", 200, 16, seed=3)
     assert np.mean([is_valid_scene(x) for x in images]) >= 0.95
     assert np.mean([_iou(find_object(x)[0], lab == 1) for x, lab in zip(images, labels)]) >= 0.95
 

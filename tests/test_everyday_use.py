@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_images
-from helpers import assert_one_line_error, run_tool
+from helpers import assert_one_line_error, run_tool, write_images
 
 from fdm_core.checkpoint import read_checkpoint
 from fdm_train.run_folder import CHECKPOINT, TRAINING_STATE
@@ -207,8 +206,8 @@ def test_the_bundled_model_is_named_default_wherever_a_model_is_taken(tmp_path, 
     import onnxruntime as ort
     from safetensors import safe_open
 
+    from fdm_eval.bench import models_to_measure
     from fdm_infer import Segmenter
-    from fdm_infer.bench import models_to_measure
     from fdm_infer.engines import DEFAULT_MODEL
 
     with safe_open(str(DEFAULT_MODEL), "pt") as f:

@@ -11,37 +11,22 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import LFW_VAL
-from helpers import Result, make_checkpoint
+from helpers import LFW_VAL, make_checkpoint, run_tool
 from helpers import assert_one_line_error as one_line_error
 from onnx import TensorProto, helper
 from PIL import Image
 
 from fdm_core.config import preset
 from fdm_core.errors import UserError
-from fdm_export import cli as export_cli
-from fdm_export.onnx_export import export_onnx
-from fdm_export.trt_build import build_plan
+from fdm_export.onnx_export import example_inputs, export_onnx
+from fdm_export.trt_build import build_plan, pack_plan
 from fdm_infer.engines import ENGINES, open_engine
 from fdm_infer.engines.onnx_engine import read_onnx_metadata
-from fdm_infer.engines.trt_engine import MAGIC, MISSING_TENSORRT, TensorRTError, pack_plan, read_plan
+from fdm_infer.engines.trt_engine import MAGIC, MISSING_TENSORRT, TensorRTError, read_plan
 
 TINY = preset("tiny-32")
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA = torch.cuda.is_available()
-
-
-def checkpoint(path: Path, cfg, seed=0):
-    """A checkpoint of step 11 whose initial weights depend on `seed` alone."""
-    return make_checkpoint(path, seed, config=cfg, step=11, seed_torch=True)
-
-
-def inputs(cfg, batch, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    y = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
-    return x, t, y
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +34,13 @@ def tiny(tmp_path_factory):
     """A tiny-32 checkpoint with random non-zero weights and its fp32 ONNX export (parity check off:
     the tests below do their own)."""
     folder = tmp_path_factory.mktemp("export")
-    model = checkpoint(folder / "tiny.safetensors", TINY)
+    model = make_checkpoint(folder / "tiny.safetensors", config=TINY, step=11, seed_torch=True)
     export_onnx(folder / "tiny.safetensors", folder / "tiny.onnx", check=False)
     return model, folder / "tiny.safetensors", folder / "tiny.onnx"
 
 
-def run_cli(argv, capsys):
-    """fdm-export in-process, through its run_cli wrapper: a Result (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["fdm-export", *map(str, argv)]
-    try:
-        export_cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return Result(code, out.out, out.err)
+def run_export(capsys, monkeypatch, *args):
+    return run_tool(capsys, monkeypatch, "fdm-export", *args)
 
 
 assert_one_line_error = partial(one_line_error, code=1, prog="fdm-export")
@@ -82,7 +56,7 @@ def test_one_onnx_file_matches_pytorch_at_batches_1_3_8(tiny):
     dims = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
     for batch in (1, 3, 8):
-        x, t, _ = inputs(TINY, batch, seed=batch)
+        x, t, _ = example_inputs(TINY, batch, seed=batch)
         with torch.no_grad():
             ref_eps, ref_masks = model(x, t)
         eps, masks = engine.denoise(x, t)
@@ -113,17 +87,17 @@ def test_config_travels_in_onnx_metadata(tiny):
     dict(image_size=16, variant="no-share", num_regions=2),
     dict(image_size=16, variant="plain"),
     dict(num_regions=3, image_size=16, region_codes=True),
-    dict(num_regions=3, image_size=16, mask_scale=4),
+    dict(num_regions=3, image_size=16, mask_downsample=4),
 ], ids=["K2-16-classes", "K2-32", "mask-mid", "concat", "no-share", "plain", "region-codes", "mask-scale"])
-def test_non_default_configs_export_without_flags(tmp_path, capsys, overrides):
+def test_non_default_configs_export_without_flags(tmp_path, capsys, overrides, monkeypatch):
     cfg = TINY.replace(**overrides)
-    model = checkpoint(tmp_path / "m.safetensors", cfg, seed=3)
-    code, out, err = run_cli(["onnx", tmp_path / "m.safetensors", "-o", tmp_path / "m.onnx"], capsys)
+    model = make_checkpoint(tmp_path / "m.safetensors", 3, config=cfg, step=11, seed_torch=True)
+    code, out, err = run_export(capsys, monkeypatch, "onnx", tmp_path / "m.safetensors", "-o", tmp_path / "m.onnx")
     assert code == 0, err
     assert "parity (onnxruntime CPU vs PyTorch fp32, max abs error): batch 1: eps" in out
     engine = open_engine("onnx", tmp_path / "m.onnx", device="cpu")
     assert engine.config == cfg
-    x, t, y = inputs(cfg, 3, seed=5)
+    x, t, y = example_inputs(cfg, 3, seed=5)
     with torch.no_grad():
         ref_eps, ref_masks = model(x, t, y)
     eps, masks = engine.denoise(x, t, y)
@@ -139,14 +113,14 @@ def test_non_default_configs_export_without_flags(tmp_path, capsys, overrides):
             engine.denoise(x, t)
 
 
-def test_fp16_export_is_close_and_bf16_is_written_unchecked(tiny, tmp_path, capsys):
+def test_fp16_export_is_close_and_bf16_is_written_unchecked(tiny, tmp_path, capsys, monkeypatch):
     model, ckpt, _ = tiny
-    code, out, err = run_cli(["onnx", ckpt, "-o", tmp_path / "h.onnx", "--dtype", "fp16"], capsys)
+    code, out, err = run_export(capsys, monkeypatch, "onnx", ckpt, "-o", tmp_path / "h.onnx", "--dtype", "fp16")
     assert code == 0, err
     assert "fp16" in out and "parity (onnxruntime" in out
     engine = open_engine("onnx", tmp_path / "h.onnx", device="cpu")
     assert engine.metadata["dtype"] == "fp16"
-    x, t, _ = inputs(TINY, 4, seed=9)
+    x, t, _ = example_inputs(TINY, 4, seed=9)
     eps, masks = engine.denoise(x, t)
     with torch.no_grad():
         ref_eps, ref_masks = model(x, t)
@@ -155,7 +129,7 @@ def test_fp16_export_is_close_and_bf16_is_written_unchecked(tiny, tmp_path, caps
     # half the size of the fp32 file
     assert (tmp_path / "h.onnx").stat().st_size < 0.6 * tiny[2].stat().st_size
 
-    code, out, err = run_cli(["onnx", ckpt, "-o", tmp_path / "b.onnx", "--dtype", "bf16"], capsys)
+    code, out, err = run_export(capsys, monkeypatch, "onnx", ckpt, "-o", tmp_path / "b.onnx", "--dtype", "bf16")
     assert code == 0, err
     assert "parity: skipped" in out
     assert read_onnx_metadata(tmp_path / "b.onnx")["dtype"] == "bf16"
@@ -163,10 +137,10 @@ def test_fp16_export_is_close_and_bf16_is_written_unchecked(tiny, tmp_path, caps
     assert TensorProto.BFLOAT16 in types
 
 
-def test_parity_check_failure_writes_nothing(tiny, tmp_path, capsys):
+def test_parity_check_failure_writes_nothing(tiny, tmp_path, capsys, monkeypatch):
     _, ckpt, _ = tiny
     # An impossible tolerance makes the built-in check fail: one line, exit 1, no file.
-    r = run_cli(["onnx", ckpt, "-o", tmp_path / "x.onnx", "--tolerance", "1e-12"], capsys)
+    r = run_export(capsys, monkeypatch, "onnx", ckpt, "-o", tmp_path / "x.onnx", "--tolerance", "1e-12")
     assert_one_line_error(r, "parity check failed")
     assert not (tmp_path / "x.onnx").exists()
 
@@ -195,7 +169,7 @@ def bad_files(folder: Path, good_onnx: Path):
 
 
 @pytest.mark.parametrize("name", ["garbage.onnx", "truncated.onnx", "foreign.onnx", "empty.onnx"])
-def test_corrupt_or_foreign_onnx_is_a_one_line_error(tiny, tmp_path, capsys, name):
+def test_corrupt_or_foreign_onnx_is_a_one_line_error(tiny, tmp_path, capsys, name, monkeypatch):
     path = bad_files(tmp_path / "bad", tiny[2])[name]
     with pytest.raises(UserError) as info:
         open_engine("onnx", path, device="cpu")
@@ -204,7 +178,7 @@ def test_corrupt_or_foreign_onnx_is_a_one_line_error(tiny, tmp_path, capsys, nam
     if name == "foreign.onnx":
         assert "not an fdm ONNX export" in message
     # through the CLI: building a plan from it
-    assert_one_line_error(run_cli(["trt", path, "-o", tmp_path / "x.plan"], capsys), str(path))
+    assert_one_line_error(run_export(capsys, monkeypatch, "trt", path, "-o", tmp_path / "x.plan"), str(path))
     assert not (tmp_path / "x.plan").exists()
 
 
@@ -236,11 +210,11 @@ def _write(path, data):
     return path
 
 
-def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys):
+def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 100)
-    r = run_cli(["onnx", tmp_path / "bad.safetensors", "-o", tmp_path / "x.onnx"], capsys)
+    r = run_export(capsys, monkeypatch, "onnx", tmp_path / "bad.safetensors", "-o", tmp_path / "x.onnx")
     assert_one_line_error(r, "bad.safetensors")
-    assert_one_line_error(run_cli(["onnx", tmp_path / "missing.safetensors"], capsys), "checkpoint not found")
+    assert_one_line_error(run_export(capsys, monkeypatch, "onnx", tmp_path / "missing.safetensors"), "checkpoint not found")
 
 
 def test_console_script_prints_one_line_for_a_corrupt_file(tmp_path):
@@ -256,7 +230,7 @@ def test_console_script_prints_one_line_for_a_corrupt_file(tmp_path):
 
 def test_missing_tensorrt_is_a_one_line_error(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
-    r = run_cli(["trt", tiny[2], "-o", tmp_path / "m.plan"], capsys)
+    r = run_export(capsys, monkeypatch, "trt", tiny[2], "-o", tmp_path / "m.plan")
     assert_one_line_error(r, "pip install tensorrt")
     assert MISSING_TENSORRT in r.err and not (tmp_path / "m.plan").exists()
     assert "--engine" not in r.err and "fdm-infer" in r.err  # fdm-infer's options are named as fdm-infer's
@@ -280,18 +254,18 @@ def test_engines_are_registered():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_TRT and HAS_CUDA), reason="needs TensorRT and a CUDA GPU")
-def test_tensorrt_plan_matches_pytorch(tiny, tmp_path, capsys):
+def test_tensorrt_plan_matches_pytorch(tiny, tmp_path, capsys, monkeypatch):
     model, _, onnx_path = tiny
     cache = tmp_path / "timing.cache"
-    code, out, err = run_cli(["trt", onnx_path, "-o", tmp_path / "m.plan", "--min-batch", "1", "--opt-batch", "4",
-                              "--max-batch", "8", "--timing-cache", cache, "--no-tf32"], capsys)
+    code, out, err = run_export(capsys, monkeypatch, "trt", onnx_path, "-o", tmp_path / "m.plan", "--min-batch", "1", "--opt-batch", "4",
+                              "--max-batch", "8", "--timing-cache", cache, "--no-tf32")
     assert code == 0, err
     assert cache.is_file() and cache.stat().st_size > 0
     engine = open_engine("trt", tmp_path / "m.plan")
     assert engine.config == TINY and engine.max_batch == 8 and engine.metadata["gpu"] != "unknown"
     model = model.cuda()
     for batch in (1, 3, 8, 11):  # 11 > max batch: split in two calls
-        x, t, _ = inputs(TINY, batch, seed=batch)
+        x, t, _ = example_inputs(TINY, batch, seed=batch)
         x, t = x.cuda(), t.cuda()
         eps, masks = engine.denoise(x, t)
         assert eps.is_cuda and eps.shape == (batch, 3, 32, 32)
@@ -309,7 +283,7 @@ def test_onnx_cuda_provider_keeps_tensors_on_gpu(tiny):
         pytest.skip("onnxruntime-gpu not installed")
     model, _, onnx_path = tiny
     engine = open_engine("onnx", onnx_path, device="cuda")
-    x, t, _ = inputs(TINY, 3, seed=1)
+    x, t, _ = example_inputs(TINY, 3, seed=1)
     eps, masks = engine.denoise(x.cuda(), t.cuda())
     assert eps.is_cuda and masks.is_cuda
     with torch.no_grad():

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_images
-from helpers import make_checkpoint, train_options
+from helpers import make_checkpoint, train_options, write_images
 from PIL import Image
 
 from fdm_core.checkpoint import read_checkpoint

@@ -2,7 +2,7 @@
 files) and the engine's bad-file errors."""
 import pytest
 import torch
-from conftest import perturb
+from helpers import perturb
 
 from fdm_core.checkpoint import CheckpointError, read_checkpoint, save_checkpoint, slim_checkpoint
 from fdm_core.config import preset

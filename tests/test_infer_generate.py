@@ -3,8 +3,7 @@ sampler's own maths, trajectories, class conditioning, and the interpolation str
 import numpy as np
 import pytest
 import torch
-from conftest import perturb
-from helpers import run_infer, tiny_checkpoint_fixture
+from helpers import perturb, run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
 from fdm_core.checkpoint import save_checkpoint

@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LFW_VAL, ROOT
+from helpers import (
+    LFW_VAL,
+    ROOT,
+    images_and_masks,
+    make_checkpoint,
+    run_infer,
+    smoothed_reference,
+    tiny_checkpoint_fixture,
+)
 from helpers import assert_one_line_error as one_line_error
-from helpers import images_and_masks, make_checkpoint, run_infer, smoothed_reference, tiny_checkpoint_fixture
 from PIL import Image
 from safetensors.torch import save_file
 

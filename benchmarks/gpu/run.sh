@@ -10,7 +10,7 @@
 # writing into OUT_DIR:
 #   env       GPU, driver, torch / Triton / CUDA versions                       -> env.txt
 #   tests     the CUDA kernel tests: pytest tests/test_kernels.py -m gpu         -> tests.log
-#   kernels   benchmarks/bench_kernels.py on paper-64 at batch 1, 16, 128        -> kernels64.{log,json,md}
+#   kernels   benchmarks/kernels/run.py on paper-64 at batch 1, 16, 128        -> kernels64.{log,json,md}
 #   bench64   fdm-infer bench on paper-64: batch 1/16/128/256, every variant, and a 1000-step
 #             DDPM run of 64 images                                             -> bench64.{log,json,md}
 #   bench128  paper-128 at batch 1/16/128: naive, fused, bf16, fast path; no sampling; with the time left
@@ -97,7 +97,7 @@ fi
 # on the CPU the CUDA tests are collected and skipped
 stage tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py -m gpu
 # shellcheck disable=SC2086
-stage kernels64 90 "$PY" benchmarks/bench_kernels.py $kernel_smoke --presets $p64 --batches $kernel_batches \
+stage kernels64 90 "$PY" benchmarks/kernels/run.py $kernel_smoke --presets $p64 --batches $kernel_batches \
     --out "$results_dir/kernels64.json" --md "$results_dir/kernels64.md"
 stage bench64 270 "$PY" -m fdm_infer.cli bench --preset $p64 "${batches64[@]}" "${timing[@]}" "${sampling[@]}" \
     --save-json "$results_dir/bench64.json" --save-md "$results_dir/bench64.md"

@@ -43,14 +43,12 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 START = time.time()
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import torch
@@ -210,15 +208,15 @@ def log_throughput(run_dir: Path) -> dict:
 
 def compact(result: dict) -> dict:
     """The figures of one evaluation, in percent."""
-    from fdm_infer.eval.evaluate import summary_figures
+    from fdm_eval.evaluate import summary_figures
 
     return summary_figures(result)
 
 
 def evaluate_checkpoint(path: Path, evalset, t: int, device: str, batch_size: int = 256) -> dict:
     """fp32 (TF32 off), eager: the figures a CPU run of `fdm-infer evaluate` reproduces."""
+    from fdm_eval.evaluate import evaluate
     from fdm_infer.engines.torch_engine import TorchEngine
-    from fdm_infer.eval.evaluate import evaluate
 
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -250,36 +248,25 @@ def setup(args, phase: str) -> torch.device:
 def train_chunks(args, cfg, cache: Path, run_dir: Path, target: int, deadline: float, reserve: float,
                  chunk: int, on_chunk=None, start_step: int = 0, train_s: float = 0.0,
                  early: tuple[int, ...] = ()) -> tuple[int, float]:
-    """Trains `run_dir` from `start_step` towards `target` steps in chunks (each a `fdm_train.train.train`
-    call that resumes the last one exactly), never starting a chunk that would end after
-    `deadline - reserve` (the last one is shortened to fit). Chunks end at the `early` steps and at
-    multiples of `chunk`. `on_chunk(step, train_s, ms_per_step)` runs after each chunk; its time counts
-    against the budget too. Returns (steps reached, training seconds)."""
-    from fdm_train.train import train
+    """Trains `run_dir` from `start_step` towards `target` steps in chunks (fdm_train.chunks), none that would
+    end after `deadline - reserve` (the last one is shortened to fit, in steps of 50). Chunks end at the
+    `early` steps and at multiples of `chunk`. `on_chunk(step, train_s, ms_per_step)` runs after each chunk;
+    its time counts against the budget too. Returns (steps reached, training seconds)."""
+    from fdm_train.chunks import train_in_chunks
 
-    step, per_step, extra_s = start_step, None, 0.0
-    while step < target:
-        stop = min([e for e in early if e > step] + [(step // chunk + 1) * chunk])
-        n = min(stop - step, target - step)
-        if per_step is None:
-            n = min(n, args.first_chunk)
-        else:
-            affordable = int((deadline - time.time() - reserve - extra_s) / per_step) // 50 * 50
-            if affordable < min(n, 50):
-                log(f"the budget ends this run at step {step} (target {target})")
-                break
-            n = min(n, affordable)
-        t0 = time.time()
-        train(train_options(args, cache, run_dir, cfg, step + n))
-        dt = time.time() - t0
-        train_s += dt
-        per_step = dt / n
-        step += n
-        t0 = time.time()
+    seconds = {"trained": train_s}
+
+    def after(done) -> None:
+        seconds["trained"] += done.seconds
         if on_chunk is not None:
-            on_chunk(step, train_s, per_step * 1000)
-        extra_s = time.time() - t0
-    return step, train_s
+            on_chunk(done.step, seconds["trained"], done.seconds_per_step * 1000)
+
+    step, _ = train_in_chunks(train_options(args, cache, run_dir, cfg, target), last_step=target, every=chunk,
+                              step=start_step, stops=early, first_chunk=args.first_chunk, shorten_in=50,
+                              time_left=lambda: deadline - time.time() - reserve, after_chunk=after)
+    if step < target:
+        log(f"the budget ends this run at step {step} (target {target})")
+    return step, seconds["trained"]
 
 
 def save_phase(name: str, record: dict, files: dict[str, Path], out: Path) -> None:
@@ -307,7 +294,7 @@ def find_phase(args, name: str, checkpoint: str) -> tuple[dict, Path]:
 
 def train_fdm(args) -> dict:
     from fdm_core.checkpoint import slim_checkpoint
-    from fdm_infer.eval.evaluate import load_eval_set
+    from fdm_eval.evaluate import load_eval_set
 
     device = setup(args, "train-fdm")
     deadline = START + args.budget_s
@@ -425,8 +412,8 @@ def sample_both(args, fdm_ckpt: Path, plain_ckpt: Path, device: torch.device, ou
 
 def final(args) -> dict:
     from fdm_core.checkpoint import load_model
-    from fdm_infer.eval.baselines import fit_kmeans_ddpm, kmeans_ddpm_labels
-    from fdm_infer.eval.evaluate import Predictions, load_eval_set, score
+    from fdm_eval.baselines import fit_kmeans_ddpm, kmeans_ddpm_labels
+    from fdm_eval.evaluate import Predictions, load_eval_set, score
 
     device = setup(args, "final")
     out = Path(args.out)

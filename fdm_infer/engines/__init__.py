@@ -7,6 +7,7 @@ onnxruntime, `.plan` / `.engine` on TensorRT (`open_model`); a kind given explic
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 from fdm_core.checkpoint import DEFAULT_MODEL, DEFAULT_NAME, model_file  # noqa: F401  (the bundled model, by name)
@@ -41,10 +42,14 @@ def open_engine(kind: str, path: str | Path, device: str = "auto", threads: int 
     return engine_class(path, device=device)
 
 
-def open_model(model: str | Path | None = None, engine: str | None = None, device: str = "auto",
-               threads: int | None = None) -> tuple[Engine, Path]:
-    """(engine, model file): `model` None or "default" is the bundled checkpoint (`model_file`); the engine is `engine` when
-    given, else the one the file's suffix names. Every failure is a one-line UserError."""
+def open_model(model: str | Path | Engine | None = None, engine: str | None = None, device: str = "auto",
+               threads: int | None = None, notify: Callable[[str], None] | None = None) -> tuple[Engine, Path | None]:
+    """(engine, model file): the one way a model is opened, by the commands and the API alike. `model` None or
+    "default" is the bundled checkpoint (`model_file`), an Engine is returned as it is; the engine is `engine`
+    when given, else the one the file's suffix names. A placeholder model says so through `notify`. Every
+    failure is a one-line UserError."""
+    if isinstance(model, Engine):
+        return model, getattr(model, "path", None)
     path = model_file(model)
     if path == DEFAULT_MODEL and engine not in (None, "torch"):
         raise UserError(f"the {engine} engine runs an exported file: give `model`, the file made by "
@@ -57,9 +62,13 @@ def open_model(model: str | Path | None = None, engine: str | None = None, devic
     if device != "auto":
         pick_device(device)  # an unknown or absent device is the flag's fault, not the file's
     try:
-        return open_engine(kind, path, device=device, threads=threads), path
+        opened = open_engine(kind, path, device=device, threads=threads)
     except (RuntimeError, AssertionError) as exc:  # e.g. an unavailable device
         raise UserError(f"cannot load {path} with the {kind} engine: {one_line(exc)}") from None
+    note = placeholder_note(opened, path)
+    if note and notify is not None:
+        notify(note)
+    return opened, path
 
 
 def placeholder_note(engine: Engine, path: Path) -> str | None:

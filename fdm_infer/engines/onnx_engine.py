@@ -4,36 +4,29 @@ CPU: CPUExecutionProvider, tensors converted through numpy (no copy for contiguo
 CUDA (when onnxruntime-gpu is installed): CUDAExecutionProvider with IO binding, so inputs and
 outputs are torch CUDA tensors bound by pointer and never leave the GPU.
 The model config (K, image size, classes) comes from the file's metadata (the `fdm.*` entries of its
-metadata_props). The format is written here too (`onnx_model_bytes`: a trace of the model's forward
-with that metadata), for fdm_export.onnx_export and the benchmark.
+metadata_props), written by fdm_export.onnx_export.
 """
 from __future__ import annotations
 
-import io
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from fdm_core.config import ModelConfig
 from fdm_core.errors import UserError
-from fdm_core.util import DTYPES, one_line
+from fdm_core.util import one_line
 from fdm_infer.engines.base import OUTPUT_NAMES, Engine, input_names
 
 FORMAT = "fdm-onnx-v1"
-# TensorRT 10.x parses ONNX opsets 9..20; 17 is the first with LayerNormalization and is what
-# TensorRT's own samples use. onnxruntime >= 1.14 runs it.
-DEFAULT_OPSET = 17
 
 
 def session_options(threads: int | None = None):
     """onnxruntime session options: quiet, `threads` intra-op threads, and threads that sleep instead of
     spinning while they wait whenever OpenMP's are passive (fdm's default, fdm_core/__init__.py): spinning
     onnxruntime threads slow down every other busy process on a small machine, as OpenMP's do
-    (benchmarks/results/threads.md)."""
+    (benchmarks/threads/threads.md)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -44,56 +37,6 @@ def session_options(threads: int | None = None):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return opts
-
-
-class ExportableDenoiser(nn.Module):
-    """The model's own forward between casts: inputs to the weights' dtype, outputs to float32."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.dtype = dtype
-        self.model = model.to(dtype).eval()
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        eps, masks = self.model(x_t.to(self.dtype), t, y)
-        return eps.float(), masks.float()
-
-
-def onnx_model_bytes(model: nn.Module, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
-                     metadata: dict[str, str] | None = None) -> bytes:
-    """The model's denoiser (x_t, t[, y]) -> (eps, masks) as an ONNX file in this engine's format: a trace
-    of its forward with a dynamic batch, weights in `dtype` (the model is cast in place: pass a copy to
-    keep it), the config and `metadata` in the file's metadata."""
-    cfg = model.cfg
-    wrapper = ExportableDenoiser(model, DTYPES[dtype])
-    names = input_names(cfg)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
-    t = torch.randint(0, 1000, (2,), generator=g)
-    args = (x, t, torch.randint(0, cfg.num_classes, (2,), generator=g)) if cfg.num_classes else (x, t)
-    args = tuple(a.to(next(model.parameters()).device) for a in args)
-    dynamic = {name: {0: "batch"} for name in [*names, *OUTPUT_NAMES]}
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TracerWarnings on static sizes, the exporter's deprecation note
-        torch.onnx.export(wrapper, args, buffer, input_names=names, output_names=OUTPUT_NAMES,
-                          dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)
-    return _with_metadata(buffer.getvalue(), {"format": FORMAT, "config": cfg.to_json(), "dtype": dtype,
-                                              "opset": str(opset), "inputs": ",".join(names),
-                                              "torch_version": torch.__version__, **(metadata or {})})
-
-
-def _with_metadata(onnx_bytes: bytes, props: dict[str, str]) -> bytes:
-    import onnx
-
-    proto = onnx.load_model_from_string(onnx_bytes)
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = f"fdm.{key}", str(value)
-    proto.producer_name = "fdm-export"
-    proto.doc_string = "fdm factorized diffusion denoiser: (x_t, t[, y]) -> (eps, masks)"
-    return proto.SerializeToString()
 
 
 def read_onnx_metadata(path: str | Path) -> dict:

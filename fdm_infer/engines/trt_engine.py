@@ -1,6 +1,6 @@
 """The `trt` engine: an `fdm-export trt` plan run by TensorRT on torch CUDA tensors.
 
-A plan file (written by fdm_export.trt_build, read here) is a small header (magic, length, JSON: model
+A plan file (written by fdm_export.trt_build.pack_plan, read here) is a small header (magic, length, JSON: model
 config, TensorRT version, GPU, batch profile) followed by TensorRT's serialized engine, so one file
 describes its model; the engine refuses (one line) a plan from another TensorRT version. Tensors are bound by address
 (`set_tensor_address`) and the engine is enqueued on torch's current stream (`execute_async_v3`),
@@ -45,11 +45,6 @@ def require_tensorrt(instead: str = WITHOUT_TENSORRT):
 
 
 # ---------------------------------------------------------------------------------------------- plan files
-
-def pack_plan(meta: dict, engine_bytes: bytes) -> bytes:
-    header = json.dumps(meta, sort_keys=True).encode()
-    return MAGIC + struct.pack("<Q", len(header)) + header + engine_bytes
-
 
 def read_plan(path: str | Path) -> tuple[dict, bytes]:
     """(metadata with 'config' as a ModelConfig, serialized engine) of an fdm plan; pure Python, so a

@@ -1,38 +1,52 @@
 #!/usr/bin/env python3
-"""The baselines of the paper's comparisons on the LFW val set, scored by the evaluator of `fdm-infer evaluate`:
+"""LFW val segmentation: the bundled model (`default`: the README's table) and the baselines of the paper's
+comparisons (`baselines`), scored by the evaluator of `fdm-infer evaluate`. Results beside this file:
+default.md / .json and baselines.md / .json.
+
+    python benchmarks/lfw/run.py default
+    python benchmarks/lfw/run.py baselines [--plain-checkpoint plain_ema_bf16.safetensors] [--only kmeans-ddpm]
+
+default: `fdm-infer evaluate` of the bundled model on all of LFW val (a few minutes on 2 cores).
+baselines:
 
   rectangle     GrabCut's initial centered rectangle (10% margins) alone: the floor GrabCut starts from
   grabcut       OpenCV GrabCut from that rectangle, 5 iterations (CPU)
   kmeans-ddpm   K-means (K=3) on a plain DDPM's decoder features (t = 50, 150, 250): needs a trained plain
                 U-Net checkpoint (--plain-checkpoint; from benchmarks/lfw_gpu), else recorded as pending
 
-Writes benchmarks/results/lfw_baselines.json (every figure, the confusion matrices, timings) and
-lfw_baselines.md (the table and how to read it). The label maps go to --work (default runs/lfw_baselines/<method>).
-
-    python benchmarks/lfw_baselines.py [--plain-checkpoint plain_ema_bf16.safetensors] [--only kmeans-ddpm]
+baselines writes baselines.json (every figure, the confusion matrices, timings) and baselines.md (the table
+and how to read it). The label maps go to --work (default runs/lfw_baselines/<method>).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fdm_eval.baselines import run_grabcut, run_kmeans_ddpm
+from fdm_eval.evaluate import describe_result, evaluate, load_eval_set, markdown_table, summary_figures
 
-from fdm_infer.eval.baselines import run_grabcut, run_kmeans_ddpm
-from fdm_infer.eval.evaluate import describe_result, evaluate, load_eval_set, markdown_table, summary_figures
-
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 LFW = ROOT.parent / "shared" / "data" / "lfw" / "val"
 METHODS = ("rectangle", "grabcut", "kmeans-ddpm")
 NAMES = {"rectangle": "centered rectangle (10% margins)", "grabcut": "GrabCut (OpenCV, rectangle 10% margins, 5 it.)",
          "kmeans-ddpm": "K-means-DDPM (K=3, plain DDPM decoder features, t=50/150/250)"}
 
 
-def main() -> None:
+def default_main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="The bundled model on LFW val, as the README's table reports it.")
+    p.add_argument("--out", default=str(HERE / "default.json"))
+    a = p.parse_args(argv)
+    subprocess.run([sys.executable, "-m", "fdm_infer.cli", "evaluate", str(LFW / "images"), "--masks",
+                    str(LFW / "masks"), "--name", "default", "-o", a.out], check=True)
+
+
+def baselines_main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", default=str(LFW / "images"))
     parser.add_argument("--masks", default=str(LFW / "masks"))
@@ -40,9 +54,9 @@ def main() -> None:
     parser.add_argument("--only", choices=METHODS, action="append", help="run these methods only (repeatable); "
                         "the others keep their recorded results")
     parser.add_argument("--work", default=str(ROOT / "runs" / "lfw_baselines"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lfw_baselines"))
+    parser.add_argument("--out", default=str(HERE / "baselines"))
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     out_json = Path(args.out).with_suffix(".json")
     record = json.loads(out_json.read_text()) if out_json.is_file() else {}
@@ -82,8 +96,8 @@ def main() -> None:
 REPORT = """# LFW baselines
 
 LFW val, {n} images (../shared/data/lfw/val; 128x128 images and masks: 0 background, 1 skin, 2 hair), scored by
-`fdm-infer evaluate --predictions` (fdm_infer/eval/evaluate.py, fdm_infer/eval/metrics.py). Written by
-`python benchmarks/lfw_baselines.py`; every figure, confusion matrix and timing is in lfw_baselines.json.
+`fdm-infer evaluate --predictions` (fdm_eval/evaluate.py, fdm_eval/metrics.py). Written by
+`python benchmarks/lfw/run.py baselines`; every figure, confusion matrix and timing is in baselines.json.
 
 {table}
 * Figures in percent. Foreground = skin + hair (as ReDO scores LFW); FG Acc / IoU / DICE are means over images,
@@ -100,6 +114,17 @@ LFW val, {n} images (../shared/data/lfw/val; 128x128 images and masks: 0 backgro
 * Speed: {timing} (this project's 2-core CPU machine, shared).
 * Pending:{pending}
 """
+
+
+COMMANDS = {"default": default_main, "baselines": baselines_main}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        raise SystemExit(2 if argv and argv[0] not in ("-h", "--help") else 0)
+    COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

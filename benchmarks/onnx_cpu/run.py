@@ -1,7 +1,7 @@
 """Segmentation throughput on the CPU: the torch engine vs the onnx engine (onnxruntime), same model,
 same batch, same threads, as a ratio.
 
-    python benchmarks/bench_onnx_cpu.py --preset small-32 --batch 16 --md benchmarks/results/onnx_cpu.md
+    python benchmarks/onnx_cpu/run.py --preset small-32 --batch 16 --md benchmarks/onnx_cpu/onnx_cpu.md
 
 One segmentation step is what `fdm-infer segment` runs per batch: noise the images to t=30 with a
 seeded generator, one denoiser call, argmax of the soft masks. Image decoding and resizing are the
@@ -16,25 +16,22 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import cpu_name, random_model  # noqa: E402
-from fdm_core.checkpoint import save_checkpoint  # noqa: E402
-from fdm_core.config import preset  # noqa: E402
-from fdm_core.diffusion import GaussianDiffusion  # noqa: E402
-from fdm_core.model import count_parameters  # noqa: E402
-from fdm_export.onnx_export import export_onnx  # noqa: E402
-from fdm_infer.engines import open_engine  # noqa: E402
-from fdm_infer.engines.onnx_engine import OnnxEngine  # noqa: E402
-from fdm_infer.segment import DEFAULT_T, segment_tensor  # noqa: E402
+from fdm_core.checkpoint import save_checkpoint
+from fdm_core.config import preset
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.model import count_parameters
+from fdm_eval.measure import cpu_name, random_model
+from fdm_export.onnx_export import export_onnx
+from fdm_infer.engines import open_engine
+from fdm_infer.engines.onnx_engine import OnnxEngine
+from fdm_infer.segment import DEFAULT_T, segment_tensor
 
 
 def segment_step(engine, images: torch.Tensor, diffusion: GaussianDiffusion, seed: int = 0) -> torch.Tensor:
@@ -119,7 +116,7 @@ def main(argv=None):
         f"**onnx / torch throughput ratio: {ratio:.2f}x** (median times).",
         "",
         f"Measured {datetime.now(timezone.utc).strftime('%Y-%m-%d')} with "
-        f"`python benchmarks/bench_onnx_cpu.py --preset {a.preset} --batch {a.batch} --repeats {a.repeats}`.",
+        f"`python benchmarks/onnx_cpu/run.py --preset {a.preset} --batch {a.batch} --repeats {a.repeats}`.",
         "",
     ])
     print(md)

@@ -2,7 +2,7 @@
 """The README's picture of `make demo`: each example image, its overlay and its --foreground mask, one
 column per image, from what `fdm-infer segment examples/ --foreground` writes.
 
-    python benchmarks/readme_picture.py [--out docs/segment_examples.png]
+    python benchmarks/readme_picture/run.py [--out docs/segment_examples.png]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TILE = 128
 
 
@@ -25,8 +25,8 @@ def main() -> None:
     a = p.parse_args()
     images = sorted(q for q in Path(a.examples).iterdir() if q.suffix.lower() in {".jpg", ".jpeg", ".png"})
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([str(Path(sys.executable).parent / "fdm-infer"), "segment", a.examples, "-o", tmp,
-                        "--foreground", "-q"], check=True)
+        subprocess.run([sys.executable, "-m", "fdm_infer.cli", "segment", a.examples, "-o", tmp, "--foreground",
+                        "-q"], check=True)
         sheet = Image.new("RGB", (TILE * len(images), TILE * 3), "white")
         for i, image in enumerate(images):
             rows = [image, Path(tmp) / f"{image.stem}_overlay.png", Path(tmp) / f"{image.stem}_fg.png"]

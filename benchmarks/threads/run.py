@@ -1,8 +1,10 @@
 """CPU threads: training and sampling speed with 1 and 2 torch threads, on an idle machine and beside a
-competing CPU-bound process, to choose the default of `--threads` (DEFAULT_THREADS in fdm_core/util.py).
+competing CPU-bound process, to choose the default of `--threads` (DEFAULT_THREADS in fdm_core/util.py);
+and onnxruntime's spinning threads beside a training run (`onnx-spinning`).
 
-    python benchmarks/threads.py                            # writes benchmarks/results/threads.md and .json
-    python benchmarks/threads.py --quick       # a rehearsal (a few minutes; its figures mean nothing)
+    python benchmarks/threads/run.py                  # writes threads.md and threads.json beside this file
+    python benchmarks/threads/run.py --quick          # a rehearsal (a few minutes; its figures mean nothing)
+    python benchmarks/threads/run.py onnx-spinning    # writes onnx_spinning.md and .json beside this file
 
 Run it on an otherwise quiet machine: "idle" means nothing else runs. Each measurement is a fresh process
 (`--worker`) with OMP_NUM_THREADS and torch.set_num_threads at the thread count:
@@ -31,8 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
 
 FULL = {"train_warmup": 3, "train_steps": 24, "train_batch": 32, "sample_images": 8, "sample_steps": 20,
         "sample_repeats": 3, "onnx_batch": 16, "onnx_repeats": 15}
@@ -88,8 +89,8 @@ def measure_train(settings: dict) -> float:
 def measure_sample(settings: dict) -> float:
     """Seconds of one DDIM run (median of the repeats, after one untimed run)."""
     from fdm_core.config import preset
+    from fdm_eval.measure import random_model
     from fdm_infer.engines.torch_engine import TorchEngine
-    from fdm_infer.measure import random_model
     from fdm_infer.sampling import generate
 
     engine = TorchEngine.from_model(random_model(preset("tiny-32")), device="cpu")
@@ -112,15 +113,12 @@ def measure_onnx(settings: dict, threads: int) -> float:
     import torch
 
     from fdm_core.config import preset
-    from fdm_infer.engines.onnx_engine import OnnxEngine, onnx_model_bytes
-    from fdm_infer.measure import random_model
+    from fdm_eval.measure import random_model
+    from fdm_export.onnx_export import onnx_engine_of
     from fdm_infer.segment import segment_tensor
 
     cfg = preset("tiny-32")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        path.write_bytes(onnx_model_bytes(random_model(cfg)))
-        engine = OnnxEngine(path, device="cpu", threads=threads)
+    engine = onnx_engine_of(random_model(cfg), device="cpu", threads=threads)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(settings["onnx_batch"], 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
     segment_tensor(engine, images)
@@ -148,17 +146,17 @@ def worker(task: str, threads: int, settings: dict) -> None:
 # ----- the driver -----
 
 def run_worker(task: str, threads: int, policy: str, settings: dict) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), OMP_WAIT_POLICY=policy)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY=policy)
     if policy == "default":  # the OpenMP runtime's own: threads spin a while before they sleep
         del env["OMP_WAIT_POLICY"]
     proc = subprocess.run([sys.executable, __file__, "--worker", task, "--threads", str(threads),
                            "--settings", json.dumps(settings)], capture_output=True, text=True, env=env,
                           timeout=3600)
     if proc.returncode != 0:
-        raise SystemExit(f"threads.py: the {task} measurement with {threads} thread(s) failed:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"threads: the {task} measurement with {threads} thread(s) failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if (result["threads"], result["wait_policy"]) != (threads, policy):
-        raise SystemExit(f"threads.py: asked for {threads} thread(s) with wait policy {policy}, the process had "
+        raise SystemExit(f"threads: asked for {threads} thread(s) with wait policy {policy}, the process had "
                          f"{result['threads']} with {result['wait_policy']}")
     return result["value"]
 
@@ -168,7 +166,7 @@ def start_competitor() -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdout=subprocess.PIPE, text=True, env=env)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
-        raise SystemExit("threads.py: the competing process did not start")
+        raise SystemExit("threads: the competing process did not start")
     return proc
 
 
@@ -229,11 +227,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def threads_main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="Tiny settings: checks that the script runs.")
     p.add_argument("--out", default=None,
-                   help="Output folder for threads.md and threads.json [default: benchmarks/results; with --quick, "
+                   help="Output folder for threads.md and threads.json [default: this study's folder; with --quick, "
                         "a folder in the system's temporary directory, so that a rehearsal is never committed].")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="Thread counts to compare.")
     p.add_argument("--wait-policies", nargs="+", default=["default", "PASSIVE"],
@@ -248,13 +246,13 @@ def main(argv=None):
         return
     import torch
 
-    from fdm_infer.measure import cpu_name
+    from fdm_eval.measure import cpu_name
 
     settings = QUICK if a.quick else FULL
     env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
            "load_before": os.getloadavg()[0]}
     configs = configurations(a.threads, a.wait_policies)
-    default_out = Path(tempfile.gettempdir()) / "fdm-threads-quick" if a.quick else ROOT / "benchmarks" / "results"
+    default_out = Path(tempfile.gettempdir()) / "fdm-threads-quick" if a.quick else HERE
     out = Path(a.out) if a.out else default_out
     rows = measure_all(settings, configs, a.tasks, lambda line: print(line, flush=True))
     measured = time.strftime("%Y-%m-%d")
@@ -272,6 +270,89 @@ def main(argv=None):
     (out / "threads.md").write_text(markdown(result))
     print(markdown(result))
     print(f"-> {out / 'threads.md'}, {out / 'threads.json'}")
+
+
+# ----- onnx-spinning -----
+
+SPINNING = """"""
+SPINNING_TRAIN = {"train_warmup": 3, "train_steps": 24, "train_batch": 32}
+
+
+def onnx_loop(seconds: float, spin: bool) -> None:
+    """Segments a batch of 16 random images with the onnx engine for `seconds`; prints batches/s."""
+    import onnxruntime as ort
+    import torch
+
+    from fdm_core.config import preset
+    from fdm_eval.measure import random_model
+    from fdm_export.onnx_export import onnx_engine_of
+    from fdm_infer.segment import segment_tensor
+
+    if spin:  # onnxruntime's own default: keep the engine from turning spinning off
+        ort.SessionOptions.add_session_config_entry = lambda self, key, value: None
+    cfg = preset("tiny-32")
+    engine = onnx_engine_of(random_model(cfg), device="cpu", threads=2)
+    images = torch.rand(16, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    segment_tensor(engine, images)
+    print("ready", flush=True)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        segment_tensor(engine, images)
+        count += 1
+    print(json.dumps({"batches_per_s": count / (time.perf_counter() - start)}), flush=True)
+
+
+def measure_spinning(spin: bool, seconds: float) -> dict:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="2")
+    loop = subprocess.Popen([sys.executable, __file__, "onnx-spinning", "--loop", str(seconds)]
+                            + (["--spin"] if spin else []), stdout=subprocess.PIPE, text=True, env=env)
+    if loop.stdout.readline().strip() != "ready":
+        loop.kill()
+        raise SystemExit("onnx-spinning: the onnx loop did not start")
+    train = subprocess.run([sys.executable, __file__, "--worker", "train", "--threads", "2", "--settings",
+                            json.dumps(SPINNING_TRAIN)], capture_output=True, text=True, env=env, check=True)
+    onnx = json.loads(loop.communicate()[0].strip().splitlines()[-1])
+    return {"spin": spin, "onnx_batches_per_s": onnx["batches_per_s"],
+            "train_images_per_s": json.loads(train.stdout.strip().splitlines()[-1])["value"]}
+
+
+def onnx_spinning_main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=SPINNING, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=60.0, help="how long the onnx loop runs (the training "
+                   "measurement must end within it)")
+    p.add_argument("--out", default=str(HERE))
+    p.add_argument("--loop", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.loop is not None:
+        onnx_loop(a.loop, a.spin)
+        return
+    from fdm_eval.measure import cpu_name
+
+    rows = [measure_spinning(spin, a.seconds) for spin in (True, False)]
+    lines = ["# onnxruntime's spinning threads beside a training run", "",
+             (f"Machine: {cpu_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}. The onnx engine segments "
+              "batches of 16 random 32x32 images (tiny-32, 2 intra-op threads) in a loop while a tiny-32 training "
+              "step (batch 32, 2 threads) is timed in another process; both with OMP_WAIT_POLICY=PASSIVE."), "",
+             "| onnxruntime threads | onnx segmentation | training beside it |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {'spin (onnxruntime default)' if r['spin'] else 'do not spin (allow_spinning=0)'} | "
+                     f"{r['onnx_batches_per_s']:.2f} batches/s | {r['train_images_per_s']:.1f} images/s |")
+    text = "\n".join(lines) + "\n"
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "onnx_spinning.md").write_text(text)
+    (out / "onnx_spinning.json").write_text(json.dumps({"seconds": a.seconds, "rows": rows}, indent=1) + "\n")
+    print(text + f"-> {out / 'onnx_spinning.md'}")
+
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "onnx-spinning":
+        onnx_spinning_main(argv[1:])
+    else:
+        threads_main(argv)
 
 
 if __name__ == "__main__":

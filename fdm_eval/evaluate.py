@@ -13,7 +13,7 @@ Resolution (`size_mode`):
 
 Ground truth: label maps 0..L-1 (LFW: 0 background, 1 skin, 2 hair); a mask holding only 0 and 255
 (DAVIS) is read as 0/1. Foreground = every non-zero label (LFW: skin + hair, as ReDO scores LFW).
-Definitions and edge cases of the metrics: `fdm_infer.eval.metrics`; the foreground channels of a
+Definitions and edge cases of the metrics: `fdm_eval.metrics`; the foreground channels of a
 prediction: `fdm_infer.foreground`.
 """
 from __future__ import annotations
@@ -36,9 +36,9 @@ from fdm_core.errors import UserError
 from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images, shift_offset, translate
 from fdm_core.util import atomic_write, json_text, one_line
 from fdm_core.visualize import mask_statistics
-from fdm_infer.eval.metrics import ForegroundAccumulator, PartsAccumulator
+from fdm_eval.metrics import ForegroundAccumulator, PartsAccumulator
 from fdm_infer.foreground import RULE, ChannelPresence
-from fdm_infer.images import model_input, read_image, resize_labels
+from fdm_infer.image_files import model_input, read_image, resize_labels
 from fdm_infer.refine import DEFAULT_REFINE
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_channels, read_labels, segment_tensor
 
@@ -270,7 +270,7 @@ def load_predictions(folder: str | Path, evalset: EvalSet, num_channels: int | N
 def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode: str = "upsample",
           fg_channels: list[int] | None = None, num_labels: int | None = None) -> dict:
     """The figures of `protocols` for predictions of `evalset` (fractions in [0, 1]); see
-    fdm_infer.eval.metrics for the definitions. `fg_channels`: the foreground channels [default: chosen
+    fdm_eval.metrics for the definitions. `fg_channels`: the foreground channels [default: chosen
     without labels, fdm_infer.foreground]."""
     if size_mode not in SIZE_MODES:
         raise UserError(f"size mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}")
@@ -344,11 +344,11 @@ def _top_folder(key: str) -> str:
 
 def evaluate_prior(evalset: EvalSet, prior_from: str | Path, protocols=PROTOCOLS, *, leave_out_folder: bool = False,
                    name: str = "position prior") -> dict:
-    """Scores the position prior (fdm_infer.eval.baselines.position_prior) of the label maps under
+    """Scores the position prior (fdm_eval.baselines.position_prior) of the label maps under
     `prior_from` on `evalset`: parts by its per-pixel argmax, foreground by its non-zero labels'
     frequency above one half. `leave_out_folder`: each image's prior leaves out the maps in the image's
     top-level folder (with DAVIS: leave-one-sequence-out)."""
-    from fdm_infer.eval.baselines import position_prior
+    from fdm_eval.baselines import position_prior
 
     start = time.perf_counter()
     keys, maps = read_label_maps(prior_from)

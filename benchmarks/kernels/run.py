@@ -3,7 +3,7 @@ against torch.compile of that same reference expression, at the skip shapes of t
 
 On a GPU machine (benchmarks/gpu/run.sh runs it on paper-64; `--sweep` tries the launch heuristics):
 
-    python benchmarks/bench_kernels.py --out out/kernels.json --md out/kernels.md
+    python benchmarks/kernels/run.py --out out/kernels.json --md out/kernels.md
 
 Shapes come from the model, not from a table: the encoder of each preset is run on the meta
 device and its skip tensors give (C, H, W); masks are [B, K, S, S] at the image size S. Inputs are
@@ -32,22 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-from benchmarks.common import environment, median_ms  # noqa: E402
-from fdm_core.config import preset  # noqa: E402
-from fdm_core.diffusion import GaussianDiffusion  # noqa: E402
-from fdm_core.model import build_model, mask_pyramid  # noqa: E402
-from kernels import interpreter, ops  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+import kernels
+from fdm_core.config import preset
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.model import build_model, mask_pyramid
+from fdm_eval.measure import environment, median_ms
+from kernels import interpreter, ops
+from kernels import reference as ref
 
 IMPLS = ("triton", "torch", "compile")
 

@@ -36,7 +36,7 @@ from fdm_core.config import BOUNDS
 from fdm_core.errors import UserError, check_int
 from fdm_core.images import find_images, fit_square, load_rgb
 from fdm_core.util import atomic_file, one_line, pick_device
-from fdm_infer.images import OUTPUT_SUFFIXES
+from fdm_infer.image_files import OUTPUT_SUFFIXES
 
 INCEPTION_ENV = "FDM_INCEPTION"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"

@@ -6,12 +6,11 @@ from pathlib import Path
 import click
 
 from fdm_core.cli_options import json_option, quiet_option, threads_option
-from fdm_core.errors import Command
+from fdm_core.command_line import Command
 from fdm_infer.options import (
-    describe,
     engine_options,
     exit_if_failed,
-    load_engine,
+    note_line,
     progress_bar,
     segmentation_options,
     warn_line,
@@ -67,7 +66,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     With --prior-from and/or --shift, one row per method and set: the JSON is then a list of rows."""
     from fdm_core.errors import UserError
     from fdm_core.util import check_not_input, check_writable_file
-    from fdm_infer.eval.evaluate import (
+    from fdm_eval.evaluate import (
         add_above_prior,
         check_shift,
         describe_result,
@@ -76,7 +75,9 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
         report_paths,
         write_reports,
     )
-    from fdm_infer.eval.evaluate import evaluate as run
+    from fdm_eval.evaluate import evaluate as run
+    from fdm_infer.api import describe_model
+    from fdm_infer.engines import open_model
 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
     if predictions and (model_file or engine_kind):
@@ -101,7 +102,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     evalsets = [plain] if shift is None else [plain, plain.shifted(shift, seed)]
     engine = path = None
     if not predictions:
-        engine, path = load_engine(engine_kind, model_file, device, threads)
+        engine, path = open_model(model_file, engine_kind, device, threads, notify=note_line)
     rows = []
     for evalset in evalsets:
         suffix = f", shifted up to {shift:.0%}" if evalset.shift else ""
@@ -115,7 +116,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
                              smooth=smooth, refine=refine, batch_size=batch_size, size_mode=size_mode,
                              fg_channels=list(fg_channels) or None, num_labels=num_labels,
                              class_label=class_label, name=(name or path.stem) + suffix, progress=bar.update)
-            result["model"] = describe(engine, path)
+            result["model"] = describe_model(engine, path)
             result["checkpoint"] = str(path)
         rows.append(result)
         if prior_from:
@@ -163,7 +164,7 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
     sanity floor) or `kmeans-ddpm` (K-means on a plain DDPM's decoder features, the paper's
     DatasetDDPM-unsup: labels 0..K-1). Score them with `fdm-infer evaluate --predictions OUT`."""
     from fdm_core.util import set_threads
-    from fdm_infer.eval.baselines import DEFAULT_KMEANS_TS, find_inputs, run_grabcut, run_kmeans_ddpm
+    from fdm_eval.baselines import DEFAULT_KMEANS_TS, find_inputs, run_grabcut, run_kmeans_ddpm
 
     set_threads(threads)
 
@@ -220,7 +221,7 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     are resized to exactly 299x299 (torch bilinear). FID is biased at small N: compare at equal N."""
     from fdm_core.errors import UserError
     from fdm_core.util import atomic_write, check_not_input, check_writable_file, json_text, set_threads
-    from fdm_infer.eval.fid import ImageSource, compute_fid
+    from fdm_eval.fid import ImageSource, compute_fid
 
     set_threads(threads)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError
 from fdm_core.util import check_not_input, check_writable_folder, pick_device
-from fdm_infer.images import (
+from fdm_infer.image_files import (
     FileReport,
     InputImage,
     UnreadableImage,

@@ -17,9 +17,7 @@ masks against the fp32 torch reference).
 """
 from __future__ import annotations
 
-import copy
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +30,8 @@ from fdm_core.config import preset
 from fdm_core.diffusion import DEFAULT_CLIP, GaussianDiffusion
 from fdm_core.model import count_flops
 from fdm_core.util import atomic_write, json_text, one_line, pick_device
+from fdm_eval.measure import environment, median_ms, random_model
 from fdm_infer.engines.torch_engine import TorchEngine
-from fdm_infer.measure import environment, median_ms, random_model
 from fdm_infer.segment import DEFAULT_T
 
 
@@ -116,30 +114,12 @@ def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float().cpu() - b.float().cpu()).abs().max().item()
 
 
-class OnnxVariantEngine:
-    """The onnx engine over the model exported to a temporary file (removed when closed)."""
-
-    def __init__(self, model, device: torch.device):
-        from fdm_infer.engines.onnx_engine import OnnxEngine, onnx_model_bytes
-
-        self._dir = tempfile.TemporaryDirectory(prefix="fdm-bench-")
-        path = Path(self._dir.name) / "model.onnx"
-        path.write_bytes(onnx_model_bytes(copy.deepcopy(model).cpu()))
-        # Where onnxruntime has no CUDA provider the session runs on the CPU whatever the torch device.
-        self.engine = OnnxEngine(path, device="auto")
-        self.device = self.engine.device
-        self.ddpm_step = None
-
-    def denoise(self, x_t, t, y=None):
-        return self.engine.denoise(x_t, t, y)
-
-    def close(self):
-        self._dir.cleanup()
-
-
 def open_variant(variant: Variant, model, device: torch.device, plan: Path | None = None):
     if variant.engine == "onnx":
-        return OnnxVariantEngine(model, device)
+        from fdm_export.onnx_export import onnx_engine_of
+
+        # Where onnxruntime has no CUDA provider the session runs on the CPU whatever the torch device.
+        return onnx_engine_of(model, device="auto")
     if variant.engine == "trt":
         from fdm_infer.engines.trt_engine import TrtEngine
 
