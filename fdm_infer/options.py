@@ -7,8 +7,8 @@ import sys
 import click
 
 from fdm_core.cli_options import quiet_option, threads_option
-from fdm_core.diffusion import CLIP_MODES, DEFAULT_CLIP
 from fdm_core.errors import SEED
+from fdm_core.samplers import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
 from fdm_infer.engines import ENGINES
 from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T
@@ -33,6 +33,26 @@ clip_option = click.option(
     help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: dynamic "
          "thresholds it per sample (Imagen; the lowest FID measured), static clamps it (as the original DDPM "
          "code), none leaves it as predicted (samples can run out of range and saturate).")
+
+
+class RegistryChoice(click.Choice):
+    """A choice among the names of a registry, read when a command line is parsed or its help shown, so
+    that every registered entry is offered."""
+
+    def __init__(self, registry: dict, case_sensitive: bool = True):
+        self.registry = registry
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self.registry)
+
+
+def sampler_option(default: str, help_text: str):
+    """--sampler: one of fdm_core.samplers.SAMPLERS."""
+    described = "; ".join(f"{name}: {cls.description}" for name, cls in SAMPLERS.items() if cls.description)
+    return click.option("--sampler", type=RegistryChoice(SAMPLERS), default=default,
+                        help=f"{help_text} {described}.".strip())
 
 
 def segmentation_options(f):

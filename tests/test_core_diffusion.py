@@ -151,7 +151,7 @@ def toy_denoiser(x, t, y=None):
 
 def toy_step(x, t, y, coef, z):
     """An engine's fused DDPM step: the sampler's update over the toy denoiser's eps."""
-    from kernels.reference import ddpm_step
+    from fdm_core.posterior import ddpm_step
 
     eps, masks = toy_denoiser(x, t, y)
     return ddpm_step(x, eps, coef, z), masks
@@ -209,7 +209,7 @@ def test_the_fused_step_serves_static_and_no_clipping_only():
 
 def test_dynamic_threshold_by_hand():
     """Per sample: s = the 99.5% quantile of |x0| bounded to [1, DYNAMIC_MAX]; x0 clamped to [-s, s] and / s."""
-    from fdm_core.diffusion import DYNAMIC_MAX, dynamic_threshold
+    from fdm_core.samplers import DYNAMIC_MAX, dynamic_threshold
 
     x0 = torch.zeros(3, 1, 20, 10)
     x0[0] = 0.5  # inside [-1, 1]: s = 1, unchanged
