@@ -118,9 +118,8 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @main_group.command()
 @click.option("-n", "count", type=click.IntRange(1), default=8, help="Number of samples.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
-              help=f"Reverse-process steps (1000: the whole schedule; fewer: a respaced one, as the sampler spaces them) "
-                   f"[default: "
-                   f"the sampler's own: {STEPS_HELP}].")
+              help=f"Reverse-process steps (1000: the whole schedule; fewer: a respaced one, as the sampler "
+                   f"spaces them) [default: the sampler's own: {STEPS_HELP}].")
 @sampler_option(DEFAULT_SAMPLER, "")
 @clip_option
 @click.option("--seed", type=SEED, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
