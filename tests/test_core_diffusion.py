@@ -221,3 +221,17 @@ def test_dynamic_threshold_by_hand():
     assert 1 < s < DYNAMIC_MAX
     torch.testing.assert_close(out[1], x0[1].clamp(-s, s) / s)
     torch.testing.assert_close(out[2], torch.full_like(x0[2], 1.0))
+
+
+def test_timestep_spacings_by_hand():
+    from fdm_core.samplers import DDIMSampler, quadratic_timesteps, trailing_timesteps
+
+    d = GaussianDiffusion()
+    assert quadratic_timesteps(d, 3) == [999, 250, 0]  # 999 / 4 = 249.75
+    dense = quadratic_timesteps(d, 1000)
+    assert dense[:3] == [999, 997, 995] and dense[-1] == 0 and len(dense) == len(set(dense)) < 1000
+    assert trailing_timesteps(d, 4) == [999, 749, 499, 249]
+    assert d.timesteps(25, "ddim-quadratic") == quadratic_timesteps(d, 25)
+    assert DDIMSampler(d, spacing="trailing").timesteps(4) == [999, 749, 499, 249]
+    with pytest.raises(ValueError, match="spacing"):
+        DDIMSampler(d, spacing="cubic")

@@ -25,6 +25,7 @@ from fdm_core.samplers import (
     DYNAMIC_MAX,
     DYNAMIC_RATIO,
     SAMPLERS,
+    SPACINGS,
     DDIMSampler,
     Sampler,
     StepOutput,
@@ -223,12 +224,12 @@ def test_the_masked_sum_keeps_each_branch_to_its_region():
 
 # ----------------------------------------------------------------------------- a sampler added
 
-class QuadraticDDIM(Sampler):
+class HostDDIM(Sampler):
     """A sampler written for this test only: DDIM (eta = 0) stepped in float64 host arithmetic from the schedule,
     on timesteps spaced quadratically in t (denser near the data), 30 steps unless told."""
 
     default_steps = 30
-    description = "DDIM on quadratically spaced timesteps (a test's)"
+    description = "DDIM in host arithmetic on quadratically spaced timesteps (a test's)"
 
     def timesteps(self, steps):
         last = self.diffusion.num_timesteps - 1
@@ -247,7 +248,7 @@ def test_a_sampler_added_in_one_registry_line_runs_and_gives_its_known_answer(mo
     """Registered in one line, a new sampler is found by name with its own default steps, visits its own
     timesteps, and its samples of N(mu, s^2) data have the mean and std written out for DDIM on those
     timesteps (`exact_gaussian_answer`)."""
-    monkeypatch.setitem(SAMPLERS, "ddim-quadratic", QuadraticDDIM)
+    monkeypatch.setitem(SAMPLERS, "ddim-host", HostDDIM)
     mu, s = 0.3, 0.2
     engine = AnalyticEngine(gaussian_eps(mu, s))
     visited = []
@@ -258,8 +259,8 @@ def test_a_sampler_added_in_one_registry_line_runs_and_gives_its_known_answer(mo
         return plain_denoise(x, t, y)
 
     engine.denoise = recording_denoise
-    result, _ = generate(engine, N, sampler="ddim-quadratic", clip="none", seed=1, batch_size=N)
-    timesteps = DIFFUSION.timesteps(30, "ddim-quadratic")
+    result, _ = generate(engine, N, sampler="ddim-host", clip="none", seed=1, batch_size=N)
+    timesteps = DIFFUSION.timesteps(30, "ddim-host")
     # 999 (28/29)^2 = 931.3
     assert visited == timesteps and len(timesteps) == 30 and timesteps[:2] == [999, 931] and timesteps[-1] == 0
     x = result.images.double()
@@ -267,10 +268,10 @@ def test_a_sampler_added_in_one_registry_line_runs_and_gives_its_known_answer(mo
     mean_tol, std_tol = tolerance(want_std)
     assert abs(x.mean().item() - want_mean) < mean_tol, (x.mean(), want_mean)
     assert abs(x.std().item() - want_std) < std_tol, (x.std(), want_std)
-    # the registered DDIM, given the same timesteps, steps the same way in float32 tensors: the largest
-    # difference measured is 8e-7
-    ddim = DDIMSampler(DIFFUSION, clip="none")
-    ddim.timesteps = QuadraticDDIM(DIFFUSION).timesteps
+    # the registered DDIM on quadratic spacing visits the same timesteps and steps the same way in float32
+    # tensors: the largest difference measured is 8e-7
+    ddim = DDIMSampler(DIFFUSION, clip="none", spacing="quadratic")
+    assert ddim.timesteps(30) == timesteps
     by_ddim = DIFFUSION.sample(plain_denoise, result.images.shape, steps=30, sampler=ddim,
                                generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(result.images, by_ddim.images, atol=1e-5, rtol=0)
@@ -278,18 +279,18 @@ def test_a_sampler_added_in_one_registry_line_runs_and_gives_its_known_answer(mo
 
 def test_the_command_line_offers_a_sampler_added_in_one_registry_line(monkeypatch, capsys, tiny_checkpoint,
                                                                       tmp_path):
-    monkeypatch.setitem(SAMPLERS, "ddim-quadratic", QuadraticDDIM)
-    r = run_infer(capsys, monkeypatch, "generate", "-n", 1, "--steps", 3, "--sampler", "ddim-quadratic",
+    monkeypatch.setitem(SAMPLERS, "ddim-host", HostDDIM)
+    r = run_infer(capsys, monkeypatch, "generate", "-n", 1, "--steps", 3, "--sampler", "ddim-host",
                   "--checkpoint", tiny_checkpoint, "--out", tmp_path / "s", "--threads", 1)
     assert r.code == 0, r.err
-    assert "ddim-quadratic, 3 steps" in r.out
-    assert json.loads((tmp_path / "s" / "summary.json").read_text())["sampler"] == "ddim-quadratic"
-    r = run_infer(capsys, monkeypatch, "generate", "--sampler", "ddim-quadratik")
-    assert r.code != 0 and "ddim-quadratic" in r.err  # the choices offered
+    assert "ddim-host, 3 steps" in r.out
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["sampler"] == "ddim-host"
+    r = run_infer(capsys, monkeypatch, "generate", "--sampler", "ddim-hots")
+    assert r.code != 0 and "ddim-host" in r.err  # the choices offered
     from fdm_infer import api
 
-    with pytest.raises(UserError, match="ddim-quadratic"):
-        api.generate(tiny_checkpoint, 1, sampler="quadratic")
+    with pytest.raises(UserError, match="ddim-host"):
+        api.generate(tiny_checkpoint, 1, sampler="host")
 
 
 # ----------------------------------------------------------------------------- diffusers parity
@@ -384,6 +385,15 @@ def test_ddim_matches_diffusers(clip, prediction):
         eps, _ = rough_denoiser(prediction)(x, torch.full((shape[0],), t))
         x = scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
     check_trajectories(ours, theirs, result.images, x)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+@pytest.mark.parametrize("steps", [1000, 50, 30, 25, 7])
+def test_timestep_spacings_are_diffusers(spacing, steps):
+    """`linspace` and `trailing` give diffusers' timesteps of the same name (DDIMScheduler.set_timesteps)."""
+    scheduler = diffusers.DDIMScheduler(timestep_spacing=spacing, **SCHEDULE)
+    scheduler.set_timesteps(steps)
+    assert SPACINGS[spacing](DIFFUSION, steps) == scheduler.timesteps.tolist()
 
 
 def check_trajectories(ours, theirs, images, final):
