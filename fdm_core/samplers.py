@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
+import numpy as np
 import torch
 
 from fdm_core.posterior import ddpm_posterior_step
@@ -29,10 +30,26 @@ DYNAMIC_RATIO = 0.995  # the quantile of |x0| that dynamic thresholding maps to 
 DYNAMIC_MAX = 1.5
 
 
+DTYPE_OF = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def row_quantile(values: torch.Tensor, ratio: float) -> torch.Tensor:
+    """values.quantile(ratio, dim=1) of a float32 or float64 [B, n] tensor, bit for bit (linear interpolation
+    between the two order statistics around rank ratio * (n - 1), computed in the values' dtype; NaN for a
+    row that holds one), from the few largest values of each row where quantile sorts the whole row: ratio
+    near 1 makes the step's dynamic thresholding about ten times cheaper."""
+    n = values.shape[1]
+    rank = float(np.asarray(ratio, dtype=DTYPE_OF[values.dtype]) * (n - 1))  # in the values' dtype, as torch
+    below, above = int(rank), math.ceil(rank)
+    largest = values.topk(n - below, dim=1).values  # descending: the value of rank r is at n - 1 - r
+    quantile = largest[:, n - 1 - below].lerp(largest[:, n - 1 - above], rank - below)
+    return quantile.masked_fill(values.isnan().any(1), math.nan)
+
+
 def dynamic_threshold(x0: torch.Tensor, ratio: float = DYNAMIC_RATIO, max_value: float = DYNAMIC_MAX) -> torch.Tensor:
     """Dynamic thresholding (Imagen; diffusers' `thresholding`): per sample, s = the `ratio` quantile of
     |x0|, bounded to [1, max_value]; x0 is clamped to [-s, s] and divided by s, so it ends in [-1, 1]."""
-    s = x0.abs().reshape(x0.shape[0], -1).quantile(ratio, dim=1).clamp(1.0, max_value).reshape(-1, 1, 1, 1)
+    s = row_quantile(x0.abs().reshape(x0.shape[0], -1), ratio).clamp(1.0, max_value).reshape(-1, 1, 1, 1)
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 

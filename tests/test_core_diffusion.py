@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.samplers import DYNAMIC_RATIO
 
 
 def test_linear_schedule_values():
@@ -235,3 +236,25 @@ def test_timestep_spacings_by_hand():
     assert DDIMSampler(d, spacing="trailing").timesteps(4) == [999, 749, 499, 249]
     with pytest.raises(ValueError, match="spacing"):
         DDIMSampler(d, spacing="cubic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_row_quantile_is_torchs_bit_for_bit(dtype):
+    """Rows of many lengths, with ties, infinities and NaN, at the ratios where the rank falls on a value
+    (0, 1, 0.5 of an odd length) and between two."""
+    from fdm_core.samplers import row_quantile
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = (1, 2, 7, 192, 3072)[trial % 5]
+        values = (torch.randn(3, n, generator=g, dtype=torch.float64) * 10.0 ** (trial % 7 - 3)).abs().to(dtype)
+        if trial % 3 == 1:
+            values = values.round()  # ties
+        if trial % 4 == 2:
+            values[0, trial % n] = math.inf
+        if trial % 6 == 3:
+            values[1, trial % n] = math.nan
+        for ratio in (0.0, 0.5, 0.9, DYNAMIC_RATIO, 1.0):
+            got, want = row_quantile(values, ratio), values.quantile(ratio, dim=1)
+            assert torch.equal(got.isnan(), want.isnan()), (n, ratio)
+            assert torch.equal(got[~got.isnan()], want[~want.isnan()]), (n, ratio, got, want)
