@@ -127,12 +127,12 @@ SPACINGS = {
 
 class StepOutput(NamedTuple):
     prev_sample: torch.Tensor  # x at the next timestep (at the last step: the image)
-    pred_x0: torch.Tensor | None  # the bounded x0 the step went from; None where an engine's step hid it
+    pred_x0: torch.Tensor  # the bounded x0 the step went from
 
 
 class Denoised(NamedTuple):
     prev_sample: torch.Tensor
-    pred_x0: torch.Tensor | None
+    pred_x0: torch.Tensor | None  # None where an engine's fused step did the update
     masks: torch.Tensor
 
 
