@@ -39,17 +39,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdm_core.diffusion import (
-    CLIP_MODES,
-    DEFAULT_CLIP,
-    DEFAULT_SAMPLER,
-    NUM_TIMESTEPS,
-    SAMPLERS,
-    SampleResult,
-    sampler_steps,
-)
+from fdm_core.diffusion import NUM_TIMESTEPS, SampleResult
 from fdm_core.errors import SEED_MAX, UserError, check_int
 from fdm_core.images import MAX_PIXELS
+from fdm_core.settings import CLIP_MODES, DEFAULT_CLIP, DEFAULT_SAMPLER, SAMPLERS, sampler_steps
 from fdm_core.util import DEFAULT_THREADS, progress_bar
 from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
 from fdm_infer.engines import open_model
@@ -422,12 +415,13 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
              trajectory: bool = False, progress: bool | Callable[[int], None] = False,
              notify: Callable[[str], None] | None = None) -> Generation:
     """n samples with their masks from a model file (as `Segmenter.load` opens it; None or "default": the
-    bundled model): DDIM with 50 steps by default (`sampler`: "ddim", "ddpm" ancestral sampling, "dpm++";
-    `steps`: None for the sampler's own, SAMPLER_STEPS); every step bounds its predicted image to [-1, 1]
-    (`clip`: "dynamic" thresholding, the default; "static" clamping; "none"). The same seed, n, batch_size,
-    steps and sampler give the same images (bit-identical on the CPU). `trajectory`: record the predicted
-    images and masks along the reverse process (saved as trajectory.png). `progress`: True shows a progress
-    bar on stderr; a function is called with 1 after every step."""
+    bundled model): DDIM with 50 steps by default (`sampler`: a name of fdm_core.samplers.SAMPLERS: "ddim",
+    "ddpm" ancestral sampling, "dpm++"; `steps`: None for the sampler's own, its `default_steps`); every step
+    bounds its predicted image to [-1, 1] (`clip`: "dynamic" thresholding, the default; "static" clamping;
+    "none"). The same seed, n, batch_size, steps and sampler give the same images (bit-identical on the
+    CPU). `trajectory`: record the predicted images and masks along the reverse process (saved as
+    trajectory.png). `progress`: True shows a progress bar on stderr; a function is called with 1 after
+    every step."""
     for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
         if value not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -20,7 +20,7 @@ from fdm_core.cli_options import (
 )
 from fdm_core.config import PRESETS
 from fdm_core.command_line import SEED, FiniteFloatRange, run_cli
-from fdm_core.settings import DEFAULT_SAMPLER, SAMPLER_STEPS, SAMPLERS, sampler_steps
+from fdm_core.settings import DEFAULT_SAMPLER, SAMPLERS, sampler_steps
 from fdm_eval.cli import EVAL_COMMANDS
 from fdm_infer.options import (
     clip_option,
@@ -28,12 +28,13 @@ from fdm_infer.options import (
     exit_if_failed,
     note_line,
     progress_bar,
+    sampler_option,
     segmentation_options,
     warn_line,
 )
 from fdm_infer.settings import INFERENCE_PATHS, SAMPLES_OUT, SEGMENT_OUT
 
-STEPS_HELP = ", ".join(f"{name} {n}" for name, n in SAMPLER_STEPS.items())
+STEPS_HELP = ", ".join(f"{name} {entry.default_steps}" for name, entry in SAMPLERS.items())
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -115,12 +116,9 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 @main_group.command("generate")
 @click.option("-n", "count", type=click.IntRange(1), default=8, help="Number of samples.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
-              help=f"Reverse-process steps (1000: the whole schedule; fewer: an evenly respaced one) [default: "
-                   f"the sampler's own: {STEPS_HELP}].")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=DEFAULT_SAMPLER,
-              help="ddim: deterministic (50 steps: the setting measured, FID 112.6 on the bundled model); ddpm: "
-                   "ancestral (paper eq. 9-10), 1000 steps, about 20x slower; dpm++: DPM-Solver++(2M), "
-                   "deterministic and second order, 20 steps.")
+              help=f"Reverse-process steps (1000: the whole schedule; fewer: a respaced one, as the sampler "
+                   f"spaces them) [default: the sampler's own: {STEPS_HELP}].")
+@sampler_option(DEFAULT_SAMPLER, "")
 @clip_option
 @click.option("--seed", type=SEED, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
                                                   "--steps and --sampler give the same images.")
@@ -200,8 +198,7 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
               help="How the two noisy latents are mixed (DDPM: linear).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=1000,
               help="Steps of the full schedule (only those at or below --timestep run).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
-              help="ddpm: ancestral (paper eq. 9-10); ddim: deterministic.")
+@sampler_option("ddpm", "The sampler of the denoising from --timestep (its timesteps at or below it run).")
 @clip_option
 @click.option("--seed", type=SEED, default=0, help="Seed of the forward noise and of the reverse process.")
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
@@ -226,7 +223,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     from fdm_infer.sampling import interpolate as run
 
     diffusion = GaussianDiffusion()
-    t_start = interpolation_start(diffusion, steps, t)
+    t_start = interpolation_start(diffusion, steps, t, sampler)
     if t_start != t:
         note_line(f"--timestep {t} is not a step of the {steps}-step schedule: interpolating from t={t_start}, "
                   "its largest step at or below --timestep")
@@ -234,7 +231,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
     a, b = load_pair(engine, image_a, image_b)
     check_writable_folder(Path(out))
     y = class_labels(engine, 1, [class_label] if class_label is not None else None)
-    per_frame = len([s for s in diffusion.timesteps(steps) if s <= t])
+    per_frame = len([s for s in diffusion.timesteps(steps, sampler) if s <= t])
     start = time.perf_counter()
     with progress_bar(per_frame * frames, f"interpolate ({frames} frames x {per_frame} steps)", quiet,
                       unit="step") as bar:

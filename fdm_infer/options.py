@@ -8,7 +8,7 @@ import click
 
 from fdm_core.cli_options import quiet_option, threads_option
 from fdm_core.command_line import SEED
-from fdm_core.settings import CLIP_MODES, DEFAULT_CLIP
+from fdm_core.settings import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
 from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, ENGINES, REFINE_MODES
 
 
@@ -31,6 +31,26 @@ clip_option = click.option(
     help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: dynamic "
          "thresholds it per sample (Imagen; the lowest FID measured), static clamps it (as the original DDPM "
          "code), none leaves it as predicted (samples can run out of range and saturate).")
+
+
+class RegistryChoice(click.Choice):
+    """A choice among the names of a registry, read when a command line is parsed or its help shown, so
+    that every registered entry is offered."""
+
+    def __init__(self, registry: dict, case_sensitive: bool = True):
+        self.registry = registry
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self.registry)
+
+
+def sampler_option(default: str, help_text: str):
+    """--sampler: one of fdm_core.settings.SAMPLERS."""
+    described = "; ".join(f"{name}: {entry.description}" for name, entry in SAMPLERS.items() if entry.description)
+    return click.option("--sampler", type=RegistryChoice(SAMPLERS), default=default,
+                        help=f"{help_text} {described}.".strip())
 
 
 def segmentation_options(f):

@@ -1,5 +1,5 @@
-"""Sampling (paper Fig. 10) and interpolation (paper Fig. 12) on top of any engine, with the one
-sampler of `fdm_core.diffusion` (DDPM ancestral by default, DDIM as the fast option)."""
+"""Sampling (paper Fig. 10) and interpolation (paper Fig. 12) on top of any engine, with any sampler of
+`fdm_core.samplers` (DDIM 50 steps for generation, DDPM ancestral for interpolation, by default)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,15 +11,9 @@ import torch
 from PIL import Image
 
 from fdm_core.config import memory_per_sample
-from fdm_core.diffusion import (
-    DEFAULT_CLIP,
-    DEFAULT_SAMPLER,
-    NUM_TIMESTEPS,
-    GaussianDiffusion,
-    SampleResult,
-    sampler_steps,
-)
+from fdm_core.diffusion import NUM_TIMESTEPS, GaussianDiffusion, SampleResult
 from fdm_core.errors import UserError, check_int
+from fdm_core.settings import DEFAULT_CLIP, DEFAULT_SAMPLER, SAMPLERS, sampler_steps
 from fdm_core.util import atomic_write, check_memory, check_not_input, check_writable_folder, json_text
 from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine
@@ -38,13 +32,13 @@ def check_steps(steps: int) -> None:
     check_int("steps", steps, 1, NUM_TIMESTEPS)
 
 
-def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int) -> int:
+def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int, sampler: str = "ddpm") -> int:
     """The step an interpolation to noise level t starts from: the largest step of the `steps`-step
-    schedule at or below t. One line when that is 0: the images would be mixed without noise and
+    schedule of `sampler` at or below t. One line when that is 0: the images would be mixed without noise and
     nothing denoised."""
     check_steps(steps)
     check_int("t", t, 1, diffusion.num_timesteps - 1)
-    seq = diffusion.timesteps(steps)
+    seq = diffusion.timesteps(steps, sampler)
     start = max((s for s in seq if s <= t), default=0)
     if start == 0:
         above = [s for s in seq if s > 0]
@@ -80,7 +74,7 @@ def generate(engine: Engine, n: int, *, steps: int | None = None, sampler: str =
              progress: Callable[[int], None] | None = None) -> tuple[SampleResult, torch.Tensor | None]:
     """n samples in batches of `batch_size`, all drawn from ONE generator seeded with `seed` (on the
     engine's device): the same (seed, n, batch_size, steps, sampler) gives the same images.
-    `clip`: how each step bounds its predicted x0 (fdm_core.diffusion.CLIP_MODES).
+    `clip`: how each step bounds its predicted x0 (fdm_core.samplers.CLIP_MODES).
     Returns (SampleResult with images/masks/trajectory on the CPU, class labels or None).
     The trajectory is that of the first batch only."""
     diffusion = diffusion_for(engine)
@@ -235,9 +229,9 @@ def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 25
         raise UserError(f"`frames` must be at least 2, got {frames}", ("frames",))
     if mix not in ("linear", "slerp"):
         raise UserError(f"`mix` must be linear or slerp, got {mix!r}", ("mix",))
-    if sampler not in ("ddpm", "ddim"):
-        raise UserError(f"interpolation samples with ddpm or ddim, got {sampler!r}")
-    t_start = interpolation_start(diffusion, steps, t)  # checks steps and t
+    if sampler not in SAMPLERS:
+        raise UserError(f"`sampler` must be one of {', '.join(SAMPLERS)}, got {sampler!r}", ("sampler",))
+    t_start = interpolation_start(diffusion, steps, t, sampler)  # checks steps and t
     dev = engine.device
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)

@@ -100,7 +100,7 @@ def masked_sum(eps: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def ddpm_coef(a, b, p1, p2, sigma, clip=float("inf"), device=None) -> torch.Tensor:
-    """The six coefficients of `kernels.reference.ddpm_step` (GaussianDiffusion.ddpm_coefficients) as a
+    """The six coefficients of `fdm_core.posterior.ddpm_step` (GaussianDiffusion.ddpm_coefficients) as a
     float32 tensor [6] (or [B, 6] from per-sample tensors), for masked_sum_ddpm_step. A tensor (not Python
     floats) so that one compiled graph or captured CUDA graph serves every timestep."""
     parts = [torch.as_tensor(v, dtype=torch.float32, device=device) for v in (a, b, p1, p2, sigma, clip)]

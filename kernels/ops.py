@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fdm_core.posterior import DDPM_COEF_NAMES
 from kernels import interpreter
 from kernels import reference as ref
 from kernels.triton_kernels import HAS_TRITON
@@ -184,7 +185,7 @@ def _masked_sum_triton(eps, m, x_t=None, coef=None, z=None):
         if z is not None:
             z, zs = _flat(z)
         coef = coef.to(device=eps.device, dtype=torch.float32).contiguous()
-        s_coef = len(ref.DDPM_COEF_NAMES) if coef.dim() == 2 else 0
+        s_coef = len(DDPM_COEF_NAMES) if coef.dim() == 2 else 0
     k_block, block_c, block_hw = _blocks(k, c, hh * ww, _is_nhwc((s_eb, s_ec, s_ehw), c))
     grid = (triton.cdiv(hh * ww, block_hw), triton.cdiv(c, block_c), b)
     kernel = interpreter.launcher(masked_sum_kernel) if interpreter.runs(eps) else wrap_triton(masked_sum_kernel)
@@ -239,7 +240,7 @@ def masked_sum_ddpm_step_impl(eps: torch.Tensor, m: torch.Tensor, x_t: torch.Ten
     _check_sum(eps, m)
     torch._check(x_t.shape[0] == m.shape[0] and tuple(x_t.shape[1:]) == tuple(eps.shape[1:]),
                  lambda: f"masked_sum_ddpm_step: x_t {tuple(x_t.shape)} does not match eps {tuple(eps.shape)}")
-    n = len(ref.DDPM_COEF_NAMES)
+    n = len(DDPM_COEF_NAMES)
     torch._check(coef.numel() == n or tuple(coef.shape) == (x_t.shape[0], n),
                  lambda: f"masked_sum_ddpm_step: coef must be [{n}] or [B, {n}], got {tuple(coef.shape)}")
     if z is not None:

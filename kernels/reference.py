@@ -1,9 +1,12 @@
-"""Plain-torch definitions of the masked ops and of the DDPM step they fuse with. They are the specification the Triton kernels
-are tested against, the CPU implementation, and what export traces."""
+"""Plain-torch definitions of the masked ops, and of the masked sum fused with the DDPM step of
+`fdm_core.posterior`. They are the specification the Triton kernels are tested against, the CPU
+implementation, and what export traces."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fdm_core.posterior import ddpm_step
 
 
 def pool_mask(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -31,38 +34,10 @@ def masked_sum(eps: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (eps.reshape(b, k, c, hh, ww) * m.to(eps.dtype).unsqueeze(2)).sum(1)
 
 
-# One DDPM step in its x0 form, as the original DDPM code samples: with coef = (a, b, p1, p2, sigma, clip),
-#   x0 = clamp(a * x_t - b * eps, -clip, clip)      (the predicted image, clipped to the data range)
-#   x_prev = p1 * x0 + p2 * x_t + sigma * z          (the posterior q(x_prev | x_t, x0), eq. 9-10)
-# clip = inf turns clipping off; the update is then the eps form c1 * (x_t - c2 * eps) + sigma * z.
-DDPM_COEF_NAMES = ("a", "b", "p1", "p2", "sigma", "clip")
-
-
-def _coef_columns(coef: torch.Tensor) -> list[torch.Tensor]:
-    """coef [6] or [B, 6] -> six float32 tensors shaped to broadcast over [B, C, H, W]."""
-    return [c.reshape(-1, 1, 1, 1) for c in coef.float().reshape(-1, len(DDPM_COEF_NAMES)).unbind(1)]
-
-
-def ddpm_posterior_step(x_t: torch.Tensor, x0: torch.Tensor, coef: torch.Tensor,
-                        z: torch.Tensor | None = None) -> torch.Tensor:
-    """x_prev = p1 * x0 + p2 * x_t + sigma * z in float32 for a given (already clipped) x0."""
-    _, _, p1, p2, sigma, _ = _coef_columns(coef)
-    out = p1 * x0.float() + p2 * x_t.float()
-    return out if z is None else out + sigma * z.float()
-
-
-def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, z: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """One DDPM step on a combined eps (the x0 form above) in float32; z None: no noise."""
-    a, b, _, _, _, clip = _coef_columns(coef)
-    x0 = (a * x_t.float() - b * eps.float()).clamp(-clip, clip)
-    return ddpm_posterior_step(x_t, x0, coef, z)
-
-
 def masked_sum_ddpm_step(eps: torch.Tensor, m: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor,
                          z: torch.Tensor | None = None) -> torch.Tensor:
-    """`ddpm_step` on the combined prediction sum_k m_k * eps_k, all in float32, returned in x_t's dtype.
-    coef = (a, b, p1, p2, sigma, clip) as a tensor [6] or [B, 6]; z = None: no noise."""
+    """`fdm_core.posterior.ddpm_step` on the combined prediction sum_k m_k * eps_k, all in float32, returned
+    in x_t's dtype. coef = (a, b, p1, p2, sigma, clip) as a tensor [6] or [B, 6]; z = None: no noise."""
     b, k = m.shape[:2]
     s = (eps.float().reshape(b, k, *eps.shape[1:]) * m.float().unsqueeze(2)).sum(1)
     return ddpm_step(x_t, s, coef, z).to(x_t.dtype)

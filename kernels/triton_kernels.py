@@ -103,7 +103,7 @@ if HAS_TRITON:
         K_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
         FUSED: tl.constexpr, HAS_Z: tl.constexpr,
     ):
-        """s[b, c] = sum_k m[b, k] * eps[b*K + k, c]; FUSED: the DDPM step of kernels.reference.ddpm_step,
+        """s[b, c] = sum_k m[b, k] * eps[b*K + k, c]; FUSED: the DDPM step of fdm_core.posterior.ddpm_step,
         x0 = clamp(a*x_t - b*s, -clip, clip), out = p1*x0 + p2*x_t + sigma*z, computed in float32 and
         stored in out's dtype. The mask tile is loaded once per program."""
         pid_hw = tl.program_id(0)

@@ -1,5 +1,5 @@
-"""The import structure: imports point one way, kernels < fdm_core < fdm_train < fdm_infer < fdm_export <
-fdm_eval < benchmarks; inference, export and evaluation stand on the core alone, never on training; nothing
+"""The import structure: imports point one way, fdm_core.posterior < kernels < fdm_core < fdm_train <
+fdm_infer < fdm_export < fdm_eval < benchmarks; inference, export and evaluation stand on the core alone, never on training; nothing
 below fdm_eval imports it but a command line that offers its commands; no two modules import each other,
 directly or around a loop; and the benchmarks import the project as a package, never by editing sys.path.
 Imports inside functions count: a lazy import is still a dependency. Read from the source with `ast`,
@@ -11,7 +11,11 @@ from pathlib import Path
 
 from helpers import ROOT
 
-LAYERS = ["kernels", "fdm_core", "fdm_train", "fdm_infer", "fdm_export", "fdm_eval", "benchmarks"]
+PACKAGES = ["kernels", "fdm_core", "fdm_train", "fdm_infer", "fdm_export", "fdm_eval", "benchmarks"]
+# From the bottom; a module is in the layer of the longest entry that names it or a package above it.
+# fdm_core.posterior, the DDPM step's arithmetic, is the one module of fdm_core below the kernels: the DDPM
+# sampler steps with it and the kernels' plain-torch reference fuses it, so it imports nothing of the project.
+LAYERS = ["fdm_core.posterior", *PACKAGES]
 # Beside the order: packages that must not import another one at all.
 APART = {"fdm_infer": "fdm_train", "fdm_export": "fdm_train", "fdm_eval": "fdm_train"}
 # The one kind of upward import: a command line (a package's `cli` module) offering the commands of
@@ -25,7 +29,7 @@ def module_name(path: Path) -> str:
 
 
 def project_modules() -> dict[str, Path]:
-    return {module_name(p): p for layer in LAYERS for p in sorted((ROOT / layer).rglob("*.py"))}
+    return {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
 
 
 def imported(tree: ast.AST, name: str, is_package: bool, modules) -> set[str]:
@@ -40,7 +44,7 @@ def imported(tree: ast.AST, name: str, is_package: bool, modules) -> set[str]:
                 package = name.split(".") if is_package else name.split(".")[:-1]
                 base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
             found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
-    return {m for m in found if m.split(".")[0] in LAYERS}
+    return {m for m in found if m.split(".")[0] in PACKAGES}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -53,10 +57,14 @@ def is_command_line(module: str) -> bool:
     return module.split(".")[-1] == "cli"
 
 
+def layer_of(module: str) -> int:
+    named = [entry for entry in LAYERS if module == entry or module.startswith(entry + ".")]
+    return LAYERS.index(max(named, key=len))
+
+
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    layer = {name: LAYERS.index(name.split(".")[0]) for name in graph}
     return sorted(f"{src} imports {dst}" for src, targets in graph.items() for dst in targets
-                  if LAYERS.index(dst.split(".")[0]) > layer[src]
+                  if layer_of(dst) > layer_of(src)
                   and not (is_command_line(src) and dst.split(".")[0] == COMMANDS_FROM_ABOVE))
 
 
@@ -113,6 +121,8 @@ def test_the_checks_catch_what_they_are_for():
     graph = {"kernels.ops": {"fdm_core.model"}, "fdm_core.model": {"kernels.ops"},
              "fdm_infer.a": {"fdm_infer.b"}, "fdm_infer.b": {"fdm_infer.c"}, "fdm_infer.c": {"fdm_infer.a"}}
     assert upward_imports(graph) == ["kernels.ops imports fdm_core.model"]
+    assert upward_imports({"kernels.reference": {"fdm_core.posterior"}, "fdm_core.posterior": {"kernels"}}) \
+        == ["fdm_core.posterior imports kernels"]
     assert upward_imports({"fdm_infer.cli": {"fdm_eval.cli"}, "fdm_infer.api": {"fdm_eval.metrics"},
                            "fdm_infer.engines": {"fdm_export.onnx_export"}, "fdm_eval.cli": set()}) \
         == ["fdm_infer.api imports fdm_eval.metrics", "fdm_infer.engines imports fdm_export.onnx_export"]
@@ -128,6 +138,9 @@ def test_the_graph_is_read_from_the_tree():
     assert "fdm_core.model" in graph["fdm_export.onnx_export"]
     assert "fdm_eval.cli" in graph["fdm_infer.cli"]
     assert "kernels.reference" in graph["kernels.ops"]  # `from kernels import reference as ref`
+    # the DDPM step's arithmetic is the sampler's, and the kernels import it, not the reverse
+    assert "fdm_core.posterior" in graph["kernels.reference"] and "fdm_core.posterior" in graph["fdm_core.samplers"]
+    assert not any(m.startswith("kernels") for m in graph["fdm_core.samplers"] | graph["fdm_core.diffusion"])
 
 
 def test_imports_point_one_way():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.samplers import DYNAMIC_RATIO
 
 
 def test_linear_schedule_values():
@@ -151,7 +152,7 @@ def toy_denoiser(x, t, y=None):
 
 def toy_step(x, t, y, coef, z):
     """An engine's fused DDPM step: the sampler's update over the toy denoiser's eps."""
-    from kernels.reference import ddpm_step
+    from fdm_core.posterior import ddpm_step
 
     eps, masks = toy_denoiser(x, t, y)
     return ddpm_step(x, eps, coef, z), masks
@@ -209,7 +210,7 @@ def test_the_fused_step_serves_static_and_no_clipping_only():
 
 def test_dynamic_threshold_by_hand():
     """Per sample: s = the 99.5% quantile of |x0| bounded to [1, DYNAMIC_MAX]; x0 clamped to [-s, s] and / s."""
-    from fdm_core.diffusion import DYNAMIC_MAX, dynamic_threshold
+    from fdm_core.samplers import DYNAMIC_MAX, dynamic_threshold
 
     x0 = torch.zeros(3, 1, 20, 10)
     x0[0] = 0.5  # inside [-1, 1]: s = 1, unchanged
@@ -221,3 +222,39 @@ def test_dynamic_threshold_by_hand():
     assert 1 < s < DYNAMIC_MAX
     torch.testing.assert_close(out[1], x0[1].clamp(-s, s) / s)
     torch.testing.assert_close(out[2], torch.full_like(x0[2], 1.0))
+
+
+def test_timestep_spacings_by_hand():
+    from fdm_core.samplers import DDIMSampler, quadratic_timesteps, trailing_timesteps
+
+    d = GaussianDiffusion()
+    assert quadratic_timesteps(d, 3) == [999, 250, 0]  # 999 / 4 = 249.75
+    dense = quadratic_timesteps(d, 1000)
+    assert dense[:3] == [999, 997, 995] and dense[-1] == 0 and len(dense) == len(set(dense)) < 1000
+    assert trailing_timesteps(d, 4) == [999, 749, 499, 249]
+    assert d.timesteps(25, "ddim-quadratic") == quadratic_timesteps(d, 25)
+    assert DDIMSampler(d, spacing="trailing").timesteps(4) == [999, 749, 499, 249]
+    with pytest.raises(ValueError, match="spacing"):
+        DDIMSampler(d, spacing="cubic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_row_quantile_is_torchs_bit_for_bit(dtype):
+    """Rows of many lengths, with ties, infinities and NaN, at the ratios where the rank falls on a value
+    (0, 1, 0.5 of an odd length) and between two."""
+    from fdm_core.samplers import row_quantile
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = (1, 2, 7, 192, 3072)[trial % 5]
+        values = (torch.randn(3, n, generator=g, dtype=torch.float64) * 10.0 ** (trial % 7 - 3)).abs().to(dtype)
+        if trial % 3 == 1:
+            values = values.round()  # ties
+        if trial % 4 == 2:
+            values[0, trial % n] = math.inf
+        if trial % 6 == 3:
+            values[1, trial % n] = math.nan
+        for ratio in (0.0, 0.5, 0.9, DYNAMIC_RATIO, 1.0):
+            got, want = row_quantile(values, ratio), values.quantile(ratio, dim=1)
+            assert torch.equal(got.isnan(), want.isnan()), (n, ratio)
+            assert torch.equal(got[~got.isnan()], want[~want.isnan()]), (n, ratio, got, want)

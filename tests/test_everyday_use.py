@@ -144,7 +144,7 @@ def small_model(tmp_path_factory):
 
 
 def test_generate_defaults_to_ddim_50_and_each_sampler_takes_its_own_steps(small_model, capsys, monkeypatch):
-    from fdm_core.diffusion import SAMPLER_STEPS
+    from fdm_core.settings import SAMPLERS
     from fdm_infer import generate
 
     calls = []
@@ -155,7 +155,7 @@ def test_generate_defaults_to_ddim_50_and_each_sampler_takes_its_own_steps(small
     for sampler, steps in (("dpm++", 20),):
         calls.clear()
         generate(small_model, n=1, sampler=sampler, progress=lambda k: calls.append(k))
-        assert len(calls) == steps == SAMPLER_STEPS[sampler]
+        assert len(calls) == steps == SAMPLERS[sampler].default_steps
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     capsys.readouterr()

@@ -156,6 +156,29 @@ def test_interpolate_writes_its_strip(tiny_checkpoint, tmp_path, capsys, monkeyp
         assert not torch.allclose(ab.images[1], ac.images[1])
 
 
+def test_interpolation_starts_from_the_samplers_own_timesteps(tiny_checkpoint):
+    """DPM-Solver++ spaces its 20 steps in lambda: an interpolation to t = 250 starts from its largest step at or
+    below 250 (210 on the evenly spaced grid of ddpm and ddim) and runs its steps from there, for every frame."""
+    from fdm_core.diffusion import GaussianDiffusion
+    from fdm_infer.sampling import interpolation_start
+
+    diffusion = GaussianDiffusion()
+    own = diffusion.timesteps(20, "dpm++")
+    assert interpolation_start(diffusion, 20, 250, "dpm++") == max(t for t in own if t <= 250) == 166
+    assert interpolation_start(diffusion, 20, 250, "ddim") == interpolation_start(diffusion, 20, 250) == 210
+    engine = open_engine("torch", tiny_checkpoint, device="cpu")
+    plain, visited = engine.denoise, []
+
+    def recording(x, t, y=None):
+        visited.append(int(t[0]))
+        return plain(x, t, y)
+
+    engine.denoise = recording
+    x = torch.rand(3, 32, 32) * 2 - 1
+    result = interpolate(engine, x, -x, t=250, frames=2, steps=20, sampler="dpm++", seed=0)
+    assert result.t == 166 and visited == [t for t in own if t <= 166] * 2
+
+
 def test_interpolate_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     good = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)

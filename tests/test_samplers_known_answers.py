@@ -9,18 +9,34 @@
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from helpers import run_infer, tiny_checkpoint_fixture
 
 import kernels
 from fdm_core.config import preset
-from fdm_core.diffusion import CLIP_MODES, DYNAMIC_MAX, DYNAMIC_RATIO, GaussianDiffusion
+from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.errors import UserError
+from fdm_core.samplers import (
+    CLIP_MODES,
+    CLIP_RULES,
+    DYNAMIC_MAX,
+    DYNAMIC_RATIO,
+    SAMPLERS,
+    SPACINGS,
+    DDIMSampler,
+    Sampler,
+    StepOutput,
+)
+from fdm_core.settings import SamplerEntry
 from fdm_infer.engines.base import Engine
 from fdm_infer.sampling import generate
 
 SIZE, K = 8, 3
+tiny_checkpoint = tiny_checkpoint_fixture()
 DIFFUSION = GaussianDiffusion()
 ABAR = DIFFUSION.alphas_cumprod.float()
 
@@ -208,6 +224,81 @@ def test_the_masked_sum_keeps_each_branch_to_its_region():
     assert (eps_k.reshape(2, K, 3, SIZE, SIZE).mean(1) - eps).abs().min() > 1.0
 
 
+# ----------------------------------------------------------------------------- a sampler added
+
+class HostDDIM(Sampler):
+    """A sampler written for this test only: DDIM (eta = 0) stepped in float64 host arithmetic from the schedule,
+    on timesteps spaced quadratically in t (denser near the data), 30 steps unless told."""
+
+    def timesteps(self, steps):
+        last = self.diffusion.num_timesteps - 1
+        if steps == 1:
+            return [last]
+        return sorted({round(last * (i / (steps - 1)) ** 2) for i in range(steps)}, reverse=True)
+
+    def step(self, model_output, t, x, generator=None):
+        x0 = self.predict_x0(model_output, t, x)
+        abar, abar_next = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(self.next_timestep(t))
+        eps = (x - abar ** 0.5 * x0) / (1 - abar) ** 0.5
+        return StepOutput(abar_next ** 0.5 * x0 + (1 - abar_next) ** 0.5 * eps, x0)
+
+
+HOST_DDIM = SamplerEntry(HostDDIM, 30, "DDIM in host arithmetic on quadratically spaced timesteps (a test's)")
+
+
+def test_the_clip_modes_offered_are_the_ones_the_samplers_have():
+    assert tuple(CLIP_RULES) == CLIP_MODES
+
+
+def test_a_sampler_added_in_one_registry_line_runs_and_gives_its_known_answer(monkeypatch):
+    """Registered in one line, a new sampler is found by name with its own default steps, visits its own
+    timesteps, and its samples of N(mu, s^2) data have the mean and std written out for DDIM on those
+    timesteps (`exact_gaussian_answer`)."""
+    monkeypatch.setitem(SAMPLERS, "ddim-host", HOST_DDIM)
+    mu, s = 0.3, 0.2
+    engine = AnalyticEngine(gaussian_eps(mu, s))
+    visited = []
+    plain_denoise = engine.denoise
+
+    def recording_denoise(x, t, y=None):
+        visited.append(int(t[0]))
+        return plain_denoise(x, t, y)
+
+    engine.denoise = recording_denoise
+    result, _ = generate(engine, N, sampler="ddim-host", clip="none", seed=1, batch_size=N)
+    timesteps = DIFFUSION.timesteps(30, "ddim-host")
+    # 999 (28/29)^2 = 931.3
+    assert visited == timesteps and len(timesteps) == 30 and timesteps[:2] == [999, 931] and timesteps[-1] == 0
+    x = result.images.double()
+    want_mean, want_std = exact_gaussian_answer(mu, s, "ddim", timesteps)
+    mean_tol, std_tol = tolerance(want_std)
+    assert abs(x.mean().item() - want_mean) < mean_tol, (x.mean(), want_mean)
+    assert abs(x.std().item() - want_std) < std_tol, (x.std(), want_std)
+    # the registered DDIM on quadratic spacing visits the same timesteps and steps the same way in float32
+    # tensors: the largest difference measured is 8e-7
+    ddim = DDIMSampler(DIFFUSION, clip="none", spacing="quadratic")
+    assert ddim.timesteps(30) == timesteps
+    by_ddim = DIFFUSION.sample(plain_denoise, result.images.shape, steps=30, sampler=ddim,
+                               generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(result.images, by_ddim.images, atol=1e-5, rtol=0)
+
+
+def test_the_command_line_offers_a_sampler_added_in_one_registry_line(monkeypatch, capsys, tiny_checkpoint,
+                                                                      tmp_path):
+    monkeypatch.setitem(SAMPLERS, "ddim-host", HOST_DDIM)
+    r = run_infer(capsys, monkeypatch, "generate", "-n", 1, "--steps", 3, "--sampler", "ddim-host",
+                  "--checkpoint", tiny_checkpoint, "--out", tmp_path / "s", "--threads", 1)
+    assert r.code == 0, r.err
+    assert "ddim-host, 3 steps" in r.out
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["sampler"] == "ddim-host"
+    r = run_infer(capsys, monkeypatch, "generate", "--sampler", "ddim-hots")
+    assert r.code != 0 and "ddim-host" in r.err  # the choices offered
+    from fdm_infer import api
+
+    with pytest.raises(UserError, match="ddim-host"):
+        api.generate(tiny_checkpoint, 1, sampler="host")
+
+
 # ----------------------------------------------------------------------------- diffusers parity
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[dev])")
@@ -300,6 +391,15 @@ def test_ddim_matches_diffusers(clip, prediction):
         eps, _ = rough_denoiser(prediction)(x, torch.full((shape[0],), t))
         x = scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
     check_trajectories(ours, theirs, result.images, x)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+@pytest.mark.parametrize("steps", [1000, 50, 30, 25, 7])
+def test_timestep_spacings_are_diffusers(spacing, steps):
+    """`linspace` and `trailing` give diffusers' timesteps of the same name (DDIMScheduler.set_timesteps)."""
+    scheduler = diffusers.DDIMScheduler(timestep_spacing=spacing, **SCHEDULE)
+    scheduler.set_timesteps(steps)
+    assert SPACINGS[spacing](DIFFUSION, steps) == scheduler.timesteps.tolist()
 
 
 def check_trajectories(ours, theirs, images, final):

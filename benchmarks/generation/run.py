@@ -107,7 +107,8 @@ def cmd_fid(args) -> None:
             images = np.ascontiguousarray(samples.array.transpose(0, 3, 1, 2))
             if args.save:
                 np.save(Path(args.work) / f"samples_{label}_{args.sampler}{args.steps}_{clip}.npy", images)
-            record(f"fid/{label}/{args.sampler}{args.steps}/{clip}/n{args.n}",
+            seed = f"/seed{args.seed}" if args.seed else ""
+            record(f"fid/{label}/{args.sampler}{args.steps}/{clip}/n{args.n}{seed}",
                    {"model": str(model), "fid": round(ref.fid(images), 1), "n": args.n, "sampler": args.sampler,
                     "steps": args.steps, "clip": clip, "seed": args.seed, "sample_seconds": round(seconds, 1),
                     "segmentation": seg})

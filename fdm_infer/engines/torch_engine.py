@@ -111,7 +111,7 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def fused_ddpm_step(self, x_t, t, y, coef, z: torch.Tensor | None):
-        """One DDPM step (kernels.reference.ddpm_step) on the combined eps sum_k m_k eps_k of the model's
+        """One DDPM step (fdm_core.posterior.ddpm_step) on the combined eps sum_k m_k eps_k of the model's
         per-branch eps, by kernels.masked_sum_ddpm_step (one Triton kernel on CUDA). coef = (a, b, p1, p2,
         sigma, clip): a float32 tensor [6] (the sampler's, already on the device: no copy from the host per
         step) or six floats; z None: no noise. Returns (x_prev float32, masks)."""
