@@ -35,6 +35,7 @@ from fdm_infer.options import (
     warn_line,
 )
 from fdm_infer.outputs import DEFAULT_OUT as SEGMENT_OUT
+from fdm_infer.pipeline import DEFAULT_WORKERS
 from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.sampling import SUMMARY as SAMPLES_SUMMARY
 
@@ -69,10 +70,13 @@ def main_group():
 @click.option("--skip-existing", is_flag=True,
               help="Do not segment again the images that the summary.json in --out lists with all their files (an "
                    "interrupted run's, say); the new summary.json lists them too.")
+@click.option("--workers", type=click.IntRange(0), default=DEFAULT_WORKERS, show_default=True,
+              help="Threads that read images ahead of the model and write the results behind it, so that the model "
+                   "does not wait for files (0: one thread does all in turn; the files are the same).")
 @json_option
 def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, refine, smooth,
             batch_size, fg_channels, class_label, quiet, save_soft, save_channels, foreground, rle, skip_existing,
-            as_json):
+            workers, as_json):
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (label map
     0..K-1 at the image's own resolution, a palette PNG: its pixel values are the labels, its colors
     those of the overlay) and <name>_overlay.png; summary.json lists every input with its files. The
@@ -93,7 +97,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
                                smooth=smooth, refine=refine)
     report = segmenter.segment_files(list(paths), out, OutputOptions(save_soft, save_channels, foreground, rle),
                                      fg_channels=list(fg_channels), limit=limit, warn=warn_line, progress=not quiet,
-                                     skip_existing=skip_existing)
+                                     skip_existing=skip_existing, workers=workers)
     click.echo(f"segmented {report.written} image(s) in {report.seconds:.1f} s "
                f"({report.images_per_s:.1f} images/s) with {segmenter.describe()}, t={t}, seed {seed}"
                + (f", ensemble {ensemble}" if ensemble > 1 else "") + f", smooth {smooth}" + (f", refine {refine}" if refine != "none" else "")

@@ -112,7 +112,8 @@ def test_training_says_its_device_precision_and_threads(tmp_path):
                        *[a for a in TRAIN_TINY if a != "-q"])
     assert result.exit_code == 0, result.output
     plan = next(line for line in result.output.splitlines() if line.startswith("training on "))
-    assert plan.startswith("training on cpu (float32, 1 CPU thread): steps 1 to 1, 4 images per step, 16x16; roughly ")
+    assert plan.startswith("training on cpu (float32, 1 CPU thread, channels_last): steps 1 to 1, 4 images per step, "
+                           "16x16; roughly ")
     assert "warning" not in result.output  # a CPU-sized model
 
 
