@@ -155,96 +155,9 @@ def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 # ----- the tables -----
 
-def segmentation_rows(model, images: torch.Tensor, paths: list[CpuPath], batch: int, threads: int | None,
-                      machine: dict, seconds: float = 1.0, rounds: int = 3, log=print,
-                      extra: dict | None = None) -> list[dict]:
-    """Per path, the segmentation pass (`Engine.masks` on a batch noised to t=30): images/s, its ratio to
-    torch eager, GFLOP/s (the masks' FLOPs) and its share of the machine's convolution rate; and, on every
-    image of `images`, the share of label pixels equal to torch eager's (`segment_tensor`: smoothed, at the
-    model's size) and the largest difference of the soft masks. `extra`: engines measured beside, by name."""
-    cfg = model.cfg
-    flops = count_flops(cfg, masks_only=True)
-    x_t = noised(images[:batch], DEFAULT_T)
-    tt = torch.full((x_t.shape[0],), DEFAULT_T, dtype=torch.long)
-    engines = _open_all(paths, model, threads, log)
-    engines.update(extra or {})
-    reference = None
-    rows, timed = [], {}
-    for name, engine in engines.items():
-        row = {"path": name, "label": _label(name, paths), "batch": batch}
-        if isinstance(engine, str):
-            rows.append(dict(row, status=engine))
-            continue
-        try:
-            masks = _batched(lambda b: segment_tensor(engine, b), images, batch)
-            if reference is None:
-                reference = masks
-            row["label_agreement"] = (masks.argmax(1) == reference.argmax(1)).float().mean().item()
-            row["max_abs_diff"] = (masks - reference).abs().max().item()
-            timed[name] = lambda e=engine: e.masks(x_t, tt)
-            row["status"] = "ok"
-        except Exception as exc:  # one path failing must not lose the others
-            row["status"] = f"failed: {one_line(exc)}"
-        rows.append(row)
-    log(f"segmentation pass, batch {batch}: timing {len(timed)} paths in {rounds} rounds")
-    speeds = interleaved(timed, x_t.shape[0], seconds, rounds, log)
-    _add_speeds(rows, speeds, flops, machine)
-    return rows
-
-
-def sampling_rows(model, images: torch.Tensor, paths: list[CpuPath], batch: int, threads: int | None, machine: dict,
-                  seconds: float = 1.0, rounds: int = 3, log=print) -> list[dict]:
-    """Per path, a sampling step's model call (`Engine.denoise`: eps and masks, at t=SAMPLING_T): images/s,
-    its ratio to torch eager, GFLOP/s and share of the convolution rate; the largest difference of eps from
-    torch eager's and the share of mask labels that agree, on the same noisy batch."""
-    flops = count_flops(model.cfg)
-    x_t = noised(images[:batch], SAMPLING_T)
-    tt = torch.full((x_t.shape[0],), SAMPLING_T, dtype=torch.long)
-    engines = _open_all(paths, model, threads, log)
-    reference = None
-    rows, timed = [], {}
-    for name, engine in engines.items():
-        row = {"path": name, "label": _label(name, paths), "batch": x_t.shape[0]}
-        if isinstance(engine, str):
-            rows.append(dict(row, status=engine))
-            continue
-        try:
-            eps, masks = engine.denoise(x_t, tt)
-            if reference is None:
-                reference = eps, masks
-            row["max_abs_diff"] = (eps - reference[0]).abs().max().item()
-            row["label_agreement"] = (masks.argmax(1) == reference[1].argmax(1)).float().mean().item()
-            timed[name] = lambda e=engine: e.denoise(x_t, tt)
-            row["status"] = "ok"
-        except Exception as exc:
-            row["status"] = f"failed: {one_line(exc)}"
-        rows.append(row)
-    log(f"sampling step, batch {x_t.shape[0]}: timing {len(timed)} paths in {rounds} rounds")
-    _add_speeds(rows, interleaved(timed, x_t.shape[0], seconds, rounds, log), flops, machine)
-    return rows
-
-
-def batch_rows(engine, model, images: torch.Tensor, batches: list[int], machine: dict, seconds: float = 1.0,
-               rounds: int = 3, log=print) -> list[dict]:
-    """The segmentation pass of one engine at each batch size: images/s and GFLOP/s."""
-    flops = count_flops(model.cfg, masks_only=True)
-    fns = {}
-    for b in batches:
-        x = noised(images[:b].repeat(-(-b // images.shape[0]), 1, 1, 1)[:b], DEFAULT_T)
-        tt = torch.full((b,), DEFAULT_T, dtype=torch.long)
-        fns[str(b)] = lambda x=x, tt=tt: engine.masks(x, tt)
-    log(f"segmentation pass by batch size ({', '.join(map(str, batches))})")
-    speeds = interleaved(fns, 1, seconds, rounds, log)
-    rows = []
-    for b in batches:
-        per_s = speeds[str(b)] * b  # `interleaved` counted calls
-        rows.append({"batch": b, "images_per_s": per_s, "gflops": per_s * flops / 1e9,
-                     "of_conv": per_s * flops / 1e9 / machine["conv_gflops"]})
-    return rows
-
-
-def _open_all(paths: list[CpuPath], model, threads, log) -> dict:
-    """Each path's engine, prepared (traced, compiled) on a first call, or the reason it could not be."""
+def open_paths(paths: list[CpuPath], model, threads: int | None = None, log=print) -> dict:
+    """Each path's engine, prepared by a first call of each of its graphs (traced, compiled), or the reason
+    it could not be opened."""
     engines = {}
     x = random_inputs(2, model.cfg.image_size)
     t = torch.full((2,), DEFAULT_T, dtype=torch.long)
@@ -262,8 +175,91 @@ def _open_all(paths: list[CpuPath], model, threads, log) -> dict:
     return engines
 
 
-def _label(name: str, paths: list[CpuPath]) -> str:
-    return next((p.label for p in paths if p.key == name), name)
+def segmentation_rows(engines: dict, model, images: torch.Tensor, batch: int, machine: dict, seconds: float = 1.0,
+                      rounds: int = 3, log=print, labels: dict[str, str] | None = None) -> list[dict]:
+    """Per engine (the first one is the reference, torch eager), the segmentation pass (`Engine.masks` on a
+    batch noised to t=30): images/s, its ratio to torch eager, GFLOP/s (the masks' FLOPs) and its share of
+    the machine's convolution rate; and, on every image of `images`, the share of label pixels equal to the
+    reference's (`segment_tensor`: smoothed, at the model's size) and the largest difference of the soft
+    masks."""
+    flops = count_flops(model.cfg, masks_only=True)
+    x_t = noised(images[:batch], DEFAULT_T)
+    tt = torch.full((x_t.shape[0],), DEFAULT_T, dtype=torch.long)
+    reference = None
+    rows, timed = [], {}
+    for name, engine in engines.items():
+        row = {"path": name, "label": (labels or {}).get(name, name), "batch": x_t.shape[0]}
+        if isinstance(engine, str):
+            rows.append(dict(row, status=engine))
+            continue
+        try:
+            masks = _batched(lambda b, e=engine: segment_tensor(e, b), images, batch)
+            if reference is None:
+                reference = masks
+            row["label_agreement"] = (masks.argmax(1) == reference.argmax(1)).float().mean().item()
+            row["max_abs_diff"] = (masks - reference).abs().max().item()
+            timed[name] = lambda e=engine: e.masks(x_t, tt)
+            row["status"] = "ok"
+        except Exception as exc:  # one path failing must not lose the others
+            row["status"] = f"failed: {one_line(exc)}"
+        rows.append(row)
+    log(f"segmentation pass, batch {x_t.shape[0]}: {len(timed)} paths in {rounds} rounds")
+    _add_speeds(rows, interleaved(timed, x_t.shape[0], seconds, rounds, log), flops, machine)
+    return rows
+
+
+def sampling_rows(engines: dict, model, images: torch.Tensor, batch: int, machine: dict, seconds: float = 1.0,
+                  rounds: int = 3, log=print, labels: dict[str, str] | None = None) -> list[dict]:
+    """Per engine (the first one the reference), a sampling step's model call (`Engine.denoise`: eps and
+    masks, at t=SAMPLING_T): images/s, its ratio to torch eager, GFLOP/s and share of the convolution rate;
+    the largest difference of eps from the reference's and the share of mask labels that agree, on the same
+    noisy batch."""
+    flops = count_flops(model.cfg)
+    x_t = noised(images[:batch], SAMPLING_T)
+    tt = torch.full((x_t.shape[0],), SAMPLING_T, dtype=torch.long)
+    reference = None
+    rows, timed = [], {}
+    for name, engine in engines.items():
+        row = {"path": name, "label": (labels or {}).get(name, name), "batch": x_t.shape[0]}
+        if isinstance(engine, str):
+            rows.append(dict(row, status=engine))
+            continue
+        try:
+            eps, masks = engine.denoise(x_t, tt)
+            if reference is None:
+                reference = eps, masks
+            row["max_abs_diff"] = (eps - reference[0]).abs().max().item()
+            row["label_agreement"] = (masks.argmax(1) == reference[1].argmax(1)).float().mean().item()
+            timed[name] = lambda e=engine: e.denoise(x_t, tt)
+            row["status"] = "ok"
+        except Exception as exc:
+            row["status"] = f"failed: {one_line(exc)}"
+        rows.append(row)
+    log(f"sampling step, batch {x_t.shape[0]}: {len(timed)} paths in {rounds} rounds")
+    _add_speeds(rows, interleaved(timed, x_t.shape[0], seconds, rounds, log), flops, machine)
+    return rows
+
+
+def batch_rows(engine, model, images: torch.Tensor, batches: list[int], machine: dict, seconds: float = 1.0,
+               rounds: int = 3, log=print) -> list[dict]:
+    """The segmentation pass of one engine at each batch size: images/s and GFLOP/s."""
+    flops = count_flops(model.cfg, masks_only=True)
+    fns = {}
+    for b in batches:
+        x = noised(images.repeat(-(-b // images.shape[0]), 1, 1, 1)[:b], DEFAULT_T)
+        tt = torch.full((b,), DEFAULT_T, dtype=torch.long)
+        fns[str(b)] = lambda x=x, tt=tt: engine.masks(x, tt)
+    log(f"segmentation pass by batch size ({', '.join(map(str, batches))})")
+    calls = interleaved(fns, 1, seconds, rounds, log)
+    rows = []
+    for b in batches:
+        per_s = calls[str(b)] * b
+        rows.append({"batch": b, "images_per_s": per_s, "gflops": per_s * flops / 1e9,
+                     "of_conv": per_s * flops / 1e9 / machine["conv_gflops"]})
+    return rows
+
+
+LABELS = {p.key: p.label for p in CPU_PATHS}
 
 
 def _add_speeds(rows: list[dict], speeds: dict[str, float], flops: int, machine: dict) -> None:
@@ -344,10 +340,28 @@ def segment_run(engine, inputs: list[Path], out: Path, batch_size: int, workers:
     from fdm_infer.api import Segmenter
 
     segmenter = Segmenter(engine, batch_size=batch_size)
-    start = time.perf_counter()
     report = segmenter.segment_files(inputs, out, progress=False, workers=workers, warn=lambda message: None)
-    return {"images": report.written, "images_per_s": report.images_per_s, "seconds": report.seconds,
-            "wall_s": time.perf_counter() - start}
+    return {"images": report.written, "images_per_s": report.images_per_s, "seconds": report.seconds}
+
+
+def end_to_end_rows(runs: list[tuple[str, object, int]], inputs: list[Path], batch_size: int, log=print) -> list[dict]:
+    """Per (label, engine, workers), a segmentation of `inputs` (`segment_run`) into a temporary folder, and
+    the share of its label pixels equal to the first run's."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fdm-segment-") as tmp:
+        for i, (label, engine, workers) in enumerate(runs):
+            out = Path(tmp) / f"run{i}"
+            row = {"label": label, "workers": workers, "engine": getattr(engine, "name", "?")}
+            try:
+                row.update(segment_run(engine, inputs, out, batch_size, workers))
+                row["label_agreement"] = label_agreement(Path(tmp) / "run0", out)
+                row["status"] = "ok"
+                log(f"{label}: {row['images']} images, {row['images_per_s']:.1f} images/s")
+            except Exception as exc:
+                row["status"] = f"failed: {one_line(exc)}"
+                log(f"{label}: {row['status']}")
+            rows.append(row)
+    return rows
 
 
 def label_agreement(folder_a: Path, folder_b: Path) -> float:
@@ -356,11 +370,45 @@ def label_agreement(folder_a: Path, folder_b: Path) -> float:
 
     equal = total = 0
     for path in sorted(folder_a.rglob("*_labels.png")):
-        a = np.asarray(Image.open(path))
-        b = np.asarray(Image.open(folder_b / path.relative_to(folder_a)))
+        with Image.open(path) as a, Image.open(folder_b / path.relative_to(folder_a)) as b:
+            a, b = np.asarray(a), np.asarray(b)
         equal += int((a == b).sum())
         total += a.size
     return equal / total if total else float("nan")
+
+
+# ----- what `fdm-infer bench --cpu` runs -----
+
+def report(model, images: torch.Tensor, *, batch: int = 16, keys: list[str] | None = None, threads: int | None = None,
+           seconds: float = 1.0, rounds: int = 3, batches: list[int] | None = None, files: list[Path] | None = None,
+           log=print) -> dict:
+    """The machine's rates, then the segmentation pass and a sampling step's model call on every CPU path
+    (`keys`; torch eager always, first), the default engine's segmentation pass by batch size (`batches`),
+    and with `files`, a segmentation of them end to end by torch eager without the pipeline (as before) and
+    by the default engine with it. `images`: [N, 3, S, S] in [-1, 1], the inputs of the label agreement."""
+    from fdm_infer.engines import cpu_engine
+    from fdm_infer.pipeline import DEFAULT_WORKERS
+
+    chosen = [p for p in CPU_PATHS if p.key == "eager" or keys is None or p.key in keys]
+    result = {"environment": environment(), "settings": {"batch": batch, "paths": [p.key for p in chosen],
+                                                         "seconds": seconds, "rounds": rounds}}
+    log("the machine's matmul and convolution rates")
+    result["machine"] = machine_rates(seconds)
+    engines = open_paths(chosen, model, threads, log)
+    result["segmentation"] = segmentation_rows(engines, model, images, batch, result["machine"], seconds, rounds, log,
+                                               LABELS)
+    result["sampling"] = sampling_rows(engines, model, images, batch, result["machine"], seconds, rounds, log, LABELS)
+    default = engines.get(cpu_engine())
+    if isinstance(default, str) or default is None:
+        default = engines["eager"]
+    if batches:
+        result["batches"] = batch_rows(default, model, images, batches, result["machine"], seconds, rounds, log)
+    if files:
+        runs = [("torch eager, one thread for everything (the reference)", engines["eager"], 0),
+                (f"{default.name} (the default engine), {DEFAULT_WORKERS} worker threads (the default)", default,
+                 DEFAULT_WORKERS)]
+        result["end_to_end"] = end_to_end_rows(runs, files, batch, log)
+    return result
 
 
 # ----- markdown -----
@@ -411,16 +459,18 @@ def markdown(result: dict) -> str:
         lines += [f"### One sampling step: the model call (eps and masks), batch {batch}", "",
                   *path_table(result["sampling"], "of eps")]
     if result.get("end_to_end"):
-        lines += ["### `fdm-infer segment` end to end", "", *end_to_end_table(result["end_to_end"])]
+        count = result["end_to_end"][0].get("images", "-")
+        lines += [f"### `fdm-infer segment` end to end: {count} images (decoding, resizing, noise, the model, "
+                  "read-out, PNG writes)", "", *end_to_end_table(result["end_to_end"])]
     return "\n".join(lines) + "\n"
 
 
 def end_to_end_table(rows: list[dict]) -> list[str]:
-    lines = ["| run | images | images/s | x the first row | seconds (segmenting) | label pixels equal to the first row |",
+    lines = ["| run | images/s | x the first row | seconds | label pixels equal to the first row's | status |",
              "|---|---|---|---|---|---|"]
     base = rows[0].get("images_per_s") if rows else None
     for r in rows:
         ratio = r["images_per_s"] / base if base and r.get("images_per_s") else None
-        lines.append(f"| {r['label']} | {r.get('images', '-')} | {_num(r.get('images_per_s'), '.1f')} | "
-                     f"{_num(ratio, '.2f')} | {_num(r.get('seconds'), '.1f')} | {_pct(r.get('label_agreement'))} |")
+        lines.append(f"| {r['label']} | {_num(r.get('images_per_s'), '.1f')} | {_num(ratio, '.2f')} | "
+                     f"{_num(r.get('seconds'), '.1f')} | {_pct(r.get('label_agreement'))} | {r['status']} |")
     return [*lines, ""]

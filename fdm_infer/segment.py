@@ -166,7 +166,8 @@ def read_labels(masks: torch.Tensor, image: np.ndarray, refine: str) -> np.ndarr
     """uint8 [H, W]: the label map of soft masks [K, S, S] at the image's resolution (`image_masks`)."""
     if refine == "none":  # one channel at a time: a large image never holds K float copies of itself
         return label_map(masks, image.shape[:2])
-    return image_masks(masks, image, refine).argmax(0).to(torch.uint8).numpy()
+    # max's indices are argmax's (the first of equal values), found many times faster over a leading dimension
+    return image_masks(masks, image, refine).max(0).indices.to(torch.uint8).numpy()
 
 
 def segment_masks(engine: Engine, inputs: list[InputImage], settings: SegmentSettings,

@@ -4,10 +4,12 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 from click.testing import CliRunner
 from conftest import ROOT
 
+from fdm_core.model import count_flops
 from fdm_infer.bench import VARIANTS
 from fdm_infer.cli import main_group
 
@@ -109,3 +111,38 @@ def test_sampling_step_is_fused_unless_dynamic_thresholding_needs_the_quantile()
         calls.update(denoise=0, step=0)
         sampler_step(engine, GaussianDiffusion(), 2, cfg, torch.device("cpu"), clip)()
         assert calls == counts, clip
+
+
+def test_the_cpu_report_checks_each_path_against_torch_eager_and_segments_end_to_end(tmp_path):
+    from conftest import write_images
+    from helpers import make_checkpoint
+
+    model = tmp_path / "tiny.safetensors"
+    make_checkpoint(model, image_size=16)
+    folder = tmp_path / "faces"
+    write_images(folder, 6)
+    result = CliRunner().invoke(main_group, ["bench", "--cpu", "--smoke", "--model", str(model), "--cpu-path", "onnx",
+                                             "--image-folder", str(folder), "--limit", "5", "-o", str(tmp_path / "out"),
+                                             "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["machine"]["matmul_gflops"] > 0 and report["machine"]["conv_gflops"] > 0
+    for table in ("segmentation", "sampling"):
+        rows = {r["path"]: r for r in report[table]}
+        assert list(rows) == ["eager", "onnx"] and all(r["status"] == "ok" for r in rows.values()), rows
+        assert rows["eager"]["vs_eager"] == 1 and rows["eager"]["label_agreement"] == 1
+        assert rows["onnx"]["label_agreement"] > 0.99 and rows["onnx"]["max_abs_diff"] < 1e-4
+        assert rows["onnx"]["gflops"] == pytest.approx(rows["onnx"]["images_per_s"] * (
+            count_flops(report_config(model), masks_only=table == "segmentation") / 1e9))
+    runs = report["end_to_end"]
+    assert [(r["images"], r["status"]) for r in runs] == [(5, "ok"), (5, "ok")]
+    assert runs[0]["workers"] == 0 and runs[1]["workers"] > 0 and runs[1]["engine"] == "onnx"
+    assert runs[1]["label_agreement"] > 0.99
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert result.stdout.endswith(table) and "| matmul 1024 x 1024 |" in table and "nan" not in table.lower()
+
+
+def report_config(path):
+    from fdm_core.checkpoint import read_checkpoint
+
+    return read_checkpoint(path)[0]

@@ -86,8 +86,8 @@ def test_sigterm_to_a_training_with_data_workers_prints_one_line(tmp_path):
     """What a scheduler does: SIGTERM to the whole process group (the run and its DataLoader workers)."""
     data, run = tmp_path / "images", tmp_path / "run"
     write_images(data, 8)
-    args = ["--data", data, "--out", run, "--iterations", "100000", "--log-every", "1",
-            *TRAIN_TINY[:-1], "2"]  # two DataLoader workers
+    args = ["--data", data, "--out", run, "--iterations", "100000", "--log-every", "1", "--no-compile",
+            *TRAIN_TINY[:-1], "2"]  # two DataLoader workers; not compiling, which takes minutes before the first step
     proc = subprocess.Popen([sys.executable, "-c", ("import sys; from fdm_train.cli import main; "
                              "sys.argv[0] = 'fdm-train'; main()"), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,

@@ -1,0 +1,250 @@
+"""The engine on the CPU, every figure in one run on one machine, written to benchmarks/cpu/RESULTS.md (and
+results.json beside it):
+
+    python benchmarks/cpu/run.py            # about 10 minutes on a 2-core machine that runs nothing else
+    python benchmarks/cpu/run.py --quick    # a few images, rounds and steps: checks that it runs, no figures
+
+What it measures, on the bundled model (tiny-32, K=4) and the LFW faces of ../shared/data/lfw:
+* the machine's own limit: torch's fp32 matmul and 64-channel 3x3 convolution GFLOP/s;
+* the segmentation pass (the masks alone, batch 16) on every CPU path: torch eager (the reference),
+  channels_last, torch.compile, onnxruntime (passive and spinning threads), onnxruntime int8; images/s as a
+  ratio to torch eager in the same run, GFLOP/s as a share of the convolution rate, and the share of label
+  pixels equal to torch eager's on LFW val faces;
+* the same pass by batch size, on the default engine;
+* one sampling step's model call (eps and masks) on every fp32 path, with the largest difference of eps;
+* int8 against onnxruntime fp32: speed, label agreement, LFW val foreground IoU and parts mIoU;
+* `fdm-infer segment` end to end on 1,600 LFW faces (128 x 128 JPEGs): as it ran before (torch eager, the
+  whole forward, one thread for everything), each change on its own, the default, and the command itself;
+* `fdm-train` on tiny-32: a training step's images/s in eager, channels_last and compiled, and what
+  compiling costs.
+
+Every path is checked against torch eager first and timed in interleaved rounds (fdm_infer.cpu_paths)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.bench_train_cpu import make_step  # noqa: E402
+from fdm_core.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
+from fdm_core.config import preset  # noqa: E402
+from fdm_core.images import find_images  # noqa: E402
+from fdm_core.model import count_flops  # noqa: E402
+from fdm_core.util import atomic_write, json_text  # noqa: E402
+from fdm_infer import cpu_paths  # noqa: E402
+from fdm_infer.cpu_paths import CPU_PATHS, LABELS, WholeForward  # noqa: E402
+from fdm_infer.engines import cpu_engine  # noqa: E402
+from fdm_infer.pipeline import DEFAULT_WORKERS  # noqa: E402
+from fdm_train.options import COMPILE_MIN_STEPS  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+LFW = ROOT.parent / "shared" / "data" / "lfw"
+INT8_LABEL = "onnxruntime int8 (static, QDQ, per-channel weights)"
+
+
+def log(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lfw", type=Path, default=LFW, help="LFW root: train/images, val/images, val/masks")
+    p.add_argument("--images", type=int, default=1600, help="faces segmented end to end")
+    p.add_argument("--val", type=int, default=256, help="LFW val faces of the agreement columns")
+    p.add_argument("--batch", type=int, default=16, help="the batch of the per-path tables (segment's default)")
+    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per path and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--train-steps", type=int, default=6, help="timed training steps per variant and round")
+    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile paths (minutes to compile)")
+    p.add_argument("--quick", action="store_true",
+                   help="48 faces, 16 val faces, 1 short round, 1 training step, no torch.compile unless --compile")
+    p.add_argument("--compile", action="store_true", help="with --quick: the torch.compile paths all the same")
+    p.add_argument("--out", type=Path, default=HERE, help="folder of RESULTS.md and results.json")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.images, a.val, a.seconds, a.rounds, a.train_steps, a.train_batch = 48, 16, 0.2, 1, 1, 8
+        a.no_compile = not a.compile
+    start = time.perf_counter()
+    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "environment": cpu_paths.environment()}
+    log(f"machine: {result['environment']}")
+    result["machine"] = cpu_paths.machine_rates(a.seconds)
+    log(f"matmul {result['machine']['matmul_gflops']:.1f} GFLOP/s, conv {result['machine']['conv_gflops']:.1f} GFLOP/s")
+
+    model, cfg, _ = load_model(DEFAULT_MODEL, weights="ema")
+    result["gflop"] = {"masks": count_flops(cfg, masks_only=True) / 1e9, "whole": count_flops(cfg) / 1e9}
+    train_files = find_images(a.lfw / "train" / "images")
+    val_files = find_images(a.lfw / "val" / "images")[:a.val]
+    images = cpu_paths.real_inputs(val_files, cfg.image_size)
+    paths = [path for path in CPU_PATHS if not (a.no_compile and path.compiles)]
+    engines = cpu_paths.open_paths(paths, model, log=log)
+    log("int8: quantizing the masks graph, calibrated on 64 LFW train faces")
+    calibration = cpu_paths.real_inputs(train_files[-64:], cfg.image_size)
+    try:
+        int8 = cpu_paths.int8_engine(model, calibration)
+        int8.masks(images[:2], torch.full((2,), 30))
+        engines_with_int8 = {**engines, "int8": int8}
+    except Exception as exc:  # reported in its row
+        int8 = None
+        engines_with_int8 = {**engines, "int8": f"failed: {exc}"}
+    labels = {**LABELS, "int8": INT8_LABEL}
+    result["segmentation"] = cpu_paths.segmentation_rows(engines_with_int8, model, images, a.batch, result["machine"],
+                                                         a.seconds, a.rounds, log, labels)
+    default = engines[cpu_engine()]
+    result["batches"] = cpu_paths.batch_rows(default, model, images, [4, 8, 16, 32, 64, 128], result["machine"],
+                                             a.seconds, a.rounds, log)
+    result["sampling"] = cpu_paths.sampling_rows(engines, model, images, a.batch, result["machine"], a.seconds,
+                                                 a.rounds, log, labels)
+    if int8 is not None:
+        result["int8"] = int8_agreement(engines["onnx"], int8, a, result["segmentation"])
+    result["end_to_end"] = end_to_end(model, engines, default, train_files[:a.images], a)
+    result["training"] = training(a)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    a.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(a.out / "results.json", json_text(result, indent=1).encode())
+    atomic_write(a.out / "RESULTS.md", markdown(result).encode())
+    log(f"done in {result['seconds']:.0f} s: {a.out / 'RESULTS.md'}")
+    return result
+
+
+def int8_agreement(fp32, int8, a, segmentation: list[dict]) -> dict:
+    """int8 against onnxruntime fp32: their speeds (from the segmentation table), the share of LFW val label
+    pixels that agree (default read-out, at the masks' 128 x 128) and each one's scores."""
+    log(f"int8 against fp32 on {a.val} LFW val faces")
+    val = a.lfw / "val"
+    scores_fp32, labels_fp32 = cpu_paths.lfw_scores(fp32, val / "images", val / "masks", a.val)
+    scores_int8, labels_int8 = cpu_paths.lfw_scores(int8, val / "images", val / "masks", a.val)
+    equal = sum(int((x == y).sum()) for x, y in zip(labels_fp32, labels_int8))
+    speed = {row["path"]: row.get("images_per_s") for row in segmentation}
+    ratio = speed["int8"] / speed["onnx"] if speed.get("int8") and speed.get("onnx") else None
+    return {"fp32": scores_fp32, "int8": scores_int8, "label_agreement": equal / sum(x.size for x in labels_fp32),
+            "vs_fp32": ratio}
+
+
+def end_to_end(model, engines: dict, default, files: list[Path], a) -> list[dict]:
+    """`fdm-infer segment` on the faces: as before, each change on its own, the default, the command itself."""
+    log(f"segment end to end: {len(files)} faces")
+    before = WholeForward.from_model(model, device="cpu", channels_last=False, compile=False)
+    name = default.name
+    runs = [("before: torch eager, the whole forward (eps too), one thread for everything", before, 0),
+            ("torch eager, the masks alone, one thread for everything", engines["eager"], 0),
+            (f"{name}, the masks alone, one thread for everything", default, 0),
+            (f"the default: {name}, the masks alone, {DEFAULT_WORKERS} worker threads", default, DEFAULT_WORKERS)]
+    rows = cpu_paths.end_to_end_rows(runs, files, a.batch, log)
+    rows.append(command_run(files, a))
+    return rows
+
+
+def command_run(files: list[Path], a) -> dict:
+    """The command a user runs, in its own process: wall time from start to exit (loading and tracing included)."""
+    label = f"the command: fdm-infer segment FOLDER --limit {len(files)} (wall time, start-up included)"
+    with tempfile.TemporaryDirectory(prefix="fdm-command-") as tmp:
+        folder = Path(tmp) / "faces"
+        folder.mkdir()
+        for f in files:  # the first faces of the folder, as --limit takes them
+            (folder / f.name).symlink_to(f.resolve())
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "fdm_infer.cli", "segment", str(folder), "-o", str(Path(tmp) / "out"),
+                               "-q", "--batch-size", str(a.batch)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            return {"label": label, "status": f"failed: {done.stderr.strip().splitlines()[-1:]}"}
+        summary = json.loads((Path(tmp) / "out" / "summary.json").read_text())
+    log(f"{label}: {wall:.1f} s")
+    return {"label": label, "images": summary["run"]["images"], "images_per_s": summary["run"]["images"] / wall,
+            "seconds": wall, "status": "ok", "load_s": summary["run"]["seconds"]["load"]}
+
+
+TRAIN_VARIANTS = {"eager (before)": {}, "channels_last (the default)": {"channels_last": True},
+                  "torch.compile + channels_last (the default from "
+                  f"{COMPILE_MIN_STEPS:,} steps)": {"channels_last": True, "compile": True}}
+
+
+def training(a) -> list[dict]:
+    """A training step (forward, backward, Adam) of tiny-32, K=4, in each variant, interleaved in rounds; the
+    first step (compiling where it compiles) timed on its own."""
+    cfg = preset("tiny-32", num_regions=4, region_codes=True)
+    variants = {name: options for name, options in TRAIN_VARIANTS.items()
+                if not (a.no_compile and options.get("compile"))}
+    steps, first = {}, {}
+    for name, options in variants.items():
+        log(f"training: {name}: first step")
+        steps[name] = make_step(cfg, a.train_batch, **options)
+        start = time.perf_counter()
+        first[name] = (steps[name](), time.perf_counter() - start)
+        steps[name]()
+    speeds = {name: [] for name in variants}
+    for r in range(a.rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(a.train_steps):
+                step()
+            speeds[name].append(a.train_steps * a.train_batch / (time.perf_counter() - start))
+        log(f"  training round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in speeds.items()))
+    eager = statistics.median(speeds["eager (before)"])
+    rows = []
+    for name in variants:
+        per_s = statistics.median(speeds[name])
+        rows.append({"variant": name, "images_per_s": per_s, "vs_eager": per_s / eager, "first_loss": first[name][0],
+                     "first_step_s": first[name][1]})
+    return rows
+
+
+def markdown(r: dict) -> str:
+    env, machine = r["environment"], r["machine"]
+    lines = ["# The engine on the CPU", "",
+             f"Measured {r['date']} in {r['seconds']:.0f} s with `python benchmarks/cpu/run.py"
+             f"{' --quick' if r['settings']['quick'] else ''}` (one command; `fdm-infer bench --cpu --model FILE "
+             "--image-folder DIR` measures the same for any model). Each figure is the median of interleaved rounds; a "
+             "ratio compares paths measured in the same run.", "",
+             *cpu_paths.machine_lines(env, machine),
+             f"## Segmentation: the model pass (the masks alone), batch {r['settings']['batch']}", "",
+             "The masks need the encoder, the middle block and the mask generator, not the K decoder branches: "
+             f"{r['gflop']['masks']:.2f} of the model's {r['gflop']['whole']:.2f} GFLOP per image. Label agreement: on {r['settings']['val']} LFW val faces noised to "
+             "t=30, masks smoothed as `segment` does, at the model's 32 x 32.", "",
+             *cpu_paths.path_table(r["segmentation"], "of the masks"),
+             "### By batch size (the default engine)", "", *cpu_paths.batch_table(r["batches"]),
+             f"## One sampling step: the model call (eps and masks), batch {r['settings']['batch']}", "",
+             *cpu_paths.path_table(r["sampling"], "of eps")]
+    if r.get("int8"):
+        q = r["int8"]
+        lines += ["## int8 against fp32 (onnxruntime, the segmentation pass)", "",
+                  f"On {q['fp32']['images']} LFW val faces, default read-out (3 x 3 smoothing, guided filter) at the "
+                  "masks' 128 x 128.", "",
+                  "| path | x onnxruntime fp32 | label pixels equal to fp32 | LFW val FG IoU | parts mIoU | FID |",
+                  "|---|---|---|---|---|---|",
+                  f"| onnxruntime fp32 | 1.00 | 100% | {q['fp32']['fg_iou']:.2f} | {q['fp32']['parts_miou']:.2f} | - |",
+                  f"| {INT8_LABEL} | {cpu_paths._num(q['vs_fp32'], '.2f')} | {100 * q['label_agreement']:.2f}% | "
+                  f"{q['int8']['fg_iou']:.2f} | {q['int8']['parts_miou']:.2f} | not measured: int8 is offered for no "
+                  "task |", ""]
+    lines += [f"## `fdm-infer segment` end to end: {r['end_to_end'][0].get('images', '-')} LFW faces (128 x 128 "
+              "JPEGs; decoding, resizing, noise, the model, read-out, PNG writes)", "",
+              "images/s as summary.json counts them (from the first image read to the last file written; loading "
+              "the model aside), but the last row's: the wall time of the whole command.", "",
+              *cpu_paths.end_to_end_table(r["end_to_end"]),
+              f"## `fdm-train` tiny-32 (K=4), batch {r['settings']['train_batch']}: a training step (forward, "
+              "backward, Adam)", "",
+              "| variant | images/s | x eager | first-step loss | first step, s (compiling included) |",
+              "|---|---|---|---|---|"]
+    for t in r["training"]:
+        lines.append(f"| {t['variant']} | {t['images_per_s']:.1f} | {t['vs_eager']:.2f} | {t['first_loss']:.5f} | "
+                     f"{t['first_step_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
