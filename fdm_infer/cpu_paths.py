@@ -344,16 +344,17 @@ def segment_run(engine, inputs: list[Path], out: Path, batch_size: int, workers:
     return {"images": report.written, "images_per_s": report.images_per_s, "seconds": report.seconds}
 
 
-def end_to_end_rows(runs: list[tuple[str, object, int]], inputs: list[Path], batch_size: int, log=print) -> list[dict]:
-    """Per (label, engine, workers), a segmentation of `inputs` (`segment_run`) into a temporary folder, and
-    the share of its label pixels equal to the first run's."""
+def end_to_end_rows(runs: list[tuple], inputs: list[Path], batch_size: int, log=print) -> list[dict]:
+    """Per (label, engine, workers[, context]), a segmentation of `inputs` (`segment_run`, inside `context()`
+    where given) into a temporary folder, and the share of its label pixels equal to the first run's."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="fdm-segment-") as tmp:
-        for i, (label, engine, workers) in enumerate(runs):
+        for i, (label, engine, workers, *context) in enumerate(runs):
             out = Path(tmp) / f"run{i}"
             row = {"label": label, "workers": workers, "engine": getattr(engine, "name", "?")}
             try:
-                row.update(segment_run(engine, inputs, out, batch_size, workers))
+                with (context[0]() if context else contextlib.nullcontext()):
+                    row.update(segment_run(engine, inputs, out, batch_size, workers))
                 row["label_agreement"] = label_agreement(Path(tmp) / "run0", out)
                 row["status"] = "ok"
                 log(f"{label}: {row['images']} images, {row['images_per_s']:.1f} images/s")

@@ -13,8 +13,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-# Threads that write behind the model when not told: encoding PNGs is the largest share of a segmentation's
-# work after the model, and two writers keep up with the model on a 2-core machine (benchmarks/cpu/RESULTS.md).
+# Threads that write behind the model when not told. Reading the label maps out (the guided filter at the image's
+# resolution) and encoding the PNGs cost about as much as the model's pass on the bundled model: two threads
+# overlap them with it and with each other's waits for the disk; more than one per two cores only contend with the
+# model's own threads (benchmarks/cpu/RESULTS.md, end to end).
 DEFAULT_WORKERS = min(4, max(2, (os.cpu_count() or 1) // 2))
 
 _END = object()

@@ -14,7 +14,8 @@ What it measures, on the bundled model (tiny-32, K=4) and the LFW faces of ../sh
 * one sampling step's model call (eps and masks) on every fp32 path, with the largest difference of eps;
 * int8 against onnxruntime fp32: speed, label agreement, LFW val foreground IoU and parts mIoU;
 * `fdm-infer segment` end to end on 1,600 LFW faces (128 x 128 JPEGs): as it ran before (torch eager, the
-  whole forward, one thread for everything), each change on its own, the default, and the command itself;
+  whole forward, one thread for everything, the read-out's argmax and PNG level of before), each change on
+  its own, the default, and the command itself;
 * `fdm-train` on tiny-32: a training step's images/s in eager, channels_last and compiled, and what
   compiling costs.
 
@@ -22,6 +23,7 @@ Every path is checked against torch eager first and timed in interleaved rounds 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -139,13 +141,34 @@ def end_to_end(model, engines: dict, default, files: list[Path], a) -> list[dict
     log(f"segment end to end: {len(files)} faces")
     before = WholeForward.from_model(model, device="cpu", channels_last=False, compile=False)
     name = default.name
-    runs = [("before: torch eager, the whole forward (eps too), one thread for everything", before, 0),
+    runs = [("before: torch eager, the whole forward (eps too), one thread for everything", before, 0, as_before),
             ("torch eager, the masks alone, one thread for everything", engines["eager"], 0),
             (f"{name}, the masks alone, one thread for everything", default, 0),
             (f"the default: {name}, the masks alone, {DEFAULT_WORKERS} worker threads", default, DEFAULT_WORKERS)]
     rows = cpu_paths.end_to_end_rows(runs, files, a.batch, log)
     rows.append(command_run(files, a))
     return rows
+
+
+@contextlib.contextmanager
+def as_before():
+    """segment's read-out and PNG writing as they were: the label maps taken by argmax over the leading
+    dimension, the PNGs at Pillow's default zlib level."""
+    import fdm_infer.images as images
+    import fdm_infer.outputs as outputs
+    from fdm_infer.segment import image_masks, read_labels
+
+    def labels_by_argmax(masks, image, refine):
+        if refine == "none":
+            return read_labels(masks, image, refine)
+        return image_masks(masks, image, refine).argmax(0).to(torch.uint8).numpy()
+
+    level, read = images.PNG_COMPRESS_LEVEL, outputs.read_labels
+    images.PNG_COMPRESS_LEVEL, outputs.read_labels = 6, labels_by_argmax
+    try:
+        yield
+    finally:
+        images.PNG_COMPRESS_LEVEL, outputs.read_labels = level, read
 
 
 def command_run(files: list[Path], a) -> dict:
@@ -204,6 +227,15 @@ def training(a) -> list[dict]:
     return rows
 
 
+def batch_choice(rows: list[dict], default: int) -> str:
+    best = max(rows, key=lambda row: row["images_per_s"])
+    chosen = next((row for row in rows if row["batch"] == default), None)
+    if chosen is None:
+        return f"The fastest batch: {best['batch']}."
+    return (f"The fastest batch: {best['batch']} ({best['images_per_s']:.1f} images/s); `segment`'s default batch "
+            f"{default}: {chosen['images_per_s']:.1f} ({100 * chosen['images_per_s'] / best['images_per_s']:.0f}% of it).")
+
+
 def markdown(r: dict) -> str:
     env, machine = r["environment"], r["machine"]
     lines = ["# The engine on the CPU", "",
@@ -218,6 +250,7 @@ def markdown(r: dict) -> str:
              "t=30, masks smoothed as `segment` does, at the model's 32 x 32.", "",
              *cpu_paths.path_table(r["segmentation"], "of the masks"),
              "### By batch size (the default engine)", "", *cpu_paths.batch_table(r["batches"]),
+             batch_choice(r["batches"], r["settings"]["batch"]), "",
              f"## One sampling step: the model call (eps and masks), batch {r['settings']['batch']}", "",
              *cpu_paths.path_table(r["sampling"], "of eps")]
     if r.get("int8"):
