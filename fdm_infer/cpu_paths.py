@@ -155,12 +155,12 @@ def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 # ----- the tables -----
 
-def open_paths(paths: list[CpuPath], model, threads: int | None = None, log=print) -> dict:
-    """Each path's engine, prepared by a first call of each of its graphs (traced, compiled), or the reason
-    it could not be opened."""
+def open_paths(paths: list[CpuPath], model, threads: int | None = None, log=print, batch: int = 16) -> dict:
+    """Each path's engine, prepared by a first call of each of its graphs at `batch` (traced, compiled for the
+    batch the tables time), or the reason it could not be opened."""
     engines = {}
-    x = random_inputs(2, model.cfg.image_size)
-    t = torch.full((2,), DEFAULT_T, dtype=torch.long)
+    x = random_inputs(batch, model.cfg.image_size)
+    t = torch.full((batch,), DEFAULT_T, dtype=torch.long)
     for path in paths:
         start = time.perf_counter()
         try:
@@ -395,7 +395,7 @@ def report(model, images: torch.Tensor, *, batch: int = 16, keys: list[str] | No
                                                          "seconds": seconds, "rounds": rounds}}
     log("the machine's matmul and convolution rates")
     result["machine"] = machine_rates(seconds)
-    engines = open_paths(chosen, model, threads, log)
+    engines = open_paths(chosen, model, threads, log, batch)
     result["segmentation"] = segmentation_rows(engines, model, images, batch, result["machine"], seconds, rounds, log,
                                                LABELS)
     result["sampling"] = sampling_rows(engines, model, images, batch, result["machine"], seconds, rounds, log, LABELS)

@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     val_files = find_images(a.lfw / "val" / "images")[:a.val]
     images = cpu_paths.real_inputs(val_files, cfg.image_size)
     paths = [path for path in CPU_PATHS if not (a.no_compile and path.compiles)]
-    engines = cpu_paths.open_paths(paths, model, log=log)
+    engines = cpu_paths.open_paths(paths, model, log=log, batch=a.batch)
     log("int8: quantizing the masks graph, calibrated on 64 LFW train faces")
     calibration = cpu_paths.real_inputs(train_files[-64:], cfg.image_size)
     try:
