@@ -46,12 +46,12 @@ class CpuPath:
 
 
 CPU_PATHS = [
-    CpuPath("eager", "torch eager (fp32, NCHW): the reference", "torch", dict(channels_last=False, compile=False)),
-    CpuPath("channels_last", "torch channels_last", "torch", dict(channels_last=True, compile=False)),
-    CpuPath("compile", "torch.compile (inductor) + channels_last", "torch", dict(channels_last=True, compile=True),
+    CpuPath("eager", "torch eager (fp32, NCHW): the reference", "torch", {"channels_last": False, "compile": False}),
+    CpuPath("channels_last", "torch channels_last", "torch", {"channels_last": True, "compile": False}),
+    CpuPath("compile", "torch.compile (inductor) + channels_last", "torch", {"channels_last": True, "compile": True},
             compiles=True),
-    CpuPath("onnx", "onnxruntime (all graph optimizations, passive threads)", "onnx", dict(spinning=False)),
-    CpuPath("onnx-spinning", "onnxruntime, spinning threads", "onnx", dict(spinning=True)),
+    CpuPath("onnx", "onnxruntime (all graph optimizations, passive threads)", "onnx", {"spinning": False}),
+    CpuPath("onnx-spinning", "onnxruntime, spinning threads", "onnx", {"spinning": True}),
 ]
 PATH_KEYS = [p.key for p in CPU_PATHS]
 
@@ -169,7 +169,7 @@ def open_paths(paths: list[CpuPath], model, threads: int | None = None, log=prin
             engine.denoise(x, t)
             engines[path.key] = engine
             log(f"{path.label}: ready in {time.perf_counter() - start:.1f} s")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (a path that cannot run here is a row of the table)
             engines[path.key] = f"failed: {one_line(exc)}"
             log(f"{path.label}: {engines[path.key]}")
     return engines
@@ -190,7 +190,7 @@ def segmentation_rows(engines: dict, model, images: torch.Tensor, batch: int, ma
     for name, engine in engines.items():
         row = {"path": name, "label": (labels or {}).get(name, name), "batch": x_t.shape[0]}
         if isinstance(engine, str):
-            rows.append(dict(row, status=engine))
+            rows.append({**row, "status": engine})
             continue
         try:
             masks = _batched(lambda b, e=engine: segment_tensor(e, b), images, batch)
@@ -200,7 +200,7 @@ def segmentation_rows(engines: dict, model, images: torch.Tensor, batch: int, ma
             row["max_abs_diff"] = (masks - reference).abs().max().item()
             timed[name] = lambda e=engine: e.masks(x_t, tt)
             row["status"] = "ok"
-        except Exception as exc:  # one path failing must not lose the others
+        except Exception as exc:  # noqa: BLE001  (one path failing must not lose the others)
             row["status"] = f"failed: {one_line(exc)}"
         rows.append(row)
     log(f"segmentation pass, batch {x_t.shape[0]}: {len(timed)} paths in {rounds} rounds")
@@ -222,7 +222,7 @@ def sampling_rows(engines: dict, model, images: torch.Tensor, batch: int, machin
     for name, engine in engines.items():
         row = {"path": name, "label": (labels or {}).get(name, name), "batch": x_t.shape[0]}
         if isinstance(engine, str):
-            rows.append(dict(row, status=engine))
+            rows.append({**row, "status": engine})
             continue
         try:
             eps, masks = engine.denoise(x_t, tt)
@@ -232,7 +232,7 @@ def sampling_rows(engines: dict, model, images: torch.Tensor, batch: int, machin
             row["label_agreement"] = (masks.argmax(1) == reference[1].argmax(1)).float().mean().item()
             timed[name] = lambda e=engine: e.denoise(x_t, tt)
             row["status"] = "ok"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (one path failing must not lose the others)
             row["status"] = f"failed: {one_line(exc)}"
         rows.append(row)
     log(f"sampling step, batch {x_t.shape[0]}: {len(timed)} paths in {rounds} rounds")
@@ -358,7 +358,7 @@ def end_to_end_rows(runs: list[tuple], inputs: list[Path], batch_size: int, log=
                 row["label_agreement"] = label_agreement(Path(tmp) / "run0", out)
                 row["status"] = "ok"
                 log(f"{label}: {row['images']} images, {row['images_per_s']:.1f} images/s")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (one run failing must not lose the others)
                 row["status"] = f"failed: {one_line(exc)}"
                 log(f"{label}: {row['status']}")
             rows.append(row)

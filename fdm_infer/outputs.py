@@ -21,19 +21,19 @@ from fdm_core.images import IMAGE_EXTENSIONS
 from fdm_core.lock import RunLock
 from fdm_core.util import (
     atomic_write,
-    progress_bar,
     check_not_input,
     check_writable_folder,
     json_text,
     one_line,
+    progress_bar,
     resolve_inputs,
 )
 from fdm_core.visualize import PALETTE
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.images import FileReport, collect_inputs, output_clash, save_png, write_outputs
-from fdm_infer.rle import encode_labels
 from fdm_infer.pipeline import DEFAULT_WORKERS, WriteBehind
+from fdm_infer.rle import encode_labels
 from fdm_infer.segment import (
     PriorLikeness,
     Segmented,

@@ -27,8 +27,6 @@ from fdm_core.util import (
     progress_bar,
 )
 from fdm_infer.engines.base import Engine
-from fdm_infer.pipeline import ReadAhead
-from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES, refine_masks
 from fdm_infer.images import (
     InputImage,
     UnreadableImage,
@@ -36,6 +34,8 @@ from fdm_infer.images import (
     model_input,
     resize_masks,
 )
+from fdm_infer.pipeline import ReadAhead
+from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES, refine_masks
 
 DEFAULT_T = 30  # the noise level of the segmentation pass (paper §3.3)
 # The window the masks are smoothed over (1: not smoothed, the paper's read-out). 3 x 3 is the measured

@@ -179,7 +179,7 @@ class OnnxEngine(Engine):
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", threads: int | None = None) -> "OnnxEngine":
+    def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", threads: int | None = None) -> OnnxEngine:
         """A checkpoint's model (EMA weights, float32) run by onnxruntime: each graph (the masks alone, or the
         whole denoiser) traced in memory the first time it is needed."""
         from fdm_core.checkpoint import load_model
@@ -191,7 +191,7 @@ class OnnxEngine(Engine):
 
     @classmethod
     def from_model(cls, model: nn.Module, device: str = "auto", threads: int | None = None,
-                   spinning: bool | None = None) -> "OnnxEngine":
+                   spinning: bool | None = None) -> OnnxEngine:
         """An in-memory model (float32) run by onnxruntime, traced when first needed (benchmarks, tests)."""
         engine = cls.__new__(cls)
         engine._open_device(device, threads, spinning)
