@@ -297,7 +297,8 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
 @click.option("--cpu", "cpu_report", is_flag=True,
               help="The CPU report of --model (a checkpoint) [default: the bundled one]: the machine's matmul and "
                    "convolution rates, the segmentation pass and a sampling step's model call on every CPU path "
-                   "(torch eager, channels_last, torch.compile, onnxruntime) as ratios to torch eager with their "
+                   "(torch eager, channels_last, torch.compile, onnxruntime, onnxruntime int8 for segmentation) as "
+                   "ratios to torch eager with their "
                    "label agreement, the default engine's pass by batch size, and with --image-folder, `segment` end to "
                    "end (benchmarks/cpu/RESULTS.md has the bundled model's).")
 @click.option("--cpu-path", "cpu_path_keys", type=click.Choice(CPU_PATH_KEYS), multiple=True,

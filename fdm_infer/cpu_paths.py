@@ -53,7 +53,8 @@ CPU_PATHS = [
     CpuPath("onnx", "onnxruntime (all graph optimizations, passive threads)", "onnx", {"spinning": False}),
     CpuPath("onnx-spinning", "onnxruntime, spinning threads", "onnx", {"spinning": True}),
 ]
-PATH_KEYS = [p.key for p in CPU_PATHS]
+INT8 = "int8"  # onnxruntime's static int8 quantization of the masks graph (`int8_engine`): segmentation only
+PATH_KEYS = [*(p.key for p in CPU_PATHS), INT8]
 
 
 def open_path(path: CpuPath, model, threads: int | None = None):
@@ -259,7 +260,7 @@ def batch_rows(engine, model, images: torch.Tensor, batches: list[int], machine:
     return rows
 
 
-LABELS = {p.key: p.label for p in CPU_PATHS}
+LABELS = {**{p.key: p.label for p in CPU_PATHS}, INT8: "onnxruntime int8 (static, QDQ, per-channel weights)"}
 
 
 def _add_speeds(rows: list[dict], speeds: dict[str, float], flops: int, machine: dict) -> None:
@@ -384,19 +385,28 @@ def report(model, images: torch.Tensor, *, batch: int = 16, keys: list[str] | No
            seconds: float = 1.0, rounds: int = 3, batches: list[int] | None = None, files: list[Path] | None = None,
            log=print) -> dict:
     """The machine's rates, then the segmentation pass and a sampling step's model call on every CPU path
-    (`keys`; torch eager always, first), the default engine's segmentation pass by batch size (`batches`),
-    and with `files`, a segmentation of them end to end by torch eager without the pipeline (as before) and
-    by the default engine with it. `images`: [N, 3, S, S] in [-1, 1], the inputs of the label agreement."""
+    (`keys`; torch eager always, first; int8 in the segmentation pass only, calibrated on `images`), the
+    default engine's segmentation pass by batch size (`batches`), and with `files`, a segmentation of them end
+    to end by torch eager without the pipeline (as before) and by the default engine with it. `images`:
+    [N, 3, S, S] in [-1, 1], the inputs of the label agreement."""
     from fdm_infer.engines import cpu_engine
     from fdm_infer.pipeline import DEFAULT_WORKERS
 
     chosen = [p for p in CPU_PATHS if p.key == "eager" or keys is None or p.key in keys]
-    result = {"environment": environment(), "settings": {"batch": batch, "paths": [p.key for p in chosen],
-                                                         "seconds": seconds, "rounds": rounds}}
+    with_int8 = keys is None or INT8 in keys
+    result = {"environment": environment(), "settings": {"batch": batch, "seconds": seconds, "rounds": rounds,
+                                                         "paths": [p.key for p in chosen] + [INT8] * with_int8}}
     log("the machine's matmul and convolution rates")
     result["machine"] = machine_rates(seconds)
     engines = open_paths(chosen, model, threads, log, batch)
-    result["segmentation"] = segmentation_rows(engines, model, images, batch, result["machine"], seconds, rounds, log,
+    measured = dict(engines)
+    if with_int8:
+        log("int8: quantizing the masks graph")
+        try:
+            measured[INT8] = int8_engine(model, images[:64], threads)
+        except Exception as exc:  # noqa: BLE001  (reported in its row)
+            measured[INT8] = f"failed: {one_line(exc)}"
+    result["segmentation"] = segmentation_rows(measured, model, images, batch, result["machine"], seconds, rounds, log,
                                                LABELS)
     result["sampling"] = sampling_rows(engines, model, images, batch, result["machine"], seconds, rounds, log, LABELS)
     default = engines.get(cpu_engine())

@@ -122,11 +122,13 @@ def test_the_cpu_report_checks_each_path_against_torch_eager_and_segments_end_to
     folder = tmp_path / "faces"
     write_images(folder, 6)
     result = CliRunner().invoke(main_group, ["bench", "--cpu", "--smoke", "--model", str(model), "--cpu-path", "onnx",
-                                             "--image-folder", str(folder), "--limit", "5", "-o", str(tmp_path / "out"),
-                                             "-q"])
+                                             "--cpu-path", "int8", "--image-folder", str(folder), "--limit", "5",
+                                             "-o", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert report["machine"]["matmul_gflops"] > 0 and report["machine"]["conv_gflops"] > 0
+    int8 = report["segmentation"].pop()  # quantized: measured with its agreement, whatever it is
+    assert int8["path"] == "int8" and int8["status"] == "ok" and 0 < int8["label_agreement"] <= 1
     for table in ("segmentation", "sampling"):
         rows = {r["path"]: r for r in report[table]}
         assert list(rows) == ["eager", "onnx"] and all(r["status"] == "ok" for r in rows.values()), rows

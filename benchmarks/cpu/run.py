@@ -53,7 +53,7 @@ from fdm_train.options import COMPILE_MIN_STEPS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LFW = ROOT.parent / "shared" / "data" / "lfw"
-INT8_LABEL = "onnxruntime int8 (static, QDQ, per-channel weights)"
+INT8_LABEL = LABELS["int8"]
 
 
 def log(line: str) -> None:
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     except Exception as exc:  # noqa: BLE001  (reported in its row)
         int8 = None
         engines_with_int8 = {**engines, "int8": f"failed: {exc}"}
-    labels = {**LABELS, "int8": INT8_LABEL}
+    labels = LABELS
     result["segmentation"] = cpu_paths.segmentation_rows(engines_with_int8, model, images, a.batch, result["machine"],
                                                          a.seconds, a.rounds, log, labels)
     default = engines[cpu_engine()]
