@@ -326,12 +326,12 @@ def _quiet_root_logger():
 def lfw_scores(engine, images_dir: Path, masks_dir: Path, limit: int) -> tuple[dict, list[np.ndarray]]:
     """(foreground IoU and parts mIoU in percent, the label maps) of `engine` on the first `limit` images of
     an evaluation set (fdm_eval.evaluate), with the default read-out."""
-    from fdm_eval.evaluate import evaluate, load_eval_set, predict_with_engine, summary_figures
+    from fdm_eval.evaluate import load_eval_set, predict_with_engine, score, summary_figures
 
     evalset = load_eval_set(images_dir, masks_dir, limit=limit, warn=lambda message: None)
-    figures = summary_figures(evaluate(evalset, engine=engine))
-    labels = predict_with_engine(engine, evalset).labels
-    return {"fg_iou": figures["fg_iou"], "parts_miou": figures["parts_miou"], "images": len(evalset)}, labels
+    predictions = predict_with_engine(engine, evalset)
+    figures = summary_figures(score(predictions, evalset))
+    return {"fg_iou": figures["fg_iou"], "parts_miou": figures["parts_miou"], "images": len(evalset)}, predictions.labels
 
 
 # ----- end to end -----
