@@ -360,8 +360,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(cfg: ModelConfig, batch: int = 1) -> int:
-    """FLOPs of one forward pass (torch.utils.flop_counter; a multiply-add counts 2), on the meta device."""
+def count_flops(cfg: ModelConfig, batch: int = 1, masks_only: bool = False) -> int:
+    """FLOPs of one forward pass (torch.utils.flop_counter; a multiply-add counts 2), on the meta device;
+    `masks_only`: of the pass that computes the masks alone (no decoder)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -371,5 +372,5 @@ def count_flops(cfg: ModelConfig, batch: int = 1) -> int:
         y = torch.zeros(batch, dtype=torch.long) if cfg.num_classes else None
         counter = FlopCounterMode(display=False)
         with counter:
-            model(x, t, y)
+            model(x, t, y, masks_only=masks_only)
     return counter.get_total_flops()

@@ -117,10 +117,10 @@ def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def open_variant(variant: Variant, model, device: torch.device, plan: Path | None = None):
     if variant.engine == "onnx":
-        from fdm_export.onnx_export import onnx_engine_of
+        from fdm_infer.engines.onnx_engine import OnnxEngine
 
         # Where onnxruntime has no CUDA provider the session runs on the CPU whatever the torch device.
-        return onnx_engine_of(model, device="auto")
+        return OnnxEngine.from_model(model, device="auto")
     if variant.engine == "trt":
         from fdm_infer.engines.trt_engine import TrtEngine
 

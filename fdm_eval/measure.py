@@ -1,4 +1,5 @@
-"""What every measurement shares: the machine it ran on, timing, and models with random weights."""
+"""What every measurement shares: the machine it ran on, timing, models with random weights, and a
+training step to time."""
 from __future__ import annotations
 
 import platform
@@ -73,3 +74,34 @@ def random_model(cfg, scale: float = 0.02, seed: int = 0):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model
+
+
+def training_step(cfg, batch: int, channels_last: bool = False, compile: bool = False, no_attention: bool = False):
+    """A training step (forward, backward, Adam) of a fresh model of `cfg` on one fixed random batch, as a
+    function that returns its loss: in the NHWC memory format (`channels_last`), under torch.compile
+    (`compile`), or without self-attention (`no_attention`)."""
+    from fdm_core.diffusion import GaussianDiffusion
+    from fdm_core.model import build_model
+
+    if no_attention:
+        cfg = cfg.replace(attention_resolutions=())
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    run = torch.compile(model) if compile else model
+    diffusion = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=g).mul(2).sub(1).contiguous(memory_format=fmt)
+    t = diffusion.sample_timesteps(batch, generator=g)
+    noise = torch.randn(x0.shape, generator=g).contiguous(memory_format=fmt)
+
+    def step() -> float:
+        loss, _ = diffusion.loss(run, x0, t, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step

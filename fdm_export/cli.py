@@ -59,7 +59,8 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
 
     Example: fdm-export onnx default -o model.onnx"""
     from fdm_core.checkpoint import model_file
-    from fdm_export.onnx_export import DEFAULT_OPSET, export_onnx
+    from fdm_core.onnx_format import DEFAULT_OPSET
+    from fdm_export.onnx_export import export_onnx
 
     out = out or str(Path(checkpoint).with_suffix(".onnx"))
     result = export_onnx(model_file(checkpoint), out, opset=opset or DEFAULT_OPSET, dtype=dtype, check=check,
@@ -94,7 +95,7 @@ def segmentation(checkpoint, out, t, smooth, opset, check, overwrite, quiet):
 
     Example: fdm-export segmentation default -o segment.onnx"""
     from fdm_core.checkpoint import model_file
-    from fdm_export.onnx_export import DEFAULT_OPSET
+    from fdm_core.onnx_format import DEFAULT_OPSET
     from fdm_export.segmentation_export import export_segmentation
 
     out = out or str(Path(checkpoint).with_suffix(".segment.onnx"))

@@ -1,10 +1,10 @@
-"""Checkpoint -> ONNX: the fused denoiser (x_t, t[, y]) -> (eps, masks) with a dynamic batch dimension.
+"""Checkpoint -> ONNX: the fused denoiser (x_t, t[, y]) -> (eps, masks) with a dynamic batch dimension,
+written to a file and checked against eager PyTorch.
 
-The graph is a trace of the model's own forward (fdm_core.model; `onnx_model_bytes` writes it with the
-file's metadata), with the plain-torch definitions of the masked ops (`kernels.masked_*` take them while
-exporting), never a Triton kernel. Only the batch is dynamic: spatial sizes are fixed by the config. The
-model config travels in the file's metadata_props (the format fdm_infer.engines.onnx_engine reads), so one
-.onnx fully describes its model.
+The graph is fdm_core.onnx_format's (`onnx_model_bytes`): a trace of the model's own forward with the
+plain-torch definitions of the masked ops, never a Triton kernel. Only the batch is dynamic: spatial sizes
+are fixed by the config. The model config travels in the file's metadata_props (the format
+fdm_infer.engines.onnx_engine reads), so one .onnx fully describes its model.
 
 Inputs and outputs are float32 whatever `dtype` the weights were exported in (fp16/bf16 files
 cast at the graph boundary), so every engine has one interface.
@@ -12,91 +12,24 @@ cast at the graph boundary), so every engine has one interface.
 from __future__ import annotations
 
 import copy
-import io
 import math
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from fdm_core.checkpoint import load_model
 from fdm_core.config import ModelConfig
 from fdm_core.errors import UserError
 from fdm_core.model import FactorizedUNet
+from fdm_core.onnx_format import DEFAULT_OPSET, OUTPUT_NAMES, example_inputs, onnx_model_bytes
 from fdm_core.util import DTYPES, atomic_write, check_output, one_line
-from fdm_infer.engines.base import OUTPUT_NAMES, input_names
-from fdm_infer.engines.onnx_engine import FORMAT, session_options
-
-# TensorRT 10.x parses ONNX opsets 9..20; 17 is the first with LayerNormalization and is what
-# TensorRT's own samples use. onnxruntime >= 1.14 runs it.
-DEFAULT_OPSET = 17
+from fdm_infer.engines.onnx_engine import session_options
 
 # Parity tolerance per export dtype, against eager PyTorch in float32 on the same inputs.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}
-
-
-class ExportableDenoiser(nn.Module):
-    """The model's own forward between casts: inputs to the weights' dtype, outputs to float32."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.dtype = dtype
-        self.model = model.to(dtype).eval()
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        eps, masks = self.model(x_t.to(self.dtype), t, y)
-        return eps.float(), masks.float()
-
-
-def onnx_model_bytes(model: nn.Module, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
-                     metadata: dict[str, str] | None = None) -> bytes:
-    """The model's denoiser (x_t, t[, y]) -> (eps, masks) as an ONNX file in the onnx engine's format: a trace
-    of its forward with a dynamic batch, weights in `dtype` (the model is cast in place: pass a copy to
-    keep it), the config and `metadata` in the file's metadata."""
-    cfg = model.cfg
-    wrapper = ExportableDenoiser(model, DTYPES[dtype])
-    names = input_names(cfg)
-    device = next(model.parameters()).device
-    args = tuple(a.to(device) for a in example_inputs(cfg, 2) if a is not None)
-    dynamic = {name: {0: "batch"} for name in [*names, *OUTPUT_NAMES]}
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TracerWarnings on static sizes, the exporter's deprecation note
-        torch.onnx.export(wrapper, args, buffer, input_names=names, output_names=OUTPUT_NAMES,
-                          dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)
-    return with_metadata(buffer.getvalue(), {"format": FORMAT, "config": cfg.to_json(), "dtype": dtype,
-                                             "opset": str(opset), "inputs": ",".join(names),
-                                             "torch_version": torch.__version__, **(metadata or {})})
-
-
-def with_metadata(onnx_bytes: bytes, props: dict[str, str]) -> bytes:
-    """The ONNX file with `props` as its fdm.* metadata, which the onnx engine reads."""
-    import onnx
-
-    proto = onnx.load_model_from_string(onnx_bytes)
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = f"fdm.{key}", str(value)
-    proto.producer_name = "fdm-export"
-    proto.doc_string = "fdm factorized diffusion denoiser: (x_t, t[, y]) -> (eps, masks)"
-    return proto.SerializeToString()
-
-
-def onnx_engine_of(model: nn.Module, device: str = "auto", threads: int | None = None):
-    """The onnx engine over an export of an in-memory model (of a copy: the model is left as it is). The file
-    lives only while onnxruntime reads it into its session."""
-    from fdm_infer.engines.onnx_engine import OnnxEngine
-
-    with tempfile.TemporaryDirectory(prefix="fdm-onnx-") as folder:
-        path = Path(folder) / "model.onnx"
-        path.write_bytes(onnx_model_bytes(copy.deepcopy(model).cpu()))
-        return OnnxEngine(path, device=device, threads=threads)
 
 
 class ExportError(UserError):
@@ -113,14 +46,6 @@ class ExportResult:
     seconds: float
     parity: dict | None  # {batch: max abs error of (eps, masks)} or None when skipped
     note: str = ""  # why the parity check was skipped
-
-
-def example_inputs(cfg: ModelConfig, batch: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    y = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
-    return x, t, y
 
 
 # The largest batch of the parity check: the exported graph's batch is dynamic, and a few sizes show it;

@@ -25,8 +25,9 @@ from torch import nn
 from fdm_core.checkpoint import load_model
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.images import to_float
+from fdm_core.onnx_format import DEFAULT_OPSET, with_metadata
 from fdm_core.util import atomic_write, check_output, one_line
-from fdm_export.onnx_export import DEFAULT_OPSET, TOLERANCE, ExportError, ExportResult, with_metadata
+from fdm_export.onnx_export import TOLERANCE, ExportError, ExportResult
 from fdm_infer.engines.onnx_engine import session_options
 from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_settings, smooth_masks
 

@@ -124,7 +124,7 @@ def check_plan(plan_path: str | Path, onnx_path: str | Path, batches: tuple[int,
     ONNX file, per batch size (the batches are clipped to the plan's profile)."""
     import torch
 
-    from fdm_export.onnx_export import example_inputs
+    from fdm_core.onnx_format import example_inputs
     from fdm_infer.engines.onnx_engine import OnnxEngine
     from fdm_infer.engines.trt_engine import TrtEngine
 

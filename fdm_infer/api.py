@@ -62,6 +62,7 @@ from fdm_infer.outputs import (
     summary,
     summary_json,
 )
+from fdm_infer.pipeline import DEFAULT_WORKERS
 from fdm_infer.refine import DEFAULT_REFINE
 from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
 from fdm_infer.sampling import GRID_SAMPLES, check_steps, diffusion_for, image_mask_grid, write_samples
@@ -146,13 +147,16 @@ class Segmenter:
                 "image_size": cfg.image_size, "regions": self.engine.num_regions, "device": str(self.engine.device),
                 "seconds": {"load": round(self.load_seconds, 3)}}
 
-    def __call__(self, images, *, fg_channels: list[int] | None = None, progress: bool = False) -> Segmentation:
+    def __call__(self, images, *, fg_channels: list[int] | None = None, progress: bool = False,
+                 workers: int = DEFAULT_WORKERS) -> Segmentation:
         """Segment one image or a list: file paths (a folder: every image in it, sorted), PIL images, numpy
         arrays [H, W] / [H, W, 3|4] or torch tensors [H, W] / [1|3|4, H, W] (uint8, or float in [0, 1]; a 4-D
         array or tensor is a batch), of any size. The foreground is `fg_channels`, or every channel but the
         one most present on the image borders and those more present on the borders than in the images, over
         these images (fdm_infer.foreground). An unreadable file, or one of more than
-        `max_pixels` pixels, is an error."""
+        `max_pixels` pixels, is an error. `workers`: threads that read the next images while the model runs
+        and make the label maps (0: none; the results are the same)."""
+        check_int("workers", workers, 0)
         k = self.engine.num_regions
         check_channels(fg_channels, k)
         report = FileReport()
@@ -167,7 +171,7 @@ class Segmenter:
         items: list[Segmented] = []
         presence = ChannelPresence(k)
         likeness = PriorLikeness(self.engine, self.settings)
-        for batch in segment_batches(self.engine, inputs, self.settings, unreadable, progress):
+        for batch in segment_batches(self.engine, inputs, self.settings, unreadable, progress, workers):
             presence.add_masks(torch.stack([item.masks for item in batch]))
             likeness.add(torch.stack([item.masks for item in batch]))
             items += batch
@@ -180,14 +184,18 @@ class Segmenter:
     def segment_files(self, paths: list[str | Path], out: str | Path, options: OutputOptions | None = None, *,
                       fg_channels: list[int] | None = None, limit: int | None = None,
                       warn: Callable[[str], None] | None = None, progress: bool = True,
-                      skip_existing: bool = False) -> SegmentReport:
+                      skip_existing: bool = False, workers: int = DEFAULT_WORKERS) -> SegmentReport:
         """A run over files that writes each image's files as it goes (nothing kept in memory), then
         summary.json: what `fdm-infer segment` does. Unreadable files, files of more than `max_pixels`
         pixels and images whose output would replace an input are skipped with a warning. `skip_existing`:
         images an earlier run's summary.json in `out` lists with all their files are not segmented again.
-        Interrupted, it writes the summary of the images done first."""
+        `workers`: threads that read images ahead of the model and write files behind it (0: none; the files
+        are the same). Interrupted, it writes the files of the images segmented, then the summary of the
+        images done."""
+        check_int("workers", workers, 0)
         return segment_files(self.engine, paths, out, self.settings, options, fg_channels=fg_channels, limit=limit,
-                             run=self.run_info(), warn=warn, progress=progress, skip_existing=skip_existing)
+                             run=self.run_info(), warn=warn, progress=progress, skip_existing=skip_existing,
+                             workers=workers)
 
 
 def as_list(images) -> list:

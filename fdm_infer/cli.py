@@ -32,7 +32,8 @@ from fdm_infer.options import (
     segmentation_options,
     warn_line,
 )
-from fdm_infer.settings import INFERENCE_PATHS, SAMPLES_OUT, SEGMENT_OUT
+from fdm_infer.pipeline import DEFAULT_WORKERS
+from fdm_infer.settings import CPU_PATHS, INFERENCE_PATHS, SAMPLES_OUT, SEGMENT_OUT
 
 STEPS_HELP = ", ".join(f"{name} {entry.default_steps}" for name, entry in SAMPLERS.items())
 
@@ -68,10 +69,13 @@ def main_group():
 @click.option("--skip-existing", is_flag=True,
               help="Do not segment again the images that the summary.json in --out lists with all their files (an "
                    "interrupted run's, say); the new summary.json lists them too.")
+@click.option("--workers", type=click.IntRange(0), default=DEFAULT_WORKERS, show_default=True,
+              help="Threads that read images ahead of the model and write the results behind it, so that the model "
+                   "does not wait for files (0: one thread does all in turn; the files are the same).")
 @json_option
 def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, threads, t, seed, ensemble, refine, smooth,
             batch_size, fg_channels, class_label, quiet, save_soft, save_channels, foreground, rle, skip_existing,
-            as_json):
+            workers, as_json):
     """Segment images (files or folders, searched recursively). Per image: <name>_labels.png (label map
     0..K-1 at the image's own resolution, a palette PNG: its pixel values are the labels, its colors
     those of the overlay) and <name>_overlay.png; summary.json lists every input with its files. The
@@ -92,7 +96,7 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
                                smooth=smooth, refine=refine)
     report = segmenter.segment_files(list(paths), out, OutputOptions(save_soft, save_channels, foreground, rle),
                                      fg_channels=list(fg_channels), limit=limit, warn=warn_line, progress=not quiet,
-                                     skip_existing=skip_existing)
+                                     skip_existing=skip_existing, workers=workers)
     click.echo(f"segmented {report.written} image(s) in {report.seconds:.1f} s "
                f"({report.images_per_s:.1f} images/s) with {segmenter.describe()}, t={t}, seed {seed}"
                + (f", ensemble {ensemble}" if ensemble > 1 else "") + f", smooth {smooth}" + (f", refine {refine}" if refine != "none" else "")
@@ -287,23 +291,37 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
               help="Output file: the tables as Markdown [default: none, or OUT/bench.md].")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder: write bench.json and bench.md into it [default: none].")
-@click.option("--smoke", is_flag=True, help="tiny-32, batches 1 and 2, 3 repeats, 2 images x 5 sampling steps.")
+@click.option("--smoke", is_flag=True, help="tiny-32, batches 1 and 2, 3 repeats, 2 images x 5 sampling steps; "
+                                             "with --cpu: one short round, no torch.compile.")
+@click.option("--cpu", "cpu_report", is_flag=True,
+              help="The CPU report of --model (a checkpoint) [default: the bundled one]: the machine's matmul and "
+                   "convolution rates, the segmentation pass and a sampling step's model call on every CPU path "
+                   "(torch eager, channels_last, torch.compile, onnxruntime, onnxruntime int8 for segmentation) as "
+                   "ratios to torch eager with their "
+                   "label agreement, the default engine's pass by batch size, and with --image-folder, `segment` end to "
+                   "end (benchmarks/cpu/RESULTS.md has the bundled model's).")
+@click.option("--cpu-path", "cpu_path_keys", type=click.Choice(CPU_PATHS), multiple=True,
+              help="With --cpu: the paths measured besides torch eager (repeatable) [default: all].")
+@click.option("--image-folder", "images_dir", type=click.Path(file_okay=False), default=None,
+              help="With --cpu: a folder of your images; its first 256 are the inputs of the label agreement, and "
+                   "its first --limit are segmented end to end [default: none: random images, nothing segmented].")
+@click.option("--limit", type=click.IntRange(1), default=1600, show_default=True,
+              help="With --cpu --image-folder: the images segmented end to end.")
 @quiet_option
 @json_option
 def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, sample_images, sample_steps, clip,
-          no_sampling, no_plain, onnx_max_batch, device, threads, json_path, md_path, out_dir, smoke, quiet, as_json):
+          no_sampling, no_plain, onnx_max_batch, device, threads, json_path, md_path, out_dir, smoke, cpu_report,
+          cpu_path_keys, images_dir, limit, quiet, as_json):
     """Latency and throughput of the inference variants, from naive eager fp32 (K decoder calls) to
     bf16 + torch.compile + CUDA graphs + Triton kernels, onnxruntime and TensorRT (--plan); each checked
     against the fp32 torch reference first (max abs error, the parity column). Variants that cannot run
     here are listed as skipped. Each measurement prints as it is made, and the results (JSON) are
     rewritten after every one; the tables are printed last, the engines side by side first (also after
-    Ctrl-C, with what was measured)."""
+    Ctrl-C, with what was measured). With --cpu, the CPU report instead."""
     from fdm_core.util import check_not_input, check_writable_file, set_threads
     from fdm_eval import bench as benchmark
 
     set_threads(threads)
-    if smoke:
-        presets, batches, repeats, sample_images, sample_steps = ["tiny-32"], [1, 2], 3, 2, 5
     if out_dir:
         json_path = json_path or str(Path(out_dir) / "bench.json")
         md_path = md_path or str(Path(out_dir) / "bench.md")
@@ -311,6 +329,12 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     check_not_input(outputs, [checkpoint, plan])
     for output in outputs:  # before the measurements, not after
         check_writable_file(output)
+    if cpu_report:
+        run_cpu_report(checkpoint, list(cpu_path_keys) or None, batches, images_dir, limit, smoke, threads, json_path,
+                       md_path, quiet, as_json)
+        return
+    if smoke:
+        presets, batches, repeats, sample_images, sample_steps = ["tiny-32"], [1, 2], 3, 2, 5
     result = benchmark.run(list(presets) or None, list(batches) or None, list(variant_keys) or None, device=device, repeats=repeats,
                            budget_s=budget_s, sample_images=sample_images, sample_steps=sample_steps, clip=clip,
                            sampling=not no_sampling, plain=not no_plain, onnx_max_batch=onnx_max_batch,
@@ -330,6 +354,47 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     if failed:
         click.echo(f"fdm-infer: {len(failed)} measurement(s) failed (see the status column)", err=True)
         sys.exit(1)
+
+
+def run_cpu_report(checkpoint, keys, batches, images_dir, limit, smoke, threads, json_path, md_path, quiet, as_json):
+    """`bench --cpu`: fdm_eval.cpu_paths.report on a checkpoint's model, printed and written as asked."""
+    from fdm_core.checkpoint import load_model, model_file
+    from fdm_core.errors import UserError
+    from fdm_core.images import find_images
+    from fdm_core.util import atomic_write, json_text
+    from fdm_eval import cpu_paths
+    from fdm_infer.engines import is_checkpoint
+
+    path = model_file(checkpoint)
+    if not is_checkpoint(path):
+        raise UserError(f"--cpu measures a checkpoint's model on every CPU path: give a .safetensors file, not "
+                        f"{path.name}")
+    model, cfg, _ = load_model(path, weights="ema")
+    files = None
+    if images_dir is not None:
+        files = find_images(images_dir)
+        if not files:
+            raise UserError(f"--image-folder: no images in {images_dir}")
+        inputs = cpu_paths.real_inputs(files[:256], cfg.image_size)
+    else:
+        inputs = cpu_paths.random_inputs(64, cfg.image_size)
+    if smoke:
+        keys = [key for key in keys or CPU_PATHS if key != "compile"]
+        files = None if files is None else files[:8]
+    result = cpu_paths.report(model, inputs, batch=batches[0] if batches else 16, keys=keys, threads=threads,
+                              seconds=0.2 if smoke else 1.0, rounds=1 if smoke else 3,
+                              batches=[4, 16] if smoke else [4, 8, 16, 32, 64, 128],
+                              files=None if files is None else files[:limit],
+                              log=lambda line: None if quiet else click.echo(line, err=True))
+    result["model"] = str(path)
+    text = f"Model: {path.name}\n\n" + cpu_paths.markdown(result)
+    if json_path:
+        atomic_write(json_path, json_text(result, indent=1).encode())
+    if md_path:
+        atomic_write(md_path, text.encode())
+    click.echo(text, nl=False, err=as_json)
+    if as_json:
+        click.echo(json_text(result, indent=1))
 
 
 for command in EVAL_COMMANDS:

@@ -9,16 +9,17 @@ import click
 from fdm_core.cli_options import quiet_option, threads_option
 from fdm_core.command_line import SEED
 from fdm_core.settings import CLIP_MODES, DEFAULT_CLIP, SAMPLERS
-from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, ENGINES, REFINE_MODES
+from fdm_infer.settings import AUTO_ENGINE, DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, ENGINES, REFINE_MODES
 
 
 def engine_options(f):
     """--model (or --checkpoint) / --engine / --device / --threads, shared by every command that runs a model."""
     f = threads_option(f)
     f = click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")(f)
-    f = click.option("--engine", "engine_kind", type=click.Choice(sorted(ENGINES)), default=None,
-                     help="Force an engine [default: the one the model file's suffix names: .safetensors torch, "
-                          ".onnx onnxruntime, .plan/.engine TensorRT].")(f)
+    f = click.option("--engine", "engine_kind", type=click.Choice([AUTO_ENGINE, *sorted(ENGINES)]), default=None,
+                     help="Force an engine; onnx runs a checkpoint too, traced in memory [default: auto, the one the "
+                          "model file's suffix names: .safetensors torch (on the CPU onnxruntime, the faster "
+                          "there), .onnx onnxruntime, .plan/.engine TensorRT].")(f)
     f = click.option("--model", "--checkpoint", "model_file", type=click.Path(dir_okay=False), default=None,
                      help="Model file: a checkpoint (.safetensors), or an export of one by fdm-export (.onnx, "
                           ".plan/.engine), or `default`: the bundled LFW 32x32 checkpoint [default: default]. "

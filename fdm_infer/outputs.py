@@ -25,12 +25,14 @@ from fdm_core.util import (
     check_writable_folder,
     json_text,
     one_line,
+    progress_bar,
     resolve_inputs,
 )
 from fdm_core.visualize import PALETTE
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.image_files import FileReport, collect_inputs, output_clash, save_png, write_outputs
+from fdm_infer.pipeline import DEFAULT_WORKERS, WriteBehind
 from fdm_infer.rle import encode_labels
 from fdm_infer.segment import (
     PriorLikeness,
@@ -38,7 +40,7 @@ from fdm_infer.segment import (
     SegmentSettings,
     check_channels,
     check_class,
-    segment_batches,
+    segment_masks,
 )
 from fdm_infer.settings import SEGMENT_OUT
 
@@ -194,9 +196,11 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
                   settings: SegmentSettings | None = None, options: OutputOptions | None = None, *,
                   fg_channels: list[int] | None = None, limit: int | None = None, run: dict | None = None,
                   warn: Callable[[str], None] | None = None, progress: bool = True,
-                  skip_existing: bool = False) -> SegmentReport:
+                  skip_existing: bool = False, workers: int = DEFAULT_WORKERS) -> SegmentReport:
     """Segment every image under `paths` (the first `limit`), writing each one's files into `out` as it
     goes, then the foreground masks and summary.json (`run`: what it says about the engine and model).
+    `workers`: threads that read the images ahead of the model and write their files behind it (0: one
+    thread does all, one step after the other; the files are the same).
     A file that cannot be read or written is skipped with a warning and reported in `failed`, and so is
     one of more than `settings.max_pixels` pixels, or whose output would replace one of the inputs.
     `skip_existing`: an image that the summary.json in `out` lists, with all its files there, is not
@@ -218,37 +222,61 @@ def segment_files(engine: Engine, paths: list[str | Path], out: str | Path,
         warn(message)
     with OutputFolder(out, options, (item.path for item in found), warn=warn) as folder:
         return _segment_into(folder, engine, inputs, settings, report, fg_channels, run, warn, progress,
-                             done_before(folder, inputs) if skip_existing else {})
+                             done_before(folder, inputs) if skip_existing else {}, workers)
 
 
 def _segment_into(folder: OutputFolder, engine: Engine, inputs: list, settings: SegmentSettings,
                   report: SegmentReport, fg_channels: list[int] | None, run: dict | None, warn, progress: bool,
-                  carried: dict[str, dict]) -> SegmentReport:
+                  carried: dict[str, dict], workers: int = DEFAULT_WORKERS) -> SegmentReport:
     """segment_files' work once it holds the output folder: the images not `carried` over from an
-    earlier run segmented and written, then the foreground masks and summary.json."""
+    earlier run segmented and written, then the foreground masks and summary.json. With `workers`, the
+    next batch is read while the model runs, and the label maps are made and written by that many threads
+    behind it (`_write_image`); the files are those of a run without (`workers` 0).
+
+    Interrupted, every image the model has segmented is written before the summary (a few batches at most);
+    interrupted again meanwhile, the images being written are finished and the others dropped: only whole
+    files, and the summary lists the images whose files are all there."""
     todo = [item for item in inputs if item.name not in carried]
     presence = ChannelPresence(engine.num_regions)
     likeness = PriorLikeness(engine, settings)
     kept: list[tuple[Path, str, dict]] = []  # (key, input, summary entry) of the images written
+    # Images waiting to be written: a few batches, and (for large images) twice the pixels of one.
+    writer = WriteBehind(workers, depth=4 * settings.batch_size, budget=2 * settings.max_pixels)
     start = time.perf_counter()
     interrupted = None
-    try:
-        for batch in segment_batches(engine, todo, settings, lambda item, why: report.fail(item.path, why, warn),
-                                     progress, labels_now=False):
-            presence.add_masks(torch.stack([item.masks for item in batch]))
-            likeness.add(torch.stack([item.masks for item in batch]))
-            while batch:
-                item = batch.pop(0)  # dropped once written: a large image is not held longer
-                clash = folder.clash(item)
-                if clash is not None:
-                    report.fail(item.source, f"its output {clash} would replace an input; choose another --out", warn)
-                    continue
-                try:
-                    kept.append((item.key, item.source, folder.write(item)))
-                except UserError as exc:  # a file that cannot be written (atomic_file)
-                    report.fail(item.source, str(exc), warn)
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the summary of what was done, then stop
-        interrupted = exc
+    with progress_bar(len(todo), "segment", "img", enabled=progress) as bar:
+        def take(results) -> None:
+            for written in results:
+                if isinstance(written, Failure):
+                    report.fail(written.source, written.reason, warn)
+                else:
+                    kept.append(written)
+                bar.update(1)
+
+        def unreadable(item, reason: str) -> None:
+            report.fail(item.path, reason, warn)
+            bar.update(1)
+
+        batches = segment_masks(engine, todo, settings, unreadable, read_ahead=bool(workers))
+        try:
+            try:
+                for items, images, masks in batches:
+                    presence.add_masks(masks)
+                    likeness.add(masks)
+                    for item, image, image_masks in zip(items, images, masks):
+                        take(writer.submit(_write_image, folder, item, image, image_masks, settings.refine,
+                                           weight=image.shape[0] * image.shape[1]))
+                    images.clear()  # held by the writes alone, which drop each image once written
+                take(writer.drain())
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: what the model did is written, then the summary
+                interrupted = exc
+                batches.close()
+                take(writer.stop(finish=True))
+        except KeyboardInterrupt:  # again while writing: the images being written are finished, no others
+            take(writer.stop(finish=False))
+        finally:
+            batches.close()
+            writer.close()
     report.written = len(kept)
     if kept:
         report.border_share, report.image_share = presence.border_share, presence.image_share
@@ -270,6 +298,28 @@ def _segment_into(folder: OutputFolder, engine: Engine, inputs: list, settings: 
         raise type(interrupted)(f"after {len(report.entries)} of {len(inputs)} images; {folder.out / SUMMARY} lists "
                                 "them (--skip-existing goes on from there)")
     return report
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An image that could not be written, and why."""
+    source: str
+    reason: str
+
+
+def _write_image(folder: OutputFolder, item, image: np.ndarray, masks: torch.Tensor, refine: str
+                 ) -> tuple[Path, str, dict] | Failure:
+    """One image's label map read out of its masks at its own resolution (with its soft masks, made once
+    for both where they are written), and its files written: (key, input, summary entry), or the Failure of
+    an output that would replace an input or cannot be written."""
+    segmented = Segmented(item.key, item.name, image, masks, item.path, refine)
+    clash = folder.clash(segmented)
+    if clash is not None:
+        return Failure(segmented.source, f"its output {clash} would replace an input; choose another --out")
+    try:
+        return segmented.key, segmented.source, folder.write(segmented)
+    except UserError as exc:  # a file that cannot be written (atomic_file)
+        return Failure(segmented.source, str(exc))
 
 
 def done_before(folder: OutputFolder, inputs: list) -> dict[str, dict]:

@@ -1,6 +1,6 @@
 """Segmentation of real images (paper §3.3): noise an image to t (30) with seeded noise, run one
-denoiser call, read the K soft masks. Written once against `Engine.denoise`, so every engine
-(torch, onnx, trt) segments the same way.
+denoiser call, read the K soft masks. Written once against `Engine.masks` (the denoiser's masks, without
+the decoder branches that only its eps needs), so every engine (torch, onnx, trt) segments the same way.
 
 `segment_tensor` is the core an evaluator uses; `segment_batches` segments images of any size and mode
 (files or in memory, fdm_infer.image_files) into `Segmented` images, label maps at each input's own
@@ -11,6 +11,8 @@ run over files, is fdm_infer.outputs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from fdm_infer.image_files import (
     model_input,
     resize_masks,
 )
+from fdm_infer.pipeline import ReadAhead
 from fdm_infer.refine import refine_masks
 from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, REFINE_MODES
 
@@ -87,7 +90,7 @@ def segment_tensor(engine: Engine, images: torch.Tensor, t: int = DEFAULT_T, see
     total = None
     for member in range(ensemble):
         noise = segmentation_noise(tuple(x0.shape), seed + member, engine.device)
-        _, masks = engine.denoise(diffusion.q_sample(x0, tt, noise), tt, y)
+        masks = engine.masks(diffusion.q_sample(x0, tt, noise), tt, y)
         total = masks.float() if total is None else total + masks.float()
     return smooth_masks(total / ensemble, smooth)
 
@@ -172,29 +175,51 @@ def read_labels(masks: torch.Tensor, image: np.ndarray, refine: str) -> np.ndarr
     """uint8 [H, W]: the label map of soft masks [K, S, S] at the image's resolution (`image_masks`)."""
     if refine == "none":  # one channel at a time: a large image never holds K float copies of itself
         return label_map(masks, image.shape[:2])
-    return image_masks(masks, image, refine).argmax(0).to(torch.uint8).numpy()
+    # max's indices are argmax's (the first of equal values), found many times faster over a leading dimension
+    return image_masks(masks, image, refine).max(0).indices.to(torch.uint8).numpy()
 
 
-def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentSettings,
-                    on_unreadable: Callable[[InputImage, str], None], progress: bool = False,
-                    labels_now: bool = True) -> Iterator[list[Segmented]]:
-    """The inputs segmented, one batch at a time (see `_read_batches`); an input that cannot be read, or
-    a file of more than `settings.max_pixels` pixels, goes to `on_unreadable` (which may raise) and is
-    left out. The label maps are made one image and one channel at a time: in the batch (`labels_now`),
-    or where each image's are first asked for (a writer of the soft masks then makes them once)."""
+def segment_masks(engine: Engine, inputs: list[InputImage], settings: SegmentSettings,
+                  on_unreadable: Callable[[InputImage, str], None], read_ahead: bool = False
+                  ) -> Iterator[tuple[list[InputImage], list[np.ndarray], torch.Tensor]]:
+    """(items, full-resolution RGB images, soft masks [B, K, S, S] float32 on the CPU) of the readable inputs,
+    one batch at a time (see `_read_batches`); with `read_ahead` the next batch is read in a thread while
+    the model runs on this one. An input that cannot be read, or a file of more than `settings.max_pixels`
+    pixels, goes to `on_unreadable` (in the caller's thread and in input order; it may raise) and is left
+    out."""
     check_class(engine, settings.class_label)
     diffusion = GaussianDiffusion()
     size = engine.config.image_size
-    with progress_bar(len(inputs), "segment", "img", enabled=progress) as bar:
-        for batch, tensors, images in _read_batches(inputs, size, settings.batch_size, settings.max_pixels,
-                                                    on_unreadable, bar):
-            y = None if settings.class_label is None else torch.full((len(batch),), settings.class_label)
+    with ReadAhead(_read_batches(inputs, size, settings.batch_size, settings.max_pixels), read_ahead) as batches:
+        for batch in batches:
+            if isinstance(batch, Unreadable):
+                on_unreadable(batch.item, batch.reason)
+                continue
+            items, tensors, images = batch
+            y = None if settings.class_label is None else torch.full((len(items),), settings.class_label)
             masks = segment_tensor(engine, torch.stack(tensors), t=settings.t, seed=settings.seed,
-                                   ensemble=settings.ensemble, y=y, diffusion=diffusion,
-                                   smooth=settings.smooth).cpu()
-            segmented = [Segmented(item.key, item.name, image, m, item.path, settings.refine,
-                                   read_labels(m, image, settings.refine) if labels_now else None)
-                         for item, image, m in zip(batch, images, masks)]
+                                   ensemble=settings.ensemble, y=y, diffusion=diffusion, smooth=settings.smooth).cpu()
+            yield items, images, masks
+
+
+def segment_batches(engine: Engine, inputs: list[InputImage], settings: SegmentSettings,
+                    on_unreadable: Callable[[InputImage, str], None], progress: bool = False, workers: int = 0
+                    ) -> Iterator[list[Segmented]]:
+    """The inputs segmented, one batch at a time (`segment_masks`); the label maps are made one image and
+    one channel at a time, by `workers` threads (0: in the caller's), which read the next batch ahead too."""
+    with progress_bar(len(inputs), "segment", "img", enabled=progress) as bar, \
+            ThreadPoolExecutor(workers, thread_name_prefix="fdm-labels") if workers else nullcontext() as pool:
+        def unreadable(item: InputImage, reason: str) -> None:
+            on_unreadable(item, reason)
+            bar.update(1)
+
+        def labels(masks: torch.Tensor, image: np.ndarray) -> np.ndarray:
+            return read_labels(masks, image, settings.refine)
+
+        for batch, images, masks in segment_masks(engine, inputs, settings, unreadable, read_ahead=bool(workers)):
+            maps = list((pool.map if pool else map)(labels, masks, images))
+            segmented = [Segmented(item.key, item.name, image, m, item.path, settings.refine, label_map)
+                         for item, image, m, label_map in zip(batch, images, masks, maps)]
             images.clear()  # held by the Segmented images alone, which a run over files drops once written
             yield segmented
             bar.update(len(batch))
@@ -234,18 +259,24 @@ class PriorLikeness:
                 "images, and their masks say little about them")
 
 
-def _read_batches(inputs: list[InputImage], size: int, batch_size: int, max_pixels: int,
-                  on_unreadable: Callable[[InputImage, str], None], bar
-                  ) -> Iterator[tuple[list[InputImage], list[torch.Tensor], list[np.ndarray]]]:
+@dataclass(frozen=True)
+class Unreadable:
+    """An input `_read_batches` could not read, and why."""
+    item: InputImage
+    reason: str
+
+
+def _read_batches(inputs: list[InputImage], size: int, batch_size: int, max_pixels: int
+                  ) -> Iterator[tuple[list[InputImage], list[torch.Tensor], list[np.ndarray]] | Unreadable]:
     """(items, model inputs, full-resolution images) of readable inputs, in batches of at most `batch_size`
-    images that stop growing once they hold `max_pixels` full-resolution pixels."""
+    images that stop growing once they hold `max_pixels` full-resolution pixels; between them, in input
+    order, an `Unreadable` for each input that could not be read."""
     batch, tensors, images, pixels = [], [], [], 0
     for item in inputs:
         try:
             image = item.read(max_pixels)
         except UnreadableImage as exc:
-            on_unreadable(item, exc.reason)
-            bar.update(1)
+            yield Unreadable(item, exc.reason)
             continue
         batch.append(item)
         tensors.append(model_input(image, size))

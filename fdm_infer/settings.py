@@ -21,6 +21,7 @@ ENGINES = {
     "onnx": ("fdm_infer.engines.onnx_engine", "OnnxEngine"),
     "trt": ("fdm_infer.engines.trt_engine", "TrtEngine"),
 }
+AUTO_ENGINE = "auto"  # the engine the file and the device call for; what no engine named means too
 
 # ----- output folders, unless told -----
 
@@ -30,3 +31,7 @@ SAMPLES_OUT = "samples"  # generated samples (fdm_infer.sampling)
 # ----- bench: the inference paths it measures, in its order (fdm_eval.bench.VARIANTS) -----
 
 INFERENCE_PATHS = ("naive", "fused", "bf16", "compile", "graphs", "triton", "onnx", "trt")
+
+# ----- bench --cpu: the CPU paths it measures, in its order (fdm_eval.cpu_paths.PATH_KEYS) -----
+
+CPU_PATHS = ("eager", "channels_last", "compile", "onnx", "onnx-spinning", "int8")

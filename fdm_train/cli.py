@@ -26,7 +26,7 @@ from fdm_core.config import (
     preset,
 )
 from fdm_core.command_line import SEED, DefaultGroup, FiniteFloatRange, run_cli
-from fdm_train.options import EQUIVARIANCE_MEASURES, SHIFT_EDGES, TrainOptions
+from fdm_train.options import COMPILE_MIN_STEPS, EQUIVARIANCE_MEASURES, SHIFT_EDGES, TrainOptions
 
 # The defaults of `train`, written once in TrainOptions; its values are checked there too.
 TRAIN = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
@@ -118,9 +118,13 @@ def main_group():
                   "new run's first checkpoint is written.")
 @click.option("--workers", type=int, default=TRAIN["workers"],
               help="DataLoader worker processes per device [default: CPUs per device - 1, at most 8].")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--channels-last", is_flag=True,
-              help="Train in the NHWC memory format (about 1.2x on a 2-core CPU, benchmarks/train_speed/train_cpu.md).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the model (faster once compiled; compiling takes minutes on a small CPU) "
+                   f"[default: on the CPU for runs of {COMPILE_MIN_STEPS:,} steps or more to go, where a C++ compiler "
+                   "is found; else off].")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Train in the NHWC memory format (faster on the CPU, the same arithmetic; benchmarks/cpu/RESULTS.md) "
+                   "[default: on on the CPU, off elsewhere].")
 @click.option("--device", default=TRAIN["device"], show_default=True,
               help="auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK).")
 @click.option("--timestep-power", "t_power", type=float, default=TRAIN["t_power"], show_default=True,

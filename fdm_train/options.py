@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass, fields, replace
 
 from fdm_core.config import DEFAULT_T_POWER, ModelConfig
@@ -39,8 +40,8 @@ class TrainOptions:
     micro_batch: int | None = None  # most images per forward pass on one device (gradient accumulation)
     grad_accum: int | None = None  # or: the number of micro-batches per device and step
     workers: int | None = None  # DataLoader worker processes per device (None: from the CPU count)
-    compile: bool = False  # torch.compile the model
-    channels_last: bool = False  # train in the NHWC memory format (faster convolutions on CPUs and GPUs)
+    compile: bool | None = None  # torch.compile the model; None: `speed_settings` decides
+    channels_last: bool | None = None  # train in the NHWC memory format; None: `speed_settings` decides
     # The recipe for making masks emerge (the mask shaping is off by default).
     t_power: float = DEFAULT_T_POWER  # training t = floor(T u^p): 1 = uniform (the paper), >1 favours low t
     mask_shaping_steps: int = 0  # steps over which the shaping below anneals away
@@ -99,6 +100,27 @@ NOT_STORED = ("out", "model", "resume", "overwrite", "progress", "given", "allow
 # fast it computes. Changing any other option needs `allow_changes`.
 EXACT_SAFE = ("iterations", "save_every", "sample_every", "sample_count", "sample_steps", "log_every", "workers",
               "device", "threads", "compile", "channels_last", "micro_batch", "grad_accum")
+
+
+# On the CPU the NHWC memory format trains faster with the same arithmetic in float32 (benchmarks/cpu/RESULTS.md),
+# so it is on there unless told. torch.compile is faster again once compiled, but compiling forward and backward
+# takes minutes on a small CPU: it is on for runs with at least this many steps to go, which win it back.
+COMPILE_MIN_STEPS = 2000
+
+
+def speed_settings(opts: TrainOptions, device_type: str, steps: int) -> tuple[bool, bool]:
+    """(channels_last, compile) of a run with `steps` steps to go on a device of `device_type`: the options
+    where set, else on the CPU channels_last, and torch.compile for a run of COMPILE_MIN_STEPS steps or more
+    where a C++ compiler is found (torch.compile's CPU code is C++); elsewhere both off."""
+    cpu = device_type == "cpu"
+    channels_last = cpu if opts.channels_last is None else opts.channels_last
+    if opts.compile is not None:
+        return channels_last, opts.compile
+    return channels_last, cpu and steps >= COMPILE_MIN_STEPS and has_cxx_compiler()
+
+
+def has_cxx_compiler() -> bool:
+    return any(shutil.which(name) for name in (os.environ.get("CXX") or "c++", "g++", "clang++"))
 
 
 def given_fields(opts: TrainOptions) -> set[str]:

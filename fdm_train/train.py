@@ -79,7 +79,14 @@ from fdm_train.distributed import (
     setup_distributed,
     step_draws,
 )
-from fdm_train.options import TrainingError, TrainOptions, check_options, resume_mode, resumed_options
+from fdm_train.options import (
+    TrainingError,
+    TrainOptions,
+    check_options,
+    resume_mode,
+    resumed_options,
+    speed_settings,
+)
 from fdm_train.run_folder import (
     CHECKPOINT,
     LOG,
@@ -251,7 +258,7 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
         _announce(opts, cfg, device, start.step)
     model, ema, optimizer = _build(cfg, opts, device, start, out)
     with _prepare_folder(out, ctx, start, mode) as folder:
-        train_model, ddp = _wrap(model, opts, ctx, device)
+        train_model, ddp = _wrap(model, opts, ctx, device, opts.iterations - start.step)
         rank_start, rank_stop = shard_range(opts.batch_size, ctx.rank, ctx.world)
         run = _Run(opts=opts, cfg=cfg, ctx=ctx, device=device, folder=folder, model=model, ema=ema,
                    optimizer=optimizer, train_model=train_model, ddp=ddp, step=start.step,
@@ -388,8 +395,9 @@ def _announce(opts: TrainOptions, cfg: ModelConfig, device: torch.device, step: 
     precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
     steps = opts.iterations - step
     threads = torch.get_num_threads()
-    plan = (f"training on {device} ({precision}, {threads} CPU thread{'s' if threads != 1 else ''}): steps "
-            f"{step + 1:,} to {opts.iterations:,}, {opts.batch_size} images per step, {cfg.image_size}x{cfg.image_size}")
+    speed = [name for name, on in zip(("channels_last", "torch.compile"), speed_settings(opts, device.type, steps)) if on]
+    plan = (f"training on {device} ({', '.join([precision, f'{threads} CPU thread' + ('s' if threads != 1 else ''), *speed])}): "
+            f"steps {step + 1:,} to {opts.iterations:,}, {opts.batch_size} images per step, {cfg.image_size}x{cfg.image_size}")
     if device.type != "cpu":
         if opts.progress:
             _echo(plan)
@@ -500,17 +508,19 @@ def _prepare_folder(out: Path, ctx: Distributed, start: _Start, mode: bool | str
         raise
 
 
-def _wrap(model: torch.nn.Module, opts: TrainOptions, ctx: Distributed, device: torch.device):
-    """(the model as trained: under DDP and/or torch.compile, the DDP wrapper or None)."""
+def _wrap(model: torch.nn.Module, opts: TrainOptions, ctx: Distributed, device: torch.device, steps: int):
+    """(the model as trained: under DDP and/or torch.compile, the DDP wrapper or None), for a run of `steps`
+    steps to go (`speed_settings`)."""
+    channels_last, compile_model = speed_settings(opts, device.type, steps)
     train_model: torch.nn.Module = model
     ddp = None
-    if opts.channels_last:  # in place: the optimizer keeps the same parameters
+    if channels_last:  # in place: the optimizer keeps the same parameters
         model.to(memory_format=torch.channels_last)
     if ctx.active:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         train_model = ddp
-    if opts.compile:
+    if compile_model:
         train_model = torch.compile(train_model)
     return train_model, ddp
 

@@ -116,7 +116,7 @@ def test_save_and_to_json_round_trip(tiny_checkpoint, tmp_path):
     summary_path = res.save(out, foreground=True, save_soft=True, rle="compressed")
     saved = json.loads(summary_path.read_text())
     described = json.loads(res.to_json(rle="compressed"))
-    assert saved["run"]["model"] == str(tiny_checkpoint) and saved["run"]["engine"] == "torch"
+    assert saved["run"]["model"] == str(tiny_checkpoint) and saved["run"]["engine"] == "onnx"  # the CPU's engine
     assert saved["run"]["t"] == 30 and saved["run"]["foreground"]["channels"] == res.fg_channels
     assert [e["input"] for e in saved["images"]] == ["<image_0000>", "<image_0001>", images[2]]
     for i, (entry, plain) in enumerate(zip(saved["images"], described["images"])):
@@ -171,7 +171,7 @@ def test_each_engine_opened_by_its_file(tiny_checkpoint, tmp_path):
     onnx_file = tmp_path / "tiny.onnx"
     export_onnx(tiny_checkpoint, onnx_file, check=False)
     image = np.random.default_rng(3).integers(0, 256, (29, 33, 3), dtype=np.uint8)
-    by_torch = Segmenter.load(tiny_checkpoint, device="cpu")
+    by_torch = Segmenter.load(tiny_checkpoint, engine="torch", device="cpu")
     by_onnx = Segmenter.load(onnx_file, device="cpu")
     assert (by_torch.engine.name, by_onnx.engine.name) == ("torch", "onnx")
     np.testing.assert_allclose(by_onnx([image]).soft[0], by_torch([image]).soft[0], atol=1e-4)
@@ -185,8 +185,8 @@ def test_each_engine_opened_by_its_file(tiny_checkpoint, tmp_path):
     with pytest.raises(UserError, match="cannot tell which of the engines runs weights.bin"):
         Segmenter.load(renamed)
     assert Segmenter.load(renamed, engine="torch").engine.name == "torch"
-    with pytest.raises(UserError, match="the onnx engine cannot run tiny.safetensors"):
-        Segmenter.load(tiny_checkpoint, engine="onnx")
+    with pytest.raises(UserError, match="the trt engine cannot run tiny.safetensors"):
+        Segmenter.load(tiny_checkpoint, engine="trt")
     assert Segmenter.load().model == DEFAULT_MODEL
 
 

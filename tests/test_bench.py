@@ -1,9 +1,11 @@
 import json
 import math
 
+import pytest
 import torch
 from click.testing import CliRunner
 
+from fdm_core.model import count_flops
 from fdm_eval.bench import VARIANTS
 from fdm_infer.cli import main_group
 
@@ -51,6 +53,12 @@ def test_the_inference_paths_the_command_offers_are_the_variants_it_measures():
     assert list(option.type.choices) == [v.key for v in VARIANTS]
 
 
+def test_the_cpu_paths_the_command_offers_are_the_paths_it_measures():
+    from fdm_eval.cpu_paths import PATH_KEYS
+
+    option = next(p for p in main_group.commands["bench"].params if p.name == "cpu_path_keys")
+    assert list(option.type.choices) == PATH_KEYS
+
 
 def test_threads_benchmark_measures_in_a_process_with_the_threads_asked():
     from benchmarks.threads import run as threads
@@ -96,3 +104,39 @@ def test_sampling_step_is_fused_unless_dynamic_thresholding_needs_the_quantile()
         calls.update(denoise=0, step=0)
         sampler_step(engine, GaussianDiffusion(), 2, cfg, torch.device("cpu"), clip)()
         assert calls == counts, clip
+
+
+def test_the_cpu_report_checks_each_path_against_torch_eager_and_segments_end_to_end(tmp_path):
+    from helpers import make_checkpoint, write_images
+
+    model = tmp_path / "tiny.safetensors"
+    make_checkpoint(model, image_size=16)
+    folder = tmp_path / "faces"
+    write_images(folder, 6)
+    result = CliRunner().invoke(main_group, ["bench", "--cpu", "--smoke", "--model", str(model), "--cpu-path", "onnx",
+                                             "--cpu-path", "int8", "--image-folder", str(folder), "--limit", "5",
+                                             "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["machine"]["matmul_gflops"] > 0 and report["machine"]["conv_gflops"] > 0
+    int8 = report["segmentation"].pop()  # quantized: measured with its agreement, whatever it is
+    assert int8["path"] == "int8" and int8["status"] == "ok" and 0 < int8["label_agreement"] <= 1
+    for table in ("segmentation", "sampling"):
+        rows = {r["path"]: r for r in report[table]}
+        assert list(rows) == ["eager", "onnx"] and all(r["status"] == "ok" for r in rows.values()), rows
+        assert rows["eager"]["vs_eager"] == 1 and rows["eager"]["label_agreement"] == 1
+        assert rows["onnx"]["label_agreement"] > 0.99 and rows["onnx"]["max_abs_diff"] < 1e-4
+        assert rows["onnx"]["gflops"] == pytest.approx(rows["onnx"]["images_per_s"] * (
+            count_flops(report_config(model), masks_only=table == "segmentation") / 1e9))
+    runs = report["end_to_end"]
+    assert [(r["images"], r["status"]) for r in runs] == [(5, "ok"), (5, "ok")]
+    assert runs[0]["workers"] == 0 and runs[1]["workers"] > 0 and runs[1]["engine"] == "onnx"
+    assert runs[1]["label_agreement"] > 0.99
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert result.stdout.endswith(table) and "| matmul 1024 x 1024 |" in table and "nan" not in table.lower()
+
+
+def report_config(path):
+    from fdm_core.checkpoint import read_checkpoint
+
+    return read_checkpoint(path)[0]

@@ -54,7 +54,7 @@ def test_version_and_help_without_arguments(prog, capsys, monkeypatch):
 
 def test_every_command_spells_the_shared_options_the_same():
     folder_readers = {("fdm-infer", "segment"), ("fdm-infer", "evaluate"), ("fdm-infer", "baseline"),
-                      ("fdm-infer", "fid"), ("fdm-train", "train"), ("fdm-train", "prepare-data")}
+                      ("fdm-infer", "fid"), ("fdm-infer", "bench"), ("fdm-train", "train"), ("fdm-train", "prepare-data")}
     threaded = {("fdm-infer", n) for n in ("segment", "generate", "interpolate", "evaluate", "bench", "baseline", "fid")}
     threaded.add(("fdm-train", "train"))
     overwriting = {("fdm-train", "train"), ("fdm-train", "slim"), ("fdm-train", "split-region"), ("fdm-export", "onnx"),

@@ -189,7 +189,7 @@ def test_channels_last_trains_the_same_model(image_folder, tmp_path):
     about lr per step, and rounding may flip the sign of a near-zero gradient), and the checkpoint is
     written in the usual layout and resumes."""
     steps, lr = 4, 1e-4
-    nchw = train(options(image_folder, tmp_path / "nchw", iterations=steps, log_every=1, lr=lr))
+    nchw = train(options(image_folder, tmp_path / "nchw", iterations=steps, log_every=1, lr=lr, channels_last=False))
     nhwc = train(options(image_folder, tmp_path / "nhwc", iterations=steps, log_every=1, lr=lr, channels_last=True))
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
               for run in ("nchw", "nhwc")]
@@ -199,6 +199,17 @@ def test_channels_last_trains_the_same_model(image_folder, tmp_path):
     resumed = train(options(image_folder, tmp_path / "nhwc", iterations=6, channels_last=True, resume=True))
     assert resumed["step"] == 6
     load_model(tmp_path / "nhwc" / "checkpoint.safetensors")
+
+
+def test_the_cpu_trains_in_channels_last_and_compiles_long_runs_only_unless_told():
+    from fdm_train.options import COMPILE_MIN_STEPS, TrainOptions, has_cxx_compiler, speed_settings
+
+    default = TrainOptions()
+    assert speed_settings(default, "cpu", 10) == (True, False)
+    assert speed_settings(default, "cpu", COMPILE_MIN_STEPS) == (True, has_cxx_compiler())
+    assert speed_settings(default, "cuda", COMPILE_MIN_STEPS) == (False, False)
+    told = TrainOptions(channels_last=False, compile=True)
+    assert speed_settings(told, "cpu", 1) == (False, True) and speed_settings(told, "cuda", 1) == (False, True)
 
 
 def test_prediction_is_set_by_the_flag_and_kept_by_init_and_resume(image_folder, tmp_path):

@@ -18,7 +18,8 @@ from PIL import Image
 
 from fdm_core.config import preset
 from fdm_core.errors import UserError
-from fdm_export.onnx_export import example_inputs, export_onnx
+from fdm_core.onnx_format import example_inputs
+from fdm_export.onnx_export import export_onnx
 from fdm_export.trt_build import build_plan, pack_plan
 from fdm_infer.engines import ENGINES, open_engine
 from fdm_infer.engines.onnx_engine import read_onnx_metadata

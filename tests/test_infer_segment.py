@@ -330,13 +330,23 @@ def test_unwritable_output_folder(tiny_checkpoint, tmp_path, capsys, monkeypatch
     assert_one_line_error(r, "cannot write to output folder")
 
 
-def test_exported_engine_needs_a_model_file(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    good = good_images(tmp_path / "in", 1)
-    r = run_infer(capsys, monkeypatch, "segment", *good, "--engine", "onnx", "--checkpoint", tiny_checkpoint,
+def test_the_trt_engine_needs_a_plan_and_onnx_runs_a_checkpoint(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    good = good_images(tmp_path / "in", 2)
+    r = run_infer(capsys, monkeypatch, "segment", *good, "--engine", "trt", "--checkpoint", tiny_checkpoint,
                   "--out", tmp_path / "out")
-    assert_one_line_error(r, "the onnx engine cannot run tiny.safetensors", "fdm-export onnx")
-    r = run_infer(capsys, monkeypatch, "segment", *good, "--engine", "onnx", "--out", tmp_path / "out")
-    assert_one_line_error(r, "give --model, the file made by `fdm-export onnx default`")
+    assert_one_line_error(r, "the trt engine cannot run tiny.safetensors", "fdm-export trt")
+    r = run_infer(capsys, monkeypatch, "segment", *good, "--engine", "trt", "--out", tmp_path / "out")
+    assert_one_line_error(r, "give --model, the file made by `fdm-export trt default`")
+    outs = {}
+    for engine in ("torch", "onnx"):  # onnxruntime runs the checkpoint traced in memory
+        outs[engine] = tmp_path / engine
+        r = run_infer(capsys, monkeypatch, "segment", *good, "--engine", engine, "--checkpoint", tiny_checkpoint,
+                      "--out", outs[engine], "--save-soft")
+        assert r.code == 0 and f"({engine}, K=3, 32x32)" in r.out, r.err
+    for i in range(2):
+        a = np.load(outs["torch"] / f"good{i}_soft.npz")["masks"].astype(np.float32)
+        b = np.load(outs["onnx"] / f"good{i}_soft.npz")["masks"].astype(np.float32)
+        np.testing.assert_allclose(a, b, atol=2e-3)  # float16 storage
 
 
 def test_segment_with_the_onnx_engine_matches_torch(tiny_checkpoint, tmp_path, capsys, monkeypatch):

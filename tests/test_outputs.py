@@ -75,7 +75,7 @@ def test_json_summary_maps_every_input_to_its_files(tiny_checkpoint, tmp_path, c
     assert printed == json.loads((out / "summary.json").read_text())
     assert "segmented 2 image(s)" in r.err and "foreground: channels" in r.err
     run = printed["run"]
-    assert (run["engine"], run["model"], run["t"], run["seed"], run["images"]) == ("torch", str(tiny_checkpoint),
+    assert (run["engine"], run["model"], run["t"], run["seed"], run["images"]) == ("onnx", str(tiny_checkpoint),
                                                                                    30, 0, 2)
     assert run["seconds"]["load"] > 0 and run["seconds"]["segment"] > 0 and run["failed"] == []
     assert run["label_colors"] == PALETTE[:3].tolist()

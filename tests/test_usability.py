@@ -85,8 +85,8 @@ def test_sigterm_to_a_training_with_data_workers_prints_one_line(tmp_path):
     """What a scheduler does: SIGTERM to the whole process group (the run and its DataLoader workers)."""
     data, run = tmp_path / "images", tmp_path / "run"
     write_images(data, 8)
-    args = ["--data", data, "--out", run, "--iterations", "100000", "--log-every", "1",
-            *TRAIN_TINY[:-1], "2"]  # two DataLoader workers
+    args = ["--data", data, "--out", run, "--iterations", "100000", "--log-every", "1", "--no-compile",
+            *TRAIN_TINY[:-1], "2"]  # two DataLoader workers; not compiling, which takes minutes before the first step
     proc = subprocess.Popen([sys.executable, "-c", ("import sys; from fdm_train.cli import main; "
                              "sys.argv[0] = 'fdm-train'; main()"), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -111,7 +111,8 @@ def test_training_says_its_device_precision_and_threads(tmp_path):
                        *[a for a in TRAIN_TINY if a != "-q"])
     assert result.exit_code == 0, result.output
     plan = next(line for line in result.output.splitlines() if line.startswith("training on "))
-    assert plan.startswith("training on cpu (float32, 1 CPU thread): steps 1 to 1, 4 images per step, 16x16; roughly ")
+    assert plan.startswith("training on cpu (float32, 1 CPU thread, channels_last): steps 1 to 1, 4 images per step, "
+                           "16x16; roughly ")
     assert "warning" not in result.output  # a CPU-sized model
 
 

@@ -114,11 +114,11 @@ def measure_onnx(settings: dict, threads: int) -> float:
 
     from fdm_core.config import preset
     from fdm_eval.measure import random_model
-    from fdm_export.onnx_export import onnx_engine_of
+    from fdm_infer.engines.onnx_engine import OnnxEngine
     from fdm_infer.segment import segment_tensor
 
     cfg = preset("tiny-32")
-    engine = onnx_engine_of(random_model(cfg), device="cpu", threads=threads)
+    engine = OnnxEngine.from_model(random_model(cfg), device="cpu", threads=threads)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(settings["onnx_batch"], 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
     segment_tensor(engine, images)
@@ -285,13 +285,13 @@ def onnx_loop(seconds: float, spin: bool) -> None:
 
     from fdm_core.config import preset
     from fdm_eval.measure import random_model
-    from fdm_export.onnx_export import onnx_engine_of
+    from fdm_infer.engines.onnx_engine import OnnxEngine
     from fdm_infer.segment import segment_tensor
 
     if spin:  # onnxruntime's own default: keep the engine from turning spinning off
         ort.SessionOptions.add_session_config_entry = lambda self, key, value: None
     cfg = preset("tiny-32")
-    engine = onnx_engine_of(random_model(cfg), device="cpu", threads=2)
+    engine = OnnxEngine.from_model(random_model(cfg), device="cpu", threads=2)
     images = torch.rand(16, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     segment_tensor(engine, images)
     print("ready", flush=True)

@@ -25,9 +25,7 @@ from pathlib import Path
 import torch
 
 from fdm_core.config import preset
-from fdm_core.diffusion import GaussianDiffusion
-from fdm_core.model import build_model
-from fdm_eval.measure import cpu_name
+from fdm_eval.measure import cpu_name, training_step
 from fdm_train.data import ShardedBatches, make_loader, open_images, prepare_cache
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -39,31 +37,6 @@ VARIANTS = {
     "compile + channels_last": {"compile": True, "channels_last": True},
     "no attention": {"no_attention": True},
 }
-
-
-def make_step(cfg, batch: int, channels_last=False, compile=False, no_attention=False):
-    if no_attention:
-        cfg = cfg.replace(attention_resolutions=())
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    run = torch.compile(model) if compile else model
-    diffusion = GaussianDiffusion()
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=g).mul(2).sub(1).contiguous(memory_format=fmt)
-    t = diffusion.sample_timesteps(batch, generator=g)
-    noise = torch.randn(x0.shape, generator=g).contiguous(memory_format=fmt)
-
-    def step() -> float:
-        loss, _ = diffusion.loss(run, x0, t, noise)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
 
 
 def step_main(argv=None):
@@ -79,7 +52,7 @@ def step_main(argv=None):
     cfg = preset(a.preset, num_regions=a.regions, region_codes=True)
     steps, first_loss = {}, {}
     for name in a.variants:
-        steps[name] = make_step(cfg, a.batch, **VARIANTS[name])
+        steps[name] = training_step(cfg, a.batch, **VARIANTS[name])
         first_loss[name] = steps[name]()  # warm-up (compiles), and the parity check below
         steps[name]()
     speeds = {name: [] for name in a.variants}

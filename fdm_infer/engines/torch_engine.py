@@ -56,7 +56,11 @@ class TorchEngine(Engine):
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         forward = model.forward_unfused if unfused else model.forward
-        self._forward = torch.compile(forward) if (cuda if compile is None else compile) else forward
+        compiled = cuda if compile is None else compile
+        self._forward = torch.compile(forward) if compiled else forward
+        # The masks alone: the fused forward without its decoder (the unfused reference computes them the same way).
+        self._forward_masks = torch.compile(model.forward) if compiled and unfused else (
+            model.forward if unfused else self._forward)
         self._graphs: dict = {}
         self.triton_kernels = triton_kernels and kernels.runs_triton(self.device)
         if not unfused and self.config.variant in BRANCH_VARIANTS and self.triton_kernels:
@@ -75,6 +79,11 @@ class TorchEngine(Engine):
         with self._autocast(), kernels.triton_disabled(not self.triton_kernels):
             eps, masks = self._forward(x_t, t, y)
         return eps.float(), masks.float()
+
+    def _masks(self, x_t, t, y):
+        with self._autocast(), kernels.triton_disabled(not self.triton_kernels):
+            masks = self._forward_masks(x_t, t, y, masks_only=True)
+        return (masks.float(),)
 
     def _step(self, x_t, t, y, coef, z):
         with self._autocast():
@@ -108,6 +117,10 @@ class TorchEngine(Engine):
     @torch.inference_mode()
     def denoise(self, x_t, t, y=None):
         return self._call(self._denoise, *self._inputs(x_t, t, y))
+
+    @torch.inference_mode()
+    def masks(self, x_t, t, y=None):
+        return self._call(self._masks, *self._inputs(x_t, t, y))[0]
 
     @torch.inference_mode()
     def fused_ddpm_step(self, x_t, t, y, coef, z: torch.Tensor | None):

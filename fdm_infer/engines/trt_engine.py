@@ -17,8 +17,9 @@ import torch
 
 from fdm_core.config import ModelConfig
 from fdm_core.errors import UserError
+from fdm_core.onnx_format import OUTPUT_NAMES, input_names
 from fdm_core.util import one_line
-from fdm_infer.engines.base import OUTPUT_NAMES, Engine, input_names
+from fdm_infer.engines.base import Engine
 
 MAGIC = b"FDMTRT\x00\x01"
 PLAN_FORMAT = "fdm-trt-v1"
