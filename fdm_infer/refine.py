@@ -23,16 +23,18 @@ GUIDED_WORK_SIZE = 64
 
 
 def _box(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Mean over the (2r+1) x (2r+1) window around each pixel of x [N, C, H, W], cut at the border: two
-    running sums (one per axis), so the cost does not grow with the window."""
-    for dim in (2, 3):
-        n = x.shape[dim]
-        sums = F.pad(x.cumsum(dim), (0, 0, 1, 0) if dim == 2 else (1, 0))
-        hi = torch.arange(n, device=x.device).add(r + 1).clamp_max(n)
-        lo = torch.arange(n, device=x.device).sub(r).clamp_min(0)
-        count = (hi - lo).to(x.dtype)
-        x = (sums.index_select(dim, hi) - sums.index_select(dim, lo)) / (count[:, None] if dim == 2 else count)
-    return x
+    """Mean over the (2r+1) x (2r+1) window around each pixel of x [N, C, H, W], cut at the border: a
+    window sum per axis (a depthwise convolution with ones), divided by the number of pixels summed."""
+    c, (h, w) = x.shape[1], x.shape[-2:]
+    ones = x.new_ones(c, 1, 2 * r + 1, 1)
+    x = F.conv2d(F.conv2d(x, ones, padding=(r, 0), groups=c), ones.transpose(2, 3), padding=(0, r), groups=c)
+    return x / (_window_count(h, r, x)[:, None] * _window_count(w, r, x))
+
+
+def _window_count(n: int, r: int, like: torch.Tensor) -> torch.Tensor:
+    """How many of the 2r+1 positions around each of n are inside 0..n-1."""
+    i = torch.arange(n, device=like.device)
+    return ((i + r + 1).clamp_max(n) - (i - r).clamp_min(0)).to(like.dtype)
 
 
 def guided_filter(masks: torch.Tensor, image: torch.Tensor, radius: int, eps: float = GUIDED_EPS,
@@ -43,33 +45,44 @@ def guided_filter(masks: torch.Tensor, image: torch.Tensor, radius: int, eps: fl
     less work for masks that hold no detail finer than s pixels."""
     guide = image.float()[None]
     p = masks.float()[None]
-    if scale > 1:
-        small = [F.interpolate(x, scale_factor=1 / scale, mode="bilinear", align_corners=False,
-                               antialias=True) for x in (guide, p)]
-        mean_a, mean_b = _affine_fits(small[1], small[0], max(1, round(radius / scale)), eps)
-        size = guide.shape[-2:]
-        mean_a, mean_b = (F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in (mean_a, mean_b))
-    else:
-        mean_a, mean_b = _affine_fits(p, guide, radius, eps)
     k = masks.shape[0]
-    out = (mean_a.reshape(3, k, *guide.shape[-2:]) * guide[0, :, None]).sum(0) + mean_b[0]
-    out = out.clamp_min(0)
+    if scale > 1:
+        small = F.interpolate(torch.cat((guide, p), 1), scale_factor=1 / scale, mode="bilinear",
+                              align_corners=False, antialias=True)
+        fits = _affine_fits(small[:, 3:], small[:, :3], max(1, round(radius / scale)), eps)
+        fits = F.interpolate(fits, size=guide.shape[-2:], mode="bilinear", align_corners=False)
+    else:
+        fits = _affine_fits(p, guide, radius, eps)
+    mean_a, mean_b = fits[0, :3 * k].reshape(3, k, *guide.shape[-2:]), fits[0, 3 * k:]
+    out = torch.addcmul(mean_b, mean_a[0], guide[0, 0, None])
+    out.addcmul_(mean_a[1], guide[0, 1, None]).addcmul_(mean_a[2], guide[0, 2, None]).clamp_min_(0)
     return out / out.sum(0, keepdim=True).clamp_min(1e-12)
 
 
-def _affine_fits(p: torch.Tensor, guide: torch.Tensor, radius: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The window-averaged coefficients (a [1, 3K, H, W], b [1, K, H, W]) of masks p [1, K, H, W] fitted
-    as a + b per window: p ~ sum_c a_c I_c + b, ridge `eps`, with the guide I [1, 3, H, W]."""
-    k, (h, w) = p.shape[1], p.shape[-2:]
-    mean_i, mean_p = _box(guide, radius), _box(p, radius)
-    # covariance of the guide's colors [H, W, 3, 3] and of each color with each mask [H, W, 3, K]
-    outer = (guide[:, :, None] * guide[:, None]).reshape(1, 9, h, w)
-    cov_ii = (_box(outer, radius).reshape(3, 3, h, w) - mean_i[0, :, None] * mean_i[0, None]).permute(2, 3, 0, 1)
-    cross = (guide[:, :, None] * p[:, None]).reshape(1, 3 * k, h, w)
-    cov_ip = (_box(cross, radius).reshape(3, k, h, w) - mean_i[0, :, None] * mean_p[0, None]).permute(2, 3, 0, 1)
-    a = torch.linalg.solve(cov_ii + eps * torch.eye(3, device=p.device), cov_ip)  # [H, W, 3, K]
-    b = mean_p[0] - torch.einsum("hwck,chw->khw", a, mean_i[0])
-    return _box(a.permute(2, 3, 0, 1).reshape(1, 3 * k, h, w), radius), _box(b[None], radius)
+def _affine_fits(p: torch.Tensor, guide: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """The window-averaged coefficients [1, 3K + K, H, W] (a per color and mask, then b per mask) of masks
+    p [1, K, H, W] fitted as a + b per window: p ~ sum_c a_c I_c + b, ridge `eps`, with the guide I
+    [1, 3, H, W]. The 3 x 3 color covariance of each window is inverted in closed form (its adjugate), one
+    map per entry: many times faster than a batched solver on small matrices."""
+    k = p.shape[1]
+    i = guide[0]
+    # every window mean in one pass: I, p, the 6 distinct products I_c I_d, the 3K products I_c p
+    products = torch.cat((i, p[0], i[[0, 0, 0, 1, 1, 2]] * i[[0, 1, 2, 1, 2, 2]],
+                          (i[:, None] * p[0][None]).reshape(3 * k, *i.shape[-2:])))
+    means = _box(products[None], radius)[0]
+    mean_i, mean_p, mean_ii, mean_ip = means[:3], means[3:3 + k], means[3 + k:9 + k], means[9 + k:]
+    var = mean_ii - mean_i[[0, 0, 0, 1, 1, 2]] * mean_i[[0, 1, 2, 1, 2, 2]]
+    s00, s01, s02, s11, s12, s22 = var[0] + eps, var[1], var[2], var[3] + eps, var[4], var[5] + eps
+    # adjugate of the symmetric matrix [[s00, s01, s02], [s01, s11, s12], [s02, s12, s22]], and its determinant
+    c00, c01, c02 = s11 * s22 - s12 * s12, s02 * s12 - s01 * s22, s01 * s12 - s02 * s11
+    c11, c12, c22 = s00 * s22 - s02 * s02, s01 * s02 - s00 * s12, s00 * s11 - s01 * s01
+    inv_det = 1 / (s00 * c00 + s01 * c01 + s02 * c02)
+    cov = (mean_ip.reshape(3, k, *i.shape[-2:]) - mean_i[:, None] * mean_p[None])  # [3, K, H, W]
+    a = torch.stack((c00 * cov[0] + c01 * cov[1] + c02 * cov[2],
+                     c01 * cov[0] + c11 * cov[1] + c12 * cov[2],
+                     c02 * cov[0] + c12 * cov[1] + c22 * cov[2])) * inv_det  # [3, K, H, W]
+    b = mean_p - (a * mean_i[:, None]).sum(0)
+    return _box(torch.cat((a.reshape(3 * k, *i.shape[-2:]), b))[None], radius)
 
 
 def refine_masks(masks: torch.Tensor, image: torch.Tensor, mode: str) -> torch.Tensor:
