@@ -63,6 +63,16 @@ def log(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
+# What follows this line in RESULTS.md is written by hand (what the figures say, the measurements made
+# apart from the script) and kept when the script writes the tables again.
+NOTES_MARKER = "<!-- notes: written by hand, kept by run.py -->"
+
+
+def kept_notes(path: Path) -> str:
+    text = path.read_text() if path.is_file() else ""
+    return "\n" + text[text.index(NOTES_MARKER):] if NOTES_MARKER in text else ""
+
+
 def report_main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lfw", type=Path, default=LFW, help="LFW root: train/images, val/images, val/masks")
@@ -120,7 +130,7 @@ def report_main(argv=None) -> dict:
     result["seconds"] = round(time.perf_counter() - start, 1)
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write(a.out / "results.json", json_text(result, indent=1).encode())
-    atomic_write(a.out / "RESULTS.md", markdown(result).encode())
+    atomic_write(a.out / "RESULTS.md", (markdown(result) + kept_notes(a.out / "RESULTS.md")).encode())
     log(f"done in {result['seconds']:.0f} s: {a.out / 'RESULTS.md'}")
     return result
 
