@@ -1,12 +1,119 @@
 """The choices, defaults and limits of the settings the command lines take, as plain values in a module
 that loads nothing beyond the standard library: a command declares its options from them, so that
 `--help` and `--version` answer without loading torch. The modules that implement the settings import
-them from here."""
+them from here.
+
+`Setting` declares an option once: its flags, type, bounds or choices, default and help. The command
+lines make their click options from it (`Setting.option`), the library takes its keyword defaults from it
+(`def f(..., seed: int = SEED.default)`) and checks the value it is given with it (`Setting.check`).
+A command that needs another default or help derives its own (`SEED.but(help=...)`)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
 import os
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from fdm_core.errors import SEED_MAX, UserError, check_int
+
+# Types of a Setting beside int, float, str and bool: the seeds torch takes (0..SEED_MAX), a folder, a file.
+SEED_TYPE, FOLDER, FILE = "seed", "folder", "file"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option of the command lines and the library parameter it sets.
+
+    flags: the option's flags ("-o", "--out"; "--check/--no-check" for a pair); name: the parameter's name
+    where it is not the long flag's (--timestep -> t); type: int, float, str, bool, SEED_TYPE, FOLDER or
+    FILE; low / high: the bounds (None: unbounded), excluded where low_open / high_open; choices: the
+    values it takes (a dict: a registry, whose names are read when the command line is parsed);
+    click: other keywords of click.option, as (key, value) pairs (is_flag, multiple, metavar, ...)."""
+    flags: tuple[str, ...]
+    default: Any = None
+    help: str = ""
+    name: str | None = None
+    type: Any = str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | dict | None = None
+    show_default: bool | None = None
+    click: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def param(self) -> str:
+        """The parameter's name: `name`, or the first long flag's (--batch-size: batch_size)."""
+        if self.name:
+            return self.name
+        longs = [f.split("/")[0] for f in self.flags if f.startswith("--")] or [self.flags[0].split("/")[0]]
+        return longs[0].lstrip("-").replace("-", "_")
+
+    def but(self, **changes) -> Setting:
+        """This option with other values for some fields (another default, help or bounds)."""
+        return dataclasses.replace(self, **changes)
+
+    def option(self, **overrides):
+        """The click option (a decorator) of this setting; `overrides`: click.option keywords of one command."""
+        import click  # only for a command line, not for the library
+
+        kwargs: dict[str, Any] = {"default": self.default, "help": self.help, **dict(self.click)}
+        click_type = self.click_type()
+        if click_type is not None:
+            kwargs["type"] = click_type
+        if self.show_default is not None:
+            kwargs["show_default"] = self.show_default
+        kwargs.update(overrides)
+        return click.option(*self.flags, *([self.name] if self.name else []), **kwargs)
+
+    def click_type(self):
+        import click
+
+        from fdm_core.command_line import SEED, FiniteFloatRange, RegistryChoice
+
+        if self.choices is not None:
+            return RegistryChoice(self.choices) if isinstance(self.choices, dict) else click.Choice(list(self.choices))
+        bounded = self.low is not None or self.high is not None
+        if self.type is int:
+            return click.IntRange(self.low, self.high, min_open=self.low_open, max_open=self.high_open) if bounded \
+                else int
+        if self.type is float:
+            return FiniteFloatRange(self.low, self.high, min_open=self.low_open, max_open=self.high_open) \
+                if bounded else float
+        return {SEED_TYPE: SEED, FOLDER: click.Path(file_okay=False), FILE: click.Path(dir_okay=False)}.get(self.type)
+
+    def check(self, value, name: str | None = None):
+        """`value` if the setting takes it, else a one-line UserError naming the parameter (`name`: the
+        caller's name for it): the library's one check of the value."""
+        name = name or self.param
+        if self.choices is not None:
+            if value not in self.choices:
+                raise UserError(f"`{name}` must be one of {', '.join(self.choices)}, got {value!r}", (name,))
+            return value
+        if self.type is SEED_TYPE:
+            return check_int(name, value, 0, SEED_MAX)
+        if self.type is int:
+            low = None if self.low is None else self.low + self.low_open
+            high = None if self.high is None else self.high - self.high_open
+            return check_int(name, value, low, high)
+        if self.type is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if ok and self.low is not None:
+                ok = value > self.low if self.low_open else value >= self.low
+            if ok and self.high is not None:
+                ok = value < self.high if self.high_open else value <= self.high
+            if not ok:
+                raise UserError(f"`{name}` must be a number in {self.describe_range()}, got {value!r}", (name,))
+        return value
+
+    def describe_range(self) -> str:
+        low = "" if self.low is None else f"{self.low}{'<' if self.low_open else '<='}"
+        high = "" if self.high is None else f"{'<' if self.high_open else '<='}{self.high}"
+        return f"{low}x{high}"
+
 
 # ----- threads (fdm_core.util) -----
 
@@ -16,12 +123,27 @@ DEFAULT_THREADS: int | None = None
 # The most threads --threads takes: more than a few per core only slows a run down, and tens of thousands
 # crash the OpenMP runtime.
 MAX_THREADS = 4 * (os.cpu_count() or 1)
+THREADS = Setting(("--threads",), DEFAULT_THREADS, type=int, low=1, high=MAX_THREADS,
+                  help="CPU threads of torch (and onnxruntime), at most 4 per core [default: torch's own "
+                       "choice: OMP_NUM_THREADS when set, else one per core]. On a machine shared with other "
+                       "jobs, 1 is often fastest.")
+
+# ----- where a model runs, and the seeds of its noise -----
+
+DEVICE = Setting(("--device",), "auto", help="auto, cpu, cuda, cuda:1, ...")
+SEED = Setting(("--seed",), 0, type=SEED_TYPE, help="Seed of the noise (the same for every image).")
+# A seed of anything but a model's noise (a subset, a color model): any integer.
+PLAIN_SEED = SEED.but(type=int)
+BATCH_SIZE = Setting(("--batch-size",), 16, type=int, low=1, help="Images per forward pass.")
 
 # ----- images in (fdm_core.images) -----
 
 # Images larger than this are refused before they are decoded: a small file can hold a huge image, and
 # decoding costs 3 bytes per pixel and more (PIL itself refuses images above 2 x Image.MAX_IMAGE_PIXELS).
 MAX_PIXELS = 50_000_000
+MAX_PIXELS_OPTION = Setting(("--max-pixels",), MAX_PIXELS, type=int, low=1,
+                            help="Skip (with a warning) images of more pixels than this, found before decoding "
+                                 "them.")
 
 # ----- sampling (fdm_core.diffusion) -----
 
@@ -61,6 +183,18 @@ DEFAULT_SAMPLER = "ddim"
 # How a step bounds its predicted x0 to the data range [-1, 1]; see GaussianDiffusion.sample.
 CLIP_MODES = ("static", "dynamic", "none")
 DEFAULT_CLIP = "dynamic"  # measured: lower FID than static clipping on LFW (benchmarks/generation/RESULTS.md)
+
+STEPS_HELP = ", ".join(f"{name} {entry.default_steps}" for name, entry in SAMPLERS.items())
+SAMPLERS_HELP = "; ".join(f"{name}: {entry.description}" for name, entry in SAMPLERS.items() if entry.description)
+# --sampler / --steps / --clip of generate (and, with their own help, of interpolate and bench)
+SAMPLER = Setting(("--sampler",), DEFAULT_SAMPLER, choices=SAMPLERS, help=f"{SAMPLERS_HELP}.")
+STEPS = Setting(("--steps",), None, type=int, low=1, high=NUM_TIMESTEPS,
+                help=f"Reverse-process steps (1000: the whole schedule; fewer: a respaced one, as the sampler "
+                     f"spaces them) [default: the sampler's own: {STEPS_HELP}].")
+CLIP = Setting(("--clip",), DEFAULT_CLIP, choices=CLIP_MODES, show_default=True,
+               help="How every step bounds its predicted image to the data range [-1, 1] before stepping on: dynamic "
+                    "thresholds it per sample (Imagen; the lowest FID measured), static clamps it (as the original "
+                    "DDPM code), none leaves it as predicted (samples can run out of range and saturate).")
 
 
 def sampler_entry(name: str) -> SamplerEntry:
