@@ -222,6 +222,8 @@ def declared_names(tree: ast.AST) -> set[str]:
         strings = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
         strings += [e.value for a in node.args if isinstance(a, (ast.Tuple, ast.List)) for e in a.elts
                     if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+        strings += [kw.value.value for kw in node.keywords if kw.arg == "name" and isinstance(kw.value, ast.Constant)
+                    and isinstance(kw.value.value, str)]
         for s in strings:
             for part in s.split("/"):
                 if part.startswith("-"):
