@@ -16,6 +16,7 @@ CHECK = Setting(("--check/--no-check",), True, type=bool, show_default=True,
                 help="Compare onnxruntime with PyTorch on random inputs before writing the file.")
 # The batch sizes of a parity check (all through the one exported graph); the option writes them "1,3".
 CHECK_BATCHES = (1, 3)
+CHECK_SEED = 1234  # the seed of a parity check's random inputs (not an option)
 CHECK_BATCHES_OPTION = Setting(("--check-batches",), ",".join(map(str, CHECK_BATCHES)), show_default=True,
                                help="Batch sizes of the parity check (all through the one exported graph).")
 
