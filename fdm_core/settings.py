@@ -18,8 +18,9 @@ from typing import Any, NamedTuple
 
 from fdm_core.errors import SEED_MAX, UserError, check_int
 
-# Types of a Setting beside int, float, str and bool: the seeds torch takes (0..SEED_MAX), a folder, a file.
-SEED_TYPE, FOLDER, FILE = "seed", "folder", "file"
+# Types of a Setting beside int, float, str and bool: the seeds torch takes (0..SEED_MAX), a folder, a file,
+# a path of either.
+SEED_TYPE, FOLDER, FILE, PATH = "seed", "folder", "file", "path"
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,10 @@ class Setting:
 
     flags: the option's flags ("-o", "--out"; "--check/--no-check" for a pair); name: the parameter's name
     where it is not the long flag's (--timestep -> t); type: int, float, str, bool, SEED_TYPE, FOLDER or
-    FILE; low / high: the bounds (None: unbounded), excluded where low_open / high_open; choices: the
-    values it takes (a dict: a registry, whose names are read when the command line is parsed);
-    click: other keywords of click.option, as (key, value) pairs (is_flag, multiple, metavar, ...)."""
+    FILE or PATH; low / high: the bounds (None: unbounded), excluded where low_open / high_open; choices:
+    the values it takes (a dict: a registry, whose names are read when the command line is parsed);
+    click_bounds: whether the command line's type holds the bounds too (False: they are left to `check`);
+    click: other keywords of click.option, as (key, value) pairs (is_flag, flag_value, ...)."""
     flags: tuple[str, ...]
     default: Any = None
     help: str = ""
@@ -42,13 +44,14 @@ class Setting:
     high_open: bool = False
     choices: tuple | dict | None = None
     show_default: bool | None = None
+    click_bounds: bool = True
     click: tuple[tuple[str, Any], ...] = ()
 
     @property
     def param(self) -> str:
         """The parameter's name: `name`, or the first long flag's (--batch-size: batch_size)."""
-        if self.name:
-            return self.name
+        if self.name or not self.flags:
+            return self.name or ""
         longs = [f.split("/")[0] for f in self.flags if f.startswith("--")] or [self.flags[0].split("/")[0]]
         return longs[0].lstrip("-").replace("-", "_")
 
@@ -76,29 +79,33 @@ class Setting:
 
         if self.choices is not None:
             return RegistryChoice(self.choices) if isinstance(self.choices, dict) else click.Choice(list(self.choices))
-        bounded = self.low is not None or self.high is not None
+        bounded = self.click_bounds and (self.low is not None or self.high is not None)
         if self.type is int:
             return click.IntRange(self.low, self.high, min_open=self.low_open, max_open=self.high_open) if bounded \
                 else int
         if self.type is float:
             return FiniteFloatRange(self.low, self.high, min_open=self.low_open, max_open=self.high_open) \
                 if bounded else float
-        return {SEED_TYPE: SEED, FOLDER: click.Path(file_okay=False), FILE: click.Path(dir_okay=False)}.get(self.type)
+        paths = {FOLDER: click.Path(file_okay=False), FILE: click.Path(dir_okay=False), PATH: click.Path()}
+        return SEED if self.type == SEED_TYPE else paths.get(self.type)
 
-    def check(self, value, name: str | None = None):
-        """`value` if the setting takes it, else a one-line UserError naming the parameter (`name`: the
-        caller's name for it): the library's one check of the value."""
+    def check(self, value, name: str | None = None, error: type[UserError] = UserError):
+        """`value` if the setting takes it, else a one-line `error` naming the parameter (`name`: the caller's
+        name for it): the library's one check of the value."""
         name = name or self.param
         if self.choices is not None:
             if value not in self.choices:
-                raise UserError(f"`{name}` must be one of {', '.join(self.choices)}, got {value!r}", (name,))
+                raise error(f"`{name}` must be one of {', '.join(self.choices)}, got {value!r}", (name,))
             return value
-        if self.type is SEED_TYPE:
-            return check_int(name, value, 0, SEED_MAX)
-        if self.type is int:
-            low = None if self.low is None else self.low + self.low_open
-            high = None if self.high is None else self.high - self.high_open
-            return check_int(name, value, low, high)
+        try:
+            if self.type == SEED_TYPE:
+                return check_int(name, value, 0, SEED_MAX)
+            if self.type is int:
+                low = None if self.low is None else self.low + self.low_open
+                high = None if self.high is None else self.high - self.high_open
+                return check_int(name, value, low, high)
+        except UserError as exc:
+            raise exc if isinstance(exc, error) else error(exc.template, exc.params) from None
         if self.type is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if ok and self.low is not None:
@@ -106,13 +113,17 @@ class Setting:
             if ok and self.high is not None:
                 ok = value < self.high if self.high_open else value <= self.high
             if not ok:
-                raise UserError(f"`{name}` must be a number in {self.describe_range()}, got {value!r}", (name,))
+                raise error(f"`{name}` must be {self.describe_range()}, got {value!r}", (name,))
         return value
 
     def describe_range(self) -> str:
-        low = "" if self.low is None else f"{self.low}{'<' if self.low_open else '<='}"
-        high = "" if self.high is None else f"{'<' if self.high_open else '<='}{self.high}"
-        return f"{low}x{high}"
+        """The bounds in words: "a number at least 0 and below 0.5"."""
+        parts = []
+        if self.low is not None:
+            parts.append(f"above {self.low}" if self.low_open else f"at least {self.low}")
+        if self.high is not None:
+            parts.append(f"below {self.high}" if self.high_open else f"at most {self.high}")
+        return "a number " + " and ".join(parts)
 
 
 # ----- threads (fdm_core.util) -----
@@ -144,6 +155,32 @@ MAX_PIXELS = 50_000_000
 MAX_PIXELS_OPTION = Setting(("--max-pixels",), MAX_PIXELS, type=int, low=1,
                             help="Skip (with a warning) images of more pixels than this, found before decoding "
                                  "them.")
+
+# ----- checkpoints (fdm_core.checkpoint): fdm-train slim / split-region -----
+
+WEIGHTS = Setting(("--weights",), "ema", choices=("ema", "model"), show_default=True,
+                  help="Which weights of the checkpoint to export.")
+SLIM_DTYPE = Setting(("--dtype",), "fp16", choices=("fp16", "bf16", "fp32"), show_default=True,
+                     help="Storage type of the weights (loading converts them back to float32).")
+SPLIT_NOISE = Setting(("--noise",), 0.01, type=float, low=0, show_default=True,
+                      help="Noise on the copy, as a fraction of each weight tensor's spread: what lets the two part.")
+SPLIT_SEED = SEED.but(show_default=True, help="Seed of that noise.")
+
+# ----- synthetic scenes (fdm_core.scenes): fdm-train synth -----
+
+SCENE_KIND = Setting(("--kind",), "ellipse", choices=("ellipse", "two-shapes", "texture", "a", "b", "c"),
+                     show_default=True,
+                     help="ellipse (a): a striped ellipse on a smooth gradient (2 regions); two-shapes (b): a striped "
+                          "ellipse and a checkered rectangle (3 regions); texture (c): a striped ellipse on speckle of "
+                          "the same mean color (2 regions, texture only).")
+SCENE_COUNT = Setting(("--count",), 20_000, type=int, low=1, high=10_000_000, show_default=True,
+                      help="Number of scenes.")
+SCENE_SIZE = Setting(("--image-size",), 32, name="size", type=int, low=8, high=1024, show_default=True,
+                     help="Image size S (S x S).")
+SCENE_SEED = SEED.but(show_default=True, help="The scenes are a function of the seed.")
+SCENE_EMPTY = Setting(("--empty",), 0.0, type=float, low=0, high=1, show_default=True,
+                      help="Probability that a scene has no object (its background alone, labels 0): training data "
+                           "on which a model can learn that not every image holds an object.")
 
 # ----- sampling (fdm_core.diffusion) -----
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_core.config import BOUNDS
+from fdm_core.config import CONFIG_BOUNDS
 from fdm_core.errors import UserError, check_int
 from fdm_core.images import find_images, fit_square, load_rgb
 from fdm_core.util import atomic_file, one_line, pick_device
@@ -348,7 +348,7 @@ def compute_fid(generated: str | Path, reference: str | Path, *, n: int | None =
     are brought to the generated images' square size as training does (shorter side, center crop) before
     the 299 resize; an int: that size; None: as they are."""
     if reference_size not in ("auto", None):
-        check_int("reference_size", reference_size, *BOUNDS["image_size"])
+        check_int("reference_size", reference_size, *CONFIG_BOUNDS["image_size"])
     dev = pick_device(device)
     gen = ImageSource.open(generated)
     ref = ImageSource.open(reference)

@@ -3,15 +3,13 @@ nothing beyond the standard library: the command line makes its click options fr
 functions take their keyword defaults from them."""
 from __future__ import annotations
 
-from fdm_core.settings import Setting
+from fdm_core.settings import WEIGHTS, Setting  # noqa: F401  (WEIGHTS: the checkpoint's, fdm_core.checkpoint)
 
 # ----- onnx (fdm_export.onnx_export) -----
 
 ONNX_DTYPE = Setting(("--dtype",), "fp32", choices=("fp32", "fp16", "bf16"), show_default=True,
                      help="Weight/compute precision inside the graph; inputs and outputs stay float32. "
                           "bf16 files are for TensorRT (onnxruntime cannot run them on the CPU).")
-WEIGHTS = Setting(("--weights",), "ema", choices=("ema", "model"), show_default=True,
-                  help="Which weights of the checkpoint to export.")
 CHECK = Setting(("--check/--no-check",), True, type=bool, show_default=True,
                 help="Compare onnxruntime with PyTorch on random inputs before writing the file.")
 # The batch sizes of a parity check (all through the one exported graph); the option writes them "1,3".

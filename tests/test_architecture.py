@@ -183,7 +183,8 @@ OPTION_PACKAGES = ["fdm_core", "fdm_train", "fdm_infer", "fdm_export", "fdm_eval
 LIBRARY_MODULES = ["fdm_infer/api.py", "fdm_infer/sampling.py", "fdm_infer/segment.py", "fdm_infer/refine.py",
                    "fdm_infer/outputs.py", "fdm_eval/evaluate.py", "fdm_eval/scene_scores.py",
                    "fdm_eval/baselines.py", "fdm_eval/fid.py", "fdm_export/onnx_export.py",
-                   "fdm_export/segmentation_export.py", "fdm_export/trt_build.py"]
+                   "fdm_export/segmentation_export.py", "fdm_export/trt_build.py", "fdm_core/checkpoint.py",
+                   "fdm_core/scenes.py", "fdm_train/synth.py"]
 # Parameters named like an option that are not that option: (module, function, parameter).
 NOT_THE_OPTION = {
     ("fdm_infer/sampling.py", "trajectory_picture", "count"),  # the samples of the picture, not synth's --count
@@ -196,9 +197,11 @@ NOT_THE_OPTION = {
     ("fdm_eval/fid.py", "inception_features", "device"),
     ("fdm_eval/fid.py", "compute_fid", "device"),  # the library's CPU unless told; the command's --device auto
     ("fdm_export/segmentation_export.py", "example_inputs", "seed"),  # a parity check's random inputs
+    ("fdm_core/checkpoint.py", "save_checkpoint", "dtype"),  # a training checkpoint's storage, not slim's --dtype
     # A library call writes where it is told; the command lines refuse to replace a file without --overwrite.
     ("fdm_export/onnx_export.py", "export_onnx", "overwrite"),
     ("fdm_export/segmentation_export.py", "export_segmentation", "overwrite"),
+    ("fdm_core/checkpoint.py", "slim_checkpoint", "overwrite"),
 }
 
 
