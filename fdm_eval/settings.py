@@ -3,7 +3,7 @@ each declared once as a `Setting` (fdm_core.settings) in a module that loads not
 library: the commands make their click options from them and the library takes its defaults from them."""
 from __future__ import annotations
 
-from fdm_core.settings import BATCH_SIZE, DEVICE, FILE, NUM_TIMESTEPS, PLAIN_SEED, STEPS, Setting
+from fdm_core.settings import BATCH_SIZE, DEVICE, FILE, PLAIN_SEED, STEPS, Setting
 
 # ----- evaluate (fdm_eval.evaluate) -----
 
@@ -44,7 +44,7 @@ FID_SEED = PLAIN_SEED.but(show_default=True, help="Seed of the reference subset.
 BENCH_REPEATS = Setting(("--repeats",), 30, type=int, low=3, help="Timed calls at most.")
 BENCH_BUDGET = Setting(("--budget",), 10.0, name="budget_s", type=float, low=0, low_open=True,
                        help="Seconds of timed calls per measurement at most (at least 3 calls).")
-BENCH_SAMPLE_STEPS = STEPS.but(flags=("--sample-steps",), high=NUM_TIMESTEPS,
+BENCH_SAMPLE_STEPS = STEPS.but(flags=("--sample-steps",),
                                help="Steps of the whole DDPM run [default: 1000 on a GPU, 50 on a CPU].")
 BENCH_LIMIT = Setting(("--limit",), 1600, type=int, low=1, show_default=True,
                       help="With --cpu --image-folder: the images segmented end to end.")

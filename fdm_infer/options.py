@@ -7,7 +7,6 @@ import sys
 import click
 
 from fdm_core.cli_options import quiet_option, threads_option
-from fdm_core.command_line import RegistryChoice  # noqa: F401  (its home was here)
 from fdm_core.settings import BATCH_SIZE, CLIP, DEVICE, SEED
 from fdm_infer.settings import ENGINE, ENSEMBLE, MODEL, REFINE, SMOOTH, TIMESTEP
 
