@@ -37,8 +37,7 @@ from fdm_infer.image_files import (
 )
 from fdm_infer.pipeline import ReadAhead
 from fdm_infer.refine import refine_masks
-# DEFAULT_T, DEFAULT_SMOOTH: imported from here by others
-from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, ENSEMBLE, REFINE, SMOOTH, TIMESTEP  # noqa: F401
+from fdm_infer.settings import DEFAULT_SMOOTH, DEFAULT_T, ENSEMBLE, REFINE, SMOOTH, TIMESTEP  # noqa: F401  (for others)
 
 # ----- the core: tensors in, soft masks out -----
 
@@ -78,13 +77,14 @@ def segment_tensor(engine: Engine, images: torch.Tensor, t: int = TIMESTEP.defau
     [B, C, S, S] in [-1, 1]. With `ensemble` N > 1 the masks of seeds seed..seed+N-1 are averaged; then
     they are smoothed over a `smooth` x `smooth` window (`smooth_masks`; 1: as the model gives them)."""
     check_settings(t, ensemble, smooth)
-    return _segment_tensor(engine, images, t, seed, ensemble, y, diffusion or GaussianDiffusion(), smooth)
+    return segment_checked(engine, images, t, seed, ensemble, y, diffusion or GaussianDiffusion(), smooth)
 
 
 @torch.no_grad()
-def _segment_tensor(engine: Engine, images: torch.Tensor, t: int, seed: int, ensemble: int, y: torch.Tensor | None,
+def segment_checked(engine: Engine, images: torch.Tensor, t: int, seed: int, ensemble: int, y: torch.Tensor | None,
                     diffusion: GaussianDiffusion, smooth: int) -> torch.Tensor:
-    """`segment_tensor` of settings checked before (a `SegmentSettings`'s)."""
+    """`segment_tensor` for settings checked once before (`check_settings`), by a caller that segments
+    batch after batch with them."""
     cfg = engine.config
     if images.dim() != 4 or tuple(images.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"images must be [B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
@@ -203,7 +203,7 @@ def segment_masks(engine: Engine, inputs: list[InputImage], settings: SegmentSet
                 continue
             items, tensors, images = batch
             y = None if settings.class_label is None else torch.full((len(items),), settings.class_label)
-            masks = _segment_tensor(engine, torch.stack(tensors), settings.t, settings.seed, settings.ensemble, y,
+            masks = segment_checked(engine, torch.stack(tensors), settings.t, settings.seed, settings.ensemble, y,
                                     diffusion, settings.smooth).cpu()
             yield items, images, masks
 
