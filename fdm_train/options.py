@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 
 from fdm_core.config import (
     DEFAULT_ITERATIONS,
@@ -17,7 +17,7 @@ from fdm_core.config import (
     ModelConfig,
 )
 from fdm_core.errors import UserError
-from fdm_core.settings import DEVICE, FILE, FOLDER, PATH, SEED, THREADS, Setting
+from fdm_core.settings import DEVICE, FILE, FOLDER, NUM_TIMESTEPS, PATH, SEED, THREADS, Setting
 
 
 class TrainingError(UserError):
@@ -33,13 +33,13 @@ SHIFT_EDGES = ("replicate", "circular")
 EQUIVARIANCE_MEASURES = ("squared", "information")
 
 
-def option(default, *flags: str, **declared) -> field:
+def option(default, *flags: str, **declared) -> Field:
     """A TrainOptions field with its `Setting` (flags, help, bounds: checked by `check_options`; the command
     line's types leave the bounds to that check, so that a wrong value is refused in the field's words)."""
     return declared_field(Setting(flags, default, **{"click_bounds": False, **declared}))
 
 
-def declared_field(setting: Setting) -> field:
+def declared_field(setting: Setting) -> Field:
     """A TrainOptions field whose option is `setting`, declared elsewhere (fdm_core.settings)."""
     return field(default=setting.default, metadata={"setting": setting})
 
@@ -72,7 +72,7 @@ class TrainOptions:
     sample_every: int = option(1000, "--sample-every", type=int, low=0, show_default=True,
                                help="Write a grid of samples and masks every N steps (0: never).")
     sample_count: int = option(8, type=int, low=1)  # the samples of a grid (no command-line option)
-    sample_steps: int = option(100, "--sample-steps", type=int, low=1, high=1000, show_default=True,
+    sample_steps: int = option(100, "--sample-steps", type=int, low=1, high=NUM_TIMESTEPS, show_default=True,
                                help="DDPM steps for the sample grids.")
     log_every: int = option(10, "--log-every", type=int, low=1, show_default=True,
                             help="Append loss, images/s and mask statistics to log.jsonl every N steps.")
