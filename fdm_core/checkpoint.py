@@ -15,6 +15,7 @@ from safetensors.torch import save as st_save
 from fdm_core.config import ModelConfig
 from fdm_core.errors import UserError
 from fdm_core.model import FactorizedUNet, build_model, split_region
+from fdm_core.settings import SLIM_DTYPE, SPLIT_NOISE, SPLIT_SEED, WEIGHTS
 from fdm_core.util import DTYPES, atomic_write, check_output, one_line
 
 FORMAT = "fdm-checkpoint-v1"
@@ -67,7 +68,7 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, ema: dict[str, torch.Ten
     atomic_write(path, st_save(tensors, metadata=metadata))
 
 
-def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16", overwrite: bool = True,
+def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = SLIM_DTYPE.default, overwrite: bool = True,
                     placeholder: str | None = None) -> dict:
     """Write the EMA weights of `src` alone, stored as `dtype`, to `dst` (an inference-only file:
     it cannot be resumed from; never `src` itself, nor an existing file unless `overwrite`), marked
@@ -90,7 +91,7 @@ def slim_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp16", overw
             "max_abs_error": error}
 
 
-def split_checkpoint(src: str | Path, dst: str | Path, region: int, *, noise: float = 0.01, seed: int = 0,
+def split_checkpoint(src: str | Path, dst: str | Path, region: int, *, noise: float = SPLIT_NOISE.default, seed: int = SPLIT_SEED.default,
                      overwrite: bool = False) -> dict:
     """Write to `dst` the EMA weights of `src` with `region` split in two (model.split_region), as fp32
     with no raw weights: a start for `train --init`. Returns {'step', 'regions'}."""
@@ -152,7 +153,7 @@ def non_finite(state: dict[str, torch.Tensor]) -> str | None:
     return next((name for name, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
 
-def load_model(path: str | Path, weights: str = "ema", map_location: str | torch.device = "cpu"):
+def load_model(path: str | Path, weights: str = WEIGHTS.default, map_location: str | torch.device = "cpu"):
     """Build the model a checkpoint describes and load its EMA (or raw) weights.
     Returns (model in eval mode, config, metadata)."""
     cfg, states, metadata = read_checkpoint(path)

@@ -1,12 +1,14 @@
 """What the three command lines (fdm-train, fdm-export, fdm-infer) share, so that an option means the
 same everywhere: the context settings (-h, defaults shown), --version, a bare command printing its
-help, -q/--quiet, --threads, --limit, --overwrite and --max-pixels (docs/options.md: the whole vocabulary)."""
+help, -q/--quiet, --threads, --limit, --overwrite and --max-pixels (docs/options.md: the whole vocabulary).
+The options with a default or bounds are declared once as `Setting`s (fdm_core.settings, fdm_infer.settings,
+...); the functions here make their click options."""
 from __future__ import annotations
 
 import click
 
 from fdm_core.command_line import HelpGroup  # noqa: F401  (a group that prints its help when run bare)
-from fdm_core.settings import DEFAULT_THREADS, MAX_PIXELS, MAX_THREADS
+from fdm_core.settings import MAX_PIXELS_OPTION, THREADS
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -37,10 +39,7 @@ def quiet_option(f):
 
 
 def threads_option(f):
-    return click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=DEFAULT_THREADS,
-                        help="CPU threads of torch (and onnxruntime), at most 4 per core [default: torch's own "
-                             "choice: OMP_NUM_THREADS when set, else one per core]. On a machine shared with other "
-                             "jobs, 1 is often fastest.")(f)
+    return THREADS.option()(f)
 
 
 def limit_option(what: str = "images"):
@@ -59,9 +58,7 @@ def overwrite_option(help: str):
 
 
 def max_pixels_option(f):
-    return click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS,
-                        help="Skip (with a warning) images of more pixels than this, found before decoding "
-                             "them.")(f)
+    return MAX_PIXELS_OPTION.option()(f)
 
 
 def json_option(f):

@@ -130,6 +130,19 @@ class FiniteFloatRange(click.FloatRange):
         return value
 
 
+class RegistryChoice(click.Choice):
+    """A choice among the names of a registry, read when a command line is parsed or its help shown, so
+    that every registered entry is offered."""
+
+    def __init__(self, registry: dict, case_sensitive: bool = True):
+        self.registry = registry
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self.registry)
+
+
 class SeedRange(click.IntRange):
     """The seeds torch's generators take (64 bits at most), with room above for the seed + i of an
     ensemble: 0..2^63-1, shown as such in --help and in errors."""

@@ -12,6 +12,10 @@ PREDICTIONS = ("eps", "v")  # what the network's output means: fdm_core.diffusio
 # "circular" wraps it around, so that the network commutes with circular shifts by multiples of its total
 # stride and cannot tell where anything is.
 PADDINGS = ("zeros", "replicate", "reflect", "circular")
+# A file written without the field holds an eps-model with zero padding. TrainOptions.prediction / .padding
+# (fdm_train.options) set these over a config, with the same choices.
+DEFAULT_PREDICTION = "eps"
+DEFAULT_PADDING = "zeros"
 
 
 # Fields that files written earlier name otherwise: their old name -> the field.
@@ -35,8 +39,8 @@ class ModelConfig:
     mask_downsample: int = 1  # the mask logits are averaged over N x N cells, then upsampled: masks at 1/N size
     # What the output means (fdm_core.diffusion.PREDICTIONS): the network never reads it; its trainer and
     # samplers do. A file written without the field holds an eps-model.
-    prediction: str = "eps"
-    padding: str = "zeros"  # PADDINGS; a file written without the field pads with zeros
+    prediction: str = DEFAULT_PREDICTION
+    padding: str = DEFAULT_PADDING  # PADDINGS; a file written without the field pads with zeros
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -77,7 +81,8 @@ class ModelConfig:
 
 # Bounds of every number of a config: a config read from a file is checked against them before a model
 # is built from it (a model's size grows with these numbers). Far above any model this project trains.
-BOUNDS = {
+# (The bounds of a training run's options are TrainOptions' own, in fdm_train.options.)
+CONFIG_BOUNDS = {
     "image_size": (8, 2048), "in_channels": (1, 16), "base_channels": (1, 2048), "num_res_blocks": (1, 16),
     "head_channels": (1, 4096), "num_regions": (1, 64), "num_classes": (0, 100_000),
 }
@@ -89,7 +94,7 @@ def _check_bounds(cfg: ModelConfig) -> None:
         if type(value) is not int or not low <= value <= high:  # bool is not a count
             raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
 
-    for name, (low, high) in BOUNDS.items():
+    for name, (low, high) in CONFIG_BOUNDS.items():
         check_int(name, getattr(cfg, name), low, high)
     if not 1 <= len(cfg.channel_mult) <= MAX_STAGES:
         raise ValueError(f"channel_mult must have 1 to {MAX_STAGES} stages, got {len(cfg.channel_mult)}")
@@ -160,7 +165,6 @@ LARGEST_CPU_PRESET = "small-64"  # a model of more FLOPs per image is sized for 
 DEFAULT_REGION_CODES = True
 DEFAULT_T_POWER = 2.0
 DEFAULT_ITERATIONS = 10_000  # training steps of a fresh run
-DEFAULT_PREDICTION = "eps"
 
 
 def preset(name: str, **overrides) -> ModelConfig:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fdm_core.settings import SCENE_EMPTY, SCENE_SEED, SCENE_SIZE
+
 
 @dataclass(frozen=True)
 class SceneKind:
@@ -127,8 +129,8 @@ def _two_tone(pattern: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray
     return c0 + (c1 - c0) * pattern[:, None].astype(np.float32)
 
 
-def make_scenes(kind: str | SceneKind, count: int, size: int = 32, seed: int = 0,
-                empty: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def make_scenes(kind: str | SceneKind, count: int, size: int = SCENE_SIZE.default, seed: int = SCENE_SEED.default,
+                empty: float = SCENE_EMPTY.default) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 3, S, S], labels uint8 [N, S, S]) of one kind (its name or code), a function of the
     arguments only. `empty`: the probability that a scene is drawn without its objects (its background
     alone, labels 0); the other scenes are those of empty=0, whatever `empty` is."""

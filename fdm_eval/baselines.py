@@ -34,6 +34,15 @@ import torch.nn.functional as F
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError
 from fdm_core.util import check_not_input, check_writable_folder, pick_device
+from fdm_eval.settings import (
+    BASELINE_SEED,
+    CLUSTERS,
+    GRABCUT_ROUNDS,
+    KMEANS_BATCH_SIZE,
+    KMEANS_DEVICE,
+    MARGIN,
+    PIXELS_PER_IMAGE,
+)
 from fdm_infer.image_files import (
     FileReport,
     InputImage,
@@ -76,7 +85,8 @@ def _cv2():
     return cv2
 
 
-def grabcut_labels(image: np.ndarray, margin: float = 0.1, iterations: int = 5, seed: int = 0) -> np.ndarray:
+def grabcut_labels(image: np.ndarray, margin: float = MARGIN.default, iterations: int = GRABCUT_ROUNDS.default,
+                   seed: int = BASELINE_SEED.default) -> np.ndarray:
     """GrabCut of an RGB uint8 image [H, W, 3] from the centered rectangle that leaves `margin` of the
     width and height on each side: uint8 [H, W], 1 = foreground (definite or probable), 0 = background."""
     cv2 = _cv2()
@@ -97,7 +107,7 @@ def grabcut_labels(image: np.ndarray, margin: float = 0.1, iterations: int = 5, 
     return np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
 
 
-def rectangle_labels(height: int, width: int, margin: float = 0.1) -> np.ndarray:
+def rectangle_labels(height: int, width: int, margin: float = MARGIN.default) -> np.ndarray:
     """GrabCut's initialisation alone, a sanity floor: 1 inside the centered rectangle, 0 outside."""
     x0, y0 = round(margin * width), round(margin * height)
     labels = np.zeros((height, width), np.uint8)
@@ -105,8 +115,9 @@ def rectangle_labels(height: int, width: int, margin: float = 0.1) -> np.ndarray
     return labels
 
 
-def run_grabcut(paths: Sequence[str | Path], out: str | Path, *, margin: float = 0.1, iterations: int = 5,
-                seed: int = 0, limit: int | None = None, warn: Callable[[str], None] | None = None,
+def run_grabcut(paths: Sequence[str | Path], out: str | Path, *, margin: float = MARGIN.default,
+                iterations: int = GRABCUT_ROUNDS.default, seed: int = BASELINE_SEED.default, limit: int | None = None,
+                warn: Callable[[str], None] | None = None,
                 progress: Callable[[int], None] | None = None, rectangle_only: bool = False) -> BaselineReport:
     """Writes `<out>/<key>.png` (0/1 label map at the image's resolution) for every image under `paths`.
     `rectangle_only`: the initial rectangle itself, without GrabCut."""
@@ -194,8 +205,8 @@ def decoder_stages(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def decoder_features(model: torch.nn.Module, images: torch.Tensor, ts: Sequence[int], seed: int = 0,
-                     stages: Sequence[int] | None = None, size: int | None = None) -> torch.Tensor:
+def decoder_features(model: torch.nn.Module, images: torch.Tensor, ts: Sequence[int],
+                     seed: int = BASELINE_SEED.default, stages: Sequence[int] | None = None, size: int | None = None) -> torch.Tensor:
     """[B, D, S, S]: the outputs of the decoder stages (forward hooks) for the images [B, 3, S, S] in
     [-1, 1] noised to each t of `ts`, upsampled bilinearly to S x S and concatenated (t-major)."""
     all_stages = decoder_stages(model)
@@ -228,7 +239,7 @@ def decoder_features(model: torch.nn.Module, images: torch.Tensor, ts: Sequence[
     return torch.cat(feats, dim=1)
 
 
-def kmeans(x: torch.Tensor, k: int, *, n_init: int = 4, iterations: int = 100, seed: int = 0,
+def kmeans(x: torch.Tensor, k: int, *, n_init: int = 4, iterations: int = 100, seed: int = BASELINE_SEED.default,
            tol: float = 1e-6) -> tuple[torch.Tensor, float]:
     """K-means of x [n, d] (float, any device): k-means++ seeding, Lloyd iterations, the best of
     `n_init` restarts by inertia. Returns (centroids [k, d], inertia per point)."""
@@ -289,9 +300,9 @@ class KMeansDDPM:
         return dist.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
 
-def fit_kmeans_ddpm(model, images: torch.Tensor, *, k: int = 3, ts: Sequence[int] = DEFAULT_KMEANS_TS,
-                    seed: int = 0, pixels_per_image: int = 64, batch_size: int = 16,
-                    stages: Sequence[int] | None = None, n_init: int = 4,
+def fit_kmeans_ddpm(model, images: torch.Tensor, *, k: int = CLUSTERS.default, ts: Sequence[int] = DEFAULT_KMEANS_TS,
+                    seed: int = BASELINE_SEED.default, pixels_per_image: int = PIXELS_PER_IMAGE.default,
+                    batch_size: int = KMEANS_BATCH_SIZE.default, stages: Sequence[int] | None = None, n_init: int = 4,
                     progress: Callable[[int], None] | None = None) -> KMeansDDPM:
     """Fits K-means on `pixels_per_image` random pixels (seeded) of each image [N, 3, S, S] in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
@@ -314,7 +325,8 @@ def fit_kmeans_ddpm(model, images: torch.Tensor, *, k: int = 3, ts: Sequence[int
 
 @torch.no_grad()
 def kmeans_ddpm_labels(fitted: KMeansDDPM, model, images: torch.Tensor, out_sizes: Sequence[tuple[int, int]],
-                       batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+                       batch_size: int = KMEANS_BATCH_SIZE.default,
+                       progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
     """uint8 label maps, one per image, at out_sizes[i]: the distances bilinearly resized, then argmin."""
     labels = []
     for first in range(0, images.shape[0], batch_size):
@@ -329,7 +341,7 @@ def kmeans_ddpm_labels(fitted: KMeansDDPM, model, images: torch.Tensor, out_size
     return labels
 
 
-def load_plain_model(checkpoint: str | Path, device: str = "auto"):
+def load_plain_model(checkpoint: str | Path, device: str = KMEANS_DEVICE.default):
     from fdm_core.checkpoint import load_model
 
     dev = pick_device(device)
@@ -340,10 +352,11 @@ def load_plain_model(checkpoint: str | Path, device: str = "auto"):
     return model.to(dev).eval(), cfg
 
 
-def run_kmeans_ddpm(checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path, *, k: int = 3,
-                    ts: Sequence[int] = DEFAULT_KMEANS_TS, seed: int = 0, pixels_per_image: int = 64,
-                    batch_size: int = 16, stages: Sequence[int] | None = None, limit: int | None = None,
-                    device: str = "auto", warn: Callable[[str], None] | None = None,
+def run_kmeans_ddpm(checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path, *, k: int = CLUSTERS.default,
+                    ts: Sequence[int] = DEFAULT_KMEANS_TS, seed: int = BASELINE_SEED.default,
+                    pixels_per_image: int = PIXELS_PER_IMAGE.default, batch_size: int = KMEANS_BATCH_SIZE.default,
+                    stages: Sequence[int] | None = None, limit: int | None = None,
+                    device: str = KMEANS_DEVICE.default, warn: Callable[[str], None] | None = None,
                     progress: Callable[[int], None] | None = None) -> BaselineReport:
     """Fits K-means over the decoder features of all images under `paths`, then writes
     `<out>/<key>.png` (labels 0..K-1 at each image's resolution)."""

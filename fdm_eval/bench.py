@@ -30,8 +30,10 @@ from fdm_core.config import preset
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.model import count_flops
 from fdm_core.samplers import DEFAULT_CLIP
+from fdm_core.settings import DEVICE
 from fdm_core.util import atomic_write, json_text, one_line, pick_device
 from fdm_eval.measure import environment, median_ms, random_model
+from fdm_eval.settings import BENCH_BUDGET, BENCH_REPEATS, BENCH_SAMPLE_STEPS
 from fdm_infer.engines.torch_engine import TorchEngine
 from fdm_infer.segment import DEFAULT_T
 
@@ -282,9 +284,9 @@ def describe_plan(device: torch.device, plan: dict, chosen: list[Variant], budge
 
 
 def run(preset_names: list[str] | None = None, batches: list[int] | None = None, variant_keys: list[str] | None = None,
-        device: str = "auto", repeats: int = 30, budget_s: float = 10.0, sample_images: int | None = None,
-        sample_steps: int | None = None, clip: str = DEFAULT_CLIP, sampling: bool = True, plain: bool = True,
-        onnx_max_batch: int | None = None,
+        device: str = DEVICE.default, repeats: int = BENCH_REPEATS.default, budget_s: float = BENCH_BUDGET.default,
+        sample_images: int | None = None, sample_steps: int | None = BENCH_SAMPLE_STEPS.default,
+        clip: str = DEFAULT_CLIP, sampling: bool = True, plain: bool = True, onnx_max_batch: int | None = None,
         log=print, on_update=None, checkpoint: str | Path | None = None, plan: str | Path | None = None) -> dict:
     """The benchmark; `on_update(result)` after every measurement (so that a run cut short keeps its rows).
     Presets, batches and the whole run's images and steps not given are the device's (PLANS). Ctrl-C (or

@@ -15,7 +15,23 @@ from fdm_infer.options import (
     segmentation_options,
     warn_line,
 )
-from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T
+from fdm_eval.settings import (
+    BASELINE_SEED,
+    CLUSTERS,
+    FID_BATCH_SIZE,
+    FID_DEVICE,
+    FID_SEED,
+    GRABCUT_ROUNDS,
+    KMEANS_BATCH_SIZE,
+    KMEANS_DEVICE,
+    MARGIN,
+    PIXELS_PER_IMAGE,
+    PROTOCOL,
+    REFERENCE_SIZE,
+    RESULTS,
+    SIZE_MODE,
+)
+from fdm_infer.settings import ENSEMBLE, REFINE, SMOOTH, TIMESTEP
 
 
 @click.command(cls=Command)
@@ -25,15 +41,11 @@ from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T
 @click.option("--masks", required=True, type=click.Path(file_okay=False),
               help="Folder of ground-truth label maps, <relative path of the image>.png: 0 = background, "
                    "1..L-1 = parts (LFW: 1 skin, 2 hair); a 0/255 mask reads as 0/1.")
-@click.option("--protocol", type=click.Choice(["foreground", "parts", "all"]), default="all", show_default=True,
-              help="foreground: Acc/IoU/DICE of the non-zero labels; parts: pixel Acc/mIoU after Hungarian "
-                   "matching over the set; all: both.")
+@PROTOCOL.option()
 @click.option("--predictions", type=click.Path(file_okay=False), default=None,
               help="Score label maps from any method instead of a model: <name>.png or <name>_labels.png "
                    "(values 0..K-1, or 0/255) per image [default: none, the model's].")
-@click.option("--size-mode", type=click.Choice(["upsample", "downsample"]), default="upsample", show_default=True,
-              help="upsample: predictions to the masks' resolution (soft masks bilinear, label maps nearest); "
-                   "downsample: masks to the predictions' resolution (nearest).")
+@SIZE_MODE.option()
 @click.option("--num-labels", type=click.IntRange(2, 256), default=None,
               help="Labels of the ground truth [default: the largest label in the masks + 1].")
 @click.option("--num-channels", type=click.IntRange(2, 256), default=None,
@@ -52,8 +64,7 @@ from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T
                    "integers uniform up to F of the width / height (F in [0, 0.5)), edges replicated, seeded by "
                    "--seed and the image's index; adds a row per method [default: no shift].")
 @click.option("--name", default=None, help="Row name in the table [default: the model's / folder's name].")
-@click.option("-o", "--out", "out", default="results.json", type=click.Path(dir_okay=False),
-              help="Output file: the JSON results; the Markdown table goes beside it (.md).")
+@RESULTS.option()
 @json_option
 def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, predictions, t, seed, ensemble, refine,
              smooth,
@@ -82,8 +93,8 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     protocols = ("foreground", "parts") if protocol == "all" else (protocol,)
     if predictions and (model_file or engine_kind):
         raise click.UsageError("give --predictions or a model (--model / --engine), not both")
-    if predictions and (t != DEFAULT_T or ensemble != 1 or smooth != DEFAULT_SMOOTH or refine != DEFAULT_REFINE
-                        or class_label is not None):
+    if predictions and (t != TIMESTEP.default or ensemble != ENSEMBLE.default or smooth != SMOOTH.default
+                        or refine != REFINE.default or class_label is not None):
         raise click.UsageError("--t / --ensemble / --smooth / --refine / --class set how a model segments; "
                                "--predictions are scored as given")
     if num_channels is not None and not predictions:
@@ -138,22 +149,17 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
               help="Output folder (created) for the label maps <relative path>.png (for `evaluate --predictions`).")
 @click.option("--plain-model", "checkpoint", type=click.Path(dir_okay=False), default=None,
               help="kmeans-ddpm: a plain U-Net DDPM checkpoint (--variant plain) [default: none].")
-@click.option("--margin", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True,
-              help="grabcut: the initial rectangle leaves this fraction of width/height on each side.")
-@click.option("--grabcut-rounds", "iterations", type=click.IntRange(1), default=5, show_default=True,
-              help="grabcut: rounds of GrabCut's estimation.")
+@MARGIN.option()
+@GRABCUT_ROUNDS.option()
 @click.option("--timestep", "ts", type=click.IntRange(0, 999), multiple=True,
               help="kmeans-ddpm: noise level(s) of the feature passes, repeatable [default: 50, 150, 250].")
-@click.option("--clusters", "k", type=click.IntRange(2), default=3, show_default=True, help="kmeans-ddpm: K-means clusters.")
+@CLUSTERS.option()
 @click.option("--stage", "stages", type=int, multiple=True,
               help="kmeans-ddpm: decoder stage index(es) whose outputs are used [default: all].")
-@click.option("--pixels-per-image", type=click.IntRange(1), default=64, show_default=True,
-              help="kmeans-ddpm: random pixels per image in the K-means fit.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
-              help="kmeans-ddpm: images per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="kmeans-ddpm: auto, cpu, cuda, cuda:1, ...")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of grabcut's color models / of kmeans-ddpm's noise, pixel sample and K-means.")
+@PIXELS_PER_IMAGE.option()
+@KMEANS_BATCH_SIZE.option()
+@KMEANS_DEVICE.option()
+@BASELINE_SEED.option()
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images (in sorted order) [default: all].")
 @threads_option
 @quiet_option
@@ -201,15 +207,12 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
               help="Generated images used (the first N, sorted) [default: all].")
 @click.option("--reference-n", type=click.IntRange(0), default=None,
               help="Reference images used (a seeded random subset; 0 = all) [default: as many as generated].")
-@click.option("--reference-size", default="auto", show_default=True,
-              help="Bring reference images to SxS as training does (shorter side, center crop) before the "
-                   "299 resize: 'auto' = the generated images' size, an integer, or 'none'.")
+@REFERENCE_SIZE.option()
 @click.option("--save-reference-stats", type=click.Path(dir_okay=False), default=None,
               help="Also write the reference statistics (.npz) for later runs [default: none].")
-@click.option("--batch-size", type=click.IntRange(1), default=50, show_default=True,
-              help="Images per Inception forward pass.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the reference subset.")
+@FID_BATCH_SIZE.option()
+@FID_DEVICE.option()
+@FID_SEED.option()
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
               help="Output file: also write the result as JSON [default: none].")
 @threads_option

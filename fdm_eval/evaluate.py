@@ -34,16 +34,18 @@ from PIL import Image
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError
 from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images, shift_offset, translate
+from fdm_core.settings import BATCH_SIZE, SEED
 from fdm_core.util import atomic_write, json_text, one_line
 from fdm_core.visualize import mask_statistics
 from fdm_eval.metrics import ForegroundAccumulator, PartsAccumulator
+from fdm_eval.settings import SIZE_MODE
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.image_files import model_input, read_image, resize_labels
-from fdm_infer.refine import DEFAULT_REFINE
-from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_channels, read_labels, segment_tensor
+from fdm_infer.segment import check_channels, check_settings, read_labels, segment_checked
+from fdm_infer.settings import ENSEMBLE, REFINE, SMOOTH, TIMESTEP
 
 PROTOCOLS = ("foreground", "parts")
-SIZE_MODES = ("upsample", "downsample")
+SIZE_MODES = SIZE_MODE.choices
 LFW_LABELS = ("background", "skin", "hair")
 MAX_CHANNELS = 64  # the most channels a folder of label maps is taken to have without --num-channels
 
@@ -96,7 +98,7 @@ class EvalSet:
             image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
         return image
 
-    def shifted(self, max_fraction: float, seed: int = 0) -> EvalSet:
+    def shifted(self, max_fraction: float, seed: int = SEED.default) -> EvalSet:
         """The set with each image and its mask translated by one offset (`shift_offset`, seeded by `seed`
         and the image's index), their edges replicated."""
         check_shift(max_fraction)
@@ -190,16 +192,25 @@ class Predictions:
     source: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
-def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1,
-                        smooth: int = DEFAULT_SMOOTH, refine: str = DEFAULT_REFINE,
-                        batch_size: int = 16, size_mode: str = "upsample", class_label: int | None = None,
-                        progress: Callable[[int], None] | None = None) -> Predictions:
+def predict_with_engine(engine, evalset: EvalSet, *, t: int = TIMESTEP.default, seed: int = SEED.default,
+                        ensemble: int = ENSEMBLE.default, smooth: int = SMOOTH.default, refine: str = REFINE.default,
+                        batch_size: int = BATCH_SIZE.default, size_mode: str = SIZE_MODE.default,
+                        class_label: int | None = None, progress: Callable[[int], None] | None = None) -> Predictions:
     """Segments every image of `evalset` with `engine` (fdm_infer.segment.segment_tensor: the image
     resized whole to S x S, noised to t with the seeded noise, one forward pass); with `refine`, the masks
     are refined at each ground-truth mask's size with the image at that size (fdm_infer.refine)."""
-    if size_mode not in SIZE_MODES:
-        raise UserError(f"size mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}")
+    check_settings(t, ensemble, smooth, refine)
+    SIZE_MODE.check(size_mode)
+    BATCH_SIZE.check(batch_size)
+    return _predict_with_engine(engine, evalset, t, seed, ensemble, smooth, refine, batch_size, size_mode, class_label,
+                                progress)
+
+
+@torch.no_grad()
+def _predict_with_engine(engine, evalset: EvalSet, t: int, seed: int, ensemble: int, smooth: int, refine: str,
+                         batch_size: int, size_mode: str, class_label: int | None,
+                         progress: Callable[[int], None] | None) -> Predictions:
+    """`predict_with_engine` of settings checked before."""
     cfg = engine.config
     if cfg.variant == "plain":
         raise UserError("this checkpoint is a plain U-Net (no masks): evaluate its K-means baseline with "
@@ -215,8 +226,7 @@ def predict_with_engine(engine, evalset: EvalSet, *, t: int = DEFAULT_T, seed: i
     for first in range(0, len(evalset), batch_size):
         x = inputs[first:first + batch_size]
         y = None if class_label is None else torch.full((x.shape[0],), class_label, dtype=torch.long)
-        masks = segment_tensor(engine, x, t=t, seed=seed, ensemble=ensemble, y=y, diffusion=diffusion,
-                               smooth=smooth).float()
+        masks = segment_checked(engine, x, t, seed, ensemble, y, diffusion, smooth).float()
         presence.add_masks(masks)
         entropy_sum += mask_statistics(masks)["mask_entropy"] * x.shape[0]
         if size_mode == "upsample":
@@ -267,13 +277,18 @@ def load_predictions(folder: str | Path, evalset: EvalSet, num_channels: int | N
 
 # ----- scoring -----
 
-def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode: str = "upsample",
+def score(pred: Predictions, evalset: EvalSet, protocols=PROTOCOLS, *, size_mode: str = SIZE_MODE.default,
           fg_channels: list[int] | None = None, num_labels: int | None = None) -> dict:
     """The figures of `protocols` for predictions of `evalset` (fractions in [0, 1]); see
     fdm_eval.metrics for the definitions. `fg_channels`: the foreground channels [default: chosen
     without labels, fdm_infer.foreground]."""
-    if size_mode not in SIZE_MODES:
-        raise UserError(f"size mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}")
+    SIZE_MODE.check(size_mode)
+    return _score(pred, evalset, protocols, size_mode, fg_channels, num_labels)
+
+
+def _score(pred: Predictions, evalset: EvalSet, protocols, size_mode: str, fg_channels: list[int] | None,
+           num_labels: int | None) -> dict:
+    """`score` of a size mode checked before."""
     k = pred.num_channels
     check_channels(fg_channels, k)
     num_labels = num_labels or evalset.num_labels
@@ -527,17 +542,21 @@ def _json_default(value):
 
 
 def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = None, protocols=PROTOCOLS,
-             t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1, smooth: int = DEFAULT_SMOOTH,
-             refine: str = DEFAULT_REFINE, batch_size: int = 16, size_mode: str = "upsample",
+             t: int = TIMESTEP.default, seed: int = SEED.default, ensemble: int = ENSEMBLE.default,
+             smooth: int = SMOOTH.default, refine: str = REFINE.default, batch_size: int = BATCH_SIZE.default,
+             size_mode: str = SIZE_MODE.default,
              fg_channels: list[int] | None = None, num_labels: int | None = None, num_channels: int | None = None,
              class_label: int | None = None, name: str | None = None,
              progress: Callable[[int], None] | None = None) -> dict:
     """Scores a model (`engine`) or a folder of label maps (`predictions`) on `evalset`."""
     if (engine is None) == (predictions is None):
         raise ValueError("give an engine or a predictions folder")
+    SIZE_MODE.check(size_mode)
     if engine is not None:
-        pred = predict_with_engine(engine, evalset, t=t, seed=seed, ensemble=ensemble, smooth=smooth, refine=refine,
-                                   batch_size=batch_size, size_mode=size_mode, class_label=class_label, progress=progress)
+        check_settings(t, ensemble, smooth, refine)
+        BATCH_SIZE.check(batch_size)
+        pred = _predict_with_engine(engine, evalset, t, seed, ensemble, smooth, refine, batch_size, size_mode,
+                                    class_label, progress)
         source = {"engine": getattr(engine, "name", "?"), "t": t, "seed": seed, "ensemble": ensemble, "smooth": smooth,
                   "refine": refine, "model_size": pred.model_size, "variant": engine.config.variant,
                   "resize": ("soft masks bilinear to the mask size, then argmax" if size_mode == "upsample"
@@ -548,8 +567,7 @@ def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = 
                   "resize": ("label maps nearest to the mask size" if size_mode == "upsample"
                              else "ground truth nearest to the label maps' size")}
     result = {"name": name or ("predictions" if engine is None else "model"), **source}
-    result.update(score(pred, evalset, protocols, size_mode=size_mode, fg_channels=fg_channels,
-                        num_labels=num_labels))
+    result.update(_score(pred, evalset, protocols, size_mode, fg_channels, num_labels))
     if evalset.shift:
         result["shift"] = evalset.shift
     result["seconds"] = round(pred.seconds, 2)

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_core.config import BOUNDS
+from fdm_core.config import CONFIG_BOUNDS
 from fdm_core.errors import UserError, check_int
 from fdm_core.images import find_images, fit_square, load_rgb
 from fdm_core.util import atomic_file, one_line, pick_device
+from fdm_eval.settings import FID_BATCH_SIZE, FID_SEED, REFERENCE_SIZE
 from fdm_infer.image_files import OUTPUT_SUFFIXES
 
 INCEPTION_ENV = "FDM_INCEPTION"
@@ -95,7 +96,7 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def inception_features(model, images, batch_size: int = 50, device: str | torch.device = "cpu",
+def inception_features(model, images, batch_size: int = FID_BATCH_SIZE.default, device: str | torch.device = "cpu",
                        progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Features float64 [N, 2048] of `images`: a uint8 tensor / array [N, 3, H, W] or a list of uint8
     [3, H, W] tensors of any sizes (each resized to 299 on its own)."""
@@ -337,15 +338,17 @@ def source_statistics(source: ImageSource, n: int | None, *, seed: int | None, s
 
 
 def compute_fid(generated: str | Path, reference: str | Path, *, n: int | None = None,
-                reference_n: int | None = None, reference_size: int | str | None = "auto", seed: int = 0,
-                batch_size: int = 50, device: str = "cpu", save_reference_stats: str | Path | None = None,
+                reference_n: int | None = None, reference_size: int | str | None = REFERENCE_SIZE.default,
+                seed: int = FID_SEED.default, batch_size: int = FID_BATCH_SIZE.default,
+                device: str = "cpu",  # the library's own choice; the command line's --device picks a GPU (auto)
+                save_reference_stats: str | Path | None = None,
                 progress: Callable[[int], None] | None = None) -> dict:
     """FID of the generated images (the first `n`, in sorted order) against the reference (a seeded
     random `reference_n`, default: as many as generated). `reference_size` "auto": reference images
     are brought to the generated images' square size as training does (shorter side, center crop) before
     the 299 resize; an int: that size; None: as they are."""
     if reference_size not in ("auto", None):
-        check_int("reference_size", reference_size, *BOUNDS["image_size"])
+        check_int("reference_size", reference_size, *CONFIG_BOUNDS["image_size"])
     dev = pick_device(device)
     gen = ImageSource.open(generated)
     ref = ImageSource.open(reference)

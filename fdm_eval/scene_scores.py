@@ -32,10 +32,12 @@ import torch
 from scipy import ndimage
 
 from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.settings import CLIP, SEED
 from fdm_core.visualize import mask_statistics
 from fdm_eval.metrics import confusion_matrix, parts_scores
 from fdm_infer.engines.base import Engine
-from fdm_infer.segment import DEFAULT_T, segment_tensor
+from fdm_infer.segment import segment_tensor
+from fdm_infer.settings import TIMESTEP
 
 T_BINS = ((0, 100), (100, 300), (300, 600), (600, 1000))  # the t-bins of mask usefulness
 
@@ -55,7 +57,8 @@ def as_engine(model) -> Engine:
 
 
 @torch.no_grad()
-def scene_masks(model, images: torch.Tensor, t: int = DEFAULT_T, seed: int = 0, batch: int = 128) -> torch.Tensor:
+def scene_masks(model, images: torch.Tensor, t: int = TIMESTEP.default, seed: int = SEED.default,
+                batch: int = 128) -> torch.Tensor:
     """Soft masks [N, K, S, S] of images [N, 3, S, S] in [-1, 1], read as `fdm-infer segment --smooth 1` reads
     them (the same noise for every image, so batching changes nothing)."""
     engine = as_engine(model)
@@ -74,7 +77,7 @@ def uniform_masks(model):
 
 
 @torch.no_grad()
-def usefulness(model, images: torch.Tensor, seed: int = 0, batch: int = 128) -> dict[str, float]:
+def usefulness(model, images: torch.Tensor, seed: int = SEED.default, batch: int = 128) -> dict[str, float]:
     """Per t-bin: loss(uniform masks) - loss(learned masks), on noise and t drawn once from `seed`."""
     diffusion = GaussianDiffusion()
     g = torch.Generator().manual_seed(seed + 1)
@@ -95,7 +98,8 @@ def usefulness(model, images: torch.Tensor, seed: int = 0, batch: int = 128) -> 
     return result
 
 
-def segmentation_scores(model, images: np.ndarray, labels: np.ndarray, *, t: int = DEFAULT_T, seed: int = 0,
+def segmentation_scores(model, images: np.ndarray, labels: np.ndarray, *, t: int = TIMESTEP.default,
+                        seed: int = SEED.default,
                         with_usefulness: bool = True, empty: np.ndarray | None = None) -> dict:
     """All figures for one model (an nn.Module) on one set of scenes (uint8 images [N,3,S,S], labels
     [N,S,S]); with `empty` (uint8 scenes without objects), the share of their pixels given the background's
@@ -207,7 +211,7 @@ def generation_scores(images: np.ndarray, labels: np.ndarray, readout: np.ndarra
             "resegment_miou": float(np.mean(reseg))}
 
 
-def generate_and_score(engine, n: int = 64, *, clip: str = "static", seed: int = 0) -> dict:
+def generate_and_score(engine, n: int = 64, *, clip: str = CLIP.default, seed: int = SEED.default) -> dict:
     """`generation_scores` of n scenes the engine's model generates (DDIM 50 steps), read out as `segment` does."""
     from fdm_core.visualize import images_to_uint8
     from fdm_infer.sampling import generate

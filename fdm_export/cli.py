@@ -7,7 +7,20 @@ import click
 
 from fdm_core.cli_options import CONTEXT_SETTINGS, HelpGroup, overwrite_option, quiet_option, version_option
 from fdm_core.command_line import FiniteFloatRange, run_cli
-from fdm_infer.settings import DEFAULT_SMOOTH, DEFAULT_T
+from fdm_export.settings import (
+    CHECK,
+    CHECK_BATCHES_OPTION,
+    MAX_BATCH,
+    MIN_BATCH,
+    ONNX_DTYPE,
+    OPT_BATCH,
+    PLAN_CHECK,
+    PRECISION,
+    SEGMENTATION_CHECK,
+    TF32,
+    WEIGHTS,
+)
+from fdm_infer.settings import SMOOTH, TIMESTEP
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -40,15 +53,10 @@ def parity_line(result) -> str:
               help="Output file (.onnx) [default: the checkpoint's path with .onnx].")
 @click.option("--opset", type=click.IntRange(14, 20), default=None,
               help="ONNX opset [default: 17, parsed by TensorRT 10/11 and onnxruntime].")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Weight/compute precision inside the graph; inputs and outputs stay float32. "
-                   "bf16 files are for TensorRT (onnxruntime cannot run them on the CPU).")
-@click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
-              help="Which weights of the checkpoint to export.")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Compare onnxruntime with PyTorch on random inputs before writing the file.")
-@click.option("--check-batches", default="1,3", show_default=True, callback=_batches,
-              help="Batch sizes of the parity check (all through the one exported graph).")
+@ONNX_DTYPE.option()
+@WEIGHTS.option()
+@CHECK.option()
+@CHECK_BATCHES_OPTION.option(callback=_batches)
 @click.option("--tolerance", type=FiniteFloatRange(0, min_open=True), default=None,
               help="Max abs error allowed by the check [default: 1e-4 for fp32, 5e-2 for fp16].")
 @overwrite_option("Replace the output file if it exists (never the checkpoint).")
@@ -78,13 +86,10 @@ def onnx(checkpoint, out, opset, dtype, weights, check, check_batches, tolerance
 @click.argument("checkpoint", type=click.Path())
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
               help="Output file (.onnx) [default: the checkpoint's path with .segment.onnx].")
-@click.option("--timestep", "t", type=click.IntRange(0, 999), default=DEFAULT_T,
-              help="Noise level the images are taken to before the one forward pass (baked into the file).")
-@click.option("--smooth", type=click.IntRange(1), default=DEFAULT_SMOOTH,
-              help="Smooth the masks over an N x N window (odd; 1: the masks as the model gives them).")
+@TIMESTEP.but(help=f"{TIMESTEP.help[:-1]} (baked into the file).").option()
+@SMOOTH.but(help="Smooth the masks over an N x N window (odd; 1: the masks as the model gives them).").option()
 @click.option("--opset", type=click.IntRange(14, 20), default=None, help="ONNX opset [default: 17].")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Compare onnxruntime with PyTorch on random images before writing the file.")
+@SEGMENTATION_CHECK.option()
 @overwrite_option("Replace the output file if it exists (never the checkpoint).")
 @quiet_option
 def segmentation(checkpoint, out, t, smooth, opset, check, overwrite, quiet):
@@ -112,22 +117,16 @@ def segmentation(checkpoint, out, t, smooth, opset, check, overwrite, quiet):
 @click.argument("onnx_file", type=click.Path())
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
               help="Output file (TensorRT plan, .plan) [default: the ONNX file's path with .plan].")
-@click.option("--min-batch", type=click.IntRange(1), default=1, show_default=True,
-              help="Smallest batch one call runs (smaller ones are padded).")
-@click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True,
-              help="Batch size TensorRT tunes its kernels for.")
-@click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,
-              help="Largest batch one call runs (the engine splits larger ones).")
-@click.option("--precision", type=click.Choice(["auto", "fp16", "bf16"]), default="auto", show_default=True,
-              help="auto: strongly typed, the ONNX file's own dtype (TensorRT 10 and 11). fp16/bf16: "
-                   "TensorRT 10's weakly-typed builder flags (gone in 11: export with --dtype instead).")
+@MIN_BATCH.option()
+@OPT_BATCH.option()
+@MAX_BATCH.option()
+@PRECISION.option()
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file, read if present and written back (speeds up rebuilds) [default: none].")
 @click.option("--workspace", type=click.IntRange(1), default=None, help="Workspace limit in MiB [default: TensorRT's, the GPU's memory].")
-@click.option("--tf32/--no-tf32", default=True, show_default=True, help="Allow TF32 for float32 layers.")
+@TF32.option()
 @click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Run the plan on random inputs and compare with onnxruntime (CPU) on the same ONNX file.")
+@PLAN_CHECK.option()
 @overwrite_option("Replace the output plan if it exists (never the ONNX file).")
 @quiet_option
 def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose, check,

@@ -26,6 +26,7 @@ from fdm_core.errors import UserError
 from fdm_core.model import FactorizedUNet
 from fdm_core.onnx_format import DEFAULT_OPSET, OUTPUT_NAMES, example_inputs, onnx_model_bytes
 from fdm_core.util import DTYPES, atomic_write, check_output, one_line
+from fdm_export.settings import CHECK, CHECK_BATCHES, CHECK_SEED, ONNX_DTYPE, WEIGHTS
 from fdm_infer.engines.onnx_engine import session_options
 
 # Parity tolerance per export dtype, against eager PyTorch in float32 on the same inputs.
@@ -53,9 +54,10 @@ class ExportResult:
 MAX_CHECK_BATCH = 64
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
-                check: bool = True, check_batches: tuple[int, ...] = (1, 3), weights: str = "ema",
-                tolerance: float | None = None, overwrite: bool = True) -> ExportResult:
+def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype: str = ONNX_DTYPE.default,
+                check: bool = CHECK.default, check_batches: tuple[int, ...] = CHECK_BATCHES,
+                weights: str = WEIGHTS.default, tolerance: float | None = None,
+                overwrite: bool = True) -> ExportResult:
     """Export a checkpoint's denoiser to `out` (written atomically; never the checkpoint itself, nor an
     existing file unless `overwrite`) and, with `check`, compare onnxruntime against eager PyTorch
     (float32) on random inputs. Raises ExportError on a failed check."""
@@ -94,7 +96,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT
 
 
 def parity_check(onnx_bytes: bytes, model: FactorizedUNet, cfg: ModelConfig,
-                 batches: tuple[int, ...] = (1, 3), seed: int = 1234) -> dict[int, tuple[float, float]]:
+                 batches: tuple[int, ...] = CHECK_BATCHES, seed: int = CHECK_SEED) -> dict[int, tuple[float, float]]:
     """Max abs error (eps, masks) of onnxruntime (CPU) vs the eager float32 model, per batch size."""
     import onnxruntime as ort
 

@@ -28,8 +28,10 @@ from fdm_core.images import to_float
 from fdm_core.onnx_format import DEFAULT_OPSET, with_metadata
 from fdm_core.util import atomic_write, check_output, one_line
 from fdm_export.onnx_export import TOLERANCE, ExportError, ExportResult
+from fdm_export.settings import SEGMENTATION_CHECK
 from fdm_infer.engines.onnx_engine import session_options
-from fdm_infer.segment import DEFAULT_SMOOTH, DEFAULT_T, check_settings, smooth_masks
+from fdm_infer.segment import check_settings, smooth_masks
+from fdm_infer.settings import SMOOTH, TIMESTEP
 
 INPUTS, OUTPUTS = ("image", "noise"), ("labels", "masks")
 
@@ -51,13 +53,13 @@ class SegmentationGraph(nn.Module):
         return soft.argmax(1).to(torch.uint8), soft
 
 
-def export_segmentation(checkpoint: str | Path, out: str | Path, *, t: int = DEFAULT_T, smooth: int = DEFAULT_SMOOTH,
-                        opset: int = DEFAULT_OPSET, check: bool = True, overwrite: bool = True) -> ExportResult:
+def export_segmentation(checkpoint: str | Path, out: str | Path, *, t: int = TIMESTEP.default, smooth: int = SMOOTH.default,
+                        opset: int = DEFAULT_OPSET, check: bool = SEGMENTATION_CHECK.default, overwrite: bool = True) -> ExportResult:
     """Export a checkpoint's whole segmentation (`SegmentationGraph`, EMA weights, float32) to `out`, written
     atomically; with `check`, onnxruntime's masks are compared with PyTorch's first (ExportError above the
     fp32 tolerance)."""
     diffusion = GaussianDiffusion()
-    check_settings(t, 1, smooth, diffusion.num_timesteps)
+    check_settings(t, 1, smooth)
     start = time.perf_counter()
     model, cfg, meta = load_model(checkpoint, weights="ema", map_location="cpu")
     if cfg.num_classes:

@@ -20,11 +20,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fdm_core.util import atomic_write
+from fdm_export.settings import (
+    CHECK_BATCHES,
+    CHECK_SEED,
+    MAX_BATCH,
+    MIN_BATCH,
+    OPT_BATCH,
+    PRECISION,
+    PRECISIONS,
+    TF32,
+)
 from fdm_infer.engines.onnx_engine import read_onnx_metadata
 from fdm_infer.engines.trt_engine import MAGIC, PLAN_FORMAT, TensorRTError, require_tensorrt
-
-PRECISIONS = ("auto", "fp16", "bf16")
-
 
 # ---------------------------------------------------------------------------------------------- build
 
@@ -42,9 +49,10 @@ class BuildResult:
     seconds: float
 
 
-def build_plan(onnx_path: str | Path, out: str | Path, *, min_batch: int = 1, opt_batch: int = 8,
-               max_batch: int = 32, precision: str = "auto", timing_cache: str | Path | None = None,
-               workspace_mib: int | None = None, tf32: bool = True, verbose: bool = False) -> BuildResult:
+def build_plan(onnx_path: str | Path, out: str | Path, *, min_batch: int = MIN_BATCH.default,
+               opt_batch: int = OPT_BATCH.default, max_batch: int = MAX_BATCH.default,
+               precision: str = PRECISION.default, timing_cache: str | Path | None = None,
+               workspace_mib: int | None = None, tf32: bool = TF32.default, verbose: bool = False) -> BuildResult:
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise TensorRTError(f"need 1 <= `min_batch` <= `opt_batch` <= `max_batch`, got {min_batch}, {opt_batch}, "
                             f"{max_batch}", ("min_batch", "opt_batch", "max_batch"))
@@ -118,8 +126,8 @@ def build_plan(onnx_path: str | Path, out: str | Path, *, min_batch: int = 1, op
     return BuildResult(Path(out), meta, len(data), time.perf_counter() - start)
 
 
-def check_plan(plan_path: str | Path, onnx_path: str | Path, batches: tuple[int, ...] = (1, 3),
-               seed: int = 1234) -> dict[int, tuple[float, float]]:
+def check_plan(plan_path: str | Path, onnx_path: str | Path, batches: tuple[int, ...] = CHECK_BATCHES,
+               seed: int = CHECK_SEED) -> dict[int, tuple[float, float]]:
     """Max abs error (eps, masks) of the plan on the GPU vs onnxruntime on the CPU over the same
     ONNX file, per batch size (the batches are clipped to the plan's profile)."""
     import torch

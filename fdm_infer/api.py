@@ -39,11 +39,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdm_core.diffusion import NUM_TIMESTEPS, SampleResult
-from fdm_core.errors import SEED_MAX, UserError, check_int
-from fdm_core.images import MAX_PIXELS
-from fdm_core.settings import CLIP_MODES, DEFAULT_CLIP, DEFAULT_SAMPLER, SAMPLERS, sampler_steps
-from fdm_core.util import DEFAULT_THREADS, progress_bar
+from fdm_core.diffusion import SampleResult
+from fdm_core.errors import UserError, check_int
+from fdm_core.settings import (
+    BATCH_SIZE,
+    CLIP,
+    DEVICE,
+    MAX_PIXELS_OPTION,
+    SAMPLER,
+    SEED,
+    STEPS,
+    THREADS,
+    sampler_steps,
+)
+from fdm_core.util import progress_bar
 from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
 from fdm_infer.engines import open_model
 from fdm_infer.engines.base import Engine
@@ -63,13 +72,10 @@ from fdm_infer.outputs import (
     summary_json,
 )
 from fdm_infer.pipeline import DEFAULT_WORKERS
-from fdm_infer.refine import DEFAULT_REFINE
 from fdm_infer.sampling import DEFAULT_OUT as SAMPLES_OUT
-from fdm_infer.sampling import GRID_SAMPLES, check_steps, diffusion_for, image_mask_grid, write_samples
+from fdm_infer.sampling import GRID_SAMPLES, diffusion_for, image_mask_grid, write_samples
 from fdm_infer.sampling import generate as sample
 from fdm_infer.segment import (
-    DEFAULT_SMOOTH,
-    DEFAULT_T,
     PriorLikeness,
     Segmented,
     SegmentSettings,
@@ -77,6 +83,7 @@ from fdm_infer.segment import (
     check_settings,
     segment_batches,
 )
+from fdm_infer.settings import COUNT, ENSEMBLE, GENERATE_BATCH_SIZE, GENERATE_SEED, REFINE, SMOOTH, TIMESTEP
 
 
 def note_on_stderr(message: str) -> None:
@@ -85,7 +92,7 @@ def note_on_stderr(message: str) -> None:
 
 def check_seed(seed: int) -> None:
     """Seeds are what the command lines take: 0..2^63-1."""
-    check_int("seed", seed, 0, SEED_MAX)
+    SEED.check(seed)
 
 
 def describe_model(engine: Engine, path: Path | None) -> str:
@@ -103,26 +110,27 @@ class Segmenter:
     refused before it is decoded, and a batch stops growing once it holds that many full-resolution
     pixels)."""
 
-    def __init__(self, engine: Engine, model: Path | None = None, *, timestep: int = DEFAULT_T, seed: int = 0,
-                 ensemble: int = 1, batch_size: int = 16, class_label: int | None = None,
-                 max_pixels: int = MAX_PIXELS, smooth: int = DEFAULT_SMOOTH, refine: str = DEFAULT_REFINE,
-                 load_seconds: float = 0.0, t: int | None = None):
+    def __init__(self, engine: Engine, model: Path | None = None, *, timestep: int = TIMESTEP.default,
+                 seed: int = SEED.default, ensemble: int = ENSEMBLE.default, batch_size: int = BATCH_SIZE.default,
+                 class_label: int | None = None, max_pixels: int = MAX_PIXELS_OPTION.default,
+                 smooth: int = SMOOTH.default, refine: str = REFINE.default, load_seconds: float = 0.0,
+                 t: int | None = None):
         if t is not None:  # the earlier name of `timestep`
             warnings.warn("Segmenter: `t` is now `timestep`, as the command line's --timestep", DeprecationWarning,
                           stacklevel=3)
             timestep = t
         t = timestep
-        check_settings(t, ensemble, smooth, NUM_TIMESTEPS, refine, t_name="timestep")
-        check_int("batch_size", batch_size, 1)
-        check_int("max_pixels", max_pixels, 1)
-        check_seed(seed)
+        check_settings(t, ensemble, smooth, refine, t_name="timestep")
+        BATCH_SIZE.check(batch_size)
+        MAX_PIXELS_OPTION.check(max_pixels)
+        SEED.check(seed)
         self.engine, self.model = engine, model
         self.settings = SegmentSettings(t, seed, ensemble, batch_size, class_label, max_pixels, smooth, refine)
         self.load_seconds = load_seconds
 
     @classmethod
-    def load(cls, model: str | Path | Engine | None = None, engine: str | None = None, device: str = "auto", *,
-             threads: int | None = DEFAULT_THREADS, notify: Callable[[str], None] | None = None,
+    def load(cls, model: str | Path | Engine | None = None, engine: str | None = None, device: str = DEVICE.default,
+             *, threads: int | None = THREADS.default, notify: Callable[[str], None] | None = None,
              **settings) -> Segmenter:
         """The model of a file (.safetensors: torch, .onnx: onnxruntime, .plan/.engine: TensorRT; `engine`
         forces one), or the bundled default when `model` is None. `threads`: CPU threads of torch (for the
@@ -417,9 +425,10 @@ class Generation:
                              inputs=[self.model], run=run, overwrite=overwrite)
 
 
-def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: str | None = None, device: str = "auto",
-             threads: int | None = DEFAULT_THREADS, steps: int | None = None, sampler: str = DEFAULT_SAMPLER,
-             clip: str = DEFAULT_CLIP, seed: int = 0, batch_size: int = 16, classes: list[int] | None = None,
+def generate(model: str | Path | Engine | None = None, n: int = COUNT.default, *, engine: str | None = None,
+             device: str = DEVICE.default, threads: int | None = THREADS.default, steps: int | None = STEPS.default,
+             sampler: str = SAMPLER.default, clip: str = CLIP.default, seed: int = GENERATE_SEED.default,
+             batch_size: int = GENERATE_BATCH_SIZE.default, classes: list[int] | None = None,
              trajectory: bool = False, progress: bool | Callable[[int], None] = False,
              notify: Callable[[str], None] | None = None) -> Generation:
     """n samples with their masks from a model file (as `Segmenter.load` opens it; None or "default": the
@@ -430,14 +439,12 @@ def generate(model: str | Path | Engine | None = None, n: int = 8, *, engine: st
     CPU). `trajectory`: record the predicted images and masks along the reverse process (saved as
     trajectory.png). `progress`: True shows a progress bar on stderr; a function is called with 1 after
     every step."""
-    for name, value, choices in (("sampler", sampler, SAMPLERS), ("clip", clip, CLIP_MODES)):
-        if value not in choices:
-            raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    steps = sampler_steps(sampler, steps)
-    check_steps(steps)
-    check_seed(seed)
-    check_int("n", n, 1)
-    check_int("batch_size", batch_size, 1)
+    SAMPLER.check(sampler)
+    CLIP.check(clip)
+    steps = STEPS.check(sampler_steps(sampler, steps))
+    GENERATE_SEED.check(seed)
+    COUNT.check(n, "n")
+    GENERATE_BATCH_SIZE.check(batch_size)
     opened, path = open_model(model, engine, device, threads, notify or note_on_stderr)
     n_steps = len(diffusion_for(opened).timesteps(steps, sampler))
     every = max(1, n_steps // 10) if trajectory else 0

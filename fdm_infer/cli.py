@@ -19,23 +19,36 @@ from fdm_core.cli_options import (
     version_option,
 )
 from fdm_core.config import PRESETS
-from fdm_core.command_line import SEED, FiniteFloatRange, run_cli
-from fdm_core.settings import DEFAULT_SAMPLER, SAMPLERS, sampler_steps
+from fdm_core.command_line import run_cli
+from fdm_core.settings import DEVICE, SAMPLER, STEPS, sampler_steps
 from fdm_eval.cli import EVAL_COMMANDS
+from fdm_eval.settings import BENCH_BUDGET, BENCH_LIMIT, BENCH_REPEATS, BENCH_SAMPLE_STEPS
 from fdm_infer.options import (
     clip_option,
     engine_options,
     exit_if_failed,
     note_line,
     progress_bar,
-    sampler_option,
     segmentation_options,
     warn_line,
 )
 from fdm_infer.pipeline import DEFAULT_WORKERS
-from fdm_infer.settings import CPU_PATHS, INFERENCE_PATHS, SAMPLES_OUT, SEGMENT_OUT
-
-STEPS_HELP = ", ".join(f"{name} {entry.default_steps}" for name, entry in SAMPLERS.items())
+from fdm_infer.settings import (
+    COUNT,
+    CPU_PATHS,
+    FRAMES,
+    GENERATE_BATCH_SIZE,
+    GENERATE_SEED,
+    INFERENCE_PATHS,
+    INTERPOLATE_SAMPLER,
+    INTERPOLATE_SEED,
+    INTERPOLATE_STEPS,
+    INTERPOLATE_TIMESTEP,
+    INTERPOLATION_OUT,
+    MIX,
+    SAMPLES_OUT,
+    SEGMENT_OUT,
+)
 
 
 @click.group(cls=HelpGroup, context_settings=CONTEXT_SETTINGS)
@@ -118,15 +131,12 @@ def segment(paths, out, limit, max_pixels, model_file, engine_kind, device, thre
 
 
 @main_group.command("generate")
-@click.option("-n", "count", type=click.IntRange(1), default=8, help="Number of samples.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=None,
-              help=f"Reverse-process steps (1000: the whole schedule; fewer: a respaced one, as the sampler "
-                   f"spaces them) [default: the sampler's own: {STEPS_HELP}].")
-@sampler_option(DEFAULT_SAMPLER, "")
+@COUNT.option()
+@STEPS.option()
+@SAMPLER.option()
 @clip_option
-@click.option("--seed", type=SEED, default=0, help="Seed of the sampling noise: the same seed, -n, --batch-size, "
-                                                  "--steps and --sampler give the same images.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, help="Samples per forward pass.")
+@GENERATE_SEED.option()
+@GENERATE_BATCH_SIZE.option()
 @click.option("-o", "--out", default=SAMPLES_OUT, type=click.Path(file_okay=False), help="Output folder (created).")
 @click.option("--class", "classes", type=click.IntRange(0), multiple=True,
               help="Class(es) to sample, cycled (class-conditional models) [default: all classes in turn].")
@@ -193,21 +203,16 @@ def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: 
 @main_group.command()
 @click.argument("image_a", type=click.Path())
 @click.argument("image_b", type=click.Path())
-@click.option("--timestep", "t", type=click.IntRange(1, 999), default=250,
-              help="Noise level both images are taken to before mixing (the largest step of the schedule at or "
-                   "below it).")
-@click.option("--mix-steps", "frames", type=click.IntRange(2), default=8,
-              help="Number of interpolated images: mixing weights evenly spaced from 0 (A) to 1 (B).")
-@click.option("--mix", type=click.Choice(["linear", "slerp"]), default="linear",
-              help="How the two noisy latents are mixed (DDPM: linear).")
-@click.option("--steps", type=click.IntRange(1, 1000), default=1000,
-              help="Steps of the full schedule (only those at or below --timestep run).")
-@sampler_option("ddpm", "The sampler of the denoising from --timestep (its timesteps at or below it run).")
+@INTERPOLATE_TIMESTEP.option()
+@FRAMES.option()
+@MIX.option()
+@INTERPOLATE_STEPS.option()
+@INTERPOLATE_SAMPLER.option()
 @clip_option
-@click.option("--seed", type=SEED, default=0, help="Seed of the forward noise and of the reverse process.")
+@INTERPOLATE_SEED.option()
 @click.option("--class", "class_label", type=click.IntRange(0), default=None,
               help="Class, for class-conditional models [default: none].")
-@click.option("-o", "--out", default="interpolation", type=click.Path(file_okay=False),
+@click.option("-o", "--out", default=INTERPOLATION_OUT, type=click.Path(file_okay=False),
               help="Output folder (created).")
 @engine_options
 @quiet_option
@@ -270,20 +275,18 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
               help="Inference path (repeatable) [default: all]: naive (fp32, K decoder calls), fused (fp32), bf16 "
                    "(+ channels_last), compile, graphs (CUDA graphs), triton (Triton kernels: the fast path), "
                    "onnx (onnxruntime), trt (TensorRT, with --plan).")
-@click.option("--repeats", type=click.IntRange(3), default=30, help="Timed calls at most.")
-@click.option("--budget", "budget_s", type=FiniteFloatRange(0, min_open=True), default=10.0,
-              help="Seconds of timed calls per measurement at most (at least 3 calls).")
+@BENCH_REPEATS.option()
+@BENCH_BUDGET.option()
 @click.option("--sample-images", type=click.IntRange(1), default=None,
               help="Images of the whole DDPM run [default: 64 on a GPU, 4 on a CPU].")
-@click.option("--sample-steps", type=click.IntRange(1, 1000), default=None,
-              help="Steps of the whole DDPM run [default: 1000 on a GPU, 50 on a CPU].")
+@BENCH_SAMPLE_STEPS.option()
 @clip_option
 @click.option("--no-sampling", is_flag=True, help="No sampling step and no whole run.")
 @click.option("--no-plain", is_flag=True, help="Without the plain U-Net beside.")
 @click.option("--onnx-max-batch", type=click.IntRange(1), default=None,
               help="Largest batch for onnx [default: all on the CPU; 1 beside a GPU, where onnxruntime runs "
                    "on the CPU].")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+@DEVICE.option()
 @threads_option
 @click.option("--save-json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Output file: the results as JSON [default: none, or OUT/bench.json].")
@@ -305,8 +308,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
 @click.option("--image-folder", "images_dir", type=click.Path(file_okay=False), default=None,
               help="With --cpu: a folder of your images; its first 256 are the inputs of the label agreement, and "
                    "its first --limit are segmented end to end [default: none: random images, nothing segmented].")
-@click.option("--limit", type=click.IntRange(1), default=1600, show_default=True,
-              help="With --cpu --image-folder: the images segmented end to end.")
+@BENCH_LIMIT.option()
 @quiet_option
 @json_option
 def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, sample_images, sample_steps, clip,

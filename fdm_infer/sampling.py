@@ -11,14 +11,24 @@ import torch
 from PIL import Image
 
 from fdm_core.config import memory_per_sample
-from fdm_core.diffusion import NUM_TIMESTEPS, GaussianDiffusion, SampleResult
-from fdm_core.errors import UserError, check_int
-from fdm_core.settings import DEFAULT_CLIP, DEFAULT_SAMPLER, SAMPLERS, sampler_steps
+from fdm_core.diffusion import GaussianDiffusion, SampleResult
+from fdm_core.errors import UserError
+from fdm_core.settings import CLIP, SAMPLER, sampler_steps
 from fdm_core.util import atomic_write, check_memory, check_not_input, check_writable_folder, json_text
 from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine
 from fdm_infer.image_files import load_for_model, save_labels, save_png
-from fdm_infer.settings import SAMPLES_OUT
+from fdm_infer.settings import (
+    FRAMES,
+    GENERATE_BATCH_SIZE,
+    GENERATE_SEED,
+    INTERPOLATE_SAMPLER,
+    INTERPOLATE_SEED,
+    INTERPOLATE_STEPS,
+    INTERPOLATE_TIMESTEP,
+    MIX,
+    SAMPLES_OUT,
+)
 
 DEFAULT_OUT = SAMPLES_OUT  # the folder generated samples go to unless told
 
@@ -28,16 +38,13 @@ def diffusion_for(engine: Engine) -> GaussianDiffusion:
     return GaussianDiffusion(prediction=engine.config.prediction)
 
 
-def check_steps(steps: int) -> None:
-    check_int("steps", steps, 1, NUM_TIMESTEPS)
-
-
-def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int, sampler: str = "ddpm") -> int:
+def interpolation_start(diffusion: GaussianDiffusion, steps: int, t: int,
+                        sampler: str = INTERPOLATE_SAMPLER.default) -> int:
     """The step an interpolation to noise level t starts from: the largest step of the `steps`-step
     schedule of `sampler` at or below t. One line when that is 0: the images would be mixed without noise and
     nothing denoised."""
-    check_steps(steps)
-    check_int("t", t, 1, diffusion.num_timesteps - 1)
+    INTERPOLATE_STEPS.check(steps)
+    INTERPOLATE_TIMESTEP.check(t)
     seq = diffusion.timesteps(steps, sampler)
     start = max((s for s in seq if s <= t), default=0)
     if start == 0:
@@ -68,9 +75,8 @@ def check_batch_memory(engine: Engine, batch: int) -> None:
     check_memory(batch, memory_per_sample(engine.config), torch.device(engine.device), "samples", "batch_size")
 
 
-def generate(engine: Engine, n: int, *, steps: int | None = None, sampler: str = DEFAULT_SAMPLER,
-             clip: str = DEFAULT_CLIP,
-             seed: int = 0, batch_size: int = 16, classes: list[int] | None = None, trajectory_every: int = 0,
+def generate(engine: Engine, n: int, *, steps: int | None = None, sampler: str = SAMPLER.default,
+             clip: str = CLIP.default, seed: int = GENERATE_SEED.default, batch_size: int = GENERATE_BATCH_SIZE.default, classes: list[int] | None = None, trajectory_every: int = 0,
              progress: Callable[[int], None] | None = None) -> tuple[SampleResult, torch.Tensor | None]:
     """n samples in batches of `batch_size`, all drawn from ONE generator seeded with `seed` (on the
     engine's device): the same (seed, n, batch_size, steps, sampler) gives the same images.
@@ -216,21 +222,19 @@ class Interpolation:
     t: int  # the timestep both were noised to
 
 
-def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = 250, frames: int = 8,
-                mix: str = "linear", steps: int = NUM_TIMESTEPS, sampler: str = "ddpm", clip: str = DEFAULT_CLIP,
-                seed: int = 0,
+def interpolate(engine: Engine, a: torch.Tensor, b: torch.Tensor, *, t: int = INTERPOLATE_TIMESTEP.default,
+                frames: int = FRAMES.default, mix: str = MIX.default, steps: int = INTERPOLATE_STEPS.default,
+                sampler: str = INTERPOLATE_SAMPLER.default, clip: str = CLIP.default,
+                seed: int = INTERPOLATE_SEED.default,
                 y: int | None = None, progress: Callable[[int], None] | None = None) -> Interpolation:
     """Noise images a, b ([C, S, S] in [-1, 1]) to t with the SAME noise, mix the latents with
     lambda = 0..1 (`linear`, as in DDPM, or `slerp`), and denoise each mix from t. Every frame uses
     the same seeded reverse-process noise, so frames differ only by lambda; the ends reconstruct
     a and b. `t` is rounded down to the sampler's step grid (`interpolation_start`)."""
     diffusion = diffusion_for(engine)
-    if frames < 2:
-        raise UserError(f"`frames` must be at least 2, got {frames}", ("frames",))
-    if mix not in ("linear", "slerp"):
-        raise UserError(f"`mix` must be linear or slerp, got {mix!r}", ("mix",))
-    if sampler not in SAMPLERS:
-        raise UserError(f"`sampler` must be one of {', '.join(SAMPLERS)}, got {sampler!r}", ("sampler",))
+    FRAMES.check(frames)
+    MIX.check(mix)
+    INTERPOLATE_SAMPLER.check(sampler)
     t_start = interpolation_start(diffusion, steps, t, sampler)  # checks steps and t
     dev = engine.device
     gen = torch.Generator(device=dev)

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from fdm_core.diffusion import GaussianDiffusion
-from fdm_core.errors import UserError, check_int
+from fdm_core.errors import UserError
 from fdm_core.images import MAX_PIXELS
+from fdm_core.settings import BATCH_SIZE, SEED
 from fdm_core.util import (
     progress_bar,
 )
@@ -36,7 +37,7 @@ from fdm_infer.image_files import (
 )
 from fdm_infer.pipeline import ReadAhead
 from fdm_infer.refine import refine_masks
-from fdm_infer.settings import DEFAULT_REFINE, DEFAULT_SMOOTH, DEFAULT_T, REFINE_MODES
+from fdm_infer.settings import DEFAULT_SMOOTH, DEFAULT_T, ENSEMBLE, REFINE, SMOOTH, TIMESTEP  # noqa: F401  (for others)
 
 # ----- the core: tensors in, soft masks out -----
 
@@ -48,15 +49,13 @@ def segmentation_noise(shape: tuple[int, ...], seed: int, device: torch.device |
     return noise.expand(shape).to(device)
 
 
-def check_settings(t: int, ensemble: int, smooth: int, num_timesteps: int, refine: str = DEFAULT_REFINE,
-                   t_name: str = "t") -> None:
+def check_settings(t: int, ensemble: int, smooth: int, refine: str = REFINE.default, t_name: str = "t") -> None:
     """The settings of a segmentation pass, each a one-line error in the parameters' names (`t_name`: the
-    caller's name for t)."""
-    if refine not in REFINE_MODES:
-        raise UserError(f"`refine` must be one of {', '.join(REFINE_MODES)}, got {refine!r}", ("refine",))
-    check_int(t_name, t, 0, num_timesteps - 1)
-    check_int("ensemble", ensemble, 1)
-    if check_int("smooth", smooth) < 1 or smooth % 2 == 0:
+    caller's name for t), checked against their declarations (fdm_infer.settings)."""
+    REFINE.check(refine)
+    TIMESTEP.check(t, t_name)
+    ENSEMBLE.check(ensemble)
+    if SMOOTH.check(smooth) % 2 == 0:
         raise UserError(f"`smooth` must be an odd number of pixels (1: no smoothing), got {smooth}", ("smooth",))
 
 
@@ -71,14 +70,21 @@ def smooth_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def segment_tensor(engine: Engine, images: torch.Tensor, t: int = DEFAULT_T, seed: int = 0, ensemble: int = 1,
-                   y: torch.Tensor | None = None, diffusion: GaussianDiffusion | None = None,
-                   smooth: int = DEFAULT_SMOOTH) -> torch.Tensor:
+def segment_tensor(engine: Engine, images: torch.Tensor, t: int = TIMESTEP.default, seed: int = SEED.default,
+                   ensemble: int = ENSEMBLE.default, y: torch.Tensor | None = None,
+                   diffusion: GaussianDiffusion | None = None, smooth: int = SMOOTH.default) -> torch.Tensor:
     """Soft masks [B, K, S, S] (float32, on the engine's device, summing to 1 over K) of images
     [B, C, S, S] in [-1, 1]. With `ensemble` N > 1 the masks of seeds seed..seed+N-1 are averaged; then
     they are smoothed over a `smooth` x `smooth` window (`smooth_masks`; 1: as the model gives them)."""
-    diffusion = diffusion or GaussianDiffusion()
-    check_settings(t, ensemble, smooth, diffusion.num_timesteps)
+    check_settings(t, ensemble, smooth)
+    return segment_checked(engine, images, t, seed, ensemble, y, diffusion or GaussianDiffusion(), smooth)
+
+
+@torch.no_grad()
+def segment_checked(engine: Engine, images: torch.Tensor, t: int, seed: int, ensemble: int, y: torch.Tensor | None,
+                    diffusion: GaussianDiffusion, smooth: int) -> torch.Tensor:
+    """`segment_tensor` for settings checked once before (`check_settings`), by a caller that segments
+    batch after batch with them."""
     cfg = engine.config
     if images.dim() != 4 or tuple(images.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ValueError(f"images must be [B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
@@ -117,14 +123,14 @@ def check_channels(channels: list[int] | None, k: int) -> None:
 @dataclass(frozen=True)
 class SegmentSettings:
     """How images are segmented (the same for every image of a run)."""
-    t: int = DEFAULT_T
-    seed: int = 0
-    ensemble: int = 1
-    batch_size: int = 16
+    t: int = TIMESTEP.default
+    seed: int = SEED.default
+    ensemble: int = ENSEMBLE.default
+    batch_size: int = BATCH_SIZE.default
     class_label: int | None = None
     max_pixels: int = MAX_PIXELS  # files above it are skipped; a batch holds about this many pixels at most
-    smooth: int = DEFAULT_SMOOTH
-    refine: str = DEFAULT_REFINE  # how the masks are snapped to the image's edges at its resolution (fdm_infer.refine)
+    smooth: int = SMOOTH.default
+    refine: str = REFINE.default  # how the masks are snapped to the image's edges at its resolution (fdm_infer.refine)
 
 
 @dataclass
@@ -135,7 +141,7 @@ class Segmented:
     image: np.ndarray  # RGB uint8 [H, W, 3], the input as read
     masks: torch.Tensor  # soft masks [K, S, S] at the model's resolution (float32, CPU)
     path: Path | None = None  # the input file (None for an image given in memory)
-    refine: str = DEFAULT_REFINE
+    refine: str = REFINE.default
     labels_read: np.ndarray | None = field(default=None, repr=False)  # the label map once read (`labels`)
 
     @property
@@ -197,8 +203,8 @@ def segment_masks(engine: Engine, inputs: list[InputImage], settings: SegmentSet
                 continue
             items, tensors, images = batch
             y = None if settings.class_label is None else torch.full((len(items),), settings.class_label)
-            masks = segment_tensor(engine, torch.stack(tensors), t=settings.t, seed=settings.seed,
-                                   ensemble=settings.ensemble, y=y, diffusion=diffusion, smooth=settings.smooth).cpu()
+            masks = segment_checked(engine, torch.stack(tensors), settings.t, settings.seed, settings.ensemble, y,
+                                    diffusion, settings.smooth).cpu()
             yield items, images, masks
 
 

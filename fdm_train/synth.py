@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fdm_core.scenes import make_scenes, scene_kind
+from fdm_core.settings import SCENE_EMPTY, SCENE_SEED
 from fdm_core.util import atomic_file, atomic_write, check_writable_file
 
 
@@ -15,7 +16,8 @@ def masks_path(cache: str | Path) -> Path:
     return cache.with_name(cache.stem + ".masks.npy")
 
 
-def write_scenes(output: str | Path, kind: str, count: int, size: int, seed: int = 0, empty: float = 0.0) -> dict:
+def write_scenes(output: str | Path, kind: str, count: int, size: int, seed: int = SCENE_SEED.default,
+                 empty: float = SCENE_EMPTY.default) -> dict:
     """Writes the scenes (`make_scenes`) as a training cache (`output`, .npy, usable as `fdm-train --data`)
     with its manifest, and their label maps beside it (`<stem>.masks.npy`). Returns the manifest."""
     from fdm_core.images import DataError

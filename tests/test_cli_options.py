@@ -249,3 +249,36 @@ def test_onnxruntime_threads_spin_only_when_openmp_threads_may(policy, spinning,
         except RuntimeError:  # onnxruntime's answer for a key never set: its default, spinning
             value = None
         assert value == spinning
+
+
+def test_a_setting_is_its_option_its_default_and_its_check():
+    """One declaration (fdm_core.settings.Setting) gives the click option, the library's default and its check."""
+    from click.testing import CliRunner
+
+    from fdm_core.errors import UserError
+    from fdm_core.settings import SEED, Setting
+    from fdm_infer.settings import INTERPOLATE_TIMESTEP, TIMESTEP
+
+    @click.command()
+    @TIMESTEP.option()
+    @Setting(("--mix",), "linear", choices=("linear", "slerp")).option()
+    @Setting(("--budget",), 10.0, type=float, low=0, low_open=True).option()
+    def command(t, mix, budget):
+        click.echo(f"{t} {mix} {budget}")
+
+    runner = CliRunner()
+    assert runner.invoke(command, []).output == "30 linear 10.0\n"
+    assert runner.invoke(command, ["--timestep", "1000"]).exit_code == 2  # the bounds, as click refuses them
+    assert runner.invoke(command, ["--budget", "0"]).exit_code == 2
+    assert runner.invoke(command, ["--mix", "cubic"]).exit_code == 2
+    # a derived declaration: another default and help, the rest the same
+    assert (INTERPOLATE_TIMESTEP.default, INTERPOLATE_TIMESTEP.param, INTERPOLATE_TIMESTEP.high) == (250, "t", 999)
+    assert TIMESTEP.check(999) == 999
+    with pytest.raises(UserError, match=r"^timestep must be between 0 and 999, got 1000$"):
+        TIMESTEP.check(1000, "timestep")
+    with pytest.raises(UserError, match=r"^budget must be a number above 0, got 0$"):
+        Setting(("--budget",), 10.0, type=float, low=0, low_open=True).check(0)
+    with pytest.raises(UserError, match=r"^mix must be one of linear, slerp, got 'cubic'$"):
+        Setting(("--mix",), "linear", choices=("linear", "slerp")).check("cubic")
+    with pytest.raises(UserError, match=r"^seed must be a whole number"):
+        SEED.check(1.5)
