@@ -13,10 +13,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fdm_core.config import ModelConfig
-from fdm_core.errors import UserError
+from fdm_core.devices import DTYPES
+from fdm_core.errors import UserError, one_line
+from fdm_core.files import atomic_write, check_output
 from fdm_core.model import FactorizedUNet, build_model, split_region
 from fdm_core.settings import SLIM_DTYPE, SPLIT_NOISE, SPLIT_SEED, WEIGHTS
-from fdm_core.util import DTYPES, atomic_write, check_output, one_line
 
 FORMAT = "fdm-checkpoint-v1"
 

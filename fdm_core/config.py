@@ -136,7 +136,7 @@ ACTIVATION_UNITS = {"denoise": 24, "train": 112}
 
 def memory_per_sample(cfg: ModelConfig, training: bool = False) -> int:
     """The bytes a sample of `cfg` holds while denoised (or trained on): for the estimates that refuse a
-    batch too large for the device's memory (fdm_core.util.check_memory)."""
+    batch too large for the device's memory (fdm_core.devices.check_memory)."""
     unit = 4 * cfg.mask_channels * cfg.base_channels * cfg.image_size ** 2
     return ACTIVATION_UNITS["train" if training else "denoise"] * unit
 

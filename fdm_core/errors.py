@@ -56,3 +56,9 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum, frame):
     raise Terminated()
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

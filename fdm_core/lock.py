@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from fdm_core.errors import UserError
-from fdm_core.util import atomic_create
+from fdm_core.files import atomic_create
 
 LOCK = "run.lock"
 

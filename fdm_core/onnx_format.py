@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fdm_core.config import ModelConfig
-from fdm_core.util import DTYPES
+from fdm_core.devices import DTYPES
 
 FORMAT = "fdm-onnx-v1"
 # TensorRT 10.x parses ONNX opsets 9..20; 17 is the first with LayerNormalization and is what

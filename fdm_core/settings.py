@@ -126,7 +126,7 @@ class Setting:
         return "a number " + " and ".join(parts)
 
 
-# ----- threads (fdm_core.util) -----
+# ----- threads (fdm_core.devices) -----
 
 # CPU threads torch (and onnxruntime) use when --threads is not given. None leaves torch's own choice
 # (OMP_NUM_THREADS when set, else one thread per core). benchmarks/threads/ measures the alternatives.

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fdm_core.devices import pick_device
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError
-from fdm_core.util import check_not_input, check_writable_folder, pick_device
+from fdm_core.files import check_not_input, check_writable_folder
 from fdm_eval.settings import (
     BASELINE_SEED,
     CLUSTERS,

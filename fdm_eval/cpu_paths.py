@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.errors import one_line
 from fdm_core.model import count_flops
 from fdm_core.onnx_format import onnx_model_bytes
-from fdm_core.util import one_line
 from fdm_eval.measure import cpu_name
 from fdm_infer.engines.onnx_engine import OnnxEngine
 from fdm_infer.engines.torch_engine import TorchEngine

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fdm_core.diffusion import GaussianDiffusion
-from fdm_core.errors import UserError
+from fdm_core.errors import UserError, one_line
+from fdm_core.files import atomic_write, json_text
 from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images, shift_offset, translate
 from fdm_core.settings import BATCH_SIZE, SEED
-from fdm_core.util import atomic_write, json_text, one_line
 from fdm_core.visualize import mask_statistics
 from fdm_eval.metrics import ForegroundAccumulator, PartsAccumulator
 from fdm_eval.settings import SIZE_MODE

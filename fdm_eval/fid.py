@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fdm_core.config import CONFIG_BOUNDS
-from fdm_core.errors import UserError, check_int
+from fdm_core.devices import pick_device
+from fdm_core.errors import UserError, check_int, one_line
+from fdm_core.files import atomic_file
 from fdm_core.images import find_images, fit_square, load_rgb
-from fdm_core.util import atomic_file, one_line, pick_device
 from fdm_eval.settings import FID_BATCH_SIZE, FID_SEED, REFERENCE_SIZE
 from fdm_infer.image_files import OUTPUT_SUFFIXES
 

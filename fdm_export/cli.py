@@ -132,7 +132,7 @@ def segmentation(checkpoint, out, t, smooth, opset, check, overwrite, quiet):
 def trt(onnx_file, out, min_batch, opt_batch, max_batch, precision, timing_cache, workspace, tf32, verbose, check,
         overwrite, quiet):
     """Build a TensorRT plan from an `fdm-export onnx` file (needs TensorRT and an NVIDIA GPU)."""
-    from fdm_core.util import check_output
+    from fdm_core.files import check_output
     from fdm_export.trt_build import build_plan, check_plan
 
     out = out or str(Path(onnx_file).with_suffix(".plan"))

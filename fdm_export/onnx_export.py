@@ -22,10 +22,11 @@ import torch
 
 from fdm_core.checkpoint import load_model
 from fdm_core.config import ModelConfig
-from fdm_core.errors import UserError
+from fdm_core.devices import DTYPES
+from fdm_core.errors import UserError, one_line
+from fdm_core.files import atomic_write, check_output
 from fdm_core.model import FactorizedUNet
 from fdm_core.onnx_format import DEFAULT_OPSET, OUTPUT_NAMES, example_inputs, onnx_model_bytes
-from fdm_core.util import DTYPES, atomic_write, check_output, one_line
 from fdm_export.settings import CHECK, CHECK_BATCHES, CHECK_SEED, ONNX_DTYPE, WEIGHTS
 from fdm_infer.engines.onnx_engine import session_options
 

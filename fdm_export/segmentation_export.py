@@ -24,9 +24,10 @@ from torch import nn
 
 from fdm_core.checkpoint import load_model
 from fdm_core.diffusion import GaussianDiffusion
+from fdm_core.errors import one_line
+from fdm_core.files import atomic_write, check_output
 from fdm_core.images import to_float
 from fdm_core.onnx_format import DEFAULT_OPSET, with_metadata
-from fdm_core.util import atomic_write, check_output, one_line
 from fdm_export.onnx_export import TOLERANCE, ExportError, ExportResult
 from fdm_export.settings import SEGMENTATION_CHECK
 from fdm_infer.engines.onnx_engine import session_options

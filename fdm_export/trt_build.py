@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fdm_core.util import atomic_write
+from fdm_core.files import atomic_write
 from fdm_export.settings import (
     CHECK_BATCHES,
     CHECK_SEED,

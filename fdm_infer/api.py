@@ -41,6 +41,7 @@ from PIL import Image
 
 from fdm_core.diffusion import SampleResult
 from fdm_core.errors import UserError, check_int
+from fdm_core.progress import progress_bar
 from fdm_core.settings import (
     BATCH_SIZE,
     CLIP,
@@ -52,7 +53,6 @@ from fdm_core.settings import (
     THREADS,
     sampler_steps,
 )
-from fdm_core.util import progress_bar
 from fdm_core.visualize import colorize, grid, images_to_uint8, overlay
 from fdm_infer.engines import open_model
 from fdm_infer.engines.base import Engine

@@ -18,8 +18,8 @@ from fdm_core.cli_options import (
     threads_option,
     version_option,
 )
-from fdm_core.config import PRESETS
 from fdm_core.command_line import run_cli
+from fdm_core.config import PRESETS
 from fdm_core.settings import DEVICE, SAMPLER, STEPS, sampler_steps
 from fdm_eval.cli import EVAL_COMMANDS
 from fdm_eval.settings import BENCH_BUDGET, BENCH_LIMIT, BENCH_REPEATS, BENCH_SAMPLE_STEPS
@@ -157,9 +157,9 @@ def generate_command(count, steps, sampler, clip, seed, batch_size, out, classes
     Example: fdm-infer generate -n 16 -o samples/"""
     from fdm_core.visualize import mask_statistics
     from fdm_infer import api
-    from fdm_infer.sampling import SUMMARY as SAMPLES_SUMMARY
     from fdm_infer.api import describe_model
     from fdm_infer.engines import open_model
+    from fdm_infer.sampling import SUMMARY as SAMPLES_SUMMARY
     from fdm_infer.sampling import check_samples_folder, class_labels, diffusion_for
 
     steps = sampler_steps(sampler, steps)
@@ -187,8 +187,9 @@ LONG_RUN_STEPS = 100  # model calls from which a generation says what it is abou
 
 def generation_plan(engine, count: int, n_steps: int, sampler: str, batch_size: int) -> str:
     """What a generation is about to do; on a CPU, with a rough time."""
+    from fdm_core.devices import cpu_seconds
     from fdm_core.model import count_flops
-    from fdm_core.util import cpu_seconds, format_seconds
+    from fdm_core.progress import format_seconds
 
     device = engine.device
     text = (f"generating {count} image(s): {n_steps} {sampler} steps in batches of {min(batch_size, count)}"
@@ -225,7 +226,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
 
     Example: fdm-infer interpolate a.jpg b.jpg --mix-steps 8 -o interp/"""
     from fdm_core.diffusion import GaussianDiffusion
-    from fdm_core.util import check_writable_folder
+    from fdm_core.files import check_writable_folder
     from fdm_infer.api import describe_model
     from fdm_infer.engines import open_model
     from fdm_infer.sampling import class_labels, interpolation_start, load_pair, write_interpolation
@@ -251,7 +252,7 @@ def interpolate(image_a, image_b, t, frames, mix, steps, sampler, clip, seed, cl
                f"{time.perf_counter() - start:.1f} s with {describe_model(engine, path)} -> {Path(out) / 'interpolation.png'}",
                err=as_json)
     if as_json:
-        from fdm_core.util import json_text
+        from fdm_core.files import json_text
 
         click.echo(json_text({"model": str(path), "images": [image_a, image_b], "t": result.t, "mix": mix,
                               "sampler": sampler, "steps": steps, "clip": clip, "seed": seed, "lambdas": result.lambdas,
@@ -320,7 +321,8 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     here are listed as skipped. Each measurement prints as it is made, and the results (JSON) are
     rewritten after every one; the tables are printed last, the engines side by side first (also after
     Ctrl-C, with what was measured). With --cpu, the CPU report instead."""
-    from fdm_core.util import check_not_input, check_writable_file, set_threads
+    from fdm_core.devices import set_threads
+    from fdm_core.files import check_not_input, check_writable_file
     from fdm_eval import bench as benchmark
 
     set_threads(threads)
@@ -346,7 +348,7 @@ def bench(presets, checkpoint, plan, batches, variant_keys, repeats, budget_s, s
     benchmark.write(result, json_path, md_path)
     click.echo(benchmark.markdown(result), nl=False, err=as_json)
     if as_json:
-        from fdm_core.util import json_text
+        from fdm_core.files import json_text
 
         click.echo(json_text(result, indent=1))
     if result.get("interrupted"):
@@ -362,8 +364,8 @@ def run_cpu_report(checkpoint, keys, batches, images_dir, limit, smoke, threads,
     """`bench --cpu`: fdm_eval.cpu_paths.report on a checkpoint's model, printed and written as asked."""
     from fdm_core.checkpoint import load_model, model_file
     from fdm_core.errors import UserError
+    from fdm_core.files import atomic_write, json_text
     from fdm_core.images import find_images
-    from fdm_core.util import atomic_write, json_text
     from fdm_eval import cpu_paths
     from fdm_infer.engines import is_checkpoint
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fdm_core.errors import UserError
+from fdm_core.errors import UserError, one_line
+from fdm_core.files import atomic_file, input_clash
 from fdm_core.images import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
@@ -28,7 +29,6 @@ from fdm_core.images import (
     to_rgb,
     to_tensor,
 )
-from fdm_core.util import atomic_file, input_clash, one_line
 from fdm_core.visualize import PALETTE, overlay
 
 # The palette of label PNGs: PALETTE repeated over the 256 entries, so index k shows region k's color.
@@ -265,7 +265,7 @@ PNG_COMPRESS_LEVEL = 1
 
 
 def save_png(img: Image.Image | np.ndarray, path: Path, text: dict | None = None) -> None:
-    """A PNG written atomically (fdm_core.util.atomic_file), with `text` as its text fields (tEXt chunks)."""
+    """A PNG written atomically (fdm_core.files.atomic_file), with `text` as its text fields (tEXt chunks)."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
     info = None
@@ -294,7 +294,7 @@ def output_paths(out: Path, key: Path, kinds) -> list[Path]:
 
 
 def output_clash(out: Path, key: Path, kinds, inputs: dict[Path, Path]) -> Path | None:
-    """The first file of an image's outputs that is one of the `inputs` (fdm_core.util.resolve_inputs),
+    """The first file of an image's outputs that is one of the `inputs` (fdm_core.files.resolve_inputs),
     or None: an output never replaces an input."""
     clash = input_clash(output_paths(out, key, kinds), inputs)
     return None if clash is None else clash[0]

@@ -55,7 +55,7 @@ def note_line(message: str) -> None:
 
 
 def progress_bar(total: int, desc: str, quiet: bool, unit: str = "img"):
-    from fdm_core.util import progress_bar as bar
+    from fdm_core.progress import progress_bar as bar
 
     return bar(total, desc, unit, enabled=not quiet)
 

@@ -16,18 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdm_core.errors import UserError
+from fdm_core.errors import UserError, one_line
+from fdm_core.files import atomic_write, check_not_input, check_writable_folder, json_text, resolve_inputs
 from fdm_core.images import IMAGE_EXTENSIONS
 from fdm_core.lock import RunLock
-from fdm_core.util import (
-    atomic_write,
-    check_not_input,
-    check_writable_folder,
-    json_text,
-    one_line,
-    progress_bar,
-    resolve_inputs,
-)
+from fdm_core.progress import progress_bar
 from fdm_core.visualize import PALETTE
 from fdm_infer.engines.base import Engine
 from fdm_infer.foreground import RULE, ChannelPresence

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from fdm_core.config import memory_per_sample
+from fdm_core.devices import check_memory
 from fdm_core.diffusion import GaussianDiffusion, SampleResult
 from fdm_core.errors import UserError
+from fdm_core.files import atomic_write, check_not_input, check_writable_folder, json_text
 from fdm_core.settings import CLIP, SAMPLER, sampler_steps
-from fdm_core.util import atomic_write, check_memory, check_not_input, check_writable_folder, json_text
 from fdm_core.visualize import colorize, grid, images_to_uint8
 from fdm_infer.engines.base import Engine
 from fdm_infer.image_files import load_for_model, save_labels, save_png

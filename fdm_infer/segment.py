@@ -23,10 +23,8 @@ import torch.nn.functional as F
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError
 from fdm_core.images import MAX_PIXELS
+from fdm_core.progress import progress_bar
 from fdm_core.settings import BATCH_SIZE, SEED
-from fdm_core.util import (
-    progress_bar,
-)
 from fdm_infer.engines.base import Engine
 from fdm_infer.image_files import (
     InputImage,

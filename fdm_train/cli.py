@@ -166,7 +166,7 @@ def prepare_data(folder, output, size, limit, workers, quiet):
     """Decode every image under FOLDER once into a uint8 [N, 3, S, S] array (shorter side to S, center
     crop, as training does), usable as `--data OUTPUT`: decoding JPEGs then never limits a GPU."""
     from fdm_core.images import find_images
-    from fdm_core.util import progress_bar
+    from fdm_core.progress import progress_bar
     from fdm_train.data import prepare_cache
 
     total = len(find_images(folder)[:limit])

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import ImageOps
 
+from fdm_core.files import atomic_write, check_not_input, check_writable_file, create_unique
 from fdm_core.images import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -25,7 +26,6 @@ from fdm_core.images import (
     to_float,
     to_uint8,
 )
-from fdm_core.util import atomic_write, check_not_input, check_writable_file, create_unique
 
 
 def shifted_batch(images: torch.Tensor, max_fraction: float, seed: int, first_row: int,

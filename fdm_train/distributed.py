@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fdm_core.devices import pick_device
 from fdm_core.diffusion import GaussianDiffusion
-from fdm_core.util import pick_device
 
 NOISE_CHUNK = 16  # rows of a global batch whose (t, noise) come from one seeded generator
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from fdm_core.checkpoint import CheckpointError, atomic_write, load_training_state, read_checkpoint
+from fdm_core.files import atomic_file, own_file_bytes
 from fdm_core.lock import LOCK, RunLock, RunLocked  # noqa: F401  (the run folder's lock)
-from fdm_core.util import atomic_file, own_file_bytes
 
 CHECKPOINT = "checkpoint.safetensors"
 TRAINING_STATE = "train_state.pt"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fdm_core.files import atomic_file, atomic_write, check_writable_file
 from fdm_core.scenes import make_scenes, scene_kind
 from fdm_core.settings import SCENE_EMPTY, SCENE_SEED
-from fdm_core.util import atomic_file, atomic_write, check_writable_file
 
 
 def masks_path(cache: str | Path) -> Path:

@@ -43,22 +43,13 @@ from fdm_core.checkpoint import (
     save_training_state,
 )
 from fdm_core.config import DEFAULT_ITERATIONS, LARGEST_CPU_PRESET, PRESETS, ModelConfig, memory_per_sample
+from fdm_core.devices import check_memory, cpu_seconds, set_threads
 from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import Terminated, UserError, option_spelling, raise_terminated
+from fdm_core.files import atomic_append, atomic_file, check_not_input, json_text, replace_link_with_folder
 from fdm_core.images import row_generator, shift_offset, to_float
 from fdm_core.model import build_model, count_flops, count_parameters
-from fdm_core.util import (
-    atomic_append,
-    atomic_file,
-    check_memory,
-    check_not_input,
-    cpu_seconds,
-    format_seconds,
-    json_text,
-    progress_bar,
-    replace_link_with_folder,
-    set_threads,
-)
+from fdm_core.progress import format_seconds, progress_bar
 from fdm_core.visualize import mask_statistics, sample_grid
 from fdm_train.data import (
     EpochOrder,

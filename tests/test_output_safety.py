@@ -186,7 +186,7 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_temporary_file(tmp_path, 
 # ----- the write probe -----
 
 def test_the_write_probe_follows_no_link_and_leaves_nothing(tmp_path):
-    from fdm_core.util import check_writable_folder
+    from fdm_core.files import check_writable_folder
 
     out, victim = tmp_path / "out", tmp_path / "victim.txt"
     out.mkdir()
@@ -198,7 +198,7 @@ def test_the_write_probe_follows_no_link_and_leaves_nothing(tmp_path):
 
 
 def test_processes_probing_one_folder_do_not_trip_over_each_other(tmp_path):
-    from fdm_core.util import check_writable_folder
+    from fdm_core.files import check_writable_folder
 
     errors = []
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from fdm_core.checkpoint import CheckpointError, load_model, load_training_state
 from fdm_core.errors import UserError
-from fdm_core.util import atomic_write
+from fdm_core.files import atomic_write
 from fdm_train.options import TrainingError
 from fdm_train.run_folder import CHECKPOINT, LOCK, TRAINING_STATE, _state_id
 from fdm_train.train import train
@@ -737,7 +737,7 @@ def test_an_onnx_model_that_drops_images_of_a_batch_is_one_line(checkpoint, data
 
 
 def test_json_never_holds_nan():
-    from fdm_core.util import json_text
+    from fdm_core.files import json_text
 
     text = json_text({"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": {"d": -float("inf")},
                       "e": np.array([1.0, np.nan])})
@@ -771,7 +771,7 @@ def test_evaluate_refuses_color_ground_truth(tmp_path, capsys, monkeypatch):
 # ----- threads, sizes and numbers are bounded -----
 
 def test_threads_are_bounded_everywhere(checkpoint, data, tmp_path, capsys, monkeypatch):
-    from fdm_core.util import MAX_THREADS
+    from fdm_core.settings import MAX_THREADS
     from fdm_infer import Segmenter
 
     too_many = MAX_THREADS + 1
@@ -1003,10 +1003,10 @@ def test_training_refuses_a_batch_larger_than_the_memory(data, tmp_path, capsys,
     """The same estimate for a training step's forward and backward pass: with 256 MiB, a batch of 3000 is
     refused before the data or the model, naming a --micro-batch that fits; the micro-batch it names trains.
     The estimate is checked against a measured step: peak resident memory over 32 images of tiny-32."""
-    import fdm_core.util
+    import fdm_core.devices
     from fdm_core.config import memory_per_sample
 
-    monkeypatch.setattr(fdm_core.util, "device_memory", lambda device: 2**28)
+    monkeypatch.setattr(fdm_core.devices, "device_memory", lambda device: 2**28)
     out = tmp_path / "run"
     r = run_tool(capsys, monkeypatch, "fdm-train", *train_args(data, out, "--batch-size", 3000))
     assert_one_line_error(r, "a batch of 3000 training images needs about", "--micro-batch", code=1)
@@ -1039,9 +1039,9 @@ def test_training_refuses_a_batch_larger_than_the_memory(data, tmp_path, capsys,
 def test_generate_refuses_a_batch_larger_than_the_memory(checkpoint, tmp_path, capsys, monkeypatch):
     """The batch's memory estimate against the device's: with 1 GiB, a tiny model's batch of 256 is refused
     before sampling, naming a batch that fits; a batch of 8 runs."""
-    import fdm_core.util
+    import fdm_core.devices
 
-    monkeypatch.setattr(fdm_core.util, "device_memory", lambda device: 2**30)
+    monkeypatch.setattr(fdm_core.devices, "device_memory", lambda device: 2**30)
     r = run_infer(capsys, monkeypatch, "generate", "--model", checkpoint, "-n", 256, "--batch-size", 256,
                   "--steps", 2, "-o", tmp_path / "g")
     assert_one_line_error(r, "a batch of 256 samples needs about", "--batch-size", code=1)

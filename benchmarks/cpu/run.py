@@ -39,10 +39,10 @@ import torch
 
 from fdm_core.checkpoint import DEFAULT_MODEL, load_model
 from fdm_core.config import preset
+from fdm_core.files import atomic_write, json_text
 from fdm_core.images import find_images
 from fdm_core.model import count_flops
 from fdm_core.settings import DEFAULT_CLIP
-from fdm_core.util import atomic_write, json_text
 from fdm_eval import cpu_paths
 from fdm_eval.cpu_paths import CPU_PATHS, LABELS, WholeForward
 from fdm_eval.measure import cpu_name, training_step

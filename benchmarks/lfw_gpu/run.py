@@ -111,8 +111,8 @@ def pack(args) -> None:
 
 def unpack(size: int) -> tuple[Path, Path, Path]:
     """(training cache .npy, val images folder, val masks folder) under runs/lfw_gpu/data."""
+    from fdm_core.files import atomic_write
     from fdm_core.images import fit_square
-    from fdm_core.util import atomic_write
     from fdm_train.data import CACHE_FORMAT, manifest_path
 
     if not (DATA / "train.npz").is_file():
@@ -229,7 +229,7 @@ def evaluate_checkpoint(path: Path, evalset, t: int, device: str, batch_size: in
 
 def setup(args, phase: str) -> torch.device:
     global LOG_FILE
-    from fdm_core.util import pick_device
+    from fdm_core.devices import pick_device
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

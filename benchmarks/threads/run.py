@@ -1,5 +1,5 @@
 """CPU threads: training and sampling speed with 1 and 2 torch threads, on an idle machine and beside a
-competing CPU-bound process, to choose the default of `--threads` (DEFAULT_THREADS in fdm_core/util.py);
+competing CPU-bound process, to choose the default of `--threads` (DEFAULT_THREADS in fdm_core/settings.py);
 and onnxruntime's spinning threads beside a training run (`onnx-spinning`).
 
     python benchmarks/threads/run.py                  # writes threads.md and threads.json beside this file

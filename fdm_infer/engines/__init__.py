@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fdm_core.checkpoint import DEFAULT_MODEL, DEFAULT_NAME, model_file  # noqa: F401  (the bundled model, by name)
-from fdm_core.errors import UserError
-from fdm_core.util import one_line, pick_device, set_threads
+from fdm_core.devices import pick_device, set_threads
+from fdm_core.errors import UserError, one_line
 from fdm_infer.engines.base import Engine
 from fdm_infer.settings import AUTO_ENGINE, ENGINES
 

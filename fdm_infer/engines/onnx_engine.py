@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 
 from fdm_core.config import ModelConfig
-from fdm_core.errors import UserError
+from fdm_core.errors import UserError, one_line
 from fdm_core.onnx_format import FORMAT, MASKS_ONLY, OUTPUT_NAMES, input_names, onnx_model_bytes
-from fdm_core.util import one_line
 from fdm_infer.engines.base import Engine
 
 

@@ -7,8 +7,8 @@ import torch
 
 import kernels
 from fdm_core.checkpoint import load_model
+from fdm_core.devices import DTYPES, pick_device
 from fdm_core.errors import UserError
-from fdm_core.util import DTYPES, pick_device
 from fdm_infer.engines.base import Engine
 
 # Variants whose eps is a masked sum over K decoder branches (see FactorizedUNet.forward(branches=True)).

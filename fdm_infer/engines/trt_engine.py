@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from fdm_core.config import ModelConfig
-from fdm_core.errors import UserError
+from fdm_core.errors import UserError, one_line
 from fdm_core.onnx_format import OUTPUT_NAMES, input_names
-from fdm_core.util import one_line
 from fdm_infer.engines.base import Engine
 
 MAGIC = b"FDMTRT\x00\x01"

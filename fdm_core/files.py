@@ -1,75 +1,19 @@
-"""Small helpers every package uses: the device to run on, atomic file writes, one-line errors."""
+"""Files written whole or not at all (atomic writes, appends, exclusive creation), the checks that a run
+writes where it may and never over its own inputs, and JSON without non-finite numbers."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import secrets
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import torch
 
-from fdm_core.errors import UserError
-from fdm_core.settings import DEFAULT_THREADS, MAX_THREADS  # noqa: F401  (DEFAULT_THREADS: by this module too)
-
-# The floating-point types by the names the command lines use.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' is the first CUDA device when there is one, else the CPU; anything else as torch reads it,
-    checked to be usable here (a one-line UserError if not)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's message lists every device type it knows
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    try:
-        torch.empty(0, device=device)
-    except Exception as exc:  # noqa: BLE001  (torch raises several types for a device it cannot use)
-        raise UserError(f"device {name!r} is not available here ({one_line(exc)}); use `device` cpu", ("device",)) from None
-    return device
-
-
-def set_threads(threads: int | None) -> None:
-    """torch's intra-op CPU threads for this process; None keeps the current setting."""
-    check_threads(threads)
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def check_threads(threads: int | None) -> None:
-    """None, or 1..MAX_THREADS threads (a one-line UserError otherwise)."""
-    if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
-        raise UserError(f"threads must be from 1 to {MAX_THREADS} (4 per core), got {threads}")
-
-
-MEMORY_SHARE = 0.5  # the most of the device's memory one batch may plan to use
-
-
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory of the device: a GPU's own, or the machine's physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_memory(batch: int, per_sample: int, device: torch.device, what: str, option: str) -> None:
-    """Refuses (one line, naming `option` and the largest batch that fits) a batch of `batch` `what` of
-    `per_sample` bytes each (fdm_core.config.memory_per_sample) that would need more than MEMORY_SHARE of
-    the device's memory: before the work, where the allocator would fail halfway."""
-    need, have = batch * per_sample, device_memory(device)
-    if need > MEMORY_SHARE * have:
-        most = max(1, int(MEMORY_SHARE * have // per_sample))
-        raise UserError(f"a batch of {batch} {what} needs about {need / 2**30:.1f} GiB, more than half of the "
-                        f"{have / 2**30:.1f} GiB here: use `{option}` {most} or less", (option,))
+from fdm_core.errors import UserError, one_line
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
@@ -237,102 +181,3 @@ def _finite(value):
     if isinstance(value, np.ndarray):
         return _finite(value.tolist())
     return value
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters), or its type when it has none."""
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
-# FLOP/s of one CPU thread in this project's models, a rough middle of the small and the large presets'
-# training speeds (benchmarks/train_speed/train_cpu.md): for estimates of a run's time, not for promises.
-CPU_FLOPS_PER_THREAD = 50e9
-
-
-def cpu_seconds(flops: float) -> float:
-    """A rough time for `flops` on this machine's CPU threads (as torch uses them), for a plan printed
-    before a long run."""
-    return flops / (CPU_FLOPS_PER_THREAD * torch.get_num_threads())
-
-
-# Seconds between two progress lines where the output is not a terminal (a log file, a pipe).
-PROGRESS_LINE_INTERVAL = 30.0
-
-
-def progress_bar(total: int, desc: str, unit: str = "img", enabled: bool = True, initial: int = 0, file=None):
-    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) plain progress lines with rate and ETA
-    (ProgressLines); nothing where not `enabled` or where TQDM_DISABLE is set, as tqdm's own setting."""
-    from tqdm import tqdm
-
-    file = file or sys.stderr
-    enabled = enabled and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
-    if enabled and not _is_terminal(file):
-        return ProgressLines(total, desc, unit, initial, file)
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not enabled, dynamic_ncols=True,
-                file=file)
-
-
-def _is_terminal(file) -> bool:
-    try:
-        return file.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-class ProgressLines:
-    """Progress as one line at the first update, then every PROGRESS_LINE_INTERVAL seconds, and at the end:
-    `generate (ddpm): 120/1000 step (12%), 3.2 step/s, ETA 4m35s`. Used as tqdm is (update, set_postfix,
-    a context manager)."""
-
-    def __init__(self, total: int, desc: str, unit: str, initial: int, file):
-        self.total, self.desc, self.unit, self.file = total, desc, unit, file
-        self.n = self.initial = initial
-        self.postfix = ""
-        self.start = time.perf_counter()
-        self.last_line, self._shown = None, initial
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.perf_counter()
-        if self.last_line is None or now - self.last_line >= PROGRESS_LINE_INTERVAL:
-            self._line(now)
-
-    def set_postfix(self, **values) -> None:
-        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
-
-    def close(self) -> None:
-        if self.last_line is not None and self.n != self._shown:
-            self._line(time.perf_counter())
-
-    def _line(self, now: float) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        rate = (self.n - self.initial) / elapsed
-        text = f"{self.desc}: {self.n}/{self.total} {self.unit}"
-        if self.total:
-            text += f" ({100 * self.n // self.total}%)"
-        text += f", {rate:.3g} {self.unit}/s"
-        if rate > 0 and self.total and self.n < self.total:
-            text += f", ETA {format_seconds((self.total - self.n) / rate)}"
-        elif self.n >= self.total:
-            text += f", {format_seconds(elapsed)} in all"
-        if self.postfix:
-            text += f", {self.postfix}"
-        print(text, file=self.file, flush=True)
-        self.last_line, self._shown = now, self.n
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def format_seconds(seconds: float) -> str:
-    """3s, 4m35s, 2h05m."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
