@@ -35,14 +35,14 @@ from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError, one_line
 from fdm_core.files import atomic_write, json_text
 from fdm_core.images import IMAGE_EXTENSIONS, MAX_PIXELS, TooManyPixels, find_images, shift_offset, translate
-from fdm_core.settings import BATCH_SIZE, SEED
+from fdm_core.settings import SEED
 from fdm_core.visualize import mask_statistics
 from fdm_eval.metrics import ForegroundAccumulator, PartsAccumulator
 from fdm_eval.settings import SIZE_MODE
 from fdm_infer.foreground import RULE, ChannelPresence
 from fdm_infer.image_files import model_input, read_image, resize_labels
 from fdm_infer.segment import check_channels, check_settings, read_labels, segment_checked
-from fdm_infer.settings import ENSEMBLE, REFINE, SMOOTH, TIMESTEP
+from fdm_infer.settings import ENSEMBLE, REFINE, SEGMENT_BATCH_SIZE, SMOOTH, TIMESTEP
 
 PROTOCOLS = ("foreground", "parts")
 SIZE_MODES = SIZE_MODE.choices
@@ -194,14 +194,14 @@ class Predictions:
 
 def predict_with_engine(engine, evalset: EvalSet, *, t: int = TIMESTEP.default, seed: int = SEED.default,
                         ensemble: int = ENSEMBLE.default, smooth: int = SMOOTH.default, refine: str = REFINE.default,
-                        batch_size: int = BATCH_SIZE.default, size_mode: str = SIZE_MODE.default,
+                        batch_size: int = SEGMENT_BATCH_SIZE.default, size_mode: str = SIZE_MODE.default,
                         class_label: int | None = None, progress: Callable[[int], None] | None = None) -> Predictions:
     """Segments every image of `evalset` with `engine` (fdm_infer.segment.segment_tensor: the image
     resized whole to S x S, noised to t with the seeded noise, one forward pass); with `refine`, the masks
     are refined at each ground-truth mask's size with the image at that size (fdm_infer.refine)."""
     check_settings(t, ensemble, smooth, refine)
     SIZE_MODE.check(size_mode)
-    BATCH_SIZE.check(batch_size)
+    SEGMENT_BATCH_SIZE.check(batch_size)
     return _predict_with_engine(engine, evalset, t, seed, ensemble, smooth, refine, batch_size, size_mode, class_label,
                                 progress)
 
@@ -543,7 +543,7 @@ def _json_default(value):
 
 def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = None, protocols=PROTOCOLS,
              t: int = TIMESTEP.default, seed: int = SEED.default, ensemble: int = ENSEMBLE.default,
-             smooth: int = SMOOTH.default, refine: str = REFINE.default, batch_size: int = BATCH_SIZE.default,
+             smooth: int = SMOOTH.default, refine: str = REFINE.default, batch_size: int = SEGMENT_BATCH_SIZE.default,
              size_mode: str = SIZE_MODE.default,
              fg_channels: list[int] | None = None, num_labels: int | None = None, num_channels: int | None = None,
              class_label: int | None = None, name: str | None = None,
@@ -554,7 +554,7 @@ def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = 
     SIZE_MODE.check(size_mode)
     if engine is not None:
         check_settings(t, ensemble, smooth, refine)
-        BATCH_SIZE.check(batch_size)
+        SEGMENT_BATCH_SIZE.check(batch_size)
         pred = _predict_with_engine(engine, evalset, t, seed, ensemble, smooth, refine, batch_size, size_mode,
                                     class_label, progress)
         source = {"engine": getattr(engine, "name", "?"), "t": t, "seed": seed, "ensemble": ensemble, "smooth": smooth,

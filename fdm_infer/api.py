@@ -43,7 +43,6 @@ from fdm_core.diffusion import SampleResult
 from fdm_core.errors import UserError, check_int
 from fdm_core.progress import progress_bar
 from fdm_core.settings import (
-    BATCH_SIZE,
     CLIP,
     DEVICE,
     MAX_PIXELS_OPTION,
@@ -83,7 +82,16 @@ from fdm_infer.segment import (
     check_settings,
     segment_batches,
 )
-from fdm_infer.settings import COUNT, ENSEMBLE, GENERATE_BATCH_SIZE, GENERATE_SEED, REFINE, SMOOTH, TIMESTEP
+from fdm_infer.settings import (
+    COUNT,
+    ENSEMBLE,
+    GENERATE_BATCH_SIZE,
+    GENERATE_SEED,
+    REFINE,
+    SEGMENT_BATCH_SIZE,
+    SMOOTH,
+    TIMESTEP,
+)
 
 
 def note_on_stderr(message: str) -> None:
@@ -111,7 +119,7 @@ class Segmenter:
     pixels)."""
 
     def __init__(self, engine: Engine, model: Path | None = None, *, timestep: int = TIMESTEP.default,
-                 seed: int = SEED.default, ensemble: int = ENSEMBLE.default, batch_size: int = BATCH_SIZE.default,
+                 seed: int = SEED.default, ensemble: int = ENSEMBLE.default, batch_size: int = SEGMENT_BATCH_SIZE.default,
                  class_label: int | None = None, max_pixels: int = MAX_PIXELS_OPTION.default,
                  smooth: int = SMOOTH.default, refine: str = REFINE.default, load_seconds: float = 0.0,
                  t: int | None = None):
@@ -121,7 +129,7 @@ class Segmenter:
             timestep = t
         t = timestep
         check_settings(t, ensemble, smooth, refine, t_name="timestep")
-        BATCH_SIZE.check(batch_size)
+        SEGMENT_BATCH_SIZE.check(batch_size)
         MAX_PIXELS_OPTION.check(max_pixels)
         SEED.check(seed)
         self.engine, self.model = engine, model

@@ -7,8 +7,8 @@ import sys
 import click
 
 from fdm_core.cli_options import quiet_option, threads_option
-from fdm_core.settings import BATCH_SIZE, CLIP, DEVICE, SEED
-from fdm_infer.settings import ENGINE, ENSEMBLE, MODEL, REFINE, SMOOTH, TIMESTEP
+from fdm_core.settings import CLIP, DEVICE, SEED
+from fdm_infer.settings import ENGINE, ENSEMBLE, MODEL, REFINE, SEGMENT_BATCH_SIZE, SMOOTH, TIMESTEP
 
 
 def engine_options(f):
@@ -33,7 +33,7 @@ def segmentation_options(f):
                      help="Foreground channel(s), repeatable [default: without labels, every channel but the "
                           "one most present on the image border and those more present on the border than in the "
                           "image, over the set].")(f)
-    f = BATCH_SIZE.option()(f)
+    f = SEGMENT_BATCH_SIZE.option()(f)
     f = SMOOTH.option()(f)
     f = REFINE.option()(f)
     f = ENSEMBLE.option()(f)

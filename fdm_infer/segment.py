@@ -24,7 +24,7 @@ from fdm_core.diffusion import GaussianDiffusion
 from fdm_core.errors import UserError
 from fdm_core.images import MAX_PIXELS
 from fdm_core.progress import progress_bar
-from fdm_core.settings import BATCH_SIZE, SEED
+from fdm_core.settings import SEED
 from fdm_infer.engines.base import Engine
 from fdm_infer.image_files import (
     InputImage,
@@ -35,7 +35,15 @@ from fdm_infer.image_files import (
 )
 from fdm_infer.pipeline import ReadAhead
 from fdm_infer.refine import refine_masks
-from fdm_infer.settings import DEFAULT_SMOOTH, DEFAULT_T, ENSEMBLE, REFINE, SMOOTH, TIMESTEP  # noqa: F401  (for others)
+from fdm_infer.settings import (  # noqa: F401  (for others)
+    DEFAULT_SMOOTH,
+    DEFAULT_T,
+    ENSEMBLE,
+    REFINE,
+    SEGMENT_BATCH_SIZE,
+    SMOOTH,
+    TIMESTEP,
+)
 
 # ----- the core: tensors in, soft masks out -----
 
@@ -124,7 +132,7 @@ class SegmentSettings:
     t: int = TIMESTEP.default
     seed: int = SEED.default
     ensemble: int = ENSEMBLE.default
-    batch_size: int = BATCH_SIZE.default
+    batch_size: int = SEGMENT_BATCH_SIZE.default
     class_label: int | None = None
     max_pixels: int = MAX_PIXELS  # files above it are skipped; a batch holds about this many pixels at most
     smooth: int = SMOOTH.default

@@ -4,7 +4,7 @@ without loading torch. The modules that implement the settings import them from 
 `Setting` (fdm_core.settings): its click option, the library's keyword default and its check come from it."""
 from __future__ import annotations
 
-from fdm_core.settings import BATCH_SIZE, FILE, FOLDER, NUM_TIMESTEPS, SAMPLER, SEED, STEPS, Setting
+from fdm_core.settings import BATCH_SIZE, FILE, NUM_TIMESTEPS, SAMPLER, SEED, STEPS, Setting
 
 # ----- segmentation (fdm_infer.segment, fdm_infer.refine) -----
 
@@ -17,8 +17,11 @@ REFINE_MODES = ("none", "guided")
 # model's time (benchmarks/position/results/*default-guided*, refine_cost.md).
 DEFAULT_REFINE = "guided"
 
-# The options of `segment` and `evaluate` (fdm_infer.options.segmentation_options); --seed and --batch-size
-# are fdm_core.settings' SEED and BATCH_SIZE.
+# The options of `segment` and `evaluate` (fdm_infer.options.segmentation_options); --seed is fdm_core.settings'
+# SEED.
+# Images per forward pass: 32 is the fastest batch of the masks' pass on a 2-core CPU, and of `segment` end to
+# end (benchmarks/cpu/RESULTS.md).
+SEGMENT_BATCH_SIZE = BATCH_SIZE.but(default=32)
 TIMESTEP = Setting(("--timestep",), DEFAULT_T, name="t", type=int, low=0, high=NUM_TIMESTEPS - 1,
                    help="Noise level the images are taken to before the one forward pass.")
 ENSEMBLE = Setting(("--ensemble",), 1, type=int, low=1, help="Average the soft masks over N seeds (seed..seed+N-1).")

@@ -50,7 +50,7 @@ from fdm_infer.engines import cpu_engine, open_model
 from fdm_infer.engines.base import Engine
 from fdm_infer.pipeline import DEFAULT_WORKERS
 from fdm_infer.sampling import generate
-from fdm_infer.settings import AUTO_ENGINE, ENGINES
+from fdm_infer.settings import AUTO_ENGINE, ENGINES, SEGMENT_BATCH_SIZE
 from fdm_train.options import COMPILE_MIN_STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def report_main(argv=None) -> dict:
     p.add_argument("--lfw", type=Path, default=LFW, help="LFW root: train/images, val/images, val/masks")
     p.add_argument("--images", type=int, default=1600, help="faces segmented end to end")
     p.add_argument("--val", type=int, default=256, help="LFW val faces of the agreement columns")
-    p.add_argument("--batch", type=int, default=16, help="the batch of the per-path tables (segment's default)")
+    p.add_argument("--batch", type=int, default=SEGMENT_BATCH_SIZE.default, help="the batch of the per-path tables (segment's default)")
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per path and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--train-steps", type=int, default=6, help="timed training steps per variant and round")
