@@ -124,18 +124,13 @@ class TrainOptions:
     # straight-through Gumbel one-hot masks while shaping
     hard_masks: bool = option(False, "--hard-masks", type=bool, click=(("is_flag", True),),
                               help="Straight-through Gumbel one-hot masks while shaping.")
-    # scales the initial weights of the mask head's last layer
     mask_init_scale: float = option(1.0, "--mask-init-scale", type=float, low=0, show_default=True,
                                     help="Scale of the mask head's initial last-layer weights.")
-    # Move every training image by a random offset up to this fraction of its size, edges replicated (as
-    # the shifted evaluation does): objects anywhere, so that masks cannot lean on position. 0: off.
     shift_augment: float = option(0.0, "--shift-augment", type=float, low=0, high=0.5, high_open=True,
                                   show_default=True,
                                   help="Move every training image by a random offset of up to this fraction of its "
                                        "size (seeded per image and step), edges replicated, as `evaluate --shift` "
                                        "does: objects anywhere, so the masks cannot lean on position. 0: off.")
-    # The share of training images replaced by smooth images with nothing in them (`with_empty_images`):
-    # not every image holds an object, so the masks need not find one everywhere. 0: off.
     empty_images: float = option(0.0, "--empty-images", type=float, low=0, high=1, show_default=True,
                                  help="Replace this share of the training images (seeded per image and step) by "
                                       "smooth images with nothing in them (a 3x3 grid of random colors, upsampled): "
@@ -156,9 +151,6 @@ class TrainOptions:
                                        help="Added to region 0's mask logit at a fresh random start, so that region "
                                             "0 starts holding most of every image; with --region-cost, the other "
                                             "regions then have to earn their pixels from it.")
-    # Weight of the mask equivariance loss (`equivariance_loss`): the masks of each noisy training image moved
-    # by a random circular shift (up to `equivariance_shift` of its size) and flipped at random must equal
-    # its own masks moved the same way. A mask that keeps its place whatever the image does pays. 0: off.
     mask_equivariance: float = option(0.0, "--mask-equivariance", type=float, low=0, show_default=True,
                                       help="Weight of the mask equivariance loss: each noisy training image is also "
                                            "moved by a random circular shift and mirrored at random, and its masks "
@@ -179,13 +171,9 @@ class TrainOptions:
                                             "moved masks: their squared difference (uniform masks satisfy it), or "
                                             "minus the mutual information of the two region labels of each pixel "
                                             "(confident masks that agree and use every region).")
-    # Weight of a cost on the regions' boundary length (`boundary_length`: the soft masks' total variation):
-    # compact regions rather than pixels sorted by color. 0: off.
     mask_boundary: float = option(0.0, "--mask-boundary", type=float, low=0, show_default=True,
                                   help="Weight of a cost on the regions' boundary length (the soft masks' total "
                                        "variation): compact regions rather than pixels sorted by color. 0: off.")
-    # How --shift-augment fills the pixels a move uncovers: "replicate" repeats the nearest edge pixel (as the
-    # shifted evaluation does); "circular" wraps the image around, exactly what circular padding commutes with.
     shift_edges: str = option("replicate", "--shift-edges", choices=SHIFT_EDGES, show_default=True,
                               help="How --shift-augment fills what a move uncovers: replicate the edge, or circular "
                                    "(wrap the image around, which --padding circular commutes with exactly).")
