@@ -177,6 +177,25 @@ def open_paths(paths: list[CpuPath], model, threads: int | None = None, log=prin
     return engines
 
 
+def _checked_paths(engines: dict, labels: dict[str, str] | None, batch: int, check) -> tuple[list[dict], dict]:
+    """A row per engine (a string instead of an engine: the reason it is absent) and the calls to time:
+    check(engine) gives (label agreement, largest difference, the call to time) against the first engine's
+    outputs; a path that fails says so in its row and is not timed, the others go on."""
+    rows, timed = [], {}
+    for name, engine in engines.items():
+        row = {"path": name, "label": (labels or {}).get(name, name), "batch": batch}
+        if isinstance(engine, str):
+            rows.append({**row, "status": engine})
+            continue
+        try:
+            row["label_agreement"], row["max_abs_diff"], timed[name] = check(engine)
+            row["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001  (one path failing must not lose the others)
+            row["status"] = f"failed: {one_line(exc)}"
+        rows.append(row)
+    return rows, timed
+
+
 def segmentation_rows(engines: dict, model, images: torch.Tensor, batch: int, machine: dict, seconds: float = 1.0,
                       rounds: int = 3, log=print, labels: dict[str, str] | None = None) -> list[dict]:
     """Per engine (the first one is the reference, torch eager), the segmentation pass (`Engine.masks` on a
@@ -188,23 +207,16 @@ def segmentation_rows(engines: dict, model, images: torch.Tensor, batch: int, ma
     x_t = noised(images[:batch], DEFAULT_T)
     tt = torch.full((x_t.shape[0],), DEFAULT_T, dtype=torch.long)
     reference = None
-    rows, timed = [], {}
-    for name, engine in engines.items():
-        row = {"path": name, "label": (labels or {}).get(name, name), "batch": x_t.shape[0]}
-        if isinstance(engine, str):
-            rows.append({**row, "status": engine})
-            continue
-        try:
-            masks = _batched(lambda b, e=engine: segment_tensor(e, b), images, batch)
-            if reference is None:
-                reference = masks
-            row["label_agreement"] = (masks.argmax(1) == reference.argmax(1)).float().mean().item()
-            row["max_abs_diff"] = (masks - reference).abs().max().item()
-            timed[name] = lambda e=engine: e.masks(x_t, tt)
-            row["status"] = "ok"
-        except Exception as exc:  # noqa: BLE001  (one path failing must not lose the others)
-            row["status"] = f"failed: {one_line(exc)}"
-        rows.append(row)
+
+    def check(engine):
+        nonlocal reference
+        masks = _batched(lambda b: segment_tensor(engine, b), images, batch)
+        if reference is None:
+            reference = masks
+        return ((masks.argmax(1) == reference.argmax(1)).float().mean().item(),
+                (masks - reference).abs().max().item(), lambda: engine.masks(x_t, tt))
+
+    rows, timed = _checked_paths(engines, labels, x_t.shape[0], check)
     log(f"segmentation pass, batch {x_t.shape[0]}: {len(timed)} paths in {rounds} rounds")
     _add_speeds(rows, interleaved(timed, x_t.shape[0], seconds, rounds, log), flops, machine)
     return rows
@@ -220,23 +232,16 @@ def sampling_rows(engines: dict, model, images: torch.Tensor, batch: int, machin
     x_t = noised(images[:batch], SAMPLING_T)
     tt = torch.full((x_t.shape[0],), SAMPLING_T, dtype=torch.long)
     reference = None
-    rows, timed = [], {}
-    for name, engine in engines.items():
-        row = {"path": name, "label": (labels or {}).get(name, name), "batch": x_t.shape[0]}
-        if isinstance(engine, str):
-            rows.append({**row, "status": engine})
-            continue
-        try:
-            eps, masks = engine.denoise(x_t, tt)
-            if reference is None:
-                reference = eps, masks
-            row["max_abs_diff"] = (eps - reference[0]).abs().max().item()
-            row["label_agreement"] = (masks.argmax(1) == reference[1].argmax(1)).float().mean().item()
-            timed[name] = lambda e=engine: e.denoise(x_t, tt)
-            row["status"] = "ok"
-        except Exception as exc:  # noqa: BLE001  (one path failing must not lose the others)
-            row["status"] = f"failed: {one_line(exc)}"
-        rows.append(row)
+
+    def check(engine):
+        nonlocal reference
+        eps, masks = engine.denoise(x_t, tt)
+        if reference is None:
+            reference = eps, masks
+        return ((masks.argmax(1) == reference[1].argmax(1)).float().mean().item(),
+                (eps - reference[0]).abs().max().item(), lambda: engine.denoise(x_t, tt))
+
+    rows, timed = _checked_paths(engines, labels, x_t.shape[0], check)
     log(f"sampling step, batch {x_t.shape[0]}: {len(timed)} paths in {rounds} rounds")
     _add_speeds(rows, interleaved(timed, x_t.shape[0], seconds, rounds, log), flops, machine)
     return rows
