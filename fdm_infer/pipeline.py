@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 # Threads that write behind the model when not told. Reading the label maps out (the guided filter at the image's
 # resolution) and encoding the PNGs cost about as much as the model's pass on the bundled model: two threads
@@ -50,6 +50,7 @@ class ReadAhead:
         if self._pool is not None:
             if self._next is not None:
                 self._next.cancel()
+                wait([self._next])
             self._pool.shutdown(wait=True)
         close = getattr(self._values, "close", None)
         if close is not None:
@@ -113,6 +114,9 @@ class WriteBehind:
         if not finish:
             for future, _ in self._pending:
                 future.cancel()
+        # The tasks are waited for before the pool is shut down: a Ctrl-C that lands in that wait leaves the
+        # pool whole for the next `stop`, where one that lands in the pool's joining of its threads does not.
+        wait([future for future, _ in self._pending])
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         results = []

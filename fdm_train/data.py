@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import time
 import warnings
@@ -387,7 +388,9 @@ def prepare_cache(source: str | Path, output: str | Path, size: int, workers: in
         tmp, scratch = _new_array_file(output, (len(files), 3, size, size), temporary)
         jobs = [(i, str(p), size) for i, p in enumerate(files)]
         if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            # Workers started from a fresh interpreter: a fork of this process copies the locks its other
+            # threads (torch's, a progress bar's) may hold at that moment, and a worker that needs one waits forever.
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
                 results = pool.map(_decode_for_cache, jobs, chunksize=64)
                 good, skipped = _collect(results, scratch, files, source, progress)
         else:

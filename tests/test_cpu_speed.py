@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 
@@ -192,40 +193,60 @@ def test_the_pipelined_run_writes_the_files_of_the_unpipelined_run_in_order(tiny
 
 def test_ctrl_c_twice_in_a_pipelined_run_leaves_only_whole_files_and_a_summary_of_them(tiny_checkpoint, tmp_path,
                                                                                         monkeypatch):
-    """The first Ctrl-C (in the model pass of the third batch) lets the images segmented be written; the
-    second (while they are) lets the writes under way finish and drops the others."""
+    """The first Ctrl-C (in the model pass of the fourth batch) lets the images segmented be written; the
+    second (a real SIGINT, while the run waits for those writes) lets the writes under way finish and drops
+    the others. The writes are held until the run is stopping, so each event has one place to happen."""
     import fdm_infer.image_files as images_module
-    from fdm_infer import Segmenter
+    from fdm_infer import Segmenter, pipeline
 
     inputs = folder_of_images(tmp_path / "in", 12)
     (inputs / "broken.png").unlink()
     segmenter = Segmenter.load(tiny_checkpoint, device="cpu", batch_size=2)
-    real_save, real_masks, passes = images_module.save_png, segmenter.engine.masks, []
+    real_save, real_masks, real_stop, passes = images_module.save_png, segmenter.engine.masks, pipeline.WriteBehind.stop, []
+    stopping, second_sent, signal_lock = threading.Event(), [], threading.Lock()
 
-    def slow_save(*args, **kwargs):  # each file takes a while: Ctrl-C finds images half written
+    def waits_in_threading(thread_id) -> bool:
+        frame = sys._current_frames().get(thread_id)
+        return frame is not None and frame.f_code.co_name == "wait" and frame.f_code.co_filename == threading.__file__
+
+    def held_save(*args, **kwargs):
+        # Held until the run stops; then the first write under way sends Ctrl-C again once the run waits for the
+        # writes (a signal that comes before the wait blocks is only seen when the wait ends).
+        assert stopping.wait(60), "the run never stopped"
+        with signal_lock:
+            if not second_sent:
+                main = threading.main_thread().ident
+                deadline = time.monotonic() + 60
+                while not waits_in_threading(main) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                time.sleep(0.05)
+                second_sent.append(1)
+                signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.05)
         real_save(*args, **kwargs)
-        time.sleep(0.15)
 
     def masks(*args):
         passes.append(1)
         if len(passes) == 5:  # the empty image's pass, then batches 1, 2, 3; Ctrl-C in batch 4's
-            signal.setitimer(signal.ITIMER_REAL, 0.2)  # and again while the segmented images are written
             raise KeyboardInterrupt
         return real_masks(*args)
 
-    def second_ctrl_c(signum, frame):
-        raise KeyboardInterrupt
+    def stop(self, finish=True):
+        stopping.set()
+        return real_stop(self, finish)
 
-    monkeypatch.setattr(images_module, "save_png", slow_save)
+    monkeypatch.setattr(images_module, "save_png", held_save)
     monkeypatch.setattr(segmenter.engine, "masks", masks)
-    previous = signal.signal(signal.SIGALRM, second_ctrl_c)
+    monkeypatch.setattr(pipeline.WriteBehind, "stop", stop)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "out"
     try:
         with pytest.raises(KeyboardInterrupt, match=r"after \d+ of 12 images"):
             segmenter.segment_files([inputs], out, progress=False, workers=2)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        stopping.set()
+        signal.signal(signal.SIGINT, previous)
+    assert second_sent
     summary = json.loads((out / "summary.json").read_text())
     listed = {name for entry in summary["images"] for name in entry["outputs"].values()}
     on_disk = {p.name for p in out.iterdir() if p.name != "summary.json"}
