@@ -7,10 +7,10 @@ import os
 import torch
 
 from fdm_core.errors import UserError, one_line
-from fdm_core.settings import DEFAULT_THREADS, MAX_THREADS  # noqa: F401  (DEFAULT_THREADS: by this module too)
+from fdm_core.settings import DEFAULT_THREADS, DTYPE_NAMES, MAX_THREADS  # noqa: F401  (DEFAULT_THREADS: by this module too)
 
 # The floating-point types by the names the command lines use.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def pick_device(name: str) -> torch.device:

@@ -14,28 +14,18 @@ Coordinates are fractions of the image side.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from fdm_core.settings import SCENE_EMPTY, SCENE_SEED, SCENE_SIZE
-
-
-@dataclass(frozen=True)
-class SceneKind:
-    name: str
-    code: str  # one letter: the short name, and part of the seed of every scene of the kind
-    regions: int  # true regions, background included
-    description: str
-
-
-SCENE_KINDS = {kind.name: kind for kind in (
-    SceneKind("ellipse", "a", 2, "a striped ellipse on a smooth gradient (2 regions)"),
-    SceneKind("two-shapes", "b", 3, "a striped ellipse and a checkered rectangle on a gradient (3 regions)"),
-    SceneKind("texture", "c", 2, "a striped ellipse on speckle of the same mean color (2 regions, texture only)"),
-)}
-KIND_CODES = {kind.code: kind for kind in SCENE_KINDS.values()}
-KIND_CHOICES = [*SCENE_KINDS, *KIND_CODES]  # what a command line takes: names, or their codes
+from fdm_core.settings import (
+    KIND_CHOICES,
+    KIND_CODES,
+    SCENE_EMPTY,
+    SCENE_KINDS,
+    SCENE_SEED,
+    SCENE_SIZE,
+    SceneKind,
+)
 
 # The shapes' parameters, shared with the scorer of generated scenes (fdm_eval.scene_scores).
 ELLIPSE_CENTER = (0.3, 0.7)  # range of the center's y and x

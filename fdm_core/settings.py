@@ -160,6 +160,7 @@ MAX_PIXELS_OPTION = Setting(("--max-pixels",), MAX_PIXELS, type=int, low=1,
 
 WEIGHTS = Setting(("--weights",), "ema", choices=("ema", "model"), show_default=True,
                   help="Which weights of the checkpoint to export.")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the floating-point types a file's weights may be kept or run in (devices.DTYPES)
 SLIM_DTYPE = Setting(("--dtype",), "fp16", choices=("fp16", "bf16", "fp32"), show_default=True,
                      help="Storage type of the weights (loading converts them back to float32).")
 SPLIT_NOISE = Setting(("--noise",), 0.01, type=float, low=0, show_default=True,
@@ -168,11 +169,24 @@ SPLIT_SEED = SEED.but(show_default=True, help="Seed of that noise.")
 
 # ----- synthetic scenes (fdm_core.scenes): fdm-train synth -----
 
-SCENE_KIND = Setting(("--kind",), "ellipse", choices=("ellipse", "two-shapes", "texture", "a", "b", "c"),
-                     show_default=True,
-                     help="ellipse (a): a striped ellipse on a smooth gradient (2 regions); two-shapes (b): a striped "
-                          "ellipse and a checkered rectangle (3 regions); texture (c): a striped ellipse on speckle of "
-                          "the same mean color (2 regions, texture only).")
+@dataclass(frozen=True)
+class SceneKind:
+    name: str
+    code: str  # one letter: the short name, and part of the seed of every scene of the kind
+    regions: int  # true regions, background included
+    description: str
+
+
+SCENE_KINDS = {kind.name: kind for kind in (
+    SceneKind("ellipse", "a", 2, "a striped ellipse on a smooth gradient (2 regions)"),
+    SceneKind("two-shapes", "b", 3, "a striped ellipse and a checkered rectangle on a gradient (3 regions)"),
+    SceneKind("texture", "c", 2, "a striped ellipse on speckle of the same mean color (2 regions, texture only)"),
+)}
+KIND_CODES = {kind.code: kind for kind in SCENE_KINDS.values()}
+KIND_CHOICES = (*SCENE_KINDS, *KIND_CODES)  # what a command line takes: names, or their codes
+SCENE_KIND = Setting(("--kind",), "ellipse", choices=KIND_CHOICES, show_default=True,
+                     help="; ".join(f"{kind.name} ({kind.code}): {kind.description}" for kind in SCENE_KINDS.values())
+                          + ".")
 SCENE_COUNT = Setting(("--count",), 20_000, type=int, low=1, high=10_000_000, show_default=True,
                       help="Number of scenes.")
 SCENE_SIZE = Setting(("--image-size",), 32, name="size", type=int, low=8, high=1024, show_default=True,
@@ -213,6 +227,9 @@ SAMPLERS: dict[str, SamplerEntry] = {
                           "DPM-Solver++(2M), deterministic and second order, 20 steps"),
     "ddim-quadratic": SamplerEntry("fdm_core.samplers:QuadraticDDIM", 25,
                                    "DDIM on timesteps spaced quadratically (denser near the data), 25 steps"),
+    "ipndm": SamplerEntry("fdm_core.samplers:IPNDMSampler", 25,
+                          "pseudo linear multistep (PLMS, fourth order) on quadratic steps, 25 steps"),
+    "ipndm-linspace": SamplerEntry("fdm_core.samplers:LinspaceIPNDM", 25, ""),
 }
 # The sampler used where none is named: DDIM 50 is the setting measured on the bundled model
 # (benchmarks/generation/RESULTS.md).

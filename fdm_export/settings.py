@@ -3,11 +3,11 @@ nothing beyond the standard library: the command line makes its click options fr
 functions take their keyword defaults from them."""
 from __future__ import annotations
 
-from fdm_core.settings import WEIGHTS, Setting  # noqa: F401  (WEIGHTS: the checkpoint's, fdm_core.checkpoint)
+from fdm_core.settings import DTYPE_NAMES, WEIGHTS, Setting  # noqa: F401  (WEIGHTS: the checkpoint's, fdm_core.checkpoint)
 
 # ----- onnx (fdm_export.onnx_export) -----
 
-ONNX_DTYPE = Setting(("--dtype",), "fp32", choices=("fp32", "fp16", "bf16"), show_default=True,
+ONNX_DTYPE = Setting(("--dtype",), "fp32", choices=DTYPE_NAMES, show_default=True,
                      help="Weight/compute precision inside the graph; inputs and outputs stay float32. "
                           "bf16 files are for TensorRT (onnxruntime cannot run them on the CPU).")
 CHECK = Setting(("--check/--no-check",), True, type=bool, show_default=True,

@@ -238,7 +238,7 @@ def test_a_kind_is_named_or_given_by_its_code():
     with pytest.raises(ValueError, match="unknown scene kind"):
         make_scenes("d", 4, 16)
     option = next(p for p in main_group.commands["synth"].params if p.name == "kind")
-    assert list(option.type.choices) == KIND_CHOICES
+    assert list(option.type.choices) == list(KIND_CHOICES)
     assert CliRunner().invoke(main_group, ["synth", "--help"]).exit_code == 0
 
 
