@@ -227,9 +227,9 @@ SAMPLERS: dict[str, SamplerEntry] = {
                           "DPM-Solver++(2M), deterministic and second order, 20 steps"),
     "ddim-quadratic": SamplerEntry("fdm_core.samplers:QuadraticDDIM", 25,
                                    "DDIM on timesteps spaced quadratically (denser near the data), 25 steps"),
-    "ipndm": SamplerEntry("fdm_core.samplers:IPNDMSampler", 25,
-                          "pseudo linear multistep (PLMS, fourth order) on quadratic steps, 25 steps"),
-    "ipndm-linspace": SamplerEntry("fdm_core.samplers:LinspaceIPNDM", 25, ""),
+    "ddim-fast": SamplerEntry("fdm_core.samplers:FastDDIM", 25,
+                              "DDIM on timesteps spaced by t ~ i^1.5 (denser near the data), 25 steps: half ddim's "
+                              "time, within 1 FID of it on the bundled model"),
 }
 # The sampler used where none is named: DDIM 50 is the setting measured on the bundled model
 # (benchmarks/generation/RESULTS.md).

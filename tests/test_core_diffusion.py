@@ -225,7 +225,7 @@ def test_dynamic_threshold_by_hand():
 
 
 def test_timestep_spacings_by_hand():
-    from fdm_core.samplers import DDIMSampler, quadratic_timesteps, trailing_timesteps
+    from fdm_core.samplers import DDIMSampler, power15_timesteps, quadratic_timesteps, trailing_timesteps
 
     d = GaussianDiffusion()
     assert quadratic_timesteps(d, 3) == [999, 250, 0]  # 999 / 4 = 249.75
@@ -233,6 +233,8 @@ def test_timestep_spacings_by_hand():
     assert dense[:3] == [999, 997, 995] and dense[-1] == 0 and len(dense) == len(set(dense)) < 1000
     assert trailing_timesteps(d, 4) == [999, 749, 499, 249]
     assert d.timesteps(25, "ddim-quadratic") == quadratic_timesteps(d, 25)
+    assert power15_timesteps(d, 3) == [999, 353, 0]  # 999 / 2^1.5 = 353.2
+    assert d.timesteps(25, "ddim-fast") == power15_timesteps(d, 25) and len(power15_timesteps(d, 25)) == 25
     assert DDIMSampler(d, spacing="trailing").timesteps(4) == [999, 749, 499, 249]
     with pytest.raises(ValueError, match="spacing"):
         DDIMSampler(d, spacing="cubic")
