@@ -78,7 +78,7 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "codes-t2-boundary": ({"region_codes": True}, {"t_power": 2.0, "mask_boundary": 0.1}),
     "codes-t2-circular": ({"region_codes": True, "padding": "circular"},
                           {"t_power": 2.0, "shift_augment": 0.2, "shift_edges": "circular"}),
-    "codes-t2-mask-mid": ({"region_codes": True, "variant": "mask-mid"}, {"t_power": 2.0}),
+    "t2-mask-mid": ({"region_codes": False, "variant": "mask-mid"}, {"t_power": 2.0}),
 }
 
 
