@@ -11,6 +11,7 @@ iterations=${2:-13600}  # 435,200 images: the bundled model's budget over its th
 case "$name" in
   plain-k4)      extra=() ;;
   equivariance)  extra=(--mask-equivariance 1) ;;
+  information)   extra=(--mask-equivariance 0.1 --equivariance-measure information) ;;
   circular)      extra=(--padding circular --shift-augment 0.2 --shift-edges circular) ;;
   boundary)      extra=(--mask-boundary 0.1) ;;
   *) echo "unknown recipe $name" >&2; exit 2 ;;
