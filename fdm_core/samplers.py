@@ -118,8 +118,7 @@ def quadratic_timesteps(diffusion, steps: int) -> list[int]:
 
 
 def power15_timesteps(diffusion, steps: int) -> list[int]:
-    """Power 1.5: at 25 steps, the FID of DDIM's 50 linspace steps on the bundled model, where power 2 falls
-    3 behind (benchmarks/cpu/RESULTS.md)."""
+    """Power 1.5: the spacing of `ddim-fast`, chosen by FID against power 2 (benchmarks/cpu/RESULTS.md)."""
     return power_timesteps(diffusion, steps, 1.5)
 
 

@@ -160,8 +160,8 @@ MAX_PIXELS_OPTION = Setting(("--max-pixels",), MAX_PIXELS, type=int, low=1,
 
 WEIGHTS = Setting(("--weights",), "ema", choices=("ema", "model"), show_default=True,
                   help="Which weights of the checkpoint to export.")
-DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the floating-point types a file's weights may be kept or run in (devices.DTYPES)
-SLIM_DTYPE = Setting(("--dtype",), "fp16", choices=("fp16", "bf16", "fp32"), show_default=True,
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the types weights are kept or run in (devices.DTYPES)
+SLIM_DTYPE = Setting(("--dtype",), "fp16", choices=DTYPE_NAMES, show_default=True,
                      help="Storage type of the weights (loading converts them back to float32).")
 SPLIT_NOISE = Setting(("--noise",), 0.01, type=float, low=0, show_default=True,
                       help="Noise on the copy, as a fraction of each weight tensor's spread: what lets the two part.")
