@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from helpers import make_checkpoint, run_infer, train_options, write_images
@@ -231,6 +232,20 @@ def test_the_onnx_cpu_benchmark_takes_its_threads_from_omp_num_threads(monkeypat
     assert bench_onnx_cpu.default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert bench_onnx_cpu.default_threads() == os.cpu_count()
+
+
+def test_benchmark_subcommands_run_the_named_one_and_refuse_an_unknown_name(capsys):
+    from benchmarks.position import run as position
+    from fdm_eval.subcommands import run_subcommand
+
+    seen = []
+    run_subcommand({"a": seen.append, "b": None}, "usage text", ["a", "--x", "1"])
+    assert seen == [["--x", "1"]]
+    for argv, status in ((["nope"], 2), ([], 0), (["--help"], 0)):
+        with pytest.raises(SystemExit) as exit_:
+            position.main(argv)
+        assert exit_.value.code == status
+        assert "evaluate" in capsys.readouterr().err  # the script's usage names its subcommands
 
 
 # ----- README facts -----

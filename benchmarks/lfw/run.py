@@ -29,6 +29,7 @@ from pathlib import Path
 
 from fdm_eval.baselines import run_grabcut, run_kmeans_ddpm
 from fdm_eval.evaluate import describe_result, evaluate, load_eval_set, markdown_table, summary_figures
+from fdm_eval.subcommands import run_subcommand
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -120,11 +121,7 @@ COMMANDS = {"default": default_main, "baselines": baselines_main}
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        raise SystemExit(2 if argv and argv[0] not in ("-h", "--help") else 0)
-    COMMANDS[argv[0]](argv[1:])
+    run_subcommand(COMMANDS, __doc__, argv)
 
 
 if __name__ == "__main__":

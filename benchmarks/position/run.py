@@ -31,6 +31,7 @@ from PIL import Image
 
 from fdm_eval.baselines import position_prior
 from fdm_eval.evaluate import read_label_maps
+from fdm_eval.subcommands import run_subcommand
 from fdm_infer.api import Segmenter
 from fdm_infer.image_files import model_input
 from fdm_infer.refine import DEFAULT_REFINE, REFINE_MODES
@@ -260,11 +261,7 @@ COMMANDS = {"evaluate": evaluate_main, "empty-images": empty_images_main, "refin
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        raise SystemExit(2 if argv and argv[0] not in ("-h", "--help") else 0)
-    COMMANDS[argv[0]](argv[1:])
+    run_subcommand(COMMANDS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ import torch
 
 from fdm_core.config import preset
 from fdm_eval.measure import cpu_name, training_step
+from fdm_eval.subcommands import run_subcommand
 from fdm_train.data import ShardedBatches, make_loader, open_images, prepare_cache
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -197,11 +197,7 @@ COMMANDS = {"step": step_main, "dataloader": dataloader_main}
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        raise SystemExit(2 if argv and argv[0] not in ("-h", "--help") else 0)
-    COMMANDS[argv[0]](argv[1:])
+    run_subcommand(COMMANDS, __doc__, argv)
 
 
 if __name__ == "__main__":
