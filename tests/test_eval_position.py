@@ -234,3 +234,19 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch):
         r = run_infer(capsys, monkeypatch, *args)
         assert r.code == 1 and len(r.err_lines) == 1 and message in r.err, (args, r.err)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_ceiling_read_outs_by_hand():
+    from benchmarks.content.ceiling import ceiling
+
+    # two 4x4 faces whose foreground is the 2x2 middle; the first model image labels it 1, the second 0
+    truth = np.zeros((2, 4, 4), bool)
+    truth[:, 1:3, 1:3] = True
+    labels = np.stack([truth[0].astype(int), (~truth[1]).astype(int)])
+    scores = ceiling(labels, truth, 2)
+    # over the set both channels are as much on the border, so channel 0 (ties: lowest) is the background:
+    # channel 1 is the first middle (4 pixels, right) and the second border (12, wrong): 4 / 20
+    assert scores["set rule"] == pytest.approx(0.2)
+    assert scores["best subset"] == pytest.approx(0.2)
+    assert scores["per image"] == pytest.approx(1.0)  # each image's own border channel is its background
+    assert scores["per-image oracle"] == pytest.approx(1.0)
