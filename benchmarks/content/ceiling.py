@@ -37,8 +37,17 @@ def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float((predicted & truth).sum() / max((predicted | truth).sum(), 1))
 
 
+def lfw_val(size: int, every: int = 1, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, S, S, 3] uint8, labels [N, S, S]) of every `every`-th LFW val face in name order, at S = size."""
+    names = sorted((LFW_VAL / "images").glob("*.jpg"))[::every][:limit]
+    images = np.stack([np.asarray(Image.open(n).convert("RGB").resize((size, size), Image.BILINEAR)) for n in names])
+    labels = np.stack([np.asarray(Image.open(LFW_VAL / "masks" / f"{n.stem}.png").resize((size, size), Image.NEAREST))
+                       for n in names])
+    return images, labels
+
+
 def ceiling(labels: np.ndarray, truth: np.ndarray, k: int) -> dict[str, float]:
-    """The four read-outs' FG IoU (%) of label maps `labels` [N, S, S] against the foreground `truth`."""
+    """The four read-outs' FG IoU (a fraction) of label maps `labels` [N, S, S] against the foreground `truth`."""
     def rule_of(maps):
         presence = ChannelPresence(k)
         presence.add_labels(maps)
@@ -57,12 +66,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", type=Path)
     a = p.parse_args(argv)
-    names = sorted((LFW_VAL / "images").glob("*.jpg"))
     models = [(path, load_model(path)[0]) for path in a.models]
-    size = models[0][1].cfg.image_size
-    images = np.stack([np.asarray(Image.open(n).convert("RGB").resize((size, size), Image.BILINEAR)) for n in names])
-    labels = np.stack([np.asarray(Image.open(LFW_VAL / "masks" / f"{n.stem}.png").resize((size, size), Image.NEAREST))
-                       for n in names])
+    images, labels = lfw_val(models[0][1].cfg.image_size)
     truth = labels > 0
     majority = np.stack([(labels == c).sum(0) for c in range(3)]).argmax(0)
     rows = [("position prior", 3, ceiling(np.broadcast_to(majority, labels.shape), truth, 3))]

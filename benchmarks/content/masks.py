@@ -16,10 +16,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.content.ceiling import lfw_val
 from fdm_core.checkpoint import load_model
 from fdm_eval.scene_scores import scene_masks, to_model_range
 
-LFW_VAL = ROOT.parent / "shared" / "data" / "lfw" / "val"
 # channel colors (argmax index) and label colors (background, skin, hair)
 CHANNEL_COLORS = np.array([[40, 40, 40], [230, 160, 40], [60, 150, 230], [200, 60, 160], [90, 200, 90]], np.uint8)
 LABEL_COLORS = np.array([[40, 40, 40], [235, 190, 150], [110, 70, 30]], np.uint8)
@@ -32,12 +32,8 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=int, default=3, help="Pixels per model pixel in the picture.")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    names = sorted((LFW_VAL / "images").glob("*.jpg"))[::150][:a.faces]
     models = [load_model(path)[0] for path in a.models]
-    size = models[0].cfg.image_size
-    images = np.stack([np.asarray(Image.open(n).convert("RGB").resize((size, size), Image.BILINEAR)) for n in names])
-    labels = np.stack([np.asarray(Image.open(LFW_VAL / "masks" / f"{n.stem}.png").resize((size, size), Image.NEAREST))
-                       for n in names])
+    images, labels = lfw_val(models[0].cfg.image_size, every=150, limit=a.faces)
     x = to_model_range(images.transpose(0, 3, 1, 2))
     columns = [images, LABEL_COLORS[labels]]
     columns += [CHANNEL_COLORS[scene_masks(model, x).argmax(1).numpy()] for model in models]
