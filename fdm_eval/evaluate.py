@@ -576,6 +576,17 @@ def evaluate(evalset: EvalSet, *, engine=None, predictions: str | Path | None = 
     return result
 
 
+def small_labelled_images(folder: str | Path, size: int, every: int = 1,
+                          limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, S, S, 3] uint8, labels [N, S, S]) of every `every`-th image of `folder`/images (JPEGs, name
+    order) with its `folder`/masks label map, both at S = size: the model's own size, for whole-set arrays."""
+    folder = Path(folder)
+    names = sorted((folder / "images").glob("*.jpg"))[::every][:limit]
+    images = np.stack([np.asarray(Image.open(n).convert("RGB").resize((size, size), Image.BILINEAR)) for n in names])
+    labels = np.stack([np.asarray(Image.open(folder / "masks" / f"{n.stem}.png").resize((size, size), Image.NEAREST))
+                       for n in names])
+    return images, labels
+
 
 __all__ = [
     "LFW_LABELS",
@@ -594,6 +605,7 @@ __all__ = [
     "read_label_maps",
     "read_mask",
     "score",
+    "small_labelled_images",
     "summary_figures",
     "write_reports",
 ]

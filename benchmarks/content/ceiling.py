@@ -17,33 +17,21 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from fdm_core.checkpoint import load_model
+from fdm_eval.evaluate import small_labelled_images
 from fdm_eval.scene_scores import scene_masks, to_model_range
 from fdm_infer.foreground import ChannelPresence, foreground_channels
 
-LFW_VAL = ROOT.parent / "shared" / "data" / "lfw" / "val"
+LFW_VAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "lfw" / "val"
 
 
 def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float((predicted & truth).sum() / max((predicted | truth).sum(), 1))
 
-
-def lfw_val(size: int, every: int = 1, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images [N, S, S, 3] uint8, labels [N, S, S]) of every `every`-th LFW val face in name order, at S = size."""
-    names = sorted((LFW_VAL / "images").glob("*.jpg"))[::every][:limit]
-    images = np.stack([np.asarray(Image.open(n).convert("RGB").resize((size, size), Image.BILINEAR)) for n in names])
-    labels = np.stack([np.asarray(Image.open(LFW_VAL / "masks" / f"{n.stem}.png").resize((size, size), Image.NEAREST))
-                       for n in names])
-    return images, labels
 
 
 def ceiling(labels: np.ndarray, truth: np.ndarray, k: int) -> dict[str, float]:
@@ -67,7 +55,7 @@ def main(argv=None) -> None:
     p.add_argument("models", nargs="+", type=Path)
     a = p.parse_args(argv)
     models = [(path, load_model(path)[0]) for path in a.models]
-    images, labels = lfw_val(models[0][1].cfg.image_size)
+    images, labels = small_labelled_images(LFW_VAL, models[0][1].cfg.image_size)
     truth = labels > 0
     majority = np.stack([(labels == c).sum(0) for c in range(3)]).argmax(0)
     rows = [("position prior", 3, ceiling(np.broadcast_to(majority, labels.shape), truth, 3))]

@@ -7,17 +7,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+LFW_VAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "lfw" / "val"
 
-from benchmarks.content.ceiling import lfw_val
 from fdm_core.checkpoint import load_model
+from fdm_eval.evaluate import small_labelled_images
 from fdm_eval.scene_scores import scene_masks, to_model_range
 
 # channel colors (argmax index) and label colors (background, skin, hair)
@@ -33,7 +31,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     models = [load_model(path)[0] for path in a.models]
-    images, labels = lfw_val(models[0].cfg.image_size, every=150, limit=a.faces)
+    images, labels = small_labelled_images(LFW_VAL, models[0].cfg.image_size, every=150, limit=a.faces)
     x = to_model_range(images.transpose(0, 3, 1, 2))
     columns = [images, LABEL_COLORS[labels]]
     columns += [CHANNEL_COLORS[scene_masks(model, x).argmax(1).numpy()] for model in models]
