@@ -286,8 +286,11 @@ def test_ctrl_c_while_a_command_starts_prints_one_line():
     # What the console script does, with a Ctrl-C arriving while the command's modules load.
     launcher = ("import os, signal, sys; sys.argv[0] = 'fdm-infer'; import fdm_core; "
                 "os.kill(os.getpid(), signal.SIGINT); from fdm_infer.cli import main; main()")
+    # A shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # the child gets the default disposition, as a command typed at a terminal does.
     proc = subprocess.run([sys.executable, "-c", launcher, "segment", "--help"], env=ENV, capture_output=True,
-                          text=True, timeout=120, check=False)
+                          text=True, timeout=120, check=False,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr.strip() == "fdm-infer: interrupted" and proc.stdout == ""
     assert proc.returncode != 0
 
