@@ -33,7 +33,6 @@ def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float((predicted & truth).sum() / max((predicted | truth).sum(), 1))
 
 
-
 def ceiling(labels: np.ndarray, truth: np.ndarray, k: int) -> dict[str, float]:
     """The four read-outs' FG IoU (a fraction) of label maps `labels` [N, S, S] against the foreground `truth`."""
     def rule_of(maps):
