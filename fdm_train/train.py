@@ -649,8 +649,12 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
         stop.restore()
         bar.close()
         # Stop the loader's workers now, and stop watching them: a signal that stopped them too must not
-        # fail the save that follows.
-        getattr(batches, "_shutdown_workers", lambda: None)()
+        # fail the save that follows, even when the loader notices their death while joining them.
+        try:
+            getattr(batches, "_shutdown_workers", lambda: None)()
+        except RuntimeError:
+            if not stop.signal:
+                raise
         del batches
     if stop.signal:
         _save_on_stop(run, stop.signal)
