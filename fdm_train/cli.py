@@ -91,6 +91,7 @@ def main_group():
 @train_option("ema_decay")
 @train_option("seed")
 @train_option("save_every")
+@train_option("stop_on_entropy_drop")
 @train_option("sample_every")
 @train_option("sample_steps")
 @train_option("log_every")
@@ -138,7 +139,9 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
                                         padding=padding, given=given_options(click.get_current_context()),
                                         **kwargs))
     if summary["rank"] == 0 and not summary.get("finished_before"):
-        click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
+        kept = summary["checkpoint_step"]
+        click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}"
+                   + (f" (step {kept})" if kept != summary["step"] else ""))
 
 
 # Parameters of `train` whose TrainOptions field has another name.

@@ -69,6 +69,12 @@ class TrainOptions:
     save_every: int = option(1000, "--save-every", type=int, low=1, show_default=True,
                              help="Write the checkpoint pair every N steps (and at the end): a run killed resumes "
                                   "from there.")
+    stop_on_entropy_drop: float = option(0.0, "--stop-on-entropy-drop", type=float, low=0, high=1,
+                                         show_default=True,
+                                         help="Stop before the masks collapse: at each save, if the mean mask "
+                                              "entropy logged since the last save (a fraction of log K) is more "
+                                              "than this below the mean of the save before, the run stops without "
+                                              "saving and keeps the last checkpoint pair. 0: never.")
     sample_every: int = option(1000, "--sample-every", type=int, low=0, show_default=True,
                                help="Write a grid of samples and masks every N steps (0: never).")
     sample_count: int = option(8, type=int, low=1)  # the samples of a grid (no command-line option)
@@ -232,8 +238,8 @@ NOT_STORED = ("out", "model", "resume", "overwrite", "progress", "given", "allow
               "padding")
 # Options a resumed run may change without changing its weights: how long it runs, what it writes, where and how
 # fast it computes. Changing any other option needs `allow_changes`.
-EXACT_SAFE = ("iterations", "save_every", "sample_every", "sample_count", "sample_steps", "log_every", "workers",
-              "device", "threads", "compile", "channels_last", "micro_batch", "grad_accum")
+EXACT_SAFE = ("iterations", "save_every", "stop_on_entropy_drop", "sample_every", "sample_count", "sample_steps",
+              "log_every", "workers", "device", "threads", "compile", "channels_last", "micro_batch", "grad_accum")
 
 
 def speed_settings(opts: TrainOptions, device_type: str, steps: int) -> tuple[bool, bool]:

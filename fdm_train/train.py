@@ -256,11 +256,14 @@ def _train_in_folder(opts: TrainOptions, out: Path, ctx: Distributed, device: to
                    data_seed=start.data_seed, order=EpochOrder(len(dataset), start.data_seed, *start.position),
                    rank_start=rank_start, images_seen=start.images_seen,
                    last_saved=start.step if start.state is not None else None,
-                   micro_sizes=split_sizes(rank_stop - rank_start, n_micro))
+                   micro_sizes=split_sizes(rank_stop - rank_start, n_micro),
+                   entropy_at_save=(start.state or {}).get("entropy_at_save"),
+                   entropy_window=list((start.state or {}).get("entropy_window", [])))
         last_loss, bad = _run_loop(run, _loader(opts, dataset, ctx, device, start))
     if bad.seen and ctx.main:
         _echo(f"skipped {len(bad.seen)} unreadable image(s) of {len(dataset)}")
     return {"step": run.step, "steps_run": run.step - start.step, "loss": last_loss,
+            "checkpoint_step": run.last_saved,
             "parameters": count_parameters(model),
             "bad_files": sorted(bad.seen), "checkpoint": str(out / CHECKPOINT),
             "rank": ctx.rank, "world_size": ctx.world,
@@ -549,6 +552,8 @@ class _Run:
     images_seen: int  # training images the run has taken, over all its steps and batch sizes
     last_saved: int | None  # the step of the newest checkpoint pair in the folder (None: none yet)
     micro_sizes: list[int]  # this rank's micro-batches
+    entropy_at_save: float | None = None  # mean logged mask entropy of the steps before the last save
+    entropy_window: list[float] = field(default_factory=list)  # the logged mask entropies since the last save
     diffusion: GaussianDiffusion = field(init=False)
     noise_gen: torch.Generator = field(init=False)
 
@@ -605,6 +610,7 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
     window = _Window()
     last_loss = float("nan")
     stop = _StopRequest(enabled=not ctx.active)
+    collapse = None
     try:
         while run.step < opts.iterations and not stop.signal:
             wait_start = time.perf_counter()
@@ -630,12 +636,18 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
                 bad.collect()
                 if ctx.main:
                     record = _log_record(run, last_loss, window, bad, masks)
+                    if opts.stop_on_entropy_drop:
+                        run.entropy_window.append(record["mask_entropy"])
                     atomic_append(run.folder.log_path, (json_text(record) + "\n").encode())
                     bar.set_postfix(loss=f"{last_loss:.4f}", images_per_s=f"{record['images_per_s']:.1f}",
                                     mask_entropy=record["mask_entropy"])
                 window = _Window()
-            if ctx.main and (run.step % opts.save_every == 0 or final):
-                _save(run)
+            if run.step % opts.save_every == 0 or final:
+                collapse = _entropy_fall(run)
+                if collapse:
+                    break
+                if ctx.main:
+                    _save(run)
             if ctx.main and opts.sample_every and (run.step % opts.sample_every == 0 or final):
                 _write_samples(run)
                 window = _Window()
@@ -658,6 +670,10 @@ def _run_loop(run: _Run, loader: torch.utils.data.DataLoader) -> tuple[float, _B
         del batches
     if stop.signal:
         _save_on_stop(run, stop.signal)
+    if collapse and ctx.main:
+        _echo(f"stopped at step {run.step}: the mean mask entropy fell from {collapse[0]:.3f} to {collapse[1]:.3f} "
+              f"of log K since step {run.last_saved} (--stop-on-entropy-drop {opts.stop_on_entropy_drop:g}); "
+              f"the run keeps the checkpoint of step {run.last_saved}")
     return last_loss, bad
 
 
@@ -769,6 +785,26 @@ def _log_record(run: _Run, loss: float, window: _Window, bad: _BadFiles, masks: 
             "time": time.time(), **mask_statistics(masks)}
 
 
+def _entropy_fall(run: _Run) -> tuple[float, float] | None:
+    """At a save of a run with --stop-on-entropy-drop: (the mean logged mask entropy before the last save,
+    the mean since) where it fell by more than the drop, else None, and the mean since becomes the one
+    to compare the next save with. Rank 0 logs the entropies and decides for every rank."""
+    drop, window = run.opts.stop_on_entropy_drop, run.entropy_window
+    if not drop:
+        return None
+    now = sum(window) / len(window) if window else None
+    fall = (run.entropy_at_save, now) if None not in (now, run.entropy_at_save) and run.entropy_at_save - now > drop \
+        else None
+    if run.ctx.active:
+        box = [fall]
+        dist.broadcast_object_list(box, src=0)
+        fall = box[0]
+    if fall is None and now is not None:
+        run.entropy_at_save = now
+    run.entropy_window = []
+    return fall
+
+
 def _save(run: _Run) -> None:
     """Writes the checkpoint pair of run.step; the folder keeps the previous pair until it is complete."""
     opts, out = run.opts, run.folder.path
@@ -777,6 +813,7 @@ def _save(run: _Run) -> None:
         save_training_state(out / TRAINING_STATE, {
             "step": run.step, "save_id": save_id, "seed": run.order.seed, "data_position": run.order.position,
             "optimizer": run.optimizer.state_dict(), "world_size": run.ctx.world, "images_seen": run.images_seen,
+            "entropy_at_save": run.entropy_at_save, "entropy_window": run.entropy_window,
             "options": {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
                         for k, v in asdict(opts).items() if k not in ("model", "given")},  # plain values: loaded weights_only
         })

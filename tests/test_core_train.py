@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -165,6 +166,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_path, m
     _, meta = states(out / "checkpoint.safetensors")
     assert meta["step"] == "3"
     assert before != (out / "checkpoint.safetensors").read_bytes()
+
+
+def test_a_fall_of_the_mask_entropy_stops_the_run_at_the_save_before_it(image_folder, tmp_path, capsys):
+    out, drop = tmp_path / "run", 0.02
+    collapsing = options(image_folder, out, iterations=60, save_every=5, log_every=1, lr=3e-3, mask_entropy=1.0,
+                         stop_on_entropy_drop=drop)  # a strong entropy penalty hardens the masks within steps
+    summary = train(collapsing)
+    log = [json.loads(line)["mask_entropy"] for line in (out / "log.jsonl").read_text().splitlines()]
+    means = [sum(log[i:i + 5]) / 5 for i in range(0, len(log), 5)]  # the steps between two saves
+    first = next(i for i, (a, b) in enumerate(zip(means, means[1:])) if a - b > drop)
+    stopped = 5 * (first + 2)
+    assert summary["step"] == len(log) == stopped < 60 and summary["checkpoint_step"] == stopped - 5
+    assert states(out / "checkpoint.safetensors")[1]["step"] == str(stopped - 5)
+    assert f"stopped at step {stopped}: the mean mask entropy fell from {means[first]:.3f} to " \
+           f"{means[first + 1]:.3f}" in capsys.readouterr().err
+    # resumed, the run takes the same steps again and stops at the same fall
+    again = train(replace(collapsing, resume=True))
+    assert (again["step"], again["checkpoint_step"]) == (stopped, stopped - 5)
 
 
 def test_wrong_checkpoint_files_are_one_line_errors(tmp_path):
