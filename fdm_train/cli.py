@@ -139,7 +139,7 @@ def train(data, out, preset, variant, regions, image_size, channels, region_code
                                         padding=padding, given=given_options(click.get_current_context()),
                                         **kwargs))
     if summary["rank"] == 0 and not summary.get("finished_before"):
-        kept = summary["checkpoint_step"]
+        kept = summary.get("checkpoint_step", summary["step"])
         click.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}"
                    + (f" (step {kept})" if kept != summary["step"] else ""))
 
