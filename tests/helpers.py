@@ -16,11 +16,11 @@ from PIL import Image
 from fdm_core.checkpoint import save_checkpoint
 from fdm_core.config import preset
 from fdm_core.model import build_model
+from fdm_eval.shared_data import LFW, LFW_VAL, SHARED_DATA  # noqa: F401  (the tests take LFW_VAL from here)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-LFW_VAL = SHARED / "data" / "lfw" / "val"
-LFW_TRAIN = SHARED / "data" / "lfw" / "train"
+SHARED = SHARED_DATA.parent
+LFW_TRAIN = LFW / "train"
 
 TINY = preset("tiny-32", image_size=16)  # the model of the training tests
 

@@ -23,14 +23,15 @@ import numpy as np
 
 from fdm_core.checkpoint import load_model
 from fdm_eval.evaluate import small_labelled_images
+from fdm_eval.metrics import binary_counts
 from fdm_eval.scene_scores import scene_masks, to_model_range
+from fdm_eval.shared_data import LFW_VAL
 from fdm_infer.foreground import ChannelPresence, foreground_channels
-
-LFW_VAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "lfw" / "val"
 
 
 def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
-    return float((predicted & truth).sum() / max((predicted | truth).sum(), 1))
+    """IoU of the pixels pooled over the whole array (every image at once)."""
+    return binary_counts(predicted, truth).iou
 
 
 def ceiling(labels: np.ndarray, truth: np.ndarray, k: int) -> dict[str, float]:

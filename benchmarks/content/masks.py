@@ -15,8 +15,8 @@ from PIL import Image
 from fdm_core.checkpoint import load_model
 from fdm_eval.evaluate import small_labelled_images
 from fdm_eval.scene_scores import scene_masks, to_model_range
+from fdm_eval.shared_data import LFW_VAL
 
-LFW_VAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "lfw" / "val"
 # channel colors (argmax index) and label colors (background, skin, hair)
 CHANNEL_COLORS = np.array([[40, 40, 40], [230, 160, 40], [60, 150, 230], [200, 60, 160], [90, 200, 90]], np.uint8)
 LABEL_COLORS = np.array([[40, 40, 40], [235, 190, 150], [110, 70, 30]], np.uint8)

@@ -46,6 +46,7 @@ from fdm_core.settings import DEFAULT_CLIP
 from fdm_eval import cpu_paths
 from fdm_eval.cpu_paths import CPU_PATHS, LABELS, WholeForward
 from fdm_eval.measure import cpu_name, training_step
+from fdm_eval.shared_data import LFW
 from fdm_infer.engines import cpu_engine, open_model
 from fdm_infer.engines.base import Engine
 from fdm_infer.pipeline import DEFAULT_WORKERS
@@ -55,7 +56,6 @@ from fdm_train.options import COMPILE_MIN_STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-LFW = ROOT.parent / "shared" / "data" / "lfw"
 INT8_LABEL = LABELS["int8"]
 
 

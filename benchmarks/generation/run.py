@@ -45,12 +45,12 @@ from fdm_eval.fid import (
     statistics,
 )
 from fdm_eval.scene_scores import generate_and_score, segmentation_scores
+from fdm_eval.shared_data import LFW
 from fdm_infer.api import Segmenter, generate
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
-LFW = ROOT.parent / "shared" / "data" / "lfw"
 REFERENCE_N = 1600
 
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 from fdm_eval.baselines import run_grabcut, run_kmeans_ddpm
 from fdm_eval.evaluate import describe_result, evaluate, load_eval_set, markdown_table, summary_figures
+from fdm_eval.shared_data import LFW_VAL
 from fdm_eval.subcommands import run_subcommand
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-LFW = ROOT.parent / "shared" / "data" / "lfw" / "val"
 METHODS = ("rectangle", "grabcut", "kmeans-ddpm")
 NAMES = {"rectangle": "centered rectangle (10% margins)", "grabcut": "GrabCut (OpenCV, rectangle 10% margins, 5 it.)",
          "kmeans-ddpm": "K-means-DDPM (K=3, plain DDPM decoder features, t=50/150/250)"}
@@ -43,14 +43,14 @@ def default_main(argv=None) -> None:
     p = argparse.ArgumentParser(description="The bundled model on LFW val, as the README's table reports it.")
     p.add_argument("--out", default=str(HERE / "default.json"))
     a = p.parse_args(argv)
-    subprocess.run([sys.executable, "-m", "fdm_infer.cli", "evaluate", str(LFW / "images"), "--masks",
-                    str(LFW / "masks"), "--name", "default", "-o", a.out], check=True)
+    subprocess.run([sys.executable, "-m", "fdm_infer.cli", "evaluate", str(LFW_VAL / "images"), "--masks",
+                    str(LFW_VAL / "masks"), "--name", "default", "-o", a.out], check=True)
 
 
 def baselines_main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", default=str(LFW / "images"))
-    parser.add_argument("--masks", default=str(LFW / "masks"))
+    parser.add_argument("--images", default=str(LFW_VAL / "images"))
+    parser.add_argument("--masks", default=str(LFW_VAL / "masks"))
     parser.add_argument("--plain-checkpoint", default=None, help="a plain U-Net DDPM for kmeans-ddpm")
     parser.add_argument("--only", choices=METHODS, action="append", help="run these methods only (repeatable); "
                         "the others keep their recorded results")

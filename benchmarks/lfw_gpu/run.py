@@ -54,9 +54,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fdm_eval.shared_data import LFW
+
 DATA = ROOT / "data_cache" / "lfw_gpu"
 WORK = ROOT / "runs" / "lfw_gpu"
-SOURCE = ROOT.parent / "shared" / "data" / "lfw"
+SOURCE = LFW
 
 # The model: <= 8 M parameters so that its EMA weights in bf16 fit in 16 MB (5.8 M -> 11.6 MB).
 MODEL = {"image_size": 64, "base_channels": 48, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 1,

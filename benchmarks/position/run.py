@@ -6,6 +6,7 @@ beside this file (one .json and .md per set and model), summarised in ../emergen
     python benchmarks/position/run.py evaluate MODEL LABEL   # every position figure of one model
     python benchmarks/position/run.py empty-images --model MODEL --label LABEL
     python benchmarks/position/run.py refine-cost
+    python benchmarks/position/run.py readout MODEL LABEL   # the read-out's settings on LFW val
     python benchmarks/position/run.py train-gpu --data data_cache/lfw32.npy --out OUT --budget-s 500
 
 evaluate: LFW val plain and shifted by 19% with the LFW position prior, DAVIS (foreground) beside the LFW
@@ -31,6 +32,7 @@ from PIL import Image
 
 from fdm_eval.baselines import position_prior
 from fdm_eval.evaluate import read_label_maps
+from fdm_eval.shared_data import DAVIS, LFW_VAL
 from fdm_eval.subcommands import run_subcommand
 from fdm_infer.api import Segmenter
 from fdm_infer.image_files import model_input
@@ -39,8 +41,6 @@ from fdm_infer.segment import read_labels, segment_tensor
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-DATA = HERE.parents[2] / "shared" / "data"
-LFW_VAL = DATA / "lfw" / "val"
 SHIFT = 0.19  # the shift protocol's largest offset, as a fraction of the image side
 
 
@@ -58,7 +58,7 @@ def evaluate_main(argv=None) -> None:
     prior = ["--prior-from", str(LFW_VAL / "masks")]
     subprocess.run([*infer, str(LFW_VAL / "images"), "--masks", str(LFW_VAL / "masks"), *prior,
                     "--shift", str(SHIFT), "-o", str(RESULTS / f"lfw_val_{a.label}.json")], env=env, check=True)
-    subprocess.run([*infer, str(DATA / "davis" / "images"), "--masks", str(DATA / "davis" / "masks"),
+    subprocess.run([*infer, str(DAVIS / "images"), "--masks", str(DAVIS / "masks"),
                     "--protocol", "foreground", *prior, "-o", str(RESULTS / f"davis_{a.label}_lfw_prior.json")],
                    env=env, check=True)
     torch.set_num_threads(1)
@@ -164,6 +164,59 @@ def refine_cost_main(argv=None) -> None:
     print(table)
 
 
+# ----- readout: the segmentation pass's settings on LFW val -----
+
+# name -> `fdm-infer evaluate` options over the default read-out (t=30, one noise draw, 3x3 smoothing, guided)
+READOUTS: dict[str, list[str]] = {
+    "default (t=30)": [],
+    **{f"t={t}": ["--timestep", str(t)] for t in (10, 20, 50, 75, 100, 150)},
+    "ensemble 4": ["--ensemble", "4"],
+    "t=50, ensemble 4": ["--timestep", "50", "--ensemble", "4"],
+    "smooth 1": ["--smooth", "1"],
+    "smooth 5": ["--smooth", "5"],
+    "refine none": ["--refine", "none"],
+}
+
+
+def readout_main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="How much the read-out's settings (noise level, ensemble, smoothing, "
+                                "refinement) move a model's LFW val figures, aligned and shifted: one `fdm-infer "
+                                "evaluate` per setting of READOUTS, then one table. Writes RESULTS/readout_LABEL.{json,md}.")
+    p.add_argument("model")
+    p.add_argument("label")
+    p.add_argument("--work", default="/tmp/position_readout", help="the evaluations' own files (kept: a rerun "
+                   "reuses them)")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    work = Path(a.work) / a.label
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for i, (name, options) in enumerate(READOUTS.items()):
+        out = work / f"setting{i}.json"
+        if not out.is_file():
+            subprocess.run([sys.executable, "-m", "fdm_infer.cli", "evaluate", str(LFW_VAL / "images"), "--masks",
+                            str(LFW_VAL / "masks"), "--shift", str(SHIFT), "-q", "--threads", str(a.threads),
+                            "--model", a.model, "--name", name, *options, "-o", str(out)], check=True)
+        aligned, shifted = json.loads(out.read_text())
+        rows[name] = {"options": " ".join(options) or "-",
+                      **{f"{key}_{part}": round(100 * value, 1) for key, r in (("aligned", aligned), ("shifted", shifted))
+                         for part, value in (("fg_iou", r["foreground"]["iou"]), ("parts_miou", r["parts"]["miou"]),
+                                             ("hair_iou", r["parts"]["iou_per_label"][2]))}}
+    base = rows["default (t=30)"]
+    table = "\n".join([
+        f"LFW val ({a.label}), {a.threads} thread(s); shifted: each face moved by up to {SHIFT:.0%}. Differences are "
+        "to the default read-out in the same table.", "",
+        "| read-out | options | aligned FG IoU | parts mIoU | hair IoU | shifted FG IoU | shifted parts mIoU |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {name} | `{r['options']}` | {r['aligned_fg_iou']} ({r['aligned_fg_iou'] - base['aligned_fg_iou']:+.1f}) | "
+          f"{r['aligned_parts_miou']} | {r['aligned_hair_iou']} | "
+          f"{r['shifted_fg_iou']} ({r['shifted_fg_iou'] - base['shifted_fg_iou']:+.1f}) | {r['shifted_parts_miou']} |"
+          for name, r in rows.items()), ""])
+    (RESULTS / f"readout_{a.label}.json").write_text(json.dumps({"model": a.model, "rows": rows}, indent=1) + "\n")
+    (RESULTS / f"readout_{a.label}.md").write_text(table)
+    print(table, end="")
+
+
 
 # ----- train-gpu: LFW candidates for masks that follow content -----
 
@@ -257,7 +310,7 @@ def train_gpu_main(argv=None) -> None:
 
 
 COMMANDS = {"evaluate": evaluate_main, "empty-images": empty_images_main, "refine-cost": refine_cost_main,
-            "train-gpu": train_gpu_main}
+            "readout": readout_main, "train-gpu": train_gpu_main}
 
 
 def main(argv=None) -> None:

@@ -25,10 +25,11 @@ import torch
 
 from fdm_core.config import preset
 from fdm_eval.measure import cpu_name, training_step
+from fdm_eval.shared_data import SHARED_DATA
 from fdm_eval.subcommands import run_subcommand
 from fdm_train.data import ShardedBatches, make_loader, open_images, prepare_cache
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = SHARED_DATA
 
 VARIANTS = {
     "eager": {},
