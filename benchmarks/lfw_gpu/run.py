@@ -58,7 +58,6 @@ from fdm_eval.shared_data import LFW
 
 DATA = ROOT / "data_cache" / "lfw_gpu"
 WORK = ROOT / "runs" / "lfw_gpu"
-SOURCE = LFW
 
 # The model: <= 8 M parameters so that its EMA weights in bf16 fit in 16 MB (5.8 M -> 11.6 MB).
 MODEL = {"image_size": 64, "base_channels": 48, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 1,
@@ -582,7 +581,7 @@ def main() -> None:
     parser.add_argument("--data-cache", default=str(DATA), help="where pack writes and the GPU phases read the "
                         "packed data [default: data_cache/lfw_gpu, ignored by git]")
     parser.add_argument("--work", default=str(WORK), help="the runs and the unpacked data [default: runs/lfw_gpu]")
-    parser.add_argument("--source", default=str(SOURCE), help="pack: the LFW folder (train/, val/)")
+    parser.add_argument("--source", default=str(LFW), help="pack: the LFW folder (train/, val/)")
     parser.add_argument("--size", type=int, default=64, help="pack: training image size")
     parser.add_argument("--quality", type=int, default=95, help="pack: JPEG quality")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU dry run)")

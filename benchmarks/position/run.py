@@ -53,16 +53,25 @@ def evaluate_main(argv=None) -> None:
     p.add_argument("label")
     a = p.parse_args(argv)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    infer = [sys.executable, "-m", "fdm_infer.cli", "evaluate", "--threads", "1", "-q", "--model", a.model,
-             "--name", a.label]
     prior = ["--prior-from", str(LFW_VAL / "masks")]
-    subprocess.run([*infer, str(LFW_VAL / "images"), "--masks", str(LFW_VAL / "masks"), *prior,
-                    "--shift", str(SHIFT), "-o", str(RESULTS / f"lfw_val_{a.label}.json")], env=env, check=True)
-    subprocess.run([*infer, str(DAVIS / "images"), "--masks", str(DAVIS / "masks"),
-                    "--protocol", "foreground", *prior, "-o", str(RESULTS / f"davis_{a.label}_lfw_prior.json")],
-                   env=env, check=True)
+    evaluate_lfw_val(a.model, a.label, RESULTS / f"lfw_val_{a.label}.json", prior, threads=1, env=env)
+    subprocess.run([*evaluate_command(a.model, a.label, threads=1), str(DAVIS / "images"), "--masks",
+                    str(DAVIS / "masks"), "--protocol", "foreground", *prior,
+                    "-o", str(RESULTS / f"davis_{a.label}_lfw_prior.json")], env=env, check=True)
     torch.set_num_threads(1)
     empty_images_main(["--model", a.model, "--label", a.label])
+
+
+def evaluate_command(model: str, name: str, threads: int) -> list[str]:
+    """`fdm-infer evaluate` of one model, quiet, its rows named `name`; the images and options follow."""
+    return [sys.executable, "-m", "fdm_infer.cli", "evaluate", "--threads", str(threads), "-q", "--model", model,
+            "--name", name]
+
+
+def evaluate_lfw_val(model: str, name: str, out: Path, options: list[str], threads: int, env=None) -> None:
+    """LFW val aligned and shifted by up to SHIFT (two rows, more with --prior-from), written to `out`."""
+    subprocess.run([*evaluate_command(model, name, threads), str(LFW_VAL / "images"), "--masks",
+                    str(LFW_VAL / "masks"), *options, "--shift", str(SHIFT), "-o", str(out)], env=env, check=True)
 
 
 # ----- empty-images: foreground found in images with nothing in them -----
@@ -166,7 +175,8 @@ def refine_cost_main(argv=None) -> None:
 
 # ----- readout: the segmentation pass's settings on LFW val -----
 
-# name -> `fdm-infer evaluate` options over the default read-out (t=30, one noise draw, 3x3 smoothing, guided)
+# name -> `fdm-infer evaluate` options over the default read-out (t=30, one noise draw, 3x3 smoothing, guided),
+# the default first: the table's differences are to it.
 READOUTS: dict[str, list[str]] = {
     "default (t=30)": [],
     **{f"t={t}": ["--timestep", str(t)] for t in (10, 20, 50, 75, 100, 150)},
@@ -194,15 +204,13 @@ def readout_main(argv=None) -> None:
     for i, (name, options) in enumerate(READOUTS.items()):
         out = work / f"setting{i}.json"
         if not out.is_file():
-            subprocess.run([sys.executable, "-m", "fdm_infer.cli", "evaluate", str(LFW_VAL / "images"), "--masks",
-                            str(LFW_VAL / "masks"), "--shift", str(SHIFT), "-q", "--threads", str(a.threads),
-                            "--model", a.model, "--name", name, *options, "-o", str(out)], check=True)
+            evaluate_lfw_val(a.model, name, out, options, threads=a.threads)
         aligned, shifted = json.loads(out.read_text())
         rows[name] = {"options": " ".join(options) or "-",
                       **{f"{key}_{part}": round(100 * value, 1) for key, r in (("aligned", aligned), ("shifted", shifted))
                          for part, value in (("fg_iou", r["foreground"]["iou"]), ("parts_miou", r["parts"]["miou"]),
                                              ("hair_iou", r["parts"]["iou_per_label"][2]))}}
-    base = rows["default (t=30)"]
+    base = next(iter(rows.values()))
     table = "\n".join([
         f"LFW val ({a.label}), {a.threads} thread(s); shifted: each face moved by up to {SHIFT:.0%}. Differences are "
         "to the default read-out in the same table.", "",

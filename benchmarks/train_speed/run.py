@@ -25,11 +25,9 @@ import torch
 
 from fdm_core.config import preset
 from fdm_eval.measure import cpu_name, training_step
-from fdm_eval.shared_data import SHARED_DATA
+from fdm_eval.shared_data import LFW
 from fdm_eval.subcommands import run_subcommand
 from fdm_train.data import ShardedBatches, make_loader, open_images, prepare_cache
-
-DATA = SHARED_DATA
 
 VARIANTS = {
     "eager": {},
@@ -116,7 +114,7 @@ def time_loader(path: Path, size: int, batch: int, workers: int, batches: int, s
 
 def dataloader_main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=DATALOADER, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(DATA / "lfw" / "train"))
+    ap.add_argument("--data", default=str(LFW / "train"))
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
